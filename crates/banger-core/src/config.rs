@@ -1,0 +1,47 @@
+//! banger's config file (`config.toml` in the config dir). Every key is optional.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Registries (`host` or `host:port`) reached over plain HTTP. Loopback
+    /// registries always are, as with docker.
+    #[serde(default)]
+    pub insecure_registries: Vec<String>,
+    /// Layers downloaded at once per pull.
+    #[serde(default)]
+    pub max_concurrent_downloads: Option<usize>,
+}
+
+impl Config {
+    /// Reads the config file; a missing file is the default config.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
+            Err(e) => Err(anyhow::anyhow!("reading {}: {e}", path.display())),
+        }
+    }
+
+    pub fn download_concurrency(&self) -> usize {
+        self.max_concurrent_downloads.unwrap_or(4).clamp(1, 32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_insecure_registries_and_rejects_unknown_keys() {
+        let cfg: Config = toml::from_str("insecure_registries = [\"reg.lan:5000\"]").unwrap();
+        assert_eq!(cfg.insecure_registries, vec!["reg.lan:5000"]);
+        assert!(toml::from_str::<Config>("bogus = 1").is_err());
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(Config::load(&dir.path().join("none.toml")).unwrap(), Config::default());
+    }
+}

@@ -1,0 +1,59 @@
+//! Schema migrations, applied in order and recorded in `PRAGMA user_version`.
+
+use rusqlite::Connection;
+
+/// Each entry moves the schema from version `index` to `index + 1`. Never edit a
+/// released entry: append a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: images
+    "CREATE TABLE images (
+        name          TEXT PRIMARY KEY,
+        reference     TEXT NOT NULL,
+        digest        TEXT NOT NULL,
+        rootfs_path   TEXT NOT NULL,
+        size_bytes    INTEGER NOT NULL,
+        content_bytes INTEGER NOT NULL,
+        config_json   TEXT NOT NULL,
+        created_at    TEXT NOT NULL
+    );",
+];
+
+pub fn apply(conn: &mut Connection) -> anyhow::Result<()> {
+    let current: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let current = current as usize;
+    if current > MIGRATIONS.len() {
+        anyhow::bail!(
+            "the state database has schema version {current}, newer than this banger \
+             understands ({}); upgrade banger",
+            MIGRATIONS.len()
+        );
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (index + 1) as u32)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+pub fn latest() -> u32 {
+    MIGRATIONS.len() as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_idempotent_and_refuse_newer_schemas() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        apply(&mut conn).unwrap();
+        apply(&mut conn).unwrap();
+        let v: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(v, latest());
+        conn.pragma_update(None, "user_version", latest() + 1).unwrap();
+        let err = apply(&mut conn).unwrap_err().to_string();
+        assert!(err.contains("upgrade banger"), "{err}");
+    }
+}

@@ -1,0 +1,6 @@
+//! Host side effects behind traits. Each trait has a real implementation and a
+//! recording fake, so the operations core can be tested without touching the host.
+
+pub mod process;
+
+pub use process::{CommandSpec, FakeRunner, HostError, Output, ProcessRunner, RealRunner};

@@ -1,0 +1,16 @@
+//! Result of `daemon.status`.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    /// The daemon's crate version; the CLI compares it with its own.
+    pub version: String,
+    pub protocol: u32,
+    pub pid: u32,
+    pub uid: u32,
+    pub socket: String,
+    pub state_dir: String,
+    pub cache_dir: String,
+    pub images: u64,
+}
