@@ -3,6 +3,12 @@
 
 pub mod config;
 pub mod error;
+pub mod events;
+pub mod ids;
+pub mod oci;
+pub mod ops;
 pub mod paths;
 pub mod rootfs;
+pub mod services;
 pub mod store;
+pub mod suggest;

@@ -1,1 +1,21 @@
-fn main() {}
+//! `banger`: the CLI, and (`banger daemon`) the daemon itself.
+
+mod cli;
+mod client;
+mod commands;
+mod output;
+mod progress;
+
+use clap::Parser;
+
+fn main() {
+    let cli = cli::Cli::parse();
+    let code = match commands::run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}

@@ -37,7 +37,8 @@ pub fn apply(conn: &mut Connection) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn latest() -> u32 {
+#[cfg(test)]
+fn latest() -> u32 {
     MIGRATIONS.len() as u32
 }
 

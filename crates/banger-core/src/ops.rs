@@ -1,0 +1,82 @@
+//! The operations core: one entry point, [`Core::dispatch`], that every
+//! transport calls with a method name from `banger_proto::methods`.
+
+use std::sync::Arc;
+
+use banger_host::ProcessRunner;
+use banger_proto::image::{NamesParams, PruneParams, PullParams, RemoveParams};
+use banger_proto::methods as m;
+use banger_proto::status::DaemonStatus;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::config::Config;
+use crate::error::{OpError, OpResult};
+use crate::events::Events;
+use crate::paths::Paths;
+use crate::services::images::{ImageService, PullHooks};
+use crate::store::Store;
+
+pub struct Core {
+    pub paths: Paths,
+    pub images: Arc<ImageService>,
+    store: Arc<Store>,
+}
+
+impl Core {
+    /// Opens the state under `paths` and clears what an earlier daemon left.
+    pub fn open(paths: Paths, runner: Arc<dyn ProcessRunner>, hooks: PullHooks) -> anyhow::Result<Core> {
+        paths.create_all()?;
+        let config = Config::load(&paths.config_file())?;
+        let store = Arc::new(Store::open(&paths.database())?);
+        let images = ImageService::new(paths.clone(), config, store.clone(), runner).with_hooks(hooks);
+        images.recover()?;
+        Ok(Core {
+            paths,
+            images: Arc::new(images),
+            store,
+        })
+    }
+
+    pub async fn dispatch(&self, method: &str, params: Value, events: Events) -> OpResult<Value> {
+        match method {
+            m::DAEMON_STATUS => to_value(self.status()?),
+            m::IMAGE_PULL => to_value(self.images.pull(parse::<PullParams>(params)?, events).await?),
+            m::IMAGE_LIST => to_value(self.images.list()?),
+            m::IMAGE_INSPECT => to_value(self.images.inspect(&parse::<NamesParams>(params)?.names)?),
+            m::IMAGE_REMOVE => {
+                let p: RemoveParams = parse(params)?;
+                to_value(self.images.remove(&p.names, p.force).await?)
+            }
+            m::IMAGE_CACHE_PRUNE => {
+                to_value(self.images.prune_cache(parse::<PruneParams>(params)?.dry_run).await?)
+            }
+            other => Err(OpError::new(
+                banger_proto::ErrorCode::BadRequest,
+                format!("unknown method `{other}`"),
+            )),
+        }
+    }
+
+    pub fn status(&self) -> OpResult<DaemonStatus> {
+        Ok(DaemonStatus {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            protocol: banger_proto::PROTOCOL_VERSION,
+            pid: std::process::id(),
+            uid: nix::unistd::geteuid().as_raw(),
+            socket: self.paths.socket().display().to_string(),
+            state_dir: self.paths.state_dir.display().to_string(),
+            cache_dir: self.paths.cache_dir.display().to_string(),
+            images: self.store.list_images()?.len() as u64,
+        })
+    }
+}
+
+fn parse<T: DeserializeOwned>(params: Value) -> OpResult<T> {
+    let params = if params.is_null() { Value::Object(Default::default()) } else { params };
+    serde_json::from_value(params).map_err(|e| OpError::invalid(format!("invalid params: {e}")))
+}
+
+fn to_value(v: impl serde::Serialize) -> OpResult<Value> {
+    serde_json::to_value(v).map_err(|e| OpError::internal(e.to_string()))
+}

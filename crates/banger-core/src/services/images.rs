@@ -1,0 +1,167 @@
+//! The image service: pull, list, inspect, remove, and the blob cache prune.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use banger_host::ProcessRunner;
+use banger_proto::image::{ImageInfo, PruneResult, PullParams, PullResult, RemoveResult};
+
+use crate::config::Config;
+use crate::error::{OpError, OpResult};
+use crate::events::Events;
+use crate::oci::blobs::BlobCache;
+use crate::oci::prune;
+use crate::paths::Paths;
+use crate::store::Store;
+use crate::suggest;
+
+pub use super::pull::PullHooks;
+
+/// Tells which VMs use an image; `image rm` refuses those without `--force`.
+pub type ImageUsers = Arc<dyn Fn(&str) -> Vec<String> + Send + Sync>;
+
+pub struct ImageService {
+    pub(super) paths: Paths,
+    pub(super) config: Config,
+    pub(super) store: Arc<Store>,
+    pub(super) runner: Arc<dyn ProcessRunner>,
+    pub(super) blobs: Arc<BlobCache>,
+    name_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pub(super) hooks: PullHooks,
+    users: ImageUsers,
+}
+
+impl ImageService {
+    pub fn new(paths: Paths, config: Config, store: Arc<Store>, runner: Arc<dyn ProcessRunner>) -> ImageService {
+        ImageService {
+            blobs: Arc::new(BlobCache::new(paths.oci_cache())),
+            paths,
+            config,
+            store,
+            runner,
+            name_locks: Mutex::default(),
+            hooks: PullHooks::default(),
+            users: Arc::new(|_| Vec::new()),
+        }
+    }
+
+    pub fn with_hooks(mut self, hooks: PullHooks) -> Self {
+        self.hooks = hooks;
+        self
+    }
+
+    pub fn with_users(mut self, users: ImageUsers) -> Self {
+        self.users = users;
+        self
+    }
+
+    /// Clears what a killed daemon may have left: pull scratch dirs, prune
+    /// aside dirs, and image dirs no record points at.
+    pub fn recover(&self) -> anyhow::Result<()> {
+        let tmp = self.paths.tmp_dir();
+        if let Ok(entries) = std::fs::read_dir(&tmp) {
+            for entry in entries.flatten() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        prune::clean_leftovers(&self.paths.oci_cache());
+        let known: Vec<PathBuf> = self
+            .store
+            .list_images()?
+            .into_iter()
+            .filter_map(|i| Path::new(&i.rootfs_path).parent().map(Path::to_path_buf))
+            .collect();
+        if let Ok(entries) = std::fs::read_dir(self.paths.images_dir()) {
+            for entry in entries.flatten() {
+                if !known.contains(&entry.path()) {
+                    tracing::info!(dir = %entry.path().display(), "removing orphaned image directory");
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) async fn lock_name(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.name_locks.lock().unwrap_or_else(|p| p.into_inner());
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+            locks.entry(name.to_string()).or_default().clone()
+        };
+        lock.lock_owned().await
+    }
+
+    pub async fn pull(&self, params: PullParams, events: Events) -> OpResult<PullResult> {
+        super::pull::pull(self, params, events).await
+    }
+
+    pub fn list(&self) -> OpResult<Vec<ImageInfo>> {
+        Ok(self.store.list_images()?)
+    }
+
+    fn not_found(&self, name: &str) -> OpError {
+        let all = self.store.list_images().unwrap_or_default();
+        let hint = match suggest::closest(name, all.iter().map(|i| i.name.as_str())) {
+            Some(near) => format!("; did you mean `{near}`?"),
+            None => "; `banger image ls` lists images, `banger image pull REF` adds one".into(),
+        };
+        OpError::not_found(format!("no image named `{name}`{hint}"))
+    }
+
+    pub fn inspect(&self, names: &[String]) -> OpResult<Vec<ImageInfo>> {
+        names
+            .iter()
+            .map(|name| self.store.get_image(name)?.ok_or_else(|| self.not_found(name)))
+            .collect()
+    }
+
+    /// Removes records and their root filesystems. Every name is checked before
+    /// anything is removed, so a refusal changes nothing.
+    pub async fn remove(&self, names: &[String], force: bool) -> OpResult<RemoveResult> {
+        let mut guards = Vec::new();
+        let mut doomed = Vec::new();
+        for name in names {
+            guards.push(self.lock_name(name).await);
+            match self.store.get_image(name)? {
+                None if force => {}
+                None => return Err(self.not_found(name)),
+                Some(image) => {
+                    let users = (self.users)(name);
+                    if !users.is_empty() && !force {
+                        return Err(OpError::conflict(format!(
+                            "image `{name}` is used by VM(s) {}; remove them first or pass -f",
+                            users.join(", ")
+                        )));
+                    }
+                    doomed.push(image);
+                }
+            }
+        }
+        let mut removed = Vec::new();
+        for image in doomed {
+            self.store.delete_image(&image.name)?;
+            self.remove_rootfs(&image.rootfs_path);
+            removed.push(image.name);
+        }
+        Ok(RemoveResult { removed })
+    }
+
+    /// Deletes an image's directory, only ever inside the images dir.
+    pub(super) fn remove_rootfs(&self, rootfs_path: &str) {
+        let Some(dir) = Path::new(rootfs_path).parent() else { return };
+        if dir.parent() == Some(self.paths.images_dir().as_path()) {
+            if let Err(e) = std::fs::remove_dir_all(dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "could not remove image directory");
+            }
+        }
+    }
+
+    pub async fn prune_cache(&self, dry_run: bool) -> OpResult<PruneResult> {
+        let dir = self.blobs.root().to_path_buf();
+        tokio::task::spawn_blocking(move || prune::prune(&dir, dry_run))
+            .await
+            .map_err(|e| OpError::internal(e.to_string()))?
+            .map_err(|e| OpError::internal(format!("pruning the blob cache: {e}")))
+    }
+}

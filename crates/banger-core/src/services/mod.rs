@@ -1,0 +1,4 @@
+//! The services the operations core is made of.
+
+pub mod images;
+pub mod pull;

@@ -1,0 +1,286 @@
+//! `image pull`: resolve, download layers in parallel into the blob cache while
+//! flattening them in order, build the ext4, then record the image atomically.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use banger_proto::image::{ImageInfo, LayerSummary, PullEvent, PullParams, PullResult};
+use futures_util::future::BoxFuture;
+use futures_util::StreamExt;
+use tracing::Instrument;
+
+use super::images::ImageService;
+use crate::error::{OpError, OpResult};
+use crate::events::Events;
+use crate::ids;
+use crate::oci::blobs::BlobCache;
+use crate::oci::manifest::{self, Descriptor};
+use crate::oci::reference::{self, Platform};
+use crate::oci::registry::{Registry, Resolved};
+use crate::rootfs::layer::{apply_blob, LayerFailure};
+use crate::rootfs::{ext4, Flattener};
+
+/// Test seams: awaited at fixed points of a pull.
+#[derive(Clone, Default)]
+pub struct PullHooks {
+    /// Awaited once per downloaded blob, after its first chunk is written.
+    pub mid_download: Option<Arc<dyn Fn(String) -> BoxFuture<'static, ()> + Send + Sync>>,
+}
+
+const MAX_CONFIG_BYTES: u64 = 16 * 1024 * 1024;
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// Removes a pull's scratch directory however the pull ends.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub async fn pull(svc: &ImageService, params: PullParams, events: Events) -> OpResult<PullResult> {
+    let reference = reference::parse(&params.reference).map_err(OpError::invalid)?;
+    let name = match params.name {
+        Some(name) => name,
+        None => reference::default_name(&reference),
+    };
+    reference::validate_name(&name).map_err(OpError::invalid)?;
+    let platform = match params.platform.as_deref() {
+        Some(p) => Platform::parse(p).map_err(OpError::invalid)?,
+        None => Platform::host(),
+    };
+    let whole = reference.whole();
+    let _name_guard = svc.lock_name(&name).await;
+
+    let existing = svc.store.get_image(&name)?;
+    if let Some(e) = &existing {
+        if e.r#ref != whole {
+            return Err(OpError::conflict(format!(
+                "image name `{name}` is taken by {}; choose another with --name, or run `banger image rm {name}`",
+                e.r#ref
+            )));
+        }
+    }
+
+    let docker_config = crate::oci::auth::docker_config_path();
+    let registry = Arc::new(Registry::new(
+        &reference,
+        &svc.config.insecure_registries,
+        docker_config.as_deref(),
+    ));
+    let resolved = registry.resolve(&platform).await?;
+    tracing::info!(reference = %whole, digest = %resolved.digest, layers = resolved.layers.len(), "resolved");
+
+    if let Some(e) = &existing {
+        if e.digest == resolved.digest && Path::new(&e.rootfs_path).is_file() {
+            events.emit(&PullEvent::UpToDate {
+                digest: e.digest.clone(),
+            });
+            return Ok(PullResult {
+                image: e.clone(),
+                up_to_date: true,
+            });
+        }
+    }
+    events.emit(&PullEvent::Resolved {
+        r#ref: whole.clone(),
+        digest: resolved.digest.clone(),
+        layers: resolved
+            .layers
+            .iter()
+            .map(|l| LayerSummary {
+                digest: l.digest.clone(),
+                size: l.size.max(0) as u64,
+            })
+            .collect(),
+    });
+
+    let config = fetch_config(svc, &registry, &resolved).await?;
+    let scratch = Scratch(svc.paths.tmp_dir().join(format!("pull-{}", ids::random_hex(6))));
+    std::fs::create_dir_all(&scratch.0)?;
+    let built = download_and_build(svc, &registry, &resolved, &scratch.0, &events).await?;
+
+    let image_dir = svc.paths.images_dir().join(ids::random_hex(8));
+    std::fs::create_dir_all(&image_dir)?;
+    let rootfs = image_dir.join("rootfs.ext4");
+    std::fs::rename(scratch.0.join("rootfs.ext4"), &rootfs)?;
+    let image = ImageInfo {
+        name: name.clone(),
+        r#ref: whole,
+        digest: resolved.digest.clone(),
+        rootfs_path: rootfs.display().to_string(),
+        size_bytes: built.size_bytes,
+        content_bytes: built.content_bytes,
+        config,
+        created_at: ids::now_rfc3339(),
+    };
+    if let Err(e) = svc.store.put_image(&image) {
+        let _ = std::fs::remove_dir_all(&image_dir);
+        return Err(e.into());
+    }
+    if let Some(old) = existing {
+        svc.remove_rootfs(&old.rootfs_path);
+    }
+    tracing::info!(name = %image.name, size = image.size_bytes, "image recorded");
+    Ok(PullResult {
+        image,
+        up_to_date: false,
+    })
+}
+
+async fn fetch_config(
+    svc: &ImageService,
+    registry: &Arc<Registry>,
+    resolved: &Resolved,
+) -> OpResult<banger_proto::image::ImageConfig> {
+    let desc = &resolved.config;
+    if desc.size as u64 > MAX_CONFIG_BYTES {
+        return Err(OpError::bad_content(format!("image config {} is implausibly large", desc.digest)));
+    }
+    let mut file = fetch_blob(registry.clone(), svc.blobs.clone(), desc.clone(), Events::none(), None).await?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    if crate::oci::digest::sha256_of(&bytes) != desc.digest {
+        svc.blobs.evict(&desc.digest);
+        return Err(OpError::bad_content(format!(
+            "cached image config {} was corrupt and has been dropped; pull again",
+            desc.digest
+        )));
+    }
+    manifest::parse_config(&bytes).map_err(OpError::bad_content)
+}
+
+/// Downloads run concurrently (bounded); the flattener, on a blocking thread,
+/// takes each layer as soon as it and every layer below it are on hand.
+async fn download_and_build(
+    svc: &ImageService,
+    registry: &Arc<Registry>,
+    resolved: &Resolved,
+    scratch: &Path,
+    events: &Events,
+) -> OpResult<ext4::Built> {
+    let permits = Arc::new(tokio::sync::Semaphore::new(svc.config.download_concurrency()));
+    let mut downloads = tokio::task::JoinSet::new();
+    let mut receivers = Vec::new();
+    for layer in &resolved.layers {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        receivers.push(rx);
+        let (registry, blobs, layer, events, permits) = (
+            registry.clone(),
+            svc.blobs.clone(),
+            layer.clone(),
+            events.clone(),
+            permits.clone(),
+        );
+        let hook = svc.hooks.mid_download.clone();
+        downloads.spawn(
+            async move {
+                let _permit = permits.acquire_owned().await;
+                let _ = tx.send(fetch_blob(registry, blobs, layer, events, hook).await);
+            }
+            .instrument(tracing::Span::current()),
+        );
+    }
+
+    let layers = resolved.layers.clone();
+    let staging = scratch.join("rootfs");
+    let out = scratch.join("rootfs.ext4");
+    let scratch = scratch.to_path_buf();
+    let (runner, blobs, events) = (svc.runner.clone(), svc.blobs.clone(), events.clone());
+    let span = tracing::Span::current();
+    let build = tokio::task::spawn_blocking(move || -> OpResult<ext4::Built> {
+        let _span = span.enter();
+        let mut flattener = Flattener::new(&staging)?;
+        for (layer, rx) in layers.iter().zip(receivers) {
+            let file = rx
+                .blocking_recv()
+                .map_err(|_| OpError::internal("a layer download stopped unexpectedly"))??;
+            apply_blob(&mut flattener, &file, &layer.digest).map_err(|failure| match failure {
+                LayerFailure::Digest { .. } => {
+                    blobs.evict(&layer.digest);
+                    OpError::bad_content(format!("layer {}: {failure}; it was dropped from the cache, pull again", layer.digest))
+                }
+                LayerFailure::Entry(e) => OpError::bad_content(format!("layer {}: refusing entry {e}", layer.digest)),
+                LayerFailure::Io(e) => OpError::internal(format!("layer {}: {e}", layer.digest)),
+            })?;
+        }
+        events.emit(&PullEvent::Step { step: "flatten".into() });
+        let meta = flattener
+            .finish()
+            .map_err(|e| OpError::internal(format!("finishing the tree: {e}")))?;
+        events.emit(&PullEvent::Step { step: "ext4".into() });
+        let built = ext4::build(runner.as_ref(), &staging, &meta, &out, &scratch)?;
+        tracing::info!(size = built.size_bytes, content = built.content_bytes, "ext4 built");
+        Ok(built)
+    });
+    let result = build
+        .await
+        .map_err(|e| OpError::internal(format!("flatten task: {e}")))?;
+    downloads.abort_all();
+    result
+}
+
+/// One blob, from the cache or the registry, verified, as an open file.
+async fn fetch_blob(
+    registry: Arc<Registry>,
+    blobs: Arc<BlobCache>,
+    desc: Descriptor,
+    events: Events,
+    hook: Option<Arc<dyn Fn(String) -> BoxFuture<'static, ()> + Send + Sync>>,
+) -> OpResult<File> {
+    let _lock = blobs.lock(&desc.digest).await;
+    if let Some(file) = blobs.open(&desc.digest) {
+        events.emit(&PullEvent::LayerDone {
+            digest: desc.digest.clone(),
+            cached: true,
+        });
+        return Ok(file);
+    }
+    let total = desc.size.max(0) as u64;
+    let mut writer = blobs.writer()?;
+    let mut stream = registry.blob(&desc).await?;
+    let mut last = Instant::now();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| OpError::registry(format!("downloading {}: {e}", desc.digest)))?;
+        let first = writer.written() == 0;
+        writer.write(&chunk)?;
+        if writer.written() > total {
+            return Err(OpError::bad_content(format!(
+                "blob {} is larger than the {total} bytes its manifest declares",
+                desc.digest
+            )));
+        }
+        if first {
+            if let Some(hook) = &hook {
+                hook(desc.digest.clone()).await;
+            }
+        }
+        if last.elapsed() >= PROGRESS_EVERY {
+            last = Instant::now();
+            events.emit(&PullEvent::LayerProgress {
+                digest: desc.digest.clone(),
+                done: writer.written(),
+                total,
+            });
+        }
+    }
+    let digest = desc.digest.clone();
+    let file = tokio::task::spawn_blocking(move || writer.finish(&blobs, &digest, Some(total)))
+        .await
+        .map_err(|e| OpError::internal(e.to_string()))?
+        .map_err(|why| OpError::bad_content(format!("blob {}: {why}", desc.digest)))?;
+    events.emit(&PullEvent::LayerProgress {
+        digest: desc.digest.clone(),
+        done: total,
+        total,
+    });
+    events.emit(&PullEvent::LayerDone {
+        digest: desc.digest,
+        cached: false,
+    });
+    Ok(file)
+}

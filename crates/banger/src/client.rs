@@ -1,0 +1,133 @@
+//! The CLI's side of the protocol: connect (starting a daemon when none
+//! listens), send one request, read events until the result.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use banger_core::paths::Paths;
+use banger_proto::{ErrorBody, Frame, Request};
+use serde_json::Value;
+
+#[derive(Debug)]
+pub enum CallError {
+    /// The daemon answered with an error.
+    Daemon(ErrorBody),
+    /// Talking to the daemon failed.
+    Transport(anyhow::Error),
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Daemon(e) => write!(f, "{} (op {})", e.message, e.op_id),
+            CallError::Transport(e) => write!(f, "{e:#}"),
+        }
+    }
+}
+
+impl std::error::Error for CallError {}
+
+pub struct Client {
+    paths: Paths,
+}
+
+impl Client {
+    pub fn new(paths: Paths) -> Client {
+        Client { paths }
+    }
+
+    /// Connects to a running daemon only.
+    pub fn connect_existing(&self) -> std::io::Result<UnixStream> {
+        UnixStream::connect(self.paths.socket())
+    }
+
+    /// Connects, starting a daemon in the background when none is listening.
+    pub fn connect(&self) -> anyhow::Result<UnixStream> {
+        if let Ok(stream) = self.connect_existing() {
+            return Ok(stream);
+        }
+        self.start_daemon()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match self.connect_existing() {
+                Ok(stream) => return Ok(stream),
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => {
+                    return Err(anyhow::anyhow!(
+                        "the daemon did not start listening on {} ({e}); see {}",
+                        self.paths.socket().display(),
+                        self.paths.daemon_log().display()
+                    ))
+                }
+            }
+        }
+    }
+
+    fn start_daemon(&self) -> anyhow::Result<()> {
+        self.paths.create_all().context("creating banger's directories")?;
+        let log_path = self.paths.daemon_log();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("opening {}", log_path.display()))?;
+        let exe = std::env::current_exe().context("finding the banger executable")?;
+        let child = std::process::Command::new(exe)
+            .arg("daemon")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            // Its own session: the daemon outlives this command and its terminal.
+            .process_group(0)
+            .spawn()
+            .context("starting the daemon")?;
+        eprintln!(
+            "banger: no daemon was running; started one in the background (pid {}, log {})",
+            child.id(),
+            log_path.display()
+        );
+        Ok(())
+    }
+
+    /// Sends one request; `on_event` sees each progress event.
+    pub fn call(&self, method: &str, params: Value, on_event: impl FnMut(Value)) -> Result<Value, CallError> {
+        let stream = self.connect().map_err(CallError::Transport)?;
+        call_on(stream, method, params, on_event)
+    }
+}
+
+pub fn call_on(
+    mut stream: UnixStream,
+    method: &str,
+    params: Value,
+    mut on_event: impl FnMut(Value),
+) -> Result<Value, CallError> {
+    let request = Request {
+        method: method.to_string(),
+        params,
+    };
+    let mut line = serde_json::to_vec(&request).expect("requests serialise");
+    line.push(b'\n');
+    stream
+        .write_all(&line)
+        .context("sending the request to the daemon")
+        .map_err(CallError::Transport)?;
+    let reader = BufReader::new(stream);
+    for line in reader.lines() {
+        let line = line.context("reading from the daemon").map_err(CallError::Transport)?;
+        let frame: Frame = serde_json::from_str(&line)
+            .with_context(|| format!("unreadable reply from the daemon: {line}"))
+            .map_err(CallError::Transport)?;
+        match frame {
+            Frame::Event(event) => on_event(event),
+            Frame::Result(value) => return Ok(value),
+            Frame::Error(body) => return Err(CallError::Daemon(body)),
+        }
+    }
+    Err(CallError::Transport(anyhow::anyhow!(
+        "the daemon closed the connection without answering (did it crash? see its log)"
+    )))
+}

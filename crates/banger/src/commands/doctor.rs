@@ -1,0 +1,176 @@
+//! `banger doctor`: one line per check, a hint naming the fix, non-zero exit
+//! when any check fails.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use banger_core::paths::Paths;
+use banger_proto::status::DaemonStatus;
+use banger_proto::{human_bytes, methods};
+use serde::Serialize;
+
+use crate::client::{call_on, Client};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Ok,
+    Warn,
+    Fail,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub status: Status,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+}
+
+fn check(name: &'static str, status: Status, message: impl Into<String>, hint: Option<&str>) -> Check {
+    Check {
+        name,
+        status,
+        message: message.into(),
+        hint: hint.map(str::to_owned),
+    }
+}
+
+pub fn run(paths: &Paths, json: bool) -> anyhow::Result<i32> {
+    let checks = vec![
+        daemon(paths),
+        writable("state-dir", &paths.state_dir),
+        writable("cache-dir", &paths.cache_dir),
+        socket(paths),
+        mkfs(),
+        debugfs(),
+        disk_space(paths),
+    ];
+    if json {
+        println!("{}", serde_json::to_string_pretty(&checks)?);
+    } else {
+        for c in &checks {
+            let tag = match c.status {
+                Status::Ok => "ok  ",
+                Status::Warn => "warn",
+                Status::Fail => "FAIL",
+            };
+            let hint = c.hint.as_deref().map(|h| format!(" — {h}")).unwrap_or_default();
+            println!("{tag}  {:<10} {}{hint}", c.name, c.message);
+        }
+    }
+    Ok(if checks.iter().any(|c| c.status == Status::Fail) { 1 } else { 0 })
+}
+
+fn daemon(paths: &Paths) -> Check {
+    let client = Client::new(paths.clone());
+    let Ok(stream) = client.connect_existing() else {
+        return check(
+            "daemon",
+            Status::Warn,
+            format!("not running on {}", paths.socket().display()),
+            Some("it starts on demand with any banger command, or run `banger daemon`"),
+        );
+    };
+    match call_on(stream, methods::DAEMON_STATUS, serde_json::json!({}), |_| {}) {
+        Ok(value) => match serde_json::from_value::<DaemonStatus>(value) {
+            Ok(s) if s.version == env!("CARGO_PKG_VERSION") => check(
+                "daemon",
+                Status::Ok,
+                format!("reachable (pid {}, version {})", s.pid, s.version),
+                None,
+            ),
+            Ok(s) => check(
+                "daemon",
+                Status::Fail,
+                format!("daemon is version {}, this CLI is {}", s.version, env!("CARGO_PKG_VERSION")),
+                Some(&format!("restart it: `kill {}`; the next banger command starts the new one", s.pid)),
+            ),
+            Err(e) => check("daemon", Status::Fail, format!("unreadable status: {e}"), None),
+        },
+        Err(e) => check("daemon", Status::Fail, format!("not answering: {e}"), Some("restart it with `banger daemon`")),
+    }
+}
+
+fn writable(name: &'static str, dir: &Path) -> Check {
+    let probe = dir.join(format!(".doctor-{}", std::process::id()));
+    let result = std::fs::create_dir_all(dir).and_then(|_| std::fs::write(&probe, b"")).and_then(|_| std::fs::remove_file(&probe));
+    match result {
+        Ok(()) => check(name, Status::Ok, format!("{} is writable", dir.display()), None),
+        Err(e) => check(
+            name,
+            Status::Fail,
+            format!("{} is not writable: {e}", dir.display()),
+            Some("fix its ownership, or set BANGER_HOME to a directory you own"),
+        ),
+    }
+}
+
+fn socket(paths: &Paths) -> Check {
+    let path = paths.socket();
+    let Ok(meta) = std::fs::symlink_metadata(&path) else {
+        return check("socket", Status::Ok, format!("{} not present (no daemon yet)", path.display()), None);
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    let me = nix::unistd::geteuid().as_raw();
+    if mode & 0o077 != 0 || meta.uid() != me {
+        return check(
+            "socket",
+            Status::Fail,
+            format!("{} has mode {mode:o} and owner uid {}", path.display(), meta.uid()),
+            Some("stop the daemon and remove the socket; banger recreates it with mode 600"),
+        );
+    }
+    check("socket", Status::Ok, format!("{} mode {mode:o}, owned by you", path.display()), None)
+}
+
+/// `mkfs.ext4 -d` (populate from a directory) appeared in e2fsprogs 1.43.
+fn mkfs() -> Check {
+    let hint = Some("install e2fsprogs ≥ 1.43: `sudo apt-get install e2fsprogs`");
+    let out = match std::process::Command::new("mkfs.ext4").arg("-V").output() {
+        Ok(o) => o,
+        Err(_) => return check("mkfs.ext4", Status::Fail, "not found", hint),
+    };
+    let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    let version = text.split_whitespace().nth(1).unwrap_or("").to_string();
+    let parts: Vec<u32> = version.split('.').filter_map(|p| p.parse().ok()).collect();
+    if parts.len() >= 2 && (parts[0], parts[1]) >= (1, 43) {
+        check("mkfs.ext4", Status::Ok, format!("e2fsprogs {version}"), None)
+    } else {
+        check("mkfs.ext4", Status::Fail, format!("unusable version `{version}`"), hint)
+    }
+}
+
+fn debugfs() -> Check {
+    match std::process::Command::new("debugfs").arg("-V").output() {
+        Ok(_) => check("debugfs", Status::Ok, "found", None),
+        Err(_) => check("debugfs", Status::Fail, "not found", Some("`sudo apt-get install e2fsprogs`")),
+    }
+}
+
+fn disk_space(paths: &Paths) -> Check {
+    let mut worst: Option<(u64, String)> = None;
+    for dir in [&paths.state_dir, &paths.cache_dir] {
+        let probe = if dir.exists() { dir.as_path() } else { dir.parent().unwrap_or(Path::new("/")) };
+        if let Ok(s) = nix::sys::statvfs::statvfs(probe) {
+            let free = s.blocks_available() * s.fragment_size();
+            if worst.as_ref().is_none_or(|(f, _)| free < *f) {
+                worst = Some((free, dir.display().to_string()));
+            }
+        }
+    }
+    let Some((free, dir)) = worst else {
+        return check("disk", Status::Warn, "could not measure free space", None);
+    };
+    const GIB: u64 = 1024 * 1024 * 1024;
+    let msg = format!("{} free under {dir}", human_bytes(free));
+    let hint = Some("free space, or run `banger image cache prune`");
+    if free < GIB {
+        check("disk", Status::Fail, msg, hint)
+    } else if free < 5 * GIB {
+        check("disk", Status::Warn, msg, hint)
+    } else {
+        check("disk", Status::Ok, msg, None)
+    }
+}

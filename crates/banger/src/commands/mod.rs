@@ -1,0 +1,39 @@
+//! What each command does.
+
+mod doctor;
+mod image;
+
+use banger_core::paths::Paths;
+
+use crate::cli::{Cli, Command};
+use crate::client::{CallError, Client};
+
+/// Runs a command; returns the process exit code.
+pub fn run(cli: Cli) -> anyhow::Result<i32> {
+    let paths = Paths::from_env();
+    match cli.command {
+        Command::Daemon => {
+            init_daemon_logging();
+            banger_daemon::run(paths)?;
+            Ok(0)
+        }
+        Command::Image(cmd) => image::run(&Client::new(paths), cmd),
+        Command::Doctor(flags) => doctor::run(&paths, flags.json),
+    }
+}
+
+fn init_daemon_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("BANGER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+}
+
+/// Prints a failed call the way users read errors; returns the exit code.
+pub fn report(err: CallError) -> i32 {
+    eprintln!("error: {err}");
+    1
+}

@@ -1,0 +1,82 @@
+//! Tables and times the way people read them.
+
+/// Left-aligned columns separated by three spaces, header first.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
+    for row in std::iter::once(&header).chain(rows) {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(&widths).enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}   "));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Seconds since the epoch of an RFC 3339 UTC time as banger writes it.
+pub fn parse_rfc3339(text: &str) -> Option<i64> {
+    let b = text.as_bytes();
+    if b.len() < 20 {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| text.get(r)?.parse::<i64>().ok();
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, s) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + h * 3600 + mi * 60 + s)
+}
+
+/// `just now`, `42s ago`, `3m ago`, `5h ago`, `2d ago`.
+pub fn relative_time(rfc3339: &str) -> String {
+    let Some(then) = parse_rfc3339(rfc3339) else {
+        return rfc3339.to_string();
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let ago = (now - then).max(0);
+    match ago {
+        0..=4 => "just now".into(),
+        5..=59 => format!("{ago}s ago"),
+        60..=3599 => format!("{}m ago", ago / 60),
+        3600..=86_399 => format!("{}h ago", ago / 3600),
+        _ => format!("{}d ago", ago / 86_400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_columns() {
+        let t = table(&["NAME", "SIZE"], &[vec!["alpine".into(), "1.0 MiB".into()], vec!["x".into(), "2 B".into()]]);
+        assert_eq!(t, "NAME     SIZE\nalpine   1.0 MiB\nx        2 B\n");
+    }
+
+    #[test]
+    fn parses_what_the_daemon_writes() {
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(parse_rfc3339(&banger_core::ids::rfc3339(951_827_696)), Some(951_827_696));
+        assert_eq!(relative_time(&banger_core::ids::now_rfc3339()), "just now");
+    }
+}

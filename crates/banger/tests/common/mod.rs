@@ -1,0 +1,149 @@
+//! A banger daemon with its own BANGER_HOME, driven through the real CLI.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Banger {
+    pub home: tempfile::TempDir,
+    daemon: Option<Child>,
+}
+
+pub fn exe() -> &'static str {
+    env!("CARGO_BIN_EXE_banger")
+}
+
+impl Banger {
+    /// A fresh home with a daemon running in the foreground of a child process.
+    pub fn start() -> Banger {
+        let mut b = Banger::without_daemon();
+        b.start_daemon();
+        b
+    }
+
+    pub fn without_daemon() -> Banger {
+        Banger {
+            home: tempfile::tempdir().unwrap(),
+            daemon: None,
+        }
+    }
+
+    pub fn start_daemon(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.home.path().join("daemon-test.log"))
+            .unwrap();
+        let child = Command::new(exe())
+            .arg("daemon")
+            .env("BANGER_HOME", self.home.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.daemon = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(self.socket()).is_err() {
+            assert!(Instant::now() < deadline, "daemon did not start: {}", self.daemon_log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill_daemon(&mut self, signal: i32) {
+        if let Some(mut child) = self.daemon.take() {
+            unsafe { libc::kill(child.id() as i32, signal) };
+            let _ = child.wait();
+        }
+    }
+
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(|c| c.id())
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.home.path().join("run/banger.sock")
+    }
+
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.home.path().join("daemon-test.log")).unwrap_or_default()
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(exe());
+        c.args(args).env("BANGER_HOME", self.home.path()).stdin(Stdio::null());
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    /// Runs and asserts success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "banger {args:?} failed ({}):\nstdout: {}\nstderr: {}\ndaemon log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.daemon_log()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs and asserts failure; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            !out.status.success(),
+            "banger {args:?} unexpectedly succeeded: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    pub fn inspect(&self, name: &str) -> serde_json::Value {
+        let out = self.ok(&["image", "inspect", name, "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v[0].clone()
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.home.path().join(rel)
+    }
+}
+
+impl Drop for Banger {
+    fn drop(&mut self) {
+        self.kill_daemon(libc::SIGTERM);
+        // A daemon the CLI auto-started is not our child: stop it through its pid.
+        if let Ok(out) = Command::new(exe())
+            .args(["doctor", "--json"])
+            .env("BANGER_HOME", self.home.path())
+            .output()
+        {
+            let text = String::from_utf8_lossy(&out.stdout);
+            if let Some(pid) = text
+                .split("reachable (pid ")
+                .nth(1)
+                .and_then(|s| s.split(',').next())
+                .and_then(|s| s.parse::<i32>().ok())
+            {
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+        }
+    }
+}
+
+/// Entries of a directory (empty when it does not exist).
+pub fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
