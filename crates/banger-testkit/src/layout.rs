@@ -12,6 +12,8 @@ pub struct Desc {
     pub media_type: String,
     pub digest: String,
     pub size: u64,
+    /// For image manifests: the digests of their layers, bottom first.
+    pub layers: Vec<String>,
 }
 
 impl Desc {
@@ -42,18 +44,20 @@ impl Layout {
         let digest = sha256(bytes);
         let hex = digest.trim_start_matches("sha256:");
         std::fs::write(self.dir.join("blobs/sha256").join(hex), bytes).unwrap();
-        Desc { media_type: String::new(), digest, size: bytes.len() as u64 }
+        Desc { media_type: String::new(), digest, size: bytes.len() as u64, layers: vec![] }
     }
 
     /// An image manifest over `layers` (uncompressed tars, compressed here).
     pub fn image(&self, layers: &[(Compression, Vec<u8>)], arch: &str) -> Desc {
         let mut layer_descs = Vec::new();
         let mut diff_ids = Vec::new();
+        let mut layer_digests = Vec::new();
         for (compression, tar) in layers {
             diff_ids.push(sha256(tar));
             let mut d = self.blob(&compression.compress(tar));
             d.media_type = compression.media_type().into();
             layer_descs.push(d.json());
+            layer_digests.push(d.digest);
         }
         let config = json!({
             "architecture": arch,
@@ -71,6 +75,7 @@ impl Layout {
         });
         let mut d = self.blob(&serde_json::to_vec(&manifest).unwrap());
         d.media_type = "application/vnd.oci.image.manifest.v1+json".into();
+        d.layers = layer_digests;
         d
     }
 

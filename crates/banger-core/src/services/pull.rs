@@ -245,7 +245,14 @@ async fn fetch_blob(
     let mut stream = registry.blob(&desc).await?;
     let mut last = Instant::now();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| OpError::registry(format!("downloading {}: {e}", desc.digest)))?;
+        let chunk = chunk.map_err(|e| {
+            // oci-client checks the digest as the stream ends.
+            if e.to_string().to_lowercase().contains("digest") {
+                OpError::bad_content(format!("blob {}: content does not match its digest ({e})", desc.digest))
+            } else {
+                OpError::registry(format!("downloading {}: {e}", desc.digest))
+            }
+        })?;
         let first = writer.written() == 0;
         writer.write(&chunk)?;
         if writer.written() > total {

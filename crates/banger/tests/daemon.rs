@@ -1,0 +1,141 @@
+//! The daemon as a process: auto-start, socket permissions, peer checks,
+//! op ids in logs and errors, and isolation between homes.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+
+use common::Banger;
+
+#[test]
+fn the_first_command_starts_a_daemon_and_later_ones_reuse_it() {
+    let banger = Banger::without_daemon();
+    let out = banger.run(&["image", "ls"]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("started one in the background"), "{err}");
+    let mode = std::fs::metadata(banger.socket()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let again = banger.run(&["image", "ls"]);
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).is_empty(), "no second daemon");
+    let doctor = banger.ok(&["doctor"]);
+    assert!(doctor.contains("reachable"), "{doctor}");
+}
+
+#[test]
+fn two_homes_do_not_interfere() {
+    let a = Banger::start();
+    let b = Banger::start();
+    assert_ne!(a.socket(), b.socket());
+    let status = |x: &Banger| -> serde_json::Value {
+        let s = UnixStream::connect(x.socket()).unwrap();
+        request(s, r#"{"method":"daemon.status","params":{}}"#).pop().unwrap()
+    };
+    assert_ne!(status(&a)["result"]["pid"], status(&b)["result"]["pid"]);
+    assert_eq!(status(&a)["result"]["state_dir"], a.path("state").display().to_string());
+}
+
+#[test]
+fn a_second_daemon_for_the_same_home_refuses_to_start() {
+    let banger = Banger::start();
+    let out = banger.run(&["daemon"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already"), "{}", String::from_utf8_lossy(&out.stderr));
+    // The first one still answers.
+    banger.ok(&["image", "ls"]);
+}
+
+fn request(mut stream: UnixStream, line: &str) -> Vec<serde_json::Value> {
+    stream.write_all(line.as_bytes()).unwrap();
+    stream.write_all(b"\n").unwrap();
+    BufReader::new(stream).lines().map(|l| serde_json::from_str(&l.unwrap()).unwrap()).collect()
+}
+
+#[test]
+fn malformed_and_unknown_requests_get_errors_with_op_ids_that_appear_in_the_log() {
+    let banger = Banger::start();
+    let frames = request(UnixStream::connect(banger.socket()).unwrap(), "{not json");
+    assert_eq!(frames[0]["error"]["code"], "bad_request");
+    let frames = request(UnixStream::connect(banger.socket()).unwrap(), r#"{"method":"vm.explode"}"#);
+    let err = &frames[0]["error"];
+    assert_eq!(err["code"], "bad_request");
+    let op_id = err["op_id"].as_str().unwrap();
+    assert!(op_id.starts_with("op-"));
+    let log = banger.daemon_log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(op_id)).collect();
+    assert!(lines.len() >= 2, "request and failure are logged with the op id:\n{log}");
+    assert!(lines.iter().all(|l| l.contains("vm.explode")));
+}
+
+#[test]
+fn other_users_are_refused_even_if_they_reach_the_socket() {
+    if !banger_testkit::is_root() {
+        eprintln!("not root: cannot switch users; skipping");
+        return;
+    }
+    let banger = Banger::start();
+    // Open the way on purpose: the SO_PEERCRED check must still refuse.
+    for dir in [banger.home.path().to_path_buf(), banger.path("run")] {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::set_permissions(banger.socket(), std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(common::exe())
+        .args(["image", "ls"])
+        .env("BANGER_HOME", banger.home.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("belongs to another user"), "{err}");
+    assert!(banger.daemon_log().contains("refused a connection"));
+}
+
+#[test]
+fn a_daemon_killed_mid_pull_leaves_nothing_half_made() {
+    use banger_testkit::layer::{self, Compression, Entry};
+    use banger_testkit::layout::Layout;
+    let registry = banger_testkit::registry::Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut layout = Layout::new(&tmp.path().join("oci"));
+    // Incompressible content, so the pull takes long enough to be interrupted.
+    let mut data = vec![0u8; 48 * 1024 * 1024];
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    let big = Entry::File { path: "big".into(), data, mode: 0o644, uid: 0, gid: 0, xattrs: vec![] };
+    let image = layout.image(&[(Compression::Gzip, layer::tar(&[big]))], "amd64");
+    layout.tag("t", &image);
+    registry.push(&layout.dir, "t", "big:t", &[]);
+
+    let mut banger = Banger::start();
+    let pull = banger
+        .cmd(&["image", "pull", &registry.reference("big:t")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while common::entries(&banger.path("state/tmp")).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the pull never started");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    banger.kill_daemon(libc::SIGKILL);
+    let out = pull.wait_with_output().unwrap();
+    assert!(!out.status.success(), "the pull cannot succeed without its daemon");
+
+    banger.start_daemon();
+    assert_eq!(banger.ok(&["image", "ls", "--json"]).trim(), "[]");
+    assert!(common::entries(&banger.path("state/tmp")).is_empty(), "scratch cleared at start");
+    assert!(common::entries(&banger.path("state/images")).is_empty());
+    banger.ok(&["image", "pull", &registry.reference("big:t")]);
+    assert!(banger.inspect("big:t")["size_bytes"].as_u64().unwrap() > 48 * 1024 * 1024);
+}
