@@ -42,6 +42,9 @@ mod tests {
         assert_eq!(cfg.insecure_registries, vec!["reg.lan:5000"]);
         assert!(toml::from_str::<Config>("bogus = 1").is_err());
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(Config::load(&dir.path().join("none.toml")).unwrap(), Config::default());
+        assert_eq!(
+            Config::load(&dir.path().join("none.toml")).unwrap(),
+            Config::default()
+        );
     }
 }

@@ -25,11 +25,16 @@ pub struct Core {
 
 impl Core {
     /// Opens the state under `paths` and clears what an earlier daemon left.
-    pub fn open(paths: Paths, runner: Arc<dyn ProcessRunner>, hooks: PullHooks) -> anyhow::Result<Core> {
+    pub fn open(
+        paths: Paths,
+        runner: Arc<dyn ProcessRunner>,
+        hooks: PullHooks,
+    ) -> anyhow::Result<Core> {
         paths.create_all()?;
         let config = Config::load(&paths.config_file())?;
         let store = Arc::new(Store::open(&paths.database())?);
-        let images = ImageService::new(paths.clone(), config, store.clone(), runner).with_hooks(hooks);
+        let images =
+            ImageService::new(paths.clone(), config, store.clone(), runner).with_hooks(hooks);
         images.recover()?;
         Ok(Core {
             paths,
@@ -41,16 +46,24 @@ impl Core {
     pub async fn dispatch(&self, method: &str, params: Value, events: Events) -> OpResult<Value> {
         match method {
             m::DAEMON_STATUS => to_value(self.status()?),
-            m::IMAGE_PULL => to_value(self.images.pull(parse::<PullParams>(params)?, events).await?),
+            m::IMAGE_PULL => to_value(
+                self.images
+                    .pull(parse::<PullParams>(params)?, events)
+                    .await?,
+            ),
             m::IMAGE_LIST => to_value(self.images.list()?),
-            m::IMAGE_INSPECT => to_value(self.images.inspect(&parse::<NamesParams>(params)?.names)?),
+            m::IMAGE_INSPECT => {
+                to_value(self.images.inspect(&parse::<NamesParams>(params)?.names)?)
+            }
             m::IMAGE_REMOVE => {
                 let p: RemoveParams = parse(params)?;
                 to_value(self.images.remove(&p.names, p.force).await?)
             }
-            m::IMAGE_CACHE_PRUNE => {
-                to_value(self.images.prune_cache(parse::<PruneParams>(params)?.dry_run).await?)
-            }
+            m::IMAGE_CACHE_PRUNE => to_value(
+                self.images
+                    .prune_cache(parse::<PruneParams>(params)?.dry_run)
+                    .await?,
+            ),
             other => Err(OpError::new(
                 banger_proto::ErrorCode::BadRequest,
                 format!("unknown method `{other}`"),
@@ -73,7 +86,11 @@ impl Core {
 }
 
 fn parse<T: DeserializeOwned>(params: Value) -> OpResult<T> {
-    let params = if params.is_null() { Value::Object(Default::default()) } else { params };
+    let params = if params.is_null() {
+        Value::Object(Default::default())
+    } else {
+        params
+    };
     serde_json::from_value(params).map_err(|e| OpError::invalid(format!("invalid params: {e}")))
 }
 

@@ -17,7 +17,11 @@ pub struct Paths {
 impl Paths {
     /// Paths for this process, from its environment and uid.
     pub fn from_env() -> Self {
-        let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let var = |name: &str| {
+            std::env::var_os(name)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
         if let Some(home) = var("BANGER_HOME") {
             return Self::under(&home);
         }
@@ -113,9 +117,18 @@ mod tests {
     #[test]
     fn banger_home_puts_everything_under_one_dir() {
         let p = Paths::under(Path::new("/x"));
-        for path in [p.socket(), p.database(), p.oci_cache(), p.config_file(), p.images_dir()] {
+        for path in [
+            p.socket(),
+            p.database(),
+            p.oci_cache(),
+            p.config_file(),
+            p.images_dir(),
+        ] {
             assert!(path.starts_with("/x"), "{path:?}");
         }
-        assert_ne!(Paths::under(Path::new("/a")).socket(), Paths::under(Path::new("/b")).socket());
+        assert_ne!(
+            Paths::under(Path::new("/a")).socket(),
+            Paths::under(Path::new("/b")).socket()
+        );
     }
 }

@@ -20,8 +20,14 @@ async fn prune_while_a_pull_downloads() {
     let mut layout = Layout::new(&tmp.path().join("oci"));
     let image = layout.image(
         &[
-            (Compression::Gzip, layer::tar(&[file("one", &"1".repeat(100_000), 0o644)])),
-            (Compression::Zstd, layer::tar(&[file("two", &"2".repeat(100_000), 0o644)])),
+            (
+                Compression::Gzip,
+                layer::tar(&[file("one", &"1".repeat(100_000), 0o644)]),
+            ),
+            (
+                Compression::Zstd,
+                layer::tar(&[file("two", &"2".repeat(100_000), 0o644)]),
+            ),
         ],
         "amd64",
     );
@@ -48,12 +54,17 @@ async fn prune_while_a_pull_downloads() {
         })),
     };
     let paths = Paths::under(&tmp.path().join("home"));
-    let core = Arc::new(Core::open(paths.clone(), Arc::new(banger_host::RealRunner), hooks).unwrap());
+    let core =
+        Arc::new(Core::open(paths.clone(), Arc::new(banger_host::RealRunner), hooks).unwrap());
 
     let pull_core = core.clone();
     let reference = registry.reference("inflight:t");
     let pull = tokio::spawn(async move {
-        let params = PullParams { reference, name: Some("inflight".into()), platform: None };
+        let params = PullParams {
+            reference,
+            name: Some("inflight".into()),
+            platform: None,
+        };
         pull_core.images.pull(params, Events::none()).await
     });
     assert_eq!(reached.recv().await.unwrap(), image.layers[0]);
@@ -69,7 +80,10 @@ async fn prune_while_a_pull_downloads() {
     assert_eq!(siblings, ["oci"], "the aside dir never outlives the call");
 
     release.add_permits(1);
-    let result = pull.await.unwrap().expect("the in-flight pull still succeeds");
+    let result = pull
+        .await
+        .unwrap()
+        .expect("the in-flight pull still succeeds");
     assert!(std::path::Path::new(&result.image.rootfs_path).is_file());
     // The interrupted download landed in the fresh cache.
     let hex = image.layers[0].trim_start_matches("sha256:");
@@ -91,7 +105,12 @@ fn reopening_clears_what_a_killed_daemon_left() {
     let aside = paths.cache_dir.join(".pruning-oci-dead");
     std::fs::create_dir_all(aside.join("blobs")).unwrap();
 
-    let _core = Core::open(paths.clone(), Arc::new(banger_host::RealRunner), PullHooks::default()).unwrap();
+    let _core = Core::open(
+        paths.clone(),
+        Arc::new(banger_host::RealRunner),
+        PullHooks::default(),
+    )
+    .unwrap();
     assert_eq!(std::fs::read_dir(paths.tmp_dir()).unwrap().count(), 0);
     assert!(!orphan.exists(), "an image dir without a record is removed");
     assert!(!aside.exists(), "a prune's aside dir is removed");

@@ -35,7 +35,13 @@ async fn handle(core: Arc<Core>, stream: UnixStream) {
     let op_id = format!("op-{}", ids::random_hex(6));
     let (read, mut write) = stream.into_split();
     let peer = super::peer::peer_uid(&write.as_ref());
-    let reject = |code, message: String| Frame::Error(ErrorBody { code, message, op_id: op_id.clone() });
+    let reject = |code, message: String| {
+        Frame::Error(ErrorBody {
+            code,
+            message,
+            op_id: op_id.clone(),
+        })
+    };
     match peer {
         Ok(uid) if super::peer::allowed(uid) => {}
         other => {
@@ -94,7 +100,11 @@ async fn handle(core: Arc<Core>, stream: UnixStream) {
             }
             Err(e) => {
                 tracing::warn!(code = ?e.code, error = %e.message, "failed");
-                Frame::Error(ErrorBody { code: e.code, message: e.message, op_id: op_id.clone() })
+                Frame::Error(ErrorBody {
+                    code: e.code,
+                    message: e.message,
+                    op_id: op_id.clone(),
+                })
             }
         };
         let _ = write.write_all(&frame.to_line()).await;
@@ -106,7 +116,9 @@ async fn handle(core: Arc<Core>, stream: UnixStream) {
 
 /// Runs the daemon in the foreground until SIGINT or SIGTERM.
 pub fn run(paths: banger_core::paths::Paths) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let _lock = super::socket::lock(&paths.runtime_dir)?;
         let runner = Arc::new(banger_host::RealRunner);

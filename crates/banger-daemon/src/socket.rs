@@ -12,7 +12,10 @@ use tokio::net::UnixListener;
 pub struct DaemonLock(#[allow(dead_code)] std::fs::File);
 
 pub fn lock(runtime_dir: &Path) -> anyhow::Result<DaemonLock> {
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(runtime_dir)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(runtime_dir)?;
     let path = runtime_dir.join("daemon.lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -21,16 +24,27 @@ pub fn lock(runtime_dir: &Path) -> anyhow::Result<DaemonLock> {
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
     // SAFETY: flock on a file descriptor we own.
-    let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX | libc::LOCK_NB) };
+    let rc = unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    };
     if rc != 0 {
-        anyhow::bail!("another banger daemon already runs for {}", runtime_dir.display());
+        anyhow::bail!(
+            "another banger daemon already runs for {}",
+            runtime_dir.display()
+        );
     }
     Ok(DaemonLock(file))
 }
 
 pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     let dir = path.parent().context("socket path has no directory")?;
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             anyhow::bail!(
@@ -39,9 +53,11 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
             );
         }
         // A daemon that died without cleaning up.
-        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
 }

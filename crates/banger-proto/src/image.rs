@@ -102,7 +102,11 @@ pub enum PullEvent {
         layers: Vec<LayerSummary>,
     },
     /// Bytes of a layer arrived (sent at most a few times a second per layer).
-    LayerProgress { digest: String, done: u64, total: u64 },
+    LayerProgress {
+        digest: String,
+        done: u64,
+        total: u64,
+    },
     /// A layer is complete; `cached` when it came from the blob cache.
     LayerDone { digest: String, cached: bool },
     /// A step after the downloads: `flatten`, `ext4`, `ownership`.

@@ -4,36 +4,90 @@ use std::io::Write;
 
 #[derive(Debug, Clone)]
 pub enum Entry {
-    Dir { path: String, mode: u32, uid: u64, gid: u64 },
-    File { path: String, data: Vec<u8>, mode: u32, uid: u64, gid: u64, xattrs: Vec<(String, Vec<u8>)> },
-    Symlink { path: String, target: String },
-    Hardlink { path: String, target: String },
-    Char { path: String, major: u32, minor: u32, mode: u32 },
-    Fifo { path: String, mode: u32 },
+    Dir {
+        path: String,
+        mode: u32,
+        uid: u64,
+        gid: u64,
+    },
+    File {
+        path: String,
+        data: Vec<u8>,
+        mode: u32,
+        uid: u64,
+        gid: u64,
+        xattrs: Vec<(String, Vec<u8>)>,
+    },
+    Symlink {
+        path: String,
+        target: String,
+    },
+    Hardlink {
+        path: String,
+        target: String,
+    },
+    Char {
+        path: String,
+        major: u32,
+        minor: u32,
+        mode: u32,
+    },
+    Fifo {
+        path: String,
+        mode: u32,
+    },
     /// A header written byte for byte, bypassing the tar crate's path checks.
-    Raw { name: Vec<u8>, kind: tar::EntryType, link: Vec<u8>, data: Vec<u8> },
+    Raw {
+        name: Vec<u8>,
+        kind: tar::EntryType,
+        link: Vec<u8>,
+        data: Vec<u8>,
+    },
 }
 
 pub fn dir(path: &str, mode: u32) -> Entry {
-    Entry::Dir { path: path.into(), mode, uid: 0, gid: 0 }
+    Entry::Dir {
+        path: path.into(),
+        mode,
+        uid: 0,
+        gid: 0,
+    }
 }
 pub fn file(path: &str, data: &str, mode: u32) -> Entry {
     owned_file(path, data, mode, 0, 0)
 }
 pub fn owned_file(path: &str, data: &str, mode: u32, uid: u64, gid: u64) -> Entry {
-    Entry::File { path: path.into(), data: data.as_bytes().to_vec(), mode, uid, gid, xattrs: vec![] }
+    Entry::File {
+        path: path.into(),
+        data: data.as_bytes().to_vec(),
+        mode,
+        uid,
+        gid,
+        xattrs: vec![],
+    }
 }
 pub fn symlink(path: &str, target: &str) -> Entry {
-    Entry::Symlink { path: path.into(), target: target.into() }
+    Entry::Symlink {
+        path: path.into(),
+        target: target.into(),
+    }
 }
 pub fn hardlink(path: &str, target: &str) -> Entry {
-    Entry::Hardlink { path: path.into(), target: target.into() }
+    Entry::Hardlink {
+        path: path.into(),
+        target: target.into(),
+    }
 }
 pub fn whiteout(path: &str) -> Entry {
     file(path, "", 0o644)
 }
 pub fn raw(name: &[u8], kind: tar::EntryType, link: &[u8]) -> Entry {
-    Entry::Raw { name: name.to_vec(), kind, link: link.to_vec(), data: vec![] }
+    Entry::Raw {
+        name: name.to_vec(),
+        kind,
+        link: link.to_vec(),
+        data: vec![],
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,7 +110,8 @@ impl Compression {
         match self {
             Compression::None => tar.to_vec(),
             Compression::Gzip => {
-                let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                let mut enc =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
                 enc.write_all(tar).unwrap();
                 enc.finish().unwrap()
             }
@@ -74,7 +129,12 @@ pub fn tar(entries: &[Entry]) -> Vec<u8> {
         h.set_uid(0);
         h.set_gid(0);
         match e {
-            Entry::Dir { path, mode, uid, gid } => {
+            Entry::Dir {
+                path,
+                mode,
+                uid,
+                gid,
+            } => {
                 h.set_entry_type(tar::EntryType::Directory);
                 h.set_mode(*mode);
                 h.set_uid(*uid);
@@ -82,11 +142,21 @@ pub fn tar(entries: &[Entry]) -> Vec<u8> {
                 h.set_size(0);
                 b.append_data(&mut h, path, &[][..]).unwrap();
             }
-            Entry::File { path, data, mode, uid, gid, xattrs } => {
+            Entry::File {
+                path,
+                data,
+                mode,
+                uid,
+                gid,
+                xattrs,
+            } => {
                 if !xattrs.is_empty() {
-                    let pax: Vec<(String, &[u8])> =
-                        xattrs.iter().map(|(k, v)| (format!("SCHILY.xattr.{k}"), v.as_slice())).collect();
-                    b.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), *v))).unwrap();
+                    let pax: Vec<(String, &[u8])> = xattrs
+                        .iter()
+                        .map(|(k, v)| (format!("SCHILY.xattr.{k}"), v.as_slice()))
+                        .collect();
+                    b.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), *v)))
+                        .unwrap();
                 }
                 h.set_mode(*mode);
                 h.set_uid(*uid);
@@ -106,7 +176,12 @@ pub fn tar(entries: &[Entry]) -> Vec<u8> {
                 h.set_size(0);
                 b.append_link(&mut h, path, target).unwrap();
             }
-            Entry::Char { path, major, minor, mode } => {
+            Entry::Char {
+                path,
+                major,
+                minor,
+                mode,
+            } => {
                 h.set_entry_type(tar::EntryType::Char);
                 h.set_mode(*mode);
                 h.set_device_major(*major).unwrap();
@@ -120,7 +195,12 @@ pub fn tar(entries: &[Entry]) -> Vec<u8> {
                 h.set_size(0);
                 b.append_data(&mut h, path, &[][..]).unwrap();
             }
-            Entry::Raw { name, kind, link, data } => {
+            Entry::Raw {
+                name,
+                kind,
+                link,
+                data,
+            } => {
                 h.set_entry_type(*kind);
                 h.set_mode(0o644);
                 h.set_size(data.len() as u64);

@@ -35,7 +35,10 @@ impl Layout {
     pub fn new(dir: &Path) -> Layout {
         std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
         std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-        let layout = Layout { dir: dir.to_path_buf(), refs: vec![] };
+        let layout = Layout {
+            dir: dir.to_path_buf(),
+            refs: vec![],
+        };
         layout.write_index();
         layout
     }
@@ -44,7 +47,12 @@ impl Layout {
         let digest = sha256(bytes);
         let hex = digest.trim_start_matches("sha256:");
         std::fs::write(self.dir.join("blobs/sha256").join(hex), bytes).unwrap();
-        Desc { media_type: String::new(), digest, size: bytes.len() as u64, layers: vec![] }
+        Desc {
+            media_type: String::new(),
+            digest,
+            size: bytes.len() as u64,
+            layers: vec![],
+        }
     }
 
     /// An image manifest over `layers` (uncompressed tars, compressed here).
@@ -108,6 +116,10 @@ impl Layout {
 
     fn write_index(&self) {
         let index = json!({ "schemaVersion": 2, "manifests": self.refs });
-        std::fs::write(self.dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+        std::fs::write(
+            self.dir.join("index.json"),
+            serde_json::to_vec(&index).unwrap(),
+        )
+        .unwrap();
     }
 }

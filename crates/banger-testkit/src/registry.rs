@@ -21,7 +21,11 @@ impl Registry {
         crate::require_tool("skopeo");
         let dir = tempfile::tempdir().unwrap();
         let storage = dir.path().join("storage");
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let addr = format!("127.0.0.1:{port}");
         let config = dir.path().join("config.yml");
         std::fs::write(
@@ -42,19 +46,33 @@ impl Registry {
             .stderr(out)
             .spawn()
             .expect("starting docker-registry");
-        let registry = Registry { child, addr, storage, log, _dir: dir };
+        let registry = Registry {
+            child,
+            addr,
+            storage,
+            log,
+            _dir: dir,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !registry.answers() {
-            assert!(Instant::now() < deadline, "registry did not start: {}", registry.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "registry did not start: {}",
+                registry.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         registry
     }
 
     fn answers(&self) -> bool {
-        let Ok(mut s) = TcpStream::connect(&self.addr) else { return false };
+        let Ok(mut s) = TcpStream::connect(&self.addr) else {
+            return false;
+        };
         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        if s.write_all(format!("GET /v2/ HTTP/1.0\r\nHost: {}\r\n\r\n", self.addr).as_bytes()).is_err() {
+        if s.write_all(format!("GET /v2/ HTTP/1.0\r\nHost: {}\r\n\r\n", self.addr).as_bytes())
+            .is_err()
+        {
             return false;
         }
         let mut buf = [0u8; 32];
@@ -70,7 +88,11 @@ impl Registry {
             .arg(format!("docker://{}/{repo_tag}", self.addr))
             .output()
             .expect("running skopeo");
-        assert!(out.status.success(), "skopeo copy failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "skopeo copy failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     pub fn reference(&self, repo_tag: &str) -> String {
@@ -80,7 +102,11 @@ impl Registry {
     /// Where the registry keeps a blob's bytes (to corrupt it in tests).
     pub fn blob_data(&self, digest: &str) -> PathBuf {
         let hex = digest.trim_start_matches("sha256:");
-        self.storage.join("docker/registry/v2/blobs/sha256").join(&hex[..2]).join(hex).join("data")
+        self.storage
+            .join("docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
     }
 
     pub fn log_text(&self) -> String {
@@ -91,7 +117,11 @@ impl Registry {
     pub fn blob_gets(&self, digest: &str) -> usize {
         self.log_text()
             .lines()
-            .filter(|l| l.contains(&format!("GET /v2/")) && l.contains(&format!("/blobs/{digest}")) && !l.contains("HEAD"))
+            .filter(|l| {
+                l.contains("GET /v2/")
+                    && l.contains(&format!("/blobs/{digest}"))
+                    && !l.contains("HEAD")
+            })
             .filter(|l| l.contains("\" 200 ") || l.contains("\" 307 "))
             .count()
     }

@@ -30,7 +30,11 @@ pub fn snapshot(root: &Path) -> BTreeMap<String, Node> {
     let mut inodes: HashMap<(u64, u64), String> = HashMap::new();
     let mut out = BTreeMap::new();
     for rel in paths {
-        let full = if rel.is_empty() { root.to_path_buf() } else { root.join(&rel) };
+        let full = if rel.is_empty() {
+            root.to_path_buf()
+        } else {
+            root.join(&rel)
+        };
         let m = std::fs::symlink_metadata(&full).unwrap();
         let ft = m.file_type();
         let kind = if ft.is_dir() {
@@ -50,7 +54,9 @@ pub fn snapshot(root: &Path) -> BTreeMap<String, Node> {
         };
         let mut hardlink_of = None;
         if !ft.is_dir() && m.nlink() > 1 {
-            let first = inodes.entry((m.dev(), m.ino())).or_insert_with(|| rel.clone());
+            let first = inodes
+                .entry((m.dev(), m.ino()))
+                .or_insert_with(|| rel.clone());
             if *first != rel {
                 hardlink_of = Some(first.clone());
             }
@@ -64,9 +70,21 @@ pub fn snapshot(root: &Path) -> BTreeMap<String, Node> {
                 uid: m.uid(),
                 gid: m.gid(),
                 size: if ft.is_file() { m.len() } else { 0 },
-                sha256: if ft.is_file() { hex::encode(Sha256::digest(std::fs::read(&full).unwrap())) } else { String::new() },
-                target: if ft.is_symlink() { std::fs::read_link(&full).unwrap().display().to_string() } else { String::new() },
-                rdev: if ft.is_char_device() || ft.is_block_device() { m.rdev() } else { 0 },
+                sha256: if ft.is_file() {
+                    hex::encode(Sha256::digest(std::fs::read(&full).unwrap()))
+                } else {
+                    String::new()
+                },
+                target: if ft.is_symlink() {
+                    std::fs::read_link(&full).unwrap().display().to_string()
+                } else {
+                    String::new()
+                },
+                rdev: if ft.is_char_device() || ft.is_block_device() {
+                    m.rdev()
+                } else {
+                    0
+                },
                 hardlink_of,
                 xattrs,
             },
@@ -87,18 +105,30 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
         if e.file_type().unwrap().is_dir() {
             walk(root, &e.path(), out);
         } else {
-            out.push(if rel.is_empty() { name } else { format!("{rel}/{name}") });
+            out.push(if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            });
         }
     }
 }
 
 fn user_xattrs(path: &Path) -> Vec<(String, Vec<u8>)> {
-    let out = Command::new("getfattr").args(["-h", "-d", "-m", "^user\\.", "-e", "hex"]).arg(path).output();
+    let out = Command::new("getfattr")
+        .args(["-h", "-d", "-m", "^user\\.", "-e", "hex"])
+        .arg(path)
+        .output();
     let Ok(out) = out else { return vec![] };
     let mut v: Vec<(String, Vec<u8>)> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.split_once('='))
-        .map(|(k, val)| (k.to_string(), hex::decode(val.trim_start_matches("0x")).unwrap_or_default()))
+        .map(|(k, val)| {
+            (
+                k.to_string(),
+                hex::decode(val.trim_start_matches("0x")).unwrap_or_default(),
+            )
+        })
         .collect();
     v.sort();
     v
@@ -130,8 +160,17 @@ pub struct LoopMount {
 impl LoopMount {
     pub fn new(image: &Path) -> LoopMount {
         let dir = tempfile::tempdir().unwrap();
-        let out = Command::new("mount").args(["-o", "loop,ro"]).arg(image).arg(dir.path()).output().unwrap();
-        assert!(out.status.success(), "mount failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("mount")
+            .args(["-o", "loop,ro"])
+            .arg(image)
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         LoopMount { dir }
     }
 

@@ -54,7 +54,9 @@ impl Client {
         loop {
             match self.connect_existing() {
                 Ok(stream) => return Ok(stream),
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
                 Err(e) => {
                     return Err(anyhow::anyhow!(
                         "the daemon did not start listening on {} ({e}); see {}",
@@ -67,7 +69,9 @@ impl Client {
     }
 
     fn start_daemon(&self) -> anyhow::Result<()> {
-        self.paths.create_all().context("creating banger's directories")?;
+        self.paths
+            .create_all()
+            .context("creating banger's directories")?;
         let log_path = self.paths.daemon_log();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -93,7 +97,12 @@ impl Client {
     }
 
     /// Sends one request; `on_event` sees each progress event.
-    pub fn call(&self, method: &str, params: Value, on_event: impl FnMut(Value)) -> Result<Value, CallError> {
+    pub fn call(
+        &self,
+        method: &str,
+        params: Value,
+        on_event: impl FnMut(Value),
+    ) -> Result<Value, CallError> {
         let stream = self.connect().map_err(CallError::Transport)?;
         call_on(stream, method, params, on_event)
     }
@@ -117,7 +126,9 @@ pub fn call_on(
         .map_err(CallError::Transport)?;
     let reader = BufReader::new(stream);
     for line in reader.lines() {
-        let line = line.context("reading from the daemon").map_err(CallError::Transport)?;
+        let line = line
+            .context("reading from the daemon")
+            .map_err(CallError::Transport)?;
         let frame: Frame = serde_json::from_str(&line)
             .with_context(|| format!("unreadable reply from the daemon: {line}"))
             .map_err(CallError::Transport)?;

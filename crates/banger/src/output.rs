@@ -69,14 +69,23 @@ mod tests {
 
     #[test]
     fn tables_align_columns() {
-        let t = table(&["NAME", "SIZE"], &[vec!["alpine".into(), "1.0 MiB".into()], vec!["x".into(), "2 B".into()]]);
+        let t = table(
+            &["NAME", "SIZE"],
+            &[
+                vec!["alpine".into(), "1.0 MiB".into()],
+                vec!["x".into(), "2 B".into()],
+            ],
+        );
         assert_eq!(t, "NAME     SIZE\nalpine   1.0 MiB\nx        2 B\n");
     }
 
     #[test]
     fn parses_what_the_daemon_writes() {
         assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(parse_rfc3339(&banger_core::ids::rfc3339(951_827_696)), Some(951_827_696));
+        assert_eq!(
+            parse_rfc3339(&banger_core::ids::rfc3339(951_827_696)),
+            Some(951_827_696)
+        );
         assert_eq!(relative_time(&banger_core::ids::now_rfc3339()), "just now");
     }
 }

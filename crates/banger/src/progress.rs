@@ -19,7 +19,11 @@ pub struct PullProgress {
 impl PullProgress {
     pub fn new() -> PullProgress {
         let tty = std::io::stderr().is_terminal();
-        let target = if tty { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
+        let target = if tty {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        };
         PullProgress {
             tty,
             multi: MultiProgress::with_draw_target(target),
@@ -30,9 +34,15 @@ impl PullProgress {
     }
 
     pub fn handle(&mut self, event: serde_json::Value) {
-        let Ok(event) = serde_json::from_value::<PullEvent>(event) else { return };
+        let Ok(event) = serde_json::from_value::<PullEvent>(event) else {
+            return;
+        };
         match event {
-            PullEvent::Resolved { r#ref, digest, layers } => {
+            PullEvent::Resolved {
+                r#ref,
+                digest,
+                layers,
+            } => {
                 let total: u64 = layers.iter().map(|l| l.size).sum();
                 let line = format!(
                     "pulling {} ({}, {} layer(s), {})",

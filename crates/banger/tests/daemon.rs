@@ -16,11 +16,18 @@ fn the_first_command_starts_a_daemon_and_later_ones_reuse_it() {
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("started one in the background"), "{err}");
-    let mode = std::fs::metadata(banger.socket()).unwrap().permissions().mode() & 0o777;
+    let mode = std::fs::metadata(banger.socket())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600);
     let again = banger.run(&["image", "ls"]);
     assert!(again.status.success());
-    assert!(String::from_utf8_lossy(&again.stderr).is_empty(), "no second daemon");
+    assert!(
+        String::from_utf8_lossy(&again.stderr).is_empty(),
+        "no second daemon"
+    );
     let doctor = banger.ok(&["doctor"]);
     assert!(doctor.contains("reachable"), "{doctor}");
 }
@@ -32,10 +39,15 @@ fn two_homes_do_not_interfere() {
     assert_ne!(a.socket(), b.socket());
     let status = |x: &Banger| -> serde_json::Value {
         let s = UnixStream::connect(x.socket()).unwrap();
-        request(s, r#"{"method":"daemon.status","params":{}}"#).pop().unwrap()
+        request(s, r#"{"method":"daemon.status","params":{}}"#)
+            .pop()
+            .unwrap()
     };
     assert_ne!(status(&a)["result"]["pid"], status(&b)["result"]["pid"]);
-    assert_eq!(status(&a)["result"]["state_dir"], a.path("state").display().to_string());
+    assert_eq!(
+        status(&a)["result"]["state_dir"],
+        a.path("state").display().to_string()
+    );
 }
 
 #[test]
@@ -43,7 +55,11 @@ fn a_second_daemon_for_the_same_home_refuses_to_start() {
     let banger = Banger::start();
     let out = banger.run(&["daemon"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("already"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The first one still answers.
     banger.ok(&["image", "ls"]);
 }
@@ -51,7 +67,10 @@ fn a_second_daemon_for_the_same_home_refuses_to_start() {
 fn request(mut stream: UnixStream, line: &str) -> Vec<serde_json::Value> {
     stream.write_all(line.as_bytes()).unwrap();
     stream.write_all(b"\n").unwrap();
-    BufReader::new(stream).lines().map(|l| serde_json::from_str(&l.unwrap()).unwrap()).collect()
+    BufReader::new(stream)
+        .lines()
+        .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
+        .collect()
 }
 
 #[test]
@@ -59,14 +78,20 @@ fn malformed_and_unknown_requests_get_errors_with_op_ids_that_appear_in_the_log(
     let banger = Banger::start();
     let frames = request(UnixStream::connect(banger.socket()).unwrap(), "{not json");
     assert_eq!(frames[0]["error"]["code"], "bad_request");
-    let frames = request(UnixStream::connect(banger.socket()).unwrap(), r#"{"method":"vm.explode"}"#);
+    let frames = request(
+        UnixStream::connect(banger.socket()).unwrap(),
+        r#"{"method":"vm.explode"}"#,
+    );
     let err = &frames[0]["error"];
     assert_eq!(err["code"], "bad_request");
     let op_id = err["op_id"].as_str().unwrap();
     assert!(op_id.starts_with("op-"));
     let log = banger.daemon_log();
     let lines: Vec<&str> = log.lines().filter(|l| l.contains(op_id)).collect();
-    assert!(lines.len() >= 2, "request and failure are logged with the op id:\n{log}");
+    assert!(
+        lines.len() >= 2,
+        "request and failure are logged with the op id:\n{log}"
+    );
     assert!(lines.iter().all(|l| l.contains("vm.explode")));
 }
 
@@ -111,7 +136,14 @@ fn a_daemon_killed_mid_pull_leaves_nothing_half_made() {
         x ^= x << 17;
         chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
     }
-    let big = Entry::File { path: "big".into(), data, mode: 0o644, uid: 0, gid: 0, xattrs: vec![] };
+    let big = Entry::File {
+        path: "big".into(),
+        data,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        xattrs: vec![],
+    };
     let image = layout.image(&[(Compression::Gzip, layer::tar(&[big]))], "amd64");
     layout.tag("t", &image);
     registry.push(&layout.dir, "t", "big:t", &[]);
@@ -125,16 +157,25 @@ fn a_daemon_killed_mid_pull_leaves_nothing_half_made() {
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while common::entries(&banger.path("state/tmp")).is_empty() {
-        assert!(std::time::Instant::now() < deadline, "the pull never started");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pull never started"
+        );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     banger.kill_daemon(libc::SIGKILL);
     let out = pull.wait_with_output().unwrap();
-    assert!(!out.status.success(), "the pull cannot succeed without its daemon");
+    assert!(
+        !out.status.success(),
+        "the pull cannot succeed without its daemon"
+    );
 
     banger.start_daemon();
     assert_eq!(banger.ok(&["image", "ls", "--json"]).trim(), "[]");
-    assert!(common::entries(&banger.path("state/tmp")).is_empty(), "scratch cleared at start");
+    assert!(
+        common::entries(&banger.path("state/tmp")).is_empty(),
+        "scratch cleared at start"
+    );
     assert!(common::entries(&banger.path("state/images")).is_empty());
     banger.ok(&["image", "pull", &registry.reference("big:t")]);
     assert!(banger.inspect("big:t")["size_bytes"].as_u64().unwrap() > 48 * 1024 * 1024);

@@ -27,21 +27,42 @@ fn hostile_layers_are_refused_and_change_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let sentinel = tmp.path().join("escaped");
     let sentinel_str = sentinel.display().to_string();
-    let climb = format!("{}{}", "../".repeat(12), sentinel_str.trim_start_matches('/'));
+    let climb = format!(
+        "{}{}",
+        "../".repeat(12),
+        sentinel_str.trim_start_matches('/')
+    );
     let long_name = format!("dir/{}", "n".repeat(300));
 
     let cases: Vec<(&str, Vec<u8>, String, &str)> = vec![
-        ("absolute", pax_named(sentinel_str.as_bytes()), sentinel_str.clone(), "absolute path"),
-        ("traversal", pax_named(climb.as_bytes()), climb.clone(), "`..`"),
+        (
+            "absolute",
+            pax_named(sentinel_str.as_bytes()),
+            sentinel_str.clone(),
+            "absolute path",
+        ),
+        (
+            "traversal",
+            pax_named(climb.as_bytes()),
+            climb.clone(),
+            "`..`",
+        ),
         (
             "symlink-escape",
-            layer::tar(&[symlink("esc", &climb.replace("/escaped", "")), raw(b"esc/escaped", tar::EntryType::Regular, b"")]),
+            layer::tar(&[
+                symlink("esc", &climb.replace("/escaped", "")),
+                raw(b"esc/escaped", tar::EntryType::Regular, b""),
+            ]),
             "esc/escaped".into(),
             "outside the image root",
         ),
         (
             "hardlink-out",
-            layer::tar(&[raw(b"passwd", tar::EntryType::Link, b"../../../../etc/passwd")]),
+            layer::tar(&[raw(
+                b"passwd",
+                tar::EntryType::Link,
+                b"../../../../etc/passwd",
+            )]),
             "passwd".into(),
             "hardlink target",
         ),
@@ -52,25 +73,51 @@ fn hostile_layers_are_refused_and_change_nothing() {
             "absolute path",
         ),
         ("nul-name", pax_named(b"a\0b"), "a\u{0}b".into(), "NUL"),
-        ("long-name", pax_named(long_name.as_bytes()), long_name.clone(), "255 bytes"),
+        (
+            "long-name",
+            pax_named(long_name.as_bytes()),
+            long_name.clone(),
+            "255 bytes",
+        ),
     ];
 
     let banger = Banger::start();
     for (repo, tar, path, why) in cases {
         let mut layout = Layout::new(&tmp.path().join(repo));
         let ok_layer = layer::tar(&[file("fine", "fine", 0o644)]);
-        let image = layout.image(&[(Compression::Gzip, ok_layer), (Compression::Gzip, tar)], "amd64");
+        let image = layout.image(
+            &[(Compression::Gzip, ok_layer), (Compression::Gzip, tar)],
+            "amd64",
+        );
         layout.tag("t", &image);
         registry.push(&layout.dir, "t", &format!("{repo}:t"), &[]);
         let err = banger.fails(&["image", "pull", &registry.reference(&format!("{repo}:t"))]);
-        assert!(err.contains(&image.layers[1]), "{repo}: error does not name the layer: {err}");
-        assert!(err.contains(&path), "{repo}: error does not name `{path}`: {err}");
-        assert!(err.contains(why), "{repo}: error does not say `{why}`: {err}");
-        assert!(!sentinel.exists(), "{repo}: wrote outside the staging directory");
+        assert!(
+            err.contains(&image.layers[1]),
+            "{repo}: error does not name the layer: {err}"
+        );
+        assert!(
+            err.contains(&path),
+            "{repo}: error does not name `{path}`: {err}"
+        );
+        assert!(
+            err.contains(why),
+            "{repo}: error does not say `{why}`: {err}"
+        );
+        assert!(
+            !sentinel.exists(),
+            "{repo}: wrote outside the staging directory"
+        );
     }
     assert_eq!(banger.ok(&["image", "ls", "--json"]).trim(), "[]");
-    assert!(entries(&banger.path("state/tmp")).is_empty(), "no staging left behind");
-    assert!(entries(&banger.path("state/images")).is_empty(), "no half-made image");
+    assert!(
+        entries(&banger.path("state/tmp")).is_empty(),
+        "no staging left behind"
+    );
+    assert!(
+        entries(&banger.path("state/images")).is_empty(),
+        "no half-made image"
+    );
 }
 
 #[test]
@@ -78,7 +125,13 @@ fn a_layer_whose_digest_does_not_match_fails_the_pull() {
     let registry = Registry::start();
     let tmp = tempfile::tempdir().unwrap();
     let mut layout = Layout::new(&tmp.path().join("oci"));
-    let image = layout.image(&[(Compression::Gzip, layer::tar(&[file("a", &"x".repeat(4096), 0o644)]))], "amd64");
+    let image = layout.image(
+        &[(
+            Compression::Gzip,
+            layer::tar(&[file("a", &"x".repeat(4096), 0o644)]),
+        )],
+        "amd64",
+    );
     layout.tag("t", &image);
     registry.push(&layout.dir, "t", "tampered:t", &[]);
     // Same length, different bytes: only the digest can tell.
@@ -90,11 +143,17 @@ fn a_layer_whose_digest_does_not_match_fails_the_pull() {
 
     let banger = Banger::start();
     let err = banger.fails(&["image", "pull", &registry.reference("tampered:t")]);
-    assert!(err.contains(&image.layers[0]) && err.contains("does not match its digest"), "{err}");
+    assert!(
+        err.contains(&image.layers[0]) && err.contains("does not match its digest"),
+        "{err}"
+    );
     assert_eq!(banger.ok(&["image", "ls", "--json"]).trim(), "[]");
     assert!(entries(&banger.path("state/tmp")).is_empty());
     assert!(entries(&banger.path("state/images")).is_empty());
     let cached = entries(&banger.path("cache/oci/blobs/sha256"));
     let hex = image.layers[0].trim_start_matches("sha256:").to_string();
-    assert!(!cached.contains(&hex), "a corrupt blob never enters the cache");
+    assert!(
+        !cached.contains(&hex),
+        "a corrupt blob never enters the cache"
+    );
 }

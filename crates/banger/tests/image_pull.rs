@@ -2,7 +2,9 @@
 
 mod common;
 
-use banger_testkit::layer::{self, dir, file, hardlink, owned_file, symlink, whiteout, Compression, Entry};
+use banger_testkit::layer::{
+    self, dir, file, hardlink, owned_file, symlink, whiteout, Compression, Entry,
+};
 use banger_testkit::layout::Layout;
 use banger_testkit::registry::Registry;
 use banger_testkit::tree::{diff, snapshot, LoopMount};
@@ -27,8 +29,18 @@ fn rule_layers() -> Vec<Vec<u8>> {
         file("opt/old", "old", 0o644),
         dir("opt/sub/", 0o755),
         file("opt/sub/deep", "deep", 0o644),
-        Entry::Dir { path: "home/".into(), mode: 0o755, uid: 0, gid: 0 },
-        Entry::Dir { path: "home/user/".into(), mode: 0o750, uid: 1000, gid: 1000 },
+        Entry::Dir {
+            path: "home/".into(),
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+        },
+        Entry::Dir {
+            path: "home/user/".into(),
+            mode: 0o750,
+            uid: 1000,
+            gid: 1000,
+        },
         owned_file("home/user/old-file", "mine", 0o600, 1000, 1000),
         dir("bin/", 0o755),
         file("bin/busybox", "#!busybox\n", 0o755),
@@ -42,14 +54,27 @@ fn rule_layers() -> Vec<Vec<u8>> {
         symlink("lib", "usr/lib"),
         symlink("abs-link", "/etc/passwd"),
         symlink("dangling", "/nonexistent/target"),
-        Entry::Dir { path: "tmp/".into(), mode: 0o1777, uid: 0, gid: 0 },
+        Entry::Dir {
+            path: "tmp/".into(),
+            mode: 0o1777,
+            uid: 0,
+            gid: 0,
+        },
         dir("was-dir/", 0o755),
         file("was-dir/x", "x", 0o644),
         file("was-file", "f", 0o644),
         dir("dev/", 0o755),
-        Entry::Char { path: "dev/null".into(), major: 1, minor: 3, mode: 0o666 },
+        Entry::Char {
+            path: "dev/null".into(),
+            major: 1,
+            minor: 3,
+            mode: 0o666,
+        },
         dir("run/", 0o755),
-        Entry::Fifo { path: "run/fifo".into(), mode: 0o600 },
+        Entry::Fifo {
+            path: "run/fifo".into(),
+            mode: 0o600,
+        },
         dir("ro/", 0o555),
         file("ro/inside", "ro", 0o444),
         file("name with spaces and \"quotes\"", "q", 0o644),
@@ -69,14 +94,25 @@ fn rule_layers() -> Vec<Vec<u8>> {
     ]);
     let l3 = layer::tar(&[
         file("ro/added-later", "late", 0o644),
-        Entry::Dir { path: "home/user/".into(), mode: 0o750, uid: 1000, gid: 1000 },
+        Entry::Dir {
+            path: "home/user/".into(),
+            mode: 0o750,
+            uid: 1000,
+            gid: 1000,
+        },
         whiteout("home/user/.wh..wh..opq"),
         owned_file("home/user/new-file", "new", 0o644, 1000, 1000),
     ]);
     vec![l1, l2, l3]
 }
 
-fn push_rules(registry: &Registry, tmp: &std::path::Path, compressions: [Compression; 3], repo_tag: &str, opts: &[&str]) -> Layout {
+fn push_rules(
+    registry: &Registry,
+    tmp: &std::path::Path,
+    compressions: [Compression; 3],
+    repo_tag: &str,
+    opts: &[&str],
+) -> Layout {
     let mut layout = Layout::new(tmp);
     let layers: Vec<(Compression, Vec<u8>)> = compressions.into_iter().zip(rule_layers()).collect();
     let image = layout.image(&layers, "amd64");
@@ -89,20 +125,35 @@ fn push_rules(registry: &Registry, tmp: &std::path::Path, compressions: [Compres
 fn pull_flattens_like_umoci_and_records_the_image() {
     let registry = Registry::start();
     let tmp = tempfile::tempdir().unwrap();
-    let layout = push_rules(&registry, &tmp.path().join("oci"), [Compression::Gzip, Compression::Gzip, Compression::None], "rules:v1", &[]);
+    let layout = push_rules(
+        &registry,
+        &tmp.path().join("oci"),
+        [Compression::Gzip, Compression::Gzip, Compression::None],
+        "rules:v1",
+        &[],
+    );
     let banger = Banger::start();
     let reference = registry.reference("rules:v1");
     let out = banger.ok(&["image", "pull", &reference]);
-    assert!(out.contains("pulled") && out.contains("`rules:v1`"), "{out}");
+    assert!(
+        out.contains("pulled") && out.contains("`rules:v1`"),
+        "{out}"
+    );
 
     let info = banger.inspect("rules:v1");
     assert_eq!(info["ref"], reference);
     assert!(info["digest"].as_str().unwrap().starts_with("sha256:"));
     assert_eq!(info["config"]["cmd"][0], "/bin/sh");
-    assert_eq!(info["config"]["env"][0], "PATH=/usr/sbin:/usr/bin:/sbin:/bin");
+    assert_eq!(
+        info["config"]["env"][0],
+        "PATH=/usr/sbin:/usr/bin:/sbin:/bin"
+    );
     let rootfs = std::path::PathBuf::from(info["rootfs_path"].as_str().unwrap());
     assert!(rootfs.is_absolute() && rootfs.is_file());
-    assert_eq!(std::fs::metadata(&rootfs).unwrap().len(), info["size_bytes"].as_u64().unwrap());
+    assert_eq!(
+        std::fs::metadata(&rootfs).unwrap().len(),
+        info["size_bytes"].as_u64().unwrap()
+    );
     assert!(info["created_at"].as_str().unwrap().ends_with('Z'));
 
     let ls = banger.ok(&["image", "ls"]);
@@ -111,13 +162,17 @@ fn pull_flattens_like_umoci_and_records_the_image() {
         assert!(header.contains(col), "{ls}");
     }
     assert!(ls.contains("rules:v1") && ls.contains("just now"), "{ls}");
-    let json: serde_json::Value = serde_json::from_str(&banger.ok(&["image", "ls", "--json"])).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&banger.ok(&["image", "ls", "--json"])).unwrap();
     assert_eq!(json.as_array().unwrap().len(), 1);
 
     // Re-pulling an unchanged reference is a no-op that says so.
     let again = banger.ok(&["image", "pull", &reference]);
     assert!(again.contains("up to date"), "{again}");
-    assert_eq!(banger.inspect("rules:v1")["rootfs_path"], info["rootfs_path"]);
+    assert_eq!(
+        banger.inspect("rules:v1")["rootfs_path"],
+        info["rootfs_path"]
+    );
 
     // The image no longer needs the blob cache.
     banger.ok(&["image", "cache", "prune"]);
@@ -135,16 +190,31 @@ fn pull_flattens_like_umoci_and_records_the_image() {
         .arg(&bundle)
         .output()
         .unwrap();
-    assert!(umoci.status.success(), "umoci: {}", String::from_utf8_lossy(&umoci.stderr));
+    assert!(
+        umoci.status.success(),
+        "umoci: {}",
+        String::from_utf8_lossy(&umoci.stderr)
+    );
     let mount = LoopMount::new(&rootfs);
     let ours = snapshot(mount.path());
     let theirs = snapshot(&bundle.join("rootfs"));
     let differences = diff(&ours, &theirs);
-    assert!(differences.is_empty(), "flattened tree differs from umoci:\n{}", differences.join("\n"));
+    assert!(
+        differences.is_empty(),
+        "flattened tree differs from umoci:\n{}",
+        differences.join("\n")
+    );
     // Spot checks, so an empty comparison cannot pass vacuously.
-    assert!(!ours.contains_key("etc/hosts") && !ours.contains_key("opt/old") && !ours.contains_key("bin/ls"));
+    assert!(
+        !ours.contains_key("etc/hosts")
+            && !ours.contains_key("opt/old")
+            && !ours.contains_key("bin/ls")
+    );
     assert_eq!(ours["usr/bin/passwd"].mode, 0o4755);
-    assert_eq!((ours["home/user/new-file"].uid, ours["etc/shadow"].gid), (1000, 42));
+    assert_eq!(
+        (ours["home/user/new-file"].uid, ours["etc/shadow"].gid),
+        (1000, 42)
+    );
     assert_eq!(ours["bin/sh"].hardlink_of.as_deref(), Some("bin/busybox"));
     assert_eq!(ours["dev/null"].kind, "char");
     assert_eq!(ours["etc/xattr-file"].xattrs.len(), 1);
@@ -160,20 +230,49 @@ fn zstd_uncompressed_and_docker_schema2_flatten_identically() {
     }
     let registry = Registry::start();
     let tmp = tempfile::tempdir().unwrap();
-    push_rules(&registry, &tmp.path().join("gz"), [Compression::Gzip; 3], "gz:v1", &[]);
-    push_rules(&registry, &tmp.path().join("zst"), [Compression::Zstd, Compression::None, Compression::Zstd], "zst:v1", &[]);
-    push_rules(&registry, &tmp.path().join("v2s2"), [Compression::Gzip; 3], "docker:v1", &["--format", "v2s2"]);
+    push_rules(
+        &registry,
+        &tmp.path().join("gz"),
+        [Compression::Gzip; 3],
+        "gz:v1",
+        &[],
+    );
+    push_rules(
+        &registry,
+        &tmp.path().join("zst"),
+        [Compression::Zstd, Compression::None, Compression::Zstd],
+        "zst:v1",
+        &[],
+    );
+    push_rules(
+        &registry,
+        &tmp.path().join("v2s2"),
+        [Compression::Gzip; 3],
+        "docker:v1",
+        &["--format", "v2s2"],
+    );
     let banger = Banger::start();
     let mut snaps = Vec::new();
     for (repo, name) in [("gz:v1", "gz"), ("zst:v1", "zst"), ("docker:v1", "docker")] {
         banger.ok(&["image", "pull", &registry.reference(repo), "--name", name]);
-        let rootfs = banger.inspect(name)["rootfs_path"].as_str().unwrap().to_string();
+        let rootfs = banger.inspect(name)["rootfs_path"]
+            .as_str()
+            .unwrap()
+            .to_string();
         let mount = LoopMount::new(std::path::Path::new(&rootfs));
         snaps.push(snapshot(mount.path()));
     }
     assert!(snaps[0].len() > 20);
-    assert!(diff(&snaps[0], &snaps[1]).is_empty(), "zstd: {:?}", diff(&snaps[0], &snaps[1]));
-    assert!(diff(&snaps[0], &snaps[2]).is_empty(), "v2s2: {:?}", diff(&snaps[0], &snaps[2]));
+    assert!(
+        diff(&snaps[0], &snaps[1]).is_empty(),
+        "zstd: {:?}",
+        diff(&snaps[0], &snaps[1])
+    );
+    assert!(
+        diff(&snaps[0], &snaps[2]).is_empty(),
+        "v2s2: {:?}",
+        diff(&snaps[0], &snaps[2])
+    );
 }
 
 #[test]
@@ -181,8 +280,20 @@ fn multi_arch_index_picks_the_host_platform_unless_told() {
     let registry = Registry::start();
     let tmp = tempfile::tempdir().unwrap();
     let mut layout = Layout::new(&tmp.path().join("oci"));
-    let amd = layout.image(&[(Compression::Gzip, layer::tar(&[file("arch", "amd64", 0o644)]))], "amd64");
-    let arm = layout.image(&[(Compression::Gzip, layer::tar(&[file("arch", "arm64", 0o644)]))], "arm64");
+    let amd = layout.image(
+        &[(
+            Compression::Gzip,
+            layer::tar(&[file("arch", "amd64", 0o644)]),
+        )],
+        "amd64",
+    );
+    let arm = layout.image(
+        &[(
+            Compression::Gzip,
+            layer::tar(&[file("arch", "arm64", 0o644)]),
+        )],
+        "arm64",
+    );
     let index = layout.index(&[(arm.clone(), "arm64"), (amd.clone(), "amd64")]);
     layout.tag("multi", &index);
     registry.push(&layout.dir, "multi", "multi:latest", &["--all"]);
@@ -191,13 +302,32 @@ fn multi_arch_index_picks_the_host_platform_unless_told() {
 
     banger.ok(&["image", "pull", &reference]);
     assert_eq!(banger.inspect("multi")["digest"], amd.digest);
-    banger.ok(&["image", "pull", &reference, "--platform", "linux/arm64", "--name", "multi-arm"]);
+    banger.ok(&[
+        "image",
+        "pull",
+        &reference,
+        "--platform",
+        "linux/arm64",
+        "--name",
+        "multi-arm",
+    ]);
     let arm_info = banger.inspect("multi-arm");
     assert_eq!(arm_info["digest"], arm.digest);
     assert_eq!(arm_info["config"]["architecture"], "arm64");
 
-    let err = banger.fails(&["image", "pull", &reference, "--platform", "linux/s390x", "--name", "nope"]);
-    assert!(err.contains("linux/s390x") && err.contains("linux/amd64") && err.contains("--platform"), "{err}");
+    let err = banger.fails(&[
+        "image",
+        "pull",
+        &reference,
+        "--platform",
+        "linux/s390x",
+        "--name",
+        "nope",
+    ]);
+    assert!(
+        err.contains("linux/s390x") && err.contains("linux/amd64") && err.contains("--platform"),
+        "{err}"
+    );
     let err = banger.fails(&["image", "pull", &reference, "--platform", "linux"]);
     assert!(err.contains("os/arch"), "{err}");
 }
@@ -207,7 +337,10 @@ fn remove_inspect_and_name_errors() {
     let registry = Registry::start();
     let tmp = tempfile::tempdir().unwrap();
     let mut layout = Layout::new(&tmp.path().join("oci"));
-    let img = layout.image(&[(Compression::Gzip, layer::tar(&[file("hello", "hi", 0o644)]))], "amd64");
+    let img = layout.image(
+        &[(Compression::Gzip, layer::tar(&[file("hello", "hi", 0o644)]))],
+        "amd64",
+    );
     layout.tag("t", &img);
     registry.push(&layout.dir, "t", "tiny:latest", &[]);
     let banger = Banger::start();
@@ -222,7 +355,13 @@ fn remove_inspect_and_name_errors() {
     let err = banger.fails(&["image", "pull", "not a ref!"]);
     assert!(err.contains("invalid image reference"), "{err}");
     // A taken name with another reference is a conflict that changes nothing.
-    let err = banger.fails(&["image", "pull", &registry.reference("other:latest"), "--name", "tiny"]);
+    let err = banger.fails(&[
+        "image",
+        "pull",
+        &registry.reference("other:latest"),
+        "--name",
+        "tiny",
+    ]);
     assert!(err.contains("taken"), "{err}");
 
     let err = banger.fails(&["image", "rm", "tiny", "ghost"]);
@@ -230,15 +369,25 @@ fn remove_inspect_and_name_errors() {
     assert!(rootfs.is_file(), "a refused rm removes nothing");
     assert_eq!(banger.ok(&["image", "rm", "tiny"]).trim(), "tiny");
     assert!(!rootfs.exists() && !rootfs.parent().unwrap().exists());
-    assert_eq!(banger.ok(&["image", "rm", "-f", "tiny", "ghost"]).trim(), "");
+    assert_eq!(
+        banger.ok(&["image", "rm", "-f", "tiny", "ghost"]).trim(),
+        ""
+    );
     assert!(entries(&banger.path("state/images")).is_empty());
 }
 
 #[test]
 fn unreachable_registry_fails_with_a_clear_error() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let banger = Banger::start();
     let err = banger.fails(&["image", "pull", &format!("127.0.0.1:{port}/nothing:latest")]);
-    assert!(err.contains(&format!("127.0.0.1:{port}")) && err.contains("op-"), "{err}");
+    assert!(
+        err.contains(&format!("127.0.0.1:{port}")) && err.contains("op-"),
+        "{err}"
+    );
     assert!(entries(&banger.path("state/tmp")).is_empty());
 }

@@ -44,8 +44,16 @@ pub fn for_registry(config_file: Option<&Path>, registry: &str) -> RegistryAuth 
         tracing::warn!("ignoring unreadable docker config.json");
         return RegistryAuth::Anonymous;
     };
-    let wanted: &[&str] = if matches!(registry, "docker.io" | "index.docker.io" | "registry-1.docker.io") {
-        &["https://index.docker.io/v1/", "index.docker.io", "docker.io", "registry-1.docker.io"]
+    let wanted: &[&str] = if matches!(
+        registry,
+        "docker.io" | "index.docker.io" | "registry-1.docker.io"
+    ) {
+        &[
+            "https://index.docker.io/v1/",
+            "index.docker.io",
+            "docker.io",
+            "registry-1.docker.io",
+        ]
     } else {
         &[registry]
     };
@@ -54,7 +62,10 @@ pub fn for_registry(config_file: Option<&Path>, registry: &str) -> RegistryAuth 
             .trim_start_matches("https://")
             .trim_start_matches("http://")
             .trim_end_matches('/');
-        if !wanted.iter().any(|w| *w == key || *w == host || host.strip_suffix("/v1") == Some(w)) {
+        if !wanted
+            .iter()
+            .any(|w| *w == key || *w == host || host.strip_suffix("/v1") == Some(w))
+        {
             continue;
         }
         if let Some(token) = &entry.identitytoken {

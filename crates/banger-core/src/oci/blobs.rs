@@ -6,9 +6,9 @@
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -115,7 +115,12 @@ impl BlobWriter {
 
     /// Verifies the content, makes it durable and publishes it in the cache
     /// (best effort: the returned file, rewound, is what the pull uses).
-    pub fn finish(mut self, cache: &BlobCache, want: &str, size: Option<u64>) -> Result<File, String> {
+    pub fn finish(
+        mut self,
+        cache: &BlobCache,
+        want: &str,
+        size: Option<u64>,
+    ) -> Result<File, String> {
         let actual = format!("sha256:{}", hex::encode(self.hasher.clone().finalize()));
         let fail = |why: String| {
             if let Some(path) = &self.named {
@@ -205,7 +210,10 @@ mod tests {
         let err = w.finish(&cache, &other, None).unwrap_err();
         assert!(err.contains("does not match"), "{err}");
         assert!(cache.open(&other).is_none());
-        let names: Vec<_> = fs::read_dir(cache.dir()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(cache.dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 1, "no temporary files left: {names:?}");
     }
 
@@ -223,6 +231,9 @@ mod tests {
         let mut s = String::new();
         f.read_to_string(&mut s).unwrap();
         assert_eq!(s, "data");
-        assert!(cache.open(&want).is_some(), "published into the fresh cache");
+        assert!(
+            cache.open(&want).is_some(),
+            "published into the fresh cache"
+        );
     }
 }

@@ -5,7 +5,11 @@ pub fn validate(digest: &str) -> Result<&str, String> {
     let hex = digest
         .strip_prefix("sha256:")
         .ok_or_else(|| format!("unsupported digest `{digest}` (only sha256 is supported)"))?;
-    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if hex.len() != 64
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return Err(format!("malformed digest `{digest}`"));
     }
     Ok(hex)

@@ -47,17 +47,23 @@ struct Raw {
 #[derive(Debug, PartialEq)]
 pub enum Parsed {
     Index(Vec<Descriptor>),
-    Image { config: Descriptor, layers: Vec<Descriptor> },
+    Image {
+        config: Descriptor,
+        layers: Vec<Descriptor>,
+    },
 }
 
 pub fn parse(bytes: &[u8]) -> Result<Parsed, String> {
-    let raw: Raw = serde_json::from_slice(bytes).map_err(|e| format!("unreadable manifest: {e}"))?;
+    let raw: Raw =
+        serde_json::from_slice(bytes).map_err(|e| format!("unreadable manifest: {e}"))?;
     match (raw.manifests, raw.config, raw.layers) {
         (Some(list), _, _) => Ok(Parsed::Index(list)),
         (None, Some(config), layers) => {
             let layers = layers.unwrap_or_default();
             for layer in &layers {
-                if layer.media_type.contains("nondistributable") || layer.media_type.contains("foreign") {
+                if layer.media_type.contains("nondistributable")
+                    || layer.media_type.contains("foreign")
+                {
                     tracing::debug!(digest = %layer.digest, "non-distributable layer");
                 }
             }
@@ -65,7 +71,9 @@ pub fn parse(bytes: &[u8]) -> Result<Parsed, String> {
         }
         _ => Err(format!(
             "unsupported manifest{}",
-            raw.media_type.map(|m| format!(" type `{m}`")).unwrap_or_default()
+            raw.media_type
+                .map(|m| format!(" type `{m}`"))
+                .unwrap_or_default()
         )),
     }
 }
@@ -142,7 +150,9 @@ mod tests {
         let index = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[
             {"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:a","size":1,"platform":{"os":"linux","architecture":"arm64","variant":"v8"}},
             {"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:b","size":1,"platform":{"os":"linux","architecture":"amd64"}}]}"#;
-        let Parsed::Index(entries) = parse(index).unwrap() else { panic!() };
+        let Parsed::Index(entries) = parse(index).unwrap() else {
+            panic!()
+        };
         let amd = select(&entries, &Platform::parse("linux/amd64").unwrap()).unwrap();
         assert_eq!(amd.digest, "sha256:b");
         let arm = select(&entries, &Platform::parse("linux/arm64").unwrap()).unwrap();
@@ -156,7 +166,9 @@ mod tests {
         let m = br#"{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json",
             "config":{"mediaType":"application/vnd.docker.container.image.v1+json","digest":"sha256:c","size":2},
             "layers":[{"mediaType":"application/vnd.docker.image.rootfs.diff.tar.gzip","digest":"sha256:l","size":3}]}"#;
-        let Parsed::Image { config, layers } = parse(m).unwrap() else { panic!() };
+        let Parsed::Image { config, layers } = parse(m).unwrap() else {
+            panic!()
+        };
         assert_eq!(config.digest, "sha256:c");
         assert_eq!(layers.len(), 1);
         let cfg = parse_config(br#"{"os":"linux","architecture":"amd64","config":{"Env":["A=1"],"Cmd":["sh"],"WorkingDir":"/w","User":"1:2"}}"#).unwrap();

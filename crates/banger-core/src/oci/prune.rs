@@ -64,8 +64,12 @@ pub fn prune(cache_dir: &Path, dry_run: bool) -> io::Result<PruneResult> {
 
 /// Removes aside directories a killed prune left behind.
 pub fn clean_leftovers(cache_dir: &Path) {
-    let Some(parent) = cache_dir.parent() else { return };
-    let Ok(entries) = fs::read_dir(parent) else { return };
+    let Some(parent) = cache_dir.parent() else {
+        return;
+    };
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
     for entry in entries.flatten() {
         if entry.file_name().to_string_lossy().starts_with(".pruning-") {
             let _ = fs::remove_dir_all(entry.path());
@@ -111,7 +115,13 @@ mod tests {
         fill(&cache);
         let r = prune(&cache, true).unwrap();
         assert_eq!((r.bytes_freed, r.blobs_freed, r.dry_run), (1024, 2, true));
-        assert_eq!(tally(&cache).unwrap(), Tally { bytes: 1024, blobs: 2 });
+        assert_eq!(
+            tally(&cache).unwrap(),
+            Tally {
+                bytes: 1024,
+                blobs: 2
+            }
+        );
     }
 
     #[test]

@@ -51,7 +51,10 @@ pub fn is_plain_http(registry: &str, insecure: &[String]) -> bool {
     }
     let host = match registry.strip_prefix('[') {
         Some(rest) => rest.split(']').next().unwrap_or(rest),
-        None => registry.rsplit_once(':').map(|(h, _)| h).unwrap_or(registry),
+        None => registry
+            .rsplit_once(':')
+            .map(|(h, _)| h)
+            .unwrap_or(registry),
     };
     host == "localhost"
         || host
@@ -98,7 +101,9 @@ impl Platform {
                     variant: Some(variant.to_string()),
                 })
             }
-            _ => Err(format!("invalid platform `{text}`: expected os/arch[/variant], e.g. linux/amd64")),
+            _ => Err(format!(
+                "invalid platform `{text}`: expected os/arch[/variant], e.g. linux/amd64"
+            )),
         }
     }
 }
@@ -122,7 +127,10 @@ mod tests {
         let r = parse("alpine").unwrap();
         assert_eq!(r.whole(), "docker.io/library/alpine:latest");
         assert_eq!(default_name(&r), "alpine");
-        assert_eq!(default_name(&parse("ghcr.io/o/tool:1.2").unwrap()), "tool:1.2");
+        assert_eq!(
+            default_name(&parse("ghcr.io/o/tool:1.2").unwrap()),
+            "tool:1.2"
+        );
         let d = format!("quay.io/x/y@sha256:{}", "b".repeat(64));
         assert_eq!(default_name(&parse(&d).unwrap()), "y@bbbbbbbbbbbb");
         assert!(parse("UPPER/Case").is_err());
@@ -148,7 +156,10 @@ mod tests {
 
     #[test]
     fn platforms_parse() {
-        assert_eq!(Platform::parse("linux/arm64/v8").unwrap().to_string(), "linux/arm64/v8");
+        assert_eq!(
+            Platform::parse("linux/arm64/v8").unwrap().to_string(),
+            "linux/arm64/v8"
+        );
         assert!(Platform::parse("linux").is_err());
         assert_eq!(Platform::host().os, "linux");
     }

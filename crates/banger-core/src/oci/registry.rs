@@ -31,10 +31,17 @@ pub struct Resolved {
 }
 
 impl Registry {
-    pub fn new(reference: &Reference, insecure: &[String], docker_config: Option<&Path>) -> Registry {
+    pub fn new(
+        reference: &Reference,
+        insecure: &[String],
+        docker_config: Option<&Path>,
+    ) -> Registry {
         let registry = reference.registry().to_string();
         let protocol = if is_plain_http(&registry, insecure) {
-            ClientProtocol::HttpsExcept(vec![registry.clone(), reference.resolve_registry().to_string()])
+            ClientProtocol::HttpsExcept(vec![
+                registry.clone(),
+                reference.resolve_registry().to_string(),
+            ])
         } else {
             ClientProtocol::Https
         };
@@ -52,7 +59,11 @@ impl Registry {
     }
 
     fn err(&self, what: &str, e: impl std::fmt::Display) -> OpError {
-        OpError::registry(format!("{what} {} from {}: {e}", self.reference.whole(), self.reference.registry()))
+        OpError::registry(format!(
+            "{what} {} from {}: {e}",
+            self.reference.whole(),
+            self.reference.registry()
+        ))
     }
 
     async fn manifest(&self, reference: &Reference) -> Result<(Vec<u8>, String), OpError> {
@@ -93,7 +104,10 @@ impl Registry {
                     entry.digest.clone(),
                 );
                 let (bytes, digest) = self.manifest(&by_digest).await?;
-                (manifest::parse(&bytes).map_err(OpError::bad_content)?, digest)
+                (
+                    manifest::parse(&bytes).map_err(OpError::bad_content)?,
+                    digest,
+                )
             }
         };
         match parsed {
@@ -101,7 +115,11 @@ impl Registry {
                 for d in std::iter::once(&config).chain(&layers) {
                     digest::validate(&d.digest).map_err(OpError::bad_content)?;
                 }
-                Ok(Resolved { digest, config, layers })
+                Ok(Resolved {
+                    digest,
+                    config,
+                    layers,
+                })
             }
             Parsed::Index(_) => Err(OpError::bad_content(format!(
                 "{} is an index of indexes, which banger does not follow",

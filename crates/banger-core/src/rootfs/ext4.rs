@@ -93,12 +93,17 @@ pub fn build(
 ) -> anyhow::Result<Built> {
     let t = tally(staging)?;
     let size = fs_size(&t);
-    let file = fs::OpenOptions::new().write(true).create_new(true).open(out)?;
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(out)?;
     file.set_len(size)?;
     drop(file);
     runner.run(
         &CommandSpec::new("mkfs.ext4")
-            .args(["-q", "-F", "-t", "ext4", "-T", "default", "-b", "4096", "-I", "256", "-m", "0"])
+            .args([
+                "-q", "-F", "-t", "ext4", "-T", "default", "-b", "4096", "-I", "256", "-m", "0",
+            ])
             .arg("-N")
             .arg(inode_count(&t).to_string())
             .args(["-L", "rootfs", "-d"])
@@ -124,7 +129,10 @@ pub fn build(
             .map(str::to_owned)
             .collect();
         if !complaints.is_empty() {
-            anyhow::bail!("setting ownership in the ext4 failed: {}", complaints.join("; "));
+            anyhow::bail!(
+                "setting ownership in the ext4 failed: {}",
+                complaints.join("; ")
+            );
         }
     }
     Ok(Built {
@@ -189,7 +197,11 @@ fn write_device(script: &mut Vec<u8>, rel: &Path, path: &[u8], want: &Meta) -> a
         p
     };
     let name = rel.file_name().map(|n| n.as_bytes()).unwrap_or_default();
-    let kind = if want.file_type() == S_IFCHR { "c" } else { "b" };
+    let kind = if want.file_type() == S_IFCHR {
+        "c"
+    } else {
+        "b"
+    };
     script.extend_from_slice(b"rm ");
     script.extend_from_slice(path);
     script.extend_from_slice(b"\ncd ");

@@ -110,11 +110,18 @@ impl Flattener {
         Ok(self.meta)
     }
 
-    fn apply_entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, rel: PathBuf) -> Result<(), String> {
+    fn apply_entry<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        rel: PathBuf,
+    ) -> Result<(), String> {
         let kind = entry.header().entry_type();
         if matches!(
             kind,
-            EntryType::XGlobalHeader | EntryType::XHeader | EntryType::GNULongName | EntryType::GNULongLink
+            EntryType::XGlobalHeader
+                | EntryType::XHeader
+                | EntryType::GNULongName
+                | EntryType::GNULongLink
         ) {
             return Ok(());
         }
@@ -158,8 +165,11 @@ impl Flattener {
                         fs::create_dir(&dest).map_err(io_reason)?;
                     }
                 }
-                fs::set_permissions(&dest, fs::Permissions::from_mode((meta.mode & 0o777) | 0o700))
-                    .map_err(io_reason)?;
+                fs::set_permissions(
+                    &dest,
+                    fs::Permissions::from_mode((meta.mode & 0o777) | 0o700),
+                )
+                .map_err(io_reason)?;
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
                 meta.mode = S_IFREG | (meta.mode & 0o7777);
@@ -172,8 +182,11 @@ impl Flattener {
                     .open(&dest)
                     .map_err(io_reason)?;
                 io::copy(entry, &mut file).map_err(|e| format!("reading file data: {e}"))?;
-                fs::set_permissions(&dest, fs::Permissions::from_mode((meta.mode & 0o777) | 0o600))
-                    .map_err(io_reason)?;
+                fs::set_permissions(
+                    &dest,
+                    fs::Permissions::from_mode((meta.mode & 0o777) | 0o600),
+                )
+                .map_err(io_reason)?;
             }
             EntryType::Symlink => {
                 meta.mode = S_IFLNK | 0o777;
@@ -192,14 +205,16 @@ impl Flattener {
                     .link_name_bytes()
                     .ok_or("hardlink without a target")?
                     .into_owned();
-                let target_rel = normalize_entry_path(&raw)
-                    .map_err(|why| format!("hardlink target `{}`: {why}", String::from_utf8_lossy(&raw)))?;
+                let target_rel = normalize_entry_path(&raw).map_err(|why| {
+                    format!("hardlink target `{}`: {why}", String::from_utf8_lossy(&raw))
+                })?;
                 let target_name = target_rel
                     .file_name()
                     .ok_or("hardlink to the image root")?
                     .to_os_string();
-                let target_parent = resolve_dir_in_root(&self.root, target_rel.parent().unwrap_or(Path::new("")))
-                    .map_err(|why| format!("hardlink target: {why}"))?;
+                let target_parent =
+                    resolve_dir_in_root(&self.root, target_rel.parent().unwrap_or(Path::new("")))
+                        .map_err(|why| format!("hardlink target: {why}"))?;
                 let target_rel = target_parent.join(target_name);
                 if target_rel == dest_rel {
                     return Ok(());
@@ -221,10 +236,22 @@ impl Flattener {
                 fs::hard_link(&target, &dest).map_err(io_reason)?;
             }
             EntryType::Char | EntryType::Block => {
-                let kind_bits = if kind == EntryType::Char { S_IFCHR } else { S_IFBLK };
+                let kind_bits = if kind == EntryType::Char {
+                    S_IFCHR
+                } else {
+                    S_IFBLK
+                };
                 meta.mode = kind_bits | (meta.mode & 0o7777);
-                let major = entry.header().device_major().map_err(io_reason)?.unwrap_or(0);
-                let minor = entry.header().device_minor().map_err(io_reason)?.unwrap_or(0);
+                let major = entry
+                    .header()
+                    .device_major()
+                    .map_err(io_reason)?
+                    .unwrap_or(0);
+                let minor = entry
+                    .header()
+                    .device_minor()
+                    .map_err(io_reason)?
+                    .unwrap_or(0);
                 meta.rdev = Some((major, minor));
                 // Device nodes need privilege; a placeholder keeps the name and the
                 // ext4 step replaces it with the real node.
@@ -266,7 +293,8 @@ impl Flattener {
                 Ok(_) => return Err(format!("`{}` is not a directory", prefix.display())),
                 Err(_) => {
                     fs::create_dir(&full).map_err(io_reason)?;
-                    fs::set_permissions(&full, fs::Permissions::from_mode(0o755)).map_err(io_reason)?;
+                    fs::set_permissions(&full, fs::Permissions::from_mode(0o755))
+                        .map_err(io_reason)?;
                     self.meta.set(prefix.clone(), Meta::dir_default());
                 }
             }
@@ -298,7 +326,10 @@ impl Flattener {
             let child = dir.join(&name);
             if !self.created_in_layer.contains(&child) {
                 self.remove(&child)?;
-            } else if fs::symlink_metadata(self.root.join(&child)).map(|m| m.is_dir()).unwrap_or(false) {
+            } else if fs::symlink_metadata(self.root.join(&child))
+                .map(|m| m.is_dir())
+                .unwrap_or(false)
+            {
                 self.hide_lower(&child)?;
             }
         }
@@ -320,7 +351,11 @@ fn header_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Meta, String> {
             let ext = ext.map_err(io_reason)?;
             let Ok(key) = ext.key() else { continue };
             let value = ext.value_bytes();
-            let number = || std::str::from_utf8(value).ok().and_then(|v| v.split('.').next()?.parse::<i64>().ok());
+            let number = || {
+                std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|v| v.split('.').next()?.parse::<i64>().ok())
+            };
             match key {
                 "uid" => uid = number().ok_or("bad PAX uid")? as u64,
                 "gid" => gid = number().ok_or("bad PAX gid")? as u64,
@@ -333,7 +368,8 @@ fn header_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Meta, String> {
             }
         }
     }
-    let id = |v: u64, what: &str| u32::try_from(v).map_err(|_| format!("{what} {v} is out of range"));
+    let id =
+        |v: u64, what: &str| u32::try_from(v).map_err(|_| format!("{what} {v} is out of range"));
     Ok(Meta {
         uid: id(uid, "uid")?,
         gid: id(gid, "gid")?,

@@ -15,7 +15,9 @@ pub enum LayerFailure {
     /// An entry was hostile or could not be applied.
     Entry(EntryError),
     /// The blob's content does not hash to its digest.
-    Digest { actual: String },
+    Digest {
+        actual: String,
+    },
     Io(io::Error),
 }
 
@@ -23,7 +25,9 @@ impl std::fmt::Display for LayerFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             LayerFailure::Entry(e) => write!(f, "{e}"),
-            LayerFailure::Digest { actual } => write!(f, "content does not match its digest (got {actual})"),
+            LayerFailure::Digest { actual } => {
+                write!(f, "content does not match its digest (got {actual})")
+            }
             LayerFailure::Io(e) => write!(f, "reading the layer: {e}"),
         }
     }
@@ -48,7 +52,11 @@ const ZSTD_MAGIC: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];
 
 /// Applies the layer in `blob` (positioned at its start) and checks that the
 /// blob hashes to `digest` (`sha256:<hex>`).
-pub fn apply_blob(flattener: &mut Flattener, blob: &File, digest: &str) -> Result<(), LayerFailure> {
+pub fn apply_blob(
+    flattener: &mut Flattener,
+    blob: &File,
+    digest: &str,
+) -> Result<(), LayerFailure> {
     let hasher = Rc::new(RefCell::new(Sha256::new()));
     let mut reader = BufReader::with_capacity(
         256 * 1024,
@@ -80,7 +88,9 @@ pub fn apply_blob(flattener: &mut Flattener, blob: &File, digest: &str) -> Resul
 }
 
 fn apply_stream<R: Read>(flattener: &mut Flattener, mut stream: R) -> Result<(), LayerFailure> {
-    flattener.apply_layer(&mut stream).map_err(LayerFailure::Entry)?;
+    flattener
+        .apply_layer(&mut stream)
+        .map_err(LayerFailure::Entry)?;
     // Tar ends with zero blocks that the archive reader may not consume.
     io::copy(&mut stream, &mut io::sink()).map_err(LayerFailure::Io)?;
     Ok(())

@@ -107,7 +107,10 @@ mod tests {
             t.set(PathBuf::from(p), Meta::dir_default());
         }
         t.remove_tree(Path::new("a"));
-        let left: Vec<_> = t.iter().map(|(p, _)| p.to_string_lossy().into_owned()).collect();
+        let left: Vec<_> = t
+            .iter()
+            .map(|(p, _)| p.to_string_lossy().into_owned())
+            .collect();
         assert_eq!(left, ["", "a-b", "ab"]);
     }
 }

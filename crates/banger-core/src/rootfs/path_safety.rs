@@ -87,12 +87,7 @@ pub fn resolve_dir_in_root(root: &Path, rel: &Path) -> Result<PathBuf, String> {
                 }
             }
             Ok(meta) if meta.is_dir() => {}
-            Ok(_) => {
-                return Err(format!(
-                    "`{}` is not a directory",
-                    resolved.display()
-                ))
-            }
+            Ok(_) => return Err(format!("`{}` is not a directory", resolved.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => missing = true,
             Err(e) => return Err(e.to_string()),
         }
@@ -106,9 +101,18 @@ mod tests {
 
     #[test]
     fn normalizes_harmless_spellings() {
-        assert_eq!(normalize_entry_path(b"./a//b/./c/").unwrap(), PathBuf::from("a/b/c"));
+        assert_eq!(
+            normalize_entry_path(b"./a//b/./c/").unwrap(),
+            PathBuf::from("a/b/c")
+        );
         assert_eq!(normalize_entry_path(b"./").unwrap(), PathBuf::new());
-        assert_eq!(normalize_entry_path(b"a b/\xffname").unwrap().as_os_str().len(), 9);
+        assert_eq!(
+            normalize_entry_path(b"a b/\xffname")
+                .unwrap()
+                .as_os_str()
+                .len(),
+            9
+        );
     }
 
     #[test]
@@ -123,9 +127,13 @@ mod tests {
             assert!(err.contains(why), "{raw:?}: {err}");
         }
         let long_name = vec![b'a'; 256];
-        assert!(normalize_entry_path(&long_name).unwrap_err().contains("255"));
+        assert!(normalize_entry_path(&long_name)
+            .unwrap_err()
+            .contains("255"));
         let long_path = [b"ab/".repeat(1400), b"x".to_vec()].concat();
-        assert!(normalize_entry_path(&long_path).unwrap_err().contains("4095"));
+        assert!(normalize_entry_path(&long_path)
+            .unwrap_err()
+            .contains("4095"));
     }
 
     #[test]

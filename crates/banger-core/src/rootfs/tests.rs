@@ -74,7 +74,12 @@ fn layer(entries: &[E]) -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
-fn flatten(layers: &[Vec<u8>]) -> (tempfile::TempDir, Result<super::meta::MetaTable, super::EntryError>) {
+fn flatten(
+    layers: &[Vec<u8>],
+) -> (
+    tempfile::TempDir,
+    Result<super::meta::MetaTable, super::EntryError>,
+) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
     let mut f = Flattener::new(&root).unwrap();
@@ -118,18 +123,42 @@ fn whiteouts_opaque_dirs_and_replacements() {
     let (dir, meta) = flatten(&[base, top]);
     let meta = meta.unwrap();
     assert!(exists(dir.path(), "etc/passwd"));
-    assert!(!exists(dir.path(), "etc/hosts"), "whiteout removes the lower file");
-    assert!(!exists(dir.path(), "etc/.wh.hosts"), "markers are not materialised");
-    assert!(exists(dir.path(), "opt/new"), "opaque keeps this layer's entries");
+    assert!(
+        !exists(dir.path(), "etc/hosts"),
+        "whiteout removes the lower file"
+    );
+    assert!(
+        !exists(dir.path(), "etc/.wh.hosts"),
+        "markers are not materialised"
+    );
+    assert!(
+        exists(dir.path(), "opt/new"),
+        "opaque keeps this layer's entries"
+    );
     assert!(!exists(dir.path(), "opt/old"), "opaque hides lower entries");
     assert!(exists(dir.path(), "opt/sub/fresh"));
-    assert!(!exists(dir.path(), "opt/sub/deep"), "opaque hides lower entries in re-declared dirs");
+    assert!(
+        !exists(dir.path(), "opt/sub/deep"),
+        "opaque hides lower entries in re-declared dirs"
+    );
     let root = dir.path().join("root");
-    assert_eq!(fs::read_to_string(root.join("was-dir")).unwrap(), "now a file");
+    assert_eq!(
+        fs::read_to_string(root.join("was-dir")).unwrap(),
+        "now a file"
+    );
     assert!(root.join("was-file").is_dir() && root.join("was-file/y").is_file());
-    assert!(meta.get(Path::new("was-dir/x")).is_none(), "metadata of replaced trees is dropped");
-    assert_eq!(meta.get(Path::new("was-file")).unwrap().mode, S_IFDIR | 0o700);
-    assert_eq!(meta.get(Path::new("was-dir")).unwrap().mode, S_IFREG | 0o600);
+    assert!(
+        meta.get(Path::new("was-dir/x")).is_none(),
+        "metadata of replaced trees is dropped"
+    );
+    assert_eq!(
+        meta.get(Path::new("was-file")).unwrap().mode,
+        S_IFDIR | 0o700
+    );
+    assert_eq!(
+        meta.get(Path::new("was-dir")).unwrap().mode,
+        S_IFREG | 0o600
+    );
 }
 
 #[test]
@@ -154,7 +183,10 @@ fn records_owners_special_modes_links_and_devices() {
     assert_eq!(m("tmp").mode, S_IFDIR | 0o1777);
     assert_eq!(m("ro").mode, S_IFDIR | 0o555);
     assert_eq!(m("bin/sh").mode & 0o170000, S_IFLNK);
-    assert_eq!(fs::read_link(root.join("bin/sh")).unwrap(), PathBuf::from("/bin/su"));
+    assert_eq!(
+        fs::read_link(root.join("bin/sh")).unwrap(),
+        PathBuf::from("/bin/su")
+    );
     let a = fs::metadata(root.join("bin/su")).unwrap();
     let b = fs::metadata(root.join("bin/su2")).unwrap();
     assert_eq!(a.ino(), b.ino(), "hardlinks share an inode");
@@ -163,16 +195,30 @@ fn records_owners_special_modes_links_and_devices() {
     // Staging copies never carry setuid bits and stay writable for the daemon.
     assert_eq!(a.mode() & 0o7000, 0);
     assert_eq!(fs::metadata(root.join("ro")).unwrap().mode() & 0o700, 0o700);
-    assert_eq!(fs::metadata(root.join("home/u/file")).unwrap().mtime(), 1_700_000_000);
+    assert_eq!(
+        fs::metadata(root.join("home/u/file")).unwrap().mtime(),
+        1_700_000_000
+    );
 }
 
 #[test]
 fn refuses_hostile_entries_naming_the_path() {
     let cases: Vec<(Vec<u8>, &str, &str)> = vec![
-        (layer(&[E::Raw(b"/etc/evil", tar::EntryType::Regular, b"")]), "/etc/evil", "absolute"),
-        (layer(&[E::Raw(b"../evil", tar::EntryType::Regular, b"")]), "../evil", ".."),
         (
-            layer(&[E::Link("esc", "../../../../tmp"), E::Raw(b"esc/evil", tar::EntryType::Regular, b"")]),
+            layer(&[E::Raw(b"/etc/evil", tar::EntryType::Regular, b"")]),
+            "/etc/evil",
+            "absolute",
+        ),
+        (
+            layer(&[E::Raw(b"../evil", tar::EntryType::Regular, b"")]),
+            "../evil",
+            "..",
+        ),
+        (
+            layer(&[
+                E::Link("esc", "../../../../tmp"),
+                E::Raw(b"esc/evil", tar::EntryType::Regular, b""),
+            ]),
             "esc/evil",
             "outside",
         ),

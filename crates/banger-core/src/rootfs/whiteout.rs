@@ -24,13 +24,13 @@ pub fn classify(name: &OsStr) -> Result<Marker<'_>, String> {
     }
     match bytes.strip_prefix(PREFIX) {
         None => Ok(Marker::None),
-        Some(b"") | Some(b".") | Some(b"..") => {
-            Err(format!("whiteout `{}` names no sibling", name.to_string_lossy()))
-        }
-        Some(rest) if rest.starts_with(b".wh.") => Err(format!(
-            "unsupported whiteout `{}`",
+        Some(b"") | Some(b".") | Some(b"..") => Err(format!(
+            "whiteout `{}` names no sibling",
             name.to_string_lossy()
         )),
+        Some(rest) if rest.starts_with(b".wh.") => {
+            Err(format!("unsupported whiteout `{}`", name.to_string_lossy()))
+        }
         Some(rest) => Ok(Marker::Remove(OsStr::from_bytes(rest))),
     }
 }
@@ -43,7 +43,10 @@ mod tests {
     fn classifies_markers() {
         assert_eq!(classify(OsStr::new("file")).unwrap(), Marker::None);
         assert_eq!(classify(OsStr::new(".whatever")).unwrap(), Marker::None);
-        assert_eq!(classify(OsStr::new(".wh..wh..opq")).unwrap(), Marker::Opaque);
+        assert_eq!(
+            classify(OsStr::new(".wh..wh..opq")).unwrap(),
+            Marker::Opaque
+        );
         assert_eq!(
             classify(OsStr::new(".wh.passwd")).unwrap(),
             Marker::Remove(OsStr::new("passwd"))

@@ -33,7 +33,12 @@ pub struct ImageService {
 }
 
 impl ImageService {
-    pub fn new(paths: Paths, config: Config, store: Arc<Store>, runner: Arc<dyn ProcessRunner>) -> ImageService {
+    pub fn new(
+        paths: Paths,
+        config: Config,
+        store: Arc<Store>,
+        runner: Arc<dyn ProcessRunner>,
+    ) -> ImageService {
         ImageService {
             blobs: Arc::new(BlobCache::new(paths.oci_cache())),
             paths,
@@ -112,7 +117,11 @@ impl ImageService {
     pub fn inspect(&self, names: &[String]) -> OpResult<Vec<ImageInfo>> {
         names
             .iter()
-            .map(|name| self.store.get_image(name)?.ok_or_else(|| self.not_found(name)))
+            .map(|name| {
+                self.store
+                    .get_image(name)?
+                    .ok_or_else(|| self.not_found(name))
+            })
             .collect()
     }
 
@@ -149,7 +158,9 @@ impl ImageService {
 
     /// Deletes an image's directory, only ever inside the images dir.
     pub(super) fn remove_rootfs(&self, rootfs_path: &str) {
-        let Some(dir) = Path::new(rootfs_path).parent() else { return };
+        let Some(dir) = Path::new(rootfs_path).parent() else {
+            return;
+        };
         if dir.parent() == Some(self.paths.images_dir().as_path()) {
             if let Err(e) = std::fs::remove_dir_all(dir) {
                 tracing::warn!(dir = %dir.display(), error = %e, "could not remove image directory");

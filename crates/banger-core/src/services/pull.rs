@@ -100,7 +100,11 @@ pub async fn pull(svc: &ImageService, params: PullParams, events: Events) -> OpR
     });
 
     let config = fetch_config(svc, &registry, &resolved).await?;
-    let scratch = Scratch(svc.paths.tmp_dir().join(format!("pull-{}", ids::random_hex(6))));
+    let scratch = Scratch(
+        svc.paths
+            .tmp_dir()
+            .join(format!("pull-{}", ids::random_hex(6))),
+    );
     std::fs::create_dir_all(&scratch.0)?;
     let built = download_and_build(svc, &registry, &resolved, &scratch.0, &events).await?;
 
@@ -139,9 +143,19 @@ async fn fetch_config(
 ) -> OpResult<banger_proto::image::ImageConfig> {
     let desc = &resolved.config;
     if desc.size as u64 > MAX_CONFIG_BYTES {
-        return Err(OpError::bad_content(format!("image config {} is implausibly large", desc.digest)));
+        return Err(OpError::bad_content(format!(
+            "image config {} is implausibly large",
+            desc.digest
+        )));
     }
-    let mut file = fetch_blob(registry.clone(), svc.blobs.clone(), desc.clone(), Events::none(), None).await?;
+    let mut file = fetch_blob(
+        registry.clone(),
+        svc.blobs.clone(),
+        desc.clone(),
+        Events::none(),
+        None,
+    )
+    .await?;
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes)?;
     if crate::oci::digest::sha256_of(&bytes) != desc.digest {
@@ -163,7 +177,9 @@ async fn download_and_build(
     scratch: &Path,
     events: &Events,
 ) -> OpResult<ext4::Built> {
-    let permits = Arc::new(tokio::sync::Semaphore::new(svc.config.download_concurrency()));
+    let permits = Arc::new(tokio::sync::Semaphore::new(
+        svc.config.download_concurrency(),
+    ));
     let mut downloads = tokio::task::JoinSet::new();
     let mut receivers = Vec::new();
     for layer in &resolved.layers {
@@ -202,19 +218,32 @@ async fn download_and_build(
             apply_blob(&mut flattener, &file, &layer.digest).map_err(|failure| match failure {
                 LayerFailure::Digest { .. } => {
                     blobs.evict(&layer.digest);
-                    OpError::bad_content(format!("layer {}: {failure}; it was dropped from the cache, pull again", layer.digest))
+                    OpError::bad_content(format!(
+                        "layer {}: {failure}; it was dropped from the cache, pull again",
+                        layer.digest
+                    ))
                 }
-                LayerFailure::Entry(e) => OpError::bad_content(format!("layer {}: refusing entry {e}", layer.digest)),
+                LayerFailure::Entry(e) => {
+                    OpError::bad_content(format!("layer {}: refusing entry {e}", layer.digest))
+                }
                 LayerFailure::Io(e) => OpError::internal(format!("layer {}: {e}", layer.digest)),
             })?;
         }
-        events.emit(&PullEvent::Step { step: "flatten".into() });
+        events.emit(&PullEvent::Step {
+            step: "flatten".into(),
+        });
         let meta = flattener
             .finish()
             .map_err(|e| OpError::internal(format!("finishing the tree: {e}")))?;
-        events.emit(&PullEvent::Step { step: "ext4".into() });
+        events.emit(&PullEvent::Step {
+            step: "ext4".into(),
+        });
         let built = ext4::build(runner.as_ref(), &staging, &meta, &out, &scratch)?;
-        tracing::info!(size = built.size_bytes, content = built.content_bytes, "ext4 built");
+        tracing::info!(
+            size = built.size_bytes,
+            content = built.content_bytes,
+            "ext4 built"
+        );
         Ok(built)
     });
     let result = build
@@ -248,7 +277,10 @@ async fn fetch_blob(
         let chunk = chunk.map_err(|e| {
             // oci-client checks the digest as the stream ends.
             if e.to_string().to_lowercase().contains("digest") {
-                OpError::bad_content(format!("blob {}: content does not match its digest ({e})", desc.digest))
+                OpError::bad_content(format!(
+                    "blob {}: content does not match its digest ({e})",
+                    desc.digest
+                ))
             } else {
                 OpError::registry(format!("downloading {}: {e}", desc.digest))
             }

@@ -98,7 +98,12 @@ mod tests {
         store.put_image(&sample("b")).unwrap();
         store.put_image(&sample("a")).unwrap();
         assert_eq!(store.get_image("a").unwrap().unwrap(), sample("a"));
-        let names: Vec<_> = store.list_images().unwrap().into_iter().map(|i| i.name).collect();
+        let names: Vec<_> = store
+            .list_images()
+            .unwrap()
+            .into_iter()
+            .map(|i| i.name)
+            .collect();
         assert_eq!(names, ["a", "b"]);
         assert!(store.delete_image("a").unwrap());
         assert!(!store.delete_image("a").unwrap());

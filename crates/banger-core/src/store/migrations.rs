@@ -51,9 +51,12 @@ mod tests {
         let mut conn = Connection::open_in_memory().unwrap();
         apply(&mut conn).unwrap();
         apply(&mut conn).unwrap();
-        let v: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        let v: u32 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
         assert_eq!(v, latest());
-        conn.pragma_update(None, "user_version", latest() + 1).unwrap();
+        conn.pragma_update(None, "user_version", latest() + 1)
+            .unwrap();
         let err = apply(&mut conn).unwrap_err().to_string();
         assert!(err.contains("upgrade banger"), "{err}");
     }

@@ -41,6 +41,8 @@ impl Store {
     }
 
     pub fn schema_version(&self) -> anyhow::Result<u32> {
-        Ok(self.conn().pragma_query_value(None, "user_version", |r| r.get(0))?)
+        Ok(self
+            .conn()
+            .pragma_query_value(None, "user_version", |r| r.get(0))?)
     }
 }

@@ -28,7 +28,12 @@ pub struct Check {
     pub hint: Option<String>,
 }
 
-fn check(name: &'static str, status: Status, message: impl Into<String>, hint: Option<&str>) -> Check {
+fn check(
+    name: &'static str,
+    status: Status,
+    message: impl Into<String>,
+    hint: Option<&str>,
+) -> Check {
     Check {
         name,
         status,
@@ -56,11 +61,19 @@ pub fn run(paths: &Paths, json: bool) -> anyhow::Result<i32> {
                 Status::Warn => "warn",
                 Status::Fail => "FAIL",
             };
-            let hint = c.hint.as_deref().map(|h| format!(" — {h}")).unwrap_or_default();
+            let hint = c
+                .hint
+                .as_deref()
+                .map(|h| format!(" — {h}"))
+                .unwrap_or_default();
             println!("{tag}  {:<10} {}{hint}", c.name, c.message);
         }
     }
-    Ok(if checks.iter().any(|c| c.status == Status::Fail) { 1 } else { 0 })
+    Ok(if checks.iter().any(|c| c.status == Status::Fail) {
+        1
+    } else {
+        0
+    })
 }
 
 fn daemon(paths: &Paths) -> Check {
@@ -73,7 +86,12 @@ fn daemon(paths: &Paths) -> Check {
             Some("it starts on demand with any banger command, or run `banger daemon`"),
         );
     };
-    match call_on(stream, methods::DAEMON_STATUS, serde_json::json!({}), |_| {}) {
+    match call_on(
+        stream,
+        methods::DAEMON_STATUS,
+        serde_json::json!({}),
+        |_| {},
+    ) {
         Ok(value) => match serde_json::from_value::<DaemonStatus>(value) {
             Ok(s) if s.version == env!("CARGO_PKG_VERSION") => check(
                 "daemon",
@@ -84,20 +102,44 @@ fn daemon(paths: &Paths) -> Check {
             Ok(s) => check(
                 "daemon",
                 Status::Fail,
-                format!("daemon is version {}, this CLI is {}", s.version, env!("CARGO_PKG_VERSION")),
-                Some(&format!("restart it: `kill {}`; the next banger command starts the new one", s.pid)),
+                format!(
+                    "daemon is version {}, this CLI is {}",
+                    s.version,
+                    env!("CARGO_PKG_VERSION")
+                ),
+                Some(&format!(
+                    "restart it: `kill {}`; the next banger command starts the new one",
+                    s.pid
+                )),
             ),
-            Err(e) => check("daemon", Status::Fail, format!("unreadable status: {e}"), None),
+            Err(e) => check(
+                "daemon",
+                Status::Fail,
+                format!("unreadable status: {e}"),
+                None,
+            ),
         },
-        Err(e) => check("daemon", Status::Fail, format!("not answering: {e}"), Some("restart it with `banger daemon`")),
+        Err(e) => check(
+            "daemon",
+            Status::Fail,
+            format!("not answering: {e}"),
+            Some("restart it with `banger daemon`"),
+        ),
     }
 }
 
 fn writable(name: &'static str, dir: &Path) -> Check {
     let probe = dir.join(format!(".doctor-{}", std::process::id()));
-    let result = std::fs::create_dir_all(dir).and_then(|_| std::fs::write(&probe, b"")).and_then(|_| std::fs::remove_file(&probe));
+    let result = std::fs::create_dir_all(dir)
+        .and_then(|_| std::fs::write(&probe, b""))
+        .and_then(|_| std::fs::remove_file(&probe));
     match result {
-        Ok(()) => check(name, Status::Ok, format!("{} is writable", dir.display()), None),
+        Ok(()) => check(
+            name,
+            Status::Ok,
+            format!("{} is writable", dir.display()),
+            None,
+        ),
         Err(e) => check(
             name,
             Status::Fail,
@@ -110,7 +152,12 @@ fn writable(name: &'static str, dir: &Path) -> Check {
 fn socket(paths: &Paths) -> Check {
     let path = paths.socket();
     let Ok(meta) = std::fs::symlink_metadata(&path) else {
-        return check("socket", Status::Ok, format!("{} not present (no daemon yet)", path.display()), None);
+        return check(
+            "socket",
+            Status::Ok,
+            format!("{} not present (no daemon yet)", path.display()),
+            None,
+        );
     };
     let mode = meta.permissions().mode() & 0o777;
     let me = nix::unistd::geteuid().as_raw();
@@ -118,11 +165,20 @@ fn socket(paths: &Paths) -> Check {
         return check(
             "socket",
             Status::Fail,
-            format!("{} has mode {mode:o} and owner uid {}", path.display(), meta.uid()),
+            format!(
+                "{} has mode {mode:o} and owner uid {}",
+                path.display(),
+                meta.uid()
+            ),
             Some("stop the daemon and remove the socket; banger recreates it with mode 600"),
         );
     }
-    check("socket", Status::Ok, format!("{} mode {mode:o}, owned by you", path.display()), None)
+    check(
+        "socket",
+        Status::Ok,
+        format!("{} mode {mode:o}, owned by you", path.display()),
+        None,
+    )
 }
 
 /// `mkfs.ext4 -d` (populate from a directory) appeared in e2fsprogs 1.43.
@@ -132,27 +188,47 @@ fn mkfs() -> Check {
         Ok(o) => o,
         Err(_) => return check("mkfs.ext4", Status::Fail, "not found", hint),
     };
-    let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     let version = text.split_whitespace().nth(1).unwrap_or("").to_string();
     let parts: Vec<u32> = version.split('.').filter_map(|p| p.parse().ok()).collect();
     if parts.len() >= 2 && (parts[0], parts[1]) >= (1, 43) {
-        check("mkfs.ext4", Status::Ok, format!("e2fsprogs {version}"), None)
+        check(
+            "mkfs.ext4",
+            Status::Ok,
+            format!("e2fsprogs {version}"),
+            None,
+        )
     } else {
-        check("mkfs.ext4", Status::Fail, format!("unusable version `{version}`"), hint)
+        check(
+            "mkfs.ext4",
+            Status::Fail,
+            format!("unusable version `{version}`"),
+            hint,
+        )
     }
 }
 
 fn debugfs() -> Check {
     match std::process::Command::new("debugfs").arg("-V").output() {
         Ok(_) => check("debugfs", Status::Ok, "found", None),
-        Err(_) => check("debugfs", Status::Fail, "not found", Some("`sudo apt-get install e2fsprogs`")),
+        Err(_) => check(
+            "debugfs",
+            Status::Fail,
+            "not found",
+            Some("`sudo apt-get install e2fsprogs`"),
+        ),
     }
 }
 
 fn disk_space(paths: &Paths) -> Check {
     let mut worst: Option<(u64, String)> = None;
     for dir in [&paths.state_dir, &paths.cache_dir] {
-        let probe = if dir.exists() { dir.as_path() } else { dir.parent().unwrap_or(Path::new("/")) };
+        let probe = if dir.exists() {
+            dir.as_path()
+        } else {
+            dir.parent().unwrap_or(Path::new("/"))
+        };
         if let Ok(s) = nix::sys::statvfs::statvfs(probe) {
             let free = s.blocks_available() * s.fragment_size();
             if worst.as_ref().is_none_or(|(f, _)| free < *f) {

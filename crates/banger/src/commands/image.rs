@@ -64,7 +64,10 @@ pub fn run(client: &Client, cmd: ImageCommand) -> anyhow::Result<i32> {
                     ]
                 })
                 .collect();
-            print!("{}", table(&["NAME", "REF", "DIGEST", "SIZE", "CREATED"], &rows));
+            print!(
+                "{}",
+                table(&["NAME", "REF", "DIGEST", "SIZE", "CREATED"], &rows)
+            );
             Ok(0)
         }
         ImageCommand::Inspect { names, .. } => {
@@ -77,7 +80,11 @@ pub fn run(client: &Client, cmd: ImageCommand) -> anyhow::Result<i32> {
             }
         }
         ImageCommand::Rm { names, force } => {
-            match client.call(methods::IMAGE_REMOVE, json!({ "names": names, "force": force }), |_| {}) {
+            match client.call(
+                methods::IMAGE_REMOVE,
+                json!({ "names": names, "force": force }),
+                |_| {},
+            ) {
                 Ok(v) => {
                     let r: RemoveResult = serde_json::from_value(v)?;
                     for name in r.removed {
@@ -89,7 +96,11 @@ pub fn run(client: &Client, cmd: ImageCommand) -> anyhow::Result<i32> {
             }
         }
         ImageCommand::Cache(CacheCommand::Prune { dry_run, json }) => {
-            match client.call(methods::IMAGE_CACHE_PRUNE, json!({ "dry_run": dry_run }), |_| {}) {
+            match client.call(
+                methods::IMAGE_CACHE_PRUNE,
+                json!({ "dry_run": dry_run }),
+                |_| {},
+            ) {
                 Ok(v) => {
                     if json {
                         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -127,8 +138,14 @@ mod tests {
             dry_run: false,
             cache_dir: "/var/cache/banger/oci".into(),
         };
-        assert_eq!(prune_line(&r), "freed 1.2 GiB across 47 blob(s) in /var/cache/banger/oci");
+        assert_eq!(
+            prune_line(&r),
+            "freed 1.2 GiB across 47 blob(s) in /var/cache/banger/oci"
+        );
         r.dry_run = true;
-        assert_eq!(prune_line(&r), "would free 1.2 GiB across 47 blob(s) in /var/cache/banger/oci");
+        assert_eq!(
+            prune_line(&r),
+            "would free 1.2 GiB across 47 blob(s) in /var/cache/banger/oci"
+        );
     }
 }

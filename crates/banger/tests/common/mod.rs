@@ -47,7 +47,11 @@ impl Banger {
         self.daemon = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::os::unix::net::UnixStream::connect(self.socket()).is_err() {
-            assert!(Instant::now() < deadline, "daemon did not start: {}", self.daemon_log());
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not start: {}",
+                self.daemon_log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -73,7 +77,9 @@ impl Banger {
 
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(exe());
-        c.args(args).env("BANGER_HOME", self.home.path()).stdin(Stdio::null());
+        c.args(args)
+            .env("BANGER_HOME", self.home.path())
+            .stdin(Stdio::null());
         c
     }
 
@@ -142,7 +148,10 @@ impl Drop for Banger {
 /// Entries of a directory (empty when it does not exist).
 pub fn entries(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|rd| rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+        .map(|rd| {
+            rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
