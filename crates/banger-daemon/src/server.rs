@@ -50,6 +50,15 @@ async fn handle(core: Arc<Core>, stream: UnixStream) {
                 ErrorCode::PermissionDenied,
                 "this banger daemon belongs to another user".into(),
             );
+            // Take the request off the wire first (briefly, bounded), so closing
+            // does not reset the connection before the caller reads the refusal.
+            let mut discard = String::new();
+            let mut reader = BufReader::new(read).take(MAX_REQUEST_BYTES);
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                reader.read_line(&mut discard),
+            )
+            .await;
             let _ = write.write_all(&frame.to_line()).await;
             return;
         }

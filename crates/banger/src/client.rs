@@ -120,15 +120,20 @@ pub fn call_on(
     };
     let mut line = serde_json::to_vec(&request).expect("requests serialise");
     line.push(b'\n');
-    stream
-        .write_all(&line)
-        .context("sending the request to the daemon")
-        .map_err(CallError::Transport)?;
+    // A daemon that refuses the caller answers before reading the request, so a
+    // failed write may still be followed by a readable answer.
+    let sent = stream.write_all(&line);
     let reader = BufReader::new(stream);
     for line in reader.lines() {
-        let line = line
-            .context("reading from the daemon")
-            .map_err(CallError::Transport)?;
+        let line = match line {
+            Ok(line) => line,
+            Err(_) if sent.is_err() => break,
+            Err(e) => {
+                return Err(CallError::Transport(
+                    anyhow::Error::new(e).context("reading from the daemon"),
+                ))
+            }
+        };
         let frame: Frame = serde_json::from_str(&line)
             .with_context(|| format!("unreadable reply from the daemon: {line}"))
             .map_err(CallError::Transport)?;
@@ -137,6 +142,11 @@ pub fn call_on(
             Frame::Result(value) => return Ok(value),
             Frame::Error(body) => return Err(CallError::Daemon(body)),
         }
+    }
+    if let Err(e) = sent {
+        return Err(CallError::Transport(
+            anyhow::Error::new(e).context("sending the request to the daemon"),
+        ));
     }
     Err(CallError::Transport(anyhow::anyhow!(
         "the daemon closed the connection without answering (did it crash? see its log)"
