@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 pub struct Registry {
     child: Child,
+    /// `user:password` when the registry requires a login.
+    creds: Option<String>,
     pub addr: String,
     pub storage: PathBuf,
     log: PathBuf,
@@ -17,6 +19,15 @@ pub struct Registry {
 
 impl Registry {
     pub fn start() -> Registry {
+        Self::start_inner(None)
+    }
+
+    /// A registry that answers only to `user` with `password` (HTTP basic).
+    pub fn start_with_login(user: &str, password: &str) -> Registry {
+        Self::start_inner(Some((user, password)))
+    }
+
+    fn start_inner(login: Option<(&str, &str)>) -> Registry {
         crate::require_tool("docker-registry");
         crate::require_tool("skopeo");
         let dir = tempfile::tempdir().unwrap();
@@ -28,14 +39,25 @@ impl Registry {
             .port();
         let addr = format!("127.0.0.1:{port}");
         let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
-                storage.display()
-            ),
-        )
-        .unwrap();
+        let mut yaml = format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+            storage.display()
+        );
+        if let Some((user, password)) = login {
+            crate::require_tool("htpasswd");
+            let out = Command::new("htpasswd")
+                .args(["-Bbn", user, password])
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            let htpasswd = dir.path().join("htpasswd");
+            std::fs::write(&htpasswd, out.stdout).unwrap();
+            yaml.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: banger-test\n    path: {}\n",
+                htpasswd.display()
+            ));
+        }
+        std::fs::write(&config, yaml).unwrap();
         let log = dir.path().join("registry.log");
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new("docker-registry")
@@ -46,8 +68,10 @@ impl Registry {
             .stderr(out)
             .spawn()
             .expect("starting docker-registry");
+        let creds = login.map(|(u, p)| format!("{u}:{p}"));
         let registry = Registry {
             child,
+            creds,
             addr,
             storage,
             log,
@@ -76,7 +100,8 @@ impl Registry {
             return false;
         }
         let mut buf = [0u8; 32];
-        matches!(s.read(&mut buf), Ok(n) if n > 12 && buf[..n].windows(3).any(|w| w == b"200"))
+        // 401 is an answer too, from a registry that wants a login.
+        matches!(s.read(&mut buf), Ok(n) if n > 12 && buf[..n].windows(3).any(|w| w == b"200" || w == b"401"))
     }
 
     /// Pushes `tag` of the OCI layout at `layout` to `repo_tag` (`repo:tag`).
@@ -84,6 +109,11 @@ impl Registry {
         let out = Command::new("skopeo")
             .args(["copy", "--quiet", "--dest-tls-verify=false"])
             .args(opts)
+            .args(
+                self.creds
+                    .iter()
+                    .flat_map(|c| ["--dest-creds".to_string(), c.clone()]),
+            )
             .arg(format!("oci:{}:{tag}", layout.display()))
             .arg(format!("docker://{}/{repo_tag}", self.addr))
             .output()

@@ -391,3 +391,39 @@ fn unreachable_registry_fails_with_a_clear_error() {
     );
     assert!(entries(&banger.path("state/tmp")).is_empty());
 }
+
+#[test]
+fn registries_that_require_a_login_use_docker_config_credentials() {
+    use base64::Engine;
+    let registry = Registry::start_with_login("ci", "s3cret");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut layout = Layout::new(&tmp.path().join("oci"));
+    let img = layout.image(
+        &[(Compression::Gzip, layer::tar(&[file("secret", "s", 0o644)]))],
+        "amd64",
+    );
+    layout.tag("t", &img);
+    registry.push(&layout.dir, "t", "private:latest", &[]);
+    let reference = registry.reference("private:latest");
+
+    let no_creds = tmp.path().join("empty");
+    std::fs::create_dir_all(&no_creds).unwrap();
+    let anonymous = Banger::start_with_env(&[("DOCKER_CONFIG", &no_creds)]);
+    let err = anonymous.fails(&["image", "pull", &reference]);
+    assert!(
+        err.contains(&registry.addr) && err.contains("docker login"),
+        "{err}"
+    );
+
+    let with_creds = tmp.path().join("docker");
+    std::fs::create_dir_all(&with_creds).unwrap();
+    let auth = base64::engine::general_purpose::STANDARD.encode("ci:s3cret");
+    std::fs::write(
+        with_creds.join("config.json"),
+        format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, registry.addr),
+    )
+    .unwrap();
+    let banger = Banger::start_with_env(&[("DOCKER_CONFIG", &with_creds)]);
+    banger.ok(&["image", "pull", &reference]);
+    assert_eq!(banger.inspect("private")["digest"], img.digest);
+}

@@ -59,10 +59,20 @@ impl Registry {
     }
 
     fn err(&self, what: &str, e: impl std::fmt::Display) -> OpError {
+        let registry = self.reference.registry();
+        let text = e.to_string();
+        let lower = text.to_lowercase();
+        let hint = if lower.contains("not authorized")
+            || lower.contains("authentication")
+            || lower.contains("unauthorized")
+        {
+            format!("; log in with `docker login {registry}` (banger reads docker's config.json)")
+        } else {
+            String::new()
+        };
         OpError::registry(format!(
-            "{what} {} from {}: {e}",
-            self.reference.whole(),
-            self.reference.registry()
+            "{what} {} from {registry}: {text}{hint}",
+            self.reference.whole()
         ))
     }
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 pub struct Banger {
     pub home: tempfile::TempDir,
     daemon: Option<Child>,
+    daemon_env: Vec<(String, PathBuf)>,
 }
 
 pub fn exe() -> &'static str {
@@ -27,7 +28,19 @@ impl Banger {
         Banger {
             home: tempfile::tempdir().unwrap(),
             daemon: None,
+            daemon_env: Vec::new(),
         }
+    }
+
+    /// Like [`Banger::start`], with extra environment for the daemon.
+    pub fn start_with_env(env: &[(&str, &Path)]) -> Banger {
+        let mut b = Banger::without_daemon();
+        b.daemon_env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_path_buf()))
+            .collect();
+        b.start_daemon();
+        b
     }
 
     pub fn start_daemon(&mut self) {
@@ -39,6 +52,7 @@ impl Banger {
         let child = Command::new(exe())
             .arg("daemon")
             .env("BANGER_HOME", self.home.path())
+            .envs(self.daemon_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
