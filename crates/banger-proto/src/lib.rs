@@ -5,6 +5,7 @@
 //! of long work) and ends with exactly one [`Frame::Result`] or [`Frame::Error`].
 //! `docs/rpc.md` documents every method listed in [`methods::ALL`].
 
+pub mod agent;
 pub mod image;
 pub mod status;
 

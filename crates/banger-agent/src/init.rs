@@ -1,0 +1,387 @@
+//! Boot: early mounts, modules, the root switch, then the services.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use banger_proto::agent::{
+    AgentReport, BootConfig, Transport, AGENT_PROTOCOL, BOOT_CONFIG_PATH, CTL_PORT_NAME,
+    MODULES_ORDER_PATH, SSH_PORT_NAME, VSOCK_CTL_PORT, VSOCK_SSH_PORT,
+};
+use nix::mount::{mount, MsFlags};
+
+use crate::console::log;
+use crate::power;
+
+pub fn main() {
+    if let Err(e) = early_mounts() {
+        power::fail("mounts", &e);
+    }
+    let config = match read_config() {
+        Ok(c) => c,
+        Err(e) => power::fail("config", &e),
+    };
+    if let Err(e) = load_modules() {
+        power::fail("modules", &e);
+    }
+    let control = Control::start(&config.transport);
+    control.report("modules", None);
+    if let Err(e) = switch_root(&config) {
+        control.report("failed", Some(format!("root: {e}")));
+        power::fail("root", &e);
+    }
+    control.report("root", None);
+    if let Err(e) = nix::unistd::sethostname(&config.hostname) {
+        log(&format!("cannot set hostname: {e}"));
+    }
+    if let Err(e) = mount_work(&config) {
+        control.report("failed", Some(format!("work disk: {e}")));
+        power::fail("work", &e);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => power::fail("runtime", &e.to_string()),
+    };
+    runtime.block_on(async move {
+        tokio::spawn(crate::reaper::run());
+        if let Err(e) = serve(config, control).await {
+            power::fail("ssh", &e);
+        }
+    });
+}
+
+fn mount_fs(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), String> {
+    std::fs::create_dir_all(target).map_err(|e| format!("mkdir {target}: {e}"))?;
+    match mount(Some(source), target, Some(fstype), flags, data) {
+        Ok(()) | Err(nix::errno::Errno::EBUSY) => Ok(()),
+        Err(e) => Err(format!("mounting {fstype} on {target}: {e}")),
+    }
+}
+
+fn early_mounts() -> Result<(), String> {
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
+    mount_fs("proc", "/proc", "proc", nosuid, None)?;
+    mount_fs("sysfs", "/sys", "sysfs", nosuid, None)?;
+    mount_fs(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )?;
+    Ok(())
+}
+
+fn read_config() -> Result<BootConfig, String> {
+    let text = std::fs::read_to_string(BOOT_CONFIG_PATH)
+        .map_err(|e| format!("{BOOT_CONFIG_PATH}: {e}"))?;
+    let config: BootConfig =
+        serde_json::from_str(&text).map_err(|e| format!("{BOOT_CONFIG_PATH}: {e}"))?;
+    if config.protocol != AGENT_PROTOCOL {
+        return Err(format!(
+            "boot config protocol {} but this agent speaks {AGENT_PROTOCOL}",
+            config.protocol
+        ));
+    }
+    Ok(config)
+}
+
+fn load_modules() -> Result<(), String> {
+    let Ok(order) = std::fs::read_to_string(MODULES_ORDER_PATH) else {
+        return Ok(()); // Drivers built into the kernel.
+    };
+    for path in order.lines().filter(|l| !l.trim().is_empty()) {
+        let file = std::fs::File::open(path).map_err(|e| format!("{path}: {e}"))?;
+        let params = CString::default();
+        match nix::kmod::finit_module(&file, &params, nix::kmod::ModuleInitFlags::empty()) {
+            Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+            Err(e) => return Err(format!("loading {path}: {e}")),
+        }
+    }
+    Ok(())
+}
+
+fn wait_for(path: &str, timeout: Duration) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + timeout;
+    while !Path::new(path).exists() {
+        if std::time::Instant::now() > deadline {
+            return Err(format!("{path} did not appear"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// Mounts the root disk and makes it `/`, keeping /proc, /sys and /dev.
+fn switch_root(config: &BootConfig) -> Result<(), String> {
+    wait_for(&config.root_device, Duration::from_secs(10))?;
+    mount_fs(
+        &config.root_device,
+        "/newroot",
+        "ext4",
+        MsFlags::empty(),
+        None,
+    )?;
+    for dir in ["/proc", "/sys", "/dev"] {
+        let target = format!("/newroot{dir}");
+        std::fs::create_dir_all(&target).map_err(|e| format!("mkdir {target}: {e}"))?;
+        mount(
+            Some(dir),
+            target.as_str(),
+            None::<&str>,
+            MsFlags::MS_MOVE,
+            None::<&str>,
+        )
+        .map_err(|e| format!("moving {dir}: {e}"))?;
+    }
+    std::env::set_current_dir("/newroot").map_err(|e| e.to_string())?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(|e| format!("moving root: {e}"))?;
+    nix::unistd::chroot(".").map_err(|e| format!("chroot: {e}"))?;
+    std::env::set_current_dir("/").map_err(|e| e.to_string())?;
+    let _ = mount_fs(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=0620,ptmxmode=0666"),
+    );
+    let _ = mount_fs(
+        "tmpfs",
+        "/dev/shm",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    );
+    let _ = mount_fs(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    );
+    Ok(())
+}
+
+fn mount_work(config: &BootConfig) -> Result<(), String> {
+    let (Some(device), Some(target)) = (&config.work_device, &config.work_mount) else {
+        return Ok(());
+    };
+    wait_for(device, Duration::from_secs(10))?;
+    mount_fs(device, target, "ext4", MsFlags::empty(), None)
+}
+
+/// Reports boot stages to the host. The latest report is (re)sent whenever
+/// the host (re)connects, so a restarted daemon learns the state at once.
+#[derive(Clone)]
+pub struct Control {
+    latest: Arc<Mutex<Option<String>>>,
+    changed: Arc<std::sync::Condvar>,
+}
+
+impl Control {
+    fn start(transport: &Transport) -> Control {
+        let control = Control {
+            latest: Arc::default(),
+            changed: Arc::default(),
+        };
+        let worker = control.clone();
+        let transport = transport.clone();
+        std::thread::spawn(move || worker.run(transport));
+        control
+    }
+
+    pub fn report(&self, stage: &str, error: Option<String>) {
+        let report = AgentReport {
+            protocol: AGENT_PROTOCOL,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            stage: stage.to_string(),
+            error,
+        };
+        let mut line = serde_json::to_string(&report).expect("reports serialise");
+        line.push('\n');
+        *self.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(line);
+        self.changed.notify_all();
+    }
+
+    fn run(&self, transport: Transport) {
+        loop {
+            let fd = match &transport {
+                Transport::VirtioSerial => crate::transport::open_port(CTL_PORT_NAME),
+                Transport::Vsock => crate::transport::vsock_connect_host(VSOCK_CTL_PORT),
+            };
+            match fd {
+                Ok(fd) => self.serve(&transport, fd),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    fn serve(&self, transport: &Transport, fd: OwnedFd) {
+        let raw = fd.as_raw_fd();
+        let mut sent: Option<String> = None;
+        loop {
+            let connected = match transport {
+                Transport::VirtioSerial => crate::transport::host_connected(raw),
+                Transport::Vsock => true,
+            };
+            if !connected {
+                sent = None;
+            }
+            let latest = self
+                .latest
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            if connected && latest.is_some() && latest != sent {
+                let line = latest.clone().unwrap_or_default();
+                // SAFETY: writing a buffer we own to our descriptor.
+                let n = unsafe { libc::write(raw, line.as_ptr().cast(), line.len()) };
+                if n < 0 && matches!(transport, Transport::Vsock) {
+                    return; // Reconnect.
+                }
+                sent = latest;
+            }
+            let guard = self.latest.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = self.changed.wait_timeout(guard, Duration::from_millis(50));
+        }
+    }
+}
+
+async fn serve(config: BootConfig, control: Control) -> Result<(), String> {
+    let host_key = russh::keys::PrivateKey::from_openssh(config.host_key.as_bytes())
+        .map_err(|e| format!("host key: {e}"))?;
+    let authorized = config
+        .authorized_keys
+        .iter()
+        .filter_map(|k| russh::keys::PublicKey::from_openssh(k).ok())
+        .collect();
+    let image_env = config
+        .env
+        .iter()
+        .filter_map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect();
+    let shared = Arc::new(crate::ssh::Shared {
+        authorized,
+        image_env,
+    });
+    let ssh_config = Arc::new(russh::server::Config {
+        keys: vec![host_key],
+        auth_rejection_time: Duration::from_millis(200),
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        inactivity_timeout: None,
+        keepalive_interval: None,
+        nodelay: true,
+        ..Default::default()
+    });
+    match config.transport {
+        Transport::VirtioSerial => {
+            let fd = crate::transport::open_port(SSH_PORT_NAME).map_err(|e| e.to_string())?;
+            let raw = fd.as_raw_fd();
+            control.report("ready", None);
+            log("ready");
+            let stream = crate::transport::FdStream::new(fd).map_err(|e| e.to_string())?;
+            let stream = Arc::new(tokio::sync::Mutex::new(stream));
+            loop {
+                // One SSH connection at a time: the host's. A new one starts
+                // whenever the host reconnects (a restarted daemon).
+                crate::transport::wait_for_host(raw).await;
+                let session = SharedStream(stream.clone());
+                let handler = crate::ssh::Handler::new(shared.clone());
+                match russh::server::run_stream(ssh_config.clone(), session, handler).await {
+                    Ok(running) => {
+                        let _ = running.await;
+                    }
+                    Err(e) => log(&format!("ssh session failed to start: {e}")),
+                }
+                // Let a disconnect settle before waiting for the next host.
+                while crate::transport::host_connected(raw) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        Transport::Vsock => {
+            let listener = crate::transport::vsock_listen(VSOCK_SSH_PORT)
+                .map_err(|e| format!("vsock listen: {e}"))?;
+            let listener = crate::transport::register(listener).map_err(|e| e.to_string())?;
+            control.report("ready", None);
+            log("ready");
+            loop {
+                let conn = crate::transport::accept(&listener)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let Ok(stream) = crate::transport::FdStream::new(conn) else {
+                    continue;
+                };
+                let handler = crate::ssh::Handler::new(shared.clone());
+                let config = ssh_config.clone();
+                tokio::spawn(async move {
+                    if let Ok(running) = russh::server::run_stream(config, stream, handler).await {
+                        let _ = running.await;
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// The port stream outlives each SSH session, which needs ownership of one.
+struct SharedStream(Arc<tokio::sync::Mutex<crate::transport::FdStream>>);
+
+impl tokio::io::AsyncRead for SharedStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.0.try_lock() {
+            Ok(mut s) => std::pin::Pin::new(&mut *s).poll_read(cx, buf),
+            Err(_) => {
+                cx.waker().wake_by_ref();
+                std::task::Poll::Pending
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for SharedStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.0.try_lock() {
+            Ok(mut s) => std::pin::Pin::new(&mut *s).poll_write(cx, data),
+            Err(_) => {
+                cx.waker().wake_by_ref();
+                std::task::Poll::Pending
+            }
+        }
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}

@@ -1,0 +1,24 @@
+//! banger-agent: PID 1 of every banger VM.
+//!
+//! Run by the kernel from banger's initramfs, it loads the virtio modules,
+//! mounts the VM's root disk and switches into it, then serves SSH to the host
+//! over the transport the VMM offers and reports readiness on a control
+//! channel. It reaps orphans like any init and powers the VM off on request.
+
+mod console;
+mod exec;
+mod init;
+mod power;
+mod reaper;
+mod ssh;
+mod transport;
+
+fn main() {
+    if std::process::id() != 1 {
+        eprintln!(
+            "banger-agent runs as PID 1 inside a banger VM; it is not meant to be started by hand"
+        );
+        std::process::exit(2);
+    }
+    init::main();
+}

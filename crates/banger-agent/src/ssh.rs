@@ -1,0 +1,451 @@
+//! The SSH server: public-key auth against the keys the host handed over,
+//! session channels running commands (argv, env, cwd, user, stdin, PTY,
+//! signals, exit status), and a `poweroff` request from the host.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use banger_proto::agent::{ExecRequest, EXEC_PREFIX};
+use russh::keys::PublicKey;
+use russh::server::{
+    Auth, ChannelOpenHandle, Handle, Msg, PublicKeyOffer, Session, VerifiedPublicKey,
+};
+use russh::{Channel, ChannelId, Pty, Sig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::exec::{self, Io, Spec};
+use crate::reaper::Exit;
+use crate::transport::FdStream;
+
+/// The request banger's host sends to power the VM off cleanly.
+pub const POWEROFF: &str = "banger-poweroff";
+
+pub struct Shared {
+    pub authorized: Vec<PublicKey>,
+    pub image_env: Vec<(String, String)>,
+}
+
+#[derive(Default)]
+struct ChannelState {
+    env: Vec<(String, String)>,
+    pty: Option<(String, u16, u16)>,
+    stdin: Option<tokio::sync::mpsc::UnboundedSender<Option<Vec<u8>>>>,
+    pid: Option<i32>,
+    master: Option<Arc<OwnedFd>>,
+}
+
+pub struct Handler {
+    shared: Arc<Shared>,
+    channels: HashMap<ChannelId, ChannelState>,
+}
+
+impl Handler {
+    pub fn new(shared: Arc<Shared>) -> Handler {
+        Handler {
+            shared,
+            channels: HashMap::new(),
+        }
+    }
+
+    fn authorized(&self, key: &PublicKey) -> bool {
+        self.shared
+            .authorized
+            .iter()
+            .any(|k| k.key_data() == key.key_data())
+    }
+
+    fn start(
+        &mut self,
+        channel: ChannelId,
+        mut spec: Spec,
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
+        let state = self.channels.entry(channel).or_default();
+        let mut env = self.shared.image_env.clone();
+        env.extend(state.env.iter().cloned());
+        env.append(&mut spec.env);
+        spec.env = env;
+        spec.pty = state.pty.clone();
+        session.channel_success(channel)?;
+        let handle = session.handle();
+        match exec::spawn(spec) {
+            Err(e) => {
+                tokio::spawn(async move {
+                    let _ = handle
+                        .extended_data(
+                            channel,
+                            1,
+                            format!("banger: {}\r\n", e.message).into_bytes(),
+                        )
+                        .await;
+                    let _ = handle.exit_status_request(channel, e.code).await;
+                    let _ = handle.eof(channel).await;
+                    let _ = handle.close(channel).await;
+                });
+            }
+            Ok(started) => {
+                state.pid = Some(started.pid);
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                state.stdin = Some(tx);
+                match started.io {
+                    Io::Pipes {
+                        stdin,
+                        stdout,
+                        stderr,
+                    } => {
+                        tokio::spawn(feed_stdin(stdin, rx));
+                        tokio::spawn(run_pipes(handle, channel, stdout, stderr, started.exit));
+                    }
+                    Io::Pty { master } => {
+                        let master = Arc::new(master);
+                        state.master = Some(master.clone());
+                        let writer = master.try_clone().map_err(russh::Error::IO)?;
+                        tokio::spawn(feed_stdin(writer, rx));
+                        tokio::spawn(run_pty(handle, channel, master, started.exit));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn feed_stdin(fd: OwnedFd, mut rx: tokio::sync::mpsc::UnboundedReceiver<Option<Vec<u8>>>) {
+    let Ok(mut w) = FdStream::new(fd) else { return };
+    while let Some(Some(chunk)) = rx.recv().await {
+        if w.write_all(&chunk).await.is_err() {
+            return;
+        }
+    }
+    // EOF from the client (or the channel went away): the child sees stdin close.
+}
+
+async fn pump(fd: OwnedFd, handle: Handle, channel: ChannelId, ext: Option<u32>) {
+    let Ok(mut r) = FdStream::new(fd) else { return };
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                let data = buf[..n].to_vec();
+                let sent = match ext {
+                    Some(ext) => handle.extended_data(channel, ext, data).await.is_ok(),
+                    None => handle.data(channel, data).await.is_ok(),
+                };
+                if !sent {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn finish(
+    handle: Handle,
+    channel: ChannelId,
+    exit: Result<Exit, tokio::sync::oneshot::error::RecvError>,
+) {
+    match exit {
+        Ok(Exit::Code(code)) => {
+            let _ = handle.exit_status_request(channel, code as u32).await;
+        }
+        Ok(Exit::Signal(sig)) => {
+            let _ = handle
+                .exit_signal_request(
+                    channel,
+                    signal_name(sig),
+                    false,
+                    String::new(),
+                    String::new(),
+                )
+                .await;
+        }
+        Err(_) => {
+            let _ = handle
+                .exit_status_request(channel, banger_proto::agent::exit::BANGER_FAILED)
+                .await;
+        }
+    }
+    let _ = handle.eof(channel).await;
+    let _ = handle.close(channel).await;
+}
+
+async fn run_pipes(
+    handle: Handle,
+    channel: ChannelId,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+    exit: tokio::sync::oneshot::Receiver<Exit>,
+) {
+    let out = tokio::spawn(pump(stdout, handle.clone(), channel, None));
+    let err = tokio::spawn(pump(stderr, handle.clone(), channel, Some(1)));
+    let status = exit.await;
+    // Output written before exit is delivered before the status.
+    let _ = out.await;
+    let _ = err.await;
+    finish(handle, channel, status).await;
+}
+
+async fn run_pty(
+    handle: Handle,
+    channel: ChannelId,
+    master: Arc<OwnedFd>,
+    exit: tokio::sync::oneshot::Receiver<Exit>,
+) {
+    let reader = match master.try_clone() {
+        Ok(fd) => fd,
+        Err(_) => return finish(handle, channel, exit.await).await,
+    };
+    let out = tokio::spawn(pump(reader, handle.clone(), channel, None));
+    let status = exit.await;
+    // The pty master reads EIO once the last slave holder is gone.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), out).await;
+    finish(handle, channel, status).await;
+}
+
+fn signal_name(sig: i32) -> Sig {
+    match sig {
+        libc::SIGABRT => Sig::ABRT,
+        libc::SIGALRM => Sig::ALRM,
+        libc::SIGFPE => Sig::FPE,
+        libc::SIGHUP => Sig::HUP,
+        libc::SIGILL => Sig::ILL,
+        libc::SIGINT => Sig::INT,
+        libc::SIGKILL => Sig::KILL,
+        libc::SIGPIPE => Sig::PIPE,
+        libc::SIGQUIT => Sig::QUIT,
+        libc::SIGSEGV => Sig::SEGV,
+        libc::SIGTERM => Sig::TERM,
+        libc::SIGUSR1 => Sig::USR1,
+        other => Sig::Custom(format!("SIG{other}")),
+    }
+}
+
+fn signal_number(sig: &Sig) -> Option<i32> {
+    Some(match sig {
+        Sig::ABRT => libc::SIGABRT,
+        Sig::ALRM => libc::SIGALRM,
+        Sig::FPE => libc::SIGFPE,
+        Sig::HUP => libc::SIGHUP,
+        Sig::ILL => libc::SIGILL,
+        Sig::INT => libc::SIGINT,
+        Sig::KILL => libc::SIGKILL,
+        Sig::PIPE => libc::SIGPIPE,
+        Sig::QUIT => libc::SIGQUIT,
+        Sig::SEGV => libc::SIGSEGV,
+        Sig::TERM => libc::SIGTERM,
+        Sig::USR1 => libc::SIGUSR1,
+        Sig::Custom(_) => return None,
+    })
+}
+
+/// A plain `ssh host cmd` gets `/bin/sh -c cmd`, as sshd would run it.
+fn shell_argv(command: &str) -> Vec<String> {
+    if std::path::Path::new("/bin/sh").exists() {
+        vec!["/bin/sh".into(), "-c".into(), command.into()]
+    } else {
+        command.split_whitespace().map(str::to_owned).collect()
+    }
+}
+
+impl russh::server::Handler for Handler {
+    type Error = russh::Error;
+
+    async fn auth_publickey_offered(
+        &mut self,
+        _user: &str,
+        offer: PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        Ok(if self.authorized(offer.public_key) {
+            Auth::Accept
+        } else {
+            Auth::reject()
+        })
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        _user: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        Ok(if self.authorized(key.public_key) {
+            Auth::Accept
+        } else {
+            Auth::reject()
+        })
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.channels.insert(channel.id(), ChannelState::default());
+        reply.accept().await;
+        Ok(())
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        value: &str,
+        _: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.channels
+            .entry(channel)
+            .or_default()
+            .env
+            .push((name.to_string(), value.to_string()));
+        Ok(())
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        term: &str,
+        cols: u32,
+        rows: u32,
+        _pw: u32,
+        _ph: u32,
+        _modes: &[(Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.channels.entry(channel).or_default().pty =
+            Some((term.to_string(), cols.max(1) as u16, rows.max(1) as u16));
+        session.channel_success(channel)?;
+        Ok(())
+    }
+
+    async fn window_change_request(
+        &mut self,
+        channel: ChannelId,
+        cols: u32,
+        rows: u32,
+        _pw: u32,
+        _ph: u32,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(master) = self.channels.get(&channel).and_then(|s| s.master.clone()) {
+            exec::resize(&master, cols as u16, rows as u16);
+        }
+        Ok(())
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let command = String::from_utf8_lossy(data).into_owned();
+        if command == POWEROFF {
+            session.channel_success(channel)?;
+            std::thread::spawn(|| crate::power::shutdown());
+            return Ok(());
+        }
+        let spec = match command.strip_prefix(EXEC_PREFIX) {
+            Some(json) => match serde_json::from_str::<ExecRequest>(json) {
+                Ok(req) => Spec {
+                    argv: req.argv,
+                    env: req.env,
+                    cwd: req.cwd,
+                    user: req.user,
+                    pty: None,
+                },
+                Err(e) => {
+                    session.channel_failure(channel)?;
+                    crate::console::log(&format!("malformed exec request: {e}"));
+                    return Ok(());
+                }
+            },
+            None => Spec {
+                argv: shell_argv(&command),
+                env: vec![],
+                cwd: None,
+                user: None,
+                pty: None,
+            },
+        };
+        self.start(channel, spec, session)
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let shell = exec::account(None)
+            .map(|a| a.shell)
+            .unwrap_or_else(|_| "/bin/sh".into());
+        let shell = if std::path::Path::new(&shell).exists() {
+            shell
+        } else {
+            "/bin/sh".into()
+        };
+        let spec = Spec {
+            argv: vec![shell, "-l".into()],
+            env: vec![],
+            cwd: None,
+            user: None,
+            pty: None,
+        };
+        self.start(channel, spec, session)
+    }
+
+    async fn data(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(tx) = self.channels.get(&channel).and_then(|s| s.stdin.as_ref()) {
+            let _ = tx.send(Some(data.to_vec()));
+        }
+        Ok(())
+    }
+
+    async fn channel_eof(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(state) = self.channels.get_mut(&channel) {
+            // With a terminal, EOF is a keystroke; without, it closes stdin.
+            if state.master.is_none() {
+                if let Some(tx) = state.stdin.take() {
+                    let _ = tx.send(None);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn signal(
+        &mut self,
+        channel: ChannelId,
+        sig: Sig,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let (Some(pid), Some(num)) = (
+            self.channels.get(&channel).and_then(|s| s.pid),
+            signal_number(&sig),
+        ) {
+            // The whole session: the process leads its own process group.
+            // SAFETY: kill(2) on a process group we started.
+            unsafe { libc::kill(-pid, num) };
+        }
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.channels.remove(&channel);
+        Ok(())
+    }
+}
