@@ -1,10 +1,12 @@
 //! banger's operations core: every transport (the daemon's socket today) calls
 //! into [`ops::Core`], which owns the services and the state store.
 
+pub mod agent_bin;
 pub mod config;
 pub mod error;
 pub mod events;
 pub mod ids;
+pub mod kernel;
 pub mod oci;
 pub mod ops;
 pub mod paths;

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use banger_host::ProcessRunner;
-use banger_proto::image::{NamesParams, PruneParams, PullParams, RemoveParams};
+use banger_proto::image::{NamesParams, PruneParams, PullParams, RemoveParams, RemoveResult};
 use banger_proto::methods as m;
 use banger_proto::status::DaemonStatus;
 use serde::de::DeserializeOwned;
@@ -15,11 +15,13 @@ use crate::error::{OpError, OpResult};
 use crate::events::Events;
 use crate::paths::Paths;
 use crate::services::images::{ImageService, PullHooks};
+use crate::services::kernels::KernelService;
 use crate::store::Store;
 
 pub struct Core {
     pub paths: Paths,
     pub images: Arc<ImageService>,
+    pub kernels: Arc<KernelService>,
     store: Arc<Store>,
 }
 
@@ -36,9 +38,11 @@ impl Core {
         let images =
             ImageService::new(paths.clone(), config, store.clone(), runner).with_hooks(hooks);
         images.recover()?;
+        let kernels = Arc::new(KernelService::new(paths.clone(), store.clone()));
         Ok(Core {
             paths,
             images: Arc::new(images),
+            kernels,
             store,
         })
     }
@@ -64,6 +68,17 @@ impl Core {
                     .prune_cache(parse::<PruneParams>(params)?.dry_run)
                     .await?,
             ),
+            m::KERNEL_IMPORT => to_value(self.kernels.import(parse(params)?).await?),
+            m::KERNEL_LIST => to_value(self.kernels.list()?),
+            m::KERNEL_INSPECT => {
+                to_value(self.kernels.inspect(&parse::<NamesParams>(params)?.names)?)
+            }
+            m::KERNEL_REMOVE => {
+                let p: RemoveParams = parse(params)?;
+                to_value(RemoveResult {
+                    removed: self.kernels.remove(&p.names, p.force).await?,
+                })
+            }
             other => Err(OpError::new(
                 banger_proto::ErrorCode::BadRequest,
                 format!("unknown method `{other}`"),

@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod image;
+pub mod kernel;
 pub mod status;
 
 use serde::{Deserialize, Serialize};
@@ -22,6 +23,10 @@ pub mod methods {
     pub const IMAGE_INSPECT: &str = "image.inspect";
     pub const IMAGE_REMOVE: &str = "image.remove";
     pub const IMAGE_CACHE_PRUNE: &str = "image.cache.prune";
+    pub const KERNEL_IMPORT: &str = "kernel.import";
+    pub const KERNEL_LIST: &str = "kernel.list";
+    pub const KERNEL_INSPECT: &str = "kernel.inspect";
+    pub const KERNEL_REMOVE: &str = "kernel.remove";
 
     /// Every method the daemon dispatches; a test holds `docs/rpc.md` to this list.
     pub const ALL: &[&str] = &[
@@ -31,6 +36,10 @@ pub mod methods {
         IMAGE_INSPECT,
         IMAGE_REMOVE,
         IMAGE_CACHE_PRUNE,
+        KERNEL_IMPORT,
+        KERNEL_LIST,
+        KERNEL_INSPECT,
+        KERNEL_REMOVE,
     ];
 }
 

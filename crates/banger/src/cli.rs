@@ -21,8 +21,48 @@ pub enum Command {
     /// Manage images: pull OCI images and keep their root filesystems.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Manage guest kernels.
+    #[command(subcommand)]
+    Kernel(KernelCommand),
     /// Check that this machine can run banger, and say how to fix what is wrong.
     Doctor(JsonFlag),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KernelCommand {
+    /// Import a kernel: a linux-image-*.deb, a bzImage or an ELF vmlinux.
+    Import {
+        path: std::path::PathBuf,
+        /// Name to record the kernel under (default: its version).
+        #[arg(long)]
+        name: Option<String>,
+        /// The kernel's lib/modules/VERSION directory (for a bzImage or vmlinux).
+        #[arg(long)]
+        modules: Option<std::path::PathBuf>,
+        /// Use this kernel when a VM names none.
+        #[arg(long)]
+        default: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List kernels.
+    #[command(alias = "list")]
+    Ls(JsonFlag),
+    /// Show kernels in detail, as a JSON array.
+    Inspect {
+        #[arg(required = true)]
+        names: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove kernels.
+    #[command(alias = "remove")]
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+        #[arg(short, long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -1,4 +1,5 @@
 //! The services the operations core is made of.
 
 pub mod images;
+pub mod kernels;
 pub mod pull;

@@ -16,6 +16,18 @@ const MIGRATIONS: &[&str] = &[
         config_json   TEXT NOT NULL,
         created_at    TEXT NOT NULL
     );",
+    // 2: kernels
+    "CREATE TABLE kernels (
+        name          TEXT PRIMARY KEY,
+        version       TEXT NOT NULL,
+        source        TEXT NOT NULL,
+        vmlinux_path  TEXT NOT NULL,
+        modules_dir   TEXT,
+        config_path   TEXT,
+        is_default    INTEGER NOT NULL DEFAULT 0,
+        size_bytes    INTEGER NOT NULL,
+        created_at    TEXT NOT NULL
+    );",
 ];
 
 pub fn apply(conn: &mut Connection) -> anyhow::Result<()> {

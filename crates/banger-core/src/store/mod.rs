@@ -1,6 +1,7 @@
 //! The daemon's durable state in SQLite, with versioned migrations.
 
 mod images;
+mod kernels;
 mod migrations;
 
 use std::path::Path;

@@ -2,6 +2,7 @@
 
 mod doctor;
 mod image;
+mod kernel;
 
 use banger_core::paths::Paths;
 
@@ -18,6 +19,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Image(cmd) => image::run(&Client::new(paths), cmd),
+        Command::Kernel(cmd) => kernel::run(&Client::new(paths), cmd),
         Command::Doctor(flags) => doctor::run(&paths, flags.json),
     }
 }

@@ -1,0 +1,199 @@
+//! The initramfs every VM boots with: the guest agent as `/init` and exactly
+//! the modules its devices need, resolved through their dependencies. The
+//! per-VM part (the agent's boot config) is a second archive appended to it.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use banger_proto::agent::MODULES_ORDER_PATH;
+
+use super::cpio::Cpio;
+use super::decompress;
+use super::modinfo;
+
+/// Drivers banger's VMs use: the virtio-mmio bus, disks, network, the
+/// virtio console (QEMU's agent ports) and vsock (Firecracker's).
+pub const WANTED: &[&str] = &[
+    "virtio_mmio",
+    "virtio_blk",
+    "virtio_net",
+    "virtio_console",
+    "vmw_vsock_virtio_transport",
+];
+
+/// A module to load, already decompressed.
+#[derive(Debug, Clone)]
+pub struct Module {
+    pub name: String,
+    pub bytes: Vec<u8>,
+}
+
+/// Finds every `.ko`, `.ko.xz`, `.ko.zst` or `.ko.gz` under `root`, by name.
+fn index(root: &Path) -> std::io::Result<HashMap<String, PathBuf>> {
+    let mut found = HashMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let path = entry.path();
+            if entry.file_type()?.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let name = entry.file_name().to_string_lossy().into_owned();
+            for suffix in [".ko", ".ko.xz", ".ko.zst", ".ko.gz"] {
+                if let Some(stem) = name.strip_suffix(suffix) {
+                    found.insert(modinfo::normalize(stem), path.clone());
+                }
+            }
+        }
+    }
+    Ok(found)
+}
+
+fn read_module(path: &Path) -> Result<Vec<u8>, String> {
+    let raw = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    match decompress::sniff(&raw) {
+        Some(format) => decompress::decompress(format, &raw),
+        None => Ok(raw),
+    }
+}
+
+/// The modules to load for `wanted`, dependencies first. A wanted driver
+/// with no module file under `root` is taken to be built into the kernel.
+pub fn resolve(root: Option<&Path>, wanted: &[&str]) -> Result<Vec<Module>, String> {
+    let Some(root) = root else {
+        return Ok(Vec::new());
+    };
+    let index = index(root).map_err(|e| format!("reading modules in {}: {e}", root.display()))?;
+    let mut order = Vec::new();
+    let mut done = HashSet::new();
+    for name in wanted {
+        visit(
+            &index,
+            &modinfo::normalize(name),
+            &mut done,
+            &mut Vec::new(),
+            &mut order,
+        )?;
+    }
+    Ok(order)
+}
+
+fn visit(
+    index: &HashMap<String, PathBuf>,
+    name: &str,
+    done: &mut HashSet<String>,
+    path: &mut Vec<String>,
+    order: &mut Vec<Module>,
+) -> Result<(), String> {
+    if done.contains(name) {
+        return Ok(());
+    }
+    if path.iter().any(|p| p == name) {
+        return Err(format!(
+            "module dependency cycle: {} -> {name}",
+            path.join(" -> ")
+        ));
+    }
+    let Some(file) = index.get(name) else {
+        done.insert(name.to_string());
+        return Ok(());
+    };
+    let bytes = read_module(file)?;
+    path.push(name.to_string());
+    for dep in modinfo::depends(&bytes).map_err(|e| format!("{}: {e}", file.display()))? {
+        visit(index, &dep, done, path, order)?;
+    }
+    path.pop();
+    done.insert(name.to_string());
+    order.push(Module {
+        name: name.to_string(),
+        bytes,
+    });
+    Ok(())
+}
+
+/// The shared part: agent, modules and their load order, and the few nodes
+/// init needs before devtmpfs is up.
+pub fn base_archive(agent: &[u8], modules: &[Module]) -> Vec<u8> {
+    let mut c = Cpio::default();
+    for dir in [
+        "dev",
+        "proc",
+        "sys",
+        "newroot",
+        "banger",
+        "lib",
+        "lib/banger-modules",
+    ] {
+        c.dir(dir);
+    }
+    c.char_device("dev/console", 0o600, 5, 1);
+    c.file("init", 0o755, agent);
+    let mut order = String::new();
+    for m in modules {
+        let path = format!("/lib/banger-modules/{}.ko", m.name);
+        c.file(&path, 0o644, &m.bytes);
+        order.push_str(&path);
+        order.push('\n');
+    }
+    if !modules.is_empty() {
+        c.file(MODULES_ORDER_PATH, 0o644, order.as_bytes());
+    }
+    c.finish()
+}
+
+/// The per-VM part: the agent's boot config.
+pub fn vm_archive(config_json: &[u8]) -> Vec<u8> {
+    let mut c = Cpio::default();
+    c.dir("banger");
+    c.file(banger_proto::agent::BOOT_CONFIG_PATH, 0o600, config_json);
+    c.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::modinfo::fake_module;
+    use super::*;
+
+    #[test]
+    fn resolves_dependencies_first_and_skips_builtins() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("kernel/drivers/virtio")).unwrap();
+        std::fs::write(
+            root.join("kernel/drivers/virtio/virtio_ring.ko"),
+            fake_module(""),
+        )
+        .unwrap();
+        std::fs::write(
+            root.join("kernel/drivers/virtio/virtio.ko"),
+            fake_module("virtio_ring"),
+        )
+        .unwrap();
+        let compressed = zstd::encode_all(&fake_module("virtio,virtio_ring")[..], 3).unwrap();
+        std::fs::write(
+            root.join("kernel/drivers/virtio/virtio_mmio.ko.zst"),
+            compressed,
+        )
+        .unwrap();
+        std::fs::write(
+            root.join("kernel/drivers/virtio/virtio-blk.ko"),
+            fake_module("virtio"),
+        )
+        .unwrap();
+
+        let mods = resolve(Some(root), &["virtio_mmio", "virtio_blk", "virtio_console"]).unwrap();
+        let names: Vec<_> = mods.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["virtio_ring", "virtio", "virtio_mmio", "virtio_blk"]
+        );
+        assert!(
+            mods.iter().all(|m| m.bytes.starts_with(b"\x7fELF")),
+            "decompressed"
+        );
+        assert!(resolve(None, WANTED).unwrap().is_empty());
+    }
+}

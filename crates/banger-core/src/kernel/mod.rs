@@ -1,0 +1,9 @@
+//! Guest kernels: importing them (Debian packages, bzImages, ELF vmlinux),
+//! and building the initramfs that boots them into banger's agent.
+
+pub mod bzimage;
+pub mod cpio;
+pub mod deb;
+pub mod decompress;
+pub mod initramfs;
+pub mod modinfo;

@@ -1,0 +1,289 @@
+//! The kernel service: import, list, inspect, remove, the default kernel,
+//! and each kernel's cached initramfs.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use banger_proto::kernel::{ImportParams, KernelInfo};
+
+use crate::error::{OpError, OpResult};
+use crate::ids;
+use crate::kernel::{bzimage, deb, initramfs};
+use crate::paths::Paths;
+use crate::store::Store;
+use crate::suggest;
+
+pub struct KernelService {
+    paths: Paths,
+    store: Arc<Store>,
+    /// Serialises imports and initramfs builds; both are rare and short.
+    lock: tokio::sync::Mutex<()>,
+}
+
+impl KernelService {
+    pub fn new(paths: Paths, store: Arc<Store>) -> KernelService {
+        KernelService {
+            paths,
+            store,
+            lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn kernels_dir(&self) -> PathBuf {
+        self.paths.state_dir.join("kernels")
+    }
+
+    pub fn list(&self) -> OpResult<Vec<KernelInfo>> {
+        Ok(self.store.list_kernels()?)
+    }
+
+    pub fn get(&self, name: &str) -> OpResult<KernelInfo> {
+        self.store.get_kernel(name)?.ok_or_else(|| {
+            let all = self.store.list_kernels().unwrap_or_default();
+            let hint = match suggest::closest(name, all.iter().map(|k| k.name.as_str())) {
+                Some(near) => format!("; did you mean `{near}`?"),
+                None => "; `banger kernel ls` lists kernels, `banger kernel import PATH` adds one"
+                    .into(),
+            };
+            OpError::not_found(format!("no kernel named `{name}`{hint}"))
+        })
+    }
+
+    /// The named kernel, or the default one: the only kernel, or the one marked default.
+    pub fn resolve(&self, name: Option<&str>) -> OpResult<KernelInfo> {
+        if let Some(name) = name {
+            return self.get(name);
+        }
+        let all = self.store.list_kernels()?;
+        if let Some(k) = all.iter().find(|k| k.default) {
+            return Ok(k.clone());
+        }
+        match all.len() {
+            1 => Ok(all[0].clone()),
+            0 => Err(OpError::not_found(
+                "no kernel imported yet; run `banger kernel import /path/to/linux-image-….deb` first",
+            )),
+            _ => Err(OpError::invalid(format!(
+                "several kernels and none is the default ({}); pass --kernel, or re-import one with --default",
+                all.iter().map(|k| k.name.as_str()).collect::<Vec<_>>().join(", ")
+            ))),
+        }
+    }
+
+    pub fn inspect(&self, names: &[String]) -> OpResult<Vec<KernelInfo>> {
+        names.iter().map(|n| self.get(n)).collect()
+    }
+
+    pub async fn remove(&self, names: &[String], force: bool) -> OpResult<Vec<String>> {
+        let _guard = self.lock.lock().await;
+        let mut doomed = Vec::new();
+        for name in names {
+            match self.store.get_kernel(name)? {
+                Some(k) => doomed.push(k),
+                None if force => {}
+                None => return Err(self.get(name).unwrap_err()),
+            }
+        }
+        let mut removed = Vec::new();
+        for k in doomed {
+            self.store.delete_kernel(&k.name)?;
+            if let Some(dir) = Path::new(&k.vmlinux_path).parent() {
+                if dir.parent() == Some(self.kernels_dir().as_path()) {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+            }
+            removed.push(k.name);
+        }
+        Ok(removed)
+    }
+
+    pub async fn import(&self, params: ImportParams) -> OpResult<KernelInfo> {
+        let source = PathBuf::from(&params.path);
+        if !source.is_absolute() {
+            return Err(OpError::invalid(format!(
+                "kernel path `{}` must be absolute",
+                params.path
+            )));
+        }
+        if let Some(name) = &params.name {
+            crate::oci::reference::validate_name(name)
+                .map_err(|e| OpError::invalid(e.replace("image", "kernel")))?;
+        }
+        let _guard = self.lock.lock().await;
+        let scratch = self
+            .paths
+            .tmp_dir()
+            .join(format!("kernel-{}", ids::random_hex(6)));
+        std::fs::create_dir_all(&scratch)?;
+        let work = scratch.clone();
+        let modules = params.modules.clone().map(PathBuf::from);
+        let unpacked =
+            tokio::task::spawn_blocking(move || unpack(&source, modules.as_deref(), &work))
+                .await
+                .map_err(|e| OpError::internal(e.to_string()))?;
+        let unpacked = match unpacked {
+            Ok(u) => u,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&scratch);
+                return Err(OpError::bad_content(format!(
+                    "importing {}: {e}",
+                    params.path
+                )));
+            }
+        };
+        let name = params
+            .name
+            .clone()
+            .unwrap_or_else(|| unpacked.version.clone());
+        if let Err(e) = crate::oci::reference::validate_name(&name) {
+            let _ = std::fs::remove_dir_all(&scratch);
+            return Err(OpError::invalid(format!("{e}; pass --name")));
+        }
+        if self.store.get_kernel(&name)?.is_some() {
+            let _ = std::fs::remove_dir_all(&scratch);
+            return Err(OpError::conflict(format!(
+                "a kernel named `{name}` exists; pass --name, or run `banger kernel rm {name}` first"
+            )));
+        }
+        let dir = self.kernels_dir().join(ids::random_hex(8));
+        std::fs::create_dir_all(self.kernels_dir())?;
+        let _ = std::fs::remove_file(scratch.join("data.tar"));
+        std::fs::rename(&scratch, &dir)?;
+        let first = self.store.list_kernels()?.is_empty();
+        let info = KernelInfo {
+            name,
+            version: unpacked.version,
+            source: unpacked.source.to_string(),
+            vmlinux_path: dir.join("vmlinux").display().to_string(),
+            modules_dir: unpacked
+                .modules_rel
+                .map(|r| dir.join(r).display().to_string()),
+            config_path: unpacked
+                .has_config
+                .then(|| dir.join("config").display().to_string()),
+            default: params.default || first,
+            size_bytes: std::fs::metadata(dir.join("vmlinux"))
+                .map(|m| m.len())
+                .unwrap_or(0),
+            created_at: ids::now_rfc3339(),
+        };
+        if let Err(e) = self.store.put_kernel(&info) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e.into());
+        }
+        Ok(info)
+    }
+
+    /// The kernel's initramfs for the given agent binary, built once and cached.
+    pub async fn initramfs(&self, kernel: &KernelInfo, agent: &Path) -> OpResult<PathBuf> {
+        let agent_bytes = tokio::fs::read(agent).await.map_err(|e| {
+            OpError::internal(format!("reading the agent {}: {e}", agent.display()))
+        })?;
+        let tag =
+            crate::oci::digest::short(&crate::oci::digest::sha256_of(&agent_bytes)).to_string();
+        let dir = Path::new(&kernel.vmlinux_path)
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let path = dir.join(format!("initramfs-{tag}.cpio"));
+        if path.is_file() {
+            return Ok(path);
+        }
+        let _guard = self.lock.lock().await;
+        if path.is_file() {
+            return Ok(path);
+        }
+        let modules_dir = kernel.modules_dir.clone().map(PathBuf::from);
+        let out = path.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let modules = initramfs::resolve(modules_dir.as_deref(), initramfs::WANTED)?;
+            let archive = initramfs::base_archive(&agent_bytes, &modules);
+            let tmp = out.with_extension("tmp");
+            std::fs::write(&tmp, archive).map_err(|e| e.to_string())?;
+            std::fs::rename(&tmp, &out).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| OpError::internal(e.to_string()))?
+        .map_err(|e| {
+            OpError::internal(format!(
+                "building the initramfs for kernel `{}`: {e}",
+                kernel.name
+            ))
+        })?;
+        Ok(path)
+    }
+}
+
+struct Unpacked {
+    version: String,
+    source: &'static str,
+    /// `modules/<version>` relative to the kernel dir.
+    modules_rel: Option<PathBuf>,
+    has_config: bool,
+}
+
+/// Writes `vmlinux`, `config` and `modules/` into `dir`.
+fn unpack(source: &Path, modules: Option<&Path>, dir: &Path) -> Result<Unpacked, String> {
+    let data = std::fs::read(source).map_err(|e| format!("{}: {e}", source.display()))?;
+    let (image, kind, mut version, config, mut modules_rel) = if deb::is_deb(&data) {
+        drop(data);
+        let k = deb::unpack(source, &dir.join("modules"), dir)?;
+        let rel = k
+            .modules_dir
+            .as_ref()
+            .and_then(|m| m.strip_prefix(dir).ok().map(Path::to_path_buf));
+        (k.image, "deb", k.version, k.config, rel)
+    } else if bzimage::is_bzimage(&data) {
+        (data, "bzimage", None, None, None)
+    } else if bzimage::is_elf(&data) {
+        (data, "vmlinux", None, None, None)
+    } else {
+        return Err("not a Debian kernel package, a bzImage or an ELF vmlinux".into());
+    };
+    let vmlinux = if bzimage::is_bzimage(&image) {
+        bzimage::extract_vmlinux(&image)?
+    } else {
+        image
+    };
+    if !bzimage::is_elf(&vmlinux) {
+        return Err("the kernel image is not an ELF vmlinux".into());
+    }
+    if version.is_none() {
+        version = bzimage::version_of(&vmlinux);
+    }
+    if let Some(src) = modules {
+        let name = src
+            .file_name()
+            .ok_or("--modules must name lib/modules/<version>")?;
+        let dest = dir.join("modules").join(name);
+        copy_tree(src, &dest)
+            .map_err(|e| format!("copying modules from {}: {e}", src.display()))?;
+        modules_rel = Some(PathBuf::from("modules").join(name));
+        version.get_or_insert_with(|| name.to_string_lossy().into_owned());
+    }
+    std::fs::write(dir.join("vmlinux"), &vmlinux).map_err(|e| e.to_string())?;
+    if let Some(config) = &config {
+        std::fs::write(dir.join("config"), config).map_err(|e| e.to_string())?;
+    }
+    Ok(Unpacked {
+        version: version.ok_or("could not tell the kernel's version; pass --name")?,
+        source: kind,
+        modules_rel,
+        has_config: config.is_some(),
+    })
+}
+
+fn copy_tree(src: &Path, dest: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dest)?;
+    for entry in std::fs::read_dir(src)? {
+        let entry = entry?;
+        let ty = entry.file_type()?;
+        let to = dest.join(entry.file_name());
+        if ty.is_dir() {
+            copy_tree(&entry.path(), &to)?;
+        } else if ty.is_file() {
+            std::fs::copy(entry.path(), &to)?;
+        }
+    }
+    Ok(())
+}

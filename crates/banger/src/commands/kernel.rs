@@ -1,0 +1,108 @@
+//! `banger kernel …`.
+
+use banger_proto::kernel::KernelInfo;
+use banger_proto::{human_bytes, methods};
+use serde_json::json;
+
+use super::report;
+use crate::cli::KernelCommand;
+use crate::client::Client;
+use crate::output::{relative_time, table};
+
+fn absolute(path: &std::path::Path) -> anyhow::Result<String> {
+    let abs =
+        std::fs::canonicalize(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(abs.display().to_string())
+}
+
+pub fn run(client: &Client, cmd: KernelCommand) -> anyhow::Result<i32> {
+    match cmd {
+        KernelCommand::Import {
+            path,
+            name,
+            modules,
+            default,
+            json,
+        } => {
+            let modules = modules.as_deref().map(absolute).transpose()?;
+            let params = json!({ "path": absolute(&path)?, "name": name, "modules": modules, "default": default });
+            eprintln!("importing {} …", path.display());
+            match client.call(methods::KERNEL_IMPORT, params, |_| {}) {
+                Ok(v) => {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&v)?);
+                    } else {
+                        let k: KernelInfo = serde_json::from_value(v)?;
+                        let default = if k.default { ", default" } else { "" };
+                        println!(
+                            "imported kernel `{}` ({}, {}{default})",
+                            k.name, k.version, k.source
+                        );
+                    }
+                    Ok(0)
+                }
+                Err(e) => Ok(report(e)),
+            }
+        }
+        KernelCommand::Ls(flags) => {
+            let v = match client.call(methods::KERNEL_LIST, json!({}), |_| {}) {
+                Ok(v) => v,
+                Err(e) => return Ok(report(e)),
+            };
+            if flags.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(0);
+            }
+            let kernels: Vec<KernelInfo> = serde_json::from_value(v)?;
+            let rows: Vec<Vec<String>> = kernels
+                .iter()
+                .map(|k| {
+                    vec![
+                        k.name.clone(),
+                        k.version.clone(),
+                        k.source.clone(),
+                        if k.default {
+                            "yes".into()
+                        } else {
+                            String::new()
+                        },
+                        human_bytes(k.size_bytes),
+                        relative_time(&k.created_at),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    &["NAME", "VERSION", "SOURCE", "DEFAULT", "SIZE", "CREATED"],
+                    &rows
+                )
+            );
+            Ok(0)
+        }
+        KernelCommand::Inspect { names, .. } => {
+            match client.call(methods::KERNEL_INSPECT, json!({ "names": names }), |_| {}) {
+                Ok(v) => {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                    Ok(0)
+                }
+                Err(e) => Ok(report(e)),
+            }
+        }
+        KernelCommand::Rm { names, force } => {
+            match client.call(
+                methods::KERNEL_REMOVE,
+                json!({ "names": names, "force": force }),
+                |_| {},
+            ) {
+                Ok(v) => {
+                    for name in v["removed"].as_array().into_iter().flatten() {
+                        println!("{}", name.as_str().unwrap_or_default());
+                    }
+                    Ok(0)
+                }
+                Err(e) => Ok(report(e)),
+            }
+        }
+    }
+}
