@@ -52,6 +52,9 @@ fn section<'a>(elf: &'a [u8], wanted: &str) -> Option<&'a [u8]> {
 }
 
 #[cfg(test)]
+pub use tests::fake_module;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -97,6 +100,3 @@ mod tests {
         assert!(depends(b"not elf").is_err());
     }
 }
-
-#[cfg(test)]
-pub use tests::fake_module;
