@@ -14,6 +14,26 @@ pub struct Config {
     /// Layers downloaded at once per pull.
     #[serde(default)]
     pub max_concurrent_downloads: Option<usize>,
+    /// QEMU settings.
+    #[serde(default)]
+    pub qemu: QemuConfig,
+    /// `qemu` or `firecracker`, for VMs created without `--vmm`.
+    #[serde(default)]
+    pub default_vmm: Option<String>,
+    /// Seconds a VM may take from launch to agent readiness.
+    #[serde(default)]
+    pub boot_timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct QemuConfig {
+    /// Default `qemu-system-x86_64`.
+    #[serde(default)]
+    pub binary: Option<String>,
+    /// `auto` (KVM when /dev/kvm is usable), `kvm` or `tcg`; `BANGER_QEMU_ACCEL` overrides.
+    #[serde(default)]
+    pub accel: Option<String>,
 }
 
 impl Config {

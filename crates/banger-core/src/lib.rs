@@ -12,5 +12,7 @@ pub mod ops;
 pub mod paths;
 pub mod rootfs;
 pub mod services;
+pub mod steps;
 pub mod store;
 pub mod suggest;
+pub mod vm;

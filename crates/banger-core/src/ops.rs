@@ -7,6 +7,7 @@ use banger_host::ProcessRunner;
 use banger_proto::image::{NamesParams, PruneParams, PullParams, RemoveParams, RemoveResult};
 use banger_proto::methods as m;
 use banger_proto::status::DaemonStatus;
+use banger_proto::vm::{LogsParams, NameParams, StopParams};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -16,14 +17,19 @@ use crate::events::Events;
 use crate::paths::Paths;
 use crate::services::images::{ImageService, PullHooks};
 use crate::services::kernels::KernelService;
+use crate::services::vms::VmService;
 use crate::store::Store;
 
 pub struct Core {
     pub paths: Paths,
     pub images: Arc<ImageService>,
     pub kernels: Arc<KernelService>,
+    pub vms: Arc<VmService>,
     store: Arc<Store>,
 }
+
+/// Lines the caller sends after its request (exec stdin, signals), if any.
+pub type Input = Option<tokio::sync::mpsc::UnboundedReceiver<Value>>;
 
 impl Core {
     /// Opens the state under `paths` and clears what an earlier daemon left.
@@ -32,22 +38,59 @@ impl Core {
         runner: Arc<dyn ProcessRunner>,
         hooks: PullHooks,
     ) -> anyhow::Result<Core> {
+        Self::open_with(paths, runner, Arc::new(banger_host::RealLauncher), hooks)
+    }
+
+    pub fn open_with(
+        paths: Paths,
+        runner: Arc<dyn ProcessRunner>,
+        launcher: Arc<dyn banger_host::ProcessLauncher>,
+        hooks: PullHooks,
+    ) -> anyhow::Result<Core> {
         paths.create_all()?;
         let config = Config::load(&paths.config_file())?;
         let store = Arc::new(Store::open(&paths.database())?);
+        let users_store = store.clone();
         let images =
-            ImageService::new(paths.clone(), config, store.clone(), runner).with_hooks(hooks);
+            ImageService::new(paths.clone(), config.clone(), store.clone(), runner.clone())
+                .with_hooks(hooks)
+                .with_users(Arc::new(move |image| {
+                    users_store.vms_using_image(image).unwrap_or_default()
+                }));
         images.recover()?;
+        let images = Arc::new(images);
         let kernels = Arc::new(KernelService::new(paths.clone(), store.clone()));
+        let vms = Arc::new(VmService::new(
+            paths.clone(),
+            config,
+            store.clone(),
+            runner,
+            launcher,
+            images.clone(),
+            kernels.clone(),
+        ));
+        vms.recover()
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
         Ok(Core {
             paths,
-            images: Arc::new(images),
+            images,
             kernels,
+            vms,
             store,
         })
     }
 
     pub async fn dispatch(&self, method: &str, params: Value, events: Events) -> OpResult<Value> {
+        self.dispatch_with_input(method, params, events, None).await
+    }
+
+    pub async fn dispatch_with_input(
+        &self,
+        method: &str,
+        params: Value,
+        events: Events,
+        input: Input,
+    ) -> OpResult<Value> {
         match method {
             m::DAEMON_STATUS => to_value(self.status()?),
             m::IMAGE_PULL => to_value(
@@ -79,6 +122,41 @@ impl Core {
                     removed: self.kernels.remove(&p.names, p.force).await?,
                 })
             }
+            m::VM_CREATE => to_value(self.vms.create(parse(params)?, events).await?),
+            m::VM_START => to_value(
+                self.vms
+                    .start(&parse::<NameParams>(params)?.name, events)
+                    .await?,
+            ),
+            m::VM_STOP => {
+                let p: StopParams = parse(params)?;
+                to_value(self.vms.stop(&p.name, stop_timeout(p.timeout_secs)).await?)
+            }
+            m::VM_RESTART => {
+                let p: StopParams = parse(params)?;
+                to_value(
+                    self.vms
+                        .restart(&p.name, stop_timeout(p.timeout_secs), events)
+                        .await?,
+                )
+            }
+            m::VM_REMOVE => {
+                let p: RemoveParams = parse(params)?;
+                to_value(RemoveResult {
+                    removed: self.vms.remove(&p.names, p.force).await?,
+                })
+            }
+            m::VM_LIST => to_value(self.vms.list()?),
+            m::VM_INSPECT => to_value(self.vms.inspect(&parse::<NamesParams>(params)?.names)?),
+            m::VM_LOGS => {
+                let p: LogsParams = parse(params)?;
+                to_value(
+                    self.vms
+                        .logs(&p.name, p.tail, p.follow, events, input)
+                        .await?,
+                )
+            }
+            m::VM_EXEC => to_value(self.vms.exec(parse(params)?, events, input).await?),
             other => Err(OpError::new(
                 banger_proto::ErrorCode::BadRequest,
                 format!("unknown method `{other}`"),
@@ -98,6 +176,10 @@ impl Core {
             images: self.store.list_images()?.len() as u64,
         })
     }
+}
+
+fn stop_timeout(secs: Option<u64>) -> std::time::Duration {
+    std::time::Duration::from_secs(secs.unwrap_or(10))
 }
 
 fn parse<T: DeserializeOwned>(params: Value) -> OpResult<T> {

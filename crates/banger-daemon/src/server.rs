@@ -65,8 +65,14 @@ async fn handle(core: Arc<Core>, stream: UnixStream) {
     }
 
     let mut line = String::new();
-    let mut reader = BufReader::new(read).take(MAX_REQUEST_BYTES);
-    if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+    let mut reader = BufReader::new(read);
+    if (&mut reader)
+        .take(MAX_REQUEST_BYTES)
+        .read_line(&mut line)
+        .await
+        .unwrap_or(0)
+        == 0
+    {
         return;
     }
     let request: Request = match serde_json::from_str(&line) {
@@ -83,7 +89,28 @@ async fn handle(core: Arc<Core>, stream: UnixStream) {
         tracing::info!("request");
         let started = std::time::Instant::now();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let work = core.dispatch(&request.method, request.params, Events::new(tx));
+        // Lines after the request (exec stdin, signals) feed the operation;
+        // the channel closes when the caller hangs up.
+        let (input_tx, input_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut lines = reader.lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                match serde_json::from_str::<serde_json::Value>(&line) {
+                    Ok(v) => {
+                        if input_tx.send(v).is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => continue,
+                }
+            }
+        });
+        let work = core.dispatch_with_input(
+            &request.method,
+            request.params,
+            Events::new(tx),
+            Some(input_rx),
+        );
         tokio::pin!(work);
         let mut writable = true;
         let outcome = loop {

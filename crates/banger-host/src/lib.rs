@@ -2,5 +2,9 @@
 //! recording fake, so the operations core can be tested without touching the host.
 
 pub mod process;
+pub mod vmm_process;
 
 pub use process::{CommandSpec, FakeRunner, HostError, Output, ProcessRunner, RealRunner};
+pub use vmm_process::{
+    FakeLauncher, LaunchSpec, LauncherCall, ProcessId, ProcessLauncher, RealLauncher,
+};

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod image;
 pub mod kernel;
 pub mod status;
+pub mod vm;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -27,6 +28,15 @@ pub mod methods {
     pub const KERNEL_LIST: &str = "kernel.list";
     pub const KERNEL_INSPECT: &str = "kernel.inspect";
     pub const KERNEL_REMOVE: &str = "kernel.remove";
+    pub const VM_CREATE: &str = "vm.create";
+    pub const VM_START: &str = "vm.start";
+    pub const VM_STOP: &str = "vm.stop";
+    pub const VM_RESTART: &str = "vm.restart";
+    pub const VM_REMOVE: &str = "vm.remove";
+    pub const VM_LIST: &str = "vm.list";
+    pub const VM_INSPECT: &str = "vm.inspect";
+    pub const VM_LOGS: &str = "vm.logs";
+    pub const VM_EXEC: &str = "vm.exec";
 
     /// Every method the daemon dispatches; a test holds `docs/rpc.md` to this list.
     pub const ALL: &[&str] = &[
@@ -40,6 +50,15 @@ pub mod methods {
         KERNEL_LIST,
         KERNEL_INSPECT,
         KERNEL_REMOVE,
+        VM_CREATE,
+        VM_START,
+        VM_STOP,
+        VM_RESTART,
+        VM_REMOVE,
+        VM_LIST,
+        VM_INSPECT,
+        VM_LOGS,
+        VM_EXEC,
     ];
 }
 

@@ -24,6 +24,9 @@ pub enum Command {
     /// Manage guest kernels.
     #[command(subcommand)]
     Kernel(KernelCommand),
+    /// Create, run and manage VMs.
+    #[command(subcommand)]
+    Vm(VmCommand),
     /// Check that this machine can run banger, and say how to fix what is wrong.
     Doctor(JsonFlag),
 }
@@ -123,5 +126,108 @@ pub enum CacheCommand {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// The VM's name: a DNS label (lowercase letters, digits, `-`).
+    pub name: String,
+    /// The image to boot (see `banger image ls`).
+    #[arg(long)]
+    pub image: String,
+    /// The kernel to boot (default: the default kernel).
+    #[arg(long)]
+    pub kernel: Option<String>,
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// Memory, e.g. 512M or 1G.
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// Root disk size, e.g. 8G (at least the image's size).
+    #[arg(long)]
+    pub disk: Option<String>,
+    /// qemu or firecracker.
+    #[arg(long)]
+    pub vmm: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Create a VM (its disks and keys) without starting it.
+    Create(CreateArgs),
+    /// Create a VM and start it.
+    Run(CreateArgs),
+    /// Start a stopped VM.
+    Start {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a VM: a clean shutdown through its agent, forced after the timeout.
+    Stop {
+        name: String,
+        /// Seconds to wait for the clean shutdown.
+        #[arg(short = 't', long = "time", default_value_t = 10)]
+        timeout: u64,
+    },
+    /// Stop then start a VM.
+    Restart {
+        name: String,
+        #[arg(short = 't', long = "time", default_value_t = 10)]
+        timeout: u64,
+    },
+    /// Remove VMs and everything they own.
+    #[command(alias = "remove")]
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Stop running VMs first; ignore names that do not exist.
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// List VMs.
+    #[command(alias = "ps", alias = "list")]
+    Ls(JsonFlag),
+    /// Show VMs in detail, as a JSON array.
+    Inspect {
+        #[arg(required = true)]
+        names: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a VM's serial console.
+    Logs {
+        name: String,
+        /// Keep printing new output until the VM stops.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines.
+        #[arg(long)]
+        tail: Option<usize>,
+    },
+    /// Run a command in a VM.
+    Exec {
+        name: String,
+        /// Allocate a terminal (default: when stdin and stdout are terminals).
+        #[arg(short = 't', long = "tty", conflicts_with = "no_tty")]
+        tty: bool,
+        /// Never allocate a terminal.
+        #[arg(long = "no-tty")]
+        no_tty: bool,
+        /// Working directory in the guest.
+        #[arg(short = 'w', long = "workdir")]
+        workdir: Option<String>,
+        /// Environment variables, KEY=VALUE.
+        #[arg(short = 'e', long = "env")]
+        env: Vec<String>,
+        /// User name or uid[:gid] in the guest.
+        #[arg(short = 'u', long = "user")]
+        user: Option<String>,
+        /// The command and its arguments, passed unchanged.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
     },
 }

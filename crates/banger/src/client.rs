@@ -108,11 +108,48 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Like [`Client::call`], and once the request is sent `feed` gets a
+    /// writer for the lines that follow it (exec stdin, signals), on its own thread.
+    pub fn call_streaming(
+        &self,
+        method: &str,
+        params: Value,
+        on_event: impl FnMut(Value),
+        feed: impl FnOnce(UnixStream) + Send + 'static,
+    ) -> Result<Value, CallError> {
+        let stream = self.connect().map_err(CallError::Transport)?;
+        let writer = stream
+            .try_clone()
+            .context("cloning the daemon connection")
+            .map_err(CallError::Transport)?;
+        call_inner(
+            stream,
+            method,
+            params,
+            on_event,
+            Some(Box::new(move || feed(writer))),
+        )
+    }
+}
+
+type Feeder = Box<dyn FnOnce() + Send>;
+
 pub fn call_on(
+    stream: UnixStream,
+    method: &str,
+    params: Value,
+    on_event: impl FnMut(Value),
+) -> Result<Value, CallError> {
+    call_inner(stream, method, params, on_event, None)
+}
+
+fn call_inner(
     mut stream: UnixStream,
     method: &str,
     params: Value,
     mut on_event: impl FnMut(Value),
+    feeder: Option<Feeder>,
 ) -> Result<Value, CallError> {
     let request = Request {
         method: method.to_string(),
@@ -123,6 +160,9 @@ pub fn call_on(
     // A daemon that refuses the caller answers before reading the request, so a
     // failed write may still be followed by a readable answer.
     let sent = stream.write_all(&line);
+    if let (Ok(()), Some(feed)) = (&sent, feeder) {
+        std::thread::spawn(feed);
+    }
     let reader = BufReader::new(stream);
     for line in reader.lines() {
         let line = match line {

@@ -25,6 +25,34 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// `512M`, `1G`, `1.5G`, `4096` (bytes) → bytes. Binary units.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let unit = t[i..].to_ascii_uppercase();
+            let mult: u64 = match unit.trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                _ => return Err(format!("invalid size `{text}`: use e.g. 512M, 1G, 8G")),
+            };
+            (&t[..i], mult)
+        }
+        None => (t, 1),
+    };
+    let value: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid size `{text}`: use e.g. 512M, 1G, 8G"))?;
+    if value <= 0.0 {
+        return Err(format!("invalid size `{text}`: must be positive"));
+    }
+    Ok((value * mult as f64) as u64)
+}
+
 /// Seconds since the epoch of an RFC 3339 UTC time as banger writes it.
 pub fn parse_rfc3339(text: &str) -> Option<i64> {
     let b = text.as_bytes();
@@ -77,6 +105,15 @@ mod tests {
             ],
         );
         assert_eq!(t, "NAME     SIZE\nalpine   1.0 MiB\nx        2 B\n");
+    }
+
+    #[test]
+    fn parses_sizes() {
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_size("1.5GiB").unwrap(), 3 << 29);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("lots").is_err() && parse_size("-1G").is_err());
     }
 
     #[test]

@@ -3,3 +3,4 @@
 pub mod images;
 pub mod kernels;
 pub mod pull;
+pub mod vms;

@@ -28,6 +28,26 @@ const MIGRATIONS: &[&str] = &[
         size_bytes    INTEGER NOT NULL,
         created_at    TEXT NOT NULL
     );",
+    // 3: VMs, with their transient handles kept apart
+    "CREATE TABLE vms (
+        name          TEXT PRIMARY KEY,
+        image         TEXT NOT NULL,
+        kernel        TEXT NOT NULL,
+        vmm           TEXT NOT NULL,
+        vcpus         INTEGER NOT NULL,
+        memory_mib    INTEGER NOT NULL,
+        disk_bytes    INTEGER NOT NULL,
+        cow_strategy  TEXT NOT NULL,
+        dir           TEXT NOT NULL,
+        host_key_pub  TEXT NOT NULL,
+        created_at    TEXT NOT NULL
+    );
+    CREATE TABLE vm_runtime (
+        name          TEXT PRIMARY KEY REFERENCES vms(name) ON DELETE CASCADE,
+        pid           INTEGER NOT NULL,
+        start_time    INTEGER NOT NULL,
+        started_at    TEXT NOT NULL
+    );",
 ];
 
 pub fn apply(conn: &mut Connection) -> anyhow::Result<()> {

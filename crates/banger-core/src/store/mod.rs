@@ -3,6 +3,7 @@
 mod images;
 mod kernels;
 mod migrations;
+mod vms;
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -10,6 +11,7 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::Connection;
 
 pub use images::ImageRecord;
+pub use vms::{VmRecord, VmRuntime};
 
 /// A handle on the state database. Writes are short; one connection behind a
 /// mutex is plenty for a per-user daemon.

@@ -3,6 +3,7 @@
 mod doctor;
 mod image;
 mod kernel;
+mod vm;
 
 use banger_core::paths::Paths;
 
@@ -20,6 +21,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Image(cmd) => image::run(&Client::new(paths), cmd),
         Command::Kernel(cmd) => kernel::run(&Client::new(paths), cmd),
+        Command::Vm(cmd) => vm::run(&Client::new(paths), cmd),
         Command::Doctor(flags) => doctor::run(&paths, flags.json),
     }
 }

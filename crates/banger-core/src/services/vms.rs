@@ -1,0 +1,690 @@
+//! The VM service: create, start, stop, restart, remove, list, inspect, logs
+//! and exec. Durable records live in `vms`; the VMM's pid and start time in
+//! `vm_runtime`, trusted only while that very process lives.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use banger_host::{ProcessId, ProcessLauncher, ProcessRunner};
+use banger_proto::agent::{BootConfig, ExecRequest, AGENT_PROTOCOL};
+use banger_proto::vm::{
+    CreateParams, ExecEvent, ExecInput, ExecParams, ExecResult, LogsResult, VmEvent, VmInfo,
+};
+use base64::Engine;
+
+use crate::config::Config;
+use crate::error::{OpError, OpResult};
+use crate::events::Events;
+use crate::ids;
+use crate::kernel::initramfs;
+use crate::paths::Paths;
+use crate::services::images::ImageService;
+use crate::services::kernels::KernelService;
+use crate::steps::{FailPoint, Steps};
+use crate::store::{Store, VmRecord, VmRuntime};
+use crate::suggest;
+use crate::vm::agent_client::{self, AgentSession, Input, Output};
+use crate::vm::vmm::{Accel, BootSpec, Qemu, Vmm};
+use crate::vm::{disk, keys, name};
+
+pub const WORK_MOUNT: &str = "/work";
+const DEFAULT_VCPUS: u32 = 1;
+const DEFAULT_MEMORY_MIB: u64 = 512;
+const MIN_DISK_BYTES: u64 = 4 << 30;
+const WORK_DISK_BYTES: u64 = 8 << 30;
+const STEPS_START: u32 = 5;
+
+pub struct VmService {
+    paths: Paths,
+    config: Config,
+    store: Arc<Store>,
+    runner: Arc<dyn ProcessRunner>,
+    launcher: Arc<dyn ProcessLauncher>,
+    images: Arc<ImageService>,
+    kernels: Arc<KernelService>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    sessions: tokio::sync::Mutex<HashMap<String, AgentSession>>,
+    pub fail_point: FailPoint,
+}
+
+fn step(events: &Events, step: &str, n: u32, of: u32) {
+    events.emit(&VmEvent::Step {
+        step: step.into(),
+        n,
+        of,
+    });
+}
+
+impl VmService {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        paths: Paths,
+        config: Config,
+        store: Arc<Store>,
+        runner: Arc<dyn ProcessRunner>,
+        launcher: Arc<dyn ProcessLauncher>,
+        images: Arc<ImageService>,
+        kernels: Arc<KernelService>,
+    ) -> VmService {
+        VmService {
+            paths,
+            config,
+            store,
+            runner,
+            launcher,
+            images,
+            kernels,
+            locks: Mutex::default(),
+            sessions: tokio::sync::Mutex::default(),
+            fail_point: FailPoint::default(),
+        }
+    }
+
+    fn vms_dir(&self) -> PathBuf {
+        self.paths.state_dir.join("vms")
+    }
+
+    async fn lock(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+            locks.entry(name.to_string()).or_default().clone()
+        };
+        lock.lock_owned().await
+    }
+
+    fn vmm(&self, kind: &str) -> OpResult<Box<dyn Vmm>> {
+        match kind {
+            "qemu" => Ok(Box::new(Qemu {
+                binary: self
+                    .config
+                    .qemu
+                    .binary
+                    .clone()
+                    .unwrap_or_else(|| "qemu-system-x86_64".into()),
+                accel: Accel::choose(self.config.qemu.accel.as_deref().unwrap_or("auto"))
+                    .map_err(OpError::invalid)?,
+            })),
+            "firecracker" => Err(OpError::invalid(
+                "the firecracker backend is not available in this build yet; use --vmm qemu",
+            )),
+            other => Err(OpError::invalid(format!(
+                "unknown VMM `{other}` (use qemu or firecracker)"
+            ))),
+        }
+    }
+
+    fn record(&self, name: &str) -> OpResult<VmRecord> {
+        self.store.get_vm(name)?.ok_or_else(|| {
+            let all = self.store.list_vms().unwrap_or_default();
+            let hint = match suggest::closest(name, all.iter().map(|v| v.name.as_str())) {
+                Some(near) => format!("; did you mean `{near}`?"),
+                None => "; `banger vm ls` lists VMs".into(),
+            };
+            OpError::not_found(format!("no VM named `{name}`{hint}"))
+        })
+    }
+
+    /// The live VMM of a VM, if it has one. A stale handle is cleared on the way.
+    fn live(&self, name: &str) -> OpResult<Option<VmRuntime>> {
+        let Some(rt) = self.store.get_runtime(name)? else {
+            return Ok(None);
+        };
+        if self.launcher.alive(ProcessId {
+            pid: rt.pid,
+            start_time: rt.start_time,
+        }) {
+            return Ok(Some(rt));
+        }
+        self.store.clear_runtime(name)?;
+        if let Ok(vm) = self.record(name) {
+            clean_run_files(Path::new(&vm.dir));
+        }
+        Ok(None)
+    }
+
+    fn info(&self, vm: &VmRecord) -> OpResult<VmInfo> {
+        let rt = self.live(&vm.name)?;
+        Ok(VmInfo {
+            name: vm.name.clone(),
+            state: if rt.is_some() { "running" } else { "stopped" }.into(),
+            image: vm.image.clone(),
+            kernel: vm.kernel.clone(),
+            vmm: vm.vmm.clone(),
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            disk_bytes: vm.disk_bytes,
+            cow_strategy: vm.cow_strategy.clone(),
+            dir: vm.dir.clone(),
+            work_mount: WORK_MOUNT.into(),
+            pid: rt.as_ref().map(|r| r.pid),
+            created_at: vm.created_at.clone(),
+            started_at: rt.map(|r| r.started_at),
+        })
+    }
+
+    pub fn list(&self) -> OpResult<Vec<VmInfo>> {
+        self.store
+            .list_vms()?
+            .iter()
+            .map(|v| self.info(v))
+            .collect()
+    }
+
+    pub fn inspect(&self, names: &[String]) -> OpResult<Vec<VmInfo>> {
+        names.iter().map(|n| self.info(&self.record(n)?)).collect()
+    }
+
+    /// After a daemon restart: VMs whose VMM still runs are kept (their SSH
+    /// connection is re-made on first use); dead ones are marked stopped and
+    /// their leftovers cleaned.
+    pub fn recover(&self) -> OpResult<()> {
+        for rt in self.store.list_runtimes()? {
+            if self.live(&rt.name)?.is_some() {
+                tracing::info!(vm = %rt.name, pid = rt.pid, "re-attached to a running VM");
+            } else {
+                tracing::info!(vm = %rt.name, "VM died while the daemon was away; marked stopped");
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn create(&self, params: CreateParams, events: Events) -> OpResult<VmInfo> {
+        name::validate(&params.name).map_err(OpError::invalid)?;
+        let _guard = self.lock(&params.name).await;
+        if self.store.get_vm(&params.name)?.is_some() {
+            return Err(OpError::conflict(format!(
+                "a VM named `{}` exists; pick another name or run `banger vm rm -f {}`",
+                params.name, params.name
+            )));
+        }
+        let image = self
+            .images
+            .inspect(std::slice::from_ref(&params.image))?
+            .remove(0);
+        let kernel = self.kernels.resolve(params.kernel.as_deref())?;
+        let vmm_kind = params
+            .vmm
+            .clone()
+            .or_else(|| self.config.default_vmm.clone())
+            .unwrap_or_else(|| "qemu".into());
+        self.vmm(&vmm_kind)?;
+        let vcpus = params.vcpus.unwrap_or(DEFAULT_VCPUS).clamp(1, 64);
+        let memory_mib = params.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB).max(64);
+        let disk_bytes = params
+            .disk_bytes
+            .unwrap_or(MIN_DISK_BYTES)
+            .max(image.size_bytes);
+
+        let mut steps = Steps::new(self.fail_point.clone());
+        let dir = self.vms_dir().join(&params.name);
+        steps.begin("dir")?;
+        std::fs::create_dir_all(self.vms_dir())?;
+        std::fs::create_dir(&dir)
+            .map_err(|e| OpError::internal(format!("creating {}: {e}", dir.display())))?;
+        let undo_dir = dir.clone();
+        steps.undo("dir", move || {
+            let _ = std::fs::remove_dir_all(&undo_dir);
+        });
+
+        step(&events, "disks", 1, 2);
+        steps.begin("root-disk")?;
+        let root = dir.join("root.ext4");
+        let (src, dst, runner) = (
+            PathBuf::from(&image.rootfs_path),
+            root.clone(),
+            self.runner.clone(),
+        );
+        let strategy = tokio::task::spawn_blocking(move || -> Result<disk::CowStrategy, String> {
+            let strategy = disk::clone_or_copy(&src, &dst)
+                .map_err(|e| format!("copying the image's root disk: {e}"))?;
+            disk::grow(runner.as_ref(), &dst, disk_bytes)?;
+            Ok(strategy)
+        })
+        .await
+        .map_err(|e| OpError::internal(e.to_string()))?
+        .map_err(OpError::internal)?;
+
+        steps.begin("work-disk")?;
+        let (work, runner) = (dir.join("work.ext4"), self.runner.clone());
+        tokio::task::spawn_blocking(move || {
+            disk::create_work_disk(runner.as_ref(), &work, WORK_DISK_BYTES)
+        })
+        .await
+        .map_err(|e| OpError::internal(e.to_string()))?
+        .map_err(OpError::internal)?;
+
+        step(&events, "keys", 2, 2);
+        steps.begin("host-key")?;
+        let host_key = keys::generate().map_err(OpError::internal)?;
+        keys::write_private(
+            &dir.join("host_key"),
+            &keys::to_openssh(&host_key).map_err(OpError::internal)?,
+        )?;
+
+        steps.begin("record")?;
+        let record = VmRecord {
+            name: params.name.clone(),
+            image: image.name.clone(),
+            kernel: kernel.name.clone(),
+            vmm: vmm_kind,
+            vcpus,
+            memory_mib,
+            disk_bytes,
+            cow_strategy: strategy.as_str().into(),
+            dir: dir.display().to_string(),
+            host_key_pub: keys::public_openssh(&host_key).map_err(OpError::internal)?,
+            created_at: ids::now_rfc3339(),
+        };
+        self.store.insert_vm(&record)?;
+        let (store, undo_name) = (self.store.clone(), record.name.clone());
+        steps.undo("record", move || {
+            let _ = store.delete_vm(&undo_name);
+        });
+        steps.commit();
+        tracing::info!(vm = %record.name, cow = %record.cow_strategy, "VM created");
+        drop(_guard);
+        if params.start {
+            return self.start(&record.name, events).await;
+        }
+        self.info(&record)
+    }
+
+    pub async fn start(&self, name: &str, events: Events) -> OpResult<VmInfo> {
+        let _guard = self.lock(name).await;
+        let vm = self.record(name)?;
+        if self.live(name)?.is_some() {
+            return self.info(&vm);
+        }
+        let vmm = self.vmm(&vm.vmm)?;
+        let kernel = self.kernels.get(&vm.kernel)?;
+        let dir = PathBuf::from(&vm.dir);
+        clean_run_files(&dir);
+        let mut steps = Steps::new(self.fail_point.clone());
+
+        step(&events, "initramfs", 1, STEPS_START);
+        steps.begin("initramfs")?;
+        let agent = crate::agent_bin::locate().map_err(OpError::internal)?;
+        let base = self.kernels.initramfs(&kernel, &agent).await?;
+        let host_key = std::fs::read_to_string(dir.join("host_key"))
+            .map_err(|e| OpError::internal(format!("reading the VM's host key: {e}")))?;
+        let client_key = keys::client_key(&self.paths.state_dir).map_err(OpError::internal)?;
+        let image_env = self
+            .images
+            .inspect(std::slice::from_ref(&vm.image))
+            .map(|mut i| i.remove(0).config.env)
+            .unwrap_or_default();
+        let boot = BootConfig {
+            protocol: AGENT_PROTOCOL,
+            hostname: vm.name.clone(),
+            root_device: "/dev/vda".into(),
+            work_device: Some("/dev/vdb".into()),
+            work_mount: Some(WORK_MOUNT.into()),
+            host_key,
+            authorized_keys: vec![keys::public_openssh(&client_key).map_err(OpError::internal)?],
+            transport: vmm.transport(),
+            env: image_env,
+        };
+        let initrd = dir.join("initrd.cpio");
+        let mut bytes = std::fs::read(&base)?;
+        bytes.extend_from_slice(&initramfs::vm_archive(
+            &serde_json::to_vec(&boot).expect("serialises"),
+        ));
+        keys::write_private(&initrd, "")?;
+        std::fs::write(&initrd, bytes)?;
+        let undo_dir = dir.clone();
+        steps.undo("initramfs", move || clean_run_files(&undo_dir));
+
+        step(&events, "launch", 2, STEPS_START);
+        steps.begin("launch")?;
+        let console = dir.join("console.log");
+        append_marker(
+            &console,
+            &format!("--- banger: boot at {} ---", ids::now_rfc3339()),
+        );
+        let spec = BootSpec {
+            dir: dir.clone(),
+            vmlinux: PathBuf::from(&kernel.vmlinux_path),
+            initrd: initrd.clone(),
+            root_disk: dir.join("root.ext4"),
+            work_disk: dir.join("work.ext4"),
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            console_log: console.clone(),
+        };
+        let command = vmm.command(&spec).map_err(OpError::invalid)?;
+        let pid = self
+            .launcher
+            .launch(&command)
+            .map_err(|e| OpError::internal(format!("launching {}: {e}", vm.vmm)))?;
+        let launcher = self.launcher.clone();
+        steps.undo("launch", move || kill_and_wait(launcher.as_ref(), pid));
+
+        steps.begin("runtime")?;
+        self.store.set_runtime(&VmRuntime {
+            name: vm.name.clone(),
+            pid: pid.pid,
+            start_time: pid.start_time,
+            started_at: ids::now_rfc3339(),
+        })?;
+        let (store, undo_name) = (self.store.clone(), vm.name.clone());
+        steps.undo("runtime", move || {
+            let _ = store.clear_runtime(&undo_name);
+        });
+
+        step(&events, "agent", 3, STEPS_START);
+        steps.begin("agent")?;
+        let timeout = Duration::from_secs(self.config.boot_timeout_secs.unwrap_or(60));
+        let launcher = self.launcher.clone();
+        let ready = agent_client::wait_ready(
+            &vmm.ctl_socket(&dir),
+            timeout,
+            || launcher.alive(pid),
+            |stage| {
+                events.emit(&VmEvent::Agent {
+                    stage: stage.to_string(),
+                })
+            },
+        )
+        .await;
+        if let Err(failure) = ready {
+            let tail = tail_lines(&console, 20);
+            return Err(OpError::internal(format!(
+                "VM `{name}` failed to boot at stage `{}`: {}\n--- last console lines ---\n{tail}\n--- (all of it: `banger vm logs {name}`)",
+                failure.stage, failure.message
+            )));
+        }
+
+        step(&events, "ssh", 4, STEPS_START);
+        steps.begin("ssh")?;
+        let session = self.connect(&vm, vmm.as_ref()).await?;
+        self.sessions.lock().await.insert(vm.name.clone(), session);
+        step(&events, "ready", 5, STEPS_START);
+        steps.commit();
+        tracing::info!(vm = %vm.name, pid = pid.pid, "VM running");
+        self.info(&vm)
+    }
+
+    async fn connect(&self, vm: &VmRecord, vmm: &dyn Vmm) -> OpResult<AgentSession> {
+        let socket = vmm.ssh_socket(Path::new(&vm.dir));
+        let stream = tokio::net::UnixStream::connect(&socket)
+            .await
+            .map_err(|e| {
+                OpError::internal(format!("connecting to the agent of `{}`: {e}", vm.name))
+            })?;
+        let host_key = keys::parse_public(&vm.host_key_pub).map_err(OpError::internal)?;
+        let client_key = keys::client_key(&self.paths.state_dir).map_err(OpError::internal)?;
+        AgentSession::connect(stream, host_key, client_key)
+            .await
+            .map_err(|e| OpError::internal(format!("VM `{}`: {e}", vm.name)))
+    }
+
+    /// The VM's SSH connection, made anew when there is none (after a
+    /// daemon restart) or the old one closed.
+    async fn session(&self, vm: &VmRecord) -> OpResult<AgentSession> {
+        if self.live(&vm.name)?.is_none() {
+            return Err(OpError::conflict(format!(
+                "VM `{}` is stopped; run `banger vm start {}`",
+                vm.name, vm.name
+            )));
+        }
+        let mut sessions = self.sessions.lock().await;
+        if let Some(s) = sessions.get(&vm.name) {
+            if !s.is_closed() {
+                return Ok(s.clone());
+            }
+        }
+        let vmm = self.vmm(&vm.vmm)?;
+        let session = self.connect(vm, vmm.as_ref()).await?;
+        sessions.insert(vm.name.clone(), session.clone());
+        Ok(session)
+    }
+
+    pub async fn stop(&self, name: &str, timeout: Duration) -> OpResult<VmInfo> {
+        let _guard = self.lock(name).await;
+        let vm = self.record(name)?;
+        self.stop_locked(&vm, timeout).await?;
+        self.info(&vm)
+    }
+
+    async fn stop_locked(&self, vm: &VmRecord, timeout: Duration) -> OpResult<()> {
+        let Some(rt) = self.live(&vm.name)? else {
+            return Ok(());
+        };
+        let pid = ProcessId {
+            pid: rt.pid,
+            start_time: rt.start_time,
+        };
+        if !timeout.is_zero() {
+            // Clean first: the agent syncs and unmounts before powering off.
+            if let Ok(session) = self.session(vm).await {
+                let _ = tokio::time::timeout(Duration::from_secs(2), session.poweroff()).await;
+            }
+            let deadline = tokio::time::Instant::now() + timeout;
+            while self.launcher.alive(pid) && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        if self.launcher.alive(pid) {
+            tracing::warn!(vm = %vm.name, "VM did not power off in time; killing its VMM");
+            let launcher = self.launcher.clone();
+            tokio::task::spawn_blocking(move || kill_and_wait(launcher.as_ref(), pid))
+                .await
+                .map_err(|e| OpError::internal(e.to_string()))?;
+        }
+        self.sessions.lock().await.remove(&vm.name);
+        self.store.clear_runtime(&vm.name)?;
+        clean_run_files(Path::new(&vm.dir));
+        tracing::info!(vm = %vm.name, "VM stopped");
+        Ok(())
+    }
+
+    pub async fn restart(&self, name: &str, timeout: Duration, events: Events) -> OpResult<VmInfo> {
+        self.stop(name, timeout).await?;
+        self.start(name, events).await
+    }
+
+    /// Removes VMs. Without `force`, a running VM or an unknown name fails the
+    /// whole request before anything changes; with it, running VMs are
+    /// stopped first and whatever is left of half-gone ones is cleaned.
+    pub async fn remove(&self, names: &[String], force: bool) -> OpResult<Vec<String>> {
+        if !force {
+            for name in names {
+                self.record(name)?;
+                if self.live(name)?.is_some() {
+                    return Err(OpError::conflict(format!(
+                        "VM `{name}` is running; stop it first (`banger vm stop {name}`) or pass -f"
+                    )));
+                }
+            }
+        }
+        let mut removed = Vec::new();
+        for name in names {
+            let _guard = self.lock(name).await;
+            let dir = self.vms_dir().join(name);
+            match self.store.get_vm(name)? {
+                Some(vm) => {
+                    self.stop_locked(&vm, Duration::ZERO).await?;
+                    self.store.delete_vm(name)?;
+                    let _ = std::fs::remove_dir_all(&vm.dir);
+                    removed.push(name.clone());
+                }
+                None => {
+                    if name::validate(name).is_ok() && dir.exists() {
+                        let _ = std::fs::remove_dir_all(&dir);
+                    }
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    pub async fn logs(
+        &self,
+        name: &str,
+        tail: Option<usize>,
+        follow: bool,
+        events: Events,
+        mut input: Option<tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>>,
+    ) -> OpResult<LogsResult> {
+        let vm = self.record(name)?;
+        let path = Path::new(&vm.dir).join("console.log");
+        let text = std::fs::read(&path).unwrap_or_default();
+        let mut text = String::from_utf8_lossy(&text).into_owned();
+        if let Some(n) = tail {
+            text = last_lines(&text, n);
+        }
+        if !follow {
+            return Ok(LogsResult { text });
+        }
+        events.emit(&serde_json::json!({ "text": text }));
+        let mut offset = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        loop {
+            let gone = async {
+                match input.as_mut() {
+                    Some(rx) => while rx.recv().await.is_some() {},
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = gone => return Ok(LogsResult { text: String::new() }),
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+            let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            if len > offset {
+                use std::io::{Read, Seek, SeekFrom};
+                let mut f = std::fs::File::open(&path)?;
+                f.seek(SeekFrom::Start(offset))?;
+                let mut chunk = Vec::new();
+                f.take(len - offset).read_to_end(&mut chunk)?;
+                offset = len;
+                events.emit(&serde_json::json!({ "text": String::from_utf8_lossy(&chunk) }));
+            }
+            if self.live(name)?.is_none() {
+                return Ok(LogsResult {
+                    text: String::new(),
+                });
+            }
+        }
+    }
+
+    pub async fn exec(
+        &self,
+        params: ExecParams,
+        events: Events,
+        input: Option<tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>>,
+    ) -> OpResult<ExecResult> {
+        if params.argv.is_empty() {
+            return Err(OpError::invalid(
+                "no command given: `banger vm exec NAME -- CMD ARGS…`",
+            ));
+        }
+        let vm = self.record(&params.name)?;
+        let session = self.session(&vm).await?;
+        let default_user = self
+            .images
+            .inspect(std::slice::from_ref(&vm.image))
+            .ok()
+            .and_then(|mut i| Some(i.remove(0).config.user).filter(|u| !u.is_empty()));
+        let request = ExecRequest {
+            argv: params.argv,
+            env: params.env,
+            cwd: params.cwd,
+            user: params.user.or(default_user),
+        };
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        // Without a caller stream, stdin is empty; the sender lives until the
+        // command ends so its absence is not taken for a vanished caller.
+        let mut _no_input = None;
+        if let Some(mut input) = input {
+            tokio::spawn(async move {
+                while let Some(value) = input.recv().await {
+                    let Ok(msg) = serde_json::from_value::<ExecInput>(value) else {
+                        continue;
+                    };
+                    let translated = match msg {
+                        ExecInput::Stdin(b64) => {
+                            match base64::engine::general_purpose::STANDARD.decode(b64) {
+                                Ok(bytes) => Input::Stdin(bytes),
+                                Err(_) => continue,
+                            }
+                        }
+                        ExecInput::StdinEof => Input::StdinEof,
+                        ExecInput::Signal(name) => Input::Signal(name),
+                        ExecInput::Resize(c, r) => Input::Resize(c, r),
+                    };
+                    if tx.send(translated).is_err() {
+                        return;
+                    }
+                }
+            });
+        } else {
+            let _ = tx.send(Input::StdinEof);
+            _no_input = Some(tx);
+        }
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+        let status = session
+            .exec(&request, params.tty, rx, |out| match out {
+                Output::Stdout(b) => events.emit(&ExecEvent::Stdout(b64(&b))),
+                Output::Stderr(b) => events.emit(&ExecEvent::Stderr(b64(&b))),
+            })
+            .await
+            .map_err(|e| OpError::internal(format!("VM `{}`: {e}", vm.name)))?;
+        Ok(ExecResult {
+            exit_code: status.code,
+            signal: status.signal,
+        })
+    }
+}
+
+fn kill_and_wait(launcher: &dyn ProcessLauncher, pid: ProcessId) {
+    let _ = launcher.signal(pid, libc::SIGTERM);
+    for _ in 0..40 {
+        if !launcher.alive(pid) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let _ = launcher.signal(pid, libc::SIGKILL);
+    for _ in 0..200 {
+        if !launcher.alive(pid) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// What exists only while a VM runs: sockets and the per-boot initramfs.
+fn clean_run_files(dir: &Path) {
+    for f in ["ctl.sock", "ssh.sock", "initrd.cpio"] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+}
+
+fn append_marker(path: &Path, line: &str) {
+    use std::io::Write;
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(f, "{line}");
+    }
+}
+
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(n);
+    let mut out = lines[start..].join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    out
+}
+
+fn tail_lines(path: &Path, n: usize) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    last_lines(&String::from_utf8_lossy(&text), n)
+}

@@ -1,0 +1,89 @@
+//! Multi-step operations whose every step can be undone: if a later step
+//! fails (or the operation is dropped half way), the undo actions of the
+//! steps before it run in reverse order and leave nothing behind.
+
+use crate::error::{OpError, OpResult};
+
+type UndoFn = Box<dyn FnOnce() + Send>;
+
+/// Test seam: make the step with this name fail.
+#[derive(Clone, Default, Debug)]
+pub struct FailPoint(pub Option<String>);
+
+pub struct Steps {
+    undo: Vec<(String, UndoFn)>,
+    fail_at: FailPoint,
+    done: bool,
+}
+
+impl Steps {
+    pub fn new(fail_at: FailPoint) -> Steps {
+        Steps {
+            undo: Vec::new(),
+            fail_at,
+            done: false,
+        }
+    }
+
+    /// Marks the start of a step; fails when the fail point names it.
+    pub fn begin(&self, step: &str) -> OpResult<()> {
+        if self.fail_at.0.as_deref() == Some(step) {
+            return Err(OpError::internal(format!(
+                "injected failure at step `{step}`"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Registers how to undo the step that just succeeded.
+    pub fn undo(&mut self, step: &str, f: impl FnOnce() + Send + 'static) {
+        self.undo.push((step.to_string(), Box::new(f)));
+    }
+
+    /// Everything succeeded: keep it.
+    pub fn commit(mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for Steps {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        while let Some((step, f)) = self.undo.pop() {
+            tracing::info!(step = %step, "undoing");
+            f();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn undo_runs_in_reverse_unless_committed() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        {
+            let mut s = Steps::new(FailPoint::default());
+            for name in ["a", "b", "c"] {
+                s.begin(name).unwrap();
+                let log = log.clone();
+                s.undo(name, move || log.lock().unwrap().push(name));
+            }
+        }
+        assert_eq!(*log.lock().unwrap(), ["c", "b", "a"]);
+        log.lock().unwrap().clear();
+        let mut s = Steps::new(FailPoint(Some("b".into())));
+        s.begin("a").unwrap();
+        let l = log.clone();
+        s.undo("a", move || l.lock().unwrap().push("a"));
+        assert!(s.begin("b").is_err());
+        drop(s);
+        assert_eq!(*log.lock().unwrap(), ["a"]);
+        let s = Steps::new(FailPoint::default());
+        s.commit();
+    }
+}

@@ -1,0 +1,142 @@
+//! VM records (durable) and their runtime handles (transient: pid and start
+//! time of the VMM, valid only while that process lives).
+
+use rusqlite::{params, OptionalExtension, Row};
+
+use super::Store;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmRecord {
+    pub name: String,
+    pub image: String,
+    pub kernel: String,
+    pub vmm: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_bytes: u64,
+    pub cow_strategy: String,
+    pub dir: String,
+    pub host_key_pub: String,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmRuntime {
+    pub name: String,
+    pub pid: u32,
+    pub start_time: u64,
+    pub started_at: String,
+}
+
+const VM_COLUMNS: &str =
+    "name, image, kernel, vmm, vcpus, memory_mib, disk_bytes, cow_strategy, dir, host_key_pub, created_at";
+
+fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<VmRecord> {
+    Ok(VmRecord {
+        name: row.get(0)?,
+        image: row.get(1)?,
+        kernel: row.get(2)?,
+        vmm: row.get(3)?,
+        vcpus: row.get(4)?,
+        memory_mib: row.get::<_, i64>(5)? as u64,
+        disk_bytes: row.get::<_, i64>(6)? as u64,
+        cow_strategy: row.get(7)?,
+        dir: row.get(8)?,
+        host_key_pub: row.get(9)?,
+        created_at: row.get(10)?,
+    })
+}
+
+fn runtime_from_row(row: &Row<'_>) -> rusqlite::Result<VmRuntime> {
+    Ok(VmRuntime {
+        name: row.get(0)?,
+        pid: row.get(1)?,
+        start_time: row.get::<_, i64>(2)? as u64,
+        started_at: row.get(3)?,
+    })
+}
+
+impl Store {
+    pub fn insert_vm(&self, vm: &VmRecord) -> rusqlite::Result<()> {
+        self.conn().execute(
+            &format!("INSERT INTO vms ({VM_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11)"),
+            params![
+                vm.name,
+                vm.image,
+                vm.kernel,
+                vm.vmm,
+                vm.vcpus,
+                vm.memory_mib as i64,
+                vm.disk_bytes as i64,
+                vm.cow_strategy,
+                vm.dir,
+                vm.host_key_pub,
+                vm.created_at
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn get_vm(&self, name: &str) -> rusqlite::Result<Option<VmRecord>> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {VM_COLUMNS} FROM vms WHERE name = ?1"),
+                [name],
+                vm_from_row,
+            )
+            .optional()
+    }
+
+    pub fn list_vms(&self) -> rusqlite::Result<Vec<VmRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!("SELECT {VM_COLUMNS} FROM vms ORDER BY name"))?;
+        let rows = stmt.query_map([], vm_from_row)?;
+        rows.collect()
+    }
+
+    pub fn delete_vm(&self, name: &str) -> rusqlite::Result<bool> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM vms WHERE name = ?1", [name])?
+            > 0)
+    }
+
+    /// Names of VMs built from `image`.
+    pub fn vms_using_image(&self, image: &str) -> rusqlite::Result<Vec<String>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT name FROM vms WHERE image = ?1 ORDER BY name")?;
+        let rows = stmt.query_map([image], |r| r.get(0))?;
+        rows.collect()
+    }
+
+    pub fn set_runtime(&self, rt: &VmRuntime) -> rusqlite::Result<()> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO vm_runtime (name, pid, start_time, started_at) VALUES (?1,?2,?3,?4)",
+            params![rt.name, rt.pid, rt.start_time as i64, rt.started_at],
+        )?;
+        Ok(())
+    }
+
+    pub fn get_runtime(&self, name: &str) -> rusqlite::Result<Option<VmRuntime>> {
+        self.conn()
+            .query_row(
+                "SELECT name, pid, start_time, started_at FROM vm_runtime WHERE name = ?1",
+                [name],
+                runtime_from_row,
+            )
+            .optional()
+    }
+
+    pub fn list_runtimes(&self) -> rusqlite::Result<Vec<VmRuntime>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT name, pid, start_time, started_at FROM vm_runtime")?;
+        let rows = stmt.query_map([], runtime_from_row)?;
+        rows.collect()
+    }
+
+    pub fn clear_runtime(&self, name: &str) -> rusqlite::Result<()> {
+        self.conn()
+            .execute("DELETE FROM vm_runtime WHERE name = ?1", [name])?;
+        Ok(())
+    }
+}

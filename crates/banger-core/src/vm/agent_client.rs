@@ -1,0 +1,304 @@
+//! The daemon's side of the guest agent: waiting for its readiness report,
+//! and one pinned SSH connection per running VM over which commands run.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use banger_proto::agent::{AgentReport, ExecRequest, AGENT_PROTOCOL, EXEC_PREFIX};
+use russh::client::{self, Handle};
+use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
+use russh::{ChannelMsg, Sig};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, BufReader};
+
+/// The command the agent treats as "power off cleanly".
+pub const POWEROFF: &str = "banger-poweroff";
+
+#[derive(Debug)]
+pub struct BootFailure {
+    /// The last stage the agent reported, or where the host was waiting.
+    pub stage: String,
+    pub message: String,
+}
+
+/// Reads agent reports from the control socket until `ready`. Fails when the
+/// agent reports a failure, the VMM dies, or `timeout` passes.
+pub async fn wait_ready(
+    ctl_socket: &Path,
+    timeout: Duration,
+    vmm_alive: impl Fn() -> bool,
+    mut on_stage: impl FnMut(&str),
+) -> Result<(), BootFailure> {
+    let deadline = Instant::now() + timeout;
+    let mut stage = "launch".to_string();
+    let fail = |stage: &str, message: String| BootFailure {
+        stage: stage.to_string(),
+        message,
+    };
+    let stream = loop {
+        match tokio::net::UnixStream::connect(ctl_socket).await {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline && vmm_alive() => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            Err(e) if vmm_alive() => {
+                return Err(fail(
+                    &stage,
+                    format!("cannot reach the agent's control channel: {e}"),
+                ))
+            }
+            Err(_) => {
+                return Err(fail(
+                    &stage,
+                    "the VMM exited before the guest agent started".into(),
+                ))
+            }
+        }
+    };
+    stage = "kernel".into();
+    let mut lines = BufReader::new(stream).lines();
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let line = tokio::select! {
+            line = tokio::time::timeout(remaining, lines.next_line()) => line,
+            _ = wait_dead(&vmm_alive) => {
+                return Err(fail(&stage, "the VM stopped during boot".into()));
+            }
+        };
+        let line = match line {
+            Err(_) => {
+                return Err(fail(
+                    &stage,
+                    format!("the guest agent was not ready after {}s", timeout.as_secs()),
+                ))
+            }
+            Ok(Ok(Some(line))) => line,
+            Ok(Ok(None)) | Ok(Err(_)) => {
+                return Err(fail(
+                    &stage,
+                    "the agent's control channel closed during boot".into(),
+                ));
+            }
+        };
+        let Ok(report) = serde_json::from_str::<AgentReport>(&line) else {
+            continue;
+        };
+        if report.protocol != AGENT_PROTOCOL {
+            return Err(fail(
+                &stage,
+                format!(
+                    "the guest agent speaks protocol {} but banger needs {AGENT_PROTOCOL}",
+                    report.protocol
+                ),
+            ));
+        }
+        match report.stage.as_str() {
+            "ready" => return Ok(()),
+            "failed" => {
+                return Err(fail(
+                    &stage,
+                    report.error.unwrap_or_else(|| "unknown error".into()),
+                ))
+            }
+            other => {
+                stage = other.to_string();
+                on_stage(other);
+            }
+        }
+    }
+}
+
+async fn wait_dead(alive: &impl Fn() -> bool) {
+    while alive() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+struct Pinned {
+    expected: PublicKey,
+}
+
+impl client::Handler for Pinned {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(
+            matches!(key, PublicKeyOrCertificate::PublicKey { key, .. } if key.key_data() == self.expected.key_data()),
+        )
+    }
+}
+
+/// An authenticated SSH connection to a VM's agent.
+#[derive(Clone)]
+pub struct AgentSession {
+    handle: Arc<Handle<Pinned>>,
+}
+
+/// What an exec produced, delivered as it arrives.
+pub enum Output {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+}
+
+/// What the caller feeds an exec.
+pub enum Input {
+    Stdin(Vec<u8>),
+    StdinEof,
+    Signal(String),
+    Resize(u16, u16),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitStatus {
+    pub code: i32,
+    pub signal: Option<String>,
+}
+
+impl AgentSession {
+    pub async fn connect<S>(
+        stream: S,
+        host_key: PublicKey,
+        client_key: Arc<PrivateKey>,
+    ) -> Result<AgentSession, String>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let config = Arc::new(client::Config {
+            inactivity_timeout: None,
+            nodelay: true,
+            ..Default::default()
+        });
+        let mut handle = client::connect_stream(config, stream, Pinned { expected: host_key })
+            .await
+            .map_err(|e| format!("SSH handshake with the agent: {e}"))?;
+        let auth = handle
+            .authenticate_publickey("root", PrivateKeyWithHashAlg::new(client_key, None))
+            .await
+            .map_err(|e| format!("SSH authentication: {e}"))?;
+        if !auth.success() {
+            return Err("the agent refused banger's key".into());
+        }
+        Ok(AgentSession {
+            handle: Arc::new(handle),
+        })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.handle.is_closed()
+    }
+
+    /// Runs a command; output goes to `on_output`, input comes from `input`.
+    pub async fn exec(
+        &self,
+        request: &ExecRequest,
+        tty: Option<(String, u16, u16)>,
+        mut input: tokio::sync::mpsc::UnboundedReceiver<Input>,
+        mut on_output: impl FnMut(Output),
+    ) -> Result<ExitStatus, String> {
+        let mut channel = self
+            .handle
+            .channel_open_session()
+            .await
+            .map_err(|e| format!("opening a channel: {e}"))?;
+        if let Some((term, cols, rows)) = &tty {
+            channel
+                .request_pty(false, term, *cols as u32, *rows as u32, 0, 0, &[])
+                .await
+                .map_err(|e| format!("requesting a terminal: {e}"))?;
+        }
+        let command = format!(
+            "{EXEC_PREFIX}{}",
+            serde_json::to_string(request).expect("requests serialise")
+        );
+        channel
+            .exec(true, command)
+            .await
+            .map_err(|e| format!("starting the command: {e}"))?;
+        let mut status: Option<ExitStatus> = None;
+        let mut input_open = true;
+        loop {
+            tokio::select! {
+                msg = channel.wait() => match msg {
+                    Some(ChannelMsg::Data { data }) => on_output(Output::Stdout(data.to_vec())),
+                    Some(ChannelMsg::ExtendedData { data, ext: 1 }) => on_output(Output::Stderr(data.to_vec())),
+                    Some(ChannelMsg::ExitStatus { exit_status }) => {
+                        status = Some(ExitStatus { code: exit_status as i32, signal: None });
+                    }
+                    Some(ChannelMsg::ExitSignal { signal_name, .. }) => {
+                        let (name, number) = signal_info(&signal_name);
+                        status = Some(ExitStatus { code: 128 + number, signal: Some(name) });
+                    }
+                    Some(ChannelMsg::Failure) => return Err("the agent refused the command".into()),
+                    Some(_) => {}
+                    None => break,
+                },
+                next = input.recv(), if input_open => match next {
+                    Some(Input::Stdin(bytes)) => { let _ = channel.data_bytes(bytes).await; }
+                    Some(Input::StdinEof) => { let _ = channel.eof().await; }
+                    Some(Input::Signal(name)) => { let _ = channel.signal(sig_from_name(&name)).await; }
+                    Some(Input::Resize(cols, rows)) => { let _ = channel.window_change(cols as u32, rows as u32, 0, 0).await; }
+                    None => {
+                        input_open = false;
+                        // The caller went away: its command goes with it.
+                        let _ = channel.signal(Sig::HUP).await;
+                        let _ = channel.eof().await;
+                    }
+                },
+            }
+        }
+        status.ok_or_else(|| "the connection to the VM closed before the command finished".into())
+    }
+
+    /// Asks the agent to sync, unmount and power off.
+    pub async fn poweroff(&self) -> Result<(), String> {
+        let channel = self
+            .handle
+            .channel_open_session()
+            .await
+            .map_err(|e| e.to_string())?;
+        channel
+            .exec(true, POWEROFF)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn signal_info(sig: &Sig) -> (String, i32) {
+    let (name, num) = match sig {
+        Sig::ABRT => ("ABRT", libc::SIGABRT),
+        Sig::ALRM => ("ALRM", libc::SIGALRM),
+        Sig::FPE => ("FPE", libc::SIGFPE),
+        Sig::HUP => ("HUP", libc::SIGHUP),
+        Sig::ILL => ("ILL", libc::SIGILL),
+        Sig::INT => ("INT", libc::SIGINT),
+        Sig::KILL => ("KILL", libc::SIGKILL),
+        Sig::PIPE => ("PIPE", libc::SIGPIPE),
+        Sig::QUIT => ("QUIT", libc::SIGQUIT),
+        Sig::SEGV => ("SEGV", libc::SIGSEGV),
+        Sig::TERM => ("TERM", libc::SIGTERM),
+        Sig::USR1 => ("USR1", libc::SIGUSR1),
+        Sig::Custom(s) => return (s.clone(), s.trim_start_matches("SIG").parse().unwrap_or(0)),
+    };
+    (name.to_string(), num)
+}
+
+pub fn sig_from_name(name: &str) -> Sig {
+    match name.trim_start_matches("SIG") {
+        "ABRT" => Sig::ABRT,
+        "ALRM" => Sig::ALRM,
+        "FPE" => Sig::FPE,
+        "HUP" => Sig::HUP,
+        "ILL" => Sig::ILL,
+        "INT" => Sig::INT,
+        "KILL" => Sig::KILL,
+        "PIPE" => Sig::PIPE,
+        "QUIT" => Sig::QUIT,
+        "SEGV" => Sig::SEGV,
+        "TERM" => Sig::TERM,
+        "USR1" => Sig::USR1,
+        other => Sig::Custom(other.to_string()),
+    }
+}

@@ -1,0 +1,169 @@
+//! A VM's disks: the root disk, copy-on-write over the image's ext4 where the
+//! filesystem allows (reflink), a sparse copy otherwise; and the work disk.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use banger_host::{CommandSpec, ProcessRunner};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CowStrategy {
+    /// Blocks shared with the image until written (FICLONE: btrfs, xfs).
+    Reflink,
+    /// A sparse full copy: works everywhere, costs the image's size.
+    Copy,
+    /// A device-mapper snapshot through the privileged helper.
+    DmSnapshot,
+}
+
+impl CowStrategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CowStrategy::Reflink => "reflink",
+            CowStrategy::Copy => "copy",
+            CowStrategy::DmSnapshot => "dm-snapshot",
+        }
+    }
+}
+
+const FICLONE: libc::c_ulong = 0x4004_9409;
+
+/// Makes `dst` a copy of `src`, sharing blocks when the filesystem can.
+pub fn clone_or_copy(src: &Path, dst: &Path) -> io::Result<CowStrategy> {
+    let input = File::open(src)?;
+    let output = OpenOptions::new().write(true).create_new(true).open(dst)?;
+    // SAFETY: FICLONE with two valid descriptors.
+    let rc = unsafe { libc::ioctl(output.as_raw_fd(), FICLONE, input.as_raw_fd()) };
+    if rc == 0 {
+        return Ok(CowStrategy::Reflink);
+    }
+    sparse_copy(&input, &output)?;
+    output.sync_all()?;
+    Ok(CowStrategy::Copy)
+}
+
+/// Whether `dir`'s filesystem can reflink (for `doctor`).
+pub fn reflink_supported(dir: &Path) -> bool {
+    let a = dir.join(format!(".reflink-probe-{}", std::process::id()));
+    let b = dir.join(format!(".reflink-probe-{}-b", std::process::id()));
+    let ok = std::fs::write(&a, b"probe").is_ok()
+        && matches!(clone_or_copy(&a, &b), Ok(CowStrategy::Reflink));
+    let _ = std::fs::remove_file(&a);
+    let _ = std::fs::remove_file(&b);
+    ok
+}
+
+/// Copies only the data extents, leaving holes as holes.
+fn sparse_copy(input: &File, output: &File) -> io::Result<()> {
+    let len = input.metadata()?.len();
+    output.set_len(len)?;
+    let (fin, fout) = (input.as_raw_fd(), output.as_raw_fd());
+    let mut pos: i64 = 0;
+    while (pos as u64) < len {
+        // SAFETY: lseek on a valid descriptor.
+        let data = unsafe { libc::lseek(fin, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // ENXIO: only a hole is left.
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fin, data, libc::SEEK_HOLE) };
+        let end = if hole < 0 { len as i64 } else { hole };
+        let mut off_in = data;
+        let mut off_out = data;
+        while off_in < end {
+            // SAFETY: copy_file_range between valid descriptors and offsets.
+            let n = unsafe {
+                libc::copy_file_range(
+                    fin,
+                    &mut off_in,
+                    fout,
+                    &mut off_out,
+                    (end - off_in) as usize,
+                    0,
+                )
+            };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if n == 0 {
+                break;
+            }
+        }
+        pos = end;
+    }
+    Ok(())
+}
+
+/// Grows an ext4 image file to `size` bytes and its filesystem with it.
+pub fn grow(runner: &dyn ProcessRunner, path: &Path, size: u64) -> Result<(), String> {
+    let current = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
+    if size <= current {
+        return Ok(());
+    }
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_len(size))
+        .map_err(|e| e.to_string())?;
+    runner
+        .run(&CommandSpec::new("resize2fs").arg("-f").arg(path))
+        .map_err(|e| format!("growing the root filesystem: {e}"))?;
+    Ok(())
+}
+
+/// A sparse ext4 work disk; lazy init keeps creation instant whatever its size.
+pub fn create_work_disk(runner: &dyn ProcessRunner, path: &Path, size: u64) -> Result<(), String> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| e.to_string())?;
+    file.set_len(size).map_err(|e| e.to_string())?;
+    drop(file);
+    runner
+        .run(
+            &CommandSpec::new("mkfs.ext4")
+                .args([
+                    "-q",
+                    "-F",
+                    "-L",
+                    "work",
+                    "-m",
+                    "0",
+                    "-E",
+                    "lazy_itable_init=1,lazy_journal_init=1",
+                ])
+                .arg(path),
+        )
+        .map_err(|e| format!("making the work disk: {e}"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Seek, SeekFrom, Write};
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn copies_keep_content_and_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        let mut f = File::create(&src).unwrap();
+        f.write_all(b"head").unwrap();
+        f.seek(SeekFrom::Start(64 * 1024 * 1024)).unwrap();
+        f.write_all(b"tail").unwrap();
+        drop(f);
+        let dst = dir.path().join("dst");
+        let strategy = clone_or_copy(&src, &dst).unwrap();
+        let (a, b) = (std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+        assert_eq!(a, b);
+        if strategy == CowStrategy::Copy {
+            let blocks = std::fs::metadata(&dst).unwrap().blocks();
+            assert!(blocks < 1024, "the hole stayed a hole ({blocks} blocks)");
+        }
+        assert!(clone_or_copy(&src, &dst).is_err(), "never overwrites");
+    }
+}

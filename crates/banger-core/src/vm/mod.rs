@@ -1,0 +1,7 @@
+//! Virtual machines: names, disks, VMM backends and the guest agent link.
+
+pub mod agent_client;
+pub mod disk;
+pub mod keys;
+pub mod name;
+pub mod vmm;

@@ -1,0 +1,32 @@
+//! VM names are DNS labels: they become hostnames and `NAME.vm`.
+
+pub fn validate(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid VM name `{name}`: use a DNS label (lowercase letters, digits and `-`, \
+             not starting or ending with `-`, at most 63 characters)"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dns_labels_only() {
+        for good in ["web", "a", "web-1", "0x", &"a".repeat(63)] {
+            assert!(super::validate(good).is_ok(), "{good}");
+        }
+        for bad in ["", "-a", "a-", "Web", "a_b", "a.b", &"a".repeat(64)] {
+            assert!(super::validate(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! VMM backends behind one trait: QEMU `microvm` (KVM or TCG) and Firecracker.
+
+use std::path::{Path, PathBuf};
+
+use banger_host::LaunchSpec;
+use banger_proto::agent::{Transport, CTL_PORT_NAME, SSH_PORT_NAME};
+
+/// Everything a backend needs to boot one VM.
+#[derive(Debug, Clone)]
+pub struct BootSpec {
+    pub dir: PathBuf,
+    pub vmlinux: PathBuf,
+    pub initrd: PathBuf,
+    pub root_disk: PathBuf,
+    pub work_disk: PathBuf,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub console_log: PathBuf,
+}
+
+/// Kernel arguments every banger VM boots with.
+pub const CMDLINE: &str = "console=ttyS0 panic=-1 quiet loglevel=4";
+
+pub trait Vmm: Send + Sync {
+    fn kind(&self) -> &'static str;
+    /// How the agent is reached on this backend.
+    fn transport(&self) -> Transport;
+    /// The process to launch.
+    fn command(&self, spec: &BootSpec) -> Result<LaunchSpec, String>;
+    /// The Unix socket where the agent's readiness reports arrive.
+    fn ctl_socket(&self, dir: &Path) -> PathBuf;
+    /// The Unix socket that carries the SSH connection.
+    fn ssh_socket(&self, dir: &Path) -> PathBuf;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    /// `auto` picks KVM when /dev/kvm can be opened; `BANGER_QEMU_ACCEL`
+    /// overrides the config.
+    pub fn choose(configured: &str) -> Result<Accel, String> {
+        let wanted = std::env::var("BANGER_QEMU_ACCEL").unwrap_or_else(|_| configured.to_string());
+        match wanted.as_str() {
+            "kvm" => Ok(Accel::Kvm),
+            "tcg" => Ok(Accel::Tcg),
+            "auto" | "" => Ok(if kvm_usable() { Accel::Kvm } else { Accel::Tcg }),
+            other => Err(format!(
+                "unknown qemu accelerator `{other}` (use auto, kvm or tcg)"
+            )),
+        }
+    }
+}
+
+pub fn kvm_usable() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+pub struct Qemu {
+    pub binary: String,
+    pub accel: Accel,
+}
+
+impl Vmm for Qemu {
+    fn kind(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn transport(&self) -> Transport {
+        Transport::VirtioSerial
+    }
+
+    fn ctl_socket(&self, dir: &Path) -> PathBuf {
+        dir.join("ctl.sock")
+    }
+
+    fn ssh_socket(&self, dir: &Path) -> PathBuf {
+        dir.join("ssh.sock")
+    }
+
+    fn command(&self, spec: &BootSpec) -> Result<LaunchSpec, String> {
+        let path = |p: &Path| -> Result<String, String> {
+            let s = p
+                .to_str()
+                .ok_or_else(|| format!("path {} is not UTF-8", p.display()))?;
+            // QEMU's option syntax gives commas a meaning.
+            if s.contains(',') {
+                return Err(format!(
+                    "path {s} contains a comma, which QEMU options cannot carry"
+                ));
+            }
+            Ok(s.to_string())
+        };
+        let (accel, cpu) = match self.accel {
+            Accel::Kvm => ("kvm", "host"),
+            Accel::Tcg => ("tcg", "max"),
+        };
+        let mut args: Vec<String> = vec![
+            "-M".into(),
+            "microvm,x-option-roms=off,rtc=on".into(),
+            "-accel".into(),
+            accel.into(),
+            "-cpu".into(),
+            cpu.into(),
+            "-m".into(),
+            format!("{}M", spec.memory_mib),
+            "-smp".into(),
+            spec.vcpus.to_string(),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-nographic".into(),
+            // A guest reboot ends the process: that is how the agent powers off.
+            "-no-reboot".into(),
+            "-kernel".into(),
+            path(&spec.vmlinux)?,
+            "-initrd".into(),
+            path(&spec.initrd)?,
+            "-append".into(),
+            CMDLINE.into(),
+            "-chardev".into(),
+            format!(
+                "file,id=console,path={},append=on",
+                path(&spec.console_log)?
+            ),
+            "-serial".into(),
+            "chardev:console".into(),
+        ];
+        for (id, disk) in [("root", &spec.root_disk), ("work", &spec.work_disk)] {
+            args.push("-drive".into());
+            args.push(format!(
+                "id={id},file={},format=raw,if=none,discard=unmap",
+                path(disk)?
+            ));
+            args.push("-device".into());
+            args.push(format!("virtio-blk-device,drive={id}"));
+        }
+        args.push("-device".into());
+        args.push("virtio-serial-device".into());
+        for (id, socket, name) in [
+            ("ctl", self.ctl_socket(&spec.dir), CTL_PORT_NAME),
+            ("ssh", self.ssh_socket(&spec.dir), SSH_PORT_NAME),
+        ] {
+            args.push("-chardev".into());
+            args.push(format!(
+                "socket,id={id},path={},server=on,wait=off",
+                path(&socket)?
+            ));
+            args.push("-device".into());
+            args.push(format!("virtserialport,chardev={id},name={name}"));
+        }
+        Ok(LaunchSpec {
+            program: self.binary.clone(),
+            args,
+            log: spec.dir.join("vmm.log"),
+            cwd: Some(spec.dir.clone()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(dir: &str) -> BootSpec {
+        let d = PathBuf::from(dir);
+        BootSpec {
+            vmlinux: d.join("vmlinux"),
+            initrd: d.join("initrd"),
+            root_disk: d.join("root.ext4"),
+            work_disk: d.join("work.ext4"),
+            console_log: d.join("console.log"),
+            dir: d,
+            vcpus: 2,
+            memory_mib: 512,
+        }
+    }
+
+    #[test]
+    fn qemu_command_boots_the_elf_kernel_with_both_disks_and_agent_ports() {
+        let q = Qemu {
+            binary: "qemu-system-x86_64".into(),
+            accel: Accel::Tcg,
+        };
+        let cmd = q.command(&spec("/vms/web")).unwrap();
+        let line = cmd.args.join(" ");
+        assert!(
+            line.contains("-M microvm") && line.contains("-accel tcg -cpu max"),
+            "{line}"
+        );
+        assert!(line.contains("-kernel /vms/web/vmlinux") && line.contains("-no-reboot"));
+        let root = line.find("drive=root").unwrap();
+        let work = line.find("drive=work").unwrap();
+        assert!(root < work, "the root disk is the first virtio disk (vda)");
+        assert!(line.contains("name=banger.ssh") && line.contains("name=banger.ctl"));
+        assert!(q.command(&spec("/vms/we,b")).is_err(), "commas are refused");
+    }
+}

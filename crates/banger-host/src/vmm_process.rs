@@ -1,0 +1,212 @@
+//! Long-lived VMM processes: started in their own session so they outlive the
+//! daemon, and identified by pid plus start time so a recycled pid is never
+//! mistaken for (or signalled as) ours.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use crate::process::HostError;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchSpec {
+    pub program: String,
+    pub args: Vec<String>,
+    /// Where the process's stdout and stderr go (appended).
+    pub log: PathBuf,
+    pub cwd: Option<PathBuf>,
+}
+
+/// A process we started: pid and its start time in clock ticks since boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessId {
+    pub pid: u32,
+    pub start_time: u64,
+}
+
+pub trait ProcessLauncher: Send + Sync {
+    /// Starts a detached process (own session, stdin from /dev/null).
+    fn launch(&self, spec: &LaunchSpec) -> Result<ProcessId, HostError>;
+    /// Whether that very process is still alive (not a zombie, same start time).
+    fn alive(&self, id: ProcessId) -> bool;
+    /// Sends a signal to that very process; a process that is gone is not an error.
+    fn signal(&self, id: ProcessId, signal: i32) -> Result<(), HostError>;
+}
+
+/// Start time (field 22 of /proc/PID/stat) and whether it is a zombie.
+pub fn stat(pid: u32) -> Option<(u64, bool)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: parse after the last ')'.
+    let rest = &text[text.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = *fields.first()?;
+    let start = fields.get(19)?.parse().ok()?;
+    Some((start, state == "Z" || state == "X"))
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct RealLauncher;
+
+impl ProcessLauncher for RealLauncher {
+    fn launch(&self, spec: &LaunchSpec) -> Result<ProcessId, HostError> {
+        use std::os::unix::process::CommandExt;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&spec.log)
+            .map_err(|source| HostError::Spawn {
+                program: spec.program.clone(),
+                source,
+            })?;
+        let err_log = log.try_clone().map_err(|source| HostError::Spawn {
+            program: spec.program.clone(),
+            source,
+        })?;
+        let mut cmd = std::process::Command::new(&spec.program);
+        cmd.args(&spec.args)
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(err_log);
+        if let Some(cwd) = &spec.cwd {
+            cmd.current_dir(cwd);
+        }
+        // SAFETY: setsid is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                HostError::NotFound {
+                    program: spec.program.clone(),
+                }
+            } else {
+                HostError::Spawn {
+                    program: spec.program.clone(),
+                    source,
+                }
+            }
+        })?;
+        let pid = child.id();
+        // The child is reaped by a thread so it never lingers as a zombie of
+        // the daemon; after a daemon restart it is reparented and reaped by init.
+        std::thread::spawn(move || {
+            let mut child = child;
+            let _ = child.wait();
+        });
+        let start_time = stat(pid).map(|(t, _)| t).unwrap_or(0);
+        Ok(ProcessId { pid, start_time })
+    }
+
+    fn alive(&self, id: ProcessId) -> bool {
+        matches!(stat(id.pid), Some((start, zombie)) if start == id.start_time && !zombie)
+    }
+
+    fn signal(&self, id: ProcessId, signal: i32) -> Result<(), HostError> {
+        if !self.alive(id) {
+            return Ok(());
+        }
+        // SAFETY: kill(2) on a pid we verified is the process we started.
+        unsafe { libc::kill(id.pid as i32, signal) };
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LauncherCall {
+    Launch(LaunchSpec),
+    Signal(ProcessId, i32),
+}
+
+/// Records launches and signals; processes "live" until signalled with SIGKILL
+/// or SIGTERM, or until [`FakeLauncher::exit`].
+#[derive(Clone, Default)]
+pub struct FakeLauncher {
+    calls: Arc<Mutex<Vec<LauncherCall>>>,
+    alive: Arc<Mutex<Vec<ProcessId>>>,
+    fail_launch: Arc<Mutex<bool>>,
+}
+
+impl FakeLauncher {
+    pub fn calls(&self) -> Vec<LauncherCall> {
+        self.calls.lock().unwrap().clone()
+    }
+    pub fn running(&self) -> Vec<ProcessId> {
+        self.alive.lock().unwrap().clone()
+    }
+    pub fn exit(&self, id: ProcessId) {
+        self.alive.lock().unwrap().retain(|p| *p != id);
+    }
+    pub fn fail_next_launch(&self) {
+        *self.fail_launch.lock().unwrap() = true;
+    }
+}
+
+impl ProcessLauncher for FakeLauncher {
+    fn launch(&self, spec: &LaunchSpec) -> Result<ProcessId, HostError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(LauncherCall::Launch(spec.clone()));
+        if std::mem::take(&mut *self.fail_launch.lock().unwrap()) {
+            return Err(HostError::NotFound {
+                program: spec.program.clone(),
+            });
+        }
+        let id = ProcessId {
+            pid: 100_000 + self.calls.lock().unwrap().len() as u32,
+            start_time: 42,
+        };
+        self.alive.lock().unwrap().push(id);
+        Ok(id)
+    }
+    fn alive(&self, id: ProcessId) -> bool {
+        self.alive.lock().unwrap().contains(&id)
+    }
+    fn signal(&self, id: ProcessId, signal: i32) -> Result<(), HostError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(LauncherCall::Signal(id, signal));
+        if signal == libc::SIGKILL || signal == libc::SIGTERM {
+            self.exit(id);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn real_launcher_tracks_identity_and_signals() {
+        let dir = std::env::temp_dir().join(format!("banger-launch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let spec = LaunchSpec {
+            program: "sh".into(),
+            args: vec!["-c".into(), "echo started; exec sleep 30".into()],
+            log: dir.join("log"),
+            cwd: None,
+        };
+        let id = RealLauncher.launch(&spec).unwrap();
+        assert!(RealLauncher.alive(id));
+        assert!(
+            !RealLauncher.alive(ProcessId {
+                pid: id.pid,
+                start_time: id.start_time + 1
+            }),
+            "a recycled pid is not ours"
+        );
+        RealLauncher.signal(id, libc::SIGKILL).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while RealLauncher.alive(id) {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,128 @@
+//! Params, results and events of the `vm.*` methods.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CreateParams {
+    pub name: String,
+    pub image: String,
+    #[serde(default)]
+    pub kernel: Option<String>,
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    /// Root disk size in bytes (at least the image's).
+    #[serde(default)]
+    pub disk_bytes: Option<u64>,
+    /// `qemu` or `firecracker`; the configured default when absent.
+    #[serde(default)]
+    pub vmm: Option<String>,
+    /// Start the VM once created (`vm run`).
+    #[serde(default)]
+    pub start: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub name: String,
+    /// `running` or `stopped`: always what the VMM process really is.
+    pub state: String,
+    pub image: String,
+    pub kernel: String,
+    pub vmm: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_bytes: u64,
+    /// How the root disk shares blocks with the image: `reflink`, `copy`, `dm-snapshot`.
+    pub cow_strategy: String,
+    /// The VM's directory: disks, console log, sockets.
+    pub dir: String,
+    /// Where the work disk is mounted in the guest.
+    pub work_mount: String,
+    pub pid: Option<u32>,
+    pub created_at: String,
+    pub started_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NameParams {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StopParams {
+    pub name: String,
+    /// Seconds to wait for a clean shutdown before killing the VMM.
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LogsParams {
+    pub name: String,
+    /// Only the last N lines.
+    #[serde(default)]
+    pub tail: Option<usize>,
+    /// Keep streaming new lines as events.
+    #[serde(default)]
+    pub follow: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LogsResult {
+    /// The console text (everything when not following).
+    pub text: String,
+}
+
+/// Progress of `vm.create` / `vm.start`, streamed as events.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum VmEvent {
+    /// A step began: `disks`, `initramfs`, `launch`, `agent`, `ssh`.
+    Step { step: String, n: u32, of: u32 },
+    /// The guest agent reported a boot stage.
+    Agent { stage: String },
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ExecParams {
+    pub name: String,
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    /// `(term, cols, rows)` for a terminal session.
+    #[serde(default)]
+    pub tty: Option<(String, u16, u16)>,
+}
+
+/// Exec output, streamed as events (base64 payloads).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecEvent {
+    Stdout(String),
+    Stderr(String),
+}
+
+/// What the client sends after an exec request, one JSON object per line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecInput {
+    Stdin(String),
+    StdinEof,
+    /// A signal name without `SIG`: `INT`, `TERM`, `HUP`, …
+    Signal(String),
+    Resize(u16, u16),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExecResult {
+    /// The guest command's status, or 128+N when killed by signal N.
+    pub exit_code: i32,
+    #[serde(default)]
+    pub signal: Option<String>,
+}

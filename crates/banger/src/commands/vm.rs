@@ -1,0 +1,404 @@
+//! `banger vm …`.
+
+use std::io::{IsTerminal, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+
+use banger_proto::agent::exit;
+use banger_proto::vm::{ExecEvent, ExecInput, ExecResult, VmEvent, VmInfo};
+use banger_proto::{human_bytes, methods};
+use base64::Engine;
+use serde_json::json;
+
+use super::report;
+use crate::cli::{CreateArgs, VmCommand};
+use crate::client::{CallError, Client};
+use crate::output::{parse_size, relative_time, table};
+
+pub fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
+    match cmd {
+        VmCommand::Create(args) => create(client, args, false),
+        VmCommand::Run(args) => create(client, args, true),
+        VmCommand::Start { name, json } => {
+            check_name(&name)?;
+            let result = client.call(
+                methods::VM_START,
+                json!({ "name": name }),
+                boot_progress(&name),
+            );
+            finish_boot(result, json)
+        }
+        VmCommand::Stop { name, timeout } => simple(
+            client,
+            methods::VM_STOP,
+            json!({ "name": name, "timeout_secs": timeout }),
+            &name,
+            "stopped",
+        ),
+        VmCommand::Restart { name, timeout } => {
+            let result = client.call(
+                methods::VM_RESTART,
+                json!({ "name": name, "timeout_secs": timeout }),
+                boot_progress(&name),
+            );
+            finish_boot(result, false)
+        }
+        VmCommand::Rm { names, force } => match client.call(
+            methods::VM_REMOVE,
+            json!({ "names": names, "force": force }),
+            |_| {},
+        ) {
+            Ok(v) => {
+                for name in v["removed"].as_array().into_iter().flatten() {
+                    println!("{}", name.as_str().unwrap_or_default());
+                }
+                Ok(0)
+            }
+            Err(e) => Ok(report(e)),
+        },
+        VmCommand::Ls(flags) => {
+            let v = match client.call(methods::VM_LIST, json!({}), |_| {}) {
+                Ok(v) => v,
+                Err(e) => return Ok(report(e)),
+            };
+            if flags.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(0);
+            }
+            let vms: Vec<VmInfo> = serde_json::from_value(v)?;
+            let rows: Vec<Vec<String>> = vms
+                .iter()
+                .map(|v| {
+                    vec![
+                        v.name.clone(),
+                        v.state.clone(),
+                        v.image.clone(),
+                        v.vmm.clone(),
+                        v.vcpus.to_string(),
+                        human_bytes(v.memory_mib << 20),
+                        relative_time(&v.created_at),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    &["NAME", "STATE", "IMAGE", "VMM", "CPUS", "MEMORY", "CREATED"],
+                    &rows
+                )
+            );
+            Ok(0)
+        }
+        VmCommand::Inspect { names, .. } => {
+            match client.call(methods::VM_INSPECT, json!({ "names": names }), |_| {}) {
+                Ok(v) => {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                    Ok(0)
+                }
+                Err(e) => Ok(report(e)),
+            }
+        }
+        VmCommand::Logs { name, follow, tail } => {
+            let mut out = std::io::stdout();
+            let result = client.call_streaming(
+                methods::VM_LOGS,
+                json!({ "name": name, "follow": follow, "tail": tail }),
+                |event| {
+                    if let Some(text) = event["text"].as_str() {
+                        let _ = out.write_all(text.as_bytes());
+                        let _ = out.flush();
+                    }
+                },
+                |_writer| {},
+            );
+            match result {
+                Ok(v) => {
+                    print!("{}", v["text"].as_str().unwrap_or_default());
+                    Ok(0)
+                }
+                Err(e) => Ok(report(e)),
+            }
+        }
+        VmCommand::Exec {
+            name,
+            tty,
+            no_tty,
+            workdir,
+            env,
+            user,
+            command,
+        } => exec(client, name, tty, no_tty, workdir, env, user, command),
+    }
+}
+
+fn check_name(name: &str) -> anyhow::Result<()> {
+    banger_core::vm::name::validate(name).map_err(anyhow::Error::msg)
+}
+
+fn create(client: &Client, args: CreateArgs, start: bool) -> anyhow::Result<i32> {
+    check_name(&args.name)?;
+    let memory_mib = args
+        .memory
+        .as_deref()
+        .map(parse_size)
+        .transpose()
+        .map_err(anyhow::Error::msg)?
+        .map(|b| b >> 20);
+    let disk_bytes = args
+        .disk
+        .as_deref()
+        .map(parse_size)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let params = json!({
+        "name": args.name, "image": args.image, "kernel": args.kernel, "vcpus": args.vcpus,
+        "memory_mib": memory_mib, "disk_bytes": disk_bytes, "vmm": args.vmm, "start": start,
+    });
+    let result = client.call(methods::VM_CREATE, params, boot_progress(&args.name));
+    if start {
+        return finish_boot(result, args.json);
+    }
+    match result {
+        Ok(v) => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "created {}; start it with `banger vm start {}`",
+                    args.name, args.name
+                );
+            }
+            Ok(0)
+        }
+        Err(e) => Ok(report(e)),
+    }
+}
+
+fn boot_progress(name: &str) -> impl FnMut(serde_json::Value) + '_ {
+    move |event| match serde_json::from_value::<VmEvent>(event) {
+        Ok(VmEvent::Step { step, n, of }) => {
+            let what = match step.as_str() {
+                "disks" => "preparing disks".to_string(),
+                "keys" => "generating keys".to_string(),
+                "initramfs" => "preparing the initramfs".to_string(),
+                "launch" => "launching the VMM".to_string(),
+                "agent" => "waiting for the guest agent".to_string(),
+                "ssh" => "connecting".to_string(),
+                "ready" => return,
+                other => other.to_string(),
+            };
+            eprintln!("{name}: {what} ({n}/{of})");
+        }
+        Ok(VmEvent::Agent { stage }) => eprintln!("{name}: guest agent: {stage}"),
+        Err(_) => {}
+    }
+}
+
+fn finish_boot(result: Result<serde_json::Value, CallError>, json: bool) -> anyhow::Result<i32> {
+    match result {
+        Ok(v) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let info: VmInfo = serde_json::from_value(v)?;
+                println!("ready: banger vm exec {} -- …", info.name);
+            }
+            Ok(0)
+        }
+        Err(e) => Ok(report(e)),
+    }
+}
+
+fn simple(
+    client: &Client,
+    method: &str,
+    params: serde_json::Value,
+    name: &str,
+    verb: &str,
+) -> anyhow::Result<i32> {
+    match client.call(method, params, |_| {}) {
+        Ok(_) => {
+            println!("{verb} {name}");
+            Ok(0)
+        }
+        Err(e) => Ok(report(e)),
+    }
+}
+
+static PENDING_SIGNAL: AtomicI32 = AtomicI32::new(0);
+static RESIZED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    if sig == libc::SIGWINCH {
+        RESIZED.store(true, Ordering::SeqCst);
+    } else {
+        PENDING_SIGNAL.store(sig, Ordering::SeqCst);
+    }
+}
+
+fn send(writer: &mut UnixStream, input: &ExecInput) -> bool {
+    let mut line = serde_json::to_vec(input).expect("inputs serialise");
+    line.push(b'\n');
+    writer.write_all(&line).is_ok()
+}
+
+fn term_size() -> (u16, u16) {
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ into a valid winsize.
+    if unsafe { libc::ioctl(1, libc::TIOCGWINSZ, &mut ws) } == 0 && ws.ws_col > 0 {
+        (ws.ws_col, ws.ws_row)
+    } else {
+        (80, 24)
+    }
+}
+
+/// Puts the terminal in raw mode for the life of the guard.
+struct RawMode(Option<nix::sys::termios::Termios>);
+
+impl RawMode {
+    fn enable() -> RawMode {
+        let stdin = std::io::stdin();
+        match nix::sys::termios::tcgetattr(&stdin) {
+            Ok(orig) => {
+                let mut raw = orig.clone();
+                nix::sys::termios::cfmakeraw(&mut raw);
+                let _ =
+                    nix::sys::termios::tcsetattr(&stdin, nix::sys::termios::SetArg::TCSANOW, &raw);
+                RawMode(Some(orig))
+            }
+            Err(_) => RawMode(None),
+        }
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        if let Some(orig) = &self.0 {
+            let _ = nix::sys::termios::tcsetattr(
+                std::io::stdin(),
+                nix::sys::termios::SetArg::TCSANOW,
+                orig,
+            );
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn exec(
+    client: &Client,
+    name: String,
+    tty: bool,
+    no_tty: bool,
+    workdir: Option<String>,
+    env: Vec<String>,
+    user: Option<String>,
+    command: Vec<String>,
+) -> anyhow::Result<i32> {
+    if banger_core::vm::name::validate(&name).is_err() {
+        eprintln!(
+            "error: {}",
+            banger_core::vm::name::validate(&name).unwrap_err()
+        );
+        return Ok(exit::BANGER_FAILED as i32);
+    }
+    let mut pairs = Vec::new();
+    for kv in env {
+        match kv.split_once('=') {
+            Some((k, v)) => pairs.push((k.to_string(), v.to_string())),
+            None => match std::env::var(&kv) {
+                Ok(v) => pairs.push((kv, v)),
+                Err(_) => continue,
+            },
+        }
+    }
+    let stdin_tty = std::io::stdin().is_terminal();
+    let use_tty = tty || (!no_tty && stdin_tty && std::io::stdout().is_terminal());
+    let term = std::env::var("TERM").unwrap_or_else(|_| "xterm".into());
+    let tty_param = use_tty.then(|| {
+        let (c, r) = term_size();
+        (term, c, r)
+    });
+    let params = json!({ "name": name, "argv": command, "env": pairs, "cwd": workdir, "user": user, "tty": tty_param });
+
+    // SAFETY: installing a handler that only stores to atomics.
+    unsafe {
+        let handler = on_signal as *const () as libc::sighandler_t;
+        if !use_tty {
+            libc::signal(libc::SIGINT, handler);
+            libc::signal(libc::SIGTERM, handler);
+        }
+        libc::signal(libc::SIGWINCH, handler);
+    }
+    let _raw = use_tty.then(RawMode::enable);
+    // Piped stdin is forwarded; a terminal only in terminal mode.
+    let forward_stdin = use_tty || !stdin_tty;
+    let mut stdout = std::io::stdout();
+    let mut stderr = std::io::stderr();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let result = client.call_streaming(
+        methods::VM_EXEC,
+        params,
+        |event| match serde_json::from_value::<ExecEvent>(event) {
+            Ok(ExecEvent::Stdout(d)) => {
+                let _ = stdout.write_all(&b64.decode(d).unwrap_or_default());
+                let _ = stdout.flush();
+            }
+            Ok(ExecEvent::Stderr(d)) => {
+                let _ = stderr.write_all(&b64.decode(d).unwrap_or_default());
+                let _ = stderr.flush();
+            }
+            Err(_) => {}
+        },
+        move |writer| {
+            let mut signals = writer.try_clone().expect("cloning the connection");
+            std::thread::spawn(move || loop {
+                let sig = PENDING_SIGNAL.swap(0, Ordering::SeqCst);
+                if sig != 0 {
+                    let name = if sig == libc::SIGTERM { "TERM" } else { "INT" };
+                    if !send(&mut signals, &ExecInput::Signal(name.into())) {
+                        return;
+                    }
+                }
+                if RESIZED.swap(false, Ordering::SeqCst) {
+                    let (c, r) = term_size();
+                    if !send(&mut signals, &ExecInput::Resize(c, r)) {
+                        return;
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(30));
+            });
+            let mut writer = writer;
+            if !forward_stdin {
+                send(&mut writer, &ExecInput::StdinEof);
+                return;
+            }
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => {
+                        send(&mut writer, &ExecInput::StdinEof);
+                        return;
+                    }
+                    Ok(n) => {
+                        let chunk = base64::engine::general_purpose::STANDARD.encode(&buf[..n]);
+                        if !send(&mut writer, &ExecInput::Stdin(chunk)) {
+                            return;
+                        }
+                    }
+                }
+            }
+        },
+    );
+    drop(_raw);
+    match result {
+        Ok(v) => {
+            let r: ExecResult = serde_json::from_value(v)?;
+            Ok(r.exit_code)
+        }
+        Err(e) => {
+            report(e);
+            Ok(exit::BANGER_FAILED as i32)
+        }
+    }
+}
