@@ -2,6 +2,7 @@
 //! description, OCI image layouts, and a real registry on loopback
 //! (Debian's `docker-registry`) that fixtures are pushed to with `skopeo`.
 
+pub mod images;
 pub mod layer;
 pub mod layout;
 pub mod registry;

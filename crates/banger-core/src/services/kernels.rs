@@ -266,7 +266,7 @@ fn unpack(source: &Path, modules: Option<&Path>, dir: &Path) -> Result<Unpacked,
         std::fs::write(dir.join("config"), config).map_err(|e| e.to_string())?;
     }
     Ok(Unpacked {
-        version: version.ok_or("could not tell the kernel's version; pass --name")?,
+        version: version.unwrap_or_else(|| "unknown".into()),
         source: kind,
         modules_rel,
         has_config: config.is_some(),

@@ -68,6 +68,39 @@ pub struct Qemu {
     pub accel: Accel,
 }
 
+impl Qemu {
+    /// Under TCG the guest reads the host's TSC, but calibrating it against
+    /// the emulated PIT fails when host CPUs are contended (several VMs
+    /// booting at once), leaving the kernel without a clock for a very long
+    /// time. Telling it the frequency skips the calibration.
+    fn cmdline(&self) -> String {
+        match (self.accel, host_tsc_khz()) {
+            (Accel::Tcg, Some(khz)) => format!("{CMDLINE} tsc_early_khz={khz}"),
+            _ => CMDLINE.to_string(),
+        }
+    }
+}
+
+/// The host's TSC frequency, from sysfs where the kernel exports it, else
+/// from /proc/cpuinfo.
+pub fn host_tsc_khz() -> Option<u64> {
+    if let Ok(text) = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/tsc_freq_khz") {
+        if let Ok(khz) = text.trim().parse() {
+            return Some(khz);
+        }
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0) as u64)
+}
+
 impl Vmm for Qemu {
     fn kind(&self) -> &'static str {
         "qemu"
@@ -123,7 +156,7 @@ impl Vmm for Qemu {
             "-initrd".into(),
             path(&spec.initrd)?,
             "-append".into(),
-            CMDLINE.into(),
+            self.cmdline(),
             "-chardev".into(),
             format!(
                 "file,id=console,path={},append=on",

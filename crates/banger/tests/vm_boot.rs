@@ -1,0 +1,260 @@
+//! Real VMs: the Debian cloud kernel imported from its .deb, a busybox image
+//! from the local registry, booted with QEMU microvm under TCG.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use banger_testkit::images::busybox_layer;
+use banger_testkit::layer::Compression;
+use banger_testkit::layout::Layout;
+use banger_testkit::registry::Registry;
+use common::Banger;
+
+/// The kernel package and agent the harness needs, or why the test cannot run.
+fn assets() -> Option<(PathBuf, PathBuf)> {
+    let kernel = std::env::var_os("BANGER_TEST_KERNEL_DEB").map(PathBuf::from);
+    let agent = std::env::var_os("BANGER_AGENT_BIN").map(PathBuf::from);
+    match (kernel, agent) {
+        (Some(k), Some(a)) if k.is_file() && a.is_file() => Some((k, a)),
+        _ => {
+            let msg = "real-VM tests need BANGER_TEST_KERNEL_DEB and BANGER_AGENT_BIN (scripts/test sets both)";
+            assert!(std::env::var_os("CI").is_none(), "{msg}");
+            eprintln!("skipping: {msg}");
+            None
+        }
+    }
+}
+
+fn start_banger(agent: &std::path::Path) -> Banger {
+    Banger::start_with_env(&[
+        ("BANGER_QEMU_ACCEL", std::path::Path::new("tcg")),
+        ("BANGER_AGENT_BIN", agent),
+    ])
+}
+
+fn qemu_pids_for(dir: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let text = String::from_utf8_lossy(&cmdline);
+        if text.contains("qemu-system") && text.contains(dir) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+#[test]
+fn vms_boot_run_commands_persist_and_survive_a_daemon_kill() {
+    let Some((kernel, agent)) = assets() else {
+        return;
+    };
+    let registry = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut layout = Layout::new(&tmp.path().join("oci"));
+    let image = layout.image(&[(Compression::Gzip, busybox_layer())], "amd64");
+    layout.tag("t", &image);
+    registry.push(&layout.dir, "t", "busybox:latest", &[]);
+
+    let mut banger = start_banger(&agent);
+    let out = banger.ok(&["kernel", "import", kernel.to_str().unwrap()]);
+    assert!(out.contains("default"), "{out}");
+    banger.ok(&["image", "pull", &registry.reference("busybox:latest")]);
+
+    // vm run, then exec: output, separate streams, exit codes, stdin.
+    let out = banger.ok(&["vm", "run", "web", "--image", "busybox", "--memory", "256M"]);
+    assert!(out.contains("ready"), "{out}");
+    let run = banger.run(&[
+        "vm",
+        "exec",
+        "web",
+        "--",
+        "sh",
+        "-c",
+        "echo out:$(hostname); echo err >&2; exit 7",
+    ]);
+    assert_eq!(run.status.code(), Some(7));
+    assert_eq!(String::from_utf8_lossy(&run.stdout), "out:web\n");
+    assert_eq!(String::from_utf8_lossy(&run.stderr), "err\n");
+    let run = banger.run(&[
+        "vm",
+        "exec",
+        "web",
+        "--",
+        "printf",
+        "%s|",
+        "two words",
+        "*",
+        "$HOME",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&run.stdout),
+        "two words|*|$HOME|",
+        "argv passes unchanged"
+    );
+    assert_eq!(
+        banger
+            .run(&["vm", "exec", "web", "--", "no-such-command"])
+            .status
+            .code(),
+        Some(127)
+    );
+    let mut child = banger
+        .cmd(&["vm", "exec", "web", "--", "sh", "-c", "tr a-z A-Z"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"piped stdin\n").unwrap();
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "PIPED STDIN\n");
+    // Never hangs with stdin at /dev/null (the harness's default).
+    assert!(banger
+        .run(&["vm", "exec", "web", "--", "cat"])
+        .status
+        .success());
+
+    // Files written in the guest survive stop/start, on the root and work disks.
+    banger.ok(&[
+        "vm",
+        "exec",
+        "web",
+        "--",
+        "sh",
+        "-c",
+        "echo root-data > /etc/kept; echo work-data > /work/kept",
+    ]);
+    banger.ok(&["vm", "stop", "web"]);
+    let ls: serde_json::Value = serde_json::from_str(&banger.ok(&["vm", "ls", "--json"])).unwrap();
+    assert_eq!(ls[0]["state"], "stopped");
+    let stopped = banger.run(&["vm", "exec", "web", "--", "true"]);
+    assert_eq!(stopped.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&stopped.stderr).contains("banger vm start web"));
+    banger.ok(&["vm", "start", "web"]);
+    let out = banger.ok(&["vm", "exec", "web", "--", "cat", "/etc/kept", "/work/kept"]);
+    assert_eq!(out, "root-data\nwork-data\n");
+    let logs = banger.ok(&["vm", "logs", "web"]);
+    assert!(logs.matches("banger-agent: ready").count() >= 2, "{logs}");
+    assert!(
+        banger
+            .ok(&["vm", "logs", "web", "--tail", "1"])
+            .lines()
+            .count()
+            <= 1
+    );
+
+    // The daemon dies hard; the VM keeps running and is re-attached.
+    let info: serde_json::Value =
+        serde_json::from_str(&banger.ok(&["vm", "inspect", "web", "--json"])).unwrap();
+    let qemu_pid = info[0]["pid"].as_u64().unwrap();
+    banger.kill_daemon(libc::SIGKILL);
+    banger.start_daemon();
+    let info: serde_json::Value =
+        serde_json::from_str(&banger.ok(&["vm", "inspect", "web", "--json"])).unwrap();
+    assert_eq!(info[0]["state"], "running");
+    assert_eq!(info[0]["pid"].as_u64().unwrap(), qemu_pid);
+    assert_eq!(
+        banger.ok(&["vm", "exec", "web", "--", "cat", "/work/kept"]),
+        "work-data\n"
+    );
+
+    // A VM whose VMM died while the daemon was away is reported stopped.
+    banger.kill_daemon(libc::SIGKILL);
+    unsafe { libc::kill(qemu_pid as i32, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(300));
+    banger.start_daemon();
+    let info: serde_json::Value =
+        serde_json::from_str(&banger.ok(&["vm", "inspect", "web", "--json"])).unwrap();
+    assert_eq!(info[0]["state"], "stopped");
+    let dir = info[0]["dir"].as_str().unwrap().to_string();
+    assert!(
+        !std::path::Path::new(&dir).join("ssh.sock").exists(),
+        "leftovers cleaned"
+    );
+
+    // Four VMs start at once.
+    let names = ["p1", "p2", "p3", "p4"];
+    let children: Vec<_> = names
+        .iter()
+        .map(|n| {
+            banger
+                .cmd(&["vm", "run", n, "--image", "busybox", "--memory", "192M"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            banger.daemon_log()
+        );
+    }
+    for n in names {
+        assert_eq!(banger.ok(&["vm", "exec", n, "--", "hostname"]).trim(), n);
+    }
+
+    // rm -f stops and removes everything: no process, no file.
+    let dirs: Vec<String> = names
+        .iter()
+        .map(|n| {
+            let v: serde_json::Value =
+                serde_json::from_str(&banger.ok(&["vm", "inspect", n, "--json"])).unwrap();
+            v[0]["dir"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let mut all = names.to_vec();
+    all.push("web");
+    let mut args = vec!["vm", "rm", "-f"];
+    args.extend(all.iter().copied());
+    banger.ok(&args);
+    for d in dirs.iter().chain(std::iter::once(&dir)) {
+        assert!(!std::path::Path::new(d).exists(), "{d} left behind");
+        assert!(qemu_pids_for(d).is_empty(), "a VMM of {d} still runs");
+    }
+    assert_eq!(banger.ok(&["vm", "ls", "--json"]).trim(), "[]");
+    // Idempotent.
+    banger.ok(&["vm", "rm", "-f", "web"]);
+}
+
+#[test]
+fn a_boot_failure_names_the_stage_and_shows_the_console() {
+    let Some((_, agent)) = assets() else { return };
+    let banger = start_banger(&agent);
+    // A "kernel" that is an ELF but not a kernel: QEMU refuses it.
+    let fake = banger.path("fake-vmlinux");
+    std::fs::copy(&agent, &fake).unwrap();
+    let out = banger.ok(&[
+        "kernel",
+        "import",
+        fake.to_str().unwrap(),
+        "--name",
+        "broken",
+    ]);
+    assert!(out.contains("broken"), "{out}");
+    let registry = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut layout = Layout::new(&tmp.path().join("oci"));
+    let image = layout.image(&[(Compression::Gzip, busybox_layer())], "amd64");
+    layout.tag("t", &image);
+    registry.push(&layout.dir, "t", "busybox:latest", &[]);
+    banger.ok(&["image", "pull", &registry.reference("busybox:latest")]);
+    let err = banger.fails(&[
+        "vm", "run", "bad", "--image", "busybox", "--kernel", "broken",
+    ]);
+    assert!(err.contains("failed to boot at stage"), "{err}");
+    let info: serde_json::Value =
+        serde_json::from_str(&banger.ok(&["vm", "inspect", "bad", "--json"])).unwrap();
+    assert_eq!(info[0]["state"], "stopped", "the failed start was undone");
+    assert!(qemu_pids_for(info[0]["dir"].as_str().unwrap()).is_empty());
+}
