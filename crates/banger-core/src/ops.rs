@@ -164,6 +164,11 @@ impl Core {
         }
     }
 
+    /// The state store, for tests that set up records directly.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
     pub fn status(&self) -> OpResult<DaemonStatus> {
         Ok(DaemonStatus {
             version: env!("CARGO_PKG_VERSION").to_string(),

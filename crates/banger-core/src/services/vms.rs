@@ -46,7 +46,7 @@ pub struct VmService {
     kernels: Arc<KernelService>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     sessions: tokio::sync::Mutex<HashMap<String, AgentSession>>,
-    pub fail_point: FailPoint,
+    fail_point: Mutex<FailPoint>,
 }
 
 fn step(events: &Events, step: &str, n: u32, of: u32) {
@@ -78,8 +78,21 @@ impl VmService {
             kernels,
             locks: Mutex::default(),
             sessions: tokio::sync::Mutex::default(),
-            fail_point: FailPoint::default(),
+            fail_point: Mutex::default(),
         }
+    }
+
+    /// Test seam: the next create/start steps fail at the named step.
+    pub fn set_fail_point(&self, step: Option<&str>) {
+        *self.fail_point.lock().unwrap_or_else(|p| p.into_inner()) =
+            FailPoint(step.map(str::to_owned));
+    }
+
+    fn fail_point(&self) -> FailPoint {
+        self.fail_point
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn vms_dir(&self) -> PathBuf {
@@ -218,7 +231,7 @@ impl VmService {
             .unwrap_or(MIN_DISK_BYTES)
             .max(image.size_bytes);
 
-        let mut steps = Steps::new(self.fail_point.clone());
+        let mut steps = Steps::new(self.fail_point());
         let dir = self.vms_dir().join(&params.name);
         steps.begin("dir")?;
         std::fs::create_dir_all(self.vms_dir())?;
@@ -302,7 +315,7 @@ impl VmService {
         let kernel = self.kernels.get(&vm.kernel)?;
         let dir = PathBuf::from(&vm.dir);
         clean_run_files(&dir);
-        let mut steps = Steps::new(self.fail_point.clone());
+        let mut steps = Steps::new(self.fail_point());
 
         step(&events, "initramfs", 1, STEPS_START);
         steps.begin("initramfs")?;
@@ -390,7 +403,11 @@ impl VmService {
         )
         .await;
         if let Err(failure) = ready {
-            let tail = tail_lines(&console, 20);
+            let mut tail = tail_lines(&console, 20);
+            let vmm_log = tail_lines(&dir.join("vmm.log"), 10);
+            if !vmm_log.trim().is_empty() {
+                tail.push_str(&format!("--- {} said ---\n{vmm_log}", vm.vmm));
+            }
             return Err(OpError::internal(format!(
                 "VM `{name}` failed to boot at stage `{}`: {}\n--- last console lines ---\n{tail}\n--- (all of it: `banger vm logs {name}`)",
                 failure.stage, failure.message

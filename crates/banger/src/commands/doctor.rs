@@ -51,6 +51,11 @@ pub fn run(paths: &Paths, json: bool) -> anyhow::Result<i32> {
         mkfs(),
         debugfs(),
         disk_space(paths),
+        qemu(),
+        kvm(),
+        kernel(paths),
+        agent(),
+        cow(paths),
     ];
     if json {
         println!("{}", serde_json::to_string_pretty(&checks)?);
@@ -248,5 +253,120 @@ fn disk_space(paths: &Paths) -> Check {
         check("disk", Status::Warn, msg, hint)
     } else {
         check("disk", Status::Ok, msg, None)
+    }
+}
+
+fn qemu() -> Check {
+    match std::process::Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+    {
+        Ok(out) if out.status.success() => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let version = text
+                .lines()
+                .next()
+                .unwrap_or("")
+                .replace("QEMU emulator version ", "");
+            check(
+                "qemu",
+                Status::Ok,
+                format!("qemu-system-x86_64 {version}"),
+                None,
+            )
+        }
+        _ => check(
+            "qemu",
+            Status::Fail,
+            "qemu-system-x86_64 not found",
+            Some("`sudo apt-get install qemu-system-x86`"),
+        ),
+    }
+}
+
+fn kvm() -> Check {
+    if banger_core::vm::vmm::kvm_usable() {
+        check("kvm", Status::Ok, "/dev/kvm is usable", None)
+    } else {
+        check(
+            "kvm",
+            Status::Warn,
+            "/dev/kvm is not usable: QEMU VMs run under TCG (software emulation, slower)",
+            Some("enable virtualization, or add yourself to the `kvm` group"),
+        )
+    }
+}
+
+fn kernel(paths: &Paths) -> Check {
+    let client = Client::new(paths.clone());
+    let Ok(stream) = client.connect_existing() else {
+        return check(
+            "kernel",
+            Status::Warn,
+            "daemon not running; cannot list kernels",
+            None,
+        );
+    };
+    match call_on(stream, methods::KERNEL_LIST, serde_json::json!({}), |_| {}) {
+        Ok(v) => {
+            let kernels = v.as_array().cloned().unwrap_or_default();
+            match kernels.iter().find(|k| k["default"] == true).or(kernels.first()) {
+                Some(k) => check("kernel", Status::Ok, format!("default kernel `{}`", k["name"].as_str().unwrap_or("?")), None),
+                None => check(
+                    "kernel",
+                    Status::Fail,
+                    "no kernel imported",
+                    Some("`apt-get download linux-image-cloud-amd64`'s dependency, then `banger kernel import FILE.deb`"),
+                ),
+            }
+        }
+        Err(e) => check(
+            "kernel",
+            Status::Fail,
+            format!("listing kernels: {e}"),
+            None,
+        ),
+    }
+}
+
+fn agent() -> Check {
+    match banger_core::agent_bin::locate() {
+        Ok(path) => check(
+            "agent",
+            Status::Ok,
+            format!("static guest agent at {}", path.display()),
+            None,
+        ),
+        Err(e) => check(
+            "agent",
+            Status::Fail,
+            e,
+            Some("`scripts/build-agent`, or set BANGER_AGENT_BIN"),
+        ),
+    }
+}
+
+fn cow(paths: &Paths) -> Check {
+    let dir = &paths.state_dir;
+    let _ = std::fs::create_dir_all(dir);
+    if banger_core::vm::disk::reflink_supported(dir) {
+        check(
+            "cow",
+            Status::Ok,
+            format!("root disks use reflinks in {}", dir.display()),
+            None,
+        )
+    } else {
+        check(
+            "cow",
+            Status::Warn,
+            format!(
+                "{} cannot reflink: each VM's root disk is a full (sparse) copy",
+                dir.display()
+            ),
+            Some(
+                "put BANGER_HOME (or the state dir) on btrfs or xfs for instant, shared root disks",
+            ),
+        )
     }
 }

@@ -1,0 +1,174 @@
+//! `vm create` and `vm start` undo every earlier step when any step fails,
+//! driven through the recording fakes (no real VMM is launched).
+
+use std::sync::Arc;
+
+use banger_core::events::Events;
+use banger_core::ops::Core;
+use banger_core::paths::Paths;
+use banger_host::{FakeLauncher, FakeRunner};
+use banger_proto::image::{ImageConfig, ImageInfo};
+use banger_proto::kernel::KernelInfo;
+use banger_proto::vm::CreateParams;
+
+/// A 64-byte ELF header with no program headers: "static" to the locator.
+/// One file for the whole test binary, since the environment is shared.
+fn fake_agent() -> &'static std::path::Path {
+    static PATH: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let mut elf = vec![0u8; 64];
+        elf[..5].copy_from_slice(b"\x7fELF\x02");
+        let path = std::env::temp_dir().join(format!("banger-test-agent-{}", std::process::id()));
+        std::fs::write(&path, elf).unwrap();
+        path
+    })
+}
+
+fn setup() -> (tempfile::TempDir, Arc<Core>, FakeLauncher) {
+    let tmp = tempfile::tempdir().unwrap();
+    // Every test in this file sets the same values.
+    std::env::set_var("BANGER_AGENT_BIN", fake_agent());
+    std::env::set_var("BANGER_QEMU_ACCEL", "tcg");
+    let paths = Paths::under(&tmp.path().join("home"));
+    std::fs::create_dir_all(&paths.config_dir).unwrap();
+    std::fs::write(paths.config_file(), "boot_timeout_secs = 1\n").unwrap();
+    let launcher = FakeLauncher::default();
+    let core = Core::open_with(
+        paths,
+        Arc::new(FakeRunner::default()),
+        Arc::new(launcher.clone()),
+        Default::default(),
+    )
+    .unwrap();
+    let rootfs = tmp.path().join("rootfs.ext4");
+    std::fs::write(&rootfs, vec![0u8; 4096]).unwrap();
+    core.store()
+        .put_image(&ImageInfo {
+            name: "img".into(),
+            r#ref: "r/img:latest".into(),
+            digest: "sha256:00".into(),
+            rootfs_path: rootfs.display().to_string(),
+            size_bytes: 4096,
+            content_bytes: 1,
+            config: ImageConfig::default(),
+            created_at: "2026-01-01T00:00:00Z".into(),
+        })
+        .unwrap();
+    let vmlinux = tmp.path().join("vmlinux");
+    std::fs::write(&vmlinux, b"\x7fELF").unwrap();
+    core.store()
+        .put_kernel(&KernelInfo {
+            name: "k".into(),
+            version: "6.1".into(),
+            source: "vmlinux".into(),
+            vmlinux_path: vmlinux.display().to_string(),
+            modules_dir: None,
+            config_path: None,
+            default: true,
+            size_bytes: 4,
+            created_at: "2026-01-01T00:00:00Z".into(),
+        })
+        .unwrap();
+    (tmp, Arc::new(core), launcher)
+}
+
+fn params(name: &str) -> CreateParams {
+    CreateParams {
+        name: name.into(),
+        image: "img".into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_failure_at_any_create_step_leaves_nothing() {
+    let (_tmp, core, _launcher) = setup();
+    let vms_dir = core.paths.state_dir.join("vms");
+    for step in ["dir", "root-disk", "work-disk", "host-key", "record"] {
+        core.vms.set_fail_point(Some(step));
+        let err = core
+            .vms
+            .create(params("web"), Events::none())
+            .await
+            .unwrap_err();
+        assert!(err.message.contains(step), "{step}: {}", err.message);
+        assert!(
+            core.store().get_vm("web").unwrap().is_none(),
+            "{step}: record left"
+        );
+        assert!(!vms_dir.join("web").exists(), "{step}: directory left");
+    }
+    core.vms.set_fail_point(None);
+    let info = core
+        .vms
+        .create(params("web"), Events::none())
+        .await
+        .unwrap();
+    assert_eq!(info.state, "stopped");
+    assert!(vms_dir.join("web/root.ext4").is_file() && vms_dir.join("web/host_key").is_file());
+}
+
+#[tokio::test]
+async fn a_failure_at_any_start_step_leaves_no_process_socket_or_file() {
+    let (_tmp, core, launcher) = setup();
+    core.vms
+        .create(params("web"), Events::none())
+        .await
+        .unwrap();
+    let dir = core.paths.state_dir.join("vms/web");
+    let before: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    // The last case has no fail point: the fake VMM never reports ready, so
+    // the boot times out, which must be undone the same way.
+    for step in [
+        Some("initramfs"),
+        Some("launch"),
+        Some("runtime"),
+        Some("agent"),
+        None,
+    ] {
+        core.vms.set_fail_point(step);
+        let err = core.vms.start("web", Events::none()).await.unwrap_err();
+        let label = step.unwrap_or("timeout");
+        if let Some(step) = step {
+            assert!(err.message.contains(step), "{label}: {}", err.message);
+        } else {
+            assert!(
+                err.message.contains("failed to boot at stage"),
+                "{}",
+                err.message
+            );
+        }
+        assert!(
+            launcher.running().is_empty(),
+            "{label}: a VMM is still running"
+        );
+        assert!(
+            core.store().get_runtime("web").unwrap().is_none(),
+            "{label}: runtime left"
+        );
+        let mut now: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        now.retain(|n| n != "console.log" && n != "vmm.log");
+        let mut want = before.clone();
+        want.retain(|n| n != "console.log" && n != "vmm.log");
+        now.sort();
+        want.sort();
+        assert_eq!(now, want, "{label}: files left behind");
+        assert_eq!(
+            core.vms.inspect(&["web".into()]).unwrap()[0].state,
+            "stopped"
+        );
+    }
+    // Every launched VMM was signalled.
+    let launches = launcher
+        .calls()
+        .iter()
+        .filter(|c| matches!(c, banger_host::LauncherCall::Launch(_)))
+        .count();
+    assert_eq!(launches, 3, "launched for runtime, agent and the timeout");
+}
