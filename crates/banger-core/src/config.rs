@@ -17,6 +17,9 @@ pub struct Config {
     /// QEMU settings.
     #[serde(default)]
     pub qemu: QemuConfig,
+    /// The firecracker binary (`BANGER_FIRECRACKER_BIN` overrides).
+    #[serde(default)]
+    pub firecracker_binary: Option<String>,
     /// `qemu` or `firecracker`, for VMs created without `--vmm`.
     #[serde(default)]
     pub default_vmm: Option<String>,

@@ -170,5 +170,8 @@ async fn a_failure_at_any_start_step_leaves_no_process_socket_or_file() {
         .iter()
         .filter(|c| matches!(c, banger_host::LauncherCall::Launch(_)))
         .count();
-    assert_eq!(launches, 3, "launched for runtime, agent and the timeout");
+    assert_eq!(
+        launches, 4,
+        "launched for runtime, configure, agent and the timeout"
+    );
 }

@@ -25,8 +25,9 @@ use crate::services::kernels::KernelService;
 use crate::steps::{FailPoint, Steps};
 use crate::store::{Store, VmRecord, VmRuntime};
 use crate::suggest;
-use crate::vm::agent_client::{self, AgentSession, Input, Output};
-use crate::vm::vmm::{Accel, BootSpec, Qemu, Vmm};
+use crate::vm::agent_client::{self, AgentSession, Ctl, Input, Output};
+use crate::vm::firecracker::Firecracker;
+use crate::vm::vmm::{Accel, BootSpec, CtlEndpoint, Qemu, Vmm};
 use crate::vm::{disk, keys, name};
 
 pub const WORK_MOUNT: &str = "/work";
@@ -95,6 +96,11 @@ impl VmService {
             .clone()
     }
 
+    fn clean_run_files(&self, vm: &VmRecord) {
+        let files = self.vmm(&vm.vmm).map(|v| v.run_files()).unwrap_or(&[]);
+        remove_run_files(Path::new(&vm.dir), files);
+    }
+
     fn vms_dir(&self) -> PathBuf {
         self.paths.state_dir.join("vms")
     }
@@ -120,9 +126,13 @@ impl VmService {
                 accel: Accel::choose(self.config.qemu.accel.as_deref().unwrap_or("auto"))
                     .map_err(OpError::invalid)?,
             })),
-            "firecracker" => Err(OpError::invalid(
-                "the firecracker backend is not available in this build yet; use --vmm qemu",
-            )),
+            "firecracker" => Ok(Box::new(Firecracker {
+                binary: std::env::var("BANGER_FIRECRACKER_BIN")
+                    .ok()
+                    .filter(|b| !b.is_empty())
+                    .or_else(|| self.config.firecracker_binary.clone())
+                    .unwrap_or_else(|| "firecracker".into()),
+            })),
             other => Err(OpError::invalid(format!(
                 "unknown VMM `{other}` (use qemu or firecracker)"
             ))),
@@ -153,7 +163,7 @@ impl VmService {
         }
         self.store.clear_runtime(name)?;
         if let Ok(vm) = self.record(name) {
-            clean_run_files(Path::new(&vm.dir));
+            self.clean_run_files(&vm);
         }
         Ok(None)
     }
@@ -314,7 +324,7 @@ impl VmService {
         let vmm = self.vmm(&vm.vmm)?;
         let kernel = self.kernels.get(&vm.kernel)?;
         let dir = PathBuf::from(&vm.dir);
-        clean_run_files(&dir);
+        self.clean_run_files(&vm);
         let mut steps = Steps::new(self.fail_point());
 
         step(&events, "initramfs", 1, STEPS_START);
@@ -347,8 +357,19 @@ impl VmService {
         ));
         keys::write_private(&initrd, "")?;
         std::fs::write(&initrd, bytes)?;
-        let undo_dir = dir.clone();
-        steps.undo("initramfs", move || clean_run_files(&undo_dir));
+        let (undo_dir, files) = (dir.clone(), vmm.run_files());
+        steps.undo("initramfs", move || remove_run_files(&undo_dir, files));
+        // Firecracker forwards the agent's control connection to a socket
+        // that must be listening before the guest boots.
+        let ctl = match vmm.ctl(&dir) {
+            CtlEndpoint::Connect(path) => Ctl::Connect(path),
+            CtlEndpoint::Listen(path) => {
+                let _ = std::fs::remove_file(&path);
+                Ctl::Listener(tokio::net::UnixListener::bind(&path).map_err(|e| {
+                    OpError::internal(format!("listening on {}: {e}", path.display()))
+                })?)
+            }
+        };
 
         step(&events, "launch", 2, STEPS_START);
         steps.begin("launch")?;
@@ -387,20 +408,24 @@ impl VmService {
             let _ = store.clear_runtime(&undo_name);
         });
 
+        steps.begin("configure")?;
+        let launcher = self.launcher.clone();
+        let alive = move || launcher.alive(pid);
+        if let Err(e) = vmm.configure(&spec, &alive).await {
+            let tail = tail_lines(&console, 10);
+            return Err(OpError::internal(format!(
+                "VM `{name}` failed to boot at stage `configure`: {e}\n--- last console lines ---\n{tail}"
+            )));
+        }
+
         step(&events, "agent", 3, STEPS_START);
         steps.begin("agent")?;
         let timeout = Duration::from_secs(self.config.boot_timeout_secs.unwrap_or(60));
-        let launcher = self.launcher.clone();
-        let ready = agent_client::wait_ready(
-            &vmm.ctl_socket(&dir),
-            timeout,
-            || launcher.alive(pid),
-            |stage| {
-                events.emit(&VmEvent::Agent {
-                    stage: stage.to_string(),
-                })
-            },
-        )
+        let ready = agent_client::wait_ready(ctl, timeout, &alive, |stage| {
+            events.emit(&VmEvent::Agent {
+                stage: stage.to_string(),
+            })
+        })
         .await;
         if let Err(failure) = ready {
             let mut tail = tail_lines(&console, 20);
@@ -425,12 +450,10 @@ impl VmService {
     }
 
     async fn connect(&self, vm: &VmRecord, vmm: &dyn Vmm) -> OpResult<AgentSession> {
-        let socket = vmm.ssh_socket(Path::new(&vm.dir));
-        let stream = tokio::net::UnixStream::connect(&socket)
+        let stream = vmm
+            .open_ssh(Path::new(&vm.dir))
             .await
-            .map_err(|e| {
-                OpError::internal(format!("connecting to the agent of `{}`: {e}", vm.name))
-            })?;
+            .map_err(|e| OpError::internal(format!("VM `{}`: {e}", vm.name)))?;
         let host_key = keys::parse_public(&vm.host_key_pub).map_err(OpError::internal)?;
         let client_key = keys::client_key(&self.paths.state_dir).map_err(OpError::internal)?;
         AgentSession::connect(stream, host_key, client_key)
@@ -480,7 +503,16 @@ impl VmService {
                 let _ = tokio::time::timeout(Duration::from_secs(2), session.poweroff()).await;
             }
             let deadline = tokio::time::Instant::now() + timeout;
+            let halfway = tokio::time::Instant::now() + timeout / 2;
+            let mut asked_vmm = false;
             while self.launcher.alive(pid) && tokio::time::Instant::now() < deadline {
+                if !asked_vmm && tokio::time::Instant::now() > halfway {
+                    // The agent did not finish; ask the VMM (Ctrl-Alt-Del on Firecracker).
+                    if let Ok(vmm) = self.vmm(&vm.vmm) {
+                        vmm.request_shutdown(Path::new(&vm.dir)).await;
+                    }
+                    asked_vmm = true;
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -493,7 +525,7 @@ impl VmService {
         }
         self.sessions.lock().await.remove(&vm.name);
         self.store.clear_runtime(&vm.name)?;
-        clean_run_files(Path::new(&vm.dir));
+        self.clean_run_files(vm);
         tracing::info!(vm = %vm.name, "VM stopped");
         Ok(())
     }
@@ -673,9 +705,9 @@ fn kill_and_wait(launcher: &dyn ProcessLauncher, pid: ProcessId) {
     }
 }
 
-/// What exists only while a VM runs: sockets and the per-boot initramfs.
-fn clean_run_files(dir: &Path) {
-    for f in ["ctl.sock", "ssh.sock", "initrd.cpio"] {
+/// What exists only while a VM runs: the VMM's sockets and the per-boot initramfs.
+fn remove_run_files(dir: &Path, vmm_files: &[&str]) {
+    for f in vmm_files.iter().copied().chain(["initrd.cpio"]) {
         let _ = std::fs::remove_file(dir.join(f));
     }
 }

@@ -1,7 +1,6 @@
 //! The daemon's side of the guest agent: waiting for its readiness report,
 //! and one pinned SSH connection per running VM over which commands run.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,6 +13,13 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, BufReader};
 /// The command the agent treats as "power off cleanly".
 pub const POWEROFF: &str = "banger-poweroff";
 
+/// Where readiness reports come from: a socket to connect to, or one we
+/// listen on for the guest's connection.
+pub enum Ctl {
+    Connect(std::path::PathBuf),
+    Listener(tokio::net::UnixListener),
+}
+
 #[derive(Debug)]
 pub struct BootFailure {
     /// The last stage the agent reported, or where the host was waiting.
@@ -24,7 +30,7 @@ pub struct BootFailure {
 /// Reads agent reports from the control socket until `ready`. Fails when the
 /// agent reports a failure, the VMM dies, or `timeout` passes.
 pub async fn wait_ready(
-    ctl_socket: &Path,
+    ctl: Ctl,
     timeout: Duration,
     vmm_alive: impl Fn() -> bool,
     mut on_stage: impl FnMut(&str),
@@ -35,23 +41,36 @@ pub async fn wait_ready(
         stage: stage.to_string(),
         message,
     };
-    let stream = loop {
-        match tokio::net::UnixStream::connect(ctl_socket).await {
-            Ok(s) => break s,
-            Err(_) if Instant::now() < deadline && vmm_alive() => {
-                tokio::time::sleep(Duration::from_millis(10)).await
+    let stream = match ctl {
+        Ctl::Connect(path) => loop {
+            match tokio::net::UnixStream::connect(&path).await {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < deadline && vmm_alive() => {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                Err(e) if vmm_alive() => {
+                    return Err(fail(
+                        &stage,
+                        format!("cannot reach the agent's control channel: {e}"),
+                    ))
+                }
+                Err(_) => {
+                    return Err(fail(
+                        &stage,
+                        "the VMM exited before the guest agent started".into(),
+                    ))
+                }
             }
-            Err(e) if vmm_alive() => {
-                return Err(fail(
-                    &stage,
-                    format!("cannot reach the agent's control channel: {e}"),
-                ))
-            }
-            Err(_) => {
-                return Err(fail(
-                    &stage,
-                    "the VMM exited before the guest agent started".into(),
-                ))
+        },
+        Ctl::Listener(listener) => {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            tokio::select! {
+                accepted = tokio::time::timeout(remaining, listener.accept()) => match accepted {
+                    Ok(Ok((s, _))) => s,
+                    Ok(Err(e)) => return Err(fail(&stage, format!("accepting the agent's control connection: {e}"))),
+                    Err(_) => return Err(fail("kernel", format!("the guest agent was not ready after {}s", timeout.as_secs()))),
+                },
+                _ = wait_dead(&vmm_alive) => return Err(fail("kernel", "the VM stopped during boot".into())),
             }
         }
     };

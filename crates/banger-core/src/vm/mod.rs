@@ -2,6 +2,7 @@
 
 pub mod agent_client;
 pub mod disk;
+pub mod firecracker;
 pub mod keys;
 pub mod name;
 pub mod vmm;

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use banger_host::LaunchSpec;
 use banger_proto::agent::{Transport, CTL_PORT_NAME, SSH_PORT_NAME};
+use futures_util::future::BoxFuture;
 
 /// Everything a backend needs to boot one VM.
 #[derive(Debug, Clone)]
@@ -21,16 +22,50 @@ pub struct BootSpec {
 /// Kernel arguments every banger VM boots with.
 pub const CMDLINE: &str = "console=ttyS0 panic=-1 quiet loglevel=4";
 
+/// Where the agent's readiness reports come from.
+pub enum CtlEndpoint {
+    /// A socket the VMM serves (QEMU's virtio-serial chardev): connect to it.
+    Connect(PathBuf),
+    /// A socket banger must listen on before boot (Firecracker's vsock
+    /// forwarding of guest-initiated connections).
+    Listen(PathBuf),
+}
+
 pub trait Vmm: Send + Sync {
     fn kind(&self) -> &'static str;
     /// How the agent is reached on this backend.
     fn transport(&self) -> Transport;
     /// The process to launch.
     fn command(&self, spec: &BootSpec) -> Result<LaunchSpec, String>;
-    /// The Unix socket where the agent's readiness reports arrive.
-    fn ctl_socket(&self, dir: &Path) -> PathBuf;
-    /// The Unix socket that carries the SSH connection.
+    /// Where the agent's readiness reports arrive.
+    fn ctl(&self, dir: &Path) -> CtlEndpoint;
+    /// The Unix socket that carries SSH connections.
     fn ssh_socket(&self, dir: &Path) -> PathBuf;
+    /// Files in the VM directory that exist only while it runs.
+    fn run_files(&self) -> &'static [&'static str];
+    /// Configures and boots the launched process (Firecracker's API calls).
+    fn configure<'a>(
+        &'a self,
+        _spec: &'a BootSpec,
+        _alive: &'a (dyn Fn() -> bool + Send + Sync),
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+    /// A byte stream to the agent's SSH server.
+    fn open_ssh<'a>(
+        &'a self,
+        dir: &'a Path,
+    ) -> BoxFuture<'a, Result<tokio::net::UnixStream, String>> {
+        Box::pin(async move {
+            tokio::net::UnixStream::connect(self.ssh_socket(dir))
+                .await
+                .map_err(|e| format!("connecting to the agent: {e}"))
+        })
+    }
+    /// A VMM-level shutdown request, tried when the agent does not answer.
+    fn request_shutdown<'a>(&'a self, _dir: &'a Path) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,12 +145,16 @@ impl Vmm for Qemu {
         Transport::VirtioSerial
     }
 
-    fn ctl_socket(&self, dir: &Path) -> PathBuf {
-        dir.join("ctl.sock")
+    fn ctl(&self, dir: &Path) -> CtlEndpoint {
+        CtlEndpoint::Connect(dir.join("ctl.sock"))
     }
 
     fn ssh_socket(&self, dir: &Path) -> PathBuf {
         dir.join("ssh.sock")
+    }
+
+    fn run_files(&self) -> &'static [&'static str] {
+        &["ctl.sock", "ssh.sock"]
     }
 
     fn command(&self, spec: &BootSpec) -> Result<LaunchSpec, String> {
@@ -177,7 +216,7 @@ impl Vmm for Qemu {
         args.push("-device".into());
         args.push("virtio-serial-device".into());
         for (id, socket, name) in [
-            ("ctl", self.ctl_socket(&spec.dir), CTL_PORT_NAME),
+            ("ctl", spec.dir.join("ctl.sock"), CTL_PORT_NAME),
             ("ssh", self.ssh_socket(&spec.dir), SSH_PORT_NAME),
         ] {
             args.push("-chardev".into());

@@ -1,0 +1,165 @@
+//! The Firecracker backend: one `firecracker` process per VM, configured
+//! through its API in the documented order, the agent reached over vsock.
+
+pub mod api;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use banger_host::LaunchSpec;
+use banger_proto::agent::{Transport, VSOCK_CTL_PORT, VSOCK_SSH_PORT};
+use futures_util::future::BoxFuture;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::vmm::{BootSpec, CtlEndpoint, Vmm, CMDLINE};
+
+/// The guest's vsock context id (any value ≥ 3; each VM has its own device).
+pub const GUEST_CID: u32 = 3;
+
+pub struct Firecracker {
+    pub binary: String,
+}
+
+fn api_socket(dir: &Path) -> PathBuf {
+    dir.join("fc.sock")
+}
+
+fn vsock_socket(dir: &Path) -> PathBuf {
+    dir.join("vsock.sock")
+}
+
+fn path_str(p: &Path) -> Result<String, String> {
+    p.to_str()
+        .map(str::to_owned)
+        .ok_or_else(|| format!("path {} is not UTF-8", p.display()))
+}
+
+impl Vmm for Firecracker {
+    fn kind(&self) -> &'static str {
+        "firecracker"
+    }
+
+    fn transport(&self) -> Transport {
+        Transport::Vsock
+    }
+
+    fn command(&self, spec: &BootSpec) -> Result<LaunchSpec, String> {
+        // The serial console is Firecracker's stdout: it goes to the console log.
+        Ok(LaunchSpec {
+            program: self.binary.clone(),
+            args: vec!["--api-sock".into(), path_str(&api_socket(&spec.dir))?],
+            log: spec.console_log.clone(),
+            cwd: Some(spec.dir.clone()),
+        })
+    }
+
+    fn ctl(&self, dir: &Path) -> CtlEndpoint {
+        // Guest-initiated vsock connections arrive on `<uds_path>_<port>`.
+        CtlEndpoint::Listen(PathBuf::from(format!(
+            "{}_{VSOCK_CTL_PORT}",
+            vsock_socket(dir).display()
+        )))
+    }
+
+    fn ssh_socket(&self, dir: &Path) -> PathBuf {
+        vsock_socket(dir)
+    }
+
+    fn run_files(&self) -> &'static [&'static str] {
+        &["fc.sock", "vsock.sock", "vsock.sock_1024"]
+    }
+
+    fn configure<'a>(
+        &'a self,
+        spec: &'a BootSpec,
+        alive: &'a (dyn Fn() -> bool + Send + Sync),
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let sock = api_socket(&spec.dir);
+            api::wait_for_socket(&sock, Duration::from_secs(5), alive).await?;
+            api::put(
+                &sock,
+                "/machine-config",
+                &json!({ "vcpu_count": spec.vcpus, "mem_size_mib": spec.memory_mib }),
+            )
+            .await?;
+            api::put(
+                &sock,
+                "/boot-source",
+                &json!({
+                    "kernel_image_path": path_str(&spec.vmlinux)?,
+                    "initrd_path": path_str(&spec.initrd)?,
+                    "boot_args": format!("{CMDLINE} reboot=k"),
+                }),
+            )
+            .await?;
+            for (id, disk) in [("root", &spec.root_disk), ("work", &spec.work_disk)] {
+                api::put(
+                    &sock,
+                    &format!("/drives/{id}"),
+                    &json!({ "drive_id": id, "path_on_host": path_str(disk)?, "is_root_device": false, "is_read_only": false }),
+                )
+                .await?;
+            }
+            api::put(
+                &sock,
+                "/vsock",
+                &json!({ "guest_cid": GUEST_CID, "uds_path": path_str(&vsock_socket(&spec.dir))? }),
+            )
+            .await?;
+            api::put(
+                &sock,
+                "/actions",
+                &json!({ "action_type": "InstanceStart" }),
+            )
+            .await
+        })
+    }
+
+    fn open_ssh<'a>(
+        &'a self,
+        dir: &'a Path,
+    ) -> BoxFuture<'a, Result<tokio::net::UnixStream, String>> {
+        Box::pin(async move {
+            // The host side of vsock: connect, ask for the guest port, read OK.
+            let mut stream = tokio::net::UnixStream::connect(vsock_socket(dir))
+                .await
+                .map_err(|e| format!("connecting to the VM's vsock: {e}"))?;
+            stream
+                .write_all(format!("CONNECT {VSOCK_SSH_PORT}\n").as_bytes())
+                .await
+                .map_err(|e| e.to_string())?;
+            // Byte by byte up to the newline: the guest's SSH banner may follow
+            // at once and must stay in the stream.
+            let mut line = Vec::new();
+            let mut byte = [0u8; 1];
+            while line.len() < 64 {
+                let n = stream.read(&mut byte).await.map_err(|e| e.to_string())?;
+                if n == 0 || byte[0] == b'\n' {
+                    break;
+                }
+                line.push(byte[0]);
+            }
+            let line = String::from_utf8_lossy(&line);
+            if !line.starts_with("OK ") {
+                return Err(format!(
+                    "vsock CONNECT {VSOCK_SSH_PORT} refused: {}",
+                    line.trim()
+                ));
+            }
+            Ok(stream)
+        })
+    }
+
+    fn request_shutdown<'a>(&'a self, dir: &'a Path) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let _ = api::put(
+                &api_socket(dir),
+                "/actions",
+                &json!({ "action_type": "SendCtrlAltDel" }),
+            )
+            .await;
+        })
+    }
+}

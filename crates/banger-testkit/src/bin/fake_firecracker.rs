@@ -1,0 +1,443 @@
+//! A stand-in for the `firecracker` binary, for tests. It serves the parts of
+//! Firecracker's API banger uses on `--api-sock`, checks every request body
+//! against the documented schema (required fields, types, no unknown fields,
+//! no configuration after boot), records each call as a JSON line in
+//! `<api-sock>.calls`, and on `InstanceStart` plays the guest: it reads the
+//! boot config from the initramfs it was given, reports ready over vsock and
+//! serves SSH with the VM's host key, answering each exec with one line.
+//! A guest power-off (the agent's request) or Ctrl-Alt-Del ends the process,
+//! as a guest reboot ends Firecracker.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use banger_proto::agent::{AgentReport, BootConfig, ExecRequest, EXEC_PREFIX};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+#[derive(Default)]
+struct Vm {
+    machine: Option<Value>,
+    boot: Option<Value>,
+    drives: HashMap<String, Value>,
+    vsock: Option<Value>,
+    started: bool,
+}
+
+type Fields<'a> = &'a [(&'a str, &'a str, bool)];
+
+/// Checks `body` against (name, type, required) rules.
+fn check(body: &Value, fields: Fields) -> Result<(), String> {
+    let obj = body.as_object().ok_or("the body is not a JSON object")?;
+    for key in obj.keys() {
+        if !fields.iter().any(|(name, _, _)| name == key) {
+            return Err(format!("unknown field `{key}`"));
+        }
+    }
+    for (name, kind, required) in fields {
+        match obj.get(*name) {
+            None if *required => return Err(format!("missing field `{name}`")),
+            None => {}
+            Some(v) => {
+                let ok = match *kind {
+                    "string" => v.is_string(),
+                    "bool" => v.is_boolean(),
+                    "int" => v.is_u64(),
+                    _ => true,
+                };
+                if !ok {
+                    return Err(format!("field `{name}` must be a {kind}"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn exists(body: &Value, field: &str) -> Result<(), String> {
+    match body[field].as_str() {
+        Some(p) if Path::new(p).exists() => Ok(()),
+        Some(p) => Err(format!("{field} {p} does not exist")),
+        None => Ok(()),
+    }
+}
+
+fn handle(
+    vm: &mut Vm,
+    method: &str,
+    path: &str,
+    body: &Value,
+) -> Result<Option<&'static str>, String> {
+    if method != "PUT" {
+        return Err(format!("unsupported {method} {path}"));
+    }
+    if vm.started && path != "/actions" {
+        return Err("The requested operation is not supported after starting the microVM.".into());
+    }
+    match path {
+        "/machine-config" => {
+            check(
+                body,
+                &[
+                    ("vcpu_count", "int", true),
+                    ("mem_size_mib", "int", true),
+                    ("smt", "bool", false),
+                    ("track_dirty_pages", "bool", false),
+                ],
+            )?;
+            let vcpus = body["vcpu_count"].as_u64().unwrap_or(0);
+            if !(1..=32).contains(&vcpus) {
+                return Err("vcpu_count must be between 1 and 32".into());
+            }
+            vm.machine = Some(body.clone());
+        }
+        "/boot-source" => {
+            check(
+                body,
+                &[
+                    ("kernel_image_path", "string", true),
+                    ("initrd_path", "string", false),
+                    ("boot_args", "string", false),
+                ],
+            )?;
+            exists(body, "kernel_image_path")?;
+            exists(body, "initrd_path")?;
+            vm.boot = Some(body.clone());
+        }
+        p if p.starts_with("/drives/") => {
+            check(
+                body,
+                &[
+                    ("drive_id", "string", true),
+                    ("is_root_device", "bool", true),
+                    ("path_on_host", "string", true),
+                    ("is_read_only", "bool", true),
+                    ("cache_type", "string", false),
+                ],
+            )?;
+            let id = &p["/drives/".len()..];
+            if body["drive_id"].as_str() != Some(id) {
+                return Err("drive_id does not match the path".into());
+            }
+            exists(body, "path_on_host")?;
+            vm.drives.insert(id.to_string(), body.clone());
+        }
+        "/vsock" => {
+            check(
+                body,
+                &[("guest_cid", "int", true), ("uds_path", "string", true)],
+            )?;
+            if body["guest_cid"].as_u64().unwrap_or(0) < 3 {
+                return Err("guest_cid must be at least 3".into());
+            }
+            vm.vsock = Some(body.clone());
+        }
+        "/actions" => {
+            check(body, &[("action_type", "string", true)])?;
+            match body["action_type"].as_str().unwrap_or_default() {
+                "InstanceStart" => {
+                    if vm.started {
+                        return Err("The microVM is already running.".into());
+                    }
+                    if vm.boot.is_none() || vm.machine.is_none() {
+                        return Err(
+                            "boot source and machine config are required before InstanceStart"
+                                .into(),
+                        );
+                    }
+                    vm.started = true;
+                    return Ok(Some("start"));
+                }
+                "SendCtrlAltDel" => return Ok(Some("ctrl-alt-del")),
+                "FlushMetrics" => {}
+                other => return Err(format!("unknown action_type `{other}`")),
+            }
+        }
+        other => return Err(format!("unsupported path {other}")),
+    }
+    Ok(None)
+}
+
+/// Finds a file in concatenated newc cpio archives.
+fn cpio_find(data: &[u8], wanted: &str) -> Option<Vec<u8>> {
+    let mut pos = 0;
+    while pos + 110 <= data.len() {
+        if &data[pos..pos + 6] != b"070701" {
+            pos += 4; // padding between archives
+            continue;
+        }
+        let field = |i: usize| {
+            usize::from_str_radix(
+                std::str::from_utf8(&data[pos + 6 + i * 8..pos + 14 + i * 8]).ok()?,
+                16,
+            )
+            .ok()
+        };
+        let (filesize, namesize) = (field(6)?, field(11)?);
+        let name_start = pos + 110;
+        let name = std::str::from_utf8(&data[name_start..name_start + namesize - 1]).ok()?;
+        let data_start = (name_start + namesize).div_ceil(4) * 4;
+        if name.trim_start_matches('/') == wanted.trim_start_matches('/') {
+            return Some(data[data_start..data_start + filesize].to_vec());
+        }
+        pos = (data_start + filesize).div_ceil(4) * 4;
+    }
+    None
+}
+
+struct Guest {
+    authorized: Vec<russh::keys::PublicKey>,
+}
+
+impl russh::server::Handler for Guest {
+    type Error = russh::Error;
+
+    async fn auth_publickey(
+        &mut self,
+        _: &str,
+        key: russh::server::VerifiedPublicKey<'_>,
+    ) -> Result<russh::server::Auth, Self::Error> {
+        let ok = self
+            .authorized
+            .iter()
+            .any(|k| k.key_data() == key.public_key.key_data());
+        Ok(if ok {
+            russh::server::Auth::Accept
+        } else {
+            russh::server::Auth::reject()
+        })
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        _: russh::Channel<russh::server::Msg>,
+        reply: russh::server::ChannelOpenHandle,
+        _: &mut russh::server::Session,
+    ) -> Result<(), Self::Error> {
+        reply.accept().await;
+        Ok(())
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: russh::ChannelId,
+        data: &[u8],
+        session: &mut russh::server::Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)?;
+        let command = String::from_utf8_lossy(data).into_owned();
+        if command == "banger-poweroff" {
+            println!("fake-firecracker: guest powered off");
+            std::process::exit(0);
+        }
+        let argv = match command.strip_prefix(EXEC_PREFIX) {
+            Some(json) => serde_json::from_str::<ExecRequest>(json)
+                .map(|r| r.argv)
+                .unwrap_or_default(),
+            None => vec![command],
+        };
+        let handle = session.handle();
+        tokio::spawn(async move {
+            let _ = handle
+                .data(
+                    channel,
+                    format!("fake-firecracker ran: {}\n", argv.join(" ")).into_bytes(),
+                )
+                .await;
+            let _ = handle.exit_status_request(channel, 0).await;
+            let _ = handle.eof(channel).await;
+            let _ = handle.close(channel).await;
+        });
+        Ok(())
+    }
+}
+
+async fn play_guest(vm: &Vm) -> Result<(), String> {
+    let initrd = vm
+        .boot
+        .as_ref()
+        .and_then(|b| b["initrd_path"].as_str())
+        .ok_or("no initrd")?;
+    let data = std::fs::read(initrd).map_err(|e| e.to_string())?;
+    let config: BootConfig = serde_json::from_slice(
+        &cpio_find(&data, "banger/config.json").ok_or("no boot config in the initrd")?,
+    )
+    .map_err(|e| e.to_string())?;
+    println!("fake-firecracker: booting {}", config.hostname);
+    let uds = PathBuf::from(
+        vm.vsock
+            .as_ref()
+            .and_then(|v| v["uds_path"].as_str())
+            .ok_or("no vsock")?,
+    );
+    let key = russh::keys::PrivateKey::from_openssh(config.host_key.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let authorized: Vec<_> = config
+        .authorized_keys
+        .iter()
+        .filter_map(|k| russh::keys::PublicKey::from_openssh(k).ok())
+        .collect();
+    let ssh_config = Arc::new(russh::server::Config {
+        keys: vec![key],
+        inactivity_timeout: None,
+        keepalive_interval: None,
+        nodelay: true,
+        ..Default::default()
+    });
+    let listener = UnixListener::bind(&uds).map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut line = Vec::new();
+            let mut byte = [0u8; 1];
+            while stream
+                .read(&mut byte)
+                .await
+                .map(|n| n == 1)
+                .unwrap_or(false)
+                && byte[0] != b'\n'
+            {
+                line.push(byte[0]);
+            }
+            if String::from_utf8_lossy(&line) != "CONNECT 22" {
+                eprintln!(
+                    "fake-firecracker: refusing vsock request {:?}",
+                    String::from_utf8_lossy(&line)
+                );
+                continue;
+            }
+            eprintln!("fake-firecracker: vsock connection to port 22");
+            let _ = stream.write_all(b"OK 1073741824\n").await;
+            let guest = Guest {
+                authorized: authorized.clone(),
+            };
+            let cfg = ssh_config.clone();
+            tokio::spawn(async move {
+                match russh::server::run_stream(cfg, stream, guest).await {
+                    Ok(session) => {
+                        if let Err(e) = session.await {
+                            eprintln!("fake-firecracker: ssh session: {e}");
+                        }
+                    }
+                    Err(e) => eprintln!("fake-firecracker: ssh: {e}"),
+                }
+            });
+        }
+    });
+    let mut ctl = UnixStream::connect(format!("{}_1024", uds.display()))
+        .await
+        .map_err(|e| format!("vsock ctl: {e}"))?;
+    for stage in ["modules", "root", "ready"] {
+        let report = AgentReport {
+            protocol: 1,
+            version: "fake".into(),
+            stage: stage.into(),
+            error: None,
+        };
+        ctl.write_all(format!("{}\n", serde_json::to_string(&report).unwrap()).as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    println!("banger-agent: ready");
+    // Keep the control connection open, as the agent does.
+    std::mem::forget(ctl);
+    Ok(())
+}
+
+async fn read_request(stream: &mut UnixStream) -> Option<(String, String, Value)> {
+    let mut reader = BufReader::new(stream);
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line).await.ok()? == 0 {
+        return None;
+    }
+    let mut parts = request_line.split_whitespace();
+    let (method, path) = (parts.next()?.to_string(), parts.next()?.to_string());
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).await.ok()?;
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                length = v.trim().parse().unwrap_or(0);
+            }
+        }
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body).await.ok()?;
+    let body = if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&body).unwrap_or(Value::String("<invalid json>".into()))
+    };
+    Some((method, path, body))
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let sock = args
+        .iter()
+        .position(|a| a == "--api-sock")
+        .and_then(|i| args.get(i + 1))
+        .expect("--api-sock PATH");
+    let calls = PathBuf::from(format!("{sock}.calls"));
+    let _ = std::fs::remove_file(sock);
+    let listener = UnixListener::bind(sock).expect("binding the API socket");
+    let mut vm = Vm::default();
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
+    loop {
+        let mut stream = tokio::select! {
+            accepted = listener.accept() => match accepted { Ok((s, _)) => s, Err(_) => continue },
+            _ = term.recv() => std::process::exit(0),
+        };
+        let Some((method, path, body)) = read_request(&mut stream).await else {
+            continue;
+        };
+        let mut record = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&calls)
+            .unwrap();
+        std::io::Write::write_all(
+            &mut record,
+            format!(
+                "{}\n",
+                json!({ "method": method, "path": path, "body": body })
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let (status, reply) = match handle(&mut vm, &method, &path, &body) {
+            Ok(action) => {
+                if action == Some("start") {
+                    if let Err(e) = play_guest(&vm).await {
+                        eprintln!("fake-firecracker: guest failed: {e}");
+                    }
+                }
+                if action == Some("ctrl-alt-del") {
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+                        .await;
+                    println!("fake-firecracker: Ctrl-Alt-Del");
+                    std::process::exit(0);
+                }
+                (204, String::new())
+            }
+            Err(fault) => (400, json!({ "fault_message": fault }).to_string()),
+        };
+        let reason = if status == 204 {
+            "No Content"
+        } else {
+            "Bad Request"
+        };
+        let _ = stream
+            .write_all(format!("HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{reply}", reply.len()).as_bytes())
+            .await;
+    }
+}
