@@ -126,6 +126,7 @@ async fn a_failure_at_any_start_step_leaves_no_process_socket_or_file() {
         Some("initramfs"),
         Some("launch"),
         Some("runtime"),
+        Some("configure"),
         Some("agent"),
         None,
     ] {
