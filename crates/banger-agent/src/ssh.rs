@@ -240,6 +240,18 @@ fn signal_number(sig: &Sig) -> Option<i32> {
     })
 }
 
+/// The account's shell when it exists in the image, else /bin/sh.
+fn login_shell(user: Option<&str>) -> String {
+    let shell = exec::account(user)
+        .map(|a| a.shell)
+        .unwrap_or_else(|_| "/bin/sh".into());
+    if std::path::Path::new(&shell).exists() {
+        shell
+    } else {
+        "/bin/sh".into()
+    }
+}
+
 /// A plain `ssh host cmd` gets `/bin/sh -c cmd`, as sshd would run it.
 fn shell_argv(command: &str) -> Vec<String> {
     if std::path::Path::new("/bin/sh").exists() {
@@ -348,6 +360,14 @@ impl russh::server::Handler for Handler {
         }
         let spec = match command.strip_prefix(EXEC_PREFIX) {
             Some(json) => match serde_json::from_str::<ExecRequest>(json) {
+                // No command: the user's login shell (`banger vm ssh`).
+                Ok(req) if req.argv.is_empty() => Spec {
+                    argv: vec![login_shell(req.user.as_deref()), "-l".into()],
+                    env: req.env,
+                    cwd: req.cwd,
+                    user: req.user,
+                    pty: None,
+                },
                 Ok(req) => Spec {
                     argv: req.argv,
                     env: req.env,
@@ -377,14 +397,7 @@ impl russh::server::Handler for Handler {
         channel: ChannelId,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let shell = exec::account(None)
-            .map(|a| a.shell)
-            .unwrap_or_else(|_| "/bin/sh".into());
-        let shell = if std::path::Path::new(&shell).exists() {
-            shell
-        } else {
-            "/bin/sh".into()
-        };
+        let shell = login_shell(None);
         let spec = Spec {
             argv: vec![shell, "-l".into()],
             env: vec![],

@@ -208,6 +208,13 @@ pub enum VmCommand {
         #[arg(long)]
         tail: Option<usize>,
     },
+    /// An interactive login shell in a VM.
+    Ssh {
+        name: String,
+        /// User name or uid[:gid] in the guest.
+        #[arg(short = 'u', long = "user")]
+        user: Option<String>,
+    },
     /// Run a command in a VM.
     Exec {
         name: String,

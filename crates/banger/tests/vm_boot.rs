@@ -120,6 +120,48 @@ fn vms_boot_run_commands_persist_and_survive_a_daemon_kill() {
         .status
         .success());
 
+    // A terminal when asked for; `vm ssh` is a login shell on one.
+    let tty = banger.ok(&["vm", "exec", "-t", "web", "--", "tty"]);
+    assert!(tty.starts_with("/dev/pts/"), "{tty}");
+    let mut shell = banger
+        .cmd(&["vm", "ssh", "web"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        shell.stdin.as_mut().unwrap(),
+        b"echo in-$((40+2))-shell; exit 3\n",
+    )
+    .unwrap();
+    let out = shell.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("in-42-shell"));
+
+    // Ctrl-C reaches the guest process.
+    let mut child = banger
+        .cmd(&[
+            "vm",
+            "exec",
+            "web",
+            "--",
+            "sh",
+            "-c",
+            "trap 'echo got-int; exit 9' INT; echo started; while true; do sleep 1; done",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
+    assert_eq!(first, "started\n");
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(9), "{rest}");
+    assert!(rest.contains("got-int"), "{rest}");
+
     // Files written in the guest survive stop/start, on the root and work disks.
     banger.ok(&[
         "vm",

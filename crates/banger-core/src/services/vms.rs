@@ -625,7 +625,7 @@ impl VmService {
         events: Events,
         input: Option<tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>>,
     ) -> OpResult<ExecResult> {
-        if params.argv.is_empty() {
+        if params.argv.is_empty() && params.tty.is_none() {
             return Err(OpError::invalid(
                 "no command given: `banger vm exec NAME -- CMD ARGS…`",
             ));

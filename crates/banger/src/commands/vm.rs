@@ -119,6 +119,16 @@ pub fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
                 Err(e) => Ok(report(e)),
             }
         }
+        VmCommand::Ssh { name, user } => exec(
+            client,
+            name,
+            true,
+            false,
+            None,
+            Vec::new(),
+            user,
+            Vec::new(),
+        ),
         VmCommand::Exec {
             name,
             tty,
