@@ -300,3 +300,66 @@ fn a_boot_failure_names_the_stage_and_shows_the_console() {
     assert_eq!(info[0]["state"], "stopped", "the failed start was undone");
     assert!(qemu_pids_for(info[0]["dir"].as_str().unwrap()).is_empty());
 }
+
+#[test]
+fn a_debian_image_boots_and_runs_its_own_tools() {
+    let Some((kernel, agent)) = assets() else {
+        return;
+    };
+    let Some(debian) = std::env::var_os("BANGER_TEST_DEBIAN_TAR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_file())
+    else {
+        let msg = "needs BANGER_TEST_DEBIAN_TAR (scripts/test builds it with mmdebstrap)";
+        assert!(std::env::var_os("CI").is_none(), "{msg}");
+        eprintln!("skipping: {msg}");
+        return;
+    };
+    let registry = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut layout = Layout::new(&tmp.path().join("oci"));
+    let image = layout.image(
+        &[(Compression::None, std::fs::read(&debian).unwrap())],
+        "amd64",
+    );
+    layout.tag("t", &image);
+    registry.push(&layout.dir, "t", "debian:bookworm", &[]);
+    let banger = start_banger(&agent);
+    banger.ok(&["kernel", "import", kernel.to_str().unwrap()]);
+    banger.ok(&[
+        "image",
+        "pull",
+        &registry.reference("debian:bookworm"),
+        "--name",
+        "debian",
+    ]);
+    banger.ok(&["vm", "run", "deb", "--image", "debian", "--memory", "256M"]);
+    let version = banger.ok(&["vm", "exec", "deb", "--", "cat", "/etc/debian_version"]);
+    assert!(version.starts_with("12"), "{version}");
+    let out = banger.ok(&[
+        "vm",
+        "exec",
+        "deb",
+        "--",
+        "bash",
+        "-c",
+        "echo $BASH_VERSION; id -un; dpkg-query -W -f='${Status}' bash",
+    ]);
+    assert!(
+        out.contains("root") && out.contains("install ok installed"),
+        "{out}"
+    );
+    // setuid bits survive the whole pipeline: su is setuid root in Debian.
+    let mode = banger.ok(&[
+        "vm",
+        "exec",
+        "deb",
+        "--",
+        "stat",
+        "-c",
+        "%a %U",
+        "/usr/bin/su",
+    ]);
+    assert_eq!(mode.trim(), "4755 root");
+    banger.ok(&["vm", "rm", "-f", "deb"]);
+}
