@@ -51,6 +51,7 @@ pub struct VmService {
 }
 
 fn step(events: &Events, step: &str, n: u32, of: u32) {
+    tracing::info!(step, "step {n}/{of}");
     events.emit(&VmEvent::Step {
         step: step.into(),
         n,
