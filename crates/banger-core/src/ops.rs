@@ -25,6 +25,7 @@ pub struct Core {
     pub images: Arc<ImageService>,
     pub kernels: Arc<KernelService>,
     pub vms: Arc<VmService>,
+    runner: Arc<dyn ProcessRunner>,
     store: Arc<Store>,
 }
 
@@ -64,7 +65,7 @@ impl Core {
             paths.clone(),
             config,
             store.clone(),
-            runner,
+            runner.clone(),
             launcher,
             images.clone(),
             kernels.clone(),
@@ -76,6 +77,7 @@ impl Core {
             images,
             kernels,
             vms,
+            runner,
             store,
         })
     }
@@ -112,6 +114,17 @@ impl Core {
                     .await?,
             ),
             m::KERNEL_IMPORT => to_value(self.kernels.import(parse(params)?).await?),
+            m::KERNEL_PULL => to_value(
+                crate::services::kernel_pull::pull(
+                    &self.images,
+                    &self.kernels,
+                    self.runner.as_ref(),
+                    &self.paths,
+                    parse(params)?,
+                    events,
+                )
+                .await?,
+            ),
             m::KERNEL_LIST => to_value(self.kernels.list()?),
             m::KERNEL_INSPECT => {
                 to_value(self.kernels.inspect(&parse::<NamesParams>(params)?.names)?)

@@ -31,3 +31,13 @@ pub struct KernelInfo {
     pub size_bytes: u64,
     pub created_at: String,
 }
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PullParams {
+    /// An OCI image holding /boot/vmlinux* or /boot/vmlinuz*, and /lib/modules/*.
+    pub reference: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub default: bool,
+}

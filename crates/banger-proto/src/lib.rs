@@ -28,6 +28,7 @@ pub mod methods {
     pub const KERNEL_LIST: &str = "kernel.list";
     pub const KERNEL_INSPECT: &str = "kernel.inspect";
     pub const KERNEL_REMOVE: &str = "kernel.remove";
+    pub const KERNEL_PULL: &str = "kernel.pull";
     pub const VM_CREATE: &str = "vm.create";
     pub const VM_START: &str = "vm.start";
     pub const VM_STOP: &str = "vm.stop";
@@ -50,6 +51,7 @@ pub mod methods {
         KERNEL_LIST,
         KERNEL_INSPECT,
         KERNEL_REMOVE,
+        KERNEL_PULL,
         VM_CREATE,
         VM_START,
         VM_STOP,

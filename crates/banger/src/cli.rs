@@ -48,6 +48,16 @@ pub enum KernelCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Pull a kernel published as an OCI image (/boot/vmlinu[xz]*, /lib/modules/*).
+    Pull {
+        reference: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        default: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// List kernels.
     #[command(alias = "list")]
     Ls(JsonFlag),

@@ -363,3 +363,91 @@ fn a_debian_image_boots_and_runs_its_own_tools() {
     assert_eq!(mode.trim(), "4755 root");
     banger.ok(&["vm", "rm", "-f", "deb"]);
 }
+
+#[test]
+fn a_kernel_published_as_an_oci_image_is_pulled_and_boots() {
+    let Some((kernel_deb, agent)) = assets() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let unpacked = tmp.path().join("deb");
+    let status = std::process::Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&kernel_deb)
+        .arg(&unpacked)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // /boot and just the virtio/vsock modules (and what they need), as a kernel image would ship them.
+    let mut builder = tar::Builder::new(Vec::new());
+    builder
+        .append_dir_all("boot", unpacked.join("boot"))
+        .unwrap();
+    let modules_root = std::fs::read_dir(unpacked.join("lib/modules"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let version = modules_root
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let kernel_dir = modules_root.join("kernel");
+    for sub in [
+        "drivers/virtio",
+        "drivers/block",
+        "drivers/char",
+        "drivers/net",
+        "net/vmw_vsock",
+        "net/core",
+    ] {
+        let dir = kernel_dir.join(sub);
+        if dir.is_dir() {
+            builder
+                .append_dir_all(format!("lib/modules/{version}/kernel/{sub}"), &dir)
+                .unwrap();
+        }
+    }
+    let layer = builder.into_inner().unwrap();
+
+    let registry = Registry::start();
+    let mut layout = Layout::new(&tmp.path().join("oci"));
+    let image = layout.image(&[(Compression::Gzip, layer)], "amd64");
+    layout.tag("t", &image);
+    registry.push(&layout.dir, "t", "kernels/cloud:6.1", &[]);
+    let mut bb = Layout::new(&tmp.path().join("bb"));
+    let bbi = bb.image(&[(Compression::Gzip, busybox_layer())], "amd64");
+    bb.tag("t", &bbi);
+    registry.push(&bb.dir, "t", "busybox:latest", &[]);
+
+    let banger = start_banger(&agent);
+    let out = banger.ok(&[
+        "kernel",
+        "pull",
+        &registry.reference("kernels/cloud:6.1"),
+        "--name",
+        "pulled",
+    ]);
+    assert!(out.contains("pulled"), "{out}");
+    let info: serde_json::Value =
+        serde_json::from_str(&banger.ok(&["kernel", "inspect", "pulled"])).unwrap();
+    assert_eq!(info[0]["version"], version);
+    assert!(info[0]["modules_dir"].as_str().unwrap().ends_with(&version));
+    assert_eq!(
+        banger.ok(&["image", "ls", "--json"]).trim(),
+        "[]",
+        "the scratch image is gone"
+    );
+
+    banger.ok(&["image", "pull", &registry.reference("busybox:latest")]);
+    banger.ok(&[
+        "vm", "run", "k", "--image", "busybox", "--kernel", "pulled", "--memory", "256M",
+    ]);
+    assert_eq!(
+        banger.ok(&["vm", "exec", "k", "--", "uname", "-r"]).trim(),
+        version
+    );
+    banger.ok(&["vm", "rm", "-f", "k"]);
+}

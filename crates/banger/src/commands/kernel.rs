@@ -44,6 +44,29 @@ pub fn run(client: &Client, cmd: KernelCommand) -> anyhow::Result<i32> {
                 Err(e) => Ok(report(e)),
             }
         }
+        KernelCommand::Pull {
+            reference,
+            name,
+            default,
+            json,
+        } => {
+            let mut progress = crate::progress::PullProgress::new();
+            let params = json!({ "reference": reference, "name": name, "default": default });
+            let result = client.call(methods::KERNEL_PULL, params, |e| progress.handle(e));
+            progress.finish();
+            match result {
+                Ok(v) => {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&v)?);
+                    } else {
+                        let k: KernelInfo = serde_json::from_value(v)?;
+                        println!("pulled kernel `{}` ({})", k.name, k.version);
+                    }
+                    Ok(0)
+                }
+                Err(e) => Ok(report(e)),
+            }
+        }
         KernelCommand::Ls(flags) => {
             let v = match client.call(methods::KERNEL_LIST, json!({}), |_| {}) {
                 Ok(v) => v,
