@@ -29,6 +29,25 @@ pub struct Core {
     store: Arc<Store>,
 }
 
+/// The host side effects the core uses, real or fake.
+pub struct Host {
+    pub runner: Arc<dyn ProcessRunner>,
+    pub launcher: Arc<dyn banger_host::ProcessLauncher>,
+    pub blockdevs: Arc<dyn banger_host::BlockDevices>,
+}
+
+impl Host {
+    pub fn real(runner: Arc<dyn ProcessRunner>) -> Host {
+        Host {
+            blockdevs: Arc::new(banger_host::RealBlockDevices {
+                runner: runner.clone(),
+            }),
+            launcher: Arc::new(banger_host::RealLauncher),
+            runner,
+        }
+    }
+}
+
 /// Lines the caller sends after its request (exec stdin, signals), if any.
 pub type Input = Option<tokio::sync::mpsc::UnboundedReceiver<Value>>;
 
@@ -39,15 +58,15 @@ impl Core {
         runner: Arc<dyn ProcessRunner>,
         hooks: PullHooks,
     ) -> anyhow::Result<Core> {
-        Self::open_with(paths, runner, Arc::new(banger_host::RealLauncher), hooks)
+        Self::open_with(paths, Host::real(runner), hooks)
     }
 
-    pub fn open_with(
-        paths: Paths,
-        runner: Arc<dyn ProcessRunner>,
-        launcher: Arc<dyn banger_host::ProcessLauncher>,
-        hooks: PullHooks,
-    ) -> anyhow::Result<Core> {
+    pub fn open_with(paths: Paths, host: Host, hooks: PullHooks) -> anyhow::Result<Core> {
+        let Host {
+            runner,
+            launcher,
+            blockdevs,
+        } = host;
         paths.create_all()?;
         let config = Config::load(&paths.config_file())?;
         let store = Arc::new(Store::open(&paths.database())?);
@@ -67,6 +86,7 @@ impl Core {
             store.clone(),
             runner.clone(),
             launcher,
+            blockdevs,
             images.clone(),
             kernels.clone(),
         ));

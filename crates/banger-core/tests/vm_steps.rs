@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use banger_core::events::Events;
-use banger_core::ops::Core;
+use banger_core::ops::{Core, Host};
 use banger_core::paths::Paths;
-use banger_host::{FakeLauncher, FakeRunner};
+use banger_host::{BlockCall, FakeBlockDevices, FakeLauncher, FakeRunner, LauncherCall};
 use banger_proto::image::{ImageConfig, ImageInfo};
 use banger_proto::kernel::KernelInfo;
 use banger_proto::vm::CreateParams;
@@ -25,6 +25,13 @@ fn fake_agent() -> &'static std::path::Path {
 }
 
 fn setup() -> (tempfile::TempDir, Arc<Core>, FakeLauncher) {
+    let (tmp, core, launcher, _) = setup_with(FakeBlockDevices::default());
+    (tmp, core, launcher)
+}
+
+fn setup_with(
+    blockdevs: FakeBlockDevices,
+) -> (tempfile::TempDir, Arc<Core>, FakeLauncher, FakeBlockDevices) {
     let tmp = tempfile::tempdir().unwrap();
     // Every test in this file sets the same values.
     std::env::set_var("BANGER_AGENT_BIN", fake_agent());
@@ -33,13 +40,12 @@ fn setup() -> (tempfile::TempDir, Arc<Core>, FakeLauncher) {
     std::fs::create_dir_all(&paths.config_dir).unwrap();
     std::fs::write(paths.config_file(), "boot_timeout_secs = 1\n").unwrap();
     let launcher = FakeLauncher::default();
-    let core = Core::open_with(
-        paths,
-        Arc::new(FakeRunner::default()),
-        Arc::new(launcher.clone()),
-        Default::default(),
-    )
-    .unwrap();
+    let host = Host {
+        runner: Arc::new(FakeRunner::default()),
+        launcher: Arc::new(launcher.clone()),
+        blockdevs: Arc::new(blockdevs.clone()),
+    };
+    let core = Core::open_with(paths, host, Default::default()).unwrap();
     let rootfs = tmp.path().join("rootfs.ext4");
     std::fs::write(&rootfs, vec![0u8; 4096]).unwrap();
     core.store()
@@ -69,7 +75,7 @@ fn setup() -> (tempfile::TempDir, Arc<Core>, FakeLauncher) {
             created_at: "2026-01-01T00:00:00Z".into(),
         })
         .unwrap();
-    (tmp, Arc::new(core), launcher)
+    (tmp, Arc::new(core), launcher, blockdevs)
 }
 
 fn params(name: &str) -> CreateParams {
@@ -175,4 +181,53 @@ async fn a_failure_at_any_start_step_leaves_no_process_socket_or_file() {
         launches, 4,
         "launched for runtime, configure, agent and the timeout"
     );
+}
+
+#[tokio::test]
+async fn dm_snapshot_root_disks_are_set_up_per_boot_and_always_torn_down() {
+    let (tmp, core, launcher, blockdevs) = setup_with(FakeBlockDevices::supported());
+    let info = core
+        .vms
+        .create(params("web"), Events::none())
+        .await
+        .unwrap();
+    assert_eq!(info.cow_strategy, "dm-snapshot");
+    let dir = core.paths.state_dir.join("vms/web");
+    assert!(
+        dir.join("cow.img").is_file() && !dir.join("root.ext4").exists(),
+        "no copy of the image"
+    );
+
+    // A failed boot tears the snapshot down again (start first clears any leftover).
+    core.vms.set_fail_point(Some("agent"));
+    core.vms.start("web", Events::none()).await.unwrap_err();
+    let teardown = BlockCall::Teardown {
+        name: "banger-web".into(),
+    };
+    let setup = BlockCall::Setup {
+        name: "banger-web".into(),
+        origin: tmp.path().join("rootfs.ext4"),
+        cow: dir.join("cow.img"),
+    };
+    assert_eq!(blockdevs.calls(), [teardown.clone(), setup, teardown]);
+    assert!(blockdevs.live().is_empty());
+    let launched = launcher.calls().into_iter().find_map(|c| match c {
+        LauncherCall::Launch(spec) => Some(spec.args.join(" ")),
+        _ => None,
+    });
+    assert!(
+        launched.unwrap().contains("file=/dev/mapper/banger-web,"),
+        "the VMM boots the snapshot"
+    );
+
+    // A failure before the snapshot step touches no device.
+    core.vms.set_fail_point(Some("snapshot"));
+    core.vms.start("web", Events::none()).await.unwrap_err();
+    let setups = blockdevs
+        .calls()
+        .iter()
+        .filter(|c| matches!(c, BlockCall::Setup { .. }))
+        .count();
+    assert_eq!(setups, 1);
+    assert!(blockdevs.live().is_empty());
 }

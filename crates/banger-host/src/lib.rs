@@ -1,9 +1,11 @@
 //! Host side effects behind traits. Each trait has a real implementation and a
 //! recording fake, so the operations core can be tested without touching the host.
 
+pub mod blockdev;
 pub mod process;
 pub mod vmm_process;
 
+pub use blockdev::{BlockCall, BlockDevices, FakeBlockDevices, RealBlockDevices};
 pub use process::{CommandSpec, FakeRunner, HostError, Output, ProcessRunner, RealRunner};
 pub use vmm_process::{
     FakeLauncher, LaunchSpec, LauncherCall, ProcessId, ProcessLauncher, RealLauncher,

@@ -43,6 +43,7 @@ pub struct VmService {
     store: Arc<Store>,
     runner: Arc<dyn ProcessRunner>,
     launcher: Arc<dyn ProcessLauncher>,
+    blockdevs: Arc<dyn banger_host::BlockDevices>,
     images: Arc<ImageService>,
     kernels: Arc<KernelService>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -67,6 +68,7 @@ impl VmService {
         store: Arc<Store>,
         runner: Arc<dyn ProcessRunner>,
         launcher: Arc<dyn ProcessLauncher>,
+        blockdevs: Arc<dyn banger_host::BlockDevices>,
         images: Arc<ImageService>,
         kernels: Arc<KernelService>,
     ) -> VmService {
@@ -76,6 +78,7 @@ impl VmService {
             store,
             runner,
             launcher,
+            blockdevs,
             images,
             kernels,
             locks: Mutex::default(),
@@ -100,6 +103,12 @@ impl VmService {
     fn clean_run_files(&self, vm: &VmRecord) {
         let files = self.vmm(&vm.vmm).map(|v| v.run_files()).unwrap_or(&[]);
         remove_run_files(Path::new(&vm.dir), files);
+        if vm.cow_strategy == disk::CowStrategy::DmSnapshot.as_str() {
+            let state = Path::new(&vm.dir).join("dm.state");
+            if let Err(e) = self.blockdevs.teardown_snapshot(&dm_name(&vm.name), &state) {
+                tracing::warn!(vm = %vm.name, error = %e, "could not tear down the root snapshot");
+            }
+        }
     }
 
     fn vms_dir(&self) -> PathBuf {
@@ -255,21 +264,32 @@ impl VmService {
 
         step(&events, "disks", 1, 2);
         steps.begin("root-disk")?;
-        let root = dir.join("root.ext4");
-        let (src, dst, runner) = (
-            PathBuf::from(&image.rootfs_path),
-            root.clone(),
-            self.runner.clone(),
-        );
-        let strategy = tokio::task::spawn_blocking(move || -> Result<disk::CowStrategy, String> {
-            let strategy = disk::clone_or_copy(&src, &dst)
-                .map_err(|e| format!("copying the image's root disk: {e}"))?;
-            disk::grow(runner.as_ref(), &dst, disk_bytes)?;
-            Ok(strategy)
-        })
-        .await
-        .map_err(|e| OpError::internal(e.to_string()))?
-        .map_err(OpError::internal)?;
+        let (strategy, disk_bytes) = if self.blockdevs.snapshot_supported() {
+            // The image's ext4 stays the read-only origin; writes land in a sparse COW file.
+            let cow = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(dir.join("cow.img"))?;
+            cow.set_len(image.size_bytes)?;
+            (disk::CowStrategy::DmSnapshot, image.size_bytes)
+        } else {
+            let (src, dst, runner) = (
+                PathBuf::from(&image.rootfs_path),
+                dir.join("root.ext4"),
+                self.runner.clone(),
+            );
+            let strategy =
+                tokio::task::spawn_blocking(move || -> Result<disk::CowStrategy, String> {
+                    let strategy = disk::clone_or_copy(&src, &dst)
+                        .map_err(|e| format!("copying the image's root disk: {e}"))?;
+                    disk::grow(runner.as_ref(), &dst, disk_bytes)?;
+                    Ok(strategy)
+                })
+                .await
+                .map_err(|e| OpError::internal(e.to_string()))?
+                .map_err(OpError::internal)?;
+            (strategy, disk_bytes)
+        };
 
         steps.begin("work-disk")?;
         let (work, runner) = (dir.join("work.ext4"), self.runner.clone());
@@ -372,6 +392,33 @@ impl VmService {
             }
         };
 
+        let root_disk = if vm.cow_strategy == disk::CowStrategy::DmSnapshot.as_str() {
+            steps.begin("snapshot")?;
+            let image = self
+                .images
+                .inspect(std::slice::from_ref(&vm.image))?
+                .remove(0);
+            let state = dir.join("dm.state");
+            let dev = self
+                .blockdevs
+                .setup_snapshot(
+                    &dm_name(&vm.name),
+                    Path::new(&image.rootfs_path),
+                    &dir.join("cow.img"),
+                    &state,
+                )
+                .map_err(|e| {
+                    OpError::internal(format!("setting up the root disk snapshot: {e}"))
+                })?;
+            let (blockdevs, name) = (self.blockdevs.clone(), dm_name(&vm.name));
+            steps.undo("snapshot", move || {
+                let _ = blockdevs.teardown_snapshot(&name, &state);
+            });
+            dev
+        } else {
+            dir.join("root.ext4")
+        };
+
         step(&events, "launch", 2, STEPS_START);
         steps.begin("launch")?;
         let console = dir.join("console.log");
@@ -383,7 +430,7 @@ impl VmService {
             dir: dir.clone(),
             vmlinux: PathBuf::from(&kernel.vmlinux_path),
             initrd: initrd.clone(),
-            root_disk: dir.join("root.ext4"),
+            root_disk,
             work_disk: dir.join("work.ext4"),
             vcpus: vm.vcpus,
             memory_mib: vm.memory_mib,
@@ -704,6 +751,11 @@ fn kill_and_wait(launcher: &dyn ProcessLauncher, pid: ProcessId) {
         }
         std::thread::sleep(Duration::from_millis(25));
     }
+}
+
+/// The device-mapper name of a VM's root snapshot.
+fn dm_name(vm: &str) -> String {
+    format!("banger-{vm}")
 }
 
 /// What exists only while a VM runs: the VMM's sockets and the per-boot initramfs.

@@ -349,6 +349,17 @@ fn agent() -> Check {
 fn cow(paths: &Paths) -> Check {
     let dir = &paths.state_dir;
     let _ = std::fs::create_dir_all(dir);
+    let dm = banger_host::RealBlockDevices {
+        runner: std::sync::Arc::new(banger_host::RealRunner),
+    };
+    if banger_host::BlockDevices::snapshot_supported(&dm) {
+        return check(
+            "cow",
+            Status::Ok,
+            "root disks are device-mapper snapshots of the image",
+            None,
+        );
+    }
     if banger_core::vm::disk::reflink_supported(dir) {
         check(
             "cow",
