@@ -120,6 +120,24 @@ fn vms_boot_run_commands_persist_and_survive_a_daemon_kill() {
         .status
         .success());
 
+    // Working directory, environment and user.
+    let out = banger.ok(&[
+        "vm",
+        "exec",
+        "-w",
+        "/tmp",
+        "-e",
+        "GREETING=hi there",
+        "-u",
+        "nobody",
+        "web",
+        "--",
+        "sh",
+        "-c",
+        "echo \"$GREETING|$(pwd)|$(id -u)\"",
+    ]);
+    assert_eq!(out, "hi there|/tmp|65534\n");
+
     // A terminal when asked for; `vm ssh` is a login shell on one.
     let tty = banger.ok(&["vm", "exec", "-t", "web", "--", "tty"]);
     assert!(tty.starts_with("/dev/pts/"), "{tty}");

@@ -159,3 +159,86 @@ fn firecracker_boot_follows_the_api_order_and_runs_commands() {
     assert!(!Path::new(&dir).exists());
     assert_eq!(banger.ok(&["vm", "ls", "--json"]).trim(), "[]");
 }
+
+#[test]
+fn a_guest_that_ignores_the_power_off_gets_ctrl_alt_del() {
+    let Some((fake, agent)) = tools() else { return };
+    let registry = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut layout = Layout::new(&tmp.path().join("oci"));
+    let image = layout.image(&[(Compression::Gzip, busybox_layer())], "amd64");
+    layout.tag("t", &image);
+    registry.push(&layout.dir, "t", "busybox:latest", &[]);
+    let hang = Path::new("1");
+    let banger = Banger::start_with_env(&[
+        ("BANGER_FIRECRACKER_BIN", &fake),
+        ("BANGER_AGENT_BIN", &agent),
+        ("FAKE_FC_HANG_ON_POWEROFF", hang),
+    ]);
+    let kernel = tmp.path().join("vmlinux");
+    std::fs::copy(&agent, &kernel).unwrap();
+    banger.ok(&["kernel", "import", kernel.to_str().unwrap(), "--name", "fc"]);
+    banger.ok(&["image", "pull", &registry.reference("busybox:latest")]);
+    banger.ok(&[
+        "vm",
+        "run",
+        "stubborn",
+        "--image",
+        "busybox",
+        "--vmm",
+        "firecracker",
+    ]);
+    let info: serde_json::Value =
+        serde_json::from_str(&banger.ok(&["vm", "inspect", "stubborn"])).unwrap();
+    let dir = info[0]["dir"].as_str().unwrap().to_string();
+    banger.ok(&["vm", "stop", "stubborn", "-t", "2"]);
+    let last = calls(&dir).pop().unwrap();
+    assert_eq!(last["path"], "/actions");
+    assert_eq!(last["body"]["action_type"], "SendCtrlAltDel");
+    let logs = banger.ok(&["vm", "logs", "stubborn"]);
+    assert!(
+        logs.contains("ignored the power-off") && logs.contains("Ctrl-Alt-Del"),
+        "{logs}"
+    );
+    banger.ok(&["vm", "rm", "stubborn"]);
+}
+
+/// With a real Firecracker (and a usable /dev/kvm), the real kernel and agent boot.
+#[test]
+fn real_firecracker_boots_the_cloud_kernel() {
+    let (Some(fc), Some(kernel), Some(agent)) = (
+        std::env::var_os("BANGER_FIRECRACKER_BIN").map(PathBuf::from),
+        std::env::var_os("BANGER_TEST_KERNEL_DEB").map(PathBuf::from),
+        std::env::var_os("BANGER_AGENT_BIN").map(PathBuf::from),
+    ) else {
+        eprintln!("skipping: set BANGER_FIRECRACKER_BIN to a real firecracker to run this");
+        return;
+    };
+    let registry = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut layout = Layout::new(&tmp.path().join("oci"));
+    let image = layout.image(&[(Compression::Gzip, busybox_layer())], "amd64");
+    layout.tag("t", &image);
+    registry.push(&layout.dir, "t", "busybox:latest", &[]);
+    let banger = Banger::start_with_env(&[
+        ("BANGER_FIRECRACKER_BIN", &fc),
+        ("BANGER_AGENT_BIN", &agent),
+    ]);
+    banger.ok(&["kernel", "import", kernel.to_str().unwrap()]);
+    banger.ok(&["image", "pull", &registry.reference("busybox:latest")]);
+    banger.ok(&[
+        "vm",
+        "run",
+        "real",
+        "--image",
+        "busybox",
+        "--vmm",
+        "firecracker",
+    ]);
+    assert_eq!(
+        banger.ok(&["vm", "exec", "real", "--", "hostname"]).trim(),
+        "real"
+    );
+    banger.ok(&["vm", "stop", "real"]);
+    banger.ok(&["vm", "rm", "real"]);
+}

@@ -229,6 +229,11 @@ impl russh::server::Handler for Guest {
         session.channel_success(channel)?;
         let command = String::from_utf8_lossy(data).into_owned();
         if command == "banger-poweroff" {
+            // A guest that hangs on the way down leaves only Ctrl-Alt-Del.
+            if std::env::var_os("FAKE_FC_HANG_ON_POWEROFF").is_some() {
+                println!("fake-firecracker: guest ignored the power-off");
+                return Ok(());
+            }
             println!("fake-firecracker: guest powered off");
             std::process::exit(0);
         }
