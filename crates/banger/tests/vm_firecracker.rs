@@ -115,6 +115,10 @@ fn firecracker_boot_follows_the_api_order_and_runs_commands() {
         serde_json::json!({ "action_type": "InstanceStart" })
     );
 
+    // An image a VM uses cannot be removed without -f.
+    let err = banger.fails(&["image", "rm", "busybox"]);
+    assert!(err.contains("fcvm") && err.contains("-f"), "{err}");
+
     // Exec reaches the "guest" over vsock, authenticated with the pinned key.
     assert_eq!(
         banger.ok(&["vm", "exec", "fcvm", "--", "echo", "hi there"]),
