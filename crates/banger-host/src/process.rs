@@ -22,6 +22,22 @@ pub enum HostError {
     },
 }
 
+impl HostError {
+    /// A failure to start `program`: not installed, or another I/O error.
+    pub fn spawn(program: &str, source: std::io::Error) -> HostError {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            HostError::NotFound {
+                program: program.to_string(),
+            }
+        } else {
+            HostError::Spawn {
+                program: program.to_string(),
+                source,
+            }
+        }
+    }
+}
+
 /// A program invocation, kept as data so fakes can record and match it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandSpec {
@@ -91,18 +107,9 @@ impl ProcessRunner for RealRunner {
             cmd.current_dir(cwd);
         }
         tracing::debug!(command = %spec.display(), "running");
-        let out = cmd.output().map_err(|source| {
-            if source.kind() == std::io::ErrorKind::NotFound {
-                HostError::NotFound {
-                    program: spec.program.clone(),
-                }
-            } else {
-                HostError::Spawn {
-                    program: spec.program.clone(),
-                    source,
-                }
-            }
-        })?;
+        let out = cmd
+            .output()
+            .map_err(|e| HostError::spawn(&spec.program, e))?;
         if !out.status.success() {
             return Err(HostError::Failed {
                 command: spec.display(),

@@ -78,18 +78,9 @@ impl ProcessLauncher for RealLauncher {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|source| {
-            if source.kind() == std::io::ErrorKind::NotFound {
-                HostError::NotFound {
-                    program: spec.program.clone(),
-                }
-            } else {
-                HostError::Spawn {
-                    program: spec.program.clone(),
-                    source,
-                }
-            }
-        })?;
+        let child = cmd
+            .spawn()
+            .map_err(|e| HostError::spawn(&spec.program, e))?;
         let pid = child.id();
         // The child is reaped by a thread so it never lingers as a zombie of
         // the daemon; after a daemon restart it is reparented and reaped by init.

@@ -42,3 +42,20 @@ pub fn busybox_layer() -> Vec<u8> {
     }
     layer::tar(&entries)
 }
+
+/// Builds the busybox image into an OCI layout under `dir` and pushes it to
+/// `registry` as `repo_tag`; returns the manifest descriptor.
+pub fn push_busybox(
+    registry: &crate::registry::Registry,
+    dir: &std::path::Path,
+    repo_tag: &str,
+) -> crate::layout::Desc {
+    let mut layout = crate::layout::Layout::new(dir);
+    let image = layout.image(
+        &[(crate::layer::Compression::Gzip, busybox_layer())],
+        "amd64",
+    );
+    layout.tag("t", &image);
+    registry.push(&layout.dir, "t", repo_tag, &[]);
+    image
+}

@@ -6,7 +6,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use banger_testkit::images::busybox_layer;
+use banger_testkit::images::push_busybox;
 use banger_testkit::layer::Compression;
 use banger_testkit::layout::Layout;
 use banger_testkit::registry::Registry;
@@ -56,10 +56,7 @@ fn vms_boot_run_commands_persist_and_survive_a_daemon_kill() {
     };
     let registry = Registry::start();
     let tmp = tempfile::tempdir().unwrap();
-    let mut layout = Layout::new(&tmp.path().join("oci"));
-    let image = layout.image(&[(Compression::Gzip, busybox_layer())], "amd64");
-    layout.tag("t", &image);
-    registry.push(&layout.dir, "t", "busybox:latest", &[]);
+    push_busybox(&registry, &tmp.path().join("oci"), "busybox:latest");
 
     let mut banger = start_banger(&agent);
     let out = banger.ok(&["kernel", "import", kernel.to_str().unwrap()]);
@@ -304,10 +301,7 @@ fn a_boot_failure_names_the_stage_and_shows_the_console() {
     assert!(out.contains("broken"), "{out}");
     let registry = Registry::start();
     let tmp = tempfile::tempdir().unwrap();
-    let mut layout = Layout::new(&tmp.path().join("oci"));
-    let image = layout.image(&[(Compression::Gzip, busybox_layer())], "amd64");
-    layout.tag("t", &image);
-    registry.push(&layout.dir, "t", "busybox:latest", &[]);
+    push_busybox(&registry, &tmp.path().join("oci"), "busybox:latest");
     banger.ok(&["image", "pull", &registry.reference("busybox:latest")]);
     let err = banger.fails(&[
         "vm", "run", "bad", "--image", "busybox", "--kernel", "broken",
@@ -435,10 +429,7 @@ fn a_kernel_published_as_an_oci_image_is_pulled_and_boots() {
     let image = layout.image(&[(Compression::Gzip, layer)], "amd64");
     layout.tag("t", &image);
     registry.push(&layout.dir, "t", "kernels/cloud:6.1", &[]);
-    let mut bb = Layout::new(&tmp.path().join("bb"));
-    let bbi = bb.image(&[(Compression::Gzip, busybox_layer())], "amd64");
-    bb.tag("t", &bbi);
-    registry.push(&bb.dir, "t", "busybox:latest", &[]);
+    push_busybox(&registry, &tmp.path().join("bb"), "busybox:latest");
 
     let banger = start_banger(&agent);
     let out = banger.ok(&[

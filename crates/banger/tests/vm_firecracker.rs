@@ -6,9 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use banger_testkit::images::busybox_layer;
-use banger_testkit::layer::Compression;
-use banger_testkit::layout::Layout;
+use banger_testkit::images::push_busybox;
 use banger_testkit::registry::Registry;
 use common::Banger;
 
@@ -39,10 +37,7 @@ fn firecracker_boot_follows_the_api_order_and_runs_commands() {
     let Some((fake, agent)) = tools() else { return };
     let registry = Registry::start();
     let tmp = tempfile::tempdir().unwrap();
-    let mut layout = Layout::new(&tmp.path().join("oci"));
-    let image = layout.image(&[(Compression::Gzip, busybox_layer())], "amd64");
-    layout.tag("t", &image);
-    registry.push(&layout.dir, "t", "busybox:latest", &[]);
+    push_busybox(&registry, &tmp.path().join("oci"), "busybox:latest");
     let banger = Banger::start_with_env(&[
         ("BANGER_FIRECRACKER_BIN", &fake),
         ("BANGER_AGENT_BIN", &agent),
@@ -169,10 +164,7 @@ fn a_guest_that_ignores_the_power_off_gets_ctrl_alt_del() {
     let Some((fake, agent)) = tools() else { return };
     let registry = Registry::start();
     let tmp = tempfile::tempdir().unwrap();
-    let mut layout = Layout::new(&tmp.path().join("oci"));
-    let image = layout.image(&[(Compression::Gzip, busybox_layer())], "amd64");
-    layout.tag("t", &image);
-    registry.push(&layout.dir, "t", "busybox:latest", &[]);
+    push_busybox(&registry, &tmp.path().join("oci"), "busybox:latest");
     let hang = Path::new("1");
     let banger = Banger::start_with_env(&[
         ("BANGER_FIRECRACKER_BIN", &fake),
@@ -220,10 +212,7 @@ fn real_firecracker_boots_the_cloud_kernel() {
     };
     let registry = Registry::start();
     let tmp = tempfile::tempdir().unwrap();
-    let mut layout = Layout::new(&tmp.path().join("oci"));
-    let image = layout.image(&[(Compression::Gzip, busybox_layer())], "amd64");
-    layout.tag("t", &image);
-    registry.push(&layout.dir, "t", "busybox:latest", &[]);
+    push_busybox(&registry, &tmp.path().join("oci"), "busybox:latest");
     let banger = Banger::start_with_env(&[
         ("BANGER_FIRECRACKER_BIN", &fc),
         ("BANGER_AGENT_BIN", &agent),

@@ -1,6 +1,6 @@
 //! `banger image …`.
 
-use banger_proto::image::{ImageInfo, PruneResult, PullResult, RemoveResult};
+use banger_proto::image::{ImageInfo, PruneResult, PullResult};
 use banger_proto::{human_bytes, methods};
 use serde_json::json;
 
@@ -71,29 +71,10 @@ pub fn run(client: &Client, cmd: ImageCommand) -> anyhow::Result<i32> {
             Ok(0)
         }
         ImageCommand::Inspect { names, .. } => {
-            match client.call(methods::IMAGE_INSPECT, json!({ "names": names }), |_| {}) {
-                Ok(v) => {
-                    println!("{}", serde_json::to_string_pretty(&v)?);
-                    Ok(0)
-                }
-                Err(e) => Ok(report(e)),
-            }
+            super::print_json(client, methods::IMAGE_INSPECT, json!({ "names": names }))
         }
         ImageCommand::Rm { names, force } => {
-            match client.call(
-                methods::IMAGE_REMOVE,
-                json!({ "names": names, "force": force }),
-                |_| {},
-            ) {
-                Ok(v) => {
-                    let r: RemoveResult = serde_json::from_value(v)?;
-                    for name in r.removed {
-                        println!("{name}");
-                    }
-                    Ok(0)
-                }
-                Err(e) => Ok(report(e)),
-            }
+            super::print_removed(client, methods::IMAGE_REMOVE, &names, force)
         }
         ImageCommand::Cache(CacheCommand::Prune { dry_run, json }) => {
             match client.call(

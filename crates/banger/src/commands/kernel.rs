@@ -104,28 +104,10 @@ pub fn run(client: &Client, cmd: KernelCommand) -> anyhow::Result<i32> {
             Ok(0)
         }
         KernelCommand::Inspect { names, .. } => {
-            match client.call(methods::KERNEL_INSPECT, json!({ "names": names }), |_| {}) {
-                Ok(v) => {
-                    println!("{}", serde_json::to_string_pretty(&v)?);
-                    Ok(0)
-                }
-                Err(e) => Ok(report(e)),
-            }
+            super::print_json(client, methods::KERNEL_INSPECT, json!({ "names": names }))
         }
         KernelCommand::Rm { names, force } => {
-            match client.call(
-                methods::KERNEL_REMOVE,
-                json!({ "names": names, "force": force }),
-                |_| {},
-            ) {
-                Ok(v) => {
-                    for name in v["removed"].as_array().into_iter().flatten() {
-                        println!("{}", name.as_str().unwrap_or_default());
-                    }
-                    Ok(0)
-                }
-                Err(e) => Ok(report(e)),
-            }
+            super::print_removed(client, methods::KERNEL_REMOVE, &names, force)
         }
     }
 }

@@ -36,6 +36,39 @@ fn init_daemon_logging() {
         .init();
 }
 
+/// Calls a method and prints its result as pretty JSON (`inspect`).
+pub fn print_json(client: &Client, method: &str, params: serde_json::Value) -> anyhow::Result<i32> {
+    match client.call(method, params, |_| {}) {
+        Ok(v) => {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(0)
+        }
+        Err(e) => Ok(report(e)),
+    }
+}
+
+/// Calls a `*.remove` method and prints each removed name.
+pub fn print_removed(
+    client: &Client,
+    method: &str,
+    names: &[String],
+    force: bool,
+) -> anyhow::Result<i32> {
+    match client.call(
+        method,
+        serde_json::json!({ "names": names, "force": force }),
+        |_| {},
+    ) {
+        Ok(v) => {
+            for name in v["removed"].as_array().into_iter().flatten() {
+                println!("{}", name.as_str().unwrap_or_default());
+            }
+            Ok(0)
+        }
+        Err(e) => Ok(report(e)),
+    }
+}
+
 /// Prints a failed call the way users read errors; returns the exit code.
 pub fn report(err: CallError) -> i32 {
     eprintln!("error: {err}");

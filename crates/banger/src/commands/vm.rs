@@ -43,19 +43,9 @@ pub fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
             );
             finish_boot(result, false)
         }
-        VmCommand::Rm { names, force } => match client.call(
-            methods::VM_REMOVE,
-            json!({ "names": names, "force": force }),
-            |_| {},
-        ) {
-            Ok(v) => {
-                for name in v["removed"].as_array().into_iter().flatten() {
-                    println!("{}", name.as_str().unwrap_or_default());
-                }
-                Ok(0)
-            }
-            Err(e) => Ok(report(e)),
-        },
+        VmCommand::Rm { names, force } => {
+            super::print_removed(client, methods::VM_REMOVE, &names, force)
+        }
         VmCommand::Ls(flags) => {
             let v = match client.call(methods::VM_LIST, json!({}), |_| {}) {
                 Ok(v) => v,
@@ -90,13 +80,7 @@ pub fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
             Ok(0)
         }
         VmCommand::Inspect { names, .. } => {
-            match client.call(methods::VM_INSPECT, json!({ "names": names }), |_| {}) {
-                Ok(v) => {
-                    println!("{}", serde_json::to_string_pretty(&v)?);
-                    Ok(0)
-                }
-                Err(e) => Ok(report(e)),
-            }
+            super::print_json(client, methods::VM_INSPECT, json!({ "names": names }))
         }
         VmCommand::Logs { name, follow, tail } => {
             let mut out = std::io::stdout();
