@@ -46,7 +46,7 @@ pub async fn wait_ready(
             match tokio::net::UnixStream::connect(&path).await {
                 Ok(s) => break s,
                 Err(_) if Instant::now() < deadline && vmm_alive() => {
-                    tokio::time::sleep(Duration::from_millis(10)).await
+                    tokio::time::sleep(Duration::from_millis(2)).await
                 }
                 Err(e) if vmm_alive() => {
                     return Err(fail(
