@@ -28,18 +28,6 @@ pub fn main() {
     }
     let control = Control::start(&config.transport);
     control.report("modules", None);
-    if let Err(e) = switch_root(&config) {
-        control.report("failed", Some(format!("root: {e}")));
-        power::fail("root", &e);
-    }
-    control.report("root", None);
-    if let Err(e) = nix::unistd::sethostname(&config.hostname) {
-        log(&format!("cannot set hostname: {e}"));
-    }
-    if let Err(e) = mount_work(&config) {
-        control.report("failed", Some(format!("work disk: {e}")));
-        power::fail("work", &e);
-    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -49,10 +37,36 @@ pub fn main() {
     };
     runtime.block_on(async move {
         tokio::spawn(crate::reaper::run());
-        if let Err(e) = serve(config, control).await {
-            power::fail("ssh", &e);
+        // SSH comes up first, still on the initramfs, so the host's handshake
+        // overlaps mounting the disks; commands wait for the root switch.
+        let (root_tx, root_rx) = tokio::sync::watch::channel(false);
+        let ssh = tokio::spawn(serve(config.clone(), control.clone(), root_rx));
+        let (cfg, ctl) = (config.clone(), control.clone());
+        let mounted = tokio::task::spawn_blocking(move || mount_disks(&cfg, &ctl))
+            .await
+            .unwrap_or_else(|e| Err(("root", e.to_string())));
+        if let Err((stage, e)) = mounted {
+            control.report("failed", Some(format!("{stage}: {e}")));
+            power::fail(stage, &e);
+        }
+        let _ = root_tx.send(true);
+        control.report("ready", None);
+        log("ready");
+        match ssh.await {
+            Ok(Err(e)) => power::fail("ssh", &e),
+            _ => power::fail("ssh", "the SSH server stopped"),
         }
     });
+}
+
+/// The root switch, the hostname and the work disk.
+fn mount_disks(config: &BootConfig, control: &Control) -> Result<(), (&'static str, String)> {
+    switch_root(config).map_err(|e| ("root", e))?;
+    control.report("root", None);
+    if let Err(e) = nix::unistd::sethostname(&config.hostname) {
+        log(&format!("cannot set hostname: {e}"));
+    }
+    mount_work(config).map_err(|e| ("work disk", e))
 }
 
 fn mount_fs(
@@ -259,7 +273,11 @@ impl Control {
     }
 }
 
-async fn serve(config: BootConfig, control: Control) -> Result<(), String> {
+async fn serve(
+    config: BootConfig,
+    control: Control,
+    root: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), String> {
     let host_key = russh::keys::PrivateKey::from_openssh(config.host_key.as_bytes())
         .map_err(|e| format!("host key: {e}"))?;
     let authorized = config
@@ -278,6 +296,7 @@ async fn serve(config: BootConfig, control: Control) -> Result<(), String> {
     let shared = Arc::new(crate::ssh::Shared {
         authorized,
         image_env,
+        root,
     });
     let ssh_config = Arc::new(russh::server::Config {
         keys: vec![host_key],
@@ -292,8 +311,7 @@ async fn serve(config: BootConfig, control: Control) -> Result<(), String> {
         Transport::VirtioSerial => {
             let fd = crate::transport::open_port(SSH_PORT_NAME).map_err(|e| e.to_string())?;
             let raw = fd.as_raw_fd();
-            control.report("ready", None);
-            log("ready");
+            control.report("ssh", None);
             let stream = crate::transport::FdStream::new(fd).map_err(|e| e.to_string())?;
             let stream = Arc::new(tokio::sync::Mutex::new(stream));
             loop {
@@ -318,8 +336,7 @@ async fn serve(config: BootConfig, control: Control) -> Result<(), String> {
             let listener = crate::transport::vsock_listen(VSOCK_SSH_PORT)
                 .map_err(|e| format!("vsock listen: {e}"))?;
             let listener = crate::transport::register(listener).map_err(|e| e.to_string())?;
-            control.report("ready", None);
-            log("ready");
+            control.report("ssh", None);
             loop {
                 let conn = crate::transport::accept(&listener)
                     .await

@@ -24,6 +24,15 @@ pub const POWEROFF: &str = "banger-poweroff";
 pub struct Shared {
     pub authorized: Vec<PublicKey>,
     pub image_env: Vec<(String, String)>,
+    /// Becomes true once the root disk is `/`; commands wait for it.
+    pub root: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Shared {
+    async fn root_ready(&self) {
+        let mut root = self.root.clone();
+        let _ = root.wait_for(|ready| *ready).await;
+    }
 }
 
 #[derive(Default)]
@@ -358,6 +367,7 @@ impl russh::server::Handler for Handler {
             std::thread::spawn(|| crate::power::shutdown());
             return Ok(());
         }
+        self.shared.root_ready().await;
         let spec = match command.strip_prefix(EXEC_PREFIX) {
             Some(json) => match serde_json::from_str::<ExecRequest>(json) {
                 // No command: the user's login shell (`banger vm ssh`).
@@ -397,6 +407,7 @@ impl russh::server::Handler for Handler {
         channel: ChannelId,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        self.shared.root_ready().await;
         let shell = login_shell(None);
         let spec = Spec {
             argv: vec![shell, "-l".into()],

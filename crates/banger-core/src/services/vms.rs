@@ -469,12 +469,32 @@ impl VmService {
         step(&events, "agent", 3, STEPS_START);
         steps.begin("agent")?;
         let timeout = Duration::from_secs(self.config.boot_timeout_secs.unwrap_or(60));
-        let ready = agent_client::wait_ready(ctl, timeout, &alive, |stage| {
-            events.emit(&VmEvent::Agent {
+        // The agent's SSH server is up before its disks are mounted: the
+        // handshake runs while the guest finishes booting.
+        let (ssh_up, ssh_signal) = tokio::sync::oneshot::channel::<()>();
+        let mut ssh_up = Some(ssh_up);
+        let events_ref = &events;
+        // `move`: the sender must drop with the closure when waiting ends, so
+        // an early connect that never got its signal gives up.
+        let waiting = agent_client::wait_ready(ctl, timeout, &alive, move |stage| {
+            events_ref.emit(&VmEvent::Agent {
                 stage: stage.to_string(),
-            })
-        })
-        .await;
+            });
+            if stage == "ssh" {
+                if let Some(tx) = ssh_up.take() {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        let early = async {
+            match ssh_signal.await {
+                Ok(()) => tokio::time::timeout(timeout, self.connect(&vm, vmm.as_ref()))
+                    .await
+                    .ok(),
+                Err(_) => None,
+            }
+        };
+        let (ready, early) = tokio::join!(waiting, early);
         if let Err(failure) = ready {
             let mut tail = tail_lines(&console, 20);
             let vmm_log = tail_lines(&dir.join("vmm.log"), 10);
@@ -489,7 +509,11 @@ impl VmService {
 
         step(&events, "ssh", 4, STEPS_START);
         steps.begin("ssh")?;
-        let session = self.connect(&vm, vmm.as_ref()).await?;
+        let session = match early {
+            Some(Ok(session)) => session,
+            // The "ssh" report was coalesced away, or the early attempt lost a race.
+            _ => self.connect(&vm, vmm.as_ref()).await?,
+        };
         self.sessions.lock().await.insert(vm.name.clone(), session);
         step(&events, "ready", 5, STEPS_START);
         steps.commit();
