@@ -2,10 +2,12 @@
 //! recording fake, so the operations core can be tested without touching the host.
 
 pub mod blockdev;
+pub mod net;
 pub mod process;
 pub mod vmm_process;
 
 pub use blockdev::{BlockCall, BlockDevices, FakeBlockDevices, RealBlockDevices};
+pub use net::{FakeHostNetwork, HostNetwork, NetCall, NetSetup, RealHostNetwork, Subnet};
 pub use process::{CommandSpec, FakeRunner, HostError, Output, ProcessRunner, RealRunner};
 pub use vmm_process::{
     FakeLauncher, LaunchSpec, LauncherCall, ProcessId, ProcessLauncher, RealLauncher,

@@ -14,6 +14,9 @@ pub enum HostError {
         program: String,
         source: std::io::Error,
     },
+    /// A request outside what banger may touch; nothing was changed.
+    #[error("refused: {0}")]
+    Refused(String),
     #[error("`{command}` failed ({status}): {stderr}")]
     Failed {
         command: String,
@@ -44,6 +47,8 @@ pub struct CommandSpec {
     pub program: String,
     pub args: Vec<OsString>,
     pub cwd: Option<PathBuf>,
+    /// Bytes fed to the program's standard input (none: /dev/null).
+    pub stdin: Option<Vec<u8>>,
 }
 
 impl CommandSpec {
@@ -52,6 +57,7 @@ impl CommandSpec {
             program: program.into(),
             args: Vec::new(),
             cwd: None,
+            stdin: None,
         }
     }
 
@@ -66,6 +72,11 @@ impl CommandSpec {
         A: Into<OsString>,
     {
         self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn stdin(mut self, input: impl Into<Vec<u8>>) -> Self {
+        self.stdin = Some(input.into());
         self
     }
 
@@ -100,15 +111,27 @@ impl ProcessRunner for RealRunner {
     fn run(&self, spec: &CommandSpec) -> Result<Output, HostError> {
         let mut cmd = std::process::Command::new(&spec.program);
         cmd.args(&spec.args)
-            .stdin(Stdio::null())
+            .stdin(if spec.stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         if let Some(cwd) = &spec.cwd {
             cmd.current_dir(cwd);
         }
         tracing::debug!(command = %spec.display(), "running");
-        let out = cmd
-            .output()
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| HostError::spawn(&spec.program, e))?;
+        if let (Some(input), Some(mut pipe)) = (&spec.stdin, child.stdin.take()) {
+            use std::io::Write;
+            // The program may exit without reading; its status says why.
+            let _ = pipe.write_all(input);
+        }
+        let out = child
+            .wait_with_output()
             .map_err(|e| HostError::spawn(&spec.program, e))?;
         if !out.status.success() {
             return Err(HostError::Failed {
