@@ -61,8 +61,16 @@ pub fn main() {
 
 /// The root switch, the hostname and the work disk.
 fn mount_disks(config: &BootConfig, control: &Control) -> Result<(), (&'static str, String)> {
+    if let Some(net) = &config.network {
+        crate::net::configure(net).map_err(|e| ("network", e))?;
+    }
     switch_root(config).map_err(|e| ("root", e))?;
     control.report("root", None);
+    if let Some(net) = &config.network {
+        if let Err(e) = crate::net::write_resolv_conf(net) {
+            log(&e);
+        }
+    }
     if let Err(e) = nix::unistd::sethostname(&config.hostname) {
         log(&format!("cannot set hostname: {e}"));
     }

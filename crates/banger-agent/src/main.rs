@@ -8,6 +8,7 @@
 mod console;
 mod exec;
 mod init;
+mod net;
 mod power;
 mod reaper;
 mod ssh;

@@ -7,6 +7,7 @@ pub mod error;
 pub mod events;
 pub mod ids;
 pub mod kernel;
+pub mod network;
 pub mod oci;
 pub mod ops;
 pub mod paths;

@@ -73,10 +73,16 @@ fn setup_taps_routes_and_teardown_in_a_namespace() {
         route.contains("dev bgtap0") && route.contains("src 10.213.0.1"),
         "{route}"
     );
-    let tap = sh(&ns.0, "cat /sys/class/net/bgtap0/owner /proc/sys/net/ipv4/ip_forward");
+    let tap = sh(
+        &ns.0,
+        "cat /sys/class/net/bgtap0/owner /proc/sys/net/ipv4/ip_forward",
+    );
     assert_eq!(tap, "1000\n1\n");
     let rules = sh(&ns.0, "nft list table ip banger");
-    assert!(rules.contains("masquerade") && rules.contains("redirect to :1053"), "{rules}");
+    assert!(
+        rules.contains("masquerade") && rules.contains("redirect to :1053"),
+        "{rules}"
+    );
 
     net.unroute(guest).unwrap();
     net.unroute(guest).unwrap();

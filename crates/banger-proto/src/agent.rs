@@ -55,6 +55,21 @@ pub struct BootConfig {
     /// The image's environment, for commands run without an explicit one.
     #[serde(default)]
     pub env: Vec<String>,
+    /// The guest's network; none when the VM has no network device.
+    #[serde(default)]
+    pub network: Option<GuestNetwork>,
+}
+
+/// How the agent configures `eth0`: the guest's own /32 address, an on-link
+/// route to the gateway, a default route through it, and the resolver.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestNetwork {
+    pub address: std::net::Ipv4Addr,
+    pub gateway: std::net::Ipv4Addr,
+    pub nameserver: std::net::Ipv4Addr,
+    /// Search domain for short names (`vm` makes `web` mean `web.vm`).
+    #[serde(default)]
+    pub search: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

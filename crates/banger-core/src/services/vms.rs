@@ -370,6 +370,7 @@ impl VmService {
             authorized_keys: vec![keys::public_openssh(&client_key).map_err(OpError::internal)?],
             transport: vmm.transport(),
             env: image_env,
+            network: None,
         };
         let initrd = dir.join("initrd.cpio");
         let mut bytes = std::fs::read(&base)?;

@@ -1,0 +1,3 @@
+//! VM addressing: which subnet banger uses, which address each VM gets.
+
+pub mod address;
