@@ -26,6 +26,31 @@ pub struct Config {
     /// Seconds a VM may take from launch to agent readiness.
     #[serde(default)]
     pub boot_timeout_secs: Option<u64>,
+    /// VM networking.
+    #[serde(default)]
+    pub network: NetworkConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// `auto` (taps when banger may make them), `tap` or `none`;
+    /// `BANGER_NETWORK` overrides.
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// The VMs' IPv4 subnet; by default the first of a few private ranges
+    /// that no host route covers, chosen once and remembered.
+    #[serde(default)]
+    pub subnet: Option<String>,
+    /// Domain of VM names (`web.vm`).
+    #[serde(default)]
+    pub domain: Option<String>,
+    /// Port of banger's DNS server at the gateway address.
+    #[serde(default)]
+    pub dns_port: Option<u16>,
+    /// Spare taps kept ready so `vm start` need not make one.
+    #[serde(default)]
+    pub tap_pool: Option<usize>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]

@@ -17,6 +17,7 @@ use crate::events::Events;
 use crate::paths::Paths;
 use crate::services::images::{ImageService, PullHooks};
 use crate::services::kernels::KernelService;
+use crate::services::network::NetworkService;
 use crate::services::vms::VmService;
 use crate::store::Store;
 
@@ -34,6 +35,7 @@ pub struct Host {
     pub runner: Arc<dyn ProcessRunner>,
     pub launcher: Arc<dyn banger_host::ProcessLauncher>,
     pub blockdevs: Arc<dyn banger_host::BlockDevices>,
+    pub net: Arc<dyn banger_host::HostNetwork>,
 }
 
 impl Host {
@@ -43,6 +45,9 @@ impl Host {
                 runner: runner.clone(),
             }),
             launcher: Arc::new(banger_host::RealLauncher),
+            net: Arc::new(banger_host::RealHostNetwork {
+                runner: runner.clone(),
+            }),
             runner,
         }
     }
@@ -66,6 +71,7 @@ impl Core {
             runner,
             launcher,
             blockdevs,
+            net,
         } = host;
         paths.create_all()?;
         let config = Config::load(&paths.config_file())?;
@@ -80,6 +86,7 @@ impl Core {
         images.recover()?;
         let images = Arc::new(images);
         let kernels = Arc::new(KernelService::new(paths.clone(), store.clone()));
+        let network = Arc::new(NetworkService::new(&config, net, store.clone()));
         let vms = Arc::new(VmService::new(
             paths.clone(),
             config,
@@ -89,9 +96,14 @@ impl Core {
             blockdevs,
             images.clone(),
             kernels.clone(),
+            network.clone(),
         ));
         vms.recover()
             .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        // A broken network must not keep the daemon from serving the rest.
+        if let Err(e) = network.reconcile() {
+            tracing::warn!(error = %e.message, "could not reconcile VM networking");
+        }
         Ok(Core {
             paths,
             images,

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use banger_core::events::Events;
 use banger_core::ops::{Core, Host};
 use banger_core::paths::Paths;
-use banger_host::{BlockCall, FakeBlockDevices, FakeLauncher, FakeRunner, LauncherCall};
+use banger_host::{
+    BlockCall, FakeBlockDevices, FakeHostNetwork, FakeLauncher, FakeRunner, LauncherCall,
+};
 use banger_proto::image::{ImageConfig, ImageInfo};
 use banger_proto::kernel::KernelInfo;
 use banger_proto::vm::CreateParams;
@@ -24,6 +26,12 @@ fn fake_agent() -> &'static std::path::Path {
     })
 }
 
+/// One fake network per test thread: tests read it back through `net()`.
+fn net() -> FakeHostNetwork {
+    thread_local!(static NET: FakeHostNetwork = FakeHostNetwork::default());
+    NET.with(|n| n.clone())
+}
+
 fn setup() -> (tempfile::TempDir, Arc<Core>, FakeLauncher) {
     let (tmp, core, launcher, _) = setup_with(FakeBlockDevices::default());
     (tmp, core, launcher)
@@ -38,12 +46,17 @@ fn setup_with(
     std::env::set_var("BANGER_QEMU_ACCEL", "tcg");
     let paths = Paths::under(&tmp.path().join("home"));
     std::fs::create_dir_all(&paths.config_dir).unwrap();
-    std::fs::write(paths.config_file(), "boot_timeout_secs = 1\n").unwrap();
+    std::fs::write(
+        paths.config_file(),
+        "boot_timeout_secs = 1\n[network]\nmode = \"tap\"\nsubnet = \"10.254.213.0/24\"\n",
+    )
+    .unwrap();
     let launcher = FakeLauncher::default();
     let host = Host {
         runner: Arc::new(FakeRunner::default()),
         launcher: Arc::new(launcher.clone()),
         blockdevs: Arc::new(blockdevs.clone()),
+        net: Arc::new(net()),
     };
     let core = Core::open_with(paths, host, Default::default()).unwrap();
     let rootfs = tmp.path().join("rootfs.ext4");
@@ -112,6 +125,17 @@ async fn a_failure_at_any_create_step_leaves_nothing() {
         .unwrap();
     assert_eq!(info.state, "stopped");
     assert!(vms_dir.join("web/root.ext4").is_file() && vms_dir.join("web/host_key").is_file());
+    // Addresses: lowest free first, never shared, freed with the VM.
+    assert_eq!(info.ip.as_deref(), Some("10.254.213.2"));
+    let db = core.vms.create(params("db"), Events::none()).await.unwrap();
+    assert_eq!(db.ip.as_deref(), Some("10.254.213.3"));
+    core.vms.remove(&["web".into()], true).await.unwrap();
+    let api = core
+        .vms
+        .create(params("api"), Events::none())
+        .await
+        .unwrap();
+    assert_eq!(api.ip.as_deref(), Some("10.254.213.2"));
 }
 
 #[tokio::test]
@@ -128,8 +152,11 @@ async fn a_failure_at_any_start_step_leaves_no_process_socket_or_file() {
         .collect();
     // The last case has no fail point: the fake VMM never reports ready, so
     // the boot times out, which must be undone the same way.
+    let info = &core.vms.inspect(&["web".into()]).unwrap()[0];
+    assert_eq!(info.ip.as_deref(), Some("10.254.213.2"));
     for step in [
         Some("initramfs"),
+        Some("network"),
         Some("launch"),
         Some("runtime"),
         Some("configure"),
@@ -166,11 +193,18 @@ async fn a_failure_at_any_start_step_leaves_no_process_socket_or_file() {
         now.sort();
         want.sort();
         assert_eq!(now, want, "{label}: files left behind");
+        assert!(net().routes().is_empty(), "{label}: route left");
         assert_eq!(
             core.vms.inspect(&["web".into()]).unwrap()[0].state,
             "stopped"
         );
     }
+    // The tap was really handed out and routed, then came back to the pool.
+    let guest: std::net::Ipv4Addr = "10.254.213.2".parse().unwrap();
+    assert!(net()
+        .calls()
+        .contains(&banger_host::NetCall::Route("bgtap0".into(), guest)));
+    assert!(net().taps_now().contains(&"bgtap0".to_string()));
     // Every launched VMM was signalled.
     let launches = launcher
         .calls()

@@ -296,11 +296,21 @@ pub enum NetCall {
 pub struct FakeHostNetwork {
     calls: Arc<Mutex<Vec<NetCall>>>,
     taps: Arc<Mutex<Vec<String>>>,
+    routes: Arc<Mutex<Vec<(String, Ipv4Addr)>>>,
 }
 
 impl FakeHostNetwork {
     pub fn calls(&self) -> Vec<NetCall> {
         self.calls.lock().unwrap().clone()
+    }
+
+    /// Routes in place now: (tap, guest).
+    pub fn routes(&self) -> Vec<(String, Ipv4Addr)> {
+        self.routes.lock().unwrap().clone()
+    }
+
+    pub fn taps_now(&self) -> Vec<String> {
+        self.taps.lock().unwrap().clone()
     }
 
     fn record(&self, call: NetCall) {
@@ -340,11 +350,15 @@ impl HostNetwork for FakeHostNetwork {
     fn route(&self, tap: &str, guest: Ipv4Addr, _: &NetSetup) -> Result<(), HostError> {
         check_tap(tap)?;
         self.record(NetCall::Route(tap.into(), guest));
+        let mut routes = self.routes.lock().unwrap();
+        routes.retain(|(_, ip)| *ip != guest);
+        routes.push((tap.into(), guest));
         Ok(())
     }
 
     fn unroute(&self, guest: Ipv4Addr) -> Result<(), HostError> {
         self.record(NetCall::Unroute(guest));
+        self.routes.lock().unwrap().retain(|(_, ip)| *ip != guest);
         Ok(())
     }
 

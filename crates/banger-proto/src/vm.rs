@@ -43,6 +43,12 @@ pub struct VmInfo {
     pub pid: Option<u32>,
     pub created_at: String,
     pub started_at: Option<String>,
+    /// The guest's IPv4 address; none without networking.
+    #[serde(default)]
+    pub ip: Option<String>,
+    /// The host tap while the VM runs.
+    #[serde(default)]
+    pub tap: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

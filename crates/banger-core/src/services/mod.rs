@@ -3,5 +3,6 @@
 pub mod images;
 pub mod kernel_pull;
 pub mod kernels;
+pub mod network;
 pub mod pull;
 pub mod vms;

@@ -22,6 +22,7 @@ use crate::kernel::initramfs;
 use crate::paths::Paths;
 use crate::services::images::ImageService;
 use crate::services::kernels::KernelService;
+use crate::services::network::NetworkService;
 use crate::steps::{FailPoint, Steps};
 use crate::store::{Store, VmRecord, VmRuntime};
 use crate::suggest;
@@ -46,6 +47,9 @@ pub struct VmService {
     blockdevs: Arc<dyn banger_host::BlockDevices>,
     images: Arc<ImageService>,
     kernels: Arc<KernelService>,
+    network: Arc<NetworkService>,
+    /// Held from choosing a new VM's address until its record is stored.
+    addresses: Mutex<()>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     sessions: tokio::sync::Mutex<HashMap<String, AgentSession>>,
     fail_point: Mutex<FailPoint>,
@@ -71,6 +75,7 @@ impl VmService {
         blockdevs: Arc<dyn banger_host::BlockDevices>,
         images: Arc<ImageService>,
         kernels: Arc<KernelService>,
+        network: Arc<NetworkService>,
     ) -> VmService {
         VmService {
             paths,
@@ -81,6 +86,8 @@ impl VmService {
             blockdevs,
             images,
             kernels,
+            network,
+            addresses: Mutex::default(),
             locks: Mutex::default(),
             sessions: tokio::sync::Mutex::default(),
             fail_point: Mutex::default(),
@@ -173,6 +180,7 @@ impl VmService {
         }
         self.store.clear_runtime(name)?;
         if let Ok(vm) = self.record(name) {
+            self.network.detach(rt.tap.as_deref(), vm.ip.as_deref());
             self.clean_run_files(&vm);
         }
         Ok(None)
@@ -194,7 +202,9 @@ impl VmService {
             work_mount: WORK_MOUNT.into(),
             pid: rt.as_ref().map(|r| r.pid),
             created_at: vm.created_at.clone(),
-            started_at: rt.map(|r| r.started_at),
+            started_at: rt.as_ref().map(|r| r.started_at.clone()),
+            ip: vm.ip.clone(),
+            tap: rt.and_then(|r| r.tap),
         })
     }
 
@@ -309,6 +319,8 @@ impl VmService {
         )?;
 
         steps.begin("record")?;
+        let addresses = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
+        let ip = self.network.allocate()?;
         let record = VmRecord {
             name: params.name.clone(),
             image: image.name.clone(),
@@ -321,8 +333,10 @@ impl VmService {
             dir: dir.display().to_string(),
             host_key_pub: keys::public_openssh(&host_key).map_err(OpError::internal)?,
             created_at: ids::now_rfc3339(),
+            ip,
         };
         self.store.insert_vm(&record)?;
+        drop(addresses);
         let (store, undo_name) = (self.store.clone(), record.name.clone());
         steps.undo("record", move || {
             let _ = store.delete_vm(&undo_name);
@@ -370,7 +384,7 @@ impl VmService {
             authorized_keys: vec![keys::public_openssh(&client_key).map_err(OpError::internal)?],
             transport: vmm.transport(),
             env: image_env,
-            network: None,
+            network: self.network.guest(vm.ip.as_deref())?,
         };
         let initrd = dir.join("initrd.cpio");
         let mut bytes = std::fs::read(&base)?;
@@ -420,6 +434,17 @@ impl VmService {
             dir.join("root.ext4")
         };
 
+        steps.begin("network")?;
+        let nic = self.network.attach(vm.ip.as_deref())?;
+        let (network, undo_nic, undo_ip) = (
+            self.network.clone(),
+            nic.as_ref().map(|n| n.tap.clone()),
+            vm.ip.clone(),
+        );
+        steps.undo("network", move || {
+            network.detach(undo_nic.as_deref(), undo_ip.as_deref())
+        });
+
         step(&events, "launch", 2, STEPS_START);
         steps.begin("launch")?;
         let console = dir.join("console.log");
@@ -436,6 +461,7 @@ impl VmService {
             vcpus: vm.vcpus,
             memory_mib: vm.memory_mib,
             console_log: console.clone(),
+            nic: nic.clone(),
         };
         let command = vmm.command(&spec).map_err(OpError::invalid)?;
         let pid = self
@@ -451,6 +477,7 @@ impl VmService {
             pid: pid.pid,
             start_time: pid.start_time,
             started_at: ids::now_rfc3339(),
+            tap: nic.as_ref().map(|n| n.tap.clone()),
         })?;
         let (store, undo_name) = (self.store.clone(), vm.name.clone());
         steps.undo("runtime", move || {
@@ -518,6 +545,8 @@ impl VmService {
         self.sessions.lock().await.insert(vm.name.clone(), session);
         step(&events, "ready", 5, STEPS_START);
         steps.commit();
+        let network = self.network.clone();
+        tokio::task::spawn_blocking(move || network.refill());
         tracing::info!(vm = %vm.name, pid = pid.pid, "VM running");
         self.info(&vm)
     }
@@ -597,7 +626,9 @@ impl VmService {
                 .map_err(|e| OpError::internal(e.to_string()))?;
         }
         self.sessions.lock().await.remove(&vm.name);
+        let tap = self.store.get_runtime(&vm.name)?.and_then(|rt| rt.tap);
         self.store.clear_runtime(&vm.name)?;
+        self.network.detach(tap.as_deref(), vm.ip.as_deref());
         self.clean_run_files(vm);
         tracing::info!(vm = %vm.name, "VM stopped");
         Ok(())

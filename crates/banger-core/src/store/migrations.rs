@@ -48,6 +48,14 @@ const MIGRATIONS: &[&str] = &[
         start_time    INTEGER NOT NULL,
         started_at    TEXT NOT NULL
     );",
+    // 4: networking: each VM's address (durable), its tap (transient), and
+    // settings such as the subnet chosen once
+    "ALTER TABLE vms ADD COLUMN ip TEXT;
+    ALTER TABLE vm_runtime ADD COLUMN tap TEXT;
+    CREATE TABLE settings (
+        key           TEXT PRIMARY KEY,
+        value         TEXT NOT NULL
+    );",
 ];
 
 pub fn apply(conn: &mut Connection) -> anyhow::Result<()> {

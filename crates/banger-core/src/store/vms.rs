@@ -18,6 +18,8 @@ pub struct VmRecord {
     pub dir: String,
     pub host_key_pub: String,
     pub created_at: String,
+    /// The guest's address; none when the VM was made without networking.
+    pub ip: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,10 +28,12 @@ pub struct VmRuntime {
     pub pid: u32,
     pub start_time: u64,
     pub started_at: String,
+    /// The host tap backing the VM's network device.
+    pub tap: Option<String>,
 }
 
 const VM_COLUMNS: &str =
-    "name, image, kernel, vmm, vcpus, memory_mib, disk_bytes, cow_strategy, dir, host_key_pub, created_at";
+    "name, image, kernel, vmm, vcpus, memory_mib, disk_bytes, cow_strategy, dir, host_key_pub, created_at, ip";
 
 fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<VmRecord> {
     Ok(VmRecord {
@@ -44,6 +48,7 @@ fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<VmRecord> {
         dir: row.get(8)?,
         host_key_pub: row.get(9)?,
         created_at: row.get(10)?,
+        ip: row.get(11)?,
     })
 }
 
@@ -53,13 +58,16 @@ fn runtime_from_row(row: &Row<'_>) -> rusqlite::Result<VmRuntime> {
         pid: row.get(1)?,
         start_time: row.get::<_, i64>(2)? as u64,
         started_at: row.get(3)?,
+        tap: row.get(4)?,
     })
 }
 
 impl Store {
     pub fn insert_vm(&self, vm: &VmRecord) -> rusqlite::Result<()> {
         self.conn().execute(
-            &format!("INSERT INTO vms ({VM_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11)"),
+            &format!(
+                "INSERT INTO vms ({VM_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)"
+            ),
             params![
                 vm.name,
                 vm.image,
@@ -71,7 +79,8 @@ impl Store {
                 vm.cow_strategy,
                 vm.dir,
                 vm.host_key_pub,
-                vm.created_at
+                vm.created_at,
+                vm.ip
             ],
         )?;
         Ok(())
@@ -111,8 +120,8 @@ impl Store {
 
     pub fn set_runtime(&self, rt: &VmRuntime) -> rusqlite::Result<()> {
         self.conn().execute(
-            "INSERT OR REPLACE INTO vm_runtime (name, pid, start_time, started_at) VALUES (?1,?2,?3,?4)",
-            params![rt.name, rt.pid, rt.start_time as i64, rt.started_at],
+            "INSERT OR REPLACE INTO vm_runtime (name, pid, start_time, started_at, tap) VALUES (?1,?2,?3,?4,?5)",
+            params![rt.name, rt.pid, rt.start_time as i64, rt.started_at, rt.tap],
         )?;
         Ok(())
     }
@@ -120,7 +129,7 @@ impl Store {
     pub fn get_runtime(&self, name: &str) -> rusqlite::Result<Option<VmRuntime>> {
         self.conn()
             .query_row(
-                "SELECT name, pid, start_time, started_at FROM vm_runtime WHERE name = ?1",
+                "SELECT name, pid, start_time, started_at, tap FROM vm_runtime WHERE name = ?1",
                 [name],
                 runtime_from_row,
             )
@@ -129,9 +138,26 @@ impl Store {
 
     pub fn list_runtimes(&self) -> rusqlite::Result<Vec<VmRuntime>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT name, pid, start_time, started_at FROM vm_runtime")?;
+        let mut stmt =
+            conn.prepare("SELECT name, pid, start_time, started_at, tap FROM vm_runtime")?;
         let rows = stmt.query_map([], runtime_from_row)?;
         rows.collect()
+    }
+
+    pub fn setting(&self, key: &str) -> rusqlite::Result<Option<String>> {
+        self.conn()
+            .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
+            .optional()
+    }
+
+    pub fn set_setting(&self, key: &str, value: &str) -> rusqlite::Result<()> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO settings (key, value) VALUES (?1, ?2)",
+            params![key, value],
+        )?;
+        Ok(())
     }
 
     pub fn clear_runtime(&self, name: &str) -> rusqlite::Result<()> {

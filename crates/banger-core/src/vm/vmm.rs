@@ -17,6 +17,14 @@ pub struct BootSpec {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub console_log: PathBuf,
+    /// The VM's network device, backed by a host tap.
+    pub nic: Option<Nic>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nic {
+    pub tap: String,
+    pub mac: String,
 }
 
 /// Kernel arguments every banger VM boots with.
@@ -213,6 +221,18 @@ impl Vmm for Qemu {
             args.push("-device".into());
             args.push(format!("virtio-blk-device,drive={id}"));
         }
+        if let Some(nic) = &spec.nic {
+            args.push("-netdev".into());
+            args.push(format!(
+                "tap,id=net0,ifname={},script=no,downscript=no",
+                path(Path::new(&nic.tap))?
+            ));
+            args.push("-device".into());
+            args.push(format!(
+                "virtio-net-device,netdev=net0,mac={}",
+                path(Path::new(&nic.mac))?
+            ));
+        }
         args.push("-device".into());
         args.push("virtio-serial-device".into());
         for (id, socket, name) in [
@@ -251,6 +271,10 @@ mod tests {
             dir: d,
             vcpus: 2,
             memory_mib: 512,
+            nic: Some(Nic {
+                tap: "bgtap3".into(),
+                mac: "06:00:0a:d5:00:07".into(),
+            }),
         }
     }
 
@@ -271,6 +295,8 @@ mod tests {
         let work = line.find("drive=work").unwrap();
         assert!(root < work, "the root disk is the first virtio disk (vda)");
         assert!(line.contains("name=banger.ssh") && line.contains("name=banger.ctl"));
+        assert!(line.contains("tap,id=net0,ifname=bgtap3,script=no,downscript=no"));
+        assert!(line.contains("virtio-net-device,netdev=net0,mac=06:00:0a:d5:00:07"));
         assert!(q.command(&spec("/vms/we,b")).is_err(), "commas are refused");
     }
 }

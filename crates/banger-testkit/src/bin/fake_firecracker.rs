@@ -124,6 +124,23 @@ fn handle(
             exists(body, "path_on_host")?;
             vm.drives.insert(id.to_string(), body.clone());
         }
+        p if p.starts_with("/network-interfaces/") => {
+            check(
+                body,
+                &[
+                    ("iface_id", "string", true),
+                    ("host_dev_name", "string", true),
+                    ("guest_mac", "string", false),
+                ],
+            )?;
+            if body["iface_id"].as_str() != Some(&p["/network-interfaces/".len()..]) {
+                return Err("iface_id does not match the path".into());
+            }
+            let tap = body["host_dev_name"].as_str().unwrap_or_default();
+            if !std::path::Path::new("/sys/class/net").join(tap).exists() {
+                return Err(format!("Open tap device failed: {tap} does not exist"));
+            }
+        }
         "/vsock" => {
             check(
                 body,

@@ -10,6 +10,8 @@ pub struct Banger {
     pub home: tempfile::TempDir,
     daemon: Option<Child>,
     daemon_env: Vec<(String, PathBuf)>,
+    /// The network namespace the daemon runs in (`ip netns exec`).
+    netns: Option<String>,
 }
 
 pub fn exe() -> &'static str {
@@ -29,6 +31,7 @@ impl Banger {
             home: tempfile::tempdir().unwrap(),
             daemon: None,
             daemon_env: Vec::new(),
+            netns: None,
         }
     }
 
@@ -43,15 +46,34 @@ impl Banger {
         b
     }
 
+    /// From now on the daemon runs inside network namespace `ns`, with VM
+    /// networking on. Takes effect at the next `start_daemon`.
+    pub fn move_to_netns(&mut self, ns: &str) {
+        self.netns = Some(ns.to_string());
+        self.daemon_env
+            .push(("BANGER_NETWORK".into(), PathBuf::from("tap")));
+    }
+
     pub fn start_daemon(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.home.path().join("daemon-test.log"))
             .unwrap();
-        let child = Command::new(exe())
+        // Tests about networking opt in (inside a namespace of their own);
+        // the rest never touch the host's network.
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(exe());
+                c
+            }
+            None => Command::new(exe()),
+        };
+        let child = command
             .arg("daemon")
             .env("BANGER_HOME", self.home.path())
+            .env("BANGER_NETWORK", "none")
             .envs(self.daemon_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -93,6 +115,7 @@ impl Banger {
         let mut c = Command::new(exe());
         c.args(args)
             .env("BANGER_HOME", self.home.path())
+            .env("BANGER_NETWORK", "none")
             .stdin(Stdio::null());
         c
     }

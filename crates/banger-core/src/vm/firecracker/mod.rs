@@ -102,6 +102,14 @@ impl Vmm for Firecracker {
                 )
                 .await?;
             }
+            if let Some(nic) = &spec.nic {
+                api::put(
+                    &sock,
+                    "/network-interfaces/eth0",
+                    &json!({ "iface_id": "eth0", "host_dev_name": nic.tap, "guest_mac": nic.mac }),
+                )
+                .await?;
+            }
             api::put(
                 &sock,
                 "/vsock",

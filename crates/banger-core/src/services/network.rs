@@ -1,0 +1,312 @@
+//! The network service: the subnet, each VM's address, the tap pool, and
+//! reconciling the host's taps and routes with the VMs that really run.
+
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+
+use banger_host::net::TAP_PREFIX;
+use banger_host::{HostNetwork, NetSetup, Subnet};
+use banger_proto::agent::GuestNetwork;
+
+use crate::config::Config;
+use crate::error::{OpError, OpResult};
+use crate::network::address;
+use crate::store::Store;
+use crate::vm::vmm::Nic;
+
+const SUBNET_KEY: &str = "network.subnet";
+const DEFAULT_DOMAIN: &str = "vm";
+const DEFAULT_DNS_PORT: u16 = 1053;
+const DEFAULT_POOL: usize = 2;
+
+enum State {
+    Disabled,
+    /// Networking is wanted but cannot work; every start says why.
+    Broken(String),
+    Ready(NetSetup),
+}
+
+pub struct NetworkService {
+    host: Arc<dyn HostNetwork>,
+    store: Arc<Store>,
+    state: State,
+    domain: String,
+    pool: usize,
+    /// Taps are handed to VMMs running as this user.
+    owner: u32,
+    /// Serialises tap assignment.
+    taps: Mutex<Taps>,
+}
+
+#[derive(Default)]
+struct Taps {
+    /// The host side is set up.
+    ready: bool,
+    /// Handed out by this daemon; a VM's runtime row names its tap only once
+    /// its VMM runs, and two starts must not take the same spare.
+    claimed: Vec<String>,
+}
+
+impl NetworkService {
+    pub fn new(config: &Config, host: Arc<dyn HostNetwork>, store: Arc<Store>) -> NetworkService {
+        let net = &config.network;
+        let mode = std::env::var("BANGER_NETWORK")
+            .ok()
+            .or_else(|| net.mode.clone())
+            .unwrap_or_else(|| "auto".into());
+        // SAFETY: geteuid has no preconditions.
+        let owner = unsafe { libc::geteuid() };
+        let state = match mode.as_str() {
+            "none" => State::Disabled,
+            // Without root (and until the root helper lands) taps cannot be made.
+            "auto" if owner != 0 => State::Disabled,
+            "auto" | "tap" => match Self::subnet(config, &store) {
+                Ok(subnet) => State::Ready(NetSetup {
+                    subnet,
+                    dns_port: net.dns_port.unwrap_or(DEFAULT_DNS_PORT),
+                }),
+                Err(e) => State::Broken(e),
+            },
+            other => State::Broken(format!(
+                "network.mode `{other}` is not one of auto, tap, none"
+            )),
+        };
+        NetworkService {
+            host,
+            store,
+            state,
+            domain: net.domain.clone().unwrap_or_else(|| DEFAULT_DOMAIN.into()),
+            pool: net.tap_pool.unwrap_or(DEFAULT_POOL).min(64),
+            owner,
+            taps: Mutex::default(),
+        }
+    }
+
+    /// The configured subnet, else the one chosen before, else a fresh choice.
+    fn subnet(config: &Config, store: &Store) -> Result<Subnet, String> {
+        let routes = address::parse_proc_routes(
+            &std::fs::read_to_string("/proc/net/route").unwrap_or_default(),
+        );
+        let remembered = store.setting(SUBNET_KEY).map_err(|e| e.to_string())?;
+        let wanted = config.network.subnet.clone().or(remembered);
+        let subnet = address::choose_subnet(wanted.as_deref(), &routes)?;
+        store
+            .set_setting(SUBNET_KEY, &subnet.to_string())
+            .map_err(|e| e.to_string())?;
+        Ok(subnet)
+    }
+
+    fn ready(&self) -> OpResult<Option<&NetSetup>> {
+        match &self.state {
+            State::Disabled => Ok(None),
+            State::Broken(e) => Err(OpError::invalid(format!("VM networking: {e}"))),
+            State::Ready(setup) => Ok(Some(setup)),
+        }
+    }
+
+    /// What `doctor` and `daemon status` show.
+    pub fn describe(&self) -> Result<String, String> {
+        match &self.state {
+            State::Disabled => Ok("off (network.mode none, or not root)".into()),
+            State::Broken(e) => Err(e.clone()),
+            State::Ready(s) => Ok(format!(
+                "taps on {} (gateway {}, domain .{})",
+                s.subnet,
+                s.subnet.gateway(),
+                self.domain
+            )),
+        }
+    }
+
+    /// An address for a new VM; none when networking is off.
+    pub fn allocate(&self) -> OpResult<Option<String>> {
+        let Some(setup) = self.ready()? else {
+            return Ok(None);
+        };
+        let used: Vec<Ipv4Addr> = self
+            .store
+            .list_vms()?
+            .iter()
+            .filter_map(|v| v.ip.as_deref()?.parse().ok())
+            .collect();
+        address::allocate(&setup.subnet, &used)
+            .map(|ip| Some(ip.to_string()))
+            .ok_or_else(|| {
+                OpError::conflict(format!(
+                    "subnet {} has no free address; remove a VM (`banger vm rm`) or set a \
+                     larger network.subnet",
+                    setup.subnet
+                ))
+            })
+    }
+
+    /// What the agent configures inside the VM.
+    pub fn guest(&self, ip: Option<&str>) -> OpResult<Option<GuestNetwork>> {
+        let (Some(setup), Some(ip)) = (self.ready()?, ip) else {
+            return Ok(None);
+        };
+        Ok(Some(GuestNetwork {
+            address: parse_ip(ip)?,
+            gateway: setup.subnet.gateway(),
+            nameserver: setup.subnet.gateway(),
+            search: Some(self.domain.clone()),
+        }))
+    }
+
+    fn ensure_host(&self, setup: &NetSetup, taps: &mut Taps) -> OpResult<()> {
+        if !taps.ready {
+            self.host
+                .setup(setup)
+                .map_err(|e| OpError::internal(format!("setting up VM networking: {e}")))?;
+            taps.ready = true;
+        }
+        Ok(())
+    }
+
+    fn taps_in_use(&self, taps: &Taps) -> OpResult<Vec<String>> {
+        let mut used: Vec<String> = self
+            .store
+            .list_runtimes()?
+            .into_iter()
+            .filter_map(|r| r.tap)
+            .collect();
+        used.extend(taps.claimed.iter().cloned());
+        Ok(used)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Taps> {
+        self.taps.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A tap for the VM at `ip`, from the pool when one is spare, routed to
+    /// the guest.
+    pub fn attach(&self, ip: Option<&str>) -> OpResult<Option<Nic>> {
+        let (Some(setup), Some(ip)) = (self.ready()?, ip) else {
+            return Ok(None);
+        };
+        let guest = parse_ip(ip)?;
+        let mut taps = self.lock();
+        self.ensure_host(setup, &mut taps)?;
+        let existing = self.host.taps().map_err(host_err)?;
+        let used = self.taps_in_use(&taps)?;
+        let tap = match existing.iter().find(|t| !used.contains(t)) {
+            Some(spare) => spare.clone(),
+            None => {
+                let tap = next_tap(&existing);
+                self.host.create_tap(&tap, self.owner).map_err(host_err)?;
+                tap
+            }
+        };
+        self.host.route(&tap, guest, setup).map_err(host_err)?;
+        taps.claimed.push(tap.clone());
+        Ok(Some(Nic {
+            tap,
+            mac: address::mac_for(guest),
+        }))
+    }
+
+    /// Undoes [`attach`](Self::attach): the route goes, the tap returns to
+    /// the pool (or is deleted when the pool is full). Idempotent.
+    pub fn detach(&self, tap: Option<&str>, ip: Option<&str>) {
+        if let Some(ip) = ip.and_then(|ip| ip.parse().ok()) {
+            if let Err(e) = self.host.unroute(ip) {
+                tracing::warn!(%ip, error = %e, "could not remove the VM's route");
+            }
+        }
+        let Some(tap) = tap else { return };
+        let mut taps = self.lock();
+        taps.claimed.retain(|t| t != tap);
+        let used = self.taps_in_use(&taps).unwrap_or_default();
+        let spare = self
+            .host
+            .taps()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|t| !used.contains(t) && t != tap)
+            .count();
+        if spare >= self.pool {
+            if let Err(e) = self.host.delete_tap(tap) {
+                tracing::warn!(tap, error = %e, "could not delete a tap");
+            }
+        }
+    }
+
+    /// Tops the pool of spare taps up. Off the boot path.
+    pub fn refill(&self) {
+        let Ok(Some(setup)) = self.ready() else {
+            return;
+        };
+        let mut taps = self.lock();
+        if self.ensure_host(setup, &mut taps).is_err() {
+            return;
+        }
+        let used = self.taps_in_use(&taps).unwrap_or_default();
+        let mut existing = self.host.taps().unwrap_or_default();
+        while existing.iter().filter(|t| !used.contains(t)).count() < self.pool {
+            let tap = next_tap(&existing);
+            if let Err(e) = self.host.create_tap(&tap, self.owner) {
+                tracing::warn!(tap, error = %e, "could not add a tap to the pool");
+                return;
+            }
+            existing.push(tap);
+        }
+    }
+
+    /// After a daemon restart: the host side is re-applied, running VMs keep
+    /// their tap and route, dead VMs' routes go, and spare taps beyond the
+    /// pool are deleted.
+    pub fn reconcile(&self) -> OpResult<()> {
+        let Some(setup) = self.ready()? else {
+            return Ok(());
+        };
+        {
+            let mut taps = self.lock();
+            taps.ready = false;
+            self.ensure_host(setup, &mut taps)?;
+            let runtimes = self.store.list_runtimes()?;
+            for vm in self.store.list_vms()? {
+                let Some(ip) = vm.ip.as_deref().and_then(|ip| ip.parse().ok()) else {
+                    continue;
+                };
+                match runtimes
+                    .iter()
+                    .find(|r| r.name == vm.name)
+                    .and_then(|r| r.tap.clone())
+                {
+                    Some(tap) => self.host.route(&tap, ip, setup).map_err(host_err)?,
+                    None => self.host.unroute(ip).map_err(host_err)?,
+                }
+            }
+            let used = self.taps_in_use(&taps)?;
+            let spare: Vec<String> = self
+                .host
+                .taps()
+                .map_err(host_err)?
+                .into_iter()
+                .filter(|t| !used.contains(t))
+                .collect();
+            for tap in spare.iter().skip(self.pool) {
+                self.host.delete_tap(tap).map_err(host_err)?;
+            }
+        }
+        self.refill();
+        Ok(())
+    }
+}
+
+fn parse_ip(ip: &str) -> OpResult<Ipv4Addr> {
+    ip.parse()
+        .map_err(|_| OpError::internal(format!("stored address `{ip}` is not IPv4")))
+}
+
+fn host_err(e: banger_host::HostError) -> OpError {
+    OpError::internal(format!("VM networking: {e}"))
+}
+
+/// The lowest-numbered tap name not taken.
+fn next_tap(existing: &[String]) -> String {
+    (0..)
+        .map(|n| format!("{TAP_PREFIX}{n}"))
+        .find(|t| !existing.contains(t))
+        .expect("unbounded")
+}

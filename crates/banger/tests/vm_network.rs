@@ -1,0 +1,275 @@
+//! Real VM networking inside network namespaces this test creates (the
+//! host's own network is never touched): the daemon runs in namespace H, an
+//! "internet" HTTP server in namespace I behind a veth pair. VMs are reached
+//! by address from H, reach I only through NAT, and cannot reach each other
+//! or the host.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use banger_testkit::images::push_busybox;
+use banger_testkit::registry::Registry;
+use common::Banger;
+
+fn assets() -> Option<(PathBuf, PathBuf)> {
+    let kernel = std::env::var_os("BANGER_TEST_KERNEL_DEB").map(PathBuf::from);
+    let agent = std::env::var_os("BANGER_AGENT_BIN").map(PathBuf::from);
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    match (kernel, agent) {
+        (Some(k), Some(a)) if k.is_file() && a.is_file() && root => Some((k, a)),
+        _ => {
+            let msg = "network tests need root, BANGER_TEST_KERNEL_DEB and BANGER_AGENT_BIN";
+            assert!(std::env::var_os("CI").is_none(), "{msg}");
+            eprintln!("skipping: {msg}");
+            None
+        }
+    }
+}
+
+fn sh(script: &str) -> std::process::Output {
+    Command::new("sh").args(["-c", script]).output().unwrap()
+}
+
+fn must(script: &str) -> String {
+    let out = sh(script);
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Two namespaces joined by a veth pair, and what runs in them; all removed on drop.
+struct Lab {
+    host: String,
+    inet: String,
+    servers: Vec<Child>,
+}
+
+const HOST_ADDR: &str = "198.51.100.1";
+const INET_ADDR: &str = "198.51.100.2";
+
+impl Lab {
+    fn new() -> Lab {
+        let id = std::process::id() % 100_000;
+        let lab = Lab {
+            host: format!("bgh{id}"),
+            inet: format!("bgi{id}"),
+            servers: Vec::new(),
+        };
+        let (h, i) = (&lab.host, &lab.inet);
+        must(&format!(
+            "set -e; ip netns add {h}; ip netns add {i}
+             ip link add vh{id} netns {h} type veth peer name vi{id} netns {i}
+             ip -n {h} link set lo up; ip -n {i} link set lo up
+             ip -n {h} addr add {HOST_ADDR}/24 dev vh{id}; ip -n {h} link set vh{id} up
+             ip -n {i} addr add {INET_ADDR}/24 dev vi{id}; ip -n {i} link set vi{id} up
+             ip -n {h} route add default via {INET_ADDR}"
+        ));
+        lab
+    }
+
+    /// A python HTTP server in `ns` serving `dir` on `addr:port`.
+    fn serve(&mut self, ns: &str, addr: &str, port: u16, dir: &Path) {
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "python3", "-m", "http.server"])
+            .args([&port.to_string(), "--bind", addr, "--directory"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.servers.push(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !fetch(ns, &format!("http://{addr}:{port}/"))
+            .status
+            .success()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "server on {addr}:{port} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for s in &mut self.servers {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        let _ = sh(&format!(
+            "ip netns del {} 2>/dev/null; ip netns del {} 2>/dev/null",
+            self.host, self.inet
+        ));
+    }
+}
+
+/// An HTTP GET from namespace `ns`, with a short timeout.
+fn fetch(ns: &str, url: &str) -> std::process::Output {
+    Command::new("ip")
+        .args(["netns", "exec", ns, "python3", "-c"])
+        .arg("import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=3).read().decode())")
+        .arg(url)
+        .output()
+        .unwrap()
+}
+
+fn vm_ip(banger: &Banger, name: &str) -> String {
+    let info: serde_json::Value =
+        serde_json::from_str(&banger.ok(&["vm", "inspect", name, "--json"])).unwrap();
+    info[0]["ip"]
+        .as_str()
+        .expect("the VM has an address")
+        .to_string()
+}
+
+/// An HTTP GET from inside the guest (busybox's static wget crashes in
+/// images without NSS files, so plain `nc`); true when it got `want`.
+fn guest_gets(banger: &Banger, name: &str, addr: &str, path: &str, want: &str) -> bool {
+    let (host, port) = addr.split_once(':').unwrap();
+    let script = format!("printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {host} {port}");
+    let out = banger.run(&["vm", "exec", name, "--", "sh", "-c", &script]);
+    let ok = out.status.success() && String::from_utf8_lossy(&out.stdout).contains(want);
+    if !ok {
+        eprintln!(
+            "{name} could not get {addr}{path}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    ok
+}
+
+fn taps_in(ns: &str) -> Vec<String> {
+    must(&format!("ip -n {ns} -o link show"))
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .filter(|n| n.starts_with("bgtap"))
+        .map(|n| n.to_string())
+        .collect()
+}
+
+#[test]
+fn vms_get_addresses_nat_and_isolation_and_survive_a_daemon_kill() {
+    let Some((kernel, agent)) = assets() else {
+        return;
+    };
+    // Pull in the host namespace (the registry is on its loopback) …
+    let registry = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    push_busybox(&registry, &tmp.path().join("oci"), "busybox:latest");
+    let mut banger = Banger::start_with_env(&[
+        ("BANGER_QEMU_ACCEL", Path::new("tcg")),
+        ("BANGER_AGENT_BIN", &agent),
+    ]);
+    banger.ok(&["kernel", "import", kernel.to_str().unwrap()]);
+    banger.ok(&["image", "pull", &registry.reference("busybox:latest")]);
+    // … then run the daemon, and so the VMs, inside the lab.
+    let mut lab = Lab::new();
+    banger.kill_daemon(libc::SIGTERM);
+    banger.move_to_netns(&lab.host);
+    banger.start_daemon();
+
+    let www = tmp.path().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("hello.txt"), "from the internet\n").unwrap();
+    let inet = lab.inet.clone();
+    lab.serve(&inet, INET_ADDR, 8080, &www);
+    let host = lab.host.clone();
+    lab.serve(&host, "0.0.0.0", 8081, &www);
+
+    for name in ["a", "b"] {
+        banger.ok(&["vm", "run", name, "--image", "busybox", "--memory", "256M"]);
+        banger.ok(&[
+            "vm", "exec", name, "--", "sh", "-c",
+            &format!("mkdir -p /tmp/www && echo hello from {name} > /tmp/www/index.html && httpd -p 8000 -h /tmp/www"),
+        ]);
+    }
+    let (a, b) = (vm_ip(&banger, "a"), vm_ip(&banger, "b"));
+    assert_ne!(a, b);
+    let gateway = {
+        let mut o: Vec<u32> = a.split('.').map(|x| x.parse().unwrap()).collect();
+        o[3] = 1;
+        format!("{}.{}.{}.{}", o[0], o[1], o[2], o[3])
+    };
+    let resolv = banger.ok(&["vm", "exec", "a", "--", "cat", "/etc/resolv.conf"]);
+    assert!(
+        resolv.contains(&format!("nameserver {gateway}")),
+        "{resolv}"
+    );
+    assert_eq!(
+        banger.ok(&["vm", "exec", "a", "--", "hostname"]).trim(),
+        "a"
+    );
+
+    let check = |banger: &Banger, when: &str| {
+        for (name, ip) in [("a", &a), ("b", &b)] {
+            let out = fetch(&host, &format!("http://{ip}:8000/index.html"));
+            assert!(
+                String::from_utf8_lossy(&out.stdout).contains(&format!("hello from {name}")),
+                "{when}: {name} not reachable from the host side: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert!(
+            guest_gets(
+                banger,
+                "a",
+                &format!("{INET_ADDR}:8080"),
+                "/hello.txt",
+                "from the internet"
+            ),
+            "{when}: no egress through NAT"
+        );
+        assert!(
+            !guest_gets(banger, "a", &format!("{b}:8000"), "/index.html", "hello"),
+            "{when}: VM a reached VM b"
+        );
+        assert!(
+            !guest_gets(
+                banger,
+                "b",
+                &format!("{gateway}:8081"),
+                "/hello.txt",
+                "internet"
+            ),
+            "{when}: VM b reached a host service at the gateway"
+        );
+        assert!(
+            !guest_gets(
+                banger,
+                "b",
+                &format!("{HOST_ADDR}:8081"),
+                "/hello.txt",
+                "internet"
+            ),
+            "{when}: VM b reached a host service"
+        );
+    };
+    check(&banger, "after start");
+
+    // SIGKILL, restart: the VMs keep their addresses and stay reachable.
+    banger.kill_daemon(libc::SIGKILL);
+    banger.start_daemon();
+    assert_eq!(vm_ip(&banger, "a"), a);
+    check(&banger, "after a daemon SIGKILL");
+    let taps = taps_in(&host);
+    assert!(
+        taps.len() <= 4,
+        "two in use plus at most two spare: {taps:?}"
+    );
+
+    banger.ok(&["vm", "rm", "-f", "a", "b"]);
+    let routes = must(&format!("ip -n {host} route"));
+    assert!(!routes.contains(&a) && !routes.contains(&b), "{routes}");
+    let taps = taps_in(&host);
+    assert!(taps.len() <= 2, "only the spare pool is left: {taps:?}");
+}
