@@ -28,6 +28,7 @@ pub struct Core {
     pub vms: Arc<VmService>,
     runner: Arc<dyn ProcessRunner>,
     store: Arc<Store>,
+    network: Arc<NetworkService>,
 }
 
 /// The host side effects the core uses, real or fake.
@@ -111,6 +112,7 @@ impl Core {
             vms,
             runner,
             store,
+            network,
         })
     }
 
@@ -224,6 +226,10 @@ impl Core {
             state_dir: self.paths.state_dir.display().to_string(),
             cache_dir: self.paths.cache_dir.display().to_string(),
             images: self.store.list_images()?.len() as u64,
+            network: Some(match self.network.describe() {
+                Ok(s) => banger_proto::status::NetworkStatus::Ok(s),
+                Err(e) => banger_proto::status::NetworkStatus::Error(e),
+            }),
         })
     }
 }

@@ -13,4 +13,14 @@ pub struct DaemonStatus {
     pub state_dir: String,
     pub cache_dir: String,
     pub images: u64,
+    /// VM networking as the daemon sees it: `{"ok": "…"}` or `{"error": "…"}`.
+    #[serde(default)]
+    pub network: Option<NetworkStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkStatus {
+    Ok(String),
+    Error(String),
 }

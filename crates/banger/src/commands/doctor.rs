@@ -56,6 +56,7 @@ pub fn run(paths: &Paths, json: bool) -> anyhow::Result<i32> {
         kernel(paths),
         agent(),
         cow(paths),
+        network(paths),
     ];
     if json {
         println!("{}", serde_json::to_string_pretty(&checks)?);
@@ -343,6 +344,32 @@ fn agent() -> Check {
             e,
             Some("`scripts/build-agent`, or set BANGER_AGENT_BIN"),
         ),
+    }
+}
+
+fn network(paths: &Paths) -> Check {
+    use banger_proto::status::{DaemonStatus, NetworkStatus};
+    let client = Client::new(paths.clone());
+    let Ok(stream) = client.connect_existing() else {
+        return check("network", Status::Warn, "daemon not running", None);
+    };
+    let status = call_on(
+        stream,
+        methods::DAEMON_STATUS,
+        serde_json::json!({}),
+        |_| {},
+    )
+    .ok()
+    .and_then(|v| serde_json::from_value::<DaemonStatus>(v).ok());
+    match status.and_then(|s| s.network) {
+        Some(NetworkStatus::Ok(text)) => check("network", Status::Ok, text, None),
+        Some(NetworkStatus::Error(e)) => check(
+            "network",
+            Status::Fail,
+            e,
+            Some("set network.subnet (or network.mode = \"none\") in the config file"),
+        ),
+        None => check("network", Status::Warn, "the daemon did not say", None),
     }
 }
 
