@@ -102,8 +102,9 @@ impl Core {
         vms.recover()
             .map_err(|e| anyhow::anyhow!("{}", e.message))?;
         // A broken network must not keep the daemon from serving the rest.
-        if let Err(e) = network.reconcile() {
-            tracing::warn!(error = %e.message, "could not reconcile VM networking");
+        match network.reconcile().and_then(|()| network.start_dns()) {
+            Ok(()) => {}
+            Err(e) => tracing::warn!(error = %e.message, "VM networking is not fully up"),
         }
         Ok(Core {
             paths,

@@ -149,8 +149,8 @@ delete table ip {NFT_TABLE}
 table ip {NFT_TABLE} {{
   chain prerouting {{
     type nat hook prerouting priority dstnat; policy accept;
-    iifname {taps} ip daddr {gw} udp dport 53 redirect to :{dns}
-    iifname {taps} ip daddr {gw} tcp dport 53 redirect to :{dns}
+    iifname {taps} ip daddr {gw} udp dport 53 dnat to {gw}:{dns}
+    iifname {taps} ip daddr {gw} tcp dport 53 dnat to {gw}:{dns}
   }}
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
@@ -432,7 +432,7 @@ mod tests {
         assert!(rules.contains("ip saddr 10.213.0.0/16 ip daddr != 10.213.0.0/16 masquerade"));
         assert!(rules.contains("oifname \"bgtap*\" drop"));
         assert!(rules.contains("ip daddr 169.254.169.254 drop"));
-        assert!(rules.contains("udp dport 53 redirect to :1053"));
+        assert!(rules.contains("udp dport 53 dnat to 10.213.0.1:1053"));
         assert!(rules.starts_with("table ip banger {}\ndelete table ip banger\n"));
     }
 

@@ -80,7 +80,7 @@ fn setup_taps_routes_and_teardown_in_a_namespace() {
     assert_eq!(tap, "1000\n1\n");
     let rules = sh(&ns.0, "nft list table ip banger");
     assert!(
-        rules.contains("masquerade") && rules.contains("redirect to :1053"),
+        rules.contains("masquerade") && rules.contains("dnat to 10.213.0.1:1053"),
         "{rules}"
     );
 

@@ -210,6 +210,17 @@ fn vms_get_addresses_nat_and_isolation_and_survive_a_daemon_kill() {
         "a"
     );
 
+    // Names: guests ask the gateway (port 53, redirected to banger's server).
+    let looked_up = banger.ok(&["vm", "exec", "a", "--", "nslookup", "b.vm"]);
+    assert!(looked_up.contains(&b), "{looked_up}");
+    let looked_up = banger.ok(&["vm", "exec", "b", "--", "nslookup", "host.vm"]);
+    assert!(looked_up.contains(&gateway), "{looked_up}");
+    let missing = banger.run(&["vm", "exec", "a", "--", "nslookup", "nope.vm"]);
+    assert!(
+        !missing.status.success(),
+        "an unknown VM name must not resolve"
+    );
+
     let check = |banger: &Banger, when: &str| {
         for (name, ip) in [("a", &a), ("b", &b)] {
             let out = fetch(&host, &format!("http://{ip}:8000/index.html"));
@@ -229,6 +240,8 @@ fn vms_get_addresses_nat_and_isolation_and_survive_a_daemon_kill() {
             ),
             "{when}: no egress through NAT"
         );
+        let looked_up = banger.ok(&["vm", "exec", "a", "--", "nslookup", "b.vm"]);
+        assert!(looked_up.contains(b.as_str()), "{when}: {looked_up}");
         assert!(
             !guest_gets(banger, "a", &format!("{b}:8000"), "/index.html", "hello"),
             "{when}: VM a reached VM b"

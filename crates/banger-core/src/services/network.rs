@@ -10,7 +10,7 @@ use banger_proto::agent::GuestNetwork;
 
 use crate::config::Config;
 use crate::error::{OpError, OpResult};
-use crate::network::address;
+use crate::network::{address, dns};
 use crate::store::Store;
 use crate::vm::vmm::Nic;
 
@@ -290,6 +290,40 @@ impl NetworkService {
             }
         }
         self.refill();
+        Ok(())
+    }
+}
+
+impl NetworkService {
+    /// Starts the DNS server at the gateway, on the current tokio runtime.
+    pub fn start_dns(&self) -> OpResult<()> {
+        let Some(setup) = self.ready()? else {
+            return Ok(());
+        };
+        let gateway = setup.subnet.gateway();
+        let addr = std::net::SocketAddr::new(gateway.into(), setup.dns_port);
+        let socket = std::net::UdpSocket::bind(addr)
+            .and_then(|s| s.set_nonblocking(true).map(|()| s))
+            .map_err(|e| OpError::internal(format!("DNS server on {addr}: {e}")))?;
+        let handle = tokio::runtime::Handle::try_current()
+            .map_err(|e| OpError::internal(format!("DNS server: {e}")))?;
+        let _enter = handle.enter();
+        let socket = tokio::net::UdpSocket::from_std(socket)?;
+        let store = self.store.clone();
+        let lookup: dns::Lookup = Arc::new(move |label| {
+            if label == "host" {
+                return Some(gateway);
+            }
+            let vm = store.get_vm(label).ok()??;
+            store.get_runtime(label).ok()??;
+            vm.ip?.parse().ok()
+        });
+        let upstreams = dns::upstreams(
+            &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+            gateway,
+        );
+        tracing::info!(%addr, domain = %self.domain, "DNS server listening");
+        handle.spawn(dns::serve(socket, self.domain.clone(), lookup, upstreams));
         Ok(())
     }
 }
