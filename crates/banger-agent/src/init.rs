@@ -315,6 +315,29 @@ async fn serve(
         nodelay: true,
         ..Default::default()
     });
+    if config.network.is_some() {
+        // Plain `ssh` over the VM network too; keys are the only way in.
+        match tokio::net::TcpListener::bind(("0.0.0.0", 22)).await {
+            Ok(listener) => {
+                let (shared, ssh_config) = (shared.clone(), ssh_config.clone());
+                tokio::spawn(async move {
+                    while let Ok((stream, _)) = listener.accept().await {
+                        let _ = stream.set_nodelay(true);
+                        let handler = crate::ssh::Handler::new(shared.clone());
+                        let config = ssh_config.clone();
+                        tokio::spawn(async move {
+                            if let Ok(running) =
+                                russh::server::run_stream(config, stream, handler).await
+                            {
+                                let _ = running.await;
+                            }
+                        });
+                    }
+                });
+            }
+            Err(e) => log(&format!("cannot listen on TCP port 22: {e}")),
+        }
+    }
     match config.transport {
         Transport::VirtioSerial => {
             let fd = crate::transport::open_port(SSH_PORT_NAME).map_err(|e| e.to_string())?;

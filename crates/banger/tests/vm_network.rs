@@ -221,6 +221,22 @@ fn vms_get_addresses_nat_and_isolation_and_survive_a_daemon_kill() {
         "an unknown VM name must not resolve"
     );
 
+    // Plain OpenSSH over the VM network, the VM's pinned host key checked.
+    let info: serde_json::Value =
+        serde_json::from_str(&banger.ok(&["vm", "inspect", "a", "--json"])).unwrap();
+    let dir = info[0]["dir"].as_str().unwrap();
+    let known = tmp.path().join("known_hosts");
+    let host_pub = must(&format!("ssh-keygen -y -f {dir}/host_key"));
+    std::fs::write(&known, format!("{a} {host_pub}")).unwrap();
+    let key = banger.path("state/ssh/id_ed25519");
+    let out = must(&format!(
+        "ip netns exec {host} ssh -F /dev/null -i {} -o UserKnownHostsFile={} \
+         -o StrictHostKeyChecking=yes -o BatchMode=yes -o ConnectTimeout=10 root@{a} -- hostname",
+        key.display(),
+        known.display()
+    ));
+    assert_eq!(out.trim(), "a");
+
     let check = |banger: &Banger, when: &str| {
         for (name, ip) in [("a", &a), ("b", &b)] {
             let out = fetch(&host, &format!("http://{ip}:8000/index.html"));
