@@ -105,9 +105,12 @@ impl Drop for Lab {
             let _ = s.kill();
             let _ = s.wait();
         }
+        // Whatever still runs in the lab (VMs a failed test left) goes with it.
         let _ = sh(&format!(
-            "ip netns del {} 2>/dev/null; ip netns del {} 2>/dev/null",
-            self.host, self.inet
+            "for ns in {h} {i}; do ip netns pids $ns | xargs -r kill -9; done
+             ip netns del {h} 2>/dev/null; ip netns del {i} 2>/dev/null",
+            h = self.host,
+            i = self.inet
         ));
     }
 }
