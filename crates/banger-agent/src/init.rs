@@ -323,15 +323,7 @@ async fn serve(
                 tokio::spawn(async move {
                     while let Ok((stream, _)) = listener.accept().await {
                         let _ = stream.set_nodelay(true);
-                        let handler = crate::ssh::Handler::new(shared.clone());
-                        let config = ssh_config.clone();
-                        tokio::spawn(async move {
-                            if let Ok(running) =
-                                russh::server::run_stream(config, stream, handler).await
-                            {
-                                let _ = running.await;
-                            }
-                        });
+                        spawn_session(stream, &shared, &ssh_config);
                     }
                 });
             }
@@ -375,16 +367,27 @@ async fn serve(
                 let Ok(stream) = crate::transport::FdStream::new(conn) else {
                     continue;
                 };
-                let handler = crate::ssh::Handler::new(shared.clone());
-                let config = ssh_config.clone();
-                tokio::spawn(async move {
-                    if let Ok(running) = russh::server::run_stream(config, stream, handler).await {
-                        let _ = running.await;
-                    }
-                });
+                spawn_session(stream, &shared, &ssh_config);
             }
         }
     }
+}
+
+/// Serves one SSH connection on its own task, for transports that accept many.
+fn spawn_session<S>(
+    stream: S,
+    shared: &Arc<crate::ssh::Shared>,
+    config: &Arc<russh::server::Config>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let handler = crate::ssh::Handler::new(shared.clone());
+    let config = config.clone();
+    tokio::spawn(async move {
+        if let Ok(running) = russh::server::run_stream(config, stream, handler).await {
+            let _ = running.await;
+        }
+    });
 }
 
 /// The port stream outlives each SSH session, which needs ownership of one.

@@ -12,21 +12,6 @@ use banger_testkit::layout::Layout;
 use banger_testkit::registry::Registry;
 use common::Banger;
 
-/// The kernel package and agent the harness needs, or why the test cannot run.
-fn assets() -> Option<(PathBuf, PathBuf)> {
-    let kernel = std::env::var_os("BANGER_TEST_KERNEL_DEB").map(PathBuf::from);
-    let agent = std::env::var_os("BANGER_AGENT_BIN").map(PathBuf::from);
-    match (kernel, agent) {
-        (Some(k), Some(a)) if k.is_file() && a.is_file() => Some((k, a)),
-        _ => {
-            let msg = "real-VM tests need BANGER_TEST_KERNEL_DEB and BANGER_AGENT_BIN (scripts/test sets both)";
-            assert!(std::env::var_os("CI").is_none(), "{msg}");
-            eprintln!("skipping: {msg}");
-            None
-        }
-    }
-}
-
 fn start_banger(agent: &std::path::Path) -> Banger {
     Banger::start_with_env(&[
         ("BANGER_QEMU_ACCEL", std::path::Path::new("tcg")),
@@ -51,7 +36,7 @@ fn qemu_pids_for(dir: &str) -> Vec<u32> {
 
 #[test]
 fn vms_boot_run_commands_persist_and_survive_a_daemon_kill() {
-    let Some((kernel, agent)) = assets() else {
+    let Some((kernel, agent)) = common::vm_assets() else {
         return;
     };
     let registry = Registry::start();
@@ -286,7 +271,9 @@ fn vms_boot_run_commands_persist_and_survive_a_daemon_kill() {
 
 #[test]
 fn a_boot_failure_names_the_stage_and_shows_the_console() {
-    let Some((_, agent)) = assets() else { return };
+    let Some((_, agent)) = common::vm_assets() else {
+        return;
+    };
     let banger = start_banger(&agent);
     // A "kernel" that is an ELF but not a kernel: QEMU refuses it.
     let fake = banger.path("fake-vmlinux");
@@ -315,7 +302,7 @@ fn a_boot_failure_names_the_stage_and_shows_the_console() {
 
 #[test]
 fn a_debian_image_boots_and_runs_its_own_tools() {
-    let Some((kernel, agent)) = assets() else {
+    let Some((kernel, agent)) = common::vm_assets() else {
         return;
     };
     let Some(debian) = std::env::var_os("BANGER_TEST_DEBIAN_TAR")
@@ -378,7 +365,7 @@ fn a_debian_image_boots_and_runs_its_own_tools() {
 
 #[test]
 fn a_kernel_published_as_an_oci_image_is_pulled_and_boots() {
-    let Some((kernel_deb, agent)) = assets() else {
+    let Some((kernel_deb, agent)) = common::vm_assets() else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();

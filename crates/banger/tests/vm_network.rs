@@ -15,19 +15,14 @@ use banger_testkit::registry::Registry;
 use common::Banger;
 
 fn assets() -> Option<(PathBuf, PathBuf)> {
-    let kernel = std::env::var_os("BANGER_TEST_KERNEL_DEB").map(PathBuf::from);
-    let agent = std::env::var_os("BANGER_AGENT_BIN").map(PathBuf::from);
     // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    match (kernel, agent) {
-        (Some(k), Some(a)) if k.is_file() && a.is_file() && root => Some((k, a)),
-        _ => {
-            let msg = "network tests need root, BANGER_TEST_KERNEL_DEB and BANGER_AGENT_BIN";
-            assert!(std::env::var_os("CI").is_none(), "{msg}");
-            eprintln!("skipping: {msg}");
-            None
-        }
+    if unsafe { libc::geteuid() } != 0 {
+        let msg = "network tests need root";
+        assert!(std::env::var_os("CI").is_none(), "{msg}");
+        eprintln!("skipping: {msg}");
+        return None;
     }
+    common::vm_assets()
 }
 
 fn sh(script: &str) -> std::process::Output {

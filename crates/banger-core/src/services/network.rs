@@ -292,9 +292,7 @@ impl NetworkService {
         self.refill();
         Ok(())
     }
-}
 
-impl NetworkService {
     /// Starts the DNS server at the gateway, on the current tokio runtime.
     pub fn start_dns(&self) -> OpResult<()> {
         let Some(setup) = self.ready()? else {

@@ -178,12 +178,20 @@ impl VmService {
         }) {
             return Ok(Some(rt));
         }
-        self.store.clear_runtime(name)?;
-        if let Ok(vm) = self.record(name) {
-            self.network.detach(rt.tap.as_deref(), vm.ip.as_deref());
-            self.clean_run_files(&vm);
+        match self.record(name) {
+            Ok(vm) => self.release(&vm, &rt)?,
+            Err(_) => self.store.clear_runtime(name)?,
         }
         Ok(None)
+    }
+
+    /// What a VMM that is gone leaves to tidy: its runtime row, its tap and
+    /// route, its run files.
+    fn release(&self, vm: &VmRecord, rt: &VmRuntime) -> OpResult<()> {
+        self.store.clear_runtime(&vm.name)?;
+        self.network.detach(rt.tap.as_deref(), vm.ip.as_deref());
+        self.clean_run_files(vm);
+        Ok(())
     }
 
     fn info(&self, vm: &VmRecord) -> OpResult<VmInfo> {
@@ -626,10 +634,7 @@ impl VmService {
                 .map_err(|e| OpError::internal(e.to_string()))?;
         }
         self.sessions.lock().await.remove(&vm.name);
-        let tap = self.store.get_runtime(&vm.name)?.and_then(|rt| rt.tap);
-        self.store.clear_runtime(&vm.name)?;
-        self.network.detach(tap.as_deref(), vm.ip.as_deref());
-        self.clean_run_files(vm);
+        self.release(vm, &rt)?;
         tracing::info!(vm = %vm.name, "VM stopped");
         Ok(())
     }

@@ -193,3 +193,18 @@ pub fn entries(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// The kernel package and agent the harness needs, or why the test cannot run.
+pub fn vm_assets() -> Option<(PathBuf, PathBuf)> {
+    let kernel = std::env::var_os("BANGER_TEST_KERNEL_DEB").map(PathBuf::from);
+    let agent = std::env::var_os("BANGER_AGENT_BIN").map(PathBuf::from);
+    match (kernel, agent) {
+        (Some(k), Some(a)) if k.is_file() && a.is_file() => Some((k, a)),
+        _ => {
+            let msg = "real-VM tests need BANGER_TEST_KERNEL_DEB and BANGER_AGENT_BIN (scripts/test sets both)";
+            assert!(std::env::var_os("CI").is_none(), "{msg}");
+            eprintln!("skipping: {msg}");
+            None
+        }
+    }
+}
