@@ -37,21 +37,57 @@ pub struct Host {
     pub launcher: Arc<dyn banger_host::ProcessLauncher>,
     pub blockdevs: Arc<dyn banger_host::BlockDevices>,
     pub net: Arc<dyn banger_host::HostNetwork>,
+    /// Whether the privileged operations can work: the daemon is root, or a
+    /// root helper answered. `network.mode = auto` follows it.
+    pub privileged: bool,
 }
 
 impl Host {
+    /// As root, privileged operations run in-process; otherwise they go to
+    /// the root helper (`BANGER_HELPER_SOCKET`, default
+    /// /run/banger/helper.sock). VMMs always run as the daemon's user.
     pub fn real(runner: Arc<dyn ProcessRunner>) -> Host {
+        let launcher = Arc::new(banger_host::RealLauncher);
+        if nix::unistd::geteuid().is_root() {
+            return Host {
+                blockdevs: Arc::new(banger_host::RealBlockDevices {
+                    runner: runner.clone(),
+                }),
+                launcher,
+                net: Arc::new(banger_host::RealHostNetwork {
+                    runner: runner.clone(),
+                }),
+                runner,
+                privileged: true,
+            };
+        }
+        let helper = banger_host::HelperClient::new(helper_socket());
+        let privileged = match helper.ping() {
+            Ok(version) => {
+                tracing::info!(socket = %helper.socket().display(), %version, "using the root helper");
+                true
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "no root helper; VM networking and dm snapshots are off");
+                false
+            }
+        };
         Host {
-            blockdevs: Arc::new(banger_host::RealBlockDevices {
-                runner: runner.clone(),
-            }),
-            launcher: Arc::new(banger_host::RealLauncher),
-            net: Arc::new(banger_host::RealHostNetwork {
-                runner: runner.clone(),
-            }),
+            blockdevs: Arc::new(helper.clone()),
+            launcher,
+            net: Arc::new(helper),
             runner,
+            privileged,
         }
     }
+}
+
+/// Where the root helper listens.
+pub fn helper_socket() -> std::path::PathBuf {
+    std::env::var_os("BANGER_HELPER_SOCKET")
+        .filter(|v| !v.is_empty())
+        .map(Into::into)
+        .unwrap_or_else(|| banger_proto::helper::DEFAULT_HELPER_SOCKET.into())
 }
 
 /// Lines the caller sends after its request (exec stdin, signals), if any.
@@ -73,6 +109,7 @@ impl Core {
             launcher,
             blockdevs,
             net,
+            privileged,
         } = host;
         paths.create_all()?;
         let config = Config::load(&paths.config_file())?;
@@ -87,7 +124,7 @@ impl Core {
         images.recover()?;
         let images = Arc::new(images);
         let kernels = Arc::new(KernelService::new(paths.clone(), store.clone()));
-        let network = Arc::new(NetworkService::new(&config, net, store.clone()));
+        let network = Arc::new(NetworkService::new(&config, net, privileged, store.clone()));
         let vms = Arc::new(VmService::new(
             paths.clone(),
             config,

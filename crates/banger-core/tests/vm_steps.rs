@@ -57,6 +57,7 @@ fn setup_with(
         launcher: Arc::new(launcher.clone()),
         blockdevs: Arc::new(blockdevs.clone()),
         net: Arc::new(net()),
+        privileged: true,
     };
     let core = Core::open_with(paths, host, Default::default()).unwrap();
     let rootfs = tmp.path().join("rootfs.ext4");

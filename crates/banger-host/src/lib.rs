@@ -2,11 +2,13 @@
 //! recording fake, so the operations core can be tested without touching the host.
 
 pub mod blockdev;
+pub mod helper_client;
 pub mod net;
 pub mod process;
 pub mod vmm_process;
 
 pub use blockdev::{BlockCall, BlockDevices, FakeBlockDevices, RealBlockDevices};
+pub use helper_client::HelperClient;
 pub use net::{FakeHostNetwork, HostNetwork, NetCall, NetSetup, RealHostNetwork, Subnet};
 pub use process::{CommandSpec, FakeRunner, HostError, Output, ProcessRunner, RealRunner};
 pub use vmm_process::{

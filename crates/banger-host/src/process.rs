@@ -17,6 +17,8 @@ pub enum HostError {
     /// A request outside what banger may touch; nothing was changed.
     #[error("refused: {0}")]
     Refused(String),
+    #[error("the banger root helper at {socket} is not reachable: {error}; start it (`sudo banger system install`) or run the daemon as root")]
+    Helper { socket: String, error: String },
     #[error("`{command}` failed ({status}): {stderr}")]
     Failed {
         command: String,

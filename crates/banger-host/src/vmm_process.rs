@@ -14,6 +14,9 @@ pub struct LaunchSpec {
     /// Where the process's stdout and stderr go (appended).
     pub log: PathBuf,
     pub cwd: Option<PathBuf>,
+    /// Run as this uid and gid, with no supplementary groups (the root
+    /// helper launches as its caller); `None` runs as ourselves.
+    pub user: Option<(u32, u32)>,
 }
 
 /// A process we started: pid and its start time in clock ticks since boot.
@@ -48,10 +51,13 @@ pub struct RealLauncher;
 
 impl ProcessLauncher for RealLauncher {
     fn launch(&self, spec: &LaunchSpec) -> Result<ProcessId, HostError> {
+        use std::os::unix::fs::OpenOptionsExt;
         use std::os::unix::process::CommandExt;
+        // Never through a symlink: the log lives in a directory its user controls.
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&spec.log)
             .map_err(|source| HostError::Spawn {
                 program: spec.program.clone(),
@@ -68,6 +74,10 @@ impl ProcessLauncher for RealLauncher {
             .stderr(err_log);
         if let Some(cwd) = &spec.cwd {
             cmd.current_dir(cwd);
+        }
+        if let Some((uid, gid)) = spec.user {
+            // std drops supplementary groups when it changes the uid.
+            cmd.uid(uid).gid(gid);
         }
         // SAFETY: setsid is async-signal-safe.
         unsafe {
@@ -182,6 +192,7 @@ mod tests {
             args: vec!["-c".into(), "echo started; exec sleep 30".into()],
             log: dir.join("log"),
             cwd: None,
+            user: None,
         };
         let id = RealLauncher.launch(&spec).unwrap();
         assert!(RealLauncher.alive(id));

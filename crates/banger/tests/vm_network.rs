@@ -46,6 +46,8 @@ struct Lab {
     servers: Vec<Child>,
 }
 
+/// Who the daemon runs as: no passwd entry needed.
+const DAEMON_UID: u32 = 4242;
 const HOST_ADDR: &str = "198.51.100.1";
 const INET_ADDR: &str = "198.51.100.2";
 
@@ -67,6 +69,31 @@ impl Lab {
              ip -n {h} route add default via {INET_ADDR}"
         ));
         lab
+    }
+
+    /// The root helper in the host namespace, serving [`DAEMON_UID`] with
+    /// VMs under `home`; its socket is `dir/helper.sock`.
+    fn helper(&mut self, dir: &Path, home: &Path) {
+        let socket = dir.join("helper.sock");
+        let log = std::fs::File::create(dir.join("helper.log")).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.host, common::exe(), "root-helper"])
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--owner", &DAEMON_UID.to_string(), "--allow-dir"])
+            .arg(home)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.servers.push(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "the root helper did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// A python HTTP server in `ns` serving `dir` on `addr:port`.
@@ -164,17 +191,28 @@ fn vms_get_addresses_nat_and_isolation_and_survive_a_daemon_kill() {
     let registry = Registry::start();
     let tmp = tempfile::tempdir().unwrap();
     push_busybox(&registry, &tmp.path().join("oci"), "busybox:latest");
-    let mut banger = Banger::start_with_env(&[
-        ("BANGER_QEMU_ACCEL", Path::new("tcg")),
-        ("BANGER_AGENT_BIN", &agent),
-    ]);
+    // The daemon runs as an unprivileged user, as in a system install.
+    let mut banger = Banger::without_daemon();
+    banger.add_env("BANGER_QEMU_ACCEL", Path::new("tcg"));
+    banger.add_env("BANGER_AGENT_BIN", &agent);
+    let helper_dir = tempfile::tempdir().unwrap();
+    must(&format!("chmod 0755 {}", helper_dir.path().display()));
+    let socket = helper_dir.path().join("helper.sock");
+    banger.run_as(DAEMON_UID, Some(&socket));
+    banger.start_daemon();
     banger.ok(&["kernel", "import", kernel.to_str().unwrap()]);
     banger.ok(&["image", "pull", &registry.reference("busybox:latest")]);
-    // … then run the daemon, and so the VMs, inside the lab.
+    // … then run the root helper, the daemon, and so the VMs, inside the lab.
     let mut lab = Lab::new();
+    lab.helper(helper_dir.path(), banger.home.path());
     banger.kill_daemon(libc::SIGTERM);
     banger.move_to_netns(&lab.host);
     banger.start_daemon();
+    let status = banger.ok(&["doctor", "--json"]);
+    assert!(
+        status.contains("taps on"),
+        "networking through the helper: {status}"
+    );
 
     let www = tmp.path().join("www");
     std::fs::create_dir_all(&www).unwrap();

@@ -48,7 +48,12 @@ struct Taps {
 }
 
 impl NetworkService {
-    pub fn new(config: &Config, host: Arc<dyn HostNetwork>, store: Arc<Store>) -> NetworkService {
+    pub fn new(
+        config: &Config,
+        host: Arc<dyn HostNetwork>,
+        privileged: bool,
+        store: Arc<Store>,
+    ) -> NetworkService {
         let net = &config.network;
         let mode = std::env::var("BANGER_NETWORK")
             .ok()
@@ -58,8 +63,8 @@ impl NetworkService {
         let owner = unsafe { libc::geteuid() };
         let state = match mode.as_str() {
             "none" => State::Disabled,
-            // Without root (and until the root helper lands) taps cannot be made.
-            "auto" if owner != 0 => State::Disabled,
+            // Neither root nor a root helper: taps cannot be made.
+            "auto" if !privileged => State::Disabled,
             "auto" | "tap" => match Self::subnet(config, &store) {
                 Ok(subnet) => State::Ready(NetSetup {
                     subnet,
@@ -107,7 +112,9 @@ impl NetworkService {
     /// What `doctor` and `daemon status` show.
     pub fn describe(&self) -> Result<String, String> {
         match &self.state {
-            State::Disabled => Ok("off (network.mode none, or not root)".into()),
+            State::Disabled => {
+                Ok("off (network.mode none, or neither root nor a root helper)".into())
+            }
             State::Broken(e) => Err(e.clone()),
             State::Ready(s) => Ok(format!(
                 "taps on {} (gateway {}, domain .{})",

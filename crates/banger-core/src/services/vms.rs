@@ -496,10 +496,7 @@ impl VmService {
         let launcher = self.launcher.clone();
         let alive = move || launcher.alive(pid);
         if let Err(e) = vmm.configure(&spec, &alive).await {
-            let tail = tail_lines(&console, 10);
-            return Err(OpError::internal(format!(
-                "VM `{name}` failed to boot at stage `configure`: {e}\n--- last console lines ---\n{tail}"
-            )));
+            return Err(boot_failed(&vm, "configure", &e));
         }
 
         step(&events, "agent", 3, STEPS_START);
@@ -524,7 +521,7 @@ impl VmService {
         });
         let early = async {
             match ssh_signal.await {
-                Ok(()) => tokio::time::timeout(timeout, self.connect(&vm, vmm.as_ref()))
+                Ok(()) => tokio::time::timeout(timeout, self.open_session(&vm, vmm.as_ref()))
                     .await
                     .ok(),
                 Err(_) => None,
@@ -532,15 +529,7 @@ impl VmService {
         };
         let (ready, early) = tokio::join!(waiting, early);
         if let Err(failure) = ready {
-            let mut tail = tail_lines(&console, 20);
-            let vmm_log = tail_lines(&dir.join("vmm.log"), 10);
-            if !vmm_log.trim().is_empty() {
-                tail.push_str(&format!("--- {} said ---\n{vmm_log}", vm.vmm));
-            }
-            return Err(OpError::internal(format!(
-                "VM `{name}` failed to boot at stage `{}`: {}\n--- last console lines ---\n{tail}\n--- (all of it: `banger vm logs {name}`)",
-                failure.stage, failure.message
-            )));
+            return Err(boot_failed(&vm, &failure.stage, &failure.message));
         }
 
         step(&events, "ssh", 4, STEPS_START);
@@ -548,7 +537,19 @@ impl VmService {
         let session = match early {
             Some(Ok(session)) => session,
             // The "ssh" report was coalesced away, or the early attempt lost a race.
-            _ => self.connect(&vm, vmm.as_ref()).await?,
+            early => {
+                if let Some(Err(e)) = early {
+                    tracing::info!(vm = %vm.name, error = %e, "early SSH connect failed; trying again");
+                }
+                self.open_session(&vm, vmm.as_ref()).await.map_err(|e| {
+                    let e = if alive() {
+                        e
+                    } else {
+                        format!("{e} (the VMM has exited)")
+                    };
+                    boot_failed(&vm, "ssh", &e)
+                })?
+            }
         };
         self.sessions.lock().await.insert(vm.name.clone(), session);
         step(&events, "ready", 5, STEPS_START);
@@ -560,15 +561,18 @@ impl VmService {
     }
 
     async fn connect(&self, vm: &VmRecord, vmm: &dyn Vmm) -> OpResult<AgentSession> {
-        let stream = vmm
-            .open_ssh(Path::new(&vm.dir))
-            .await
-            .map_err(|e| OpError::internal(format!("VM `{}`: {e}", vm.name)))?;
-        let host_key = keys::parse_public(&vm.host_key_pub).map_err(OpError::internal)?;
-        let client_key = keys::client_key(&self.paths.state_dir).map_err(OpError::internal)?;
-        AgentSession::connect(stream, host_key, client_key)
+        self.open_session(vm, vmm)
             .await
             .map_err(|e| OpError::internal(format!("VM `{}`: {e}", vm.name)))
+    }
+
+    async fn open_session(&self, vm: &VmRecord, vmm: &dyn Vmm) -> Result<AgentSession, String> {
+        let stream = vmm.open_ssh(Path::new(&vm.dir)).await?;
+        let host_key = keys::parse_public(&vm.host_key_pub)?;
+        let client_key = keys::client_key(&self.paths.state_dir)?;
+        AgentSession::connect(stream, host_key, client_key)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// The VM's SSH connection, made anew when there is none (after a
@@ -845,6 +849,21 @@ fn last_lines(text: &str, n: usize) -> String {
         out.push('\n');
     }
     out
+}
+
+/// A boot that failed after launch: the stage, why, and the end of the
+/// serial console (and of the VMM's own log) so the cause is on screen.
+fn boot_failed(vm: &VmRecord, stage: &str, message: &str) -> OpError {
+    let dir = Path::new(&vm.dir);
+    let mut tail = tail_lines(&dir.join("console.log"), 20);
+    let vmm_log = tail_lines(&dir.join("vmm.log"), 10);
+    if !vmm_log.trim().is_empty() {
+        tail.push_str(&format!("--- {} said ---\n{vmm_log}", vm.vmm));
+    }
+    let name = &vm.name;
+    OpError::internal(format!(
+        "VM `{name}` failed to boot at stage `{stage}`: {message}\n--- last console lines ---\n{tail}\n--- (all of it: `banger vm logs {name}`)"
+    ))
 }
 
 fn tail_lines(path: &Path, n: usize) -> String {

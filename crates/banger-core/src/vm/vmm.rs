@@ -252,6 +252,7 @@ impl Vmm for Qemu {
             args,
             log: spec.dir.join("vmm.log"),
             cwd: Some(spec.dir.clone()),
+            user: None,
         })
     }
 }

@@ -3,6 +3,7 @@
 mod doctor;
 mod image;
 mod kernel;
+mod root_helper;
 mod vm;
 
 use banger_core::paths::Paths;
@@ -23,6 +24,11 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Kernel(cmd) => kernel::run(&Client::new(paths), cmd),
         Command::Vm(cmd) => vm::run(&Client::new(paths), cmd),
         Command::Doctor(flags) => doctor::run(&paths, flags.json),
+        Command::RootHelper(args) => {
+            init_daemon_logging();
+            root_helper::run(args)?;
+            Ok(0)
+        }
     }
 }
 

@@ -12,6 +12,8 @@ pub struct Banger {
     daemon_env: Vec<(String, PathBuf)>,
     /// The network namespace the daemon runs in (`ip netns exec`).
     netns: Option<String>,
+    /// The unprivileged uid (and gid) the daemon runs as, if not root.
+    user: Option<u32>,
 }
 
 pub fn exe() -> &'static str {
@@ -32,6 +34,7 @@ impl Banger {
             daemon: None,
             daemon_env: Vec::new(),
             netns: None,
+            user: None,
         }
     }
 
@@ -54,6 +57,32 @@ impl Banger {
             .push(("BANGER_NETWORK".into(), PathBuf::from("tap")));
     }
 
+    /// Extra environment for the daemon, from its next start.
+    pub fn add_env(&mut self, key: &str, value: &Path) {
+        self.daemon_env.push((key.into(), value.to_path_buf()));
+    }
+
+    /// From the next `start_daemon` on, the daemon runs as `uid` (gid the
+    /// same, no supplementary groups) and owns the home; privileged work goes
+    /// to the root helper at `helper` when one is given.
+    pub fn run_as(&mut self, uid: u32, helper: Option<&Path>) {
+        let home = self.home.path().display().to_string();
+        let out = Command::new("chown")
+            .args(["-R", &format!("{uid}:{uid}"), &home])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.user = Some(uid);
+        if let Some(socket) = helper {
+            self.daemon_env
+                .push(("BANGER_HELPER_SOCKET".into(), socket.to_path_buf()));
+        }
+    }
+
     pub fn start_daemon(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -62,14 +91,33 @@ impl Banger {
             .unwrap();
         // Tests about networking opt in (inside a namespace of their own);
         // the rest never touch the host's network.
-        let mut command = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(exe());
-                c
-            }
-            None => Command::new(exe()),
-        };
+        let mut argv: Vec<String> = Vec::new();
+        if let Some(ns) = &self.netns {
+            argv.extend(["ip", "netns", "exec", ns].map(String::from));
+        }
+        if let Some(uid) = self.user {
+            // Distributions make /dev/net/tun 0666; this machine may not. A
+            // 0666 node bound over it in the daemon's own mount namespace
+            // (`ip netns exec` made one) stands in, changing nothing outside.
+            let tun = self.home.path().join("tun");
+            let bind = if self.netns.is_some() {
+                format!(
+                    "[ -e {t} ] || mknod -m 0666 {t} c 10 200; mount --bind {t} /dev/net/tun; ",
+                    t = tun.display()
+                )
+            } else {
+                String::new()
+            };
+            argv.extend([
+                "sh".into(),
+                "-c".into(),
+                format!("{bind}exec setpriv --reuid={uid} --regid={uid} --clear-groups -- \"$@\""),
+                "sh".into(),
+            ]);
+        }
+        argv.push(exe().into());
+        let mut command = Command::new(&argv[0]);
+        command.args(&argv[1..]);
         let child = command
             .arg("daemon")
             .env("BANGER_HOME", self.home.path())

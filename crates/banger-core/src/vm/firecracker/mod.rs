@@ -51,6 +51,7 @@ impl Vmm for Firecracker {
             args: vec!["--api-sock".into(), path_str(&api_socket(&spec.dir))?],
             log: spec.console_log.clone(),
             cwd: Some(spec.dir.clone()),
+            user: None,
         })
     }
 

@@ -1,0 +1,275 @@
+//! One request in, one reply out: the policy first, then the host operation
+//! through the same traits a root daemon uses in-process.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use banger_host::{
+    BlockDevices, HostError, HostNetwork, LaunchSpec, NetSetup, ProcessId, ProcessLauncher,
+};
+use banger_proto::helper::{HelperReply, HelperRequest, HelperValue, HELPER_PROTOCOL};
+
+use crate::launched::{Launched, Table};
+use crate::policy::{as_caller, Caller, Policy, Refusal};
+
+/// Signals a VMM may be sent: stop requests, nothing else.
+const SIGNALS: [i32; 4] = [libc::SIGTERM, libc::SIGKILL, libc::SIGINT, libc::SIGHUP];
+
+pub struct Helper {
+    pub policy: Policy,
+    net: Arc<dyn HostNetwork>,
+    blocks: Arc<dyn BlockDevices>,
+    launcher: Arc<dyn ProcessLauncher>,
+    state_dir: PathBuf,
+    launched: Table,
+    /// The network set up last: routes must stay inside its subnet.
+    setup: Mutex<Option<NetSetup>>,
+}
+
+enum Failure {
+    Refused(String),
+    Failed(String),
+}
+
+impl From<Refusal> for Failure {
+    fn from(r: Refusal) -> Self {
+        Failure::Refused(r.0)
+    }
+}
+
+impl From<HostError> for Failure {
+    fn from(e: HostError) -> Self {
+        match e {
+            HostError::Refused(m) => Failure::Refused(m),
+            other => Failure::Failed(other.to_string()),
+        }
+    }
+}
+
+type Handled = Result<HelperValue, Failure>;
+
+impl Helper {
+    pub fn new(
+        policy: Policy,
+        net: Arc<dyn HostNetwork>,
+        blocks: Arc<dyn BlockDevices>,
+        launcher: Arc<dyn ProcessLauncher>,
+        state_dir: PathBuf,
+    ) -> std::io::Result<Helper> {
+        std::fs::create_dir_all(state_dir.join("dm"))?;
+        let launched = Table::load(&state_dir.join("launched.json"));
+        let setup = read_setup(&state_dir.join("net.json"));
+        Ok(Helper {
+            policy,
+            net,
+            blocks,
+            launcher,
+            state_dir,
+            launched,
+            setup: Mutex::new(setup),
+        })
+    }
+
+    pub fn handle(&self, caller: &Caller, request: HelperRequest) -> HelperReply {
+        match self.dispatch(caller, request) {
+            Ok(value) => HelperReply::Ok(value),
+            Err(Failure::Refused(m)) => HelperReply::Refused(m),
+            Err(Failure::Failed(m)) => HelperReply::Failed(m),
+        }
+    }
+
+    fn dispatch(&self, caller: &Caller, request: HelperRequest) -> Handled {
+        use HelperRequest as R;
+        match request {
+            R::Ping => Ok(HelperValue::Pong {
+                protocol: HELPER_PROTOCOL,
+                version: env!("CARGO_PKG_VERSION").into(),
+                uid: caller.uid,
+            }),
+            R::NetSetup { subnet, dns_port } => {
+                let setup = NetSetup {
+                    subnet: self.policy.subnet(&subnet)?,
+                    dns_port: self.policy.dns_port(dns_port)?,
+                };
+                self.net.setup(&setup)?;
+                write_setup(&self.state_dir.join("net.json"), &setup);
+                *self.setup.lock().unwrap_or_else(|p| p.into_inner()) = Some(setup);
+                Ok(HelperValue::Done)
+            }
+            R::NetTeardown => {
+                self.net.teardown()?;
+                let _ = std::fs::remove_file(self.state_dir.join("net.json"));
+                *self.setup.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                Ok(HelperValue::Done)
+            }
+            R::TapCreate { tap } => {
+                check_tap(&tap)?;
+                // The tap belongs to whoever asked, whatever they might claim.
+                self.net.create_tap(&tap, caller.uid)?;
+                Ok(HelperValue::Done)
+            }
+            R::TapDelete { tap } => {
+                check_tap(&tap)?;
+                self.net.delete_tap(&tap)?;
+                Ok(HelperValue::Done)
+            }
+            R::TapList => Ok(HelperValue::Taps(self.net.taps()?)),
+            R::Route { tap, guest } => {
+                check_tap(&tap)?;
+                let setup = self.current_setup()?;
+                self.net.route(&tap, guest, &setup)?;
+                Ok(HelperValue::Done)
+            }
+            R::Unroute { guest } => {
+                let setup = self.current_setup()?;
+                if !setup.subnet.contains(guest) || guest == setup.subnet.gateway() {
+                    return Err(Failure::Refused(format!(
+                        "{guest} is not a guest address in {}",
+                        setup.subnet
+                    )));
+                }
+                self.net.unroute(guest)?;
+                Ok(HelperValue::Done)
+            }
+            R::SnapshotSupported => Ok(HelperValue::Bool(self.blocks.snapshot_supported())),
+            R::SnapshotSetup { vm, origin, cow } => {
+                let name = self.policy.dm_name(&vm)?;
+                // Held open and handed to losetup by descriptor: what was
+                // checked is what gets attached.
+                let origin = self.policy.caller_file(caller, &origin, false)?;
+                let cow = self.policy.caller_file(caller, &cow, true)?;
+                let by_fd = |f: &std::fs::File| {
+                    use std::os::fd::AsRawFd;
+                    PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), f.as_raw_fd()))
+                };
+                let device = self.blocks.setup_snapshot(
+                    &name,
+                    &by_fd(&origin),
+                    &by_fd(&cow),
+                    &self.dm_state(&name),
+                )?;
+                Ok(HelperValue::Device(device))
+            }
+            R::SnapshotTeardown { vm } => {
+                let name = self.policy.dm_name(&vm)?;
+                self.blocks
+                    .teardown_snapshot(&name, &self.dm_state(&name))?;
+                Ok(HelperValue::Done)
+            }
+            R::Launch {
+                program,
+                args,
+                log,
+                cwd,
+            } => {
+                let exe = self.policy.program(&program)?;
+                let (Some(log_dir), Some(log_name)) = (log.parent(), log.file_name()) else {
+                    return Err(Failure::Refused(format!(
+                        "{} is not a file path",
+                        log.display()
+                    )));
+                };
+                let log = self.policy.caller_dir(caller, log_dir)?.join(log_name);
+                let cwd = cwd
+                    .map(|d| self.policy.caller_dir(caller, &d))
+                    .transpose()?;
+                let spec = LaunchSpec {
+                    program: exe.display().to_string(),
+                    args,
+                    log,
+                    cwd,
+                    user: Some((caller.uid, caller.gid)),
+                };
+                // The log is opened with the caller's rights, not root's.
+                let id = as_caller(caller, || self.launcher.launch(&spec))?;
+                self.launched.add(Launched {
+                    pid: id.pid,
+                    start_time: id.start_time,
+                    exe,
+                    uid: caller.uid,
+                });
+                Ok(HelperValue::Process {
+                    pid: id.pid,
+                    start_time: id.start_time,
+                })
+            }
+            R::Alive { pid, start_time } => Ok(HelperValue::Bool(
+                self.launcher.alive(ProcessId { pid, start_time }),
+            )),
+            R::Signal {
+                pid,
+                start_time,
+                signal,
+            } => {
+                if !SIGNALS.contains(&signal) {
+                    return Err(Failure::Refused(format!(
+                        "signal {signal} is not one the helper sends (TERM, KILL, INT, HUP)"
+                    )));
+                }
+                let Some(entry) = self.launched.find(pid, start_time) else {
+                    return Err(Failure::Refused(format!(
+                        "pid {pid} (start time {start_time}) was not launched by this helper"
+                    )));
+                };
+                if caller.uid != 0 && entry.uid != caller.uid {
+                    return Err(Failure::Refused(format!(
+                        "pid {pid} was launched for uid {}, not for uid {}",
+                        entry.uid, caller.uid
+                    )));
+                }
+                if !entry.running() {
+                    return Ok(HelperValue::Done); // Already gone: nothing to do.
+                }
+                if !entry.same_exe() {
+                    return Err(Failure::Refused(format!(
+                        "pid {pid} no longer runs {}",
+                        entry.exe.display()
+                    )));
+                }
+                self.launcher
+                    .signal(ProcessId { pid, start_time }, signal)?;
+                Ok(HelperValue::Done)
+            }
+        }
+    }
+
+    fn current_setup(&self) -> Result<NetSetup, Failure> {
+        self.setup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| Failure::Refused("the network is not set up (net_setup first)".into()))
+    }
+
+    /// Where the loop devices of a snapshot are recorded: the helper's own
+    /// directory, never one a caller can write.
+    fn dm_state(&self, name: &str) -> PathBuf {
+        self.state_dir.join("dm").join(format!("{name}.state"))
+    }
+}
+
+fn check_tap(tap: &str) -> Result<(), Failure> {
+    if banger_host::net::is_tap_name(tap) {
+        Ok(())
+    } else {
+        Err(Failure::Refused(format!(
+            "`{tap}` is not one of banger's taps ({}N)",
+            banger_host::net::TAP_PREFIX
+        )))
+    }
+}
+
+fn read_setup(path: &std::path::Path) -> Option<NetSetup> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let (subnet, port) = text.trim().split_once(' ')?;
+    Some(NetSetup {
+        subnet: banger_host::Subnet::parse(subnet).ok()?,
+        dns_port: port.parse().ok()?,
+    })
+}
+
+fn write_setup(path: &std::path::Path, setup: &NetSetup) {
+    if let Err(e) = std::fs::write(path, format!("{} {}\n", setup.subnet, setup.dns_port)) {
+        tracing::warn!(error = %e, "cannot record the network setup");
+    }
+}

@@ -1,0 +1,371 @@
+//! What the helper agrees to touch. Every name, path and number a caller
+//! sends is checked here before any host operation runs.
+
+use std::fs::File;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use banger_host::Subnet;
+
+/// Who is calling, as the kernel recorded it on the connection (SO_PEERCRED).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+}
+
+/// A request outside the policy; nothing was changed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refusal(pub String);
+
+fn refuse<T>(msg: impl Into<String>) -> Result<T, Refusal> {
+    Err(Refusal(msg.into()))
+}
+
+/// The private ranges a banger subnet may come from (RFC 1918).
+const PRIVATE: [(u32, u8); 3] = [(0x0a00_0000, 8), (0xac10_0000, 12), (0xc0a8_0000, 16)];
+
+pub struct Policy {
+    /// The user the helper serves, if one was named.
+    pub owner: Option<u32>,
+    /// The group whose members may use it, if one was named.
+    pub group: Option<u32>,
+    /// Caller files (disks, logs) must live under one of these.
+    allowed_dirs: Vec<PathBuf>,
+    /// The only programs `launch` starts (canonical paths).
+    vmms: Vec<PathBuf>,
+}
+
+impl Policy {
+    pub fn new(
+        owner: Option<u32>,
+        group: Option<u32>,
+        allowed_dirs: Vec<PathBuf>,
+        vmms: &[PathBuf],
+    ) -> Result<Policy, String> {
+        for dir in &allowed_dirs {
+            if !dir.is_absolute() {
+                return Err(format!(
+                    "allowed directory {} is not absolute",
+                    dir.display()
+                ));
+            }
+        }
+        // A VMM that is not installed is simply not allowed.
+        let vmms = vmms
+            .iter()
+            .filter_map(|p| which(p).and_then(|p| p.canonicalize().ok()))
+            .collect();
+        Ok(Policy {
+            owner,
+            group,
+            allowed_dirs,
+            vmms,
+        })
+    }
+
+    /// Root, the owner, and members of the group (primary or supplementary).
+    pub fn admits(&self, caller: &Caller) -> bool {
+        if caller.uid == 0 || self.owner == Some(caller.uid) {
+            return true;
+        }
+        let Some(group) = self.group else {
+            return false;
+        };
+        caller.gid == group || supplementary_groups(caller.pid).contains(&group)
+    }
+
+    /// Opens a file the caller owns inside the allowed directories, checking
+    /// as the caller (so root's rights never reach a path the caller could
+    /// not open) and never through a symlink.
+    pub fn caller_file(&self, caller: &Caller, path: &Path, write: bool) -> Result<File, Refusal> {
+        let canonical = as_caller(caller, || self.inside(path))?;
+        let file = as_caller(caller, || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(write)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&canonical)
+        })
+        .map_err(|e| {
+            Refusal(format!(
+                "cannot open {} as uid {}: {e}",
+                path.display(),
+                caller.uid
+            ))
+        })?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Refusal(format!("{}: {e}", path.display())))?;
+        if !meta.is_file() {
+            return refuse(format!("{} is not a regular file", path.display()));
+        }
+        if caller.uid != 0 && meta.uid() != caller.uid {
+            return refuse(format!(
+                "{} belongs to uid {}, not to the caller (uid {})",
+                path.display(),
+                meta.uid(),
+                caller.uid
+            ));
+        }
+        Ok(file)
+    }
+
+    /// The canonical form of `path` if it lies under an allowed directory.
+    pub fn inside(&self, path: &Path) -> Result<PathBuf, Refusal> {
+        if !path.is_absolute() {
+            return refuse(format!("{} is not an absolute path", path.display()));
+        }
+        let canonical = path
+            .canonicalize()
+            .map_err(|e| Refusal(format!("{}: {e}", path.display())))?;
+        let inside = self
+            .allowed_dirs
+            .iter()
+            .filter_map(|d| d.canonicalize().ok())
+            .any(|d| canonical.starts_with(&d));
+        if !inside {
+            return refuse(format!(
+                "{} is outside the helper's directories ({})",
+                path.display(),
+                self.allowed_dirs
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        Ok(canonical)
+    }
+
+    /// A directory under the allowed ones, for a log file's parent or a cwd.
+    pub fn caller_dir(&self, caller: &Caller, dir: &Path) -> Result<PathBuf, Refusal> {
+        let canonical = as_caller(caller, || self.inside(dir))?;
+        let meta = std::fs::metadata(&canonical)
+            .map_err(|e| Refusal(format!("{}: {e}", dir.display())))?;
+        if !meta.is_dir() {
+            return refuse(format!("{} is not a directory", dir.display()));
+        }
+        if caller.uid != 0 && meta.uid() != caller.uid {
+            return refuse(format!(
+                "{} belongs to uid {}, not to the caller (uid {})",
+                dir.display(),
+                meta.uid(),
+                caller.uid
+            ));
+        }
+        Ok(canonical)
+    }
+
+    /// The device-mapper name of a VM: `banger-<vm>`, with `vm` a DNS label.
+    pub fn dm_name(&self, vm: &str) -> Result<String, Refusal> {
+        let label = !vm.is_empty()
+            && vm.len() <= 63
+            && vm
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !vm.starts_with('-')
+            && !vm.ends_with('-');
+        if !label {
+            return refuse(format!("`{vm}` is not a VM name (a DNS label)"));
+        }
+        Ok(format!("banger-{vm}"))
+    }
+
+    /// A subnet inside the private ranges: the helper never routes or NATs
+    /// addresses someone else owns.
+    pub fn subnet(&self, text: &str) -> Result<Subnet, Refusal> {
+        let subnet = Subnet::parse(text).map_err(Refusal)?;
+        let private = PRIVATE.iter().any(|&(addr, prefix)| {
+            let range = Subnet {
+                addr: addr.into(),
+                prefix,
+            };
+            subnet.prefix >= prefix && range.contains(subnet.network())
+        });
+        if !private {
+            return refuse(format!(
+                "{subnet} is not inside 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16"
+            ));
+        }
+        Ok(subnet)
+    }
+
+    /// DNS is served by the unprivileged daemon, so on an unprivileged port.
+    pub fn dns_port(&self, port: u16) -> Result<u16, Refusal> {
+        if port < 1024 {
+            return refuse(format!("DNS port {port} is privileged; use 1024 or above"));
+        }
+        Ok(port)
+    }
+
+    /// The canonical path of an allowed VMM binary.
+    pub fn program(&self, program: &str) -> Result<PathBuf, Refusal> {
+        let found = which(Path::new(program)).and_then(|p| p.canonicalize().ok());
+        match found {
+            Some(p) if self.vmms.contains(&p) => Ok(p),
+            _ => refuse(format!(
+                "`{program}` is not a VMM this helper launches ({})",
+                self.vmms
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
+    }
+}
+
+/// Runs `f` with this thread's file-system identity set to the caller's, so
+/// permission checks are the caller's own.
+pub fn as_caller<T>(caller: &Caller, f: impl FnOnce() -> T) -> T {
+    // SAFETY: setfsuid/setfsgid change only this thread's file-system ids;
+    // each returns the previous value, restored below.
+    let (old_gid, old_uid) = unsafe {
+        let g = libc::setfsgid(caller.gid);
+        let u = libc::setfsuid(caller.uid);
+        (g, u)
+    };
+    let out = f();
+    // SAFETY: as above, restoring the previous ids.
+    unsafe {
+        libc::setfsuid(old_uid as u32);
+        libc::setfsgid(old_gid as u32);
+    }
+    out
+}
+
+/// A program name resolved through PATH, or the path itself.
+fn which(program: &Path) -> Option<PathBuf> {
+    if program.components().count() > 1 || program.is_absolute() {
+        return program.exists().then(|| program.to_path_buf());
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+fn supplementary_groups(pid: u32) -> Vec<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| {
+            g.split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(dir: &Path) -> Policy {
+        Policy::new(
+            Some(1000),
+            Some(4242),
+            vec![dir.to_path_buf()],
+            &[PathBuf::from("sh")],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn callers_are_root_the_owner_or_the_group() {
+        let p = policy(Path::new("/tmp"));
+        let me = std::process::id();
+        assert!(p.admits(&Caller {
+            uid: 0,
+            gid: 0,
+            pid: me
+        }));
+        assert!(p.admits(&Caller {
+            uid: 1000,
+            gid: 1000,
+            pid: me
+        }));
+        assert!(p.admits(&Caller {
+            uid: 1001,
+            gid: 4242,
+            pid: me
+        }));
+        assert!(!p.admits(&Caller {
+            uid: 1001,
+            gid: 1001,
+            pid: me
+        }));
+    }
+
+    #[test]
+    fn names_subnets_ports_and_programs_are_checked() {
+        let p = policy(Path::new("/tmp"));
+        assert_eq!(p.dm_name("web-1").unwrap(), "banger-web-1");
+        for bad in ["", "-x", "x-", "Web", "a/b", "../x", &"a".repeat(64)] {
+            assert!(p.dm_name(bad).is_err(), "{bad}");
+        }
+        assert!(p.subnet("10.213.0.0/16").is_ok());
+        assert!(p.subnet("172.30.0.0/16").is_ok());
+        assert!(p.subnet("192.168.213.0/24").is_ok());
+        for bad in ["8.8.8.0/24", "172.0.0.0/8", "10.0.0.0/7", "0.0.0.0/0"] {
+            assert!(p.subnet(bad).is_err(), "{bad}");
+        }
+        assert!(p.dns_port(53).is_err());
+        assert_eq!(p.dns_port(1053).unwrap(), 1053);
+        assert!(p.program("sh").is_ok());
+        assert!(p.program("/bin/sh").is_ok());
+        let err = p.program("rm").unwrap_err();
+        assert!(err.0.contains("not a VMM"), "{err}");
+    }
+
+    #[test]
+    fn caller_files_must_be_inside_owned_regular_and_not_links() {
+        let tmp = tempfile::tempdir().unwrap();
+        let allowed = tmp.path().join("home");
+        std::fs::create_dir(&allowed).unwrap();
+        let p = policy(&allowed);
+        let root = Caller {
+            uid: 0,
+            gid: 0,
+            pid: std::process::id(),
+        };
+        let disk = allowed.join("disk.img");
+        std::fs::write(&disk, b"x").unwrap();
+        assert!(p.caller_file(&root, &disk, true).is_ok());
+        // Outside, relative, through a symlink that leaves, a directory.
+        let outside = tmp.path().join("outside.img");
+        std::fs::write(&outside, b"x").unwrap();
+        std::os::unix::fs::symlink(&outside, allowed.join("link.img")).unwrap();
+        for bad in [
+            outside.clone(),
+            PathBuf::from("disk.img"),
+            allowed.join("link.img"),
+            allowed.join("../outside.img"),
+            allowed.clone(),
+            PathBuf::from("/etc/shadow"),
+        ] {
+            let err = p.caller_file(&root, &bad, false).unwrap_err();
+            assert!(
+                err.0.contains("outside")
+                    || err.0.contains("absolute")
+                    || err.0.contains("regular"),
+                "{}: {err}",
+                bad.display()
+            );
+        }
+        // Someone else's file, even inside.
+        let user = Caller {
+            uid: 1000,
+            gid: 1000,
+            pid: std::process::id(),
+        };
+        if unsafe { libc::geteuid() } == 0 {
+            let err = p.caller_file(&user, &disk, false).unwrap_err();
+            assert!(err.0.contains("uid") || err.0.contains("denied"), "{err}");
+        }
+    }
+}

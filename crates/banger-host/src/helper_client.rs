@@ -1,0 +1,196 @@
+//! The privileged traits, implemented by asking the root helper over its
+//! socket: what an unprivileged daemon uses in production.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::Ipv4Addr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use banger_proto::helper::{HelperReply, HelperRequest, HelperValue, HELPER_PROTOCOL};
+
+use crate::blockdev::BlockDevices;
+use crate::net::{HostNetwork, NetSetup};
+use crate::process::HostError;
+use crate::vmm_process::{LaunchSpec, ProcessId, ProcessLauncher};
+
+/// Device-mapper names the helper makes: `banger-<vm>`.
+const DM_PREFIX: &str = "banger-";
+
+#[derive(Debug, Clone)]
+pub struct HelperClient {
+    socket: PathBuf,
+}
+
+impl HelperClient {
+    pub fn new(socket: impl Into<PathBuf>) -> HelperClient {
+        HelperClient {
+            socket: socket.into(),
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// One request on a fresh connection.
+    pub fn call(&self, request: &HelperRequest) -> Result<HelperValue, HostError> {
+        let unreachable = |e: std::io::Error| HostError::Helper {
+            socket: self.socket.display().to_string(),
+            error: e.to_string(),
+        };
+        let mut conn = UnixStream::connect(&self.socket).map_err(unreachable)?;
+        // Loop and dm setup can take a while on a busy host.
+        conn.set_read_timeout(Some(Duration::from_secs(60)))
+            .map_err(unreachable)?;
+        let mut line = serde_json::to_string(request).expect("requests serialise");
+        line.push('\n');
+        conn.write_all(line.as_bytes()).map_err(unreachable)?;
+        let mut answer = String::new();
+        BufReader::new(conn)
+            .read_line(&mut answer)
+            .map_err(unreachable)?;
+        let reply: HelperReply = serde_json::from_str(&answer)
+            .map_err(|e| unreachable(std::io::Error::other(format!("unreadable reply: {e}"))))?;
+        match reply {
+            HelperReply::Ok(value) => Ok(value),
+            HelperReply::Refused(m) => Err(HostError::Refused(m)),
+            HelperReply::Failed(m) => Err(HostError::Failed {
+                command: format!("root helper {}", request.op()),
+                status: "failed".into(),
+                stderr: m,
+            }),
+        }
+    }
+
+    /// The helper's protocol and version, checked against ours.
+    pub fn ping(&self) -> Result<String, HostError> {
+        match self.call(&HelperRequest::Ping)? {
+            HelperValue::Pong {
+                protocol, version, ..
+            } if protocol == HELPER_PROTOCOL => Ok(version),
+            HelperValue::Pong { protocol, .. } => Err(HostError::Refused(format!(
+                "the root helper speaks protocol {protocol}, banger needs {HELPER_PROTOCOL}; \
+                 restart it after upgrading (`banger system install`)"
+            ))),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    fn done(&self, request: HelperRequest) -> Result<(), HostError> {
+        match self.call(&request)? {
+            HelperValue::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+fn unexpected(value: HelperValue) -> HostError {
+    HostError::Refused(format!("unexpected reply from the root helper: {value:?}"))
+}
+
+impl HostNetwork for HelperClient {
+    fn setup(&self, setup: &NetSetup) -> Result<(), HostError> {
+        self.done(HelperRequest::NetSetup {
+            subnet: setup.subnet.to_string(),
+            dns_port: setup.dns_port,
+        })
+    }
+
+    fn teardown(&self) -> Result<(), HostError> {
+        self.done(HelperRequest::NetTeardown)
+    }
+
+    /// The helper makes the tap for whoever asks; `owner` is implied.
+    fn create_tap(&self, tap: &str, _owner: u32) -> Result<(), HostError> {
+        self.done(HelperRequest::TapCreate { tap: tap.into() })
+    }
+
+    fn delete_tap(&self, tap: &str) -> Result<(), HostError> {
+        self.done(HelperRequest::TapDelete { tap: tap.into() })
+    }
+
+    /// The helper routes inside the subnet it set up, whatever we pass.
+    fn route(&self, tap: &str, guest: Ipv4Addr, _setup: &NetSetup) -> Result<(), HostError> {
+        self.done(HelperRequest::Route {
+            tap: tap.into(),
+            guest,
+        })
+    }
+
+    fn unroute(&self, guest: Ipv4Addr) -> Result<(), HostError> {
+        self.done(HelperRequest::Unroute { guest })
+    }
+
+    fn taps(&self) -> Result<Vec<String>, HostError> {
+        match self.call(&HelperRequest::TapList)? {
+            HelperValue::Taps(taps) => Ok(taps),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+fn vm_of(name: &str) -> Result<String, HostError> {
+    name.strip_prefix(DM_PREFIX)
+        .map(str::to_string)
+        .ok_or_else(|| HostError::Refused(format!("`{name}` is not a banger snapshot name")))
+}
+
+impl BlockDevices for HelperClient {
+    fn snapshot_supported(&self) -> bool {
+        matches!(
+            self.call(&HelperRequest::SnapshotSupported),
+            Ok(HelperValue::Bool(true))
+        )
+    }
+
+    /// The helper records the loop devices in its own directory; `state` is
+    /// not sent.
+    fn setup_snapshot(
+        &self,
+        name: &str,
+        origin: &Path,
+        cow: &Path,
+        _state: &Path,
+    ) -> Result<PathBuf, HostError> {
+        match self.call(&HelperRequest::SnapshotSetup {
+            vm: vm_of(name)?,
+            origin: origin.to_path_buf(),
+            cow: cow.to_path_buf(),
+        })? {
+            HelperValue::Device(dev) => Ok(dev),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    fn teardown_snapshot(&self, name: &str, _state: &Path) -> Result<(), HostError> {
+        self.done(HelperRequest::SnapshotTeardown { vm: vm_of(name)? })
+    }
+}
+
+impl ProcessLauncher for HelperClient {
+    fn launch(&self, spec: &LaunchSpec) -> Result<ProcessId, HostError> {
+        match self.call(&HelperRequest::Launch {
+            program: spec.program.clone(),
+            args: spec.args.clone(),
+            log: spec.log.clone(),
+            cwd: spec.cwd.clone(),
+        })? {
+            HelperValue::Process { pid, start_time } => Ok(ProcessId { pid, start_time }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// /proc is readable by anyone: no need to ask.
+    fn alive(&self, id: ProcessId) -> bool {
+        crate::RealLauncher.alive(id)
+    }
+
+    fn signal(&self, id: ProcessId, signal: i32) -> Result<(), HostError> {
+        self.done(HelperRequest::Signal {
+            pid: id.pid,
+            start_time: id.start_time,
+            signal,
+        })
+    }
+}

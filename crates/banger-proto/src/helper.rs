@@ -1,0 +1,142 @@
+//! The root helper's protocol: one JSON request per line, one JSON reply per
+//! line, on the helper's own socket. Requests are typed and narrow; the helper
+//! validates each one against its own policy and never trusts a path, name or
+//! pid it is sent.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped whenever a request or reply changes incompatibly.
+pub const HELPER_PROTOCOL: u32 = 1;
+
+/// Where a system install puts the helper's socket.
+pub const DEFAULT_HELPER_SOCKET: &str = "/run/banger/helper.sock";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum HelperRequest {
+    /// Who the helper is and whether it accepts the caller.
+    Ping,
+    /// Gateway device, forwarding and the nftables table for `subnet`.
+    NetSetup {
+        subnet: String,
+        dns_port: u16,
+    },
+    NetTeardown,
+    /// A persistent tap (`bgtapN`) the caller's VMMs may open.
+    TapCreate {
+        tap: String,
+    },
+    TapDelete {
+        tap: String,
+    },
+    TapList,
+    /// A /32 route to a guest of the subnet the helper set up.
+    Route {
+        tap: String,
+        guest: Ipv4Addr,
+    },
+    Unroute {
+        guest: Ipv4Addr,
+    },
+    SnapshotSupported,
+    /// A device-mapper snapshot `banger-<vm>` of `origin` under `cow`, both
+    /// files the caller owns inside the helper's allowed directories.
+    SnapshotSetup {
+        vm: String,
+        origin: PathBuf,
+        cow: PathBuf,
+    },
+    SnapshotTeardown {
+        vm: String,
+    },
+    /// Starts an allowed VMM binary as the caller.
+    Launch {
+        program: String,
+        args: Vec<String>,
+        log: PathBuf,
+        cwd: Option<PathBuf>,
+    },
+    Alive {
+        pid: u32,
+        start_time: u64,
+    },
+    /// Signals a process this helper launched for the caller, nothing else.
+    Signal {
+        pid: u32,
+        start_time: u64,
+        signal: i32,
+    },
+}
+
+impl HelperRequest {
+    /// The request's name, for logs.
+    pub fn op(&self) -> &'static str {
+        match self {
+            HelperRequest::Ping => "ping",
+            HelperRequest::NetSetup { .. } => "net_setup",
+            HelperRequest::NetTeardown => "net_teardown",
+            HelperRequest::TapCreate { .. } => "tap_create",
+            HelperRequest::TapDelete { .. } => "tap_delete",
+            HelperRequest::TapList => "tap_list",
+            HelperRequest::Route { .. } => "route",
+            HelperRequest::Unroute { .. } => "unroute",
+            HelperRequest::SnapshotSupported => "snapshot_supported",
+            HelperRequest::SnapshotSetup { .. } => "snapshot_setup",
+            HelperRequest::SnapshotTeardown { .. } => "snapshot_teardown",
+            HelperRequest::Launch { .. } => "launch",
+            HelperRequest::Alive { .. } => "alive",
+            HelperRequest::Signal { .. } => "signal",
+        }
+    }
+}
+
+/// The reply to one request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HelperReply {
+    Ok(HelperValue),
+    /// The request is outside the helper's policy; nothing was changed.
+    Refused(String),
+    /// The request was allowed but the operation failed.
+    Failed(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HelperValue {
+    Done,
+    Pong {
+        protocol: u32,
+        version: String,
+        uid: u32,
+    },
+    Taps(Vec<String>),
+    Bool(bool),
+    Device(PathBuf),
+    Process {
+        pid: u32,
+        start_time: u64,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_tagged_by_op() {
+        let r = HelperRequest::TapCreate {
+            tap: "bgtap1".into(),
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(text, r#"{"op":"tap_create","tap":"bgtap1"}"#);
+        assert_eq!(serde_json::from_str::<HelperRequest>(&text).unwrap(), r);
+        assert!(serde_json::from_str::<HelperRequest>(r#"{"op":"rm_rf","path":"/"}"#).is_err());
+        let reply = HelperReply::Ok(HelperValue::Taps(vec!["bgtap0".into()]));
+        let text = serde_json::to_string(&reply).unwrap();
+        assert_eq!(serde_json::from_str::<HelperReply>(&text).unwrap(), reply);
+    }
+}
