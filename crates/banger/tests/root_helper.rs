@@ -1,0 +1,438 @@
+//! The real root helper, in a network namespace of its own, fed malformed
+//! and hostile requests by its owner, by root and by a stranger: each gets a
+//! clear refusal and changes nothing; well-formed requests work and repeat
+//! safely.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const OWNER: u32 = 4243;
+const STRANGER: u32 = 4244;
+
+fn sh(script: &str) -> String {
+    let out = Command::new("sh").args(["-c", script]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+struct Lab {
+    ns: String,
+    dir: tempfile::TempDir,
+    helper: Child,
+}
+
+impl Lab {
+    fn start(tag: &str) -> Lab {
+        let ns = format!("bgr{tag}{}", std::process::id() % 100_000);
+        sh(&format!("ip netns add {ns} && ip -n {ns} link set lo up"));
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("home");
+        std::fs::create_dir(&home).unwrap();
+        sh(&format!(
+            "chmod 0755 {d} && chown {OWNER}:{OWNER} {h}",
+            d = dir.path().display(),
+            h = home.display()
+        ));
+        let log = std::fs::File::create(dir.path().join("helper.log")).unwrap();
+        let helper = Command::new("ip")
+            .args(["netns", "exec", &ns, common::exe(), "root-helper"])
+            .arg("--socket")
+            .arg(dir.path().join("helper.sock"))
+            .args(["--owner", &OWNER.to_string(), "--allow-dir"])
+            .arg(&home)
+            .args(["--vmm", "sleep", "--state-dir"])
+            .arg(dir.path().join("state"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let lab = Lab { ns, dir, helper };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !lab.socket().exists() {
+            assert!(
+                Instant::now() < deadline,
+                "helper did not start: {}",
+                lab.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        lab
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("helper.sock")
+    }
+
+    fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("helper.log")).unwrap_or_default()
+    }
+
+    /// Sends raw request lines as `uid` on one connection; the reply lines.
+    fn raw(&self, uid: u32, lines: &[String]) -> Vec<String> {
+        const CLIENT: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+except OSError as e:
+    print("connect: " + e.strerror); sys.exit(0)
+f = s.makefile("rwb")
+for line in sys.argv[2:]:
+    f.write(line.encode() + b"\n"); f.flush()
+    reply = f.readline()
+    if not reply:
+        print("closed"); break
+    sys.stdout.write(reply.decode())
+"#;
+        let out = Command::new("setpriv")
+            .args([
+                &format!("--reuid={uid}"),
+                &format!("--regid={uid}"),
+                "--clear-groups",
+                // The system's: a per-user python (pyenv) may be unreadable to `uid`.
+                "/usr/bin/python3",
+                "-c",
+                CLIENT,
+            ])
+            .arg(self.socket())
+            .args(lines)
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn ask(&self, uid: u32, request: Value) -> Value {
+        let reply = self.raw(uid, &[request.to_string()]);
+        serde_json::from_str(&reply[0]).unwrap_or_else(|_| Value::String(reply[0].clone()))
+    }
+
+    /// Asserts the request is refused with a message containing `why`.
+    fn refused(&self, uid: u32, request: Value, why: &str) {
+        let reply = self.ask(uid, request.clone());
+        let message = reply["refused"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(why),
+            "{request} as uid {uid}: expected a refusal about `{why}`, got {reply}"
+        );
+    }
+
+    fn ok(&self, uid: u32, request: Value) -> Value {
+        let reply = self.ask(uid, request.clone());
+        assert!(
+            reply.get("ok").is_some(),
+            "{request}: {reply}\n{}",
+            self.log()
+        );
+        reply["ok"].clone()
+    }
+
+    /// The namespace's links, routes and nftables tables.
+    fn network_state(&self) -> String {
+        sh(&format!(
+            "ip -n {ns} -o link show | cut -d: -f2; ip -n {ns} route; \
+             ip netns exec {ns} nft list tables",
+            ns = self.ns
+        ))
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = self.helper.kill();
+        let _ = self.helper.wait();
+        let _ = Command::new("sh")
+            .args([
+                "-c",
+                &format!(
+                    "ip netns pids {0} | xargs -r kill -9; ip netns del {0}",
+                    self.ns
+                ),
+            ])
+            .output();
+    }
+}
+
+fn root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(std::env::var_os("CI").is_none(), "helper tests need root");
+        eprintln!("skipping: helper tests need root");
+        return false;
+    }
+    true
+}
+
+fn start_time(pid: u32) -> u64 {
+    banger_host::vmm_process::stat(pid).unwrap().0
+}
+
+#[test]
+fn hostile_requests_are_refused_and_change_nothing() {
+    if !root() {
+        return;
+    }
+    let lab = Lab::start("h");
+    let home = lab.home();
+    let before = lab.network_state();
+
+    // Not requests at all.
+    let replies = lab.raw(
+        OWNER,
+        &[
+            "not json".into(),
+            r#"{"op":"rm_rf","path":"/"}"#.into(),
+            r#"{"op":"tap_create"}"#.into(),
+        ],
+    );
+    assert_eq!(replies.len(), 3, "{replies:?}");
+    for r in &replies {
+        assert!(r.contains("malformed request"), "{r}");
+    }
+    let replies = lab.raw(OWNER, &["x".repeat(70 * 1024)]);
+    assert!(replies[0].contains("too long"), "{replies:?}");
+
+    // Devices and networks that are not banger's.
+    lab.refused(
+        OWNER,
+        json!({"op": "tap_create", "tap": "eth0"}),
+        "not one of banger's taps",
+    );
+    lab.refused(
+        OWNER,
+        json!({"op": "tap_delete", "tap": "lo"}),
+        "not one of banger's taps",
+    );
+    lab.refused(
+        OWNER,
+        json!({"op": "tap_delete", "tap": "bgtap0/../lo"}),
+        "not one of banger's taps",
+    );
+    lab.refused(
+        OWNER,
+        json!({"op": "route", "tap": "bgtap0", "guest": "10.99.0.5"}),
+        "not set up",
+    );
+    lab.refused(
+        OWNER,
+        json!({"op": "net_setup", "subnet": "8.8.8.0/24", "dns_port": 1053}),
+        "not inside",
+    );
+    lab.refused(
+        OWNER,
+        json!({"op": "net_setup", "subnet": "0.0.0.0/0", "dns_port": 1053}),
+        "prefix",
+    );
+    lab.refused(
+        OWNER,
+        json!({"op": "net_setup", "subnet": "10.99.0.0/16", "dns_port": 53}),
+        "privileged",
+    );
+
+    // Paths outside its directories, through links, or not the caller's.
+    std::fs::write(home.join("cow.img"), b"").unwrap();
+    sh(&format!("chown {OWNER} {}", home.join("cow.img").display()));
+    std::os::unix::fs::symlink("/etc/shadow", home.join("origin.img")).unwrap();
+    std::fs::write(home.join("roots.img"), b"").unwrap();
+    let cow = home.join("cow.img");
+    for (vm, origin, why) in [
+        ("../../etc", home.join("cow.img"), "not a VM name"),
+        ("web", PathBuf::from("/etc/shadow"), "outside"),
+        ("web", home.join("origin.img"), "outside"),
+        ("web", home.join("../helper.log"), "outside"),
+        ("web", PathBuf::from("cow.img"), "not an absolute path"),
+        ("web", home.join("roots.img"), "belongs to uid 0"),
+    ] {
+        lab.refused(
+            OWNER,
+            json!({"op": "snapshot_setup", "vm": vm, "origin": origin, "cow": cow}),
+            why,
+        );
+    }
+    lab.refused(
+        OWNER,
+        json!({"op": "snapshot_teardown", "vm": "-x"}),
+        "not a VM name",
+    );
+
+    // Programs it does not launch; logs it will not write.
+    let log = home.join("vmm.log");
+    lab.refused(
+        OWNER,
+        json!({"op": "launch", "program": "/bin/sh", "args": ["-c", "id"], "log": log, "cwd": null}),
+        "not a VMM",
+    );
+    lab.refused(
+        OWNER,
+        json!({"op": "launch", "program": "sleep", "args": ["30"], "log": "/etc/banger.log", "cwd": null}),
+        "outside",
+    );
+    lab.refused(
+        OWNER,
+        json!({"op": "launch", "program": "sleep", "args": ["30"], "log": log, "cwd": "/root"}),
+        "outside",
+    );
+
+    // Processes it did not launch, and signals it does not send.
+    let mut bystander = Command::new("sleep").arg("30").spawn().unwrap();
+    let pid = bystander.id();
+    for (p, st, sig, why) in [
+        (1, 0, 9, "not launched by this helper"),
+        (pid, start_time(pid), 9, "not launched by this helper"),
+        (pid, start_time(pid), 19, "not one the helper sends"),
+    ] {
+        for uid in [OWNER, 0] {
+            lab.refused(
+                uid,
+                json!({"op": "signal", "pid": p, "start_time": st, "signal": sig}),
+                why,
+            );
+        }
+    }
+    assert!(
+        bystander.try_wait().unwrap().is_none(),
+        "the bystander still runs"
+    );
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+
+    // A caller that is neither root nor the owner: the socket's mode keeps
+    // it out, and SO_PEERCRED does when the mode is loosened.
+    let reply = lab.raw(STRANGER, &[json!({"op": "ping"}).to_string()]);
+    assert!(reply[0].contains("Permission denied"), "{reply:?}");
+    sh(&format!("chmod 0666 {}", lab.socket().display()));
+    lab.refused(
+        STRANGER,
+        json!({"op": "tap_create", "tap": "bgtap0"}),
+        "may not use",
+    );
+
+    assert_eq!(lab.network_state(), before, "refusals changed nothing");
+    assert!(!lab.dir.path().join("state/launched.json").exists());
+    let log = lab.log();
+    assert!(
+        log.matches("refused:").count() >= 25,
+        "one log line per request:\n{log}"
+    );
+}
+
+#[test]
+fn well_formed_requests_work_and_repeat_safely() {
+    if !root() {
+        return;
+    }
+    let lab = Lab::start("w");
+    let pong = lab.ok(OWNER, json!({"op": "ping"}));
+    assert_eq!(pong["pong"]["uid"], OWNER);
+
+    // Network: set up twice, a tap the owner owns, routes inside the subnet only.
+    for _ in 0..2 {
+        lab.ok(
+            OWNER,
+            json!({"op": "net_setup", "subnet": "10.99.0.0/16", "dns_port": 1053}),
+        );
+        lab.ok(OWNER, json!({"op": "tap_create", "tap": "bgtap7"}));
+        lab.ok(
+            OWNER,
+            json!({"op": "route", "tap": "bgtap7", "guest": "10.99.0.5"}),
+        );
+    }
+    let owner = sh(&format!(
+        "ip netns exec {} cat /sys/class/net/bgtap7/owner",
+        lab.ns
+    ));
+    assert_eq!(
+        owner.trim(),
+        OWNER.to_string(),
+        "the tap belongs to its caller"
+    );
+    assert_eq!(
+        lab.ok(OWNER, json!({"op": "tap_list"})),
+        json!({"taps": ["bgtap7"]})
+    );
+    lab.refused(
+        OWNER,
+        json!({"op": "route", "tap": "bgtap7", "guest": "10.98.0.5"}),
+        "not a guest address",
+    );
+    lab.refused(
+        OWNER,
+        json!({"op": "unroute", "guest": "192.168.1.1"}),
+        "not a guest address",
+    );
+    lab.refused(
+        OWNER,
+        json!({"op": "unroute", "guest": "10.99.0.1"}),
+        "not a guest address",
+    );
+    for _ in 0..2 {
+        lab.ok(OWNER, json!({"op": "unroute", "guest": "10.99.0.5"}));
+        lab.ok(OWNER, json!({"op": "tap_delete", "tap": "bgtap7"}));
+    }
+    for _ in 0..2 {
+        lab.ok(OWNER, json!({"op": "net_teardown"}));
+    }
+    let state = lab.network_state();
+    assert!(
+        !state.contains("bgtap") && !state.contains("banger"),
+        "{state}"
+    );
+
+    // A launched VMM runs as its caller and only its caller may stop it.
+    let log = lab.home().join("vmm.log");
+    let launched = lab.ok(
+        OWNER,
+        json!({"op": "launch", "program": "sleep", "args": ["30"], "log": log, "cwd": lab.home()}),
+    );
+    let pid = launched["process"]["pid"].as_u64().unwrap() as u32;
+    let st = launched["process"]["start_time"].as_u64().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(
+        status.contains(&format!("Uid:\t{OWNER}\t{OWNER}")),
+        "runs as its caller: {status}"
+    );
+    sh(&format!("chmod 0666 {}", lab.socket().display()));
+    lab.refused(
+        STRANGER,
+        json!({"op": "signal", "pid": pid, "start_time": st, "signal": 15}),
+        "may not use",
+    );
+    lab.refused(
+        OWNER,
+        json!({"op": "signal", "pid": pid, "start_time": st + 1, "signal": 15}),
+        "not launched",
+    );
+    assert!(Path::new(&format!("/proc/{pid}")).exists());
+    for _ in 0..2 {
+        lab.ok(
+            OWNER,
+            json!({"op": "signal", "pid": pid, "start_time": st, "signal": 15}),
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while banger_host::vmm_process::stat(pid).is_some_and(|(_, zombie)| !zombie) {
+        assert!(Instant::now() < deadline, "the VMM did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = lab.log();
+    assert!(
+        log.contains("op=\"launch\"") || log.contains("op=launch"),
+        "{log}"
+    );
+}
