@@ -31,6 +31,41 @@ pub enum Command {
     Doctor(JsonFlag),
     /// Run the privileged root helper in the foreground (as root).
     RootHelper(RootHelperArgs),
+    /// Install banger as services: the root helper (system) and the daemon (user).
+    #[command(subcommand)]
+    System(SystemCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SystemCommand {
+    /// Install the root helper's system unit, the daemon's user unit, a
+    /// root-owned binary and the `banger` group (run with sudo).
+    Install(SystemInstallArgs),
+    /// Remove what `system install` wrote; users' VMs and images are kept.
+    Uninstall(SystemUninstallArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SystemInstallArgs {
+    /// The user who runs banger (default: the user behind sudo).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Write the files but do not start the helper.
+    #[arg(long)]
+    pub no_start: bool,
+    /// Install into this directory instead of / (for packaging and tests).
+    #[arg(long, hide = true)]
+    pub root: Option<std::path::PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SystemUninstallArgs {
+    #[arg(long, hide = true)]
+    pub root: Option<std::path::PathBuf>,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -57,6 +57,8 @@ pub fn run(paths: &Paths, json: bool) -> anyhow::Result<i32> {
         agent(),
         cow(paths),
         network(paths),
+        helper(paths),
+        install(),
     ];
     if json {
         println!("{}", serde_json::to_string_pretty(&checks)?);
@@ -412,4 +414,126 @@ fn cow(paths: &Paths) -> Check {
             ),
         )
     }
+}
+
+/// Who does the privileged work, and whether that path is sound.
+fn helper(paths: &Paths) -> Check {
+    let installed = crate::units::Install::present(Path::new("/"));
+    if daemon_uid(paths) == Some(0) {
+        return if installed {
+            check(
+                "helper",
+                Status::Warn,
+                "the daemon runs as root although banger is installed as services",
+                Some("stop it and run the user service: `systemctl --user start banger`"),
+            )
+        } else {
+            check(
+                "helper",
+                Status::Ok,
+                "the daemon runs as root: privileged work runs in-process (development, tests)",
+                None,
+            )
+        };
+    }
+    let socket = banger_core::ops::helper_socket();
+    let Ok(meta) = std::fs::symlink_metadata(&socket) else {
+        return check(
+            "helper",
+            Status::Warn,
+            format!(
+                "no root helper at {}: VM networking and dm snapshots are off",
+                socket.display()
+            ),
+            Some("`sudo banger system install`"),
+        );
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o007 != 0 {
+        return check(
+            "helper",
+            Status::Fail,
+            format!(
+                "{} has mode {mode:o}: any local user may ask the helper for root work",
+                socket.display()
+            ),
+            Some("restart the helper (`sudo systemctl restart banger-helper`); it recreates the socket 660 root:banger"),
+        );
+    }
+    match banger_host::HelperClient::new(&socket).ping() {
+        Ok(version) => check(
+            "helper",
+            Status::Ok,
+            format!(
+                "reachable at {} (version {version}; socket mode {mode:o}, uid {}, gid {})",
+                socket.display(),
+                meta.uid(),
+                meta.gid()
+            ),
+            None,
+        ),
+        Err(e) => check(
+            "helper",
+            Status::Fail,
+            e.to_string(),
+            Some("are you in the `banger` group? (`id`; log in again after `system install`)"),
+        ),
+    }
+}
+
+/// A system install matches what `system install` would write now.
+fn install() -> Check {
+    let root = Path::new("/");
+    if !crate::units::Install::present(root) {
+        return check(
+            "install",
+            Status::Ok,
+            "not installed as services (`sudo banger system install` runs the daemon unprivileged)",
+            None,
+        );
+    }
+    let found = match crate::units::Install::found(root) {
+        Ok(i) => i,
+        Err(e) => {
+            return check(
+                "install",
+                Status::Warn,
+                e,
+                Some("`sudo banger system install`"),
+            )
+        }
+    };
+    let drift = found.drift();
+    if drift.is_empty() {
+        check(
+            "install",
+            Status::Ok,
+            format!(
+                "services installed for {}, as `system install` writes them",
+                found.user
+            ),
+            None,
+        )
+    } else {
+        check(
+            "install",
+            Status::Warn,
+            drift.join("; "),
+            Some("`sudo banger system install` rewrites them"),
+        )
+    }
+}
+
+fn daemon_uid(paths: &Paths) -> Option<u32> {
+    let stream = Client::new(paths.clone()).connect_existing().ok()?;
+    let value = call_on(
+        stream,
+        methods::DAEMON_STATUS,
+        serde_json::json!({}),
+        |_| {},
+    )
+    .ok()?;
+    serde_json::from_value::<DaemonStatus>(value)
+        .ok()
+        .map(|s| s.uid)
 }

@@ -4,7 +4,10 @@ mod doctor;
 mod image;
 mod kernel;
 mod root_helper;
+mod system;
 mod vm;
+
+pub use system::passwd_home;
 
 use banger_core::paths::Paths;
 
@@ -24,6 +27,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Kernel(cmd) => kernel::run(&Client::new(paths), cmd),
         Command::Vm(cmd) => vm::run(&Client::new(paths), cmd),
         Command::Doctor(flags) => doctor::run(&paths, flags.json),
+        Command::System(cmd) => system::run(cmd),
         Command::RootHelper(args) => {
             init_daemon_logging();
             root_helper::run(args)?;
