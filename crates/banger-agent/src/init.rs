@@ -288,11 +288,13 @@ async fn serve(
 ) -> Result<(), String> {
     let host_key = russh::keys::PrivateKey::from_openssh(config.host_key.as_bytes())
         .map_err(|e| format!("host key: {e}"))?;
-    let authorized = config
-        .authorized_keys
-        .iter()
-        .filter_map(|k| russh::keys::PublicKey::from_openssh(k).ok())
-        .collect();
+    let parse = |keys: &[String]| -> Vec<russh::keys::PublicKey> {
+        keys.iter()
+            .filter_map(|k| russh::keys::PublicKey::from_openssh(k).ok())
+            .collect()
+    };
+    let authorized = parse(&config.authorized_keys);
+    let user_keys = std::sync::RwLock::new(parse(&config.user_keys));
     let image_env = config
         .env
         .iter()
@@ -303,6 +305,7 @@ async fn serve(
         .collect();
     let shared = Arc::new(crate::ssh::Shared {
         authorized,
+        user_keys,
         image_env,
         root,
     });

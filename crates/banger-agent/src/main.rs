@@ -11,6 +11,7 @@ mod init;
 mod net;
 mod power;
 mod reaper;
+mod sftp;
 mod ssh;
 mod transport;
 

@@ -6,12 +6,12 @@ use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-use banger_proto::agent::{ExecRequest, EXEC_PREFIX};
+use banger_proto::agent::{ExecRequest, EXEC_PREFIX, SET_USER_KEYS};
 use russh::keys::PublicKey;
 use russh::server::{
     Auth, ChannelOpenHandle, Handle, Msg, PublicKeyOffer, Session, VerifiedPublicKey,
 };
-use russh::{Channel, ChannelId, Pty, Sig};
+use russh::{Channel, ChannelId, ChannelOpenFailure, Pty, Sig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::exec::{self, Io, Spec};
@@ -22,7 +22,10 @@ use crate::transport::FdStream;
 pub const POWEROFF: &str = "banger-poweroff";
 
 pub struct Shared {
+    /// banger's keys, fixed at boot.
     pub authorized: Vec<PublicKey>,
+    /// The user's keys, replaced while running.
+    pub user_keys: std::sync::RwLock<Vec<PublicKey>>,
     pub image_env: Vec<(String, String)>,
     /// Becomes true once the root disk is `/`; commands wait for it.
     pub root: tokio::sync::watch::Receiver<bool>,
@@ -47,6 +50,9 @@ struct ChannelState {
 pub struct Handler {
     shared: Arc<Shared>,
     channels: HashMap<ChannelId, ChannelState>,
+    /// Session channels not yet given a purpose; a subsystem takes its
+    /// channel, a command drops it (its data reaches `data` instead).
+    unclaimed: HashMap<ChannelId, Channel<Msg>>,
 }
 
 impl Handler {
@@ -54,13 +60,20 @@ impl Handler {
         Handler {
             shared,
             channels: HashMap::new(),
+            unclaimed: HashMap::new(),
         }
     }
 
     fn authorized(&self, key: &PublicKey) -> bool {
+        let users = self
+            .shared
+            .user_keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
         self.shared
             .authorized
             .iter()
+            .chain(users.iter())
             .any(|k| k.key_data() == key.key_data())
     }
 
@@ -304,7 +317,65 @@ impl russh::server::Handler for Handler {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         self.channels.insert(channel.id(), ChannelState::default());
+        self.unclaimed.insert(channel.id(), channel);
         reply.accept().await;
+        Ok(())
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        match (name, self.unclaimed.remove(&channel)) {
+            ("sftp", Some(chan)) => {
+                session.channel_success(channel)?;
+                let root = self.shared.clone();
+                let stream =
+                    crate::sftp::Ending::new(chan.into_stream(), session.handle(), channel);
+                tokio::spawn(async move {
+                    root.root_ready().await;
+                    russh_sftp::server::run(stream, crate::sftp::Sftp::new()).await;
+                });
+            }
+            _ => session.channel_failure(channel)?,
+        }
+        Ok(())
+    }
+
+    /// `ssh -L` and editors' port forwards: a TCP connection made from
+    /// inside the guest, piped through the channel.
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host: &str,
+        port: u32,
+        _originator: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Ok(port) = u16::try_from(port) else {
+            reply.reject(ChannelOpenFailure::ConnectFailed).await;
+            return Ok(());
+        };
+        // A static binary resolves no names but these (no NSS).
+        let host = match host {
+            "localhost" | "ip6-localhost" => "127.0.0.1".to_string(),
+            other => other.trim_matches(|c| c == '[' || c == ']').to_string(),
+        };
+        tokio::spawn(async move {
+            match tokio::net::TcpStream::connect((host.as_str(), port)).await {
+                Ok(mut tcp) => {
+                    let _ = tcp.set_nodelay(true);
+                    reply.accept().await;
+                    let mut stream = channel.into_stream();
+                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
+                }
+                Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
+            }
+        });
         Ok(())
     }
 
@@ -361,10 +432,34 @@ impl russh::server::Handler for Handler {
         data: &[u8],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        self.unclaimed.remove(&channel);
         let command = String::from_utf8_lossy(data).into_owned();
         if command == POWEROFF {
             session.channel_success(channel)?;
             std::thread::spawn(|| crate::power::shutdown());
+            return Ok(());
+        }
+        if let Some(keys) = command.strip_prefix(SET_USER_KEYS) {
+            let keys: Vec<PublicKey> = keys
+                .lines()
+                .filter_map(|k| PublicKey::from_openssh(k.trim()).ok())
+                .collect();
+            let count = keys.len();
+            *self
+                .shared
+                .user_keys
+                .write()
+                .unwrap_or_else(|p| p.into_inner()) = keys;
+            session.channel_success(channel)?;
+            let handle = session.handle();
+            tokio::spawn(async move {
+                let _ = handle
+                    .data(channel, format!("{count}\n").into_bytes())
+                    .await;
+                let _ = handle.exit_status_request(channel, 0).await;
+                let _ = handle.eof(channel).await;
+                let _ = handle.close(channel).await;
+            });
             return Ok(());
         }
         self.shared.root_ready().await;
@@ -407,6 +502,7 @@ impl russh::server::Handler for Handler {
         channel: ChannelId,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        self.unclaimed.remove(&channel);
         self.shared.root_ready().await;
         let shell = login_shell(None);
         let spec = Spec {
@@ -470,6 +566,7 @@ impl russh::server::Handler for Handler {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         self.channels.remove(&channel);
+        self.unclaimed.remove(&channel);
         Ok(())
     }
 }

@@ -29,6 +29,20 @@ pub struct Config {
     /// VM networking.
     #[serde(default)]
     pub network: NetworkConfig,
+    /// SSH access for the user.
+    #[serde(default)]
+    pub ssh: SshConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SshConfig {
+    /// Public key files authorized in every VM (default: every `~/.ssh/*.pub`).
+    #[serde(default)]
+    pub user_keys: Option<Vec<String>>,
+    /// Also authorize the keys the ssh-agent holds (default true).
+    #[serde(default)]
+    pub agent_keys: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]

@@ -242,6 +242,9 @@ impl Core {
                 )
             }
             m::VM_EXEC => to_value(self.vms.exec(parse(params)?, events, input).await?),
+            m::VM_PORT_FORWARD => {
+                to_value(self.vms.port_forward(parse(params)?, events, input).await?)
+            }
             other => Err(OpError::new(
                 banger_proto::ErrorCode::BadRequest,
                 format!("unknown method `{other}`"),

@@ -162,6 +162,11 @@ pub fn run(paths: banger_core::paths::Paths) -> anyhow::Result<()> {
         let socket = paths.socket();
         let listener = super::socket::bind(&socket)?;
         tracing::info!(socket = %socket.display(), pid = std::process::id(), "banger daemon listening");
+        tokio::spawn(
+            core.vms
+                .clone()
+                .sync_user_keys(std::time::Duration::from_secs(3)),
+        );
         let shutdown = async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                 .expect("installing a SIGTERM handler");

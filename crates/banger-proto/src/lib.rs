@@ -39,6 +39,7 @@ pub mod methods {
     pub const VM_INSPECT: &str = "vm.inspect";
     pub const VM_LOGS: &str = "vm.logs";
     pub const VM_EXEC: &str = "vm.exec";
+    pub const VM_PORT_FORWARD: &str = "vm.port_forward";
 
     /// Every method the daemon dispatches; a test holds `docs/rpc.md` to this list.
     pub const ALL: &[&str] = &[
@@ -62,6 +63,7 @@ pub mod methods {
         VM_INSPECT,
         VM_LOGS,
         VM_EXEC,
+        VM_PORT_FORWARD,
     ];
 }
 

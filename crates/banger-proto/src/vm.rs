@@ -65,6 +65,23 @@ pub struct StopParams {
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PortForwardParams {
+    pub name: String,
+    /// Host address to listen on (default 127.0.0.1).
+    #[serde(default)]
+    pub host_ip: Option<String>,
+    /// Host port; 0 picks a free one (reported in the `listening` event).
+    pub host_port: u16,
+    pub guest_port: u16,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PortForwardResult {
+    /// Connections forwarded before the caller hung up.
+    pub connections: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct LogsParams {
     pub name: String,
     /// Only the last N lines.

@@ -29,6 +29,8 @@ pub enum Command {
     Vm(VmCommand),
     /// Check that this machine can run banger, and say how to fix what is wrong.
     Doctor(JsonFlag),
+    /// Print the `Include` line that makes plain `ssh NAME.vm`, scp and sftp work.
+    SshConfig(JsonFlag),
     /// Run the privileged root helper in the foreground (as root).
     RootHelper(RootHelperArgs),
     /// Install banger as services: the root helper (system) and the daemon (user).
@@ -265,6 +267,15 @@ pub enum VmCommand {
     Inspect {
         #[arg(required = true)]
         names: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forward a host port to a port inside a VM, until Ctrl-C.
+    PortForward {
+        name: String,
+        /// `[HOSTIP:]HOSTPORT:GUESTPORT`; HOSTIP defaults to 127.0.0.1,
+        /// HOSTPORT 0 picks a free port.
+        spec: String,
         #[arg(long)]
         json: bool,
     },

@@ -198,6 +198,13 @@ fn vms_get_addresses_nat_and_isolation_and_survive_a_daemon_kill() {
     let helper_dir = tempfile::tempdir().unwrap();
     must(&format!("chmod 0755 {}", helper_dir.path().display()));
     let socket = helper_dir.path().join("helper.sock");
+    // The daemon user's home, where its own SSH keys will appear.
+    let user_home = tempfile::tempdir().unwrap();
+    must(&format!(
+        "mkdir -p {h}/.ssh && chown -R {DAEMON_UID}:{DAEMON_UID} {h}",
+        h = user_home.path().display()
+    ));
+    banger.add_env("HOME", user_home.path());
     banger.run_as(DAEMON_UID, Some(&socket));
     banger.start_daemon();
     banger.ok(&["kernel", "import", kernel.to_str().unwrap()]);
@@ -257,21 +264,7 @@ fn vms_get_addresses_nat_and_isolation_and_survive_a_daemon_kill() {
         "an unknown VM name must not resolve"
     );
 
-    // Plain OpenSSH over the VM network, the VM's pinned host key checked.
-    let info: serde_json::Value =
-        serde_json::from_str(&banger.ok(&["vm", "inspect", "a", "--json"])).unwrap();
-    let dir = info[0]["dir"].as_str().unwrap();
-    let known = tmp.path().join("known_hosts");
-    let host_pub = must(&format!("ssh-keygen -y -f {dir}/host_key"));
-    std::fs::write(&known, format!("{a} {host_pub}")).unwrap();
-    let key = banger.path("state/ssh/id_ed25519");
-    let out = must(&format!(
-        "ip netns exec {host} ssh -F /dev/null -i {} -o UserKnownHostsFile={} \
-         -o StrictHostKeyChecking=yes -o BatchMode=yes -o ConnectTimeout=10 root@{a} -- hostname",
-        key.display(),
-        known.display()
-    ));
-    assert_eq!(out.trim(), "a");
+    ssh_interop(&banger, &host, &a, tmp.path(), user_home.path());
 
     let check = |banger: &Banger, when: &str| {
         for (name, ip) in [("a", &a), ("b", &b)] {
@@ -337,4 +330,159 @@ fn vms_get_addresses_nat_and_isolation_and_survive_a_daemon_kill() {
     assert!(!routes.contains(&a) && !routes.contains(&b), "{routes}");
     let taps = taps_in(&host);
     assert!(taps.len() <= 2, "only the spare pool is left: {taps:?}");
+}
+
+/// Plain OpenSSH, scp, sftp and `ssh -L` through banger's ssh config; the
+/// user's own key reaching a running VM and leaving it again; and
+/// `banger vm port-forward`.
+fn ssh_interop(banger: &Banger, ns: &str, a: &str, tmp: &Path, user_home: &Path) {
+    let include = banger.ok(&["ssh-config"]);
+    let config = include.trim().strip_prefix("Include ").unwrap().to_string();
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(
+        text.contains("Host a a.vm") && text.contains(&format!("HostName {a}")),
+        "{text}"
+    );
+    let ssh = |args: &str| {
+        sh(&format!(
+            "ip netns exec {ns} ssh -F {config} -o BatchMode=yes -o ConnectTimeout=10 {args}"
+        ))
+    };
+    let out = ssh("a.vm -- hostname");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "a");
+
+    // scp both ways (sftp underneath), and sftp itself.
+    let up = tmp.join("up.bin");
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&up, &data).unwrap();
+    must(&format!(
+        "ip netns exec {ns} scp -F {config} -q {} a.vm:/tmp/up.bin",
+        up.display()
+    ));
+    let down = tmp.join("down.bin");
+    must(&format!(
+        "ip netns exec {ns} scp -F {config} -q a.vm:/tmp/up.bin {}",
+        down.display()
+    ));
+    assert_eq!(std::fs::read(&down).unwrap(), data, "scp round trip");
+    let listing = must(&format!(
+        "printf 'mkdir /tmp/sd\\nput {} /tmp/sd/f\\nls -l /tmp/sd\\n' | ip netns exec {ns} sftp -F {config} -b - a.vm",
+        up.display()
+    ));
+    assert!(listing.contains("300000"), "{listing}");
+
+    // ssh -L: a host port to the guest's web server on its loopback side.
+    let mut tunnel = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "ssh",
+            "-F",
+            &config,
+            "-N",
+            "-o",
+            "ExitOnForwardFailure=yes",
+        ])
+        .args(["-L", "127.0.0.1:18000:127.0.0.1:8000", "a.vm"])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = fetch(ns, "http://127.0.0.1:18000/index.html");
+        if String::from_utf8_lossy(&out.stdout).contains("hello from a") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ssh -L did not forward: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = tunnel.kill();
+    let _ = tunnel.wait();
+
+    // The user's own key: authorized in the running VM once it exists,
+    // refused again once it is gone.
+    let key = user_home.join(".ssh/id_user");
+    let known = config.replace("/config", "/known_hosts");
+    let as_user = || {
+        sh(&format!(
+            "ip netns exec {ns} ssh -F /dev/null -i {} -o IdentitiesOnly=yes -o BatchMode=yes \
+             -o UserKnownHostsFile={known} -o HostKeyAlias=a.vm -o StrictHostKeyChecking=yes \
+             -o ConnectTimeout=10 root@{a} -- hostname",
+            key.display()
+        ))
+        .status
+        .success()
+    };
+    must(&format!(
+        "ssh-keygen -q -t ed25519 -N '' -f {}",
+        key.display()
+    ));
+    assert!(
+        wait_until(Duration::from_secs(20), as_user),
+        "the user's key never reached the VM"
+    );
+    std::fs::remove_file(key.with_extension("pub")).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || !as_user()),
+        "a removed key still works"
+    );
+
+    // banger vm port-forward: a free port picked, one in use refused.
+    let mut forward = banger
+        .cmd(&["vm", "port-forward", "a", "0:8000", "--json"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(forward.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let listening = event["listening"].as_str().unwrap().to_string();
+    let out = fetch(ns, &format!("http://{listening}/index.html"));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("hello from a"),
+        "{listening}"
+    );
+    let port = listening.rsplit(':').next().unwrap();
+    let busy = banger.run(&["vm", "port-forward", "a", &format!("{port}:8000")]);
+    assert!(!busy.status.success());
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("already in use"),
+        "{}",
+        String::from_utf8_lossy(&busy.stderr)
+    );
+    let _ = forward.kill();
+    let _ = forward.wait();
+    assert!(
+        wait_until(Duration::from_secs(5), || !fetch(
+            ns,
+            &format!("http://{listening}/")
+        )
+        .status
+        .success()),
+        "the forward outlived its command"
+    );
+}
+
+fn wait_until(limit: Duration, mut ok: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    false
 }

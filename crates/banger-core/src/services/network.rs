@@ -109,6 +109,11 @@ impl NetworkService {
         }
     }
 
+    /// The domain VM names live under (`vm`).
+    pub fn domain(&self) -> &str {
+        &self.domain
+    }
+
     /// What `doctor` and `daemon status` show.
     pub fn describe(&self) -> Result<String, String> {
         match &self.state {

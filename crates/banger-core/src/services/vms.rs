@@ -10,7 +10,8 @@ use std::time::Duration;
 use banger_host::{ProcessId, ProcessLauncher, ProcessRunner};
 use banger_proto::agent::{BootConfig, ExecRequest, AGENT_PROTOCOL};
 use banger_proto::vm::{
-    CreateParams, ExecEvent, ExecInput, ExecParams, ExecResult, LogsResult, VmEvent, VmInfo,
+    CreateParams, ExecEvent, ExecInput, ExecParams, ExecResult, LogsResult, PortForwardParams,
+    PortForwardResult, VmEvent, VmInfo,
 };
 use base64::Engine;
 
@@ -28,6 +29,7 @@ use crate::store::{Store, VmRecord, VmRuntime};
 use crate::suggest;
 use crate::vm::agent_client::{self, AgentSession, Ctl, Input, Output};
 use crate::vm::firecracker::Firecracker;
+use crate::vm::ssh_config;
 use crate::vm::vmm::{Accel, BootSpec, CtlEndpoint, Qemu, Vmm};
 use crate::vm::{disk, keys, name};
 
@@ -123,12 +125,18 @@ impl VmService {
     }
 
     async fn lock(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        let lock = {
-            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-            locks.retain(|_, l| Arc::strong_count(l) > 1);
-            locks.entry(name.to_string()).or_default().clone()
-        };
-        lock.lock_owned().await
+        self.vm_lock(name).lock_owned().await
+    }
+
+    /// The VM's lock if nobody holds it (a start or stop in progress does).
+    fn try_lock(&self, name: &str) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        self.vm_lock(name).try_lock_owned().ok()
+    }
+
+    fn vm_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.retain(|_, l| Arc::strong_count(l) > 1);
+        locks.entry(name.to_string()).or_default().clone()
     }
 
     fn vmm(&self, kind: &str) -> OpResult<Box<dyn Vmm>> {
@@ -239,7 +247,71 @@ impl VmService {
                 tracing::info!(vm = %rt.name, "VM died while the daemon was away; marked stopped");
             }
         }
+        self.write_ssh_config();
         Ok(())
+    }
+
+    /// Rewrites the ssh config file and known_hosts from the VM records.
+    fn write_ssh_config(&self) {
+        let entries: Vec<ssh_config::Entry> = match self.store.list_vms() {
+            Ok(vms) => vms
+                .into_iter()
+                .filter_map(|vm| {
+                    Some(ssh_config::Entry {
+                        ip: vm.ip?,
+                        name: vm.name,
+                        host_key: vm.host_key_pub,
+                    })
+                })
+                .collect(),
+            Err(_) => return,
+        };
+        if let Err(e) = ssh_config::write(&entries, self.network.domain(), &self.paths.state_dir) {
+            tracing::warn!(error = %e, "cannot write the ssh config file");
+        }
+    }
+
+    /// Keeps every running VM's user keys in step with the user's key files;
+    /// runs for the daemon's life.
+    pub async fn sync_user_keys(self: Arc<Self>, every: Duration) {
+        let mut pushed: HashMap<String, Vec<String>> = HashMap::new();
+        loop {
+            let (config, runner) = (self.config.ssh.clone(), self.runner.clone());
+            let keys = tokio::task::spawn_blocking(move || {
+                crate::vm::user_keys::load(&config, runner.as_ref())
+            })
+            .await
+            .unwrap_or_default();
+            let running: Vec<VmRecord> = self
+                .store
+                .list_runtimes()
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|rt| self.store.get_vm(&rt.name).ok().flatten())
+                .collect();
+            pushed.retain(|name, _| running.iter().any(|v| &v.name == name));
+            for vm in running {
+                if pushed.get(&vm.name) == Some(&keys) {
+                    continue;
+                }
+                // A VM being started or stopped is left for the next round: its
+                // agent serves one connection at a time, the starter's.
+                let Some(_guard) = self.try_lock(&vm.name) else {
+                    continue;
+                };
+                let Ok(session) = self.session(&vm).await else {
+                    continue;
+                };
+                match session.set_user_keys(&keys).await {
+                    Ok(()) => {
+                        tracing::info!(vm = %vm.name, keys = keys.len(), "user keys updated");
+                        pushed.insert(vm.name.clone(), keys.clone());
+                    }
+                    Err(e) => tracing::warn!(vm = %vm.name, error = %e, "cannot update user keys"),
+                }
+            }
+            tokio::time::sleep(every).await;
+        }
     }
 
     pub async fn create(&self, params: CreateParams, events: Events) -> OpResult<VmInfo> {
@@ -350,6 +422,7 @@ impl VmService {
             let _ = store.delete_vm(&undo_name);
         });
         steps.commit();
+        self.write_ssh_config();
         tracing::info!(vm = %record.name, cow = %record.cow_strategy, "VM created");
         drop(_guard);
         if params.start {
@@ -390,6 +463,7 @@ impl VmService {
             work_mount: Some(WORK_MOUNT.into()),
             host_key,
             authorized_keys: vec![keys::public_openssh(&client_key).map_err(OpError::internal)?],
+            user_keys: crate::vm::user_keys::load(&self.config.ssh, self.runner.as_ref()),
             transport: vmm.transport(),
             env: image_env,
             network: self.network.guest(vm.ip.as_deref())?,
@@ -680,7 +754,79 @@ impl VmService {
                 }
             }
         }
+        self.write_ssh_config();
         Ok(removed)
+    }
+
+    /// Forwards a host port to a guest port until the caller hangs up or
+    /// the VM stops.
+    pub async fn port_forward(
+        &self,
+        p: PortForwardParams,
+        events: Events,
+        mut input: Option<tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>>,
+    ) -> OpResult<PortForwardResult> {
+        let vm = self.record(&p.name)?;
+        self.session(&vm).await?;
+        let ip: std::net::IpAddr = p
+            .host_ip
+            .as_deref()
+            .unwrap_or("127.0.0.1")
+            .parse()
+            .map_err(|_| {
+                OpError::invalid(format!(
+                    "`{}` is not an IP address",
+                    p.host_ip.as_deref().unwrap_or_default()
+                ))
+            })?;
+        let listener = tokio::net::TcpListener::bind((ip, p.host_port))
+            .await
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::AddrInUse => OpError::conflict(format!(
+                    "{ip}:{} is already in use on the host; pick another host port",
+                    p.host_port
+                )),
+                _ => OpError::invalid(format!("cannot listen on {ip}:{}: {e}", p.host_port)),
+            })?;
+        let local = listener.local_addr()?;
+        tracing::info!(vm = %vm.name, listen = %local, guest_port = p.guest_port, "forwarding");
+        events.emit(
+            &serde_json::json!({ "listening": local.to_string(), "guest_port": p.guest_port }),
+        );
+        let gone = async {
+            match input.as_mut() {
+                Some(rx) => while rx.recv().await.is_some() {},
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::pin!(gone);
+        let mut connections = 0;
+        loop {
+            tokio::select! {
+                _ = &mut gone => break,
+                accepted = listener.accept() => {
+                    let Ok((mut tcp, _)) = accepted else { continue };
+                    connections += 1;
+                    let session = self.session(&vm).await?;
+                    let port = p.guest_port;
+                    tokio::spawn(async move {
+                        match session.open_tcp(port).await {
+                            Ok(mut channel) => {
+                                let _ = tcp.set_nodelay(true);
+                                let _ = tokio::io::copy_bidirectional(&mut tcp, &mut channel).await;
+                            }
+                            Err(e) => tracing::info!(error = %e, "nothing answered in the guest"),
+                        }
+                    });
+                }
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                    if self.live(&vm.name)?.is_none() {
+                        return Err(OpError::conflict(format!("VM `{}` stopped", vm.name)));
+                    }
+                }
+            }
+        }
+        Ok(PortForwardResult { connections })
     }
 
     pub async fn logs(

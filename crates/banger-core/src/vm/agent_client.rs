@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use banger_proto::agent::{AgentReport, ExecRequest, AGENT_PROTOCOL, EXEC_PREFIX};
+use banger_proto::agent::{AgentReport, ExecRequest, AGENT_PROTOCOL, EXEC_PREFIX, SET_USER_KEYS};
 use russh::client::{self, Handle};
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
 use russh::{ChannelMsg, Sig};
@@ -272,6 +272,37 @@ impl AgentSession {
     }
 
     /// Asks the agent to sync, unmount and power off.
+    /// Replaces the user keys the agent accepts; banger's own stay.
+    pub async fn set_user_keys(&self, keys: &[String]) -> Result<(), String> {
+        let mut channel = self
+            .handle
+            .channel_open_session()
+            .await
+            .map_err(|e| e.to_string())?;
+        channel
+            .exec(true, format!("{SET_USER_KEYS}{}", keys.join("\n")))
+            .await
+            .map_err(|e| e.to_string())?;
+        while let Some(msg) = channel.wait().await {
+            if let ChannelMsg::ExitStatus { exit_status } = msg {
+                return match exit_status {
+                    0 => Ok(()),
+                    n => Err(format!("the agent answered {n}")),
+                };
+            }
+        }
+        Err("the agent closed the channel".into())
+    }
+
+    /// A TCP connection to `port` on the guest's loopback, made by the agent.
+    pub async fn open_tcp(&self, port: u16) -> Result<russh::ChannelStream<client::Msg>, String> {
+        self.handle
+            .channel_open_direct_tcpip("127.0.0.1", port as u32, "127.0.0.1", 0)
+            .await
+            .map(|c| c.into_stream())
+            .map_err(|e| format!("guest port {port}: {e}"))
+    }
+
     pub async fn poweroff(&self) -> Result<(), String> {
         let channel = self
             .handle

@@ -5,4 +5,6 @@ pub mod disk;
 pub mod firecracker;
 pub mod keys;
 pub mod name;
+pub mod ssh_config;
+pub mod user_keys;
 pub mod vmm;

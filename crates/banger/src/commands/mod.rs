@@ -28,6 +28,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Vm(cmd) => vm::run(&Client::new(paths), cmd),
         Command::Doctor(flags) => doctor::run(&paths, flags.json),
         Command::System(cmd) => system::run(cmd),
+        Command::SshConfig(flags) => ssh_config(&paths, flags.json),
         Command::RootHelper(args) => {
             init_daemon_logging();
             root_helper::run(args)?;
@@ -83,4 +84,28 @@ pub fn print_removed(
 pub fn report(err: CallError) -> i32 {
     eprintln!("error: {err}");
     1
+}
+
+/// The include line for ~/.ssh/config; the daemon keeps the file current.
+fn ssh_config(paths: &Paths, json: bool) -> anyhow::Result<i32> {
+    let config = banger_core::vm::ssh_config::config_path(&paths.state_dir);
+    let known = banger_core::vm::ssh_config::known_hosts_path(&paths.state_dir);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "include": format!("Include {}", config.display()),
+                "config": config,
+                "known_hosts": known,
+            }))?
+        );
+        return Ok(0);
+    }
+    println!("Include {}", config.display());
+    eprintln!(
+        "Add the line above near the top of ~/.ssh/config; then `ssh NAME.vm`, scp and sftp \
+         reach every VM that has an address (banger keeps {} current).",
+        config.display()
+    );
+    Ok(0)
 }

@@ -82,6 +82,7 @@ pub fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
         VmCommand::Inspect { names, .. } => {
             super::print_json(client, methods::VM_INSPECT, json!({ "names": names }))
         }
+        VmCommand::PortForward { name, spec, json } => port_forward(client, &name, &spec, json),
         VmCommand::Logs { name, follow, tail } => {
             let mut out = std::io::stdout();
             let result = client.call_streaming(
@@ -393,6 +394,68 @@ fn exec(
         Err(e) => {
             report(e);
             Ok(exit::BANGER_FAILED as i32)
+        }
+    }
+}
+
+/// `[HOSTIP:]HOSTPORT:GUESTPORT` into (ip, host port, guest port).
+fn parse_forward(spec: &str) -> Result<(Option<String>, u16, u16), String> {
+    let bad = || format!("`{spec}` is not [HOSTIP:]HOSTPORT:GUESTPORT (e.g. 8080:80)");
+    let (rest, guest) = spec.rsplit_once(':').ok_or_else(bad)?;
+    let guest: u16 = guest.parse().ok().filter(|p| *p > 0).ok_or_else(bad)?;
+    let (ip, host) = match rest.rsplit_once(':') {
+        Some((ip, host)) => (
+            Some(ip.trim_matches(|c| c == '[' || c == ']').to_string()),
+            host,
+        ),
+        None => (None, rest),
+    };
+    let host: u16 = host.parse().map_err(|_| bad())?;
+    Ok((ip, host, guest))
+}
+
+fn port_forward(client: &Client, name: &str, spec: &str, json: bool) -> anyhow::Result<i32> {
+    check_name(name)?;
+    let (ip, host_port, guest_port) = parse_forward(spec).map_err(anyhow::Error::msg)?;
+    let result = client.call_streaming(
+        methods::VM_PORT_FORWARD,
+        json!({ "name": name, "host_ip": ip, "host_port": host_port, "guest_port": guest_port }),
+        |event| {
+            if let Some(addr) = event["listening"].as_str() {
+                if json {
+                    println!("{event}");
+                } else {
+                    eprintln!("forwarding {addr} -> {name}:{guest_port} (Ctrl-C to stop)");
+                }
+            }
+        },
+        // The connection stays open while we run; Ctrl-C closes it and the
+        // daemon stops listening.
+        |_writer| {},
+    );
+    match result {
+        Ok(_) => Ok(0),
+        Err(e) => Ok(report(e)),
+    }
+}
+
+#[cfg(test)]
+mod forward_tests {
+    use super::parse_forward;
+
+    #[test]
+    fn forward_specs_parse() {
+        assert_eq!(parse_forward("8080:80").unwrap(), (None, 8080, 80));
+        assert_eq!(
+            parse_forward("0.0.0.0:8080:80").unwrap(),
+            (Some("0.0.0.0".into()), 8080, 80)
+        );
+        assert_eq!(
+            parse_forward("[::1]:0:22").unwrap(),
+            (Some("::1".into()), 0, 22)
+        );
+        for bad in ["80", "x:80", "8080:0", "8080:99999", ""] {
+            assert!(parse_forward(bad).is_err(), "{bad}");
         }
     }
 }
