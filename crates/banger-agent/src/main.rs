@@ -13,9 +13,14 @@ mod power;
 mod reaper;
 mod sftp;
 mod ssh;
+mod tar_tool;
 mod transport;
 
 fn main() {
+    let argv0 = std::env::args().next().unwrap_or_default();
+    if argv0 == banger_proto::agent::TAR_TOOL {
+        std::process::exit(tar_tool::main(std::env::args().skip(1).collect()));
+    }
     if std::process::id() != 1 {
         eprintln!(
             "banger-agent runs as PID 1 inside a banger VM; it is not meant to be started by hand"

@@ -28,6 +28,11 @@ pub const VSOCK_CTL_PORT: u32 = 1024;
 /// OpenSSH public key per line. banger's own keys are never replaced.
 pub const SET_USER_KEYS: &str = "banger-set-user-keys\n";
 
+/// A program name the agent runs from its own binary, so copying works in
+/// images without tar: `banger-tar create PATH…` writes a tar of the paths to
+/// stdout; `banger-tar extract DST` unpacks stdin into DST (see `vm cp`).
+pub const TAR_TOOL: &str = "banger-tar";
+
 /// Prefix of an SSH exec command that carries an [`ExecRequest`].
 pub const EXEC_PREFIX: &str = "banger-exec-v1 ";
 

@@ -289,6 +289,13 @@ pub enum VmCommand {
         #[arg(long)]
         tail: Option<usize>,
     },
+    /// Copy files and directories between the host and a VM (recursive,
+    /// modes kept): `SRC… NAME:DST` or `NAME:SRC DST`; `-` is a tar stream
+    /// on stdin or stdout.
+    Cp {
+        #[arg(required = true, num_args = 2..)]
+        paths: Vec<String>,
+    },
     /// An interactive login shell in a VM.
     Ssh {
         name: String,

@@ -102,6 +102,8 @@ fn vms_boot_run_commands_persist_and_survive_a_daemon_kill() {
         .status
         .success());
 
+    copy_round_trip(&banger, tmp.path());
+
     // Working directory, environment and user.
     let out = banger.ok(&[
         "vm",
@@ -446,4 +448,94 @@ fn a_kernel_published_as_an_oci_image_is_pulled_and_boots() {
         version
     );
     banger.ok(&["vm", "rm", "-f", "k"]);
+}
+
+/// `vm cp` both ways: a tree with modes, a symlink and a nested directory
+/// goes in and comes back the same; `-` streams tar; errors name the path.
+fn copy_round_trip(banger: &common::Banger, tmp: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let tree = tmp.join("tree");
+    std::fs::create_dir_all(tree.join("sub/deeper")).unwrap();
+    std::fs::write(tree.join("run.sh"), "#!/bin/sh\necho ran\n").unwrap();
+    std::fs::set_permissions(tree.join("run.sh"), std::fs::Permissions::from_mode(0o750)).unwrap();
+    std::fs::write(tree.join("sub/deeper/data"), vec![7u8; 200_000]).unwrap();
+    std::os::unix::fs::symlink("run.sh", tree.join("link")).unwrap();
+
+    banger.ok(&["vm", "cp", tree.to_str().unwrap(), "web:/tmp/"]);
+    assert_eq!(
+        banger.ok(&["vm", "exec", "web", "--", "/tmp/tree/link"]),
+        "ran\n"
+    );
+    assert_eq!(
+        banger.ok(&[
+            "vm",
+            "exec",
+            "web",
+            "--",
+            "stat",
+            "-c",
+            "%a %s",
+            "/tmp/tree/run.sh",
+            "/tmp/tree/sub/deeper/data"
+        ]),
+        "750 19\n644 200000\n"
+    );
+
+    let back = tmp.join("back");
+    banger.ok(&["vm", "cp", "web:/tmp/tree", back.to_str().unwrap()]);
+    let mode = std::fs::metadata(back.join("run.sh"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o750);
+    assert_eq!(
+        std::fs::read(back.join("sub/deeper/data")).unwrap(),
+        vec![7u8; 200_000]
+    );
+    assert_eq!(
+        std::fs::read_link(back.join("link")).unwrap(),
+        std::path::Path::new("run.sh")
+    );
+
+    // Tar streams on stdin and stdout.
+    let out = banger
+        .cmd(&["vm", "cp", "web:/tmp/tree/sub", "-"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let names: Vec<String> = tar::Archive::new(&out.stdout[..])
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().display().to_string())
+        .collect();
+    assert!(names.iter().any(|n| n == "sub/deeper/data"), "{names:?}");
+    let mut child = banger
+        .cmd(&["vm", "cp", "-", "web:/tmp/"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), &out.stdout).unwrap();
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
+    assert_eq!(
+        banger.ok(&[
+            "vm",
+            "exec",
+            "web",
+            "--",
+            "stat",
+            "-c",
+            "%s",
+            "/tmp/sub/deeper/data"
+        ]),
+        "200000\n"
+    );
+
+    let missing = banger.run(&["vm", "cp", "web:/nope", tmp.join("x").to_str().unwrap()]);
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("/nope"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
 }

@@ -1,5 +1,6 @@
 //! What each command does.
 
+mod cp;
 mod doctor;
 mod image;
 mod kernel;

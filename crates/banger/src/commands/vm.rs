@@ -83,6 +83,7 @@ pub fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
             super::print_json(client, methods::VM_INSPECT, json!({ "names": names }))
         }
         VmCommand::PortForward { name, spec, json } => port_forward(client, &name, &spec, json),
+        VmCommand::Cp { paths } => super::cp::run(client, paths),
         VmCommand::Logs { name, follow, tail } => {
             let mut out = std::io::stdout();
             let result = client.call_streaming(
@@ -231,7 +232,7 @@ extern "C" fn on_signal(sig: libc::c_int) {
     }
 }
 
-fn send(writer: &mut UnixStream, input: &ExecInput) -> bool {
+pub(super) fn send(writer: &mut UnixStream, input: &ExecInput) -> bool {
     let mut line = serde_json::to_vec(input).expect("inputs serialise");
     line.push(b'\n');
     writer.write_all(&line).is_ok()
