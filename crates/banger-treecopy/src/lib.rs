@@ -228,7 +228,7 @@ mod tests {
         h.set_size(0);
         h.set_cksum();
         let mut raw = h.as_bytes().to_vec();
-        raw.extend(std::iter::repeat(0).take(1024));
+        raw.extend(std::iter::repeat_n(0, 1024));
         assert!(unpack(&raw[..], &dst, false).is_err());
         assert!(!tmp.path().join("x.txt").exists());
     }
