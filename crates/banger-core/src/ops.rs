@@ -271,6 +271,13 @@ impl Core {
                 Ok(s) => banger_proto::status::NetworkStatus::Ok(s),
                 Err(e) => banger_proto::status::NetworkStatus::Error(e),
             }),
+            dns: self
+                .network
+                .dns_addr()
+                .map(|addr| banger_proto::status::DnsStatus {
+                    addr: addr.to_string(),
+                    domain: self.network.domain().to_string(),
+                }),
         })
     }
 }

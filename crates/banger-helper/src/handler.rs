@@ -86,10 +86,20 @@ impl Helper {
                 version: env!("CARGO_PKG_VERSION").into(),
                 uid: caller.uid,
             }),
-            R::NetSetup { subnet, dns_port } => {
+            R::NetSetup {
+                subnet,
+                dns_port,
+                domain,
+            } => {
+                if !banger_host::net::is_domain(&domain) {
+                    return Err(Failure::Refused(format!(
+                        "`{domain}` is not a DNS label (like `vm`)"
+                    )));
+                }
                 let setup = NetSetup {
                     subnet: self.policy.subnet(&subnet)?,
                     dns_port: self.policy.dns_port(dns_port)?,
+                    domain,
                 };
                 self.net.setup(&setup)?;
                 write_setup(&self.state_dir.join("net.json"), &setup);
@@ -261,15 +271,19 @@ fn check_tap(tap: &str) -> Result<(), Failure> {
 
 fn read_setup(path: &std::path::Path) -> Option<NetSetup> {
     let text = std::fs::read_to_string(path).ok()?;
-    let (subnet, port) = text.trim().split_once(' ')?;
+    let mut fields = text.split_whitespace();
     Some(NetSetup {
-        subnet: banger_host::Subnet::parse(subnet).ok()?,
-        dns_port: port.parse().ok()?,
+        subnet: banger_host::Subnet::parse(fields.next()?).ok()?,
+        dns_port: fields.next()?.parse().ok()?,
+        domain: fields.next().unwrap_or("vm").to_string(),
     })
 }
 
 fn write_setup(path: &std::path::Path, setup: &NetSetup) {
-    if let Err(e) = std::fs::write(path, format!("{} {}\n", setup.subnet, setup.dns_port)) {
+    if let Err(e) = std::fs::write(
+        path,
+        format!("{} {} {}\n", setup.subnet, setup.dns_port, setup.domain),
+    ) {
         tracing::warn!(error = %e, "cannot record the network setup");
     }
 }

@@ -94,6 +94,7 @@ impl HostNetwork for HelperClient {
         self.done(HelperRequest::NetSetup {
             subnet: setup.subnet.to_string(),
             dns_port: setup.dns_port,
+            domain: setup.domain.clone(),
         })
     }
 

@@ -100,6 +100,36 @@ pub struct NetSetup {
     /// Port banger's DNS server listens on at the gateway address; guests'
     /// queries to port 53 are redirected there.
     pub dns_port: u16,
+    /// The VMs' DNS domain (`vm`), routed to banger's server by
+    /// systemd-resolved where it runs.
+    pub domain: String,
+}
+
+/// A DNS label banger may route (`vm`, `banger-test`): no dots, nothing odd.
+pub fn is_domain(domain: &str) -> bool {
+    !domain.is_empty()
+        && domain.len() <= 63
+        && domain
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !domain.starts_with('-')
+        && !domain.ends_with('-')
+}
+
+/// What makes systemd-resolved send `*.domain` queries to banger's server
+/// (link DNS with a port, a routing-only domain), so `NAME.vm` resolves on
+/// the host.
+pub fn resolved_commands(setup: &NetSetup) -> Vec<CommandSpec> {
+    let server = format!("{}:{}", setup.subnet.gateway(), setup.dns_port);
+    vec![
+        CommandSpec::new("resolvectl").args(["dns", GATEWAY_DEV, &server]),
+        CommandSpec::new("resolvectl").args(["domain", GATEWAY_DEV, &format!("~{}", setup.domain)]),
+    ]
+}
+
+/// Whether systemd-resolved runs here (its varlink socket exists).
+pub fn resolved_running() -> bool {
+    std::path::Path::new("/run/systemd/resolve/io.systemd.Resolve").exists()
 }
 
 /// `bgtap<digits>`, nothing else.
@@ -201,9 +231,19 @@ const GONE: &[&str] = &["Cannot find device", "No such process", "does not exist
 
 impl HostNetwork for RealHostNetwork {
     fn setup(&self, setup: &NetSetup) -> Result<(), HostError> {
-        // A bridge without ports: every kernel has it (not all build the
-        // dummy driver), and it never forwards since nothing joins it.
-        self.ip_quiet(["link", "add", GATEWAY_DEV, "type", "bridge"], EXISTS)?;
+        if !is_domain(&setup.domain) {
+            return Err(HostError::Refused(format!(
+                "`{}` is not a DNS label banger can route",
+                setup.domain
+            )));
+        }
+        // A dummy device has carrier, which systemd-resolved wants before it
+        // uses a link's DNS; kernels without the dummy driver get a bridge
+        // with no ports (it never forwards, since nothing joins it).
+        if let Err(e) = self.ip_quiet(["link", "add", GATEWAY_DEV, "type", "dummy"], EXISTS) {
+            tracing::debug!(error = %e, "no dummy devices here; using a bridge");
+            self.ip_quiet(["link", "add", GATEWAY_DEV, "type", "bridge"], EXISTS)?;
+        }
         let gw = format!("{}/{}", setup.subnet.gateway(), setup.subnet.prefix);
         self.ip(["addr", "replace", &gw, "dev", GATEWAY_DEV])?;
         self.ip(["link", "set", GATEWAY_DEV, "up"])?;
@@ -214,6 +254,14 @@ impl HostNetwork for RealHostNetwork {
                 .args(["-f", "-"])
                 .stdin(nft_ruleset(setup)),
         )?;
+        if resolved_running() {
+            for command in resolved_commands(setup) {
+                // The VMs work without it; only host-side names are lost.
+                if let Err(e) = self.runner.run(&command) {
+                    tracing::warn!(error = %e, "systemd-resolved did not take banger's domain");
+                }
+            }
+        }
         Ok(())
     }
 
@@ -394,6 +442,30 @@ mod tests {
     }
 
     #[test]
+    fn resolved_routes_the_domain_to_banger_dns() {
+        let setup = NetSetup {
+            subnet: Subnet::parse("10.213.0.0/16").unwrap(),
+            dns_port: 1053,
+            domain: "vm".into(),
+        };
+        let lines: Vec<String> = resolved_commands(&setup)
+            .iter()
+            .map(|c| c.display())
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "resolvectl dns banger0 10.213.0.1:1053",
+                "resolvectl domain banger0 ~vm"
+            ]
+        );
+        assert!(is_domain("vm") && is_domain("banger-test"));
+        for bad in ["", "a.b", "-x", "VM", "x y", "~vm"] {
+            assert!(!is_domain(bad), "{bad}");
+        }
+    }
+
+    #[test]
     fn only_banger_taps_are_touched() {
         assert!(is_tap_name("bgtap0") && is_tap_name("bgtap12"));
         for bad in [
@@ -417,6 +489,7 @@ mod tests {
         let setup = NetSetup {
             subnet: Subnet::parse("10.213.0.0/16").unwrap(),
             dns_port: 1053,
+            domain: "vm".into(),
         };
         let outside = net.route("bgtap0", Ipv4Addr::new(192, 168, 1, 1), &setup);
         assert!(outside.is_err());
@@ -428,6 +501,7 @@ mod tests {
         let rules = nft_ruleset(&NetSetup {
             subnet: Subnet::parse("10.213.0.0/16").unwrap(),
             dns_port: 1053,
+            domain: "vm".into(),
         });
         assert!(rules.contains("ip saddr 10.213.0.0/16 ip daddr != 10.213.0.0/16 masquerade"));
         assert!(rules.contains("oifname \"bgtap*\" drop"));

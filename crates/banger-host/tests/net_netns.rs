@@ -56,6 +56,7 @@ fn setup_taps_routes_and_teardown_in_a_namespace() {
     let setup = NetSetup {
         subnet: Subnet::parse("10.213.0.0/16").unwrap(),
         dns_port: 1053,
+        domain: "vm".into(),
     };
     let guest = Ipv4Addr::new(10, 213, 0, 7);
     // Twice: every call is idempotent.

@@ -23,6 +23,9 @@ pub enum HelperRequest {
     NetSetup {
         subnet: String,
         dns_port: u16,
+        /// The VMs' DNS domain, routed by systemd-resolved (default `vm`).
+        #[serde(default = "default_domain")]
+        domain: String,
     },
     NetTeardown,
     /// A persistent tap (`bgtapN`) the caller's VMMs may open.
@@ -69,6 +72,10 @@ pub enum HelperRequest {
         start_time: u64,
         signal: i32,
     },
+}
+
+fn default_domain() -> String {
+    "vm".into()
 }
 
 impl HelperRequest {

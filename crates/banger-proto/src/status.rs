@@ -16,6 +16,16 @@ pub struct DaemonStatus {
     /// VM networking as the daemon sees it: `{"ok": "…"}` or `{"error": "…"}`.
     #[serde(default)]
     pub network: Option<NetworkStatus>,
+    /// Where banger's DNS server answers (`10.213.0.1:1053`) and its domain,
+    /// when VM networking is on.
+    #[serde(default)]
+    pub dns: Option<DnsStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DnsStatus {
+    pub addr: String,
+    pub domain: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -49,6 +49,9 @@ struct Lab {
 /// Who the daemon runs as: no passwd entry needed.
 const DAEMON_UID: u32 = 4242;
 const HOST_ADDR: &str = "198.51.100.1";
+/// The cloud metadata address, served in the "internet" so only the rule stops it.
+const METADATA: &str = "169.254.169.254";
+const UPSTREAM_ANSWER: &str = "203.0.113.7";
 const INET_ADDR: &str = "198.51.100.2";
 
 impl Lab {
@@ -66,9 +69,50 @@ impl Lab {
              ip -n {h} link set lo up; ip -n {i} link set lo up
              ip -n {h} addr add {HOST_ADDR}/24 dev vh{id}; ip -n {h} link set vh{id} up
              ip -n {i} addr add {INET_ADDR}/24 dev vi{id}; ip -n {i} link set vi{id} up
-             ip -n {h} route add default via {INET_ADDR}"
+             ip -n {i} addr add {METADATA}/32 dev vi{id}
+             ip -n {h} route add default via {INET_ADDR}
+             mkdir -p /etc/netns/{h}
+             echo 'nameserver {INET_ADDR}' > /etc/netns/{h}/resolv.conf"
         ));
         lab
+    }
+
+    /// A DNS server in the "internet" answering every A query with
+    /// [`UPSTREAM_ANSWER`]: what banger relays names it does not own to.
+    fn upstream_dns(&mut self) {
+        const SERVER: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 53))
+answer = bytes(int(x) for x in sys.argv[2].split("."))
+while True:
+    q, peer = s.recvfrom(512)
+    i = 12
+    while q[i]:
+        i += q[i] + 1
+    qtype = q[i + 1:i + 3]
+    question = q[12:i + 5]
+    if qtype == b"\x00\x01":
+        body = b"\x00\x01\x00\x01\x00\x00\x00\x00" + question + b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04" + answer
+    else:
+        body = b"\x00\x01\x00\x00\x00\x00\x00\x00" + question
+    s.sendto(q[:2] + b"\x81\x80" + body, peer)
+"#;
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.inet,
+                "python3",
+                "-c",
+                SERVER,
+                INET_ADDR,
+                UPSTREAM_ANSWER,
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.servers.push(child);
     }
 
     /// The root helper in the host namespace, serving [`DAEMON_UID`] with
@@ -130,12 +174,27 @@ impl Drop for Lab {
         // Whatever still runs in the lab (VMs a failed test left) goes with it.
         let _ = sh(&format!(
             "for ns in {h} {i}; do ip netns pids $ns | xargs -r kill -9; done
-             ip netns del {h} 2>/dev/null; ip netns del {i} 2>/dev/null",
+             ip netns del {h} 2>/dev/null; ip netns del {i} 2>/dev/null; rm -rf /etc/netns/{h}",
             h = self.host,
             i = self.inet
         ));
     }
 }
+
+/// One DNS query over TCP (argv: server name port); prints the answer's address.
+const TCP_QUERY: &str = r#"
+import socket, struct, sys
+name = sys.argv[2]
+q = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\x00\x00\x01\x00\x01"
+s = socket.create_connection((sys.argv[1], int(sys.argv[3])), timeout=5)
+s.sendall(struct.pack("!H", len(q)) + q)
+n = struct.unpack("!H", s.recv(2))[0]
+r = b""
+while len(r) < n:
+    r += s.recv(n - len(r))
+print(".".join(str(x) for x in r[-4:]))
+"#;
 
 /// An HTTP GET from namespace `ns`, with a short timeout.
 fn fetch(ns: &str, url: &str) -> std::process::Output {
@@ -215,10 +274,34 @@ fn vms_get_addresses_nat_and_isolation_and_survive_a_daemon_kill() {
     banger.kill_daemon(libc::SIGTERM);
     banger.move_to_netns(&lab.host);
     banger.start_daemon();
-    let status = banger.ok(&["doctor", "--json"]);
+    lab.upstream_dns();
+    let doctor = must(&format!(
+        "ip netns exec {} env BANGER_HOME={} {} doctor --json || true",
+        lab.host,
+        banger.home.path().display(),
+        common::exe()
+    ));
+    let checks: serde_json::Value = serde_json::from_str(&doctor).unwrap();
+    let find = |name: &str| {
+        checks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap()
+            .clone()
+    };
     assert!(
-        status.contains("taps on"),
-        "networking through the helper: {status}"
+        find("network")["message"]
+            .as_str()
+            .unwrap()
+            .contains("taps on"),
+        "networking through the helper: {doctor}"
+    );
+    assert_eq!(
+        find("dns")["status"],
+        "ok",
+        "banger owns its DNS port: {doctor}"
     );
 
     let www = tmp.path().join("www");
@@ -226,6 +309,7 @@ fn vms_get_addresses_nat_and_isolation_and_survive_a_daemon_kill() {
     std::fs::write(www.join("hello.txt"), "from the internet\n").unwrap();
     let inet = lab.inet.clone();
     lab.serve(&inet, INET_ADDR, 8080, &www);
+    lab.serve(&inet, METADATA, 80, &www);
     let host = lab.host.clone();
     lab.serve(&host, "0.0.0.0", 8081, &www);
 
@@ -258,6 +342,28 @@ fn vms_get_addresses_nat_and_isolation_and_survive_a_daemon_kill() {
     assert!(looked_up.contains(&b), "{looked_up}");
     let looked_up = banger.ok(&["vm", "exec", "b", "--", "nslookup", "host.vm"]);
     assert!(looked_up.contains(&gateway), "{looked_up}");
+    // Other names go to the host's resolvers (here, the "internet"'s).
+    let relayed = banger.ok(&["vm", "exec", "a", "--", "nslookup", "example.test"]);
+    assert!(relayed.contains(UPSTREAM_ANSWER), "{relayed}");
+    // The same answers over TCP.
+    let tcp = must(&format!(
+        "ip netns exec {host} python3 -c '{TCP_QUERY}' {gateway} b.vm 1053"
+    ));
+    assert_eq!(tcp.trim(), b, "DNS over TCP");
+    // The metadata address is reachable from the host side, never from a guest.
+    assert!(fetch(&host, &format!("http://{METADATA}/hello.txt"))
+        .status
+        .success());
+    assert!(
+        !guest_gets(
+            &banger,
+            "a",
+            &format!("{METADATA}:80"),
+            "/hello.txt",
+            "internet"
+        ),
+        "a guest reached {METADATA}"
+    );
     let missing = banger.run(&["vm", "exec", "a", "--", "nslookup", "nope.vm"]);
     assert!(
         !missing.status.success(),

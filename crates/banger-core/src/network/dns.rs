@@ -113,6 +113,77 @@ pub async fn serve(
     }
 }
 
+/// Asks `server` for `name`'s A record over UDP: what `doctor` uses to see
+/// that banger's own server answers on its port.
+pub fn probe(server: SocketAddr, name: &str) -> Result<Option<Ipv4Addr>, String> {
+    use hickory_proto::op::Query;
+    use hickory_proto::rr::Name;
+    let mut query = Message::query();
+    query.metadata.id = 4242;
+    query.metadata.recursion_desired = true;
+    query.add_query(Query::query(
+        Name::from_ascii(name).map_err(|e| e.to_string())?,
+        RecordType::A,
+    ));
+    let socket = std::net::UdpSocket::bind(("0.0.0.0", 0)).map_err(|e| e.to_string())?;
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    socket
+        .send_to(&query.to_vec().map_err(|e| e.to_string())?, server)
+        .map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 1500];
+    let n = socket
+        .recv(&mut buf)
+        .map_err(|e| format!("no answer from {server}: {e}"))?;
+    let reply = Message::from_vec(&buf[..n]).map_err(|e| e.to_string())?;
+    Ok(reply.answers.iter().find_map(|r| match r.data {
+        RData::A(A(ip)) => Some(ip),
+        _ => None,
+    }))
+}
+
+/// The same answers over TCP (RFC 7766: each message after a 2-byte length),
+/// for resolvers that retry truncated replies or prefer TCP.
+pub async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    domain: String,
+    lookup: Lookup,
+    upstreams: Vec<SocketAddr>,
+) {
+    let upstreams = Arc::new(upstreams);
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let (domain, lookup, upstreams) = (domain.clone(), lookup.clone(), upstreams.clone());
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            loop {
+                let idle = std::time::Duration::from_secs(10);
+                let Ok(Ok(len)) = tokio::time::timeout(idle, conn.read_u16()).await else {
+                    return;
+                };
+                let mut packet = vec![0u8; len as usize];
+                if conn.read_exact(&mut packet).await.is_err() {
+                    return;
+                }
+                let reply = match answer(&packet, &domain, &lookup) {
+                    Some(r) => Some(r),
+                    None => relay(&packet, &upstreams).await,
+                };
+                let Some(reply) = reply else { return };
+                let Ok(len) = u16::try_from(reply.len()) else {
+                    return;
+                };
+                if conn.write_u16(len).await.is_err() || conn.write_all(&reply).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -69,6 +69,7 @@ impl NetworkService {
                 Ok(subnet) => State::Ready(NetSetup {
                     subnet,
                     dns_port: net.dns_port.unwrap_or(DEFAULT_DNS_PORT),
+                    domain: net.domain.clone().unwrap_or_else(|| DEFAULT_DOMAIN.into()),
                 }),
                 Err(e) => State::Broken(e),
             },
@@ -106,6 +107,17 @@ impl NetworkService {
             State::Disabled => Ok(None),
             State::Broken(e) => Err(OpError::invalid(format!("VM networking: {e}"))),
             State::Ready(setup) => Ok(Some(setup)),
+        }
+    }
+
+    /// Where banger's DNS server listens, when networking is on.
+    pub fn dns_addr(&self) -> Option<std::net::SocketAddr> {
+        match &self.state {
+            State::Ready(s) => Some(std::net::SocketAddr::new(
+                s.subnet.gateway().into(),
+                s.dns_port,
+            )),
+            _ => None,
         }
     }
 
@@ -332,7 +344,17 @@ impl NetworkService {
             &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
             gateway,
         );
-        tracing::info!(%addr, domain = %self.domain, "DNS server listening");
+        let tcp = std::net::TcpListener::bind(addr)
+            .and_then(|s| s.set_nonblocking(true).map(|()| s))
+            .map_err(|e| OpError::internal(format!("DNS server on {addr} (TCP): {e}")))?;
+        let tcp = tokio::net::TcpListener::from_std(tcp)?;
+        tracing::info!(%addr, domain = %self.domain, "DNS server listening (UDP and TCP)");
+        handle.spawn(dns::serve_tcp(
+            tcp,
+            self.domain.clone(),
+            lookup.clone(),
+            upstreams.clone(),
+        ));
         handle.spawn(dns::serve(socket, self.domain.clone(), lookup, upstreams));
         Ok(())
     }

@@ -57,6 +57,7 @@ pub fn run(paths: &Paths, json: bool) -> anyhow::Result<i32> {
         agent(),
         cow(paths),
         network(paths),
+        dns(paths),
         helper(paths),
         install(),
     ];
@@ -525,6 +526,85 @@ fn install() -> Check {
 }
 
 fn daemon_uid(paths: &Paths) -> Option<u32> {
+    daemon_status(paths).map(|s| s.uid)
+}
+
+/// banger's own server answers on its port; and, where systemd-resolved
+/// runs, the host routes the VM domain to it.
+fn dns(paths: &Paths) -> Check {
+    let Some(status) = daemon_status(paths) else {
+        return check("dns", Status::Warn, "daemon not running", None);
+    };
+    let Some(dns) = status.dns else {
+        return check(
+            "dns",
+            Status::Ok,
+            "VM networking is off: no DNS server",
+            None,
+        );
+    };
+    let Ok(addr) = dns.addr.parse::<std::net::SocketAddr>() else {
+        return check(
+            "dns",
+            Status::Fail,
+            format!("bad address {}", dns.addr),
+            None,
+        );
+    };
+    let probe = format!("host.{}", dns.domain);
+    match banger_core::network::dns::probe(addr, &probe) {
+        Ok(Some(ip)) if ip == addr.ip() => {}
+        Ok(_) => {
+            return check(
+                "dns",
+                Status::Fail,
+                format!("something other than banger answers DNS at {addr}"),
+                Some("another server holds the port: set network.dns_port in the config file"),
+            )
+        }
+        Err(e) => return check("dns", Status::Fail, e, Some("restart the daemon")),
+    }
+    if !banger_host::net::resolved_running() {
+        return check(
+            "dns",
+            Status::Ok,
+            format!(
+                "banger answers NAME.{} at {addr} for VMs; this host has no systemd-resolved, \
+                 so use `ssh NAME` through `banger ssh-config` here",
+                dns.domain
+            ),
+            None,
+        );
+    }
+    let routed = std::process::Command::new("resolvectl")
+        .args(["domain", banger_host::net::GATEWAY_DEV])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("~{}", dns.domain)))
+        .unwrap_or(false);
+    if routed {
+        check(
+            "dns",
+            Status::Ok,
+            format!(
+                "banger answers NAME.{d} at {addr}; systemd-resolved routes ~{d} to it",
+                d = dns.domain
+            ),
+            None,
+        )
+    } else {
+        check(
+            "dns",
+            Status::Warn,
+            format!(
+                "banger answers at {addr}, but systemd-resolved does not route ~{} to it",
+                dns.domain
+            ),
+            Some("restart the daemon (it sets the route up), or check `resolvectl status banger0`"),
+        )
+    }
+}
+
+fn daemon_status(paths: &Paths) -> Option<DaemonStatus> {
     let stream = Client::new(paths.clone()).connect_existing().ok()?;
     let value = call_on(
         stream,
@@ -533,7 +613,5 @@ fn daemon_uid(paths: &Paths) -> Option<u32> {
         |_| {},
     )
     .ok()?;
-    serde_json::from_value::<DaemonStatus>(value)
-        .ok()
-        .map(|s| s.uid)
+    serde_json::from_value::<DaemonStatus>(value).ok()
 }
