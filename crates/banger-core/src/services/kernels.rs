@@ -18,6 +18,35 @@ pub struct KernelService {
     store: Arc<Store>,
     /// Serialises imports and initramfs builds; both are rare and short.
     lock: tokio::sync::Mutex<()>,
+    /// The agent binary's digest, by what identifies the file on disk, so a
+    /// `vm start` does not read and hash it again.
+    agent_tags: std::sync::Mutex<Option<(AgentFile, String)>>,
+}
+
+/// An agent binary as the file system sees it; any change makes a new one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct AgentFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+}
+
+impl AgentFile {
+    fn of(path: &Path) -> std::io::Result<AgentFile> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        Ok(AgentFile {
+            path: path.to_path_buf(),
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: m.mtime(),
+            mtime_nsec: m.mtime_nsec(),
+        })
+    }
 }
 
 impl KernelService {
@@ -26,6 +55,7 @@ impl KernelService {
             paths,
             store,
             lock: tokio::sync::Mutex::new(()),
+            agent_tags: std::sync::Mutex::new(None),
         }
     }
 
@@ -176,15 +206,31 @@ impl KernelService {
 
     /// The kernel's initramfs for the given agent binary, built once and cached.
     pub async fn initramfs(&self, kernel: &KernelInfo, agent: &Path) -> OpResult<PathBuf> {
-        let agent_bytes = tokio::fs::read(agent).await.map_err(|e| {
+        let read_err = |e: std::io::Error| {
             OpError::internal(format!("reading the agent {}: {e}", agent.display()))
-        })?;
-        let tag =
-            crate::oci::digest::short(&crate::oci::digest::sha256_of(&agent_bytes)).to_string();
+        };
+        let file = AgentFile::of(agent).map_err(read_err)?;
+        let known = self
+            .agent_tags
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .filter(|(f, _)| *f == file)
+            .map(|(_, tag)| tag.clone());
         let dir = Path::new(&kernel.vmlinux_path)
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_default();
+        if let Some(tag) = &known {
+            let path = dir.join(format!("initramfs-{tag}.cpio"));
+            if path.is_file() {
+                return Ok(path);
+            }
+        }
+        let agent_bytes = tokio::fs::read(agent).await.map_err(read_err)?;
+        let tag =
+            crate::oci::digest::short(&crate::oci::digest::sha256_of(&agent_bytes)).to_string();
+        *self.agent_tags.lock().unwrap_or_else(|p| p.into_inner()) = Some((file, tag.clone()));
         let path = dir.join(format!("initramfs-{tag}.cpio"));
         if path.is_file() {
             return Ok(path);
