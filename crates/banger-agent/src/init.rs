@@ -155,18 +155,18 @@ fn switch_root(config: &BootConfig) -> Result<(), String> {
         MsFlags::empty(),
         None,
     )?;
-    for dir in ["/proc", "/sys", "/dev"] {
-        let target = format!("/newroot{dir}");
-        std::fs::create_dir_all(&target).map_err(|e| format!("mkdir {target}: {e}"))?;
-        mount(
-            Some(dir),
-            target.as_str(),
-            None::<&str>,
-            MsFlags::MS_MOVE,
-            None::<&str>,
-        )
-        .map_err(|e| format!("moving {dir}: {e}"))?;
-    }
+    // Fresh mounts rather than moved ones: /dev, /proc and /sys never vanish
+    // from under the threads already serving SSH while the root changes.
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
+    mount_fs("proc", "/newroot/proc", "proc", nosuid, None)?;
+    mount_fs("sysfs", "/newroot/sys", "sysfs", nosuid, None)?;
+    mount_fs(
+        "devtmpfs",
+        "/newroot/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )?;
     std::env::set_current_dir("/newroot").map_err(|e| e.to_string())?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
         .map_err(|e| format!("moving root: {e}"))?;

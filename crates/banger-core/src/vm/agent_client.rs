@@ -10,6 +10,16 @@ use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCerti
 use russh::{ChannelMsg, Sig};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, BufReader};
 
+/// Key exchange for the daemon's own link, which is local (a socket the VMM
+/// serves, never a network): plain X25519. The post-quantum hybrid russh
+/// prefers costs the guest's CPU (emulated, before KVM) a good part of the
+/// boot for protection against recorded traffic that never crosses a wire.
+const LOCAL_KEX: &[russh::kex::Name] = &[
+    russh::kex::CURVE25519,
+    russh::kex::EXTENSION_SUPPORT_AS_CLIENT,
+    russh::kex::EXTENSION_OPENSSH_STRICT_KEX_AS_CLIENT,
+];
+
 /// The command the agent treats as "power off cleanly".
 pub const POWEROFF: &str = "banger-poweroff";
 
@@ -188,6 +198,10 @@ impl AgentSession {
         let config = Arc::new(client::Config {
             inactivity_timeout: None,
             nodelay: true,
+            preferred: russh::Preferred {
+                kex: std::borrow::Cow::Borrowed(LOCAL_KEX),
+                ..Default::default()
+            },
             ..Default::default()
         });
         let mut handle = client::connect_stream(config, stream, Pinned { expected: host_key })
