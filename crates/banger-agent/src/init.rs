@@ -92,17 +92,21 @@ fn mount_fs(
 }
 
 fn early_mounts() -> Result<(), String> {
+    kernel_mounts("")
+}
+
+/// /proc, /sys and /dev under `root` ("" for the initramfs itself).
+fn kernel_mounts(root: &str) -> Result<(), String> {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
-    mount_fs("proc", "/proc", "proc", nosuid, None)?;
-    mount_fs("sysfs", "/sys", "sysfs", nosuid, None)?;
+    mount_fs("proc", &format!("{root}/proc"), "proc", nosuid, None)?;
+    mount_fs("sysfs", &format!("{root}/sys"), "sysfs", nosuid, None)?;
     mount_fs(
         "devtmpfs",
-        "/dev",
+        &format!("{root}/dev"),
         "devtmpfs",
         MsFlags::MS_NOSUID,
         Some("mode=0755"),
-    )?;
-    Ok(())
+    )
 }
 
 fn read_config() -> Result<BootConfig, String> {
@@ -157,16 +161,7 @@ fn switch_root(config: &BootConfig) -> Result<(), String> {
     )?;
     // Fresh mounts rather than moved ones: /dev, /proc and /sys never vanish
     // from under the threads already serving SSH while the root changes.
-    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
-    mount_fs("proc", "/newroot/proc", "proc", nosuid, None)?;
-    mount_fs("sysfs", "/newroot/sys", "sysfs", nosuid, None)?;
-    mount_fs(
-        "devtmpfs",
-        "/newroot/dev",
-        "devtmpfs",
-        MsFlags::MS_NOSUID,
-        Some("mode=0755"),
-    )?;
+    kernel_mounts("/newroot")?;
     std::env::set_current_dir("/newroot").map_err(|e| e.to_string())?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
         .map_err(|e| format!("moving root: {e}"))?;

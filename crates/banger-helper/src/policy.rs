@@ -102,14 +102,7 @@ impl Policy {
         if !meta.is_file() {
             return refuse(format!("{} is not a regular file", path.display()));
         }
-        if caller.uid != 0 && meta.uid() != caller.uid {
-            return refuse(format!(
-                "{} belongs to uid {}, not to the caller (uid {})",
-                path.display(),
-                meta.uid(),
-                caller.uid
-            ));
-        }
+        owned_by(caller, path, &meta)?;
         Ok(file)
     }
 
@@ -148,27 +141,13 @@ impl Policy {
         if !meta.is_dir() {
             return refuse(format!("{} is not a directory", dir.display()));
         }
-        if caller.uid != 0 && meta.uid() != caller.uid {
-            return refuse(format!(
-                "{} belongs to uid {}, not to the caller (uid {})",
-                dir.display(),
-                meta.uid(),
-                caller.uid
-            ));
-        }
+        owned_by(caller, dir, &meta)?;
         Ok(canonical)
     }
 
     /// The device-mapper name of a VM: `banger-<vm>`, with `vm` a DNS label.
     pub fn dm_name(&self, vm: &str) -> Result<String, Refusal> {
-        let label = !vm.is_empty()
-            && vm.len() <= 63
-            && vm
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !vm.starts_with('-')
-            && !vm.ends_with('-');
-        if !label {
+        if !banger_proto::is_dns_label(vm) {
             return refuse(format!("`{vm}` is not a VM name (a DNS label)"));
         }
         Ok(format!("banger-{vm}"))
@@ -216,6 +195,19 @@ impl Policy {
             )),
         }
     }
+}
+
+/// Root may name anything; anyone else only what they own.
+fn owned_by(caller: &Caller, path: &Path, meta: &std::fs::Metadata) -> Result<(), Refusal> {
+    if caller.uid != 0 && meta.uid() != caller.uid {
+        return refuse(format!(
+            "{} belongs to uid {}, not to the caller (uid {})",
+            path.display(),
+            meta.uid(),
+            caller.uid
+        ));
+    }
+    Ok(())
 }
 
 /// Runs `f` with this thread's file-system identity set to the caller's, so

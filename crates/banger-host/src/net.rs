@@ -107,13 +107,7 @@ pub struct NetSetup {
 
 /// A DNS label banger may route (`vm`, `banger-test`): no dots, nothing odd.
 pub fn is_domain(domain: &str) -> bool {
-    !domain.is_empty()
-        && domain.len() <= 63
-        && domain
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !domain.starts_with('-')
-        && !domain.ends_with('-')
+    banger_proto::is_dns_label(domain)
 }
 
 /// What makes systemd-resolved send `*.domain` queries to banger's server

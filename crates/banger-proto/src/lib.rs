@@ -15,6 +15,17 @@ pub mod vm;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+/// A DNS label: 1–63 of `a-z`, `0-9` and `-`, not starting or ending with
+/// `-`. VM names, the VM domain and device-mapper names are all labels.
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
 /// Bumped whenever a method's params or result change incompatibly.
 pub const PROTOCOL_VERSION: u32 = 1;
 

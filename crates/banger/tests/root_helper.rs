@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::must;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,16 +15,6 @@ use serde_json::{json, Value};
 
 const OWNER: u32 = 4243;
 const STRANGER: u32 = 4244;
-
-fn sh(script: &str) -> String {
-    let out = Command::new("sh").args(["-c", script]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 struct Lab {
     ns: String,
@@ -33,11 +25,11 @@ struct Lab {
 impl Lab {
     fn start(tag: &str) -> Lab {
         let ns = format!("bgr{tag}{}", std::process::id() % 100_000);
-        sh(&format!("ip netns add {ns} && ip -n {ns} link set lo up"));
+        must(&format!("ip netns add {ns} && ip -n {ns} link set lo up"));
         let dir = tempfile::tempdir().unwrap();
         let home = dir.path().join("home");
         std::fs::create_dir(&home).unwrap();
-        sh(&format!(
+        must(&format!(
             "chmod 0755 {d} && chown {OWNER}:{OWNER} {h}",
             d = dir.path().display(),
             h = home.display()
@@ -166,7 +158,7 @@ for line in sys.argv[2:]:
 
     /// The namespace's links, routes and nftables tables.
     fn network_state(&self) -> String {
-        sh(&format!(
+        must(&format!(
             "ip -n {ns} -o link show | cut -d: -f2; ip -n {ns} route; \
              ip netns exec {ns} nft list tables",
             ns = self.ns
@@ -268,7 +260,7 @@ fn hostile_requests_are_refused_and_change_nothing() {
 
     // Paths outside its directories, through links, or not the caller's.
     std::fs::write(home.join("cow.img"), b"").unwrap();
-    sh(&format!("chown {OWNER} {}", home.join("cow.img").display()));
+    must(&format!("chown {OWNER} {}", home.join("cow.img").display()));
     std::os::unix::fs::symlink("/etc/shadow", home.join("origin.img")).unwrap();
     std::fs::write(home.join("roots.img"), b"").unwrap();
     let cow = home.join("cow.img");
@@ -337,7 +329,7 @@ fn hostile_requests_are_refused_and_change_nothing() {
     // it out, and SO_PEERCRED does when the mode is loosened.
     let reply = lab.raw(STRANGER, &[json!({"op": "ping"}).to_string()]);
     assert!(reply[0].contains("Permission denied"), "{reply:?}");
-    sh(&format!("chmod 0666 {}", lab.socket().display()));
+    must(&format!("chmod 0666 {}", lab.socket().display()));
     lab.refused(
         STRANGER,
         json!({"op": "tap_create", "tap": "bgtap0"}),
@@ -379,7 +371,7 @@ fn well_formed_requests_work_and_repeat_safely() {
             json!({"op": "route", "tap": "bgtap7", "guest": "10.99.0.5"}),
         );
     }
-    let owner = sh(&format!(
+    let owner = must(&format!(
         "ip netns exec {} cat /sys/class/net/bgtap7/owner",
         lab.ns
     ));
@@ -433,7 +425,7 @@ fn well_formed_requests_work_and_repeat_safely() {
         status.contains(&format!("Uid:\t{OWNER}\t{OWNER}")),
         "runs as its caller: {status}"
     );
-    sh(&format!("chmod 0666 {}", lab.socket().display()));
+    must(&format!("chmod 0666 {}", lab.socket().display()));
     let doctor = lab.doctor_helper();
     assert!(
         doctor.contains("fail") && doctor.contains("any local user"),

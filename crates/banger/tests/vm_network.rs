@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use banger_testkit::images::push_busybox;
 use banger_testkit::registry::Registry;
-use common::Banger;
+use common::{must, sh, Banger};
 
 fn assets() -> Option<(PathBuf, PathBuf)> {
     // SAFETY: geteuid has no preconditions.
@@ -23,20 +23,6 @@ fn assets() -> Option<(PathBuf, PathBuf)> {
         return None;
     }
     common::vm_assets()
-}
-
-fn sh(script: &str) -> std::process::Output {
-    Command::new("sh").args(["-c", script]).output().unwrap()
-}
-
-fn must(script: &str) -> String {
-    let out = sh(script);
-    assert!(
-        out.status.success(),
-        "{script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Two namespaces joined by a veth pair, and what runs in them; all removed on drop.

@@ -1,14 +1,7 @@
 //! VM names are DNS labels: they become hostnames and `NAME.vm`.
 
 pub fn validate(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
-    if ok {
+    if banger_proto::is_dns_label(name) {
         Ok(())
     } else {
         Err(format!(

@@ -256,3 +256,19 @@ pub fn vm_assets() -> Option<(PathBuf, PathBuf)> {
         }
     }
 }
+
+/// A shell script's output.
+pub fn sh(script: &str) -> Output {
+    Command::new("sh").args(["-c", script]).output().unwrap()
+}
+
+/// A shell script that must succeed; its stdout.
+pub fn must(script: &str) -> String {
+    let out = sh(script);
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
