@@ -18,6 +18,8 @@ const SUBNET_KEY: &str = "network.subnet";
 const DEFAULT_DOMAIN: &str = "vm";
 const DEFAULT_DNS_PORT: u16 = 1053;
 const DEFAULT_POOL: usize = 2;
+/// Taps are opened through it; a kernel without it has no taps.
+const TUN_DEVICE: &str = "/dev/net/tun";
 
 enum State {
     Disabled,
@@ -63,8 +65,9 @@ impl NetworkService {
         let owner = unsafe { libc::geteuid() };
         let state = match mode.as_str() {
             "none" => State::Disabled,
-            // Neither root nor a root helper: taps cannot be made.
-            "auto" if !privileged => State::Disabled,
+            // Neither root nor a root helper, or no tun driver: taps cannot
+            // be made, and `auto` means "when it can work".
+            "auto" if !privileged || !std::path::Path::new(TUN_DEVICE).exists() => State::Disabled,
             "auto" | "tap" => match Self::subnet(config, &store) {
                 Ok(subnet) => State::Ready(NetSetup {
                     subnet,
@@ -129,9 +132,10 @@ impl NetworkService {
     /// What `doctor` and `daemon status` show.
     pub fn describe(&self) -> Result<String, String> {
         match &self.state {
-            State::Disabled => {
-                Ok("off (network.mode none, or neither root nor a root helper)".into())
-            }
+            State::Disabled => Ok(
+                "off (network.mode none; or neither root nor a root helper; or no /dev/net/tun)"
+                    .into(),
+            ),
             State::Broken(e) => Err(e.clone()),
             State::Ready(s) => Ok(format!(
                 "taps on {} (gateway {}, domain .{})",
