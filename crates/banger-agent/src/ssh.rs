@@ -93,18 +93,8 @@ impl Handler {
         let handle = session.handle();
         match exec::spawn(spec) {
             Err(e) => {
-                tokio::spawn(async move {
-                    let _ = handle
-                        .extended_data(
-                            channel,
-                            1,
-                            format!("banger: {}\r\n", e.message).into_bytes(),
-                        )
-                        .await;
-                    let _ = handle.exit_status_request(channel, e.code).await;
-                    let _ = handle.eof(channel).await;
-                    let _ = handle.close(channel).await;
-                });
+                let message = format!("banger: {}\r\n", e.message).into_bytes();
+                tokio::spawn(answer(handle, channel, Some(1), message, e.code));
             }
             Ok(started) => {
                 state.pid = Some(started.pid);
@@ -161,6 +151,18 @@ async fn pump(fd: OwnedFd, handle: Handle, channel: ChannelId, ext: Option<u32>)
             }
         }
     }
+}
+
+/// A request the agent answers itself: `bytes` on stdout (or the extended
+/// stream `ext`), then `code` as the exit status, and the channel closes.
+async fn answer(handle: Handle, channel: ChannelId, ext: Option<u32>, bytes: Vec<u8>, code: u32) {
+    let _ = match ext {
+        Some(ext) => handle.extended_data(channel, ext, bytes).await,
+        None => handle.data(channel, bytes).await,
+    };
+    let _ = handle.exit_status_request(channel, code).await;
+    let _ = handle.eof(channel).await;
+    let _ = handle.close(channel).await;
 }
 
 async fn finish(
@@ -451,15 +453,8 @@ impl russh::server::Handler for Handler {
                 .write()
                 .unwrap_or_else(|p| p.into_inner()) = keys;
             session.channel_success(channel)?;
-            let handle = session.handle();
-            tokio::spawn(async move {
-                let _ = handle
-                    .data(channel, format!("{count}\n").into_bytes())
-                    .await;
-                let _ = handle.exit_status_request(channel, 0).await;
-                let _ = handle.eof(channel).await;
-                let _ = handle.close(channel).await;
-            });
+            let reply = format!("{count}\n").into_bytes();
+            tokio::spawn(answer(session.handle(), channel, None, reply, 0));
             return Ok(());
         }
         self.shared.root_ready().await;

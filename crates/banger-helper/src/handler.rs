@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use banger_host::net::{check_guest, check_tap};
 use banger_host::{
     BlockDevices, HostError, HostNetwork, LaunchSpec, NetSetup, ProcessId, ProcessLauncher,
 };
@@ -131,13 +132,7 @@ impl Helper {
                 Ok(HelperValue::Done)
             }
             R::Unroute { guest } => {
-                let setup = self.current_setup()?;
-                if !setup.subnet.contains(guest) || guest == setup.subnet.gateway() {
-                    return Err(Failure::Refused(format!(
-                        "{guest} is not a guest address in {}",
-                        setup.subnet
-                    )));
-                }
+                check_guest(guest, &self.current_setup()?)?;
                 self.net.unroute(guest)?;
                 Ok(HelperValue::Done)
             }
@@ -255,17 +250,6 @@ impl Helper {
     /// directory, never one a caller can write.
     fn dm_state(&self, name: &str) -> PathBuf {
         self.state_dir.join("dm").join(format!("{name}.state"))
-    }
-}
-
-fn check_tap(tap: &str) -> Result<(), Failure> {
-    if banger_host::net::is_tap_name(tap) {
-        Ok(())
-    } else {
-        Err(Failure::Refused(format!(
-            "`{tap}` is not one of banger's taps ({}N)",
-            banger_host::net::TAP_PREFIX
-        )))
     }
 }
 

@@ -132,7 +132,8 @@ pub fn is_tap_name(name: &str) -> bool {
         .is_some_and(|n| !n.is_empty() && n.len() <= 5 && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
-fn check_tap(name: &str) -> Result<(), HostError> {
+/// Refuses any interface but banger's taps.
+pub fn check_tap(name: &str) -> Result<(), HostError> {
     if is_tap_name(name) {
         Ok(())
     } else {
@@ -140,6 +141,18 @@ fn check_tap(name: &str) -> Result<(), HostError> {
             "`{name}` is not one of banger's taps ({TAP_PREFIX}N)"
         )))
     }
+}
+
+/// Refuses addresses that are not a guest's in `setup`'s subnet (outside
+/// it, or the gateway).
+pub fn check_guest(guest: Ipv4Addr, setup: &NetSetup) -> Result<(), HostError> {
+    if !setup.subnet.contains(guest) || guest == setup.subnet.gateway() {
+        return Err(HostError::Refused(format!(
+            "{guest} is not a guest address in {}",
+            setup.subnet
+        )));
+    }
+    Ok(())
 }
 
 pub trait HostNetwork: Send + Sync {
@@ -286,12 +299,7 @@ impl HostNetwork for RealHostNetwork {
 
     fn route(&self, tap: &str, guest: Ipv4Addr, setup: &NetSetup) -> Result<(), HostError> {
         check_tap(tap)?;
-        if !setup.subnet.contains(guest) || guest == setup.subnet.gateway() {
-            return Err(HostError::Refused(format!(
-                "{guest} is not a guest address in {}",
-                setup.subnet
-            )));
-        }
+        check_guest(guest, setup)?;
         let dst = format!("{guest}/32");
         let src = setup.subnet.gateway().to_string();
         self.ip(["route", "replace", &dst, "dev", tap, "src", &src])

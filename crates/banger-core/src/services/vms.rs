@@ -804,12 +804,7 @@ impl VmService {
         events.emit(
             &serde_json::json!({ "listening": local.to_string(), "guest_port": p.guest_port }),
         );
-        let gone = async {
-            match input.as_mut() {
-                Some(rx) => while rx.recv().await.is_some() {},
-                None => std::future::pending::<()>().await,
-            }
-        };
+        let gone = caller_gone(&mut input);
         tokio::pin!(gone);
         let mut connections = 0;
         loop {
@@ -861,14 +856,8 @@ impl VmService {
         events.emit(&serde_json::json!({ "text": text }));
         let mut offset = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         loop {
-            let gone = async {
-                match input.as_mut() {
-                    Some(rx) => while rx.recv().await.is_some() {},
-                    None => std::future::pending::<()>().await,
-                }
-            };
             tokio::select! {
-                _ = gone => return Ok(LogsResult { text: String::new() }),
+                _ = caller_gone(&mut input) => return Ok(LogsResult { text: String::new() }),
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
             let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
@@ -1006,6 +995,15 @@ fn last_lines(text: &str, n: usize) -> String {
         out.push('\n');
     }
     out
+}
+
+/// Resolves when the caller hangs up (its input lines end); never without
+/// an input stream.
+async fn caller_gone(input: &mut Option<tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>>) {
+    match input.as_mut() {
+        Some(rx) => while rx.recv().await.is_some() {},
+        None => std::future::pending::<()>().await,
+    }
 }
 
 /// A boot that failed after launch: the stage, why, and the end of the

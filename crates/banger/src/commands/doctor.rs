@@ -43,6 +43,8 @@ fn check(
 }
 
 pub fn run(paths: &Paths, json: bool) -> anyhow::Result<i32> {
+    // Asked once; the checks that read it take it from here.
+    let status = daemon_status(paths);
     let checks = vec![
         daemon(paths),
         writable("state-dir", &paths.state_dir),
@@ -56,9 +58,9 @@ pub fn run(paths: &Paths, json: bool) -> anyhow::Result<i32> {
         kernel(paths),
         agent(),
         cow(paths),
-        network(paths),
-        dns(paths),
-        helper(paths),
+        network(status.as_ref()),
+        dns(status.as_ref()),
+        helper(status.as_ref()),
         install(),
     ];
     if json {
@@ -355,21 +357,12 @@ fn agent() -> Check {
     }
 }
 
-fn network(paths: &Paths) -> Check {
-    use banger_proto::status::{DaemonStatus, NetworkStatus};
-    let client = Client::new(paths.clone());
-    let Ok(stream) = client.connect_existing() else {
+fn network(status: Option<&DaemonStatus>) -> Check {
+    use banger_proto::status::NetworkStatus;
+    let Some(status) = status else {
         return check("network", Status::Warn, "daemon not running", None);
     };
-    let status = call_on(
-        stream,
-        methods::DAEMON_STATUS,
-        serde_json::json!({}),
-        |_| {},
-    )
-    .ok()
-    .and_then(|v| serde_json::from_value::<DaemonStatus>(v).ok());
-    match status.and_then(|s| s.network) {
+    match status.network.clone() {
         Some(NetworkStatus::Ok(text)) => check("network", Status::Ok, text, None),
         Some(NetworkStatus::Error(e)) => check(
             "network",
@@ -418,9 +411,9 @@ fn cow(paths: &Paths) -> Check {
 }
 
 /// Who does the privileged work, and whether that path is sound.
-fn helper(paths: &Paths) -> Check {
+fn helper(status: Option<&DaemonStatus>) -> Check {
     let installed = crate::units::Install::present(Path::new("/"));
-    if daemon_uid(paths) == Some(0) {
+    if status.map(|s| s.uid) == Some(0) {
         return if installed {
             check(
                 "helper",
@@ -525,17 +518,13 @@ fn install() -> Check {
     }
 }
 
-fn daemon_uid(paths: &Paths) -> Option<u32> {
-    daemon_status(paths).map(|s| s.uid)
-}
-
 /// banger's own server answers on its port; and, where systemd-resolved
 /// runs, the host routes the VM domain to it.
-fn dns(paths: &Paths) -> Check {
-    let Some(status) = daemon_status(paths) else {
+fn dns(status: Option<&DaemonStatus>) -> Check {
+    let Some(status) = status else {
         return check("dns", Status::Warn, "daemon not running", None);
     };
-    let Some(dns) = status.dns else {
+    let Some(dns) = status.dns.clone() else {
         return check(
             "dns",
             Status::Ok,
