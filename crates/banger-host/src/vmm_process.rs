@@ -79,15 +79,11 @@ impl ProcessLauncher for RealLauncher {
             // std drops supplementary groups when it changes the uid.
             cmd.uid(uid).gid(gid);
         }
-        // SAFETY: setsid is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        // Its own process group keeps a terminal's Ctrl-C (sent to the
+        // foreground group of a `banger daemon` run by hand) away from the
+        // VMs. Unlike setsid in a pre_exec hook it lets std spawn with
+        // posix_spawn (vfork) instead of forking the whole daemon.
+        cmd.process_group(0);
         let child = cmd
             .spawn()
             .map_err(|e| HostError::spawn(&spec.program, e))?;

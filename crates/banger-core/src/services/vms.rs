@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use banger_host::{ProcessId, ProcessLauncher, ProcessRunner};
-use banger_proto::agent::{BootConfig, ExecRequest, AGENT_PROTOCOL};
+use banger_proto::agent::{BootConfig, ExecRequest, Transport, AGENT_PROTOCOL};
 use banger_proto::vm::{
     CreateParams, ExecEvent, ExecInput, ExecParams, ExecResult, LogsResult, PortForwardParams,
     PortForwardResult, VmEvent, VmInfo,
@@ -578,13 +578,14 @@ impl VmService {
         step(&events, "agent", 3, STEPS_START);
         steps.begin("agent")?;
         let timeout = Duration::from_secs(self.config.boot_timeout_secs.unwrap_or(60));
-        // The agent's SSH server is up before its disks are mounted: the
-        // handshake runs while the guest finishes booting.
+        // The handshake runs while the guest finishes booting: the agent
+        // serves SSH before its disks are mounted. A virtio-serial port holds
+        // the host's bytes until the guest opens it, so there the daemon
+        // connects at launch; over vsock it waits for the agent's "ssh" report.
+        let connect_at_launch = vmm.transport() == Transport::VirtioSerial;
         let (ssh_up, ssh_signal) = tokio::sync::oneshot::channel::<()>();
         let mut ssh_up = Some(ssh_up);
         let events_ref = &events;
-        // `move`: the sender must drop with the closure when waiting ends, so
-        // an early connect that never got its signal gives up.
         let waiting = agent_client::wait_ready(ctl, timeout, &alive, move |stage| {
             events_ref.emit(&VmEvent::Agent {
                 stage: stage.to_string(),
@@ -596,26 +597,47 @@ impl VmService {
             }
         });
         let early = async {
-            match ssh_signal.await {
-                Ok(()) => {
-                    let started = std::time::Instant::now();
-                    let session =
-                        tokio::time::timeout(timeout, self.open_session(&vm, vmm.as_ref()))
-                            .await
-                            .ok();
-                    tracing::debug!(
-                        elapsed_ms = started.elapsed().as_millis() as u64,
-                        "early SSH handshake"
-                    );
-                    session
+            if !connect_at_launch && ssh_signal.await.is_err() {
+                return None;
+            }
+            let started = std::time::Instant::now();
+            let session =
+                tokio::time::timeout(timeout, self.open_session_early(&vm, vmm.as_ref(), &alive))
+                    .await
+                    .ok();
+            tracing::debug!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "early SSH handshake"
+            );
+            session
+        };
+        // Readiness decides: a failed boot is reported at once, without
+        // waiting on a handshake that will never finish.
+        let mut early = std::pin::pin!(early);
+        let mut early_done = None;
+        let ready = {
+            // Dropped before `early` is awaited below: it owns the "ssh"
+            // signal's sender, so an early connect still waiting gives up.
+            let mut waiting = std::pin::pin!(waiting);
+            loop {
+                tokio::select! {
+                    ready = &mut waiting => break ready,
+                    session = &mut early, if early_done.is_none() => early_done = Some(session),
                 }
-                Err(_) => None,
             }
         };
-        let (ready, early) = tokio::join!(waiting, early);
         if let Err(failure) = ready {
             return Err(boot_failed(&vm, &failure.stage, &failure.message));
         }
+        let early = match early_done {
+            Some(session) => session,
+            // Normally moments away; a handshake stuck past this is dropped
+            // (the agent then serves the fresh connection made below).
+            None => tokio::time::timeout(Duration::from_secs(10), early)
+                .await
+                .ok()
+                .flatten(),
+        };
 
         step(&events, "ssh", 4, STEPS_START);
         steps.begin("ssh")?;
@@ -651,8 +673,33 @@ impl VmService {
             .map_err(|e| OpError::internal(format!("VM `{}`: {e}", vm.name)))
     }
 
+    /// The boot-time session: the VMM may not be listening yet.
+    async fn open_session_early(
+        &self,
+        vm: &VmRecord,
+        vmm: &dyn Vmm,
+        alive: &(dyn Fn() -> bool + Sync),
+    ) -> Result<AgentSession, String> {
+        let stream = loop {
+            match vmm.open_ssh(Path::new(&vm.dir)).await {
+                Ok(stream) => break stream,
+                Err(_) if alive() => tokio::time::sleep(Duration::from_millis(2)).await,
+                Err(e) => return Err(e),
+            }
+        };
+        self.handshake(vm, stream).await
+    }
+
     async fn open_session(&self, vm: &VmRecord, vmm: &dyn Vmm) -> Result<AgentSession, String> {
         let stream = vmm.open_ssh(Path::new(&vm.dir)).await?;
+        self.handshake(vm, stream).await
+    }
+
+    async fn handshake(
+        &self,
+        vm: &VmRecord,
+        stream: tokio::net::UnixStream,
+    ) -> Result<AgentSession, String> {
         let host_key = keys::parse_public(&vm.host_key_pub)?;
         let client_key = keys::client_key(&self.paths.state_dir)?;
         AgentSession::connect(stream, host_key, client_key)

@@ -121,6 +121,7 @@ pub async fn wait_ready(
                 ),
             ));
         }
+        tracing::debug!(stage = %report.stage, "agent report");
         match report.stage.as_str() {
             "ready" => return Ok(()),
             "failed" => {
