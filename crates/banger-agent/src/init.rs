@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use banger_proto::agent::{
-    AgentReport, BootConfig, Transport, AGENT_PROTOCOL, BOOT_CONFIG_PATH, CTL_PORT_NAME,
+    driver, AgentReport, BootConfig, Transport, AGENT_PROTOCOL, BOOT_CONFIG_PATH, CTL_PORT_NAME,
     MODULES_ORDER_PATH, SSH_PORT_NAME, VSOCK_CTL_PORT, VSOCK_SSH_PORT,
 };
 use nix::mount::{mount, MsFlags};
@@ -23,7 +23,12 @@ pub fn main() {
         Ok(c) => c,
         Err(e) => power::fail("config", &e),
     };
-    if let Err(e) = load_modules() {
+    // The transport first: SSH comes up while the disk's driver loads.
+    let transport = match config.transport {
+        Transport::VirtioSerial => driver::SERIAL,
+        Transport::Vsock => driver::VSOCK,
+    };
+    if let Err(e) = load_modules(&[driver::BUS, transport]) {
         power::fail("modules", &e);
     }
     let control = Control::start(&config.transport);
@@ -41,6 +46,8 @@ pub fn main() {
         // overlaps mounting the disks; commands wait for the root switch.
         let (root_tx, root_rx) = tokio::sync::watch::channel(false);
         let ssh = tokio::spawn(serve(config.clone(), control.clone(), root_rx));
+        // Fork and exec, warmed for the first command (see warm.rs).
+        tokio::spawn(crate::warm::run());
         let (cfg, ctl) = (config.clone(), control.clone());
         let mounted = tokio::task::spawn_blocking(move || mount_disks(&cfg, &ctl))
             .await
@@ -61,6 +68,11 @@ pub fn main() {
 
 /// The root switch, the hostname and the work disk.
 fn mount_disks(config: &BootConfig, control: &Control) -> Result<(), (&'static str, String)> {
+    let mut drivers = vec![driver::DISK];
+    if config.network.is_some() {
+        drivers.push(driver::NET);
+    }
+    load_modules(&drivers).map_err(|e| ("modules", e))?;
     if let Some(net) = &config.network {
         crate::net::configure(net).map_err(|e| ("network", e))?;
     }
@@ -123,19 +135,37 @@ fn read_config() -> Result<BootConfig, String> {
     Ok(config)
 }
 
-fn load_modules() -> Result<(), String> {
-    let Ok(order) = std::fs::read_to_string(MODULES_ORDER_PATH) else {
+/// Loads the modules the manifest lists for `drivers`, each once.
+fn load_modules(drivers: &[&str]) -> Result<(), String> {
+    static LOADED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let Ok(manifest) = std::fs::read_to_string(MODULES_ORDER_PATH) else {
         return Ok(()); // Drivers built into the kernel.
     };
-    for path in order.lines().filter(|l| !l.trim().is_empty()) {
-        let file = std::fs::File::open(path).map_err(|e| format!("{path}: {e}"))?;
+    let mut loaded = LOADED.lock().unwrap_or_else(|p| p.into_inner());
+    for path in modules_for(&manifest, drivers, &loaded) {
+        let file = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
         let params = CString::default();
         match nix::kmod::finit_module(&file, &params, nix::kmod::ModuleInitFlags::empty()) {
-            Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+            Ok(()) | Err(nix::errno::Errno::EEXIST) => loaded.push(path),
             Err(e) => return Err(format!("loading {path}: {e}")),
         }
     }
     Ok(())
+}
+
+/// The manifest's modules needed by any of `drivers` and not yet loaded, in
+/// its (dependency) order. A line naming no drivers is always needed.
+fn modules_for(manifest: &str, drivers: &[&str], loaded: &[String]) -> Vec<String> {
+    manifest
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| line.split_once(' ').unwrap_or((line, "")))
+        .filter(|(_, needed_by)| {
+            needed_by.is_empty() || needed_by.split(',').any(|d| drivers.contains(&d))
+        })
+        .map(|(path, _)| path.to_string())
+        .filter(|path| !loaded.contains(path))
+        .collect()
 }
 
 fn wait_for(path: &str, timeout: Duration) -> Result<(), String> {
@@ -432,5 +462,35 @@ impl tokio::io::AsyncWrite for SharedStream {
         _: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loads_each_drivers_closure_once_in_manifest_order() {
+        let manifest = "/m/virtio_ring.ko virtio_mmio,virtio_console,virtio_blk\n\
+                        /m/virtio_mmio.ko virtio_mmio\n\
+                        /m/virtio_console.ko virtio_console\n\
+                        /m/vsock.ko vmw_vsock_virtio_transport\n\
+                        /m/virtio_blk.ko virtio_blk\n\
+                        /m/old-style.ko\n";
+        let first = modules_for(manifest, &[driver::BUS, driver::SERIAL], &[]);
+        assert_eq!(
+            first,
+            [
+                "/m/virtio_ring.ko",
+                "/m/virtio_mmio.ko",
+                "/m/virtio_console.ko",
+                "/m/old-style.ko"
+            ]
+        );
+        assert_eq!(
+            modules_for(manifest, &[driver::DISK], &first),
+            ["/m/virtio_blk.ko"]
+        );
+        assert!(modules_for("", &[driver::DISK], &[]).is_empty());
     }
 }

@@ -15,11 +15,15 @@ mod sftp;
 mod ssh;
 mod tar_tool;
 mod transport;
+mod warm;
 
 fn main() {
     let argv0 = std::env::args().next().unwrap_or_default();
     if argv0 == banger_proto::agent::TAR_TOOL {
         std::process::exit(tar_tool::main(std::env::args().skip(1).collect()));
+    }
+    if argv0 == warm::TOOL {
+        return;
     }
     if std::process::id() != 1 {
         eprintln!(

@@ -13,8 +13,23 @@ pub const AGENT_PROTOCOL: u32 = 1;
 
 /// Where the agent's config sits inside the initramfs.
 pub const BOOT_CONFIG_PATH: &str = "/banger/config.json";
-/// Modules to load, one path per line, in dependency order.
+/// Modules to load in dependency order, one per line: its path, a space, and
+/// the comma-separated drivers (below) that need it. The agent loads the bus
+/// and its transport's drivers first, so SSH comes up while the others load,
+/// and skips drivers the VM does not use.
 pub const MODULES_ORDER_PATH: &str = "/banger/modules.order";
+
+/// The drivers the module manifest names.
+pub mod driver {
+    /// The virtio-mmio bus every device sits on.
+    pub const BUS: &str = "virtio_mmio";
+    pub const DISK: &str = "virtio_blk";
+    pub const NET: &str = "virtio_net";
+    /// Virtio-serial ports: the agent's transport under QEMU here.
+    pub const SERIAL: &str = "virtio_console";
+    /// Vsock: the agent's transport under Firecracker.
+    pub const VSOCK: &str = "vmw_vsock_virtio_transport";
+}
 
 /// Names of the virtio-serial ports (QEMU) the agent looks for.
 pub const SSH_PORT_NAME: &str = "banger.ssh";

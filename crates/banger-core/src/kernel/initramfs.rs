@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use banger_proto::agent::MODULES_ORDER_PATH;
+use banger_proto::agent::{driver, MODULES_ORDER_PATH};
 
 use super::cpio::Cpio;
 use super::decompress;
@@ -14,18 +14,23 @@ use super::modinfo;
 /// Drivers banger's VMs use: the virtio-mmio bus, disks, network, the
 /// virtio console (QEMU's agent ports) and vsock (Firecracker's).
 pub const WANTED: &[&str] = &[
-    "virtio_mmio",
-    "virtio_blk",
-    "virtio_net",
-    "virtio_console",
-    "vmw_vsock_virtio_transport",
+    driver::BUS,
+    driver::SERIAL,
+    driver::VSOCK,
+    driver::DISK,
+    driver::NET,
 ];
+
+/// Bumped whenever the base archive's layout or manifest format changes.
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// A module to load, already decompressed.
 #[derive(Debug, Clone)]
 pub struct Module {
     pub name: String,
     pub bytes: Vec<u8>,
+    /// The wanted drivers that need it (itself or as a dependency).
+    pub drivers: Vec<String>,
 }
 
 /// Finds every `.ko`, `.ko.xz`, `.ko.zst` or `.ko.gz` under `root`, by name.
@@ -67,6 +72,7 @@ pub fn resolve(root: Option<&Path>, wanted: &[&str]) -> Result<Vec<Module>, Stri
     };
     let index = index(root).map_err(|e| format!("reading modules in {}: {e}", root.display()))?;
     let mut order = Vec::new();
+    let mut deps = HashMap::new();
     let mut done = HashSet::new();
     for name in wanted {
         visit(
@@ -75,7 +81,22 @@ pub fn resolve(root: Option<&Path>, wanted: &[&str]) -> Result<Vec<Module>, Stri
             &mut done,
             &mut Vec::new(),
             &mut order,
+            &mut deps,
         )?;
+    }
+    // Each driver's whole closure, so the agent can load any set of them.
+    for name in wanted {
+        let mut stack = vec![modinfo::normalize(name)];
+        let mut seen = HashSet::new();
+        while let Some(n) = stack.pop() {
+            if !seen.insert(n.clone()) {
+                continue;
+            }
+            stack.extend(deps.get(&n).into_iter().flatten().cloned());
+        }
+        for m in order.iter_mut().filter(|m| seen.contains(&m.name)) {
+            m.drivers.push(name.to_string());
+        }
     }
     Ok(order)
 }
@@ -86,6 +107,7 @@ fn visit(
     done: &mut HashSet<String>,
     path: &mut Vec<String>,
     order: &mut Vec<Module>,
+    deps: &mut HashMap<String, Vec<String>>,
 ) -> Result<(), String> {
     if done.contains(name) {
         return Ok(());
@@ -102,14 +124,17 @@ fn visit(
     };
     let bytes = read_module(file)?;
     path.push(name.to_string());
-    for dep in modinfo::depends(&bytes).map_err(|e| format!("{}: {e}", file.display()))? {
-        visit(index, &dep, done, path, order)?;
+    let needs = modinfo::depends(&bytes).map_err(|e| format!("{}: {e}", file.display()))?;
+    for dep in &needs {
+        visit(index, dep, done, path, order, deps)?;
     }
     path.pop();
     done.insert(name.to_string());
+    deps.insert(name.to_string(), needs);
     order.push(Module {
         name: name.to_string(),
         bytes,
+        drivers: Vec::new(),
     });
     Ok(())
 }
@@ -135,8 +160,7 @@ pub fn base_archive(agent: &[u8], modules: &[Module]) -> Vec<u8> {
     for m in modules {
         let path = format!("/lib/banger-modules/{}.ko", m.name);
         c.file(&path, 0o644, &m.bytes);
-        order.push_str(&path);
-        order.push('\n');
+        order.push_str(&format!("{path} {}\n", m.drivers.join(",")));
     }
     if !modules.is_empty() {
         c.file(MODULES_ORDER_PATH, 0o644, order.as_bytes());
@@ -193,6 +217,27 @@ mod tests {
         assert!(
             mods.iter().all(|m| m.bytes.starts_with(b"\x7fELF")),
             "decompressed"
+        );
+        let drivers: Vec<_> = mods.iter().map(|m| m.drivers.join(",")).collect();
+        assert_eq!(
+            drivers,
+            [
+                "virtio_mmio,virtio_blk",
+                "virtio_mmio,virtio_blk",
+                "virtio_mmio",
+                "virtio_blk"
+            ]
+        );
+        let archive = base_archive(b"agent", &mods);
+        let manifest = "/lib/banger-modules/virtio_ring.ko virtio_mmio,virtio_blk\n\
+                        /lib/banger-modules/virtio.ko virtio_mmio,virtio_blk\n\
+                        /lib/banger-modules/virtio_mmio.ko virtio_mmio\n\
+                        /lib/banger-modules/virtio_blk.ko virtio_blk\n";
+        assert!(
+            archive
+                .windows(manifest.len())
+                .any(|w| w == manifest.as_bytes()),
+            "the manifest names each module's drivers"
         );
         assert!(resolve(None, WANTED).unwrap().is_empty());
     }

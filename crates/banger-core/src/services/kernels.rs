@@ -49,6 +49,31 @@ impl AgentFile {
     }
 }
 
+/// The cached base initramfs for an agent. The name carries the layout's
+/// version too: a daemon that lays archives out differently must not reuse
+/// one an older daemon built for the same agent.
+fn cached_initramfs(dir: &Path, agent_tag: &str) -> PathBuf {
+    dir.join(format!(
+        "initramfs-{agent_tag}-v{}.cpio",
+        initramfs::LAYOUT_VERSION
+    ))
+}
+
+/// Removes base archives other than `keep` (built for earlier agents or
+/// layouts): VMs boot from their own copies, so nothing still needs them.
+fn prune_initramfs(keep: &Path) {
+    let Some(dir) = keep.parent() else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("initramfs-") && name.ends_with(".cpio") && entry.path() != keep {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 impl KernelService {
     pub fn new(paths: Paths, store: Arc<Store>) -> KernelService {
         KernelService {
@@ -222,7 +247,7 @@ impl KernelService {
             .map(Path::to_path_buf)
             .unwrap_or_default();
         if let Some(tag) = &known {
-            let path = dir.join(format!("initramfs-{tag}.cpio"));
+            let path = cached_initramfs(&dir, tag);
             if path.is_file() {
                 return Ok(path);
             }
@@ -231,7 +256,7 @@ impl KernelService {
         let tag =
             crate::oci::digest::short(&crate::oci::digest::sha256_of(&agent_bytes)).to_string();
         *self.agent_tags.lock().unwrap_or_else(|p| p.into_inner()) = Some((file, tag.clone()));
-        let path = dir.join(format!("initramfs-{tag}.cpio"));
+        let path = cached_initramfs(&dir, &tag);
         if path.is_file() {
             return Ok(path);
         }
@@ -246,7 +271,9 @@ impl KernelService {
             let archive = initramfs::base_archive(&agent_bytes, &modules);
             let tmp = out.with_extension("tmp");
             std::fs::write(&tmp, archive).map_err(|e| e.to_string())?;
-            std::fs::rename(&tmp, &out).map_err(|e| e.to_string())
+            std::fs::rename(&tmp, &out).map_err(|e| e.to_string())?;
+            prune_initramfs(&out);
+            Ok(())
         })
         .await
         .map_err(|e| OpError::internal(e.to_string()))?
