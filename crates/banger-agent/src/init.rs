@@ -381,6 +381,12 @@ async fn serve(
                 while crate::transport::host_connected(raw) {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
+                let stale = crate::transport::discard_stale(raw);
+                if stale > 0 {
+                    log(&format!(
+                        "discarded {stale} bytes the last host left unread"
+                    ));
+                }
             }
         }
         Transport::Vsock => {

@@ -157,6 +157,24 @@ pub fn host_connected(fd: RawFd) -> bool {
     n >= 0 && pfd.revents & libc::POLLHUP == 0
 }
 
+/// Discards what an earlier host connection left unread in the port, and
+/// says how many bytes that was. A port has no connection framing: bytes a
+/// host sent before it went away would otherwise open the next host's session
+/// (and wedge it). Stops as soon as a new host is connected.
+pub fn discard_stale(fd: RawFd) -> usize {
+    let mut buf = [0u8; 4096];
+    let mut discarded = 0;
+    while !host_connected(fd) {
+        // SAFETY: reading into a buffer we own from a non-blocking descriptor.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            break;
+        }
+        discarded += n as usize;
+    }
+    discarded
+}
+
 /// Blocks (asynchronously) until the host opens its end of the port.
 pub async fn wait_for_host(fd: RawFd) {
     while !host_connected(fd) {

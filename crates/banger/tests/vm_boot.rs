@@ -208,6 +208,23 @@ fn vms_boot_run_commands_persist_and_survive_a_daemon_kill() {
         "work-data\n"
     );
 
+    // A host that leaves bytes unread in the agent's SSH port (here: junk,
+    // then gone) must not wedge the next connection.
+    banger.kill_daemon(libc::SIGKILL);
+    {
+        use std::io::Write;
+        let dir = info[0]["dir"].as_str().unwrap();
+        let mut junk = std::os::unix::net::UnixStream::connect(format!("{dir}/ssh.sock")).unwrap();
+        let _ = junk.write_all(&[b'x'; 64 * 1024]);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    banger.start_daemon();
+    assert_eq!(
+        banger.ok(&["vm", "exec", "web", "--", "cat", "/work/kept"]),
+        "work-data\n"
+    );
+
     // A VM whose VMM died while the daemon was away is reported stopped.
     banger.kill_daemon(libc::SIGKILL);
     unsafe { libc::kill(qemu_pid as i32, libc::SIGKILL) };

@@ -42,6 +42,10 @@ const MIN_DISK_BYTES: u64 = 4 << 30;
 const WORK_DISK_BYTES: u64 = 8 << 30;
 const STEPS_START: u32 = 5;
 
+/// How long reconnecting to a running VM's agent may take (normally well
+/// under a second, even emulated).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
 pub struct VmService {
     paths: Paths,
     config: Config,
@@ -667,10 +671,21 @@ impl VmService {
         self.info(&vm)
     }
 
+    /// A fresh connection to a running VM's agent. Bounded: it is made under
+    /// the sessions lock, and a guest that never answers must not stall every
+    /// other VM's commands (or `vm rm -f`).
     async fn connect(&self, vm: &VmRecord, vmm: &dyn Vmm) -> OpResult<AgentSession> {
-        self.open_session(vm, vmm)
-            .await
-            .map_err(|e| OpError::internal(format!("VM `{}`: {e}", vm.name)))
+        match tokio::time::timeout(CONNECT_TIMEOUT, self.open_session(vm, vmm)).await {
+            Ok(session) => {
+                session.map_err(|e| OpError::internal(format!("VM `{}`: {e}", vm.name)))
+            }
+            Err(_) => Err(OpError::internal(format!(
+                "VM `{}`: its agent did not complete the SSH handshake within {}s; see `banger vm logs {}`",
+                vm.name,
+                CONNECT_TIMEOUT.as_secs(),
+                vm.name
+            ))),
+        }
     }
 
     /// The boot-time session: the VMM may not be listening yet.
@@ -745,7 +760,8 @@ impl VmService {
         };
         if !timeout.is_zero() {
             // Clean first: the agent syncs and unmounts before powering off.
-            if let Ok(session) = self.session(vm).await {
+            let connecting = tokio::time::timeout(timeout, self.session(vm));
+            if let Ok(Ok(session)) = connecting.await {
                 let _ = tokio::time::timeout(Duration::from_secs(2), session.poweroff()).await;
             }
             let deadline = tokio::time::Instant::now() + timeout;
