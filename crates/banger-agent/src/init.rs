@@ -58,12 +58,20 @@ pub fn main() {
         }
         let _ = root_tx.send(true);
         control.report("ready", None);
-        log("ready");
+        log(&format!("ready, {} after the kernel started", uptime()));
         match ssh.await {
             Ok(Err(e)) => power::fail("ssh", &e),
             _ => power::fail("ssh", "the SSH server stopped"),
         }
     });
+}
+
+/// The guest's uptime, for the console ("1.23 s").
+fn uptime() -> String {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|u| u.split_whitespace().next().map(|s| format!("{s} s")))
+        .unwrap_or_else(|| "?".into())
 }
 
 /// The root switch, the hostname and the work disk.
