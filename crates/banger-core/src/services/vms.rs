@@ -60,7 +60,20 @@ pub struct VmService {
     addresses: Mutex<()>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     sessions: tokio::sync::Mutex<HashMap<String, AgentSession>>,
+    /// One reconnect per VM at a time (the agent serves one host connection
+    /// on virtio-serial), without holding up other VMs' commands.
+    connecting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     fail_point: Mutex<FailPoint>,
+}
+
+/// The lock for `name` in `locks`, dropping entries nobody holds.
+fn named_lock(
+    locks: &Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    name: &str,
+) -> Arc<tokio::sync::Mutex<()>> {
+    let mut locks = locks.lock().unwrap_or_else(|p| p.into_inner());
+    locks.retain(|_, l| Arc::strong_count(l) > 1);
+    locks.entry(name.to_string()).or_default().clone()
 }
 
 fn step(events: &Events, step: &str, n: u32, of: u32) {
@@ -98,6 +111,7 @@ impl VmService {
             addresses: Mutex::default(),
             locks: Mutex::default(),
             sessions: tokio::sync::Mutex::default(),
+            connecting: Mutex::default(),
             fail_point: Mutex::default(),
         }
     }
@@ -140,9 +154,7 @@ impl VmService {
     }
 
     fn vm_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-        locks.retain(|_, l| Arc::strong_count(l) > 1);
-        locks.entry(name.to_string()).or_default().clone()
+        named_lock(&self.locks, name)
     }
 
     fn vmm(&self, kind: &str) -> OpResult<Box<dyn Vmm>> {
@@ -671,9 +683,8 @@ impl VmService {
         self.info(&vm)
     }
 
-    /// A fresh connection to a running VM's agent. Bounded: it is made under
-    /// the sessions lock, and a guest that never answers must not stall every
-    /// other VM's commands (or `vm rm -f`).
+    /// A fresh connection to a running VM's agent. Bounded: a guest that
+    /// never answers must not stall that VM's commands (or `vm rm -f`).
     async fn connect(&self, vm: &VmRecord, vmm: &dyn Vmm) -> OpResult<AgentSession> {
         match tokio::time::timeout(CONNECT_TIMEOUT, self.open_session(vm, vmm)).await {
             Ok(session) => {
@@ -731,15 +742,23 @@ impl VmService {
                 vm.name, vm.name
             )));
         }
-        let mut sessions = self.sessions.lock().await;
-        if let Some(s) = sessions.get(&vm.name) {
-            if !s.is_closed() {
-                return Ok(s.clone());
-            }
+        let open = |sessions: &HashMap<String, AgentSession>| {
+            sessions.get(&vm.name).filter(|s| !s.is_closed()).cloned()
+        };
+        if let Some(session) = open(&*self.sessions.lock().await) {
+            return Ok(session);
+        }
+        let _connecting = named_lock(&self.connecting, &vm.name).lock_owned().await;
+        // Another caller may have connected while this one waited.
+        if let Some(session) = open(&*self.sessions.lock().await) {
+            return Ok(session);
         }
         let vmm = self.vmm(&vm.vmm)?;
         let session = self.connect(vm, vmm.as_ref()).await?;
-        sessions.insert(vm.name.clone(), session.clone());
+        self.sessions
+            .lock()
+            .await
+            .insert(vm.name.clone(), session.clone());
         Ok(session)
     }
 
