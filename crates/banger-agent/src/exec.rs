@@ -108,8 +108,7 @@ pub fn spawn(spec: Spec) -> Result<Started, SpawnError> {
     };
     let acct = account(spec.user.as_deref())
         .map_err(|m| fail(banger_proto::agent::exit::BANGER_FAILED, m))?;
-    // The agent's own tools run from its binary, which every VM has.
-    let mut cmd = if program == banger_proto::agent::TAR_TOOL || program == crate::warm::TOOL {
+    let mut cmd = if crate::OWN_TOOLS.contains(&program.as_str()) {
         let mut c = Command::new("/proc/self/exe");
         c.arg0(&program);
         c

@@ -16,7 +16,7 @@ use crate::console::log;
 use crate::power;
 
 pub fn main() {
-    if let Err(e) = early_mounts() {
+    if let Err(e) = kernel_mounts("") {
         power::fail("mounts", &e);
     }
     let config = match read_config() {
@@ -109,10 +109,6 @@ fn mount_fs(
         Ok(()) | Err(nix::errno::Errno::EBUSY) => Ok(()),
         Err(e) => Err(format!("mounting {fstype} on {target}: {e}")),
     }
-}
-
-fn early_mounts() -> Result<(), String> {
-    kernel_mounts("")
 }
 
 /// /proc, /sys and /dev under `root` ("" for the initramfs itself).
@@ -321,11 +317,7 @@ async fn serve(
 ) -> Result<(), String> {
     let host_key = russh::keys::PrivateKey::from_openssh(config.host_key.as_bytes())
         .map_err(|e| format!("host key: {e}"))?;
-    let parse = |keys: &[String]| -> Vec<russh::keys::PublicKey> {
-        keys.iter()
-            .filter_map(|k| russh::keys::PublicKey::from_openssh(k).ok())
-            .collect()
-    };
+    let parse = |keys: &[String]| crate::ssh::parse_keys(keys.iter().map(String::as_str));
     let authorized = parse(&config.authorized_keys);
     let user_keys = std::sync::RwLock::new(parse(&config.user_keys));
     let image_env = config

@@ -17,6 +17,10 @@ mod tar_tool;
 mod transport;
 mod warm;
 
+/// Names under which the agent's binary runs as one of its own tools (from
+/// `/proc/self/exe`, so every image has them).
+pub const OWN_TOOLS: [&str; 2] = [banger_proto::agent::TAR_TOOL, warm::TOOL];
+
 fn main() {
     let argv0 = std::env::args().next().unwrap_or_default();
     if argv0 == banger_proto::agent::TAR_TOOL {

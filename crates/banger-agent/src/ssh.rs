@@ -153,6 +153,13 @@ async fn pump(fd: OwnedFd, handle: Handle, channel: ChannelId, ext: Option<u32>)
     }
 }
 
+/// The OpenSSH public keys among `lines`; anything else is skipped.
+pub fn parse_keys<'a>(lines: impl Iterator<Item = &'a str>) -> Vec<PublicKey> {
+    lines
+        .filter_map(|k| PublicKey::from_openssh(k.trim()).ok())
+        .collect()
+}
+
 /// A request the agent answers itself: `bytes` on stdout (or the extended
 /// stream `ext`), then `code` as the exit status, and the channel closes.
 async fn answer(handle: Handle, channel: ChannelId, ext: Option<u32>, bytes: Vec<u8>, code: u32) {
@@ -442,10 +449,7 @@ impl russh::server::Handler for Handler {
             return Ok(());
         }
         if let Some(keys) = command.strip_prefix(SET_USER_KEYS) {
-            let keys: Vec<PublicKey> = keys
-                .lines()
-                .filter_map(|k| PublicKey::from_openssh(k.trim()).ok())
-                .collect();
+            let keys = parse_keys(keys.lines());
             let count = keys.len();
             *self
                 .shared

@@ -286,7 +286,6 @@ impl AgentSession {
         status.ok_or_else(|| "the connection to the VM closed before the command finished".into())
     }
 
-    /// Asks the agent to sync, unmount and power off.
     /// Replaces the user keys the agent accepts; banger's own stay.
     pub async fn set_user_keys(&self, keys: &[String]) -> Result<(), String> {
         let mut channel = self
@@ -318,6 +317,7 @@ impl AgentSession {
             .map_err(|e| format!("guest port {port}: {e}"))
     }
 
+    /// Asks the agent to sync, unmount and power off.
     pub async fn poweroff(&self) -> Result<(), String> {
         let channel = self
             .handle
