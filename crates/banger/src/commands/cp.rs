@@ -7,12 +7,12 @@ use std::path::PathBuf;
 
 use banger_proto::agent::{exit, TAR_TOOL};
 use banger_proto::methods;
-use banger_proto::vm::{ExecEvent, ExecInput, ExecResult};
+use banger_proto::vm::{ExecEvent, ExecResult};
 use base64::Engine;
 use serde_json::json;
 
 use super::report;
-use super::vm::send;
+use super::vm::StdinLines;
 use crate::client::Client;
 
 /// `NAME:PATH` → (NAME, PATH) when NAME is a VM name; local paths with a
@@ -108,30 +108,6 @@ fn download(client: &Client, name: &str, src: String, dst: String) -> anyhow::Re
             Ok(exit::BANGER_FAILED as i32)
         }
         _ => Ok(code),
-    }
-}
-
-/// Writes become `stdin` lines on the exec connection; dropping it ends stdin.
-struct StdinLines(UnixStream);
-
-impl Write for StdinLines {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let chunk = &buf[..buf.len().min(48 * 1024)];
-        let data = base64::engine::general_purpose::STANDARD.encode(chunk);
-        if send(&mut self.0, &ExecInput::Stdin(data)) {
-            Ok(chunk.len())
-        } else {
-            Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe))
-        }
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Drop for StdinLines {
-    fn drop(&mut self) {
-        send(&mut self.0, &ExecInput::StdinEof);
     }
 }
 

@@ -1,6 +1,6 @@
 //! `banger vm …`.
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
@@ -232,7 +232,7 @@ extern "C" fn on_signal(sig: libc::c_int) {
     }
 }
 
-pub(super) fn send(writer: &mut UnixStream, input: &ExecInput) -> bool {
+fn send(writer: &mut UnixStream, input: &ExecInput) -> bool {
     let mut line = serde_json::to_vec(input).expect("inputs serialise");
     line.push(b'\n');
     writer.write_all(&line).is_ok()
@@ -363,26 +363,10 @@ fn exec(
                 }
                 std::thread::sleep(std::time::Duration::from_millis(30));
             });
-            let mut writer = writer;
-            if !forward_stdin {
-                send(&mut writer, &ExecInput::StdinEof);
-                return;
-            }
-            let mut stdin = std::io::stdin().lock();
-            let mut buf = vec![0u8; 32 * 1024];
-            loop {
-                match stdin.read(&mut buf) {
-                    Ok(0) | Err(_) => {
-                        send(&mut writer, &ExecInput::StdinEof);
-                        return;
-                    }
-                    Ok(n) => {
-                        let chunk = base64::engine::general_purpose::STANDARD.encode(&buf[..n]);
-                        if !send(&mut writer, &ExecInput::Stdin(chunk)) {
-                            return;
-                        }
-                    }
-                }
+            // Dropping the lines ends the command's stdin.
+            let mut lines = StdinLines(writer);
+            if forward_stdin {
+                let _ = std::io::copy(&mut std::io::stdin().lock(), &mut lines);
             }
         },
     );
@@ -396,6 +380,30 @@ fn exec(
             report(e);
             Ok(exit::BANGER_FAILED as i32)
         }
+    }
+}
+
+/// Writes become `stdin` lines on the exec connection; dropping it ends stdin.
+pub(super) struct StdinLines(pub(super) UnixStream);
+
+impl Write for StdinLines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let chunk = &buf[..buf.len().min(48 * 1024)];
+        let data = base64::engine::general_purpose::STANDARD.encode(chunk);
+        if send(&mut self.0, &ExecInput::Stdin(data)) {
+            Ok(chunk.len())
+        } else {
+            Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for StdinLines {
+    fn drop(&mut self) {
+        send(&mut self.0, &ExecInput::StdinEof);
     }
 }
 
