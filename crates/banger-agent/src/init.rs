@@ -86,6 +86,7 @@ fn mount_disks(config: &BootConfig, control: &Control) -> Result<(), (&'static s
     }
     switch_root(config).map_err(|e| ("root", e))?;
     control.report("root", None);
+    crate::prefetch::start();
     if let Some(net) = &config.network {
         if let Err(e) = crate::net::write_resolv_conf(net) {
             log(&e);
@@ -186,6 +187,7 @@ fn wait_for(path: &str, timeout: Duration) -> Result<(), String> {
 /// Mounts the root disk and makes it `/`, keeping /proc, /sys and /dev.
 fn switch_root(config: &BootConfig) -> Result<(), String> {
     wait_for(&config.root_device, Duration::from_secs(10))?;
+    tune_readahead(&config.root_device);
     mount_fs(
         &config.root_device,
         "/newroot",
@@ -230,7 +232,23 @@ fn mount_work(config: &BootConfig) -> Result<(), String> {
         return Ok(());
     };
     wait_for(device, Duration::from_secs(10))?;
+    tune_readahead(device);
     mount_fs(device, target, "ext4", MsFlags::empty(), None)
+}
+
+/// Reads ahead a MiB instead of the kernel's 128 KiB. A program's first run
+/// faults its pages in with synchronous reads around each fault; on a virtual
+/// disk (and above all under emulation) each read costs far more than its
+/// bytes, so wider windows mean fewer of them: the first command after boot
+/// ran about 12 ms sooner under TCG (scripts/bench-boot).
+fn tune_readahead(device: &str) {
+    let Some(name) = device.strip_prefix("/dev/") else {
+        return;
+    };
+    let knob = format!("/sys/block/{name}/queue/read_ahead_kb");
+    if let Err(e) = std::fs::write(&knob, "1024") {
+        log(&format!("cannot set {knob}: {e}"));
+    }
 }
 
 /// Reports boot stages to the host. The latest report is (re)sent whenever

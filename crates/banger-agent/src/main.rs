@@ -10,6 +10,7 @@ mod exec;
 mod init;
 mod net;
 mod power;
+mod prefetch;
 mod reaper;
 mod sftp;
 mod ssh;
