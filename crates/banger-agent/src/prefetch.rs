@@ -96,9 +96,11 @@ fn parse(elf: &[u8]) -> Option<Parsed> {
     if elf.get(..6)? != b"\x7fELF\x02\x01" {
         return None;
     }
-    let u16_at = |o: usize| Some(u16::from_le_bytes(elf.get(o..o + 2)?.try_into().ok()?));
-    let u32_at = |o: usize| Some(u32::from_le_bytes(elf.get(o..o + 4)?.try_into().ok()?));
-    let u64_at = |o: usize| Some(u64::from_le_bytes(elf.get(o..o + 8)?.try_into().ok()?));
+    // Offsets come from the file: every sum is checked.
+    let bytes = |o: usize, n: usize| elf.get(o..o.checked_add(n)?);
+    let u16_at = |o: usize| Some(u16::from_le_bytes(bytes(o, 2)?.try_into().ok()?));
+    let u32_at = |o: usize| Some(u32::from_le_bytes(bytes(o, 4)?.try_into().ok()?));
+    let u64_at = |o: usize| Some(u64::from_le_bytes(bytes(o, 8)?.try_into().ok()?));
     let phoff = u64_at(0x20)? as usize;
     let phentsize = u16_at(0x36)? as usize;
     let phnum = u16_at(0x38)? as usize;
@@ -106,7 +108,13 @@ fn parse(elf: &[u8]) -> Option<Parsed> {
     let headers: Vec<(u32, u64, u64, u64)> = (0..phnum)
         .map(|i| {
             let h = phoff.checked_add(i.checked_mul(phentsize)?)?;
-            Some((u32_at(h)?, u64_at(h + 8)?, u64_at(h + 16)?, u64_at(h + 32)?))
+            let at = |delta: usize| h.checked_add(delta);
+            Some((
+                u32_at(h)?,
+                u64_at(at(8)?)?,
+                u64_at(at(16)?)?,
+                u64_at(at(32)?)?,
+            ))
         })
         .collect::<Option<_>>()?;
     let c_string = |o: usize| -> Option<String> {
@@ -123,8 +131,8 @@ fn parse(elf: &[u8]) -> Option<Parsed> {
     };
     let entries: Vec<(u64, u64)> = (0..dyn_size as usize / 16)
         .map_while(|i| {
-            let e = dyn_off as usize + i * 16;
-            Some((u64_at(e)?, u64_at(e + 8)?))
+            let e = (dyn_off as usize).checked_add(i * 16)?;
+            Some((u64_at(e)?, u64_at(e.checked_add(8)?)?))
         })
         .take_while(|(tag, _)| *tag != DT_NULL)
         .collect();
@@ -137,9 +145,9 @@ fn parse(elf: &[u8]) -> Option<Parsed> {
             headers
                 .iter()
                 .find(|&&(t, _, vaddr, filesz)| {
-                    t == PT_LOAD && addr >= vaddr && addr < vaddr + filesz
+                    t == PT_LOAD && addr >= vaddr && addr - vaddr < filesz
                 })
-                .map(|&(_, off, vaddr, _)| addr - vaddr + off)
+                .and_then(|&(_, off, vaddr, _)| (addr - vaddr).checked_add(off))
         });
     if let Some(strtab) = strtab {
         parsed.needed = entries
@@ -203,6 +211,19 @@ mod tests {
         elf32.resize(64, 0);
         assert_eq!(parse(&elf32), None);
         assert!(dependencies(b"\x7fELF").is_empty());
+    }
+
+    #[test]
+    fn corrupt_headers_never_panic() {
+        let exe = std::fs::read("/proc/self/exe").unwrap();
+        // Every 8-byte field of the ELF and program headers set to extremes.
+        for at in (0x18..0x40).chain(64..64 + 56 * 8).step_by(8) {
+            for value in [0u64, u64::MAX, u64::MAX / 2, 1 << 40] {
+                let mut bad = exe[..exe.len().min(1 << 20)].to_vec();
+                bad[at..at + 8].copy_from_slice(&value.to_le_bytes());
+                let _ = parse(&bad);
+            }
+        }
     }
 
     #[test]

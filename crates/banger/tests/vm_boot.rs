@@ -352,6 +352,46 @@ fn a_debian_image_boots_and_runs_its_own_tools() {
         "debian",
     ]);
     banger.ok(&["vm", "run", "deb", "--image", "debian", "--memory", "256M"]);
+    // The agent reads root's login shell (bash here) into the page cache
+    // after the root switch, ahead of the first `vm ssh`.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let res = banger.ok(&[
+            "vm",
+            "exec",
+            "deb",
+            "--",
+            "fincore",
+            "--bytes",
+            "--noheadings",
+            "--output",
+            "RES,SIZE",
+            "/usr/bin/bash",
+        ]);
+        // RES counts whole pages.
+        let fields: Vec<u64> = res
+            .split_whitespace()
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        if fields.len() == 2 && fields[0] >= fields[1] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bash never fully cached: {res}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let readahead = banger.ok(&[
+        "vm",
+        "exec",
+        "deb",
+        "--",
+        "cat",
+        "/sys/block/vda/queue/read_ahead_kb",
+        "/sys/block/vdb/queue/read_ahead_kb",
+    ]);
+    assert_eq!(readahead, "1024\n1024\n");
     let version = banger.ok(&["vm", "exec", "deb", "--", "cat", "/etc/debian_version"]);
     assert!(version.starts_with("12"), "{version}");
     let out = banger.ok(&[
