@@ -227,6 +227,30 @@ impl Drop for Banger {
                 unsafe { libc::kill(pid, libc::SIGTERM) };
             }
         }
+        // A test that panicked left its VMs running: their VMMs name files
+        // under this home on their command lines. Idle TCG guests still eat
+        // CPU and would slow every later test (and benchmark) on the machine.
+        kill_processes_naming(self.home.path());
+    }
+}
+
+/// SIGKILLs every process whose command line mentions `path`.
+pub fn kill_processes_naming(path: &Path) {
+    let needle = path.as_os_str().as_encoded_bytes();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in procs.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if pid == std::process::id() as i32 {
+            continue;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if cmdline.windows(needle.len()).any(|w| w == needle) {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
     }
 }
 
