@@ -229,8 +229,11 @@ impl KernelService {
         Ok(info)
     }
 
-    /// The kernel's initramfs for the given agent binary, built once and cached.
-    pub async fn initramfs(&self, kernel: &KernelInfo, agent: &Path) -> OpResult<PathBuf> {
+    /// The kernel's initramfs for the given agent binary, built once and
+    /// cached. Returns its bytes rather than its path: a build for another
+    /// agent binary (an upgrade while VMs start) prunes the older file, and
+    /// a file already open survives that.
+    pub async fn initramfs(&self, kernel: &KernelInfo, agent: &Path) -> OpResult<Vec<u8>> {
         let read_err = |e: std::io::Error| {
             OpError::internal(format!("reading the agent {}: {e}", agent.display()))
         };
@@ -247,9 +250,9 @@ impl KernelService {
             .map(Path::to_path_buf)
             .unwrap_or_default();
         if let Some(tag) = &known {
-            let path = cached_initramfs(&dir, tag);
-            if path.is_file() {
-                return Ok(path);
+            // Gone means pruned a moment ago: the slow path sorts it out.
+            if let Ok(bytes) = tokio::fs::read(cached_initramfs(&dir, tag)).await {
+                return Ok(bytes);
             }
         }
         let agent_bytes = tokio::fs::read(agent).await.map_err(read_err)?;
@@ -257,23 +260,21 @@ impl KernelService {
             crate::oci::digest::short(&crate::oci::digest::sha256_of(&agent_bytes)).to_string();
         *self.agent_tags.lock().unwrap_or_else(|p| p.into_inner()) = Some((file, tag.clone()));
         let path = cached_initramfs(&dir, &tag);
-        if path.is_file() {
-            return Ok(path);
-        }
+        // Builds (and their pruning) happen under this lock, so a file read
+        // under it stays put.
         let _guard = self.lock.lock().await;
-        if path.is_file() {
-            return Ok(path);
+        if let Ok(bytes) = tokio::fs::read(&path).await {
+            return Ok(bytes);
         }
         let modules_dir = kernel.modules_dir.clone().map(PathBuf::from);
-        let out = path.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), String> {
+        tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
             let modules = initramfs::resolve(modules_dir.as_deref(), initramfs::WANTED)?;
             let archive = initramfs::base_archive(&agent_bytes, &modules);
-            let tmp = out.with_extension("tmp");
-            std::fs::write(&tmp, archive).map_err(|e| e.to_string())?;
-            std::fs::rename(&tmp, &out).map_err(|e| e.to_string())?;
-            prune_initramfs(&out);
-            Ok(())
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, &archive).map_err(|e| e.to_string())?;
+            std::fs::rename(&tmp, &path).map_err(|e| e.to_string())?;
+            prune_initramfs(&path);
+            Ok(archive)
         })
         .await
         .map_err(|e| OpError::internal(e.to_string()))?
@@ -282,8 +283,7 @@ impl KernelService {
                 "building the initramfs for kernel `{}`: {e}",
                 kernel.name
             ))
-        })?;
-        Ok(path)
+        })
     }
 }
 
@@ -359,4 +359,79 @@ fn copy_tree(src: &Path, dest: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel_in(dir: &Path) -> KernelInfo {
+        std::fs::write(dir.join("vmlinux"), b"not really a kernel").unwrap();
+        KernelInfo {
+            name: "k".into(),
+            version: "6.1".into(),
+            source: "vmlinux".into(),
+            vmlinux_path: dir.join("vmlinux").to_string_lossy().into_owned(),
+            modules_dir: None,
+            config_path: None,
+            default: true,
+            size_bytes: 0,
+            created_at: String::new(),
+        }
+    }
+
+    fn cached(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("initramfs-"))
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_new_agent_builds_anew_and_a_pruned_cache_is_rebuilt() {
+        let home = tempfile::tempdir().unwrap();
+        let kdir = home.path().join("kernel");
+        std::fs::create_dir_all(&kdir).unwrap();
+        let kernel = kernel_in(&kdir);
+        let agent = home.path().join("banger-agent");
+        let service = KernelService::new(
+            Paths::under(home.path()),
+            Arc::new(Store::open_in_memory().unwrap()),
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let contains = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+
+        std::fs::write(&agent, b"agent one").unwrap();
+        let one = rt.block_on(service.initramfs(&kernel, &agent)).unwrap();
+        assert!(contains(&one, b"agent one"));
+        let first = cached(&kdir);
+        assert_eq!(first.len(), 1, "{first:?}");
+        assert_eq!(
+            std::fs::read(kdir.join(&first[0])).unwrap(),
+            one,
+            "the bytes are the cached file's"
+        );
+
+        // Another start for the same agent, after something pruned the
+        // file it knows (a build for a newer agent): it builds again.
+        std::fs::remove_file(kdir.join(&first[0])).unwrap();
+        let again = rt.block_on(service.initramfs(&kernel, &agent)).unwrap();
+        assert_eq!(again, one);
+        assert_eq!(cached(&kdir), first);
+
+        // An upgraded agent: its own archive, and the old one is pruned.
+        std::fs::write(&agent, b"agent two, longer").unwrap();
+        let two = rt.block_on(service.initramfs(&kernel, &agent)).unwrap();
+        assert!(contains(&two, b"agent two, longer") && !contains(&two, b"agent one"));
+        let second = cached(&kdir);
+        assert_eq!(second.len(), 1, "{second:?}");
+        assert_ne!(second, first);
+    }
 }

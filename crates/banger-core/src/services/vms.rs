@@ -464,7 +464,7 @@ impl VmService {
         step(&events, "initramfs", 1, STEPS_START);
         steps.begin("initramfs")?;
         let agent = crate::agent_bin::locate().map_err(OpError::internal)?;
-        let base = self.kernels.initramfs(&kernel, &agent).await?;
+        let mut bytes = self.kernels.initramfs(&kernel, &agent).await?;
         let host_key = std::fs::read_to_string(dir.join("host_key"))
             .map_err(|e| OpError::internal(format!("reading the VM's host key: {e}")))?;
         let client_key = keys::client_key(&self.paths.state_dir).map_err(OpError::internal)?;
@@ -487,7 +487,6 @@ impl VmService {
             network: self.network.guest(vm.ip.as_deref())?,
         };
         let initrd = dir.join("initrd.cpio");
-        let mut bytes = std::fs::read(&base)?;
         bytes.extend_from_slice(&initramfs::vm_archive(
             &serde_json::to_vec(&boot).expect("serialises"),
         ));
