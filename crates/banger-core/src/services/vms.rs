@@ -371,16 +371,21 @@ impl VmService {
         });
 
         step(&events, "disks", 1, 2);
+        // The two disks are independent: the work disk's mkfs runs while the
+        // root disk is copied and grown. Both are done (or failed) before
+        // any undo runs.
         steps.begin("root-disk")?;
-        let (strategy, disk_bytes) = if self.blockdevs.snapshot_supported() {
-            // The image's ext4 stays the read-only origin; writes land in a sparse COW file.
-            let cow = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(dir.join("cow.img"))?;
-            cow.set_len(image.size_bytes)?;
-            (disk::CowStrategy::DmSnapshot, image.size_bytes)
-        } else {
+        steps.begin("work-disk")?;
+        let root = async {
+            if self.blockdevs.snapshot_supported() {
+                // The image's ext4 stays the read-only origin; writes land in a sparse COW file.
+                let cow = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(dir.join("cow.img"))?;
+                cow.set_len(image.size_bytes)?;
+                return Ok((disk::CowStrategy::DmSnapshot, image.size_bytes));
+            }
             let (src, dst, runner) = (
                 PathBuf::from(&image.rootfs_path),
                 dir.join("root.ext4"),
@@ -396,17 +401,20 @@ impl VmService {
                 .await
                 .map_err(|e| OpError::internal(e.to_string()))?
                 .map_err(OpError::internal)?;
-            (strategy, disk_bytes)
+            Ok::<_, OpError>((strategy, disk_bytes))
         };
-
-        steps.begin("work-disk")?;
         let (work, runner) = (dir.join("work.ext4"), self.runner.clone());
-        tokio::task::spawn_blocking(move || {
-            disk::create_work_disk(runner.as_ref(), &work, WORK_DISK_BYTES)
-        })
-        .await
-        .map_err(|e| OpError::internal(e.to_string()))?
-        .map_err(OpError::internal)?;
+        let work = async {
+            tokio::task::spawn_blocking(move || {
+                disk::create_work_disk(runner.as_ref(), &work, WORK_DISK_BYTES)
+            })
+            .await
+            .map_err(|e| OpError::internal(e.to_string()))?
+            .map_err(OpError::internal)
+        };
+        let (root, work) = tokio::join!(root, work);
+        let (strategy, disk_bytes) = root?;
+        work?;
 
         step(&events, "keys", 2, 2);
         steps.begin("host-key")?;
