@@ -42,20 +42,27 @@ pub fn start() {
                 return;
             };
             for dep in dependencies(&bytes) {
-                read(&dep);
+                let Some(mut file) = open(&dep) else { continue };
+                let mut chunk = vec![0u8; 256 << 10];
+                while matches!(file.read(&mut chunk), Ok(n) if n > 0) {}
             }
         });
 }
 
-/// The whole file, read through the page cache; `None` when it cannot be.
-fn read(path: &Path) -> Option<Vec<u8>> {
-    let mut file = std::fs::File::open(path).ok()?;
-    let meta = file.metadata().ok()?;
+/// A regular file of a sensible size, opened for reading. Checked before
+/// opening: the path comes from the image, and opening a FIFO would block.
+fn open(path: &Path) -> Option<std::fs::File> {
+    let meta = std::fs::metadata(path).ok()?;
     if !meta.is_file() || meta.len() > MAX_FILE {
         return None;
     }
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    file.read_to_end(&mut bytes).ok()?;
+    std::fs::File::open(path).ok()
+}
+
+/// The whole file, read through the page cache; `None` when it cannot be.
+fn read(path: &Path) -> Option<Vec<u8>> {
+    let mut bytes = Vec::new();
+    open(path)?.read_to_end(&mut bytes).ok()?;
     Some(bytes)
 }
 
@@ -224,6 +231,22 @@ mod tests {
                 let _ = parse(&bad);
             }
         }
+    }
+
+    #[test]
+    fn only_regular_files_are_opened() {
+        let dir = std::env::temp_dir().join(format!("banger-prefetch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        let _ = std::fs::remove_file(&fifo);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // Opening a FIFO for reading would block until a writer came.
+        assert!(open(&fifo).is_none());
+        assert!(open(&dir).is_none());
+        assert!(open(&dir.join("missing")).is_none());
+        std::fs::write(dir.join("shell"), b"#!/bin/sh\n").unwrap();
+        assert_eq!(read(&dir.join("shell")).unwrap(), b"#!/bin/sh\n");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
