@@ -20,18 +20,7 @@ fn start_banger(agent: &std::path::Path) -> Banger {
 }
 
 fn qemu_pids_for(dir: &str) -> Vec<u32> {
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let text = String::from_utf8_lossy(&cmdline);
-        if text.contains("qemu-system") && text.contains(dir) {
-            pids.push(pid);
-        }
-    }
-    pids
+    common::pids_naming(&["qemu-system", dir])
 }
 
 #[test]

@@ -230,28 +230,27 @@ impl Drop for Banger {
         // A test that panicked left its VMs running: their VMMs name files
         // under this home on their command lines. Idle TCG guests still eat
         // CPU and would slow every later test (and benchmark) on the machine.
-        kill_processes_naming(self.home.path());
+        for pid in pids_naming(&[&self.home.path().to_string_lossy()]) {
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
     }
 }
 
-/// SIGKILLs every process whose command line mentions `path`.
-pub fn kill_processes_naming(path: &Path) {
-    let needle = path.as_os_str().as_encoded_bytes();
+/// Other processes whose command line contains every one of `needles`.
+pub fn pids_naming(needles: &[&str]) -> Vec<u32> {
     let Ok(procs) = std::fs::read_dir("/proc") else {
-        return;
+        return Vec::new();
     };
-    for entry in procs.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        if pid == std::process::id() as i32 {
-            continue;
-        }
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        if cmdline.windows(needle.len()).any(|w| w == needle) {
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
+    procs
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|&pid| pid != std::process::id())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let text = String::from_utf8_lossy(&cmdline);
+            needles.iter().all(|n| text.contains(n))
+        })
+        .collect()
 }
 
 /// Entries of a directory (empty when it does not exist).
