@@ -9,6 +9,8 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use banger_proto::elf::{program_headers, read_u64, PT_DYNAMIC, PT_INTERP, PT_LOAD};
+
 /// Directories searched for the shell's libraries (no ld.so.cache parsing:
 /// these hold libc everywhere that matters).
 const LIB_DIRS: [&str; 6] = [
@@ -91,55 +93,29 @@ struct Parsed {
     needed: Vec<String>,
 }
 
-const PT_LOAD: u32 = 1;
-const PT_DYNAMIC: u32 = 2;
-const PT_INTERP: u32 = 3;
 const DT_NULL: u64 = 0;
 const DT_NEEDED: u64 = 1;
 const DT_STRTAB: u64 = 5;
 
 fn parse(elf: &[u8]) -> Option<Parsed> {
-    // ELFCLASS64, ELFDATA2LSB.
-    if elf.get(..6)? != b"\x7fELF\x02\x01" {
-        return None;
-    }
-    // Offsets come from the file: every sum is checked.
-    let bytes = |o: usize, n: usize| elf.get(o..o.checked_add(n)?);
-    let u16_at = |o: usize| Some(u16::from_le_bytes(bytes(o, 2)?.try_into().ok()?));
-    let u32_at = |o: usize| Some(u32::from_le_bytes(bytes(o, 4)?.try_into().ok()?));
-    let u64_at = |o: usize| Some(u64::from_le_bytes(bytes(o, 8)?.try_into().ok()?));
-    let phoff = u64_at(0x20)? as usize;
-    let phentsize = u16_at(0x36)? as usize;
-    let phnum = u16_at(0x38)? as usize;
-    // (type, offset, vaddr, filesz) of each program header.
-    let headers: Vec<(u32, u64, u64, u64)> = (0..phnum)
-        .map(|i| {
-            let h = phoff.checked_add(i.checked_mul(phentsize)?)?;
-            let at = |delta: usize| h.checked_add(delta);
-            Some((
-                u32_at(h)?,
-                u64_at(at(8)?)?,
-                u64_at(at(16)?)?,
-                u64_at(at(32)?)?,
-            ))
-        })
-        .collect::<Option<_>>()?;
+    let headers = program_headers(elf)?;
+    let find = |kind: u32| headers.iter().find(|h| h.kind == kind);
     let c_string = |o: usize| -> Option<String> {
         let rest = elf.get(o..)?;
         let end = rest.iter().position(|&b| b == 0)?;
         String::from_utf8(rest[..end].to_vec()).ok()
     };
     let mut parsed = Parsed::default();
-    if let Some(&(_, off, _, _)) = headers.iter().find(|h| h.0 == PT_INTERP) {
-        parsed.interp = c_string(off as usize).filter(|p| p.starts_with('/'));
+    if let Some(interp) = find(PT_INTERP) {
+        parsed.interp = c_string(interp.offset as usize).filter(|p| p.starts_with('/'));
     }
-    let Some(&(_, dyn_off, _, dyn_size)) = headers.iter().find(|h| h.0 == PT_DYNAMIC) else {
+    let Some(dynamic) = find(PT_DYNAMIC) else {
         return Some(parsed);
     };
-    let entries: Vec<(u64, u64)> = (0..dyn_size as usize / 16)
+    let entries: Vec<(u64, u64)> = (0..dynamic.filesz as usize / 16)
         .map_while(|i| {
-            let e = (dyn_off as usize).checked_add(i * 16)?;
-            Some((u64_at(e)?, u64_at(e.checked_add(8)?)?))
+            let e = (dynamic.offset as usize).checked_add(i * 16)?;
+            Some((read_u64(elf, e)?, read_u64(elf, e.checked_add(8)?)?))
         })
         .take_while(|(tag, _)| *tag != DT_NULL)
         .collect();
@@ -151,10 +127,8 @@ fn parse(elf: &[u8]) -> Option<Parsed> {
         .and_then(|&(_, addr)| {
             headers
                 .iter()
-                .find(|&&(t, _, vaddr, filesz)| {
-                    t == PT_LOAD && addr >= vaddr && addr - vaddr < filesz
-                })
-                .and_then(|&(_, off, vaddr, _)| (addr - vaddr).checked_add(off))
+                .find(|h| h.kind == PT_LOAD && addr >= h.vaddr && addr - h.vaddr < h.filesz)
+                .and_then(|h| (addr - h.vaddr).checked_add(h.offset))
         });
     if let Some(strtab) = strtab {
         parsed.needed = entries

@@ -43,31 +43,26 @@ pub fn locate() -> Result<PathBuf, String> {
 /// image, whatever libc the image has (or lacks). Reads only the headers: the
 /// check runs on every `vm start`, and the whole binary is megabytes.
 pub fn is_static_elf(path: &std::path::Path) -> bool {
+    use banger_proto::elf;
     use std::os::unix::fs::FileExt;
     let Ok(file) = std::fs::File::open(path) else {
         return false;
     };
-    let mut header = [0u8; 64];
-    if file.read_exact_at(&mut header, 0).is_err() || &header[..4] != b"\x7fELF" || header[4] != 2 {
+    let mut header = [0u8; elf::HEADER_LEN];
+    if file.read_exact_at(&mut header, 0).is_err() {
         return false;
     }
-    let u16_at = |at: usize| u16::from_le_bytes([header[at], header[at + 1]]) as usize;
-    let phoff = u64::from_le_bytes(header[0x20..0x28].try_into().expect("8 bytes"));
-    let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
-    if phnum == 0 {
-        return true;
-    }
-    if phentsize < 4 {
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let Some(end) = elf::headers_end(&header).filter(|&end| end as u64 <= len) else {
+        return false;
+    };
+    let mut headers = vec![0u8; end];
+    if file.read_exact_at(&mut headers, 0).is_err() {
         return false;
     }
-    let mut table = vec![0u8; phentsize * phnum];
-    if file.read_exact_at(&mut table, phoff).is_err() {
-        return false;
-    }
-    // PT_INTERP = 3: a dynamic loader is needed.
-    table
-        .chunks_exact(phentsize)
-        .all(|entry| u32::from_le_bytes(entry[..4].try_into().expect("4 bytes")) != 3)
+    // A dynamic loader is needed when there is an interpreter.
+    elf::program_headers(&headers)
+        .is_some_and(|table| table.iter().all(|h| h.kind != elf::PT_INTERP))
 }
 
 #[cfg(test)]
@@ -75,8 +70,7 @@ mod tests {
     /// A 64-bit ELF header whose program headers have these types.
     fn elf(types: &[u32]) -> Vec<u8> {
         let mut data = vec![0u8; 64];
-        data[..4].copy_from_slice(b"\x7fELF");
-        data[4] = 2;
+        data[..6].copy_from_slice(b"\x7fELF\x02\x01");
         data[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
         data[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
         data[0x38..0x3a].copy_from_slice(&(types.len() as u16).to_le_bytes());

@@ -19,7 +19,7 @@ fn fake_agent() -> &'static std::path::Path {
     static PATH: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
     PATH.get_or_init(|| {
         let mut elf = vec![0u8; 64];
-        elf[..5].copy_from_slice(b"\x7fELF\x02");
+        elf[..6].copy_from_slice(b"\x7fELF\x02\x01");
         let path = std::env::temp_dir().join(format!("banger-test-agent-{}", std::process::id()));
         std::fs::write(&path, elf).unwrap();
         path

@@ -6,6 +6,7 @@
 //! `docs/rpc.md` documents every method listed in [`methods::ALL`].
 
 pub mod agent;
+pub mod elf;
 pub mod helper;
 pub mod image;
 pub mod kernel;
