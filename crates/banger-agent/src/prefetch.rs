@@ -43,9 +43,9 @@ pub fn start() {
             let Some(bytes) = read(Path::new(&shell)) else {
                 return;
             };
+            let mut chunk = vec![0u8; 256 << 10];
             for dep in dependencies(&bytes) {
                 let Some(mut file) = open(&dep) else { continue };
-                let mut chunk = vec![0u8; 256 << 10];
                 while matches!(file.read(&mut chunk), Ok(n) if n > 0) {}
             }
         });
