@@ -277,6 +277,7 @@ impl Core {
                 .map(|addr| banger_proto::status::DnsStatus {
                     addr: addr.to_string(),
                     domain: self.network.domain().to_string(),
+                    device: self.network.gateway_dev(),
                 }),
         })
     }

@@ -202,10 +202,12 @@ async fn a_failure_at_any_start_step_leaves_no_process_socket_or_file() {
     }
     // The tap was really handed out and routed, then came back to the pool.
     let guest: std::net::Ipv4Addr = "10.254.213.2".parse().unwrap();
+    let instance = core.store().setting("network.instance").unwrap().unwrap();
+    let tap = format!("bg{instance}t0");
     assert!(net()
         .calls()
-        .contains(&banger_host::NetCall::Route("bgtap0".into(), guest)));
-    assert!(net().taps_now().contains(&"bgtap0".to_string()));
+        .contains(&banger_host::NetCall::Route(tap.clone(), guest)));
+    assert!(net().taps_now().contains(&tap));
     // Every launched VMM was signalled.
     let launches = launcher
         .calls()

@@ -2,15 +2,17 @@
 //! through the same traits a root daemon uses in-process.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use banger_host::net::{check_guest, check_tap};
 use banger_host::{
-    BlockDevices, HostError, HostNetwork, LaunchSpec, NetSetup, ProcessId, ProcessLauncher,
+    BlockDevices, HostError, HostNetwork, Instance, LaunchSpec, NetSetup, ProcessId,
+    ProcessLauncher,
 };
 use banger_proto::helper::{HelperReply, HelperRequest, HelperValue, HELPER_PROTOCOL};
 
 use crate::launched::{Launched, Table};
+use crate::networks::Networks;
 use crate::policy::{as_caller, Caller, Policy, Refusal};
 
 /// Signals a VMM may be sent: stop requests, nothing else.
@@ -23,8 +25,8 @@ pub struct Helper {
     launcher: Arc<dyn ProcessLauncher>,
     state_dir: PathBuf,
     launched: Table,
-    /// The network set up last: routes must stay inside its subnet.
-    setup: Mutex<Option<NetSetup>>,
+    /// The network instances set up, each for one uid.
+    networks: Networks,
 }
 
 enum Failure {
@@ -59,7 +61,7 @@ impl Helper {
     ) -> std::io::Result<Helper> {
         std::fs::create_dir_all(state_dir.join("dm"))?;
         let launched = Table::load(&state_dir.join("launched.json"));
-        let setup = read_setup(&state_dir.join("net.json"));
+        let networks = Networks::load(&state_dir.join("networks.json"));
         Ok(Helper {
             policy,
             net,
@@ -67,7 +69,7 @@ impl Helper {
             launcher,
             state_dir,
             launched,
-            setup: Mutex::new(setup),
+            networks,
         })
     }
 
@@ -88,6 +90,7 @@ impl Helper {
                 uid: caller.uid,
             }),
             R::NetSetup {
+                instance,
                 subnet,
                 dns_port,
                 domain,
@@ -98,42 +101,51 @@ impl Helper {
                     )));
                 }
                 let setup = NetSetup {
+                    instance: instance_of(&instance)?,
                     subnet: self.policy.subnet(&subnet)?,
                     dns_port: self.policy.dns_port(dns_port)?,
                     domain,
                 };
-                self.net.setup(&setup)?;
-                write_setup(&self.state_dir.join("net.json"), &setup);
-                *self.setup.lock().unwrap_or_else(|p| p.into_inner()) = Some(setup);
+                self.networks.set_up(caller, &setup, || {
+                    self.net.setup(&setup).map_err(Failure::from)
+                })?;
                 Ok(HelperValue::Done)
             }
-            R::NetTeardown => {
-                self.net.teardown()?;
-                let _ = std::fs::remove_file(self.state_dir.join("net.json"));
-                *self.setup.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            R::NetTeardown { instance } => {
+                let instance = instance_of(&instance)?;
+                if !self.networks.known(&instance) {
+                    return Ok(HelperValue::Done); // Nothing of it was made here.
+                }
+                self.networks.owned(caller, &instance)?;
+                self.net.teardown(&instance)?;
+                self.networks.forget(&instance);
                 Ok(HelperValue::Done)
             }
             R::TapCreate { tap } => {
-                check_tap(&tap)?;
+                self.networks.owned(caller, &check_tap(&tap)?)?;
                 // The tap belongs to whoever asked, whatever they might claim.
                 self.net.create_tap(&tap, caller.uid)?;
                 Ok(HelperValue::Done)
             }
             R::TapDelete { tap } => {
-                check_tap(&tap)?;
+                self.networks.owned(caller, &check_tap(&tap)?)?;
                 self.net.delete_tap(&tap)?;
                 Ok(HelperValue::Done)
             }
-            R::TapList => Ok(HelperValue::Taps(self.net.taps()?)),
+            R::TapList { instance } => {
+                let instance = instance_of(&instance)?;
+                self.networks.owned(caller, &instance)?;
+                Ok(HelperValue::Taps(self.net.taps(&instance)?))
+            }
             R::Route { tap, guest } => {
-                check_tap(&tap)?;
-                let setup = self.current_setup()?;
+                let setup = self.networks.owned(caller, &check_tap(&tap)?)?;
                 self.net.route(&tap, guest, &setup)?;
                 Ok(HelperValue::Done)
             }
-            R::Unroute { guest } => {
-                check_guest(guest, &self.current_setup()?)?;
-                self.net.unroute(guest)?;
+            R::Unroute { instance, guest } => {
+                let setup = self.networks.owned(caller, &instance_of(&instance)?)?;
+                check_guest(guest, &setup)?;
+                self.net.unroute(&setup.instance, guest)?;
                 Ok(HelperValue::Done)
             }
             R::SnapshotSupported => Ok(HelperValue::Bool(self.blocks.snapshot_supported())),
@@ -238,14 +250,6 @@ impl Helper {
         }
     }
 
-    fn current_setup(&self) -> Result<NetSetup, Failure> {
-        self.setup
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or_else(|| Failure::Refused("the network is not set up (net_setup first)".into()))
-    }
-
     /// Where the loop devices of a snapshot are recorded: the helper's own
     /// directory, never one a caller can write.
     fn dm_state(&self, name: &str) -> PathBuf {
@@ -253,21 +257,6 @@ impl Helper {
     }
 }
 
-fn read_setup(path: &std::path::Path) -> Option<NetSetup> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let mut fields = text.split_whitespace();
-    Some(NetSetup {
-        subnet: banger_host::Subnet::parse(fields.next()?).ok()?,
-        dns_port: fields.next()?.parse().ok()?,
-        domain: fields.next().unwrap_or("vm").to_string(),
-    })
-}
-
-fn write_setup(path: &std::path::Path, setup: &NetSetup) {
-    if let Err(e) = std::fs::write(
-        path,
-        format!("{} {} {}\n", setup.subnet, setup.dns_port, setup.domain),
-    ) {
-        tracing::warn!(error = %e, "cannot record the network setup");
-    }
+fn instance_of(id: &str) -> Result<Instance, Failure> {
+    Instance::parse(id).map_err(Failure::Refused)
 }

@@ -4,6 +4,7 @@
 
 pub mod handler;
 pub mod launched;
+pub mod networks;
 pub mod policy;
 pub mod server;
 

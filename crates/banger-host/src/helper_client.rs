@@ -10,7 +10,7 @@ use std::time::Duration;
 use banger_proto::helper::{HelperReply, HelperRequest, HelperValue, HELPER_PROTOCOL};
 
 use crate::blockdev::BlockDevices;
-use crate::net::{HostNetwork, NetSetup};
+use crate::net::{HostNetwork, Instance, NetSetup};
 use crate::process::HostError;
 use crate::vmm_process::{LaunchSpec, ProcessId, ProcessLauncher};
 
@@ -92,14 +92,17 @@ fn unexpected(value: HelperValue) -> HostError {
 impl HostNetwork for HelperClient {
     fn setup(&self, setup: &NetSetup) -> Result<(), HostError> {
         self.done(HelperRequest::NetSetup {
+            instance: setup.instance.to_string(),
             subnet: setup.subnet.to_string(),
             dns_port: setup.dns_port,
             domain: setup.domain.clone(),
         })
     }
 
-    fn teardown(&self) -> Result<(), HostError> {
-        self.done(HelperRequest::NetTeardown)
+    fn teardown(&self, instance: &Instance) -> Result<(), HostError> {
+        self.done(HelperRequest::NetTeardown {
+            instance: instance.to_string(),
+        })
     }
 
     /// The helper makes the tap for whoever asks; `owner` is implied.
@@ -111,7 +114,8 @@ impl HostNetwork for HelperClient {
         self.done(HelperRequest::TapDelete { tap: tap.into() })
     }
 
-    /// The helper routes inside the subnet it set up, whatever we pass.
+    /// The helper routes inside the subnet it set up for the tap's
+    /// instance, whatever we pass.
     fn route(&self, tap: &str, guest: Ipv4Addr, _setup: &NetSetup) -> Result<(), HostError> {
         self.done(HelperRequest::Route {
             tap: tap.into(),
@@ -119,12 +123,17 @@ impl HostNetwork for HelperClient {
         })
     }
 
-    fn unroute(&self, guest: Ipv4Addr) -> Result<(), HostError> {
-        self.done(HelperRequest::Unroute { guest })
+    fn unroute(&self, instance: &Instance, guest: Ipv4Addr) -> Result<(), HostError> {
+        self.done(HelperRequest::Unroute {
+            instance: instance.to_string(),
+            guest,
+        })
     }
 
-    fn taps(&self) -> Result<Vec<String>, HostError> {
-        match self.call(&HelperRequest::TapList)? {
+    fn taps(&self, instance: &Instance) -> Result<Vec<String>, HostError> {
+        match self.call(&HelperRequest::TapList {
+            instance: instance.to_string(),
+        })? {
             HelperValue::Taps(taps) => Ok(taps),
             other => Err(unexpected(other)),
         }

@@ -9,7 +9,9 @@ pub mod vmm_process;
 
 pub use blockdev::{BlockCall, BlockDevices, FakeBlockDevices, RealBlockDevices};
 pub use helper_client::HelperClient;
-pub use net::{FakeHostNetwork, HostNetwork, NetCall, NetSetup, RealHostNetwork, Subnet};
+pub use net::{
+    FakeHostNetwork, HostNetwork, HostRoute, Instance, NetCall, NetSetup, RealHostNetwork, Subnet,
+};
 pub use process::{CommandSpec, FakeRunner, HostError, Output, ProcessRunner, RealRunner};
 pub use vmm_process::{
     FakeLauncher, LaunchSpec, LauncherCall, ProcessId, ProcessLauncher, RealLauncher,

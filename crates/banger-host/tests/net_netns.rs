@@ -5,8 +5,8 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use banger_host::{
-    CommandSpec, HostError, HostNetwork, NetSetup, Output, ProcessRunner, RealHostNetwork,
-    RealRunner, Subnet,
+    CommandSpec, HostError, HostNetwork, Instance, NetSetup, Output, ProcessRunner,
+    RealHostNetwork, RealRunner, Subnet,
 };
 
 /// Runs every command inside the namespace.
@@ -53,7 +53,15 @@ fn setup_taps_routes_and_teardown_in_a_namespace() {
     let net = RealHostNetwork {
         runner: Arc::new(InNetns(ns.0.clone())),
     };
+    // A LAN the host is on: no banger instance may take its addresses.
+    sh(
+        &ns.0,
+        "ip link add lan0 type bridge && ip addr add 192.168.50.7/24 dev lan0",
+    );
+    let a = Instance::parse("aaaaaa").unwrap();
+    let b = Instance::parse("bbbbbb").unwrap();
     let setup = NetSetup {
+        instance: a.clone(),
         subnet: Subnet::parse("10.213.0.0/16").unwrap(),
         dns_port: 1053,
         domain: "vm".into(),
@@ -62,40 +70,78 @@ fn setup_taps_routes_and_teardown_in_a_namespace() {
     // Twice: every call is idempotent.
     for _ in 0..2 {
         net.setup(&setup).unwrap();
-        net.create_tap("bgtap0", 1000).unwrap();
-        net.create_tap("bgtap1", 1000).unwrap();
-        net.route("bgtap0", guest, &setup).unwrap();
+        net.create_tap(&a.tap(0), 1000).unwrap();
+        net.create_tap(&a.tap(1), 1000).unwrap();
+        net.route(&a.tap(0), guest, &setup).unwrap();
     }
-    assert_eq!(net.taps().unwrap(), vec!["bgtap0", "bgtap1"]);
-    let addrs = sh(&ns.0, "ip -o -4 addr show dev banger0");
+    assert_eq!(net.taps(&a).unwrap(), vec!["bgaaaaaat0", "bgaaaaaat1"]);
+    let addrs = sh(&ns.0, "ip -o -4 addr show dev bgaaaaaagw");
     assert!(addrs.contains("10.213.0.1/16"), "{addrs}");
     let route = sh(&ns.0, "ip route get 10.213.0.7");
     assert!(
-        route.contains("dev bgtap0") && route.contains("src 10.213.0.1"),
+        route.contains("dev bgaaaaaat0") && route.contains("src 10.213.0.1"),
         "{route}"
     );
     let tap = sh(
         &ns.0,
-        "cat /sys/class/net/bgtap0/owner /proc/sys/net/ipv4/ip_forward",
+        "cat /sys/class/net/bgaaaaaat0/owner /proc/sys/net/ipv4/ip_forward",
     );
     assert_eq!(tap, "1000\n1\n");
-    let rules = sh(&ns.0, "nft list table ip banger");
+    let rules = sh(&ns.0, "nft list table ip banger_aaaaaa");
     assert!(
-        rules.contains("masquerade") && rules.contains("dnat to 10.213.0.1:1053"),
+        rules.contains("masquerade")
+            && rules.contains("dnat to 10.213.0.1:1053")
+            && rules.contains("fib saddr . iif oif missing drop"),
         "{rules}"
     );
+    assert!(!net.tap_busy(&a.tap(0)), "nobody holds the tap open");
 
-    net.unroute(guest).unwrap();
-    net.unroute(guest).unwrap();
+    // A second instance: A's subnet, or the LAN's, is refused and changes
+    // nothing; a clear one works beside A, and touches none of A's objects.
+    let mut other = NetSetup {
+        instance: b.clone(),
+        ..setup.clone()
+    };
+    let before = sh(&ns.0, "ip -o link; ip -o addr; ip route; nft list ruleset");
+    for taken in ["10.213.128.0/24", "192.168.50.0/24", "192.168.0.0/16"] {
+        other.subnet = Subnet::parse(taken).unwrap();
+        let err = net.setup(&other).unwrap_err();
+        assert!(err.to_string().contains("overlaps"), "{taken}: {err}");
+    }
+    assert_eq!(
+        sh(&ns.0, "ip -o link; ip -o addr; ip route; nft list ruleset"),
+        before
+    );
+    other.subnet = Subnet::parse("10.214.0.0/16").unwrap();
+    net.setup(&other).unwrap();
+    net.create_tap(&b.tap(0), 1001).unwrap();
+    assert_eq!(net.taps(&b).unwrap(), vec!["bgbbbbbbt0"]);
+    assert_eq!(net.taps(&a).unwrap(), vec!["bgaaaaaat0", "bgaaaaaat1"]);
+    assert!(net
+        .route(&a.tap(0), Ipv4Addr::new(10, 214, 0, 2), &other)
+        .is_err());
+    // B cannot unroute A's guest: the route is not through B's taps.
+    net.unroute(&b, guest).unwrap();
+    assert!(sh(&ns.0, "ip route").contains("10.213.0.7 dev bgaaaaaat0"));
+
+    net.unroute(&a, guest).unwrap();
+    net.unroute(&a, guest).unwrap();
     assert!(!sh(&ns.0, "ip route").contains("10.213.0.7"));
-    net.delete_tap("bgtap1").unwrap();
-    net.delete_tap("bgtap1").unwrap();
-    assert_eq!(net.taps().unwrap(), vec!["bgtap0"]);
-    net.teardown().unwrap();
-    net.teardown().unwrap();
-    assert!(net.taps().unwrap().is_empty());
+    net.delete_tap(&a.tap(1)).unwrap();
+    net.delete_tap(&a.tap(1)).unwrap();
+    assert_eq!(net.taps(&a).unwrap(), vec!["bgaaaaaat0"]);
+    net.teardown(&a).unwrap();
+    net.teardown(&a).unwrap();
+    assert!(net.taps(&a).unwrap().is_empty());
+    assert_eq!(sh(&ns.0, "nft list tables"), "table ip banger_bbbbbb\n");
+    let links = sh(&ns.0, "ip -o link");
+    assert!(!links.contains("bgaaaaaa"), "{links}");
+    assert!(
+        links.contains("bgbbbbbbgw") && links.contains("bgbbbbbbt0"),
+        "B's objects survive A's teardown: {links}"
+    );
+    net.teardown(&b).unwrap();
     assert_eq!(sh(&ns.0, "nft list tables"), "");
-    assert!(!sh(&ns.0, "ip -o link").contains("banger0"));
 }
 
 fn which(program: &str) -> Option<std::path::PathBuf> {

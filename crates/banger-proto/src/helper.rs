@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a request or reply changes incompatibly.
-pub const HELPER_PROTOCOL: u32 = 1;
+pub const HELPER_PROTOCOL: u32 = 2;
 
 /// Where a system install puts the helper's socket.
 pub const DEFAULT_HELPER_SOCKET: &str = "/run/banger/helper.sock";
@@ -19,29 +19,37 @@ pub const DEFAULT_HELPER_SOCKET: &str = "/run/banger/helper.sock";
 pub enum HelperRequest {
     /// Who the helper is and whether it accepts the caller.
     Ping,
-    /// Gateway device, forwarding and the nftables table for `subnet`.
+    /// Gateway device, forwarding and the nftables table of one banger
+    /// instance (its host objects are named by `instance`), for `subnet`.
+    /// An instance belongs to the uid that set it up first.
     NetSetup {
+        instance: String,
         subnet: String,
         dns_port: u16,
         /// The VMs' DNS domain, routed by systemd-resolved (default `vm`).
         #[serde(default = "default_domain")]
         domain: String,
     },
-    NetTeardown,
-    /// A persistent tap (`bgtapN`) the caller's VMMs may open.
+    NetTeardown {
+        instance: String,
+    },
+    /// A persistent tap (`bg<instance>t<N>`) the caller's VMMs may open.
     TapCreate {
         tap: String,
     },
     TapDelete {
         tap: String,
     },
-    TapList,
-    /// A /32 route to a guest of the subnet the helper set up.
+    TapList {
+        instance: String,
+    },
+    /// A /32 route to a guest of the tap's instance's subnet.
     Route {
         tap: String,
         guest: Ipv4Addr,
     },
     Unroute {
+        instance: String,
         guest: Ipv4Addr,
     },
     SnapshotSupported,
@@ -84,10 +92,10 @@ impl HelperRequest {
         match self {
             HelperRequest::Ping => "ping",
             HelperRequest::NetSetup { .. } => "net_setup",
-            HelperRequest::NetTeardown => "net_teardown",
+            HelperRequest::NetTeardown { .. } => "net_teardown",
             HelperRequest::TapCreate { .. } => "tap_create",
             HelperRequest::TapDelete { .. } => "tap_delete",
-            HelperRequest::TapList => "tap_list",
+            HelperRequest::TapList { .. } => "tap_list",
             HelperRequest::Route { .. } => "route",
             HelperRequest::Unroute { .. } => "unroute",
             HelperRequest::SnapshotSupported => "snapshot_supported",
@@ -136,13 +144,13 @@ mod tests {
     #[test]
     fn requests_are_tagged_by_op() {
         let r = HelperRequest::TapCreate {
-            tap: "bgtap1".into(),
+            tap: "bg0a1b2ct1".into(),
         };
         let text = serde_json::to_string(&r).unwrap();
-        assert_eq!(text, r#"{"op":"tap_create","tap":"bgtap1"}"#);
+        assert_eq!(text, r#"{"op":"tap_create","tap":"bg0a1b2ct1"}"#);
         assert_eq!(serde_json::from_str::<HelperRequest>(&text).unwrap(), r);
         assert!(serde_json::from_str::<HelperRequest>(r#"{"op":"rm_rf","path":"/"}"#).is_err());
-        let reply = HelperReply::Ok(HelperValue::Taps(vec!["bgtap0".into()]));
+        let reply = HelperReply::Ok(HelperValue::Taps(vec!["bg0a1b2ct0".into()]));
         let text = serde_json::to_string(&reply).unwrap();
         assert_eq!(serde_json::from_str::<HelperReply>(&text).unwrap(), reply);
     }

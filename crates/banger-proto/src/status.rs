@@ -26,6 +26,10 @@ pub struct DaemonStatus {
 pub struct DnsStatus {
     pub addr: String,
     pub domain: String,
+    /// The device holding the gateway address, where systemd-resolved
+    /// routes the domain.
+    #[serde(default)]
+    pub device: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

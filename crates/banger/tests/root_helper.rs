@@ -15,6 +15,13 @@ use serde_json::{json, Value};
 
 const OWNER: u32 = 4243;
 const STRANGER: u32 = 4244;
+/// A member of the helper's group (its primary gid is [`GROUP`]).
+const MEMBER: u32 = 4245;
+const GROUP: u32 = 4246;
+/// Network instances: the owner's, root's and the member's.
+const MINE: &str = "aaaaaa";
+const ROOTS: &str = "cccccc";
+const MEMBERS: &str = "bbbbbb";
 
 struct Lab {
     ns: String,
@@ -39,7 +46,8 @@ impl Lab {
             .args(["netns", "exec", &ns, common::exe(), "root-helper"])
             .arg("--socket")
             .arg(dir.path().join("helper.sock"))
-            .args(["--owner", &OWNER.to_string(), "--allow-dir"])
+            .args(["--owner", &OWNER.to_string(), "--group", &GROUP.to_string()])
+            .arg("--allow-dir")
             .arg(&home)
             .args(["--vmm", "sleep", "--state-dir"])
             .arg(dir.path().join("state"))
@@ -73,7 +81,14 @@ impl Lab {
     }
 
     /// Sends raw request lines as `uid` on one connection; the reply lines.
+    /// The owner and the member run with the helper's group as their gid
+    /// (its socket is root:GROUP 0660); others with their uid.
     fn raw(&self, uid: u32, lines: &[String]) -> Vec<String> {
+        let gid = if uid == MEMBER || uid == OWNER {
+            GROUP
+        } else {
+            uid
+        };
         const CLIENT: &str = r#"
 import socket, sys
 s = socket.socket(socket.AF_UNIX)
@@ -95,7 +110,7 @@ for line in sys.argv[2:]:
         let out = Command::new("setpriv")
             .args([
                 &format!("--reuid={uid}"),
-                &format!("--regid={uid}"),
+                &format!("--regid={gid}"),
                 "--clear-groups",
                 // The system's: a per-user python (pyenv) may be unreadable to `uid`.
                 "/usr/bin/python3",
@@ -234,28 +249,33 @@ fn hostile_requests_are_refused_and_change_nothing() {
     );
     lab.refused(
         OWNER,
-        json!({"op": "tap_delete", "tap": "bgtap0/../lo"}),
+        json!({"op": "tap_delete", "tap": "bgaaaaaat0/../lo"}),
         "not one of banger's taps",
     );
     lab.refused(
         OWNER,
-        json!({"op": "route", "tap": "bgtap0", "guest": "10.99.0.5"}),
+        json!({"op": "route", "tap": "bgaaaaaat0", "guest": "10.99.0.5"}),
         "not set up",
     );
     lab.refused(
         OWNER,
-        json!({"op": "net_setup", "subnet": "8.8.8.0/24", "dns_port": 1053}),
+        json!({"op": "net_setup", "instance": MINE, "subnet": "8.8.8.0/24", "dns_port": 1053}),
         "not inside",
     );
     lab.refused(
         OWNER,
-        json!({"op": "net_setup", "subnet": "0.0.0.0/0", "dns_port": 1053}),
+        json!({"op": "net_setup", "instance": MINE, "subnet": "0.0.0.0/0", "dns_port": 1053}),
         "prefix",
     );
     lab.refused(
         OWNER,
-        json!({"op": "net_setup", "subnet": "10.99.0.0/16", "dns_port": 53}),
+        json!({"op": "net_setup", "instance": MINE, "subnet": "10.99.0.0/16", "dns_port": 53}),
         "privileged",
+    );
+    lab.refused(
+        OWNER,
+        json!({"op": "net_setup", "instance": "../../x", "subnet": "10.99.0.0/16", "dns_port": 1053}),
+        "not a banger network instance",
     );
 
     // Paths outside its directories, through links, or not the caller's.
@@ -332,7 +352,7 @@ fn hostile_requests_are_refused_and_change_nothing() {
     must(&format!("chmod 0666 {}", lab.socket().display()));
     lab.refused(
         STRANGER,
-        json!({"op": "tap_create", "tap": "bgtap0"}),
+        json!({"op": "tap_create", "tap": "bgaaaaaat0"}),
         "may not use",
     );
 
@@ -340,7 +360,7 @@ fn hostile_requests_are_refused_and_change_nothing() {
     assert!(!lab.dir.path().join("state/launched.json").exists());
     let log = lab.log();
     assert!(
-        log.matches("refused:").count() >= 25,
+        log.matches("refused:").count() >= 26,
         "one log line per request:\n{log}"
     );
 }
@@ -363,16 +383,16 @@ fn well_formed_requests_work_and_repeat_safely() {
     for _ in 0..2 {
         lab.ok(
             OWNER,
-            json!({"op": "net_setup", "subnet": "10.99.0.0/16", "dns_port": 1053}),
+            json!({"op": "net_setup", "instance": MINE, "subnet": "10.99.0.0/16", "dns_port": 1053}),
         );
-        lab.ok(OWNER, json!({"op": "tap_create", "tap": "bgtap7"}));
+        lab.ok(OWNER, json!({"op": "tap_create", "tap": "bgaaaaaat7"}));
         lab.ok(
             OWNER,
-            json!({"op": "route", "tap": "bgtap7", "guest": "10.99.0.5"}),
+            json!({"op": "route", "tap": "bgaaaaaat7", "guest": "10.99.0.5"}),
         );
     }
     let owner = must(&format!(
-        "ip netns exec {} cat /sys/class/net/bgtap7/owner",
+        "ip netns exec {} cat /sys/class/net/bgaaaaaat7/owner",
         lab.ns
     ));
     assert_eq!(
@@ -381,34 +401,37 @@ fn well_formed_requests_work_and_repeat_safely() {
         "the tap belongs to its caller"
     );
     assert_eq!(
-        lab.ok(OWNER, json!({"op": "tap_list"})),
-        json!({"taps": ["bgtap7"]})
+        lab.ok(OWNER, json!({"op": "tap_list", "instance": MINE})),
+        json!({"taps": ["bgaaaaaat7"]})
     );
     lab.refused(
         OWNER,
-        json!({"op": "route", "tap": "bgtap7", "guest": "10.98.0.5"}),
+        json!({"op": "route", "tap": "bgaaaaaat7", "guest": "10.98.0.5"}),
         "not a guest address",
     );
     lab.refused(
         OWNER,
-        json!({"op": "unroute", "guest": "192.168.1.1"}),
+        json!({"op": "unroute", "instance": MINE, "guest": "192.168.1.1"}),
         "not a guest address",
     );
     lab.refused(
         OWNER,
-        json!({"op": "unroute", "guest": "10.99.0.1"}),
+        json!({"op": "unroute", "instance": MINE, "guest": "10.99.0.1"}),
         "not a guest address",
     );
     for _ in 0..2 {
-        lab.ok(OWNER, json!({"op": "unroute", "guest": "10.99.0.5"}));
-        lab.ok(OWNER, json!({"op": "tap_delete", "tap": "bgtap7"}));
+        lab.ok(
+            OWNER,
+            json!({"op": "unroute", "instance": MINE, "guest": "10.99.0.5"}),
+        );
+        lab.ok(OWNER, json!({"op": "tap_delete", "tap": "bgaaaaaat7"}));
     }
     for _ in 0..2 {
-        lab.ok(OWNER, json!({"op": "net_teardown"}));
+        lab.ok(OWNER, json!({"op": "net_teardown", "instance": MINE}));
     }
     let state = lab.network_state();
     assert!(
-        !state.contains("bgtap") && !state.contains("banger"),
+        !state.contains("bgaaaaaa") && !state.contains("banger"),
         "{state}"
     );
 
@@ -457,5 +480,103 @@ fn well_formed_requests_work_and_repeat_safely() {
     assert!(
         log.contains("op=\"launch\"") || log.contains("op=launch"),
         "{log}"
+    );
+}
+
+/// A group member may set up a network of its own, clear of the host's
+/// networks and of everyone else's, and touch nothing that was not made for
+/// its uid: not root's taps, not the owner's routes, not anyone's teardown.
+#[test]
+fn group_members_touch_only_their_own_network() {
+    if !root() {
+        return;
+    }
+    let lab = Lab::start("g");
+    // A LAN the host is on.
+    must(&format!(
+        "ip -n {ns} link add lan0 type bridge && ip -n {ns} addr add 192.168.50.7/24 dev lan0 \
+         && ip -n {ns} link set lan0 up",
+        ns = lab.ns
+    ));
+    lab.ok(
+        OWNER,
+        json!({"op": "net_setup", "instance": MINE, "subnet": "10.99.0.0/16", "dns_port": 1053}),
+    );
+    lab.ok(OWNER, json!({"op": "tap_create", "tap": "bgaaaaaat0"}));
+    lab.ok(
+        OWNER,
+        json!({"op": "route", "tap": "bgaaaaaat0", "guest": "10.99.0.5"}),
+    );
+    lab.ok(
+        0,
+        json!({"op": "net_setup", "instance": ROOTS, "subnet": "10.98.0.0/16", "dns_port": 1054}),
+    );
+    lab.ok(0, json!({"op": "tap_create", "tap": "bgcccccct0"}));
+    let before = lab.network_state();
+
+    let member = |request: Value, why: &str| lab.refused(MEMBER, request, why);
+    // Addresses the host or another instance already uses.
+    for (subnet, why) in [
+        ("192.168.50.0/24", "overlaps"),
+        ("192.168.0.0/16", "overlaps"),
+        ("10.99.7.0/24", "overlaps"),
+        ("10.0.0.0/8", "overlaps"),
+    ] {
+        member(
+            json!({"op": "net_setup", "instance": MEMBERS, "subnet": subnet, "dns_port": 1055}),
+            why,
+        );
+    }
+    // Someone else's instance, taps, routes and teardown.
+    member(
+        json!({"op": "net_setup", "instance": MINE, "subnet": "10.97.0.0/16", "dns_port": 1055}),
+        "belongs to uid 4243",
+    );
+    member(
+        json!({"op": "tap_delete", "tap": "bgcccccct0"}),
+        "belongs to uid 0",
+    );
+    member(
+        json!({"op": "tap_create", "tap": "bgaaaaaat9"}),
+        "belongs to uid 4243",
+    );
+    member(
+        json!({"op": "route", "tap": "bgaaaaaat0", "guest": "10.99.0.6"}),
+        "belongs to uid 4243",
+    );
+    member(
+        json!({"op": "unroute", "instance": MINE, "guest": "10.99.0.5"}),
+        "belongs to uid 4243",
+    );
+    member(
+        json!({"op": "net_teardown", "instance": ROOTS}),
+        "belongs to uid 0",
+    );
+    member(
+        json!({"op": "tap_list", "instance": MINE}),
+        "belongs to uid 4243",
+    );
+    assert_eq!(lab.network_state(), before, "refusals changed nothing");
+
+    // Its own network, beside the others; its teardown removes only its own.
+    lab.ok(
+        MEMBER,
+        json!({"op": "net_setup", "instance": MEMBERS, "subnet": "10.97.0.0/16", "dns_port": 1055}),
+    );
+    lab.ok(MEMBER, json!({"op": "tap_create", "tap": "bgbbbbbbt0"}));
+    lab.ok(
+        MEMBER,
+        json!({"op": "route", "tap": "bgbbbbbbt0", "guest": "10.97.0.2"}),
+    );
+    // Not even its own tap may carry another instance's guests.
+    member(
+        json!({"op": "route", "tap": "bgbbbbbbt0", "guest": "10.99.0.9"}),
+        "not a guest address",
+    );
+    lab.ok(MEMBER, json!({"op": "net_teardown", "instance": MEMBERS}));
+    assert_eq!(
+        lab.network_state(),
+        before,
+        "only the member's objects went"
     );
 }

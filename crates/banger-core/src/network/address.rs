@@ -3,22 +3,22 @@
 
 use std::net::Ipv4Addr;
 
-use banger_host::net::{GATEWAY_DEV, TAP_PREFIX};
-use banger_host::Subnet;
+use banger_host::net::foreign_overlap;
+use banger_host::{HostRoute, Instance, Subnet};
 
-/// Tried in order when the config names no subnet.
-const CANDIDATES: &[&str] = &[
-    "10.213.0.0/16",
-    "10.214.0.0/16",
-    "172.30.0.0/16",
-    "192.168.213.0/24",
-];
-
-/// A route the host has: the device and the network it covers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostRoute {
-    pub device: String,
-    pub subnet: Subnet,
+/// Tried in order when the config names no subnet: ten /16s in 10/8, two in
+/// 172.16/12 and four /24s in 192.168/16, enough for several banger
+/// instances beside the host's own networks.
+fn candidates() -> Vec<Subnet> {
+    let v = |a, b, c, prefix| Subnet {
+        addr: Ipv4Addr::new(a, b, c, 0),
+        prefix,
+    };
+    (213..=222)
+        .map(|b| v(10, b, 0, 16))
+        .chain([v(172, 30, 0, 16), v(172, 31, 0, 16)])
+        .chain((213..=216).map(|c| v(192, 168, c, 24)))
+        .collect()
 }
 
 /// Routes from `/proc/net/route` (addresses are little-endian hex), skipping
@@ -42,18 +42,15 @@ pub fn parse_proc_routes(text: &str) -> Vec<HostRoute> {
         .collect()
 }
 
-fn banger_device(dev: &str) -> bool {
-    dev == GATEWAY_DEV || dev.starts_with(TAP_PREFIX)
-}
-
-/// The configured subnet, refused when it overlaps a route that is not
-/// banger's own; otherwise the first candidate clear of every host route.
-pub fn choose_subnet(configured: Option<&str>, routes: &[HostRoute]) -> Result<Subnet, String> {
-    let foreign = |s: &Subnet| {
-        routes
-            .iter()
-            .find(|r| !banger_device(&r.device) && r.subnet.overlaps(s))
-    };
+/// The configured subnet, refused when it overlaps a route that is not this
+/// instance's own; otherwise the first candidate clear of every host route
+/// (other banger instances' included).
+pub fn choose_subnet(
+    configured: Option<&str>,
+    routes: &[HostRoute],
+    instance: &Instance,
+) -> Result<Subnet, String> {
+    let foreign = |s: &Subnet| foreign_overlap(s, instance, routes);
     if let Some(text) = configured {
         let subnet = Subnet::parse(text)?;
         return match foreign(&subnet) {
@@ -65,15 +62,13 @@ pub fn choose_subnet(configured: Option<&str>, routes: &[HostRoute]) -> Result<S
             None => Ok(subnet),
         };
     }
-    CANDIDATES
-        .iter()
-        .map(|c| Subnet::parse(c).expect("valid candidate"))
+    candidates()
+        .into_iter()
         .find(|s| foreign(s).is_none())
         .ok_or_else(|| {
-            format!(
-                "every default subnet ({}) overlaps a host route; set network.subnet in the config file",
-                CANDIDATES.join(", ")
-            )
+            "every default subnet (10.213-222.0.0/16, 172.30-31.0.0/16, 192.168.213-216.0/24) \
+             overlaps a host route; set network.subnet in the config file"
+                .to_string()
         })
 }
 
@@ -101,12 +96,13 @@ mod tests {
 eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
 eth0\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
 docker0\t0000D50A\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n\
-banger0\t0000D60A\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n";
+bg0a1b2cgw\t0000D60A\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n\
+bgffffffgw\t00001EAC\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n";
 
     #[test]
     fn host_routes_are_read_and_defaults_skipped() {
         let routes = parse_proc_routes(ROUTES);
-        assert_eq!(routes.len(), 3);
+        assert_eq!(routes.len(), 4);
         assert_eq!(routes[0].subnet, Subnet::parse("192.0.2.0/24").unwrap());
         assert_eq!(routes[1].device, "docker0");
         assert_eq!(routes[1].subnet, Subnet::parse("10.213.0.0/16").unwrap());
@@ -115,18 +111,34 @@ banger0\t0000D60A\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n";
     #[test]
     fn subnet_avoids_foreign_routes_but_not_its_own() {
         let routes = parse_proc_routes(ROUTES);
-        // 10.213/16 is docker's; 10.214/16 is on banger0, so it is ours to reuse.
+        let me = Instance::parse("0a1b2c").unwrap();
+        // 10.213/16 is docker's; 10.214/16 is on our gateway, so it is ours
+        // to reuse; 172.30/16 is another banger instance's.
         assert_eq!(
-            choose_subnet(None, &routes).unwrap(),
+            choose_subnet(None, &routes, &me).unwrap(),
             Subnet::parse("10.214.0.0/16").unwrap()
         );
-        let err = choose_subnet(Some("10.213.4.0/24"), &routes).unwrap_err();
+        let other = Instance::parse("123456").unwrap();
+        let everything_taken: Vec<HostRoute> = candidates()
+            .into_iter()
+            .filter(|s| s.addr != Ipv4Addr::new(10, 220, 0, 0))
+            .map(|subnet| HostRoute {
+                device: "bgffffffgw".into(),
+                subnet,
+            })
+            .collect();
+        assert_eq!(
+            choose_subnet(None, &everything_taken, &other).unwrap(),
+            Subnet::parse("10.220.0.0/16").unwrap(),
+            "the one candidate no other instance has"
+        );
+        let err = choose_subnet(Some("10.213.4.0/24"), &routes, &me).unwrap_err();
         assert!(
             err.contains("docker0") && err.contains("network.subnet"),
             "{err}"
         );
         assert_eq!(
-            choose_subnet(Some("10.99.0.0/24"), &routes).unwrap(),
+            choose_subnet(Some("10.99.0.0/24"), &routes, &me).unwrap(),
             Subnet::parse("10.99.0.0/24").unwrap()
         );
     }

@@ -4,8 +4,7 @@
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 
-use banger_host::net::TAP_PREFIX;
-use banger_host::{HostNetwork, NetSetup, Subnet};
+use banger_host::{HostNetwork, Instance, NetSetup, Subnet};
 use banger_proto::agent::GuestNetwork;
 
 use crate::config::Config;
@@ -13,8 +12,13 @@ use crate::error::{OpError, OpResult};
 use crate::network::{address, dns};
 use crate::store::Store;
 use crate::vm::vmm::Nic;
+#[cfg(test)]
+use banger_host::NetCall;
 
 const SUBNET_KEY: &str = "network.subnet";
+/// This state directory's network instance: the id in the name of every
+/// host object it makes.
+const INSTANCE_KEY: &str = "network.instance";
 const DEFAULT_DOMAIN: &str = "vm";
 const DEFAULT_DNS_PORT: u16 = 1053;
 const DEFAULT_POOL: usize = 2;
@@ -30,6 +34,8 @@ enum State {
 
 pub struct NetworkService {
     host: Arc<dyn HostNetwork>,
+    /// Names this daemon's host objects; another daemon's are never touched.
+    instance: Instance,
     store: Arc<Store>,
     state: State,
     domain: String,
@@ -63,13 +69,21 @@ impl NetworkService {
             .unwrap_or_else(|| "auto".into());
         // SAFETY: geteuid has no preconditions.
         let owner = unsafe { libc::geteuid() };
+        let instance = match Self::instance(&store) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(error = %e, "no network instance id; using a one-off one");
+                Instance::fresh(random_u32)
+            }
+        };
         let state = match mode.as_str() {
             "none" => State::Disabled,
             // Neither root nor a root helper, or no tun driver: taps cannot
             // be made, and `auto` means "when it can work".
             "auto" if !privileged || !std::path::Path::new(TUN_DEVICE).exists() => State::Disabled,
-            "auto" | "tap" => match Self::subnet(config, &store) {
+            "auto" | "tap" => match Self::subnet(config, &store, &instance) {
                 Ok(subnet) => State::Ready(NetSetup {
+                    instance: instance.clone(),
                     subnet,
                     dns_port: net.dns_port.unwrap_or(DEFAULT_DNS_PORT),
                     domain: net.domain.clone().unwrap_or_else(|| DEFAULT_DOMAIN.into()),
@@ -82,6 +96,7 @@ impl NetworkService {
         };
         NetworkService {
             host,
+            instance,
             store,
             state,
             domain: net.domain.clone().unwrap_or_else(|| DEFAULT_DOMAIN.into()),
@@ -91,14 +106,26 @@ impl NetworkService {
         }
     }
 
+    /// The instance id chosen when this state directory first ran.
+    fn instance(store: &Store) -> Result<Instance, String> {
+        if let Some(id) = store.setting(INSTANCE_KEY).map_err(|e| e.to_string())? {
+            return Instance::parse(&id);
+        }
+        let instance = Instance::fresh(random_u32);
+        store
+            .set_setting(INSTANCE_KEY, instance.id())
+            .map_err(|e| e.to_string())?;
+        Ok(instance)
+    }
+
     /// The configured subnet, else the one chosen before, else a fresh choice.
-    fn subnet(config: &Config, store: &Store) -> Result<Subnet, String> {
+    fn subnet(config: &Config, store: &Store, instance: &Instance) -> Result<Subnet, String> {
         let routes = address::parse_proc_routes(
             &std::fs::read_to_string("/proc/net/route").unwrap_or_default(),
         );
         let remembered = store.setting(SUBNET_KEY).map_err(|e| e.to_string())?;
         let wanted = config.network.subnet.clone().or(remembered);
-        let subnet = address::choose_subnet(wanted.as_deref(), &routes)?;
+        let subnet = address::choose_subnet(wanted.as_deref(), &routes, instance)?;
         store
             .set_setting(SUBNET_KEY, &subnet.to_string())
             .map_err(|e| e.to_string())?;
@@ -124,6 +151,12 @@ impl NetworkService {
         }
     }
 
+    /// The device holding the gateway address (where systemd-resolved
+    /// routes the domain).
+    pub fn gateway_dev(&self) -> String {
+        self.instance.gateway_dev()
+    }
+
     /// The domain VM names live under (`vm`).
     pub fn domain(&self) -> &str {
         &self.domain
@@ -138,10 +171,12 @@ impl NetworkService {
             ),
             State::Broken(e) => Err(e.clone()),
             State::Ready(s) => Ok(format!(
-                "taps on {} (gateway {}, domain .{})",
+                "taps on {} (gateway {} on {}, domain .{}, instance {})",
                 s.subnet,
                 s.subnet.gateway(),
-                self.domain
+                s.instance.gateway_dev(),
+                self.domain,
+                s.instance
             )),
         }
     }
@@ -206,6 +241,27 @@ impl NetworkService {
         self.taps.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Spare taps: this instance's, not in use by a VM of ours, and not held
+    /// open by any process (a VMM we lost track of may still have one).
+    fn spares(&self, taps: &Taps) -> OpResult<Vec<String>> {
+        let used = self.taps_in_use(taps)?;
+        Ok(self
+            .host
+            .taps(&self.instance)
+            .map_err(host_err)?
+            .into_iter()
+            .filter(|t| !used.contains(t) && !self.host.tap_busy(t))
+            .collect())
+    }
+
+    /// A new tap, named clear of every tap this instance has.
+    fn new_tap(&self) -> OpResult<String> {
+        let existing = self.host.taps(&self.instance).map_err(host_err)?;
+        let tap = next_tap(&self.instance, &existing);
+        self.host.create_tap(&tap, self.owner).map_err(host_err)?;
+        Ok(tap)
+    }
+
     /// A tap for the VM at `ip`, from the pool when one is spare, routed to
     /// the guest.
     pub fn attach(&self, ip: Option<&str>) -> OpResult<Option<Nic>> {
@@ -215,15 +271,9 @@ impl NetworkService {
         let guest = parse_ip(ip)?;
         let mut taps = self.lock();
         self.ensure_host(setup, &mut taps)?;
-        let existing = self.host.taps().map_err(host_err)?;
-        let used = self.taps_in_use(&taps)?;
-        let tap = match existing.iter().find(|t| !used.contains(t)) {
-            Some(spare) => spare.clone(),
-            None => {
-                let tap = next_tap(&existing);
-                self.host.create_tap(&tap, self.owner).map_err(host_err)?;
-                tap
-            }
+        let tap = match self.spares(&taps)?.into_iter().next() {
+            Some(spare) => spare,
+            None => self.new_tap()?,
         };
         self.host.route(&tap, guest, setup).map_err(host_err)?;
         taps.claimed.push(tap.clone());
@@ -237,20 +287,18 @@ impl NetworkService {
     /// the pool (or is deleted when the pool is full). Idempotent.
     pub fn detach(&self, tap: Option<&str>, ip: Option<&str>) {
         if let Some(ip) = ip.and_then(|ip| ip.parse().ok()) {
-            if let Err(e) = self.host.unroute(ip) {
+            if let Err(e) = self.host.unroute(&self.instance, ip) {
                 tracing::warn!(%ip, error = %e, "could not remove the VM's route");
             }
         }
         let Some(tap) = tap else { return };
         let mut taps = self.lock();
         taps.claimed.retain(|t| t != tap);
-        let used = self.taps_in_use(&taps).unwrap_or_default();
         let spare = self
-            .host
-            .taps()
+            .spares(&taps)
             .unwrap_or_default()
             .into_iter()
-            .filter(|t| !used.contains(t) && t != tap)
+            .filter(|t| t != tap)
             .count();
         if spare >= self.pool {
             if let Err(e) = self.host.delete_tap(tap) {
@@ -268,21 +316,19 @@ impl NetworkService {
         if self.ensure_host(setup, &mut taps).is_err() {
             return;
         }
-        let used = self.taps_in_use(&taps).unwrap_or_default();
-        let mut existing = self.host.taps().unwrap_or_default();
-        while existing.iter().filter(|t| !used.contains(t)).count() < self.pool {
-            let tap = next_tap(&existing);
-            if let Err(e) = self.host.create_tap(&tap, self.owner) {
-                tracing::warn!(tap, error = %e, "could not add a tap to the pool");
+        let mut spare = self.spares(&taps).map(|s| s.len()).unwrap_or(self.pool);
+        while spare < self.pool {
+            if let Err(e) = self.new_tap() {
+                tracing::warn!(error = %e, "could not add a tap to the pool");
                 return;
             }
-            existing.push(tap);
+            spare += 1;
         }
     }
 
     /// After a daemon restart: the host side is re-applied, running VMs keep
     /// their tap and route, dead VMs' routes go, and spare taps beyond the
-    /// pool are deleted.
+    /// pool are deleted. Only this instance's objects are looked at.
     pub fn reconcile(&self) -> OpResult<()> {
         let Some(setup) = self.ready()? else {
             return Ok(());
@@ -302,18 +348,10 @@ impl NetworkService {
                     .and_then(|r| r.tap.clone())
                 {
                     Some(tap) => self.host.route(&tap, ip, setup).map_err(host_err)?,
-                    None => self.host.unroute(ip).map_err(host_err)?,
+                    None => self.host.unroute(&self.instance, ip).map_err(host_err)?,
                 }
             }
-            let used = self.taps_in_use(&taps)?;
-            let spare: Vec<String> = self
-                .host
-                .taps()
-                .map_err(host_err)?
-                .into_iter()
-                .filter(|t| !used.contains(t))
-                .collect();
-            for tap in spare.iter().skip(self.pool) {
+            for tap in self.spares(&taps)?.iter().skip(self.pool) {
                 self.host.delete_tap(tap).map_err(host_err)?;
             }
         }
@@ -373,10 +411,74 @@ fn host_err(e: banger_host::HostError) -> OpError {
     OpError::internal(format!("VM networking: {e}"))
 }
 
-/// The lowest-numbered tap name not taken.
-fn next_tap(existing: &[String]) -> String {
+/// The lowest-numbered tap name of `instance` not taken.
+fn next_tap(instance: &Instance, existing: &[String]) -> String {
     (0..)
-        .map(|n| format!("{TAP_PREFIX}{n}"))
+        .map(|n| instance.tap(n))
         .find(|t| !existing.contains(t))
         .expect("unbounded")
+}
+
+fn random_u32() -> u32 {
+    let mut buf = [0u8; 4];
+    getrandom::fill(&mut buf).expect("the OS provides randomness");
+    u32::from_le_bytes(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use banger_host::FakeHostNetwork;
+
+    fn service(net: &FakeHostNetwork, subnet: &str) -> NetworkService {
+        let config: Config = toml::from_str(&format!(
+            "[network]\nmode = \"tap\"\nsubnet = \"{subnet}\"\ntap_pool = 1\n"
+        ))
+        .unwrap();
+        let store = Arc::new(Store::open_in_memory().unwrap());
+        NetworkService::new(&config, Arc::new(net.clone()), true, store)
+    }
+
+    #[test]
+    fn two_instances_on_one_host_keep_to_their_own_taps() {
+        let host = FakeHostNetwork::default();
+        let a = service(&host, "10.250.1.0/24");
+        let b = service(&host, "10.250.2.0/24");
+        assert_ne!(a.instance, b.instance);
+        a.reconcile().unwrap();
+        let nic = a.attach(Some("10.250.1.2")).unwrap().unwrap();
+        assert!(a.instance.owns_tap(&nic.tap), "{}", nic.tap);
+        let a_taps = host.taps(&a.instance).unwrap();
+        // B starting up, filling its pool and trimming spares leaves A's
+        // in-use and spare taps alone, and hands out none of them.
+        b.reconcile().unwrap();
+        let other = b.attach(Some("10.250.2.2")).unwrap().unwrap();
+        assert!(b.instance.owns_tap(&other.tap), "{}", other.tap);
+        b.detach(Some(&other.tap), Some("10.250.2.2"));
+        b.reconcile().unwrap();
+        assert_eq!(host.taps(&a.instance).unwrap(), a_taps);
+        assert!(host
+            .routes()
+            .contains(&(nic.tap.clone(), "10.250.1.2".parse().unwrap())));
+        // B deleted none of A's taps along the way.
+        let calls = host.calls();
+        assert!(!calls
+            .iter()
+            .any(|c| matches!(c, NetCall::DeleteTap(t) if a.instance.owns_tap(t))));
+    }
+
+    #[test]
+    fn a_spare_tap_held_open_by_an_unknown_process_is_never_handed_out() {
+        let host = FakeHostNetwork::default();
+        let a = service(&host, "10.250.3.0/24");
+        a.reconcile().unwrap();
+        let spare = host.taps(&a.instance).unwrap();
+        assert_eq!(spare.len(), 1, "the pool");
+        host.set_busy(&spare[0], true);
+        let nic = a.attach(Some("10.250.3.2")).unwrap().unwrap();
+        assert_ne!(nic.tap, spare[0]);
+        // Nor is it trimmed as a spare: whoever holds it keeps it.
+        a.reconcile().unwrap();
+        assert!(host.taps(&a.instance).unwrap().contains(&spare[0]));
+    }
 }

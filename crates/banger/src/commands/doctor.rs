@@ -566,7 +566,7 @@ fn dns(status: Option<&DaemonStatus>) -> Check {
         );
     }
     let routed = std::process::Command::new("resolvectl")
-        .args(["domain", banger_host::net::GATEWAY_DEV])
+        .args(["domain", &dns.device])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("~{}", dns.domain)))
         .unwrap_or(false);
@@ -588,7 +588,10 @@ fn dns(status: Option<&DaemonStatus>) -> Check {
                 "banger answers at {addr}, but systemd-resolved does not route ~{} to it",
                 dns.domain
             ),
-            Some("restart the daemon (it sets the route up), or check `resolvectl status banger0`"),
+            Some(&format!(
+                "restart the daemon (it sets the route up), or check `resolvectl status {}`",
+                dns.device
+            )),
         )
     }
 }
