@@ -2,9 +2,30 @@
 //! fails (or the operation is dropped half way), the undo actions of the
 //! steps before it run in reverse order and leave nothing behind.
 
+use std::sync::OnceLock;
+
 use crate::error::{OpError, OpResult};
 
+/// Test seam for crash tests: the step at which the whole process SIGKILLs
+/// itself, as a power cut or the OOM killer would, with no undo run.
+static KILL_AT: OnceLock<String> = OnceLock::new();
+
+/// Makes the process SIGKILL itself on reaching the step named `step` (in
+/// any operation). Set once, at daemon start.
+pub fn set_kill_point(step: &str) {
+    let _ = KILL_AT.set(step.to_string());
+}
+
 type UndoFn = Box<dyn FnOnce() + Send>;
+
+/// Dies here if the kill point names `step`.
+pub fn kill_point(step: &str) {
+    if KILL_AT.get().is_some_and(|k| k == step) {
+        tracing::warn!(step, "kill point reached: SIGKILL");
+        // SAFETY: kill(2) on our own pid; SIGKILL cannot be caught.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+}
 
 /// Test seam: make the step with this name fail.
 #[derive(Clone, Default, Debug)]
@@ -27,6 +48,7 @@ impl Steps {
 
     /// Marks the start of a step; fails when the fail point names it.
     pub fn begin(&self, step: &str) -> OpResult<()> {
+        kill_point(step);
         if self.fail_at.0.as_deref() == Some(step) {
             return Err(OpError::internal(format!(
                 "injected failure at step `{step}`"

@@ -268,3 +268,42 @@ async fn dm_snapshot_root_disks_are_set_up_per_boot_and_always_torn_down() {
     assert_eq!(setups, 1);
     assert!(blockdevs.live().is_empty());
 }
+
+#[tokio::test]
+async fn a_vmm_the_daemon_never_recorded_is_stopped_at_recovery() {
+    let (_tmp, core, launcher) = setup();
+    core.vms
+        .create(params("web"), Events::none())
+        .await
+        .unwrap();
+    let dir = core.paths.state_dir.join("vms/web");
+    // What a daemon killed between spawn and the runtime row leaves: a VMM
+    // naming the VM's files, and no record of it.
+    use banger_host::ProcessLauncher;
+    let orphan = launcher
+        .launch(&banger_host::LaunchSpec {
+            program: "qemu-system-x86_64".into(),
+            args: vec!["-kernel".into(), dir.join("vmlinux").display().to_string()],
+            log: dir.join("vmm.log"),
+            cwd: None,
+            user: None,
+        })
+        .unwrap();
+    // A bystander naming a VM whose name merely starts the same survives.
+    let bystander = launcher
+        .launch(&banger_host::LaunchSpec {
+            program: "qemu-system-x86_64".into(),
+            args: vec![format!("{}2/root.ext4", dir.display())],
+            log: dir.join("other.log"),
+            cwd: None,
+            user: None,
+        })
+        .unwrap();
+    core.vms.recover().unwrap();
+    assert!(!launcher.alive(orphan), "the orphan was stopped");
+    assert!(launcher.alive(bystander));
+    assert_eq!(
+        core.vms.inspect(&["web".into()]).unwrap()[0].state,
+        "stopped"
+    );
+}

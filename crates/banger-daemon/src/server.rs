@@ -157,6 +157,10 @@ pub fn run(paths: banger_core::paths::Paths) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async move {
         let _lock = super::socket::lock(&paths.runtime_dir)?;
+        // Crash tests name a step at which the daemon SIGKILLs itself.
+        if let Ok(step) = std::env::var("BANGER_TEST_KILL_AT") {
+            banger_core::steps::set_kill_point(&step);
+        }
         let runner = Arc::new(banger_host::RealRunner);
         let core = Arc::new(Core::open(paths.clone(), runner, Default::default())?);
         let socket = paths.socket();

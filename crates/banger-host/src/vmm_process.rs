@@ -33,6 +33,31 @@ pub trait ProcessLauncher: Send + Sync {
     fn alive(&self, id: ProcessId) -> bool;
     /// Sends a signal to that very process; a process that is gone is not an error.
     fn signal(&self, id: ProcessId, signal: i32) -> Result<(), HostError>;
+    /// Live processes whose command line contains `needle`: how a VMM that
+    /// a killed daemon launched but never recorded is found again.
+    fn find_naming(&self, needle: &str) -> Vec<ProcessId>;
+}
+
+/// Every live process whose command line contains `needle`, from /proc
+/// (readable by anyone, so the same for every launcher).
+pub fn processes_naming(needle: &str) -> Vec<ProcessId> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let needle = needle.as_bytes();
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != std::process::id())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            cmdline.windows(needle.len()).any(|w| w == needle)
+        })
+        .filter_map(|pid| match stat(pid)? {
+            (_, true) => None,
+            (start_time, false) => Some(ProcessId { pid, start_time }),
+        })
+        .collect()
 }
 
 /// Start time (field 22 of /proc/PID/stat) and whether it is a zombie.
@@ -110,6 +135,10 @@ impl ProcessLauncher for RealLauncher {
         unsafe { libc::kill(id.pid as i32, signal) };
         Ok(())
     }
+
+    fn find_naming(&self, needle: &str) -> Vec<ProcessId> {
+        processes_naming(needle)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,6 +154,8 @@ pub struct FakeLauncher {
     calls: Arc<Mutex<Vec<LauncherCall>>>,
     alive: Arc<Mutex<Vec<ProcessId>>>,
     fail_launch: Arc<Mutex<bool>>,
+    /// The command line each process was launched with.
+    argv: Arc<Mutex<Vec<(ProcessId, String)>>>,
 }
 
 impl FakeLauncher {
@@ -158,6 +189,8 @@ impl ProcessLauncher for FakeLauncher {
             start_time: 42,
         };
         self.alive.lock().unwrap().push(id);
+        let argv = format!("{} {}", spec.program, spec.args.join(" "));
+        self.argv.lock().unwrap().push((id, argv));
         Ok(id)
     }
     fn alive(&self, id: ProcessId) -> bool {
@@ -172,6 +205,13 @@ impl ProcessLauncher for FakeLauncher {
             self.exit(id);
         }
         Ok(())
+    }
+    fn find_naming(&self, needle: &str) -> Vec<ProcessId> {
+        let argv = self.argv.lock().unwrap();
+        argv.iter()
+            .filter(|(id, line)| self.alive(*id) && line.contains(needle))
+            .map(|(id, _)| *id)
+            .collect()
     }
 }
 
@@ -199,6 +239,12 @@ mod tests {
             }),
             "a recycled pid is not ours"
         );
+        let marker = dir.join("log").display().to_string();
+        assert!(
+            RealLauncher.find_naming("exec sleep 30").contains(&id),
+            "found by its command line"
+        );
+        assert!(!RealLauncher.find_naming(&marker).contains(&id));
         RealLauncher.signal(id, libc::SIGKILL).unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while RealLauncher.alive(id) {

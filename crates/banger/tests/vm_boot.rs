@@ -228,6 +228,28 @@ fn vms_boot_run_commands_persist_and_survive_a_daemon_kill() {
         "leftovers cleaned"
     );
 
+    // The daemon dies between spawning QEMU and recording it: the next
+    // daemon finds the unrecorded VMM by its command line and stops it, and
+    // the VM starts again.
+    banger.kill_daemon(libc::SIGTERM);
+    banger.add_env("BANGER_TEST_KILL_AT", std::path::Path::new("runtime"));
+    banger.start_daemon();
+    let died = banger.run(&["vm", "start", "web"]);
+    assert!(!died.status.success(), "the daemon was to die mid-start");
+    assert_eq!(qemu_pids_for(&dir).len(), 1, "an orphaned VMM");
+    banger.kill_daemon(libc::SIGKILL);
+    banger.remove_env("BANGER_TEST_KILL_AT");
+    banger.start_daemon();
+    assert!(qemu_pids_for(&dir).is_empty(), "the orphan was stopped");
+    let info: serde_json::Value =
+        serde_json::from_str(&banger.ok(&["vm", "inspect", "web", "--json"])).unwrap();
+    assert_eq!(info[0]["state"], "stopped");
+    banger.ok(&["vm", "start", "web"]);
+    assert_eq!(
+        banger.ok(&["vm", "exec", "web", "--", "cat", "/work/kept"]),
+        "work-data\n"
+    );
+
     // Four VMs start at once.
     let names = ["p1", "p2", "p3", "p4"];
     let children: Vec<_> = names

@@ -41,8 +41,9 @@ const UPSTREAM_ANSWER: &str = "203.0.113.7";
 const INET_ADDR: &str = "198.51.100.2";
 
 impl Lab {
-    fn new() -> Lab {
-        let id = std::process::id() % 100_000;
+    /// `tag` tells apart the labs of tests running at once.
+    fn new(tag: &str) -> Lab {
+        let id = format!("{tag}{}", std::process::id() % 100_000);
         let lab = Lab {
             host: format!("bgh{id}"),
             inet: format!("bgi{id}"),
@@ -104,14 +105,23 @@ while True:
     /// The root helper in the host namespace, serving [`DAEMON_UID`] with
     /// VMs under `home`; its socket is `dir/helper.sock`.
     fn helper(&mut self, dir: &Path, home: &Path) {
+        self.helper_for(dir, &["--owner", &DAEMON_UID.to_string()], &[home]);
+    }
+
+    /// The root helper serving whom `who` names, with VMs under `homes`.
+    fn helper_for(&mut self, dir: &Path, who: &[&str], homes: &[&Path]) {
         let socket = dir.join("helper.sock");
         let log = std::fs::File::create(dir.join("helper.log")).unwrap();
-        let child = Command::new("ip")
+        let mut command = Command::new("ip");
+        command
             .args(["netns", "exec", &self.host, common::exe(), "root-helper"])
             .arg("--socket")
             .arg(&socket)
-            .args(["--owner", &DAEMON_UID.to_string(), "--allow-dir"])
-            .arg(home)
+            .args(who);
+        for home in homes {
+            command.arg("--allow-dir").arg(home);
+        }
+        let child = command
             .arg("--state-dir")
             .arg(dir.join("state"))
             .stdout(log.try_clone().unwrap())
@@ -222,7 +232,7 @@ fn taps_in(ns: &str) -> Vec<String> {
     must(&format!("ip -n {ns} -o link show"))
         .lines()
         .filter_map(|l| l.split(": ").nth(1))
-        .filter(|n| n.starts_with("bgtap"))
+        .filter(|n| banger_host::net::tap_instance(n).is_some())
         .map(|n| n.to_string())
         .collect()
 }
@@ -255,7 +265,7 @@ fn vms_get_addresses_nat_and_isolation_and_survive_a_daemon_kill() {
     banger.ok(&["kernel", "import", kernel.to_str().unwrap()]);
     banger.ok(&["image", "pull", &registry.reference("busybox:latest")]);
     // … then run the root helper, the daemon, and so the VMs, inside the lab.
-    let mut lab = Lab::new();
+    let mut lab = Lab::new("");
     lab.helper(helper_dir.path(), banger.home.path());
     banger.kill_daemon(libc::SIGTERM);
     banger.move_to_netns(&lab.host);
@@ -587,4 +597,233 @@ fn wait_until(limit: Duration, mut ok: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(250));
     }
     false
+}
+
+/// Logs the source address of every ICMP packet reaching the "internet"
+/// (argv: log file), one per line.
+const ICMP_LOGGER: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+with open(sys.argv[1], "a", buffering=1) as log:
+    while True:
+        packet, peer = s.recvfrom(65535)
+        if packet[20] == 8:
+            log.write(peer[0] + "\n")
+"#;
+
+/// Who runs each of the four instances in the two-instance test.
+enum Runs {
+    Root,
+    User(u32),
+}
+
+/// Two root daemons and two users' daemons (through one root helper) on one
+/// host, each with a VM: each gets its own subnet, taps and table; each VM
+/// has NAT and its own DNS; none reaches another's; one daemon's restart
+/// and removals leave the others' objects alone; and no guest gets a packet
+/// out with a source address that is not its own.
+#[test]
+fn instances_side_by_side_keep_to_their_own_network_and_guests_cannot_spoof() {
+    let Some((kernel, agent)) = assets() else {
+        return;
+    };
+    let registry = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    push_busybox(&registry, &tmp.path().join("oci"), "busybox:latest");
+    const GROUP: u32 = 4240;
+    let who = [Runs::Root, Runs::Root, Runs::User(4242), Runs::User(4343)];
+    let helper_dir = tempfile::tempdir().unwrap();
+    must(&format!("chmod 0755 {}", helper_dir.path().display()));
+    let socket = helper_dir.path().join("helper.sock");
+    let mut instances: Vec<Banger> = Vec::new();
+    for runs in &who {
+        let mut banger = Banger::without_daemon();
+        banger.add_env("BANGER_QEMU_ACCEL", Path::new("tcg"));
+        banger.add_env("BANGER_AGENT_BIN", &agent);
+        if let Runs::User(uid) = runs {
+            banger.run_as_in_group(*uid, GROUP, Some(&socket));
+        }
+        banger.start_daemon();
+        banger.ok(&["kernel", "import", kernel.to_str().unwrap()]);
+        banger.ok(&["image", "pull", &registry.reference("busybox:latest")]);
+        banger.kill_daemon(libc::SIGTERM);
+        instances.push(banger);
+    }
+    let mut lab = Lab::new("s");
+    let homes: Vec<&Path> = instances.iter().map(|b| b.home.path()).collect();
+    lab.helper_for(helper_dir.path(), &["--group", &GROUP.to_string()], &homes);
+    let host = lab.host.clone();
+    let inet = lab.inet.clone();
+    let www = tmp.path().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("hello.txt"), "from the internet\n").unwrap();
+    lab.serve(&inet, INET_ADDR, 8080, &www);
+    let icmp_log = tmp.path().join("icmp.log");
+    std::fs::write(&icmp_log, "").unwrap();
+    let logger = Command::new("ip")
+        .args(["netns", "exec", &inet, "python3", "-c", ICMP_LOGGER])
+        .arg(&icmp_log)
+        .spawn()
+        .unwrap();
+    lab.servers.push(logger);
+
+    let names = ["r1", "r2", "u1", "u2"];
+    let mut ips = Vec::new();
+    for (banger, name) in instances.iter_mut().zip(names) {
+        banger.move_to_netns(&host);
+        banger.start_daemon();
+        banger.ok(&["vm", "run", name, "--image", "busybox", "--memory", "192M"]);
+        banger.ok(&[
+            "vm", "exec", name, "--", "sh", "-c",
+            &format!("mkdir -p /tmp/www && echo hello from {name} > /tmp/www/index.html && httpd -p 8000 -h /tmp/www"),
+        ]);
+        ips.push(vm_ip(banger, name));
+    }
+    let subnets: Vec<String> = ips
+        .iter()
+        .map(|ip| ip.rsplit_once('.').unwrap().0.to_string())
+        .collect();
+    for (i, s) in subnets.iter().enumerate() {
+        assert!(
+            !subnets[..i].contains(s),
+            "instances share a subnet: {ips:?}"
+        );
+    }
+    let tables = must(&format!("ip netns exec {host} nft list tables"));
+    assert_eq!(
+        tables.matches("table ip banger_").count(),
+        4,
+        "one table per instance: {tables}"
+    );
+
+    let check = |when: &str| {
+        for (i, (banger, name)) in instances.iter().zip(names).enumerate() {
+            let out = fetch(&host, &format!("http://{}:8000/index.html", ips[i]));
+            assert!(
+                String::from_utf8_lossy(&out.stdout).contains(&format!("hello from {name}")),
+                "{when}: {name} not reachable from the host"
+            );
+            assert!(
+                guest_gets(
+                    banger,
+                    name,
+                    &format!("{INET_ADDR}:8080"),
+                    "/hello.txt",
+                    "internet"
+                ),
+                "{when}: {name} has no NAT"
+            );
+            let looked_up =
+                banger.ok(&["vm", "exec", name, "--", "nslookup", &format!("{name}.vm")]);
+            assert!(looked_up.contains(&ips[i]), "{when}: {looked_up}");
+            let other = (i + 1) % names.len();
+            assert!(
+                !guest_gets(
+                    banger,
+                    name,
+                    &format!("{}:8000", ips[other]),
+                    "/index.html",
+                    "hello"
+                ),
+                "{when}: {name} reached {}, another instance's VM",
+                names[other]
+            );
+        }
+    };
+    check("four instances running");
+
+    // Source addresses: an outside one, an unused one of its own subnet, and
+    // another instance's VM's are all dropped; its own goes out (NAT-ed).
+    let sent_from = |banger: &Banger, name: &str, source: &str| -> Vec<String> {
+        let before = std::fs::read_to_string(&icmp_log).unwrap().lines().count();
+        // The guest's own address is on eth0 already: add (and remove)
+        // only the others.
+        let script = format!(
+            "if ip addr add {source}/32 dev eth0; then added=1; fi; \
+             ping -c 2 -W 1 -I {source} {INET_ADDR} >/dev/null 2>&1; \
+             [ -z \"$added\" ] || ip addr del {source}/32 dev eth0; true"
+        );
+        banger.ok(&["vm", "exec", name, "--", "sh", "-c", &script]);
+        std::thread::sleep(Duration::from_millis(300));
+        let log = std::fs::read_to_string(&icmp_log).unwrap();
+        log.lines().skip(before).map(str::to_string).collect()
+    };
+    let own = sent_from(&instances[0], "r1", &ips[0]);
+    assert!(
+        own.iter().any(|s| s == HOST_ADDR),
+        "the guest's own address goes out, NAT-ed: {own:?}"
+    );
+    for spoofed in [
+        "8.8.4.4".to_string(),
+        format!("{}.99", subnets[0]),
+        ips[1].clone(),
+    ] {
+        let got = sent_from(&instances[0], "r1", &spoofed);
+        assert!(got.is_empty(), "r1 got packets out as {spoofed}: {got:?}");
+    }
+
+    // One root daemon killed and restarted, one user's VM removed: the
+    // others' taps, routes and rules stay, and they keep working.
+    let taps_before = taps_in(&host);
+    instances[1].kill_daemon(libc::SIGKILL);
+    instances[1].start_daemon();
+    instances[3].ok(&["vm", "rm", "-f", "u2"]);
+    let taps_after = taps_in(&host);
+    let u2 = instance_id(&instances[3]);
+    for tap in taps_before.iter().filter(|t| !t.contains(&u2)) {
+        assert!(
+            taps_after.contains(tap),
+            "{tap} went with another instance's restart or removal"
+        );
+    }
+    let routes = must(&format!("ip -n {host} route"));
+    for ip in &ips[..3] {
+        assert!(routes.contains(ip.as_str()), "{ip}'s route went: {routes}");
+    }
+    assert!(!routes.contains(&format!("{} ", ips[3])), "{routes}");
+    check_three(&instances, &names, &ips, &host);
+    for (banger, name) in instances.iter().zip(names).take(3) {
+        banger.ok(&["vm", "rm", "-f", name]);
+    }
+}
+
+/// The network instance id a daemon reports (`doctor`'s network check).
+fn instance_id(banger: &Banger) -> String {
+    // doctor exits 1 when any check fails (no KVM here): only its JSON matters.
+    let doctor = banger.run(&["doctor", "--json"]);
+    let checks: serde_json::Value = serde_json::from_slice(&doctor.stdout).unwrap();
+    let network = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "network")
+        .unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    network
+        .split("instance ")
+        .nth(1)
+        .and_then(|s| s.get(..6))
+        .unwrap_or_else(|| panic!("no instance in {network}"))
+        .to_string()
+}
+
+/// The first three VMs still reachable and with NAT after the fourth went.
+fn check_three(instances: &[Banger], names: &[&str], ips: &[String], host: &str) {
+    for i in 0..3 {
+        let out = fetch(host, &format!("http://{}:8000/index.html", ips[i]));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(&format!("hello from {}", names[i])),
+            "{} not reachable after another instance's changes",
+            names[i]
+        );
+        assert!(guest_gets(
+            &instances[i],
+            names[i],
+            &format!("{INET_ADDR}:8080"),
+            "/hello.txt",
+            "internet"
+        ));
+    }
 }

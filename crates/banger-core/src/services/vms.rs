@@ -257,12 +257,28 @@ impl VmService {
     /// After a daemon restart: VMs whose VMM still runs are kept (their SSH
     /// connection is re-made on first use); dead ones are marked stopped and
     /// their leftovers cleaned.
+    /// A VMM that a daemon killed between spawn and the runtime row still
+    /// runs unrecorded, holding its tap and disks: it is found by the VM
+    /// directory on its command line and stopped.
     pub fn recover(&self) -> OpResult<()> {
         for rt in self.store.list_runtimes()? {
             if self.live(&rt.name)?.is_some() {
                 tracing::info!(vm = %rt.name, pid = rt.pid, "re-attached to a running VM");
             } else {
                 tracing::info!(vm = %rt.name, "VM died while the daemon was away; marked stopped");
+            }
+        }
+        for vm in self.store.list_vms()? {
+            if self.live(&vm.name)?.is_some() {
+                continue;
+            }
+            for orphan in self.launcher.find_naming(&format!("{}/", vm.dir)) {
+                tracing::warn!(
+                    vm = %vm.name,
+                    pid = orphan.pid,
+                    "a VMM launched for this VM was never recorded (the daemon died mid-start); stopping it"
+                );
+                kill_and_wait(self.launcher.as_ref(), orphan);
             }
         }
         self.write_ssh_config();
@@ -557,7 +573,7 @@ impl VmService {
         let console = dir.join("console.log");
         append_marker(
             &console,
-            &format!("--- banger: boot at {} ---", ids::now_rfc3339()),
+            &format!("{BOOT_MARKER}{} ---", ids::now_rfc3339()),
         );
         let spec = BootSpec {
             dir: dir.clone(),
@@ -1110,7 +1126,59 @@ fn boot_failed(vm: &VmRecord, stage: &str, message: &str) -> OpError {
     ))
 }
 
+/// The last `n` lines of a log, read from its end (a console log may be
+/// huge), and only of the latest boot: older boots' lines would point at
+/// the wrong cause.
 fn tail_lines(path: &Path, n: usize) -> String {
-    let text = std::fs::read(path).unwrap_or_default();
-    last_lines(&String::from_utf8_lossy(&text), n)
+    let text = read_end(path, TAIL_BYTES);
+    let text = String::from_utf8_lossy(&text);
+    let this_boot = match text.rfind(BOOT_MARKER) {
+        Some(at) => &text[at..],
+        None => &text,
+    };
+    last_lines(this_boot, n)
+}
+
+/// What a boot failure shows of the logs, at most.
+const TAIL_BYTES: u64 = 64 * 1024;
+/// Opens every boot's lines in the console log.
+const BOOT_MARKER: &str = "--- banger: boot at ";
+
+/// At most the last `limit` bytes of a file.
+fn read_end(path: &Path, limit: u64) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = file.seek(SeekFrom::Start(len.saturating_sub(limit)));
+    let mut out = Vec::new();
+    let _ = file.take(limit).read_to_end(&mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_boot_failure_shows_only_this_boots_console_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let console = dir.path().join("console.log");
+        append_marker(&console, &format!("{BOOT_MARKER}yesterday ---"));
+        append_marker(&console, "old boot: tap bgtap1 busy");
+        append_marker(&console, &format!("{BOOT_MARKER}now ---"));
+        append_marker(&console, "this boot: no root disk");
+        let tail = tail_lines(&console, 20);
+        assert!(
+            tail.contains("this boot") && !tail.contains("old boot"),
+            "{tail}"
+        );
+        // A huge log is read from its end only.
+        let mut big = "x".repeat(200_000);
+        big.push_str("\nlast line\n");
+        std::fs::write(&console, big).unwrap();
+        assert_eq!(tail_lines(&console, 1), "last line\n");
+        assert!(read_end(&console, TAIL_BYTES).len() as u64 <= TAIL_BYTES);
+    }
 }

@@ -12,8 +12,8 @@ pub struct Banger {
     daemon_env: Vec<(String, PathBuf)>,
     /// The network namespace the daemon runs in (`ip netns exec`).
     netns: Option<String>,
-    /// The unprivileged uid (and gid) the daemon runs as, if not root.
-    user: Option<u32>,
+    /// The unprivileged uid and gid the daemon runs as, if not root.
+    user: Option<(u32, u32)>,
 }
 
 pub fn exe() -> &'static str {
@@ -57,6 +57,11 @@ impl Banger {
             .push(("BANGER_NETWORK".into(), PathBuf::from("tap")));
     }
 
+    /// Drops extra environment `key` from the daemon's next start.
+    pub fn remove_env(&mut self, key: &str) {
+        self.daemon_env.retain(|(k, _)| k != key);
+    }
+
     /// Extra environment for the daemon, from its next start.
     pub fn add_env(&mut self, key: &str, value: &Path) {
         self.daemon_env.push((key.into(), value.to_path_buf()));
@@ -66,9 +71,14 @@ impl Banger {
     /// same, no supplementary groups) and owns the home; privileged work goes
     /// to the root helper at `helper` when one is given.
     pub fn run_as(&mut self, uid: u32, helper: Option<&Path>) {
+        self.run_as_in_group(uid, uid, helper)
+    }
+
+    /// Like [`run_as`](Self::run_as), with `gid` as the daemon's group.
+    pub fn run_as_in_group(&mut self, uid: u32, gid: u32, helper: Option<&Path>) {
         let home = self.home.path().display().to_string();
         let out = Command::new("chown")
-            .args(["-R", &format!("{uid}:{uid}"), &home])
+            .args(["-R", &format!("{uid}:{gid}"), &home])
             .output()
             .unwrap();
         assert!(
@@ -76,7 +86,7 @@ impl Banger {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        self.user = Some(uid);
+        self.user = Some((uid, gid));
         if let Some(socket) = helper {
             self.daemon_env
                 .push(("BANGER_HELPER_SOCKET".into(), socket.to_path_buf()));
@@ -95,7 +105,7 @@ impl Banger {
         if let Some(ns) = &self.netns {
             argv.extend(["ip", "netns", "exec", ns].map(String::from));
         }
-        if let Some(uid) = self.user {
+        if let Some((uid, gid)) = self.user {
             // Distributions make /dev/net/tun 0666; this machine may not. A
             // 0666 node bound over it in the daemon's own mount namespace
             // (`ip netns exec` made one) stands in, changing nothing outside.
@@ -111,7 +121,7 @@ impl Banger {
             argv.extend([
                 "sh".into(),
                 "-c".into(),
-                format!("{bind}exec setpriv --reuid={uid} --regid={uid} --clear-groups -- \"$@\""),
+                format!("{bind}exec setpriv --reuid={uid} --regid={gid} --clear-groups -- \"$@\""),
                 "sh".into(),
             ]);
         }
