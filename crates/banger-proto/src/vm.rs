@@ -26,8 +26,12 @@ pub struct CreateParams {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VmInfo {
     pub name: String,
-    /// `running` or `stopped`: always what the VMM process really is.
+    /// `running`, `paused` or `stopped`: always what the VMM process really
+    /// is (`paused`: it lives but runs no guest; `problem` says why).
     pub state: String,
+    /// Why a paused VM is paused, and what to do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
     pub image: String,
     pub kernel: String,
     pub vmm: String,

@@ -222,9 +222,29 @@ impl VmService {
 
     fn info(&self, vm: &VmRecord) -> OpResult<VmInfo> {
         let rt = self.live(&vm.name)?;
+        let problem = match &rt {
+            Some(_) => self
+                .vmm(&vm.vmm)
+                .ok()
+                .and_then(|v| v.problem(Path::new(&vm.dir)))
+                .map(|why| {
+                    format!(
+                        "{why}; free space on the filesystem holding {} (`df -h {}`), then \
+                         `banger vm restart {}`",
+                        vm.dir, vm.dir, vm.name
+                    )
+                }),
+            None => None,
+        };
         Ok(VmInfo {
             name: vm.name.clone(),
-            state: if rt.is_some() { "running" } else { "stopped" }.into(),
+            state: match (&rt, &problem) {
+                (None, _) => "stopped",
+                (Some(_), Some(_)) => "paused",
+                (Some(_), None) => "running",
+            }
+            .into(),
+            problem,
             image: vm.image.clone(),
             kernel: vm.kernel.clone(),
             vmm: vm.vmm.clone(),

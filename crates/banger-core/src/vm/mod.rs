@@ -5,6 +5,7 @@ pub mod disk;
 pub mod firecracker;
 pub mod keys;
 pub mod name;
+pub mod qmp;
 pub mod ssh_config;
 pub mod user_keys;
 pub mod vmm;

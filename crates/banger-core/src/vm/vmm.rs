@@ -70,6 +70,11 @@ pub trait Vmm: Send + Sync {
                 .map_err(|e| format!("connecting to the agent: {e}"))
         })
     }
+    /// Why a live VMM is not running its guest (paused on a full disk, say),
+    /// if it can tell.
+    fn problem(&self, _dir: &Path) -> Option<String> {
+        None
+    }
     /// A VMM-level shutdown request, tried when the agent does not answer.
     fn request_shutdown<'a>(&'a self, _dir: &'a Path) -> BoxFuture<'a, ()> {
         Box::pin(async {})
@@ -162,7 +167,12 @@ impl Vmm for Qemu {
     }
 
     fn run_files(&self) -> &'static [&'static str] {
-        &["ctl.sock", "ssh.sock"]
+        &["ctl.sock", "ssh.sock", "qmp.sock"]
+    }
+
+    fn problem(&self, dir: &Path) -> Option<String> {
+        let status = super::qmp::status(&dir.join("qmp.sock"))?;
+        super::qmp::problem(&status).map(str::to_string)
     }
 
     fn command(&self, spec: &BootSpec) -> Result<LaunchSpec, String> {
@@ -233,6 +243,13 @@ impl Vmm for Qemu {
                 path(Path::new(&nic.mac))?
             ));
         }
+        // Asked for the run status: a guest paused on a full disk must not
+        // look like a running one.
+        args.push("-qmp".into());
+        args.push(format!(
+            "unix:{},server=on,wait=off",
+            path(&spec.dir.join("qmp.sock"))?
+        ));
         args.push("-device".into());
         args.push("virtio-serial-device".into());
         for (id, socket, name) in [

@@ -56,6 +56,7 @@ pub fn run(paths: &Paths, json: bool) -> anyhow::Result<i32> {
         qemu(),
         kvm(),
         kernel(paths),
+        vms(paths),
         agent(),
         cow(paths),
         network(status.as_ref()),
@@ -297,7 +298,14 @@ fn qemu() -> Check {
 
 fn kvm() -> Check {
     if banger_core::vm::vmm::kvm_usable() {
-        check("kvm", Status::Ok, "/dev/kvm is usable", None)
+        // Opening the device proves little: under nested virtualization
+        // QEMU can still abort when it sets the vCPU up (MSR 0x10a).
+        check(
+            "kvm",
+            Status::Ok,
+            "/dev/kvm is present and opens (untested: no VM has booted with it here)",
+            Some("if VMs fail to launch with `failed to set MSR`, set qemu.accel = \"tcg\" in the config file"),
+        )
     } else {
         check(
             "kvm",
@@ -305,6 +313,39 @@ fn kvm() -> Check {
             "/dev/kvm is not usable: QEMU VMs run under TCG (software emulation, slower)",
             Some("enable virtualization, or add yourself to the `kvm` group"),
         )
+    }
+}
+
+/// VMs whose VMM lives but runs no guest (paused on a full disk).
+fn vms(paths: &Paths) -> Check {
+    let Ok(stream) = Client::new(paths.clone()).connect_existing() else {
+        return check(
+            "vms",
+            Status::Warn,
+            "daemon not running; cannot list VMs",
+            None,
+        );
+    };
+    let list = call_on(stream, methods::VM_LIST, serde_json::json!({}), |_| {})
+        .ok()
+        .and_then(|v| serde_json::from_value::<Vec<banger_proto::vm::VmInfo>>(v).ok());
+    let Some(list) = list else {
+        return check("vms", Status::Warn, "the daemon did not list its VMs", None);
+    };
+    let troubled: Vec<String> = list
+        .iter()
+        .filter_map(|v| Some(format!("`{}` is {}", v.name, v.problem.as_ref()?)))
+        .collect();
+    if troubled.is_empty() {
+        let running = list.iter().filter(|v| v.state == "running").count();
+        check(
+            "vms",
+            Status::Ok,
+            format!("{} VM(s), {running} running", list.len()),
+            None,
+        )
+    } else {
+        check("vms", Status::Fail, troubled.join("; "), None)
     }
 }
 

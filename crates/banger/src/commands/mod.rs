@@ -38,14 +38,34 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     }
 }
 
+/// Logging never fails a request: on a full disk (the daemon's log shares
+/// the state filesystem) a line that cannot be written is dropped, and the
+/// subscriber's own report of it is off, since that report goes through
+/// `eprintln!`, which panics when stderr cannot be written.
 fn init_daemon_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("BANGER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| LossyStderr)
+        .log_internal_errors(false)
         .with_ansi(false)
         .init();
+}
+
+/// Standard error that drops what it cannot write instead of failing.
+struct LossyStderr;
+
+impl std::io::Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
 }
 
 /// Calls a method and prints its result as pretty JSON (`inspect`).

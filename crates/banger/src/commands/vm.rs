@@ -77,6 +77,11 @@ pub fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
                     &rows
                 )
             );
+            for v in &vms {
+                if let Some(problem) = &v.problem {
+                    eprintln!("banger: VM `{}` is {problem}", v.name);
+                }
+            }
             Ok(0)
         }
         VmCommand::Inspect { names, .. } => {
