@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-use banger_proto::agent::{ExecRequest, EXEC_PREFIX, SET_USER_KEYS};
+use banger_proto::agent::{ExecRequest, EXEC_PREFIX, FLOW_ACK, SET_USER_KEYS};
 use russh::keys::PublicKey;
 use russh::server::{
     Auth, ChannelOpenHandle, Handle, Msg, PublicKeyOffer, Session, VerifiedPublicKey,
@@ -45,6 +45,16 @@ struct ChannelState {
     stdin: Option<tokio::sync::mpsc::UnboundedSender<Option<Vec<u8>>>>,
     pid: Option<i32>,
     master: Option<Arc<OwnedFd>>,
+    /// With flow control: room for output the host has not acknowledged,
+    /// and the window it may not exceed.
+    room: Option<(Arc<tokio::sync::Semaphore>, u32)>,
+}
+
+/// How a command's streams keep to the host's pace (see
+/// [`ExecRequest::flow`]); `None` for plain SSH clients.
+#[derive(Clone)]
+struct Flow {
+    room: Arc<tokio::sync::Semaphore>,
 }
 
 pub struct Handler {
@@ -91,6 +101,7 @@ impl Handler {
         spec.pty = state.pty.clone();
         session.channel_success(channel)?;
         let handle = session.handle();
+        let flow = state.room.clone().map(|(room, _)| Flow { room });
         match exec::spawn(spec) {
             Err(e) => {
                 let message = format!("banger: {}\r\n", e.message).into_bytes();
@@ -106,15 +117,24 @@ impl Handler {
                         stdout,
                         stderr,
                     } => {
-                        tokio::spawn(feed_stdin(stdin, rx));
-                        tokio::spawn(run_pipes(handle, channel, stdout, stderr, started.exit));
+                        let acks = flow.is_some().then(|| (handle.clone(), channel));
+                        tokio::spawn(feed_stdin(stdin, rx, acks));
+                        tokio::spawn(run_pipes(
+                            handle,
+                            channel,
+                            stdout,
+                            stderr,
+                            started.exit,
+                            flow,
+                        ));
                     }
                     Io::Pty { master } => {
                         let master = Arc::new(master);
                         state.master = Some(master.clone());
                         let writer = master.try_clone().map_err(russh::Error::IO)?;
-                        tokio::spawn(feed_stdin(writer, rx));
-                        tokio::spawn(run_pty(handle, channel, master, started.exit));
+                        let acks = flow.is_some().then(|| (handle.clone(), channel));
+                        tokio::spawn(feed_stdin(writer, rx, acks));
+                        tokio::spawn(run_pty(handle, channel, master, started.exit, flow));
                     }
                 }
             }
@@ -123,23 +143,47 @@ impl Handler {
     }
 }
 
-async fn feed_stdin(fd: OwnedFd, mut rx: tokio::sync::mpsc::UnboundedReceiver<Option<Vec<u8>>>) {
+/// Writes the host's stdin to the command; with flow control, tells the
+/// host each chunk was taken, so it may send more.
+async fn feed_stdin(
+    fd: OwnedFd,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Option<Vec<u8>>>,
+    acks: Option<(Handle, ChannelId)>,
+) {
     let Ok(mut w) = FdStream::new(fd) else { return };
     while let Some(Some(chunk)) = rx.recv().await {
         if w.write_all(&chunk).await.is_err() {
             return;
         }
+        if let Some((handle, channel)) = &acks {
+            let n = (chunk.len() as u32).to_be_bytes().to_vec();
+            let _ = handle.extended_data(*channel, FLOW_ACK, n).await;
+        }
     }
     // EOF from the client (or the channel went away): the child sees stdin close.
 }
 
-async fn pump(fd: OwnedFd, handle: Handle, channel: ChannelId, ext: Option<u32>) {
+async fn pump(
+    fd: OwnedFd,
+    handle: Handle,
+    channel: ChannelId,
+    ext: Option<u32>,
+    flow: Option<Flow>,
+) {
     let Ok(mut r) = FdStream::new(fd) else { return };
     let mut buf = vec![0u8; 32 * 1024];
     loop {
         match r.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => {
+                // Not ahead of the host by more than its window: a reader
+                // that stops holds this command, and nothing else.
+                if let Some(flow) = &flow {
+                    match flow.room.acquire_many(n as u32).await {
+                        Ok(permit) => permit.forget(),
+                        Err(_) => return,
+                    }
+                }
                 let data = buf[..n].to_vec();
                 let sent = match ext {
                     Some(ext) => handle.extended_data(channel, ext, data).await.is_ok(),
@@ -208,9 +252,10 @@ async fn run_pipes(
     stdout: OwnedFd,
     stderr: OwnedFd,
     exit: tokio::sync::oneshot::Receiver<Exit>,
+    flow: Option<Flow>,
 ) {
-    let out = tokio::spawn(pump(stdout, handle.clone(), channel, None));
-    let err = tokio::spawn(pump(stderr, handle.clone(), channel, Some(1)));
+    let out = tokio::spawn(pump(stdout, handle.clone(), channel, None, flow.clone()));
+    let err = tokio::spawn(pump(stderr, handle.clone(), channel, Some(1), flow));
     let status = exit.await;
     // Output written before exit is delivered before the status.
     let _ = out.await;
@@ -223,12 +268,13 @@ async fn run_pty(
     channel: ChannelId,
     master: Arc<OwnedFd>,
     exit: tokio::sync::oneshot::Receiver<Exit>,
+    flow: Option<Flow>,
 ) {
     let reader = match master.try_clone() {
         Ok(fd) => fd,
         Err(_) => return finish(handle, channel, exit.await).await,
     };
-    let out = tokio::spawn(pump(reader, handle.clone(), channel, None));
+    let out = tokio::spawn(pump(reader, handle.clone(), channel, None, flow));
     let status = exit.await;
     // The pty master reads EIO once the last slave holder is gone.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), out).await;
@@ -462,8 +508,21 @@ impl russh::server::Handler for Handler {
             return Ok(());
         }
         self.shared.root_ready().await;
-        let spec = match command.strip_prefix(EXEC_PREFIX) {
-            Some(json) => match serde_json::from_str::<ExecRequest>(json) {
+        let request = command
+            .strip_prefix(EXEC_PREFIX)
+            .map(serde_json::from_str::<ExecRequest>);
+        if let Some(Ok(ExecRequest {
+            flow: Some(window), ..
+        })) = &request
+        {
+            let window = (*window).clamp(64 * 1024, 64 << 20);
+            self.channels.entry(channel).or_default().room = Some((
+                Arc::new(tokio::sync::Semaphore::new(window as usize)),
+                window,
+            ));
+        }
+        let spec = match request {
+            Some(parsed) => match parsed {
                 // No command: the user's login shell (`banger vm ssh`).
                 Ok(req) if req.argv.is_empty() => Spec {
                     argv: vec![login_shell(req.user.as_deref()), "-l".into()],
@@ -522,6 +581,28 @@ impl russh::server::Handler for Handler {
     ) -> Result<(), Self::Error> {
         if let Some(tx) = self.channels.get(&channel).and_then(|s| s.stdin.as_ref()) {
             let _ = tx.send(Some(data.to_vec()));
+        }
+        Ok(())
+    }
+
+    /// Flow-control acknowledgements from banger's host; other extended
+    /// data from a client means nothing here.
+    async fn extended_data(
+        &mut self,
+        channel: ChannelId,
+        code: u32,
+        data: &[u8],
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if code == FLOW_ACK {
+            if let (Some((room, window)), Ok(n)) = (
+                self.channels.get(&channel).and_then(|s| s.room.as_ref()),
+                <[u8; 4]>::try_from(data),
+            ) {
+                // Never more room than the window, whatever the count says.
+                let free = (*window as usize).saturating_sub(room.available_permits());
+                room.add_permits((u32::from_be_bytes(n) as usize).min(free));
+            }
         }
         Ok(())
     }

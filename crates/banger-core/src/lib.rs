@@ -2,6 +2,7 @@
 //! into [`ops::Core`], which owns the services and the state store.
 
 pub mod agent_bin;
+pub mod caller;
 pub mod config;
 pub mod error;
 pub mod events;

@@ -91,7 +91,7 @@ pub fn helper_socket() -> std::path::PathBuf {
 }
 
 /// Lines the caller sends after its request (exec stdin, signals), if any.
-pub type Input = Option<tokio::sync::mpsc::UnboundedReceiver<Value>>;
+pub type Input = Option<crate::caller::CallerInput>;
 
 impl Core {
     /// Opens the state under `paths` and clears what an earlier daemon left.

@@ -7,7 +7,12 @@ use banger_core::events::Events;
 use banger_core::ids;
 use banger_core::ops::Core;
 use banger_proto::{ErrorBody, ErrorCode, Frame, Request};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use std::os::fd::AsFd;
+
+use banger_core::caller::CallerFeed;
+use banger_core::events::Emitted;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Interest};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::Instrument;
 
@@ -64,6 +69,17 @@ async fn handle(core: Arc<Core>, stream: UnixStream) {
         }
     }
 
+    // A second handle on the socket, only to notice the caller hanging up
+    // while its input is not being read.
+    let hangup_probe = write
+        .as_ref()
+        .as_fd()
+        .try_clone_to_owned()
+        .map(std::os::unix::net::UnixStream::from)
+        .and_then(|s| {
+            s.set_nonblocking(true)?;
+            UnixStream::from_std(s)
+        });
     let mut line = String::new();
     let mut reader = BufReader::new(read);
     if (&mut reader)
@@ -88,47 +104,29 @@ async fn handle(core: Arc<Core>, stream: UnixStream) {
     async move {
         tracing::info!("request");
         let started = std::time::Instant::now();
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        // Lines after the request (exec stdin, signals) feed the operation;
-        // the channel closes when the caller hangs up.
-        let (input_tx, input_rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut lines = reader.lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                match serde_json::from_str::<serde_json::Value>(&line) {
-                    Ok(v) => {
-                        if input_tx.send(v).is_err() {
-                            return;
-                        }
-                    }
-                    Err(_) => continue,
-                }
-            }
-        });
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        // Lines after the request (exec stdin, signals) feed the operation
+        // through a small queue; hanging up is watched apart from it.
+        let (feed, input) = banger_core::caller::channel();
+        let feed = Arc::new(feed);
+        tokio::spawn(watch_hangup(hangup_probe, feed.clone()));
+        tokio::spawn(read_input(reader, feed.clone()));
         let work = core.dispatch_with_input(
             &request.method,
             request.params,
             Events::new(tx),
-            Some(input_rx),
+            Some(input),
         );
-        tokio::pin!(work);
-        let mut writable = true;
-        let outcome = loop {
-            tokio::select! {
-                outcome = &mut work => break outcome,
-                Some(event) = rx.recv() => {
-                    // A caller that went away does not cancel the work.
-                    if writable && write.write_all(&Frame::Event(event).to_line()).await.is_err() {
-                        writable = false;
-                    }
-                }
-            }
+        // Frames are written by their own task, so an operation never waits
+        // on a slow or stopped reader (an exec's SSH channel must be
+        // drained whatever its caller does).
+        let (finished, finish) = tokio::sync::oneshot::channel();
+        let writer = tokio::spawn(write_events(write, rx, finish));
+        let outcome = work.await;
+        let _ = finished.send(());
+        let Ok(mut write) = writer.await else {
+            return;
         };
-        while let Ok(event) = rx.try_recv() {
-            if writable {
-                let _ = write.write_all(&Frame::Event(event).to_line()).await;
-            }
-        }
         let frame = match outcome {
             Ok(value) => {
                 tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "done");
@@ -145,9 +143,104 @@ async fn handle(core: Arc<Core>, stream: UnixStream) {
         };
         let _ = write.write_all(&frame.to_line()).await;
         let _ = write.shutdown().await;
+        // Done: the input reader and the hang-up watch end with the request.
+        feed.hang_up();
     }
     .instrument(span)
     .await
+}
+
+/// Resolves the caller's hang-up: the socket reports its peer closed
+/// (EPOLLRDHUP), whether or not its data has been read.
+async fn watch_hangup(probe: std::io::Result<UnixStream>, feed: Arc<CallerFeed>) {
+    let Ok(probe) = probe else {
+        return;
+    };
+    loop {
+        match probe.ready(Interest::READABLE).await {
+            Ok(ready) if ready.is_read_closed() => break,
+            Ok(_) => {
+                // Data only: clear this handle's readiness and wait for the
+                // next change (the reader has its own registration).
+                let _ = probe.try_io(Interest::READABLE, || {
+                    Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+                });
+                tokio::select! {
+                    () = feed.hung_up() => return,
+                    () = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    feed.hang_up();
+}
+
+/// Reads the caller's lines into the operation's queue, at the pace the
+/// operation takes them.
+async fn read_input(reader: BufReader<OwnedReadHalf>, feed: Arc<CallerFeed>) {
+    let mut lines = reader.lines();
+    loop {
+        let line = tokio::select! {
+            line = lines.next_line() => line,
+            () = feed.hung_up() => return,
+        };
+        let Ok(Some(line)) = line else {
+            feed.hang_up();
+            return;
+        };
+        let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        tokio::select! {
+            sent = feed.lines.send(value) => if sent.is_err() { return },
+            () = feed.hung_up() => return,
+        }
+    }
+}
+
+/// Writes event frames as they come; tells each tracked one's sender once
+/// it is written (or dropped for a reader that left). Returns the socket
+/// once `finished` fires and the queue is empty.
+async fn write_events(
+    mut write: OwnedWriteHalf,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Emitted>,
+    mut finished: tokio::sync::oneshot::Receiver<()>,
+) -> OwnedWriteHalf {
+    let mut writable = true;
+    loop {
+        let event = tokio::select! {
+            biased;
+            event = rx.recv() => match event {
+                Some(event) => event,
+                None => break,
+            },
+            _ = &mut finished => {
+                while let Ok(event) = rx.try_recv() {
+                    put(&mut write, &mut writable, event).await;
+                }
+                break;
+            }
+        };
+        put(&mut write, &mut writable, event).await;
+    }
+    write
+}
+
+/// Writes one event frame unless the caller already left.
+async fn put(write: &mut OwnedWriteHalf, writable: &mut bool, event: Emitted) {
+    // A caller that went away does not cancel the work.
+    if *writable
+        && write
+            .write_all(&Frame::Event(event.value).to_line())
+            .await
+            .is_err()
+    {
+        *writable = false;
+    }
+    if let Some(done) = event.delivered {
+        let _ = done.send(());
+    }
 }
 
 /// Runs the daemon in the foreground until SIGINT or SIGTERM.

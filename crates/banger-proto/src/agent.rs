@@ -121,7 +121,20 @@ pub struct ExecRequest {
     /// A user name or `uid[:gid]`; the image's default when absent.
     #[serde(default)]
     pub user: Option<String>,
+    /// Flow control (banger's daemon asks; plain SSH clients cannot): the
+    /// agent sends at most this many output bytes the host has not yet
+    /// acknowledged, and acknowledges stdin bytes once the command has
+    /// taken them. Acknowledgements travel as extended data of type
+    /// [`FLOW_ACK`] holding a big-endian u32 byte count. SSH's own window
+    /// cannot do this: both russh ends reopen it on receipt, so a slow
+    /// reader would stall the whole connection instead of its channel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow: Option<u32>,
 }
+
+/// Extended-data type of flow-control acknowledgements (see
+/// [`ExecRequest::flow`]); type 1 is stderr.
+pub const FLOW_ACK: u32 = 0xb4_0001;
 
 /// Exit statuses banger uses for its own failures, as docker does.
 pub mod exit {

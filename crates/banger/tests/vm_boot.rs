@@ -52,6 +52,7 @@ fn vms_boot_run_commands_persist_and_survive_a_daemon_kill() {
     assert_eq!(run.status.code(), Some(7));
     assert_eq!(String::from_utf8_lossy(&run.stdout), "out:web\n");
     assert_eq!(String::from_utf8_lossy(&run.stderr), "err\n");
+    streams_keep_to_their_readers(&banger);
     let run = banger.run(&[
         "vm",
         "exec",
@@ -606,4 +607,144 @@ fn copy_round_trip(banger: &common::Banger, tmp: &std::path::Path) {
         "{}",
         String::from_utf8_lossy(&missing.stderr)
     );
+}
+
+/// The daemon's peak memory (VmHWM), in KiB.
+fn daemon_peak_kib(banger: &Banger) -> u64 {
+    let pid = banger.daemon_pid().expect("the test's own daemon");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// Runs a shell pipeline with `banger` meaning this test's CLI and home;
+/// its output, within `limit`.
+fn pipeline(banger: &Banger, script: &str, limit: Duration) -> std::process::Output {
+    let started = std::time::Instant::now();
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", script])
+        .env("BANGER_HOME", banger.home.path())
+        .env(
+            "PATH",
+            format!("{}:{}", exe_dir(), std::env::var("PATH").unwrap()),
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            panic!("`{script}` still ran after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn exe_dir() -> String {
+    std::path::Path::new(common::exe())
+        .parent()
+        .unwrap()
+        .display()
+        .to_string()
+}
+
+/// stdin and output move at the pace of their readers, with bounded
+/// memory, and one stalled reader holds up nothing else.
+fn streams_keep_to_their_readers(banger: &Banger) {
+    let base = daemon_peak_kib(banger);
+    // A command that never reads stdin ends, and so does the CLI.
+    let out = pipeline(
+        banger,
+        "head -c 4M /dev/zero | banger vm exec web -- true",
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "{out:?}");
+    // Much more stdin than memory should hold, for a command that ignores it.
+    let out = pipeline(
+        banger,
+        "head -c 300M /dev/zero | banger vm exec web -- sleep 2",
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{out:?}");
+    // stdin the command reads all of arrives whole.
+    let out = pipeline(
+        banger,
+        "head -c 16M /dev/zero | banger vm exec web -- wc -c",
+        Duration::from_secs(120),
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "16777216");
+    // A reader that stops reading a big output stalls only itself.
+    let mut stalled = std::process::Command::new("sh")
+        .args([
+            "-c",
+            &format!("{} vm exec web -- cat /dev/zero | sleep 6", common::exe()),
+        ])
+        .env("BANGER_HOME", banger.home.path())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    for _ in 0..3 {
+        let out = pipeline(
+            banger,
+            "banger vm exec web -- echo still-here",
+            Duration::from_secs(15),
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "still-here\n");
+    }
+    let grown = daemon_peak_kib(banger).saturating_sub(base);
+    assert!(
+        grown < 64 * 1024,
+        "the daemon's memory grew by {grown} KiB while streams were held up"
+    );
+    let _ = stalled.wait();
+    // Its reader gone, the CLI ends (SIGPIPE-like) and so does the command.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let ps = banger.ok(&["vm", "exec", "web", "--", "ps"]);
+        if !ps.contains("cat /dev/zero") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still running: {ps}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // SIGTERM ends the CLI even while its stdin is jammed, and the command
+    // is hung up with it.
+    let mut jammed = std::process::Command::new(common::exe())
+        .args(["vm", "exec", "web", "--", "sleep", "300"])
+        .env("BANGER_HOME", banger.home.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = jammed.stdin.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let zeros = vec![0u8; 64 * 1024];
+        while stdin.write_all(&zeros).is_ok() {}
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let asked = std::time::Instant::now();
+    unsafe { libc::kill(jammed.id() as i32, libc::SIGTERM) };
+    let status = jammed.wait().unwrap();
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let ps = banger.ok(&["vm", "exec", "web", "--", "ps"]);
+        if !ps.contains("sleep 300") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still running: {ps}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

@@ -900,7 +900,7 @@ impl VmService {
         &self,
         p: PortForwardParams,
         events: Events,
-        mut input: Option<tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>>,
+        input: crate::ops::Input,
     ) -> OpResult<PortForwardResult> {
         let vm = self.record(&p.name)?;
         self.session(&vm).await?;
@@ -929,9 +929,12 @@ impl VmService {
         events.emit(
             &serde_json::json!({ "listening": local.to_string(), "guest_port": p.guest_port }),
         );
-        let gone = caller_gone(&mut input);
+        let gone = caller_gone(&input);
         tokio::pin!(gone);
         let mut connections = 0;
+        // Not reset by each accepted connection: a busy forward still
+        // notices a stopped VM within a second.
+        let mut check = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 _ = &mut gone => break,
@@ -950,7 +953,7 @@ impl VmService {
                         }
                     });
                 }
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                _ = check.tick() => {
                     if self.live(&vm.name)?.is_none() {
                         return Err(OpError::conflict(format!("VM `{}` stopped", vm.name)));
                     }
@@ -966,7 +969,7 @@ impl VmService {
         tail: Option<usize>,
         follow: bool,
         events: Events,
-        mut input: Option<tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>>,
+        input: crate::ops::Input,
     ) -> OpResult<LogsResult> {
         let vm = self.record(name)?;
         let path = Path::new(&vm.dir).join("console.log");
@@ -982,7 +985,7 @@ impl VmService {
         let mut offset = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         loop {
             tokio::select! {
-                _ = caller_gone(&mut input) => return Ok(LogsResult { text: String::new() }),
+                _ = caller_gone(&input) => return Ok(LogsResult { text: String::new() }),
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
             let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
@@ -1007,7 +1010,7 @@ impl VmService {
         &self,
         params: ExecParams,
         events: Events,
-        input: Option<tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>>,
+        input: crate::ops::Input,
     ) -> OpResult<ExecResult> {
         if params.argv.is_empty() && params.tty.is_none() {
             return Err(OpError::invalid(
@@ -1026,14 +1029,17 @@ impl VmService {
             env: params.env,
             cwd: params.cwd,
             user: params.user.or(default_user),
+            flow: Some(agent_client::FLOW_WINDOW),
         };
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        // Small and bounded: stdin moves at the pace the command reads it.
+        let (tx, rx) = tokio::sync::mpsc::channel(crate::caller::QUEUED_LINES);
+        let gone = input.as_ref().map(|i| i.gone());
         // Without a caller stream, stdin is empty; the sender lives until the
         // command ends so its absence is not taken for a vanished caller.
         let mut _no_input = None;
         if let Some(mut input) = input {
             tokio::spawn(async move {
-                while let Some(value) = input.recv().await {
+                while let Some(value) = input.lines.recv().await {
                     let Ok(msg) = serde_json::from_value::<ExecInput>(value) else {
                         continue;
                     };
@@ -1048,20 +1054,20 @@ impl VmService {
                         ExecInput::Signal(name) => Input::Signal(name),
                         ExecInput::Resize(c, r) => Input::Resize(c, r),
                     };
-                    if tx.send(translated).is_err() {
+                    if tx.send(translated).await.is_err() {
                         return;
                     }
                 }
             });
         } else {
-            let _ = tx.send(Input::StdinEof);
+            let _ = tx.send(Input::StdinEof).await;
             _no_input = Some(tx);
         }
         let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
         let status = session
-            .exec(&request, params.tty, rx, |out| match out {
-                Output::Stdout(b) => events.emit(&ExecEvent::Stdout(b64(&b))),
-                Output::Stderr(b) => events.emit(&ExecEvent::Stderr(b64(&b))),
+            .exec(&request, params.tty, rx, gone, |out| match out {
+                Output::Stdout(b) => events.emit_tracked(&ExecEvent::Stdout(b64(&b))),
+                Output::Stderr(b) => events.emit_tracked(&ExecEvent::Stderr(b64(&b))),
             })
             .await
             .map_err(|e| OpError::internal(format!("VM `{}`: {e}", vm.name)))?;
@@ -1122,11 +1128,10 @@ fn last_lines(text: &str, n: usize) -> String {
     out
 }
 
-/// Resolves when the caller hangs up (its input lines end); never without
-/// an input stream.
-async fn caller_gone(input: &mut Option<tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>>) {
-    match input.as_mut() {
-        Some(rx) => while rx.recv().await.is_some() {},
+/// Resolves when the caller hangs up; never without a caller stream.
+async fn caller_gone(input: &crate::ops::Input) {
+    match input {
+        Some(input) => input.hung_up().await,
         None => std::future::pending::<()>().await,
     }
 }

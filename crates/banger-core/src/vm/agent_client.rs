@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use banger_proto::agent::{AgentReport, ExecRequest, AGENT_PROTOCOL, EXEC_PREFIX, SET_USER_KEYS};
+use banger_proto::agent::{
+    AgentReport, ExecRequest, AGENT_PROTOCOL, EXEC_PREFIX, FLOW_ACK, SET_USER_KEYS,
+};
 use russh::client::{self, Handle};
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
 use russh::{ChannelMsg, Sig};
@@ -19,6 +21,13 @@ const LOCAL_KEX: &[russh::kex::Name] = &[
     russh::kex::EXTENSION_SUPPORT_AS_CLIENT,
     russh::kex::EXTENSION_OPENSSH_STRICT_KEX_AS_CLIENT,
 ];
+
+/// Bytes of one command's output the agent may send ahead of the caller,
+/// and of its stdin the daemon may send ahead of the command.
+pub const FLOW_WINDOW: u32 = 1 << 20;
+
+/// Largest stdin chunk sent at once (it must fit the flow window).
+const STDIN_CHUNK: usize = 32 * 1024;
 
 /// The command the agent treats as "power off cleanly".
 pub const POWEROFF: &str = "banger-poweroff";
@@ -225,14 +234,24 @@ impl AgentSession {
     }
 
     /// Runs a command; output goes to `on_output`, input comes from `input`.
+    ///
+    /// Flow control (see [`ExecRequest::flow`]): `on_output` answers each
+    /// chunk with a receiver that resolves once the caller has it, and only
+    /// then is the agent told it may send those bytes again; stdin is sent
+    /// only while the agent has room for it. So this loop never waits on
+    /// the caller or on the command, and a reader that stops, or a command
+    /// that never reads its stdin, holds up nothing but itself: the SSH
+    /// connection and every other command on it keep moving.
     pub async fn exec(
         &self,
         request: &ExecRequest,
         tty: Option<(String, u16, u16)>,
-        mut input: tokio::sync::mpsc::UnboundedReceiver<Input>,
-        mut on_output: impl FnMut(Output),
+        input: tokio::sync::mpsc::Receiver<Input>,
+        gone: Option<tokio::sync::watch::Receiver<bool>>,
+        mut on_output: impl FnMut(Output) -> tokio::sync::oneshot::Receiver<()>,
     ) -> Result<ExitStatus, String> {
-        let mut channel = self
+        use futures_util::StreamExt;
+        let channel = self
             .handle
             .channel_open_session()
             .await
@@ -251,13 +270,49 @@ impl AgentSession {
             .exec(true, command)
             .await
             .map_err(|e| format!("starting the command: {e}"))?;
+        let flow = request.flow.is_some();
+        let window = request.flow.unwrap_or(u32::MAX >> 3) as usize;
+        let (mut read, write) = channel.split();
+        let write = Arc::new(write);
+        let room = Arc::new(tokio::sync::Semaphore::new(window));
+        // Output not yet with the caller: a guest that ignores the window is
+        // cut off rather than buffered without bound.
+        let mut outstanding = 0usize;
+        let feeder = tokio::spawn(feed(write.clone(), input, gone, room.clone(), flow));
+        // Output chunks on their way to the caller, with their sizes.
+        let mut in_flight = futures_util::stream::FuturesUnordered::new();
         let mut status: Option<ExitStatus> = None;
-        let mut input_open = true;
+        let mut track = |output: Output, len: usize| {
+            let delivered = on_output(output);
+            async move {
+                let _ = delivered.await;
+                len
+            }
+        };
         loop {
+            if flow && outstanding > 2 * window {
+                feeder.abort();
+                let _ = write.signal(Sig::KILL).await;
+                let _ = write.close().await;
+                return Err("the guest agent sent more output than it was allowed (flow control); the command was cut off".into());
+            }
             tokio::select! {
-                msg = channel.wait() => match msg {
-                    Some(ChannelMsg::Data { data }) => on_output(Output::Stdout(data.to_vec())),
-                    Some(ChannelMsg::ExtendedData { data, ext: 1 }) => on_output(Output::Stderr(data.to_vec())),
+                msg = read.wait() => match msg {
+                    Some(ChannelMsg::Data { data }) => {
+                        outstanding += data.len();
+                        in_flight.push(track(Output::Stdout(data.to_vec()), data.len()));
+                    }
+                    Some(ChannelMsg::ExtendedData { data, ext: 1 }) => {
+                        outstanding += data.len();
+                        in_flight.push(track(Output::Stderr(data.to_vec()), data.len()));
+                    }
+                    Some(ChannelMsg::ExtendedData { data, ext: FLOW_ACK }) => {
+                        if let Ok(n) = <[u8; 4]>::try_from(&data[..]) {
+                            // Never more room than the window, whatever the count says.
+                            let free = window.saturating_sub(room.available_permits());
+                            room.add_permits((u32::from_be_bytes(n) as usize).min(free));
+                        }
+                    }
                     Some(ChannelMsg::ExitStatus { exit_status }) => {
                         status = Some(ExitStatus { code: exit_status as i32, signal: None });
                     }
@@ -265,24 +320,21 @@ impl AgentSession {
                         let (name, number) = signal_info(&signal_name);
                         status = Some(ExitStatus { code: 128 + number, signal: Some(name) });
                     }
-                    Some(ChannelMsg::Failure) => return Err("the agent refused the command".into()),
+                    Some(ChannelMsg::Failure) => {
+                        feeder.abort();
+                        return Err("the agent refused the command".into());
+                    }
                     Some(_) => {}
                     None => break,
                 },
-                next = input.recv(), if input_open => match next {
-                    Some(Input::Stdin(bytes)) => { let _ = channel.data_bytes(bytes).await; }
-                    Some(Input::StdinEof) => { let _ = channel.eof().await; }
-                    Some(Input::Signal(name)) => { let _ = channel.signal(sig_from_name(&name)).await; }
-                    Some(Input::Resize(cols, rows)) => { let _ = channel.window_change(cols as u32, rows as u32, 0, 0).await; }
-                    None => {
-                        input_open = false;
-                        // The caller went away: its command goes with it.
-                        let _ = channel.signal(Sig::HUP).await;
-                        let _ = channel.eof().await;
-                    }
-                },
+                Some(len) = in_flight.next(), if flow && !in_flight.is_empty() => {
+                    outstanding -= len;
+                    let ack = (len as u32).to_be_bytes().to_vec();
+                    let _ = write.extended_data_bytes(FLOW_ACK, ack).await;
+                }
             }
         }
+        feeder.abort();
         status.ok_or_else(|| "the connection to the VM closed before the command finished".into())
     }
 
@@ -329,6 +381,61 @@ impl AgentSession {
             .await
             .map_err(|e| e.to_string())
     }
+}
+
+/// Forwards the caller's stdin, signals and resizes to the command. Stdin
+/// waits for room at the agent; the caller hanging up ends the command
+/// (SIGHUP and end of input) even while stdin is waiting.
+async fn feed(
+    write: Arc<russh::ChannelWriteHalf<client::Msg>>,
+    mut input: tokio::sync::mpsc::Receiver<Input>,
+    gone: Option<tokio::sync::watch::Receiver<bool>>,
+    room: Arc<tokio::sync::Semaphore>,
+    flow: bool,
+) {
+    let hung_up = async move {
+        match gone {
+            Some(mut gone) => {
+                let _ = gone.wait_for(|g| *g).await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    let forward = async {
+        while let Some(next) = input.recv().await {
+            match next {
+                Input::Stdin(bytes) => {
+                    for chunk in bytes.chunks(STDIN_CHUNK) {
+                        if flow {
+                            match room.acquire_many(chunk.len() as u32).await {
+                                Ok(permit) => permit.forget(),
+                                Err(_) => return,
+                            }
+                        }
+                        if write.data_bytes(chunk.to_vec()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Input::StdinEof => {
+                    let _ = write.eof().await;
+                }
+                Input::Signal(name) => {
+                    let _ = write.signal(sig_from_name(&name)).await;
+                }
+                Input::Resize(cols, rows) => {
+                    let _ = write.window_change(cols as u32, rows as u32, 0, 0).await;
+                }
+            }
+        }
+    };
+    tokio::select! {
+        () = forward => {}
+        () = hung_up => {}
+    }
+    // The caller went away: its command goes with it.
+    let _ = write.signal(Sig::HUP).await;
+    let _ = write.eof().await;
 }
 
 fn signal_info(sig: &Sig) -> (String, i32) {

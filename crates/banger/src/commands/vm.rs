@@ -227,6 +227,23 @@ fn simple(
 }
 
 static PENDING_SIGNAL: AtomicI32 = AtomicI32::new(0);
+/// How long a forwarded Ctrl-C or SIGTERM may take to end the command
+/// before `vm exec` leaves without it.
+const SIGNAL_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Whoever read our output is gone (`… | head`): end as a Unix tool does
+/// on SIGPIPE; the connection closing hangs the command up.
+fn output_closed(e: std::io::Error) {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(128 + libc::SIGPIPE);
+    }
+}
+
+/// Ends `vm exec` after a signal the command did not act on.
+fn give_up(sig: i32) -> ! {
+    eprintln!("banger: leaving; the command is hung up (SIGHUP) as this connection closes");
+    std::process::exit(128 + sig)
+}
 static RESIZED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(sig: libc::c_int) {
@@ -341,8 +358,10 @@ fn exec(
         params,
         |event| match serde_json::from_value::<ExecEvent>(event) {
             Ok(ExecEvent::Stdout(d)) => {
-                let _ = stdout.write_all(&b64.decode(d).unwrap_or_default());
-                let _ = stdout.flush();
+                let bytes = b64.decode(d).unwrap_or_default();
+                if let Err(e) = stdout.write_all(&bytes).and_then(|()| stdout.flush()) {
+                    output_closed(e);
+                }
             }
             Ok(ExecEvent::Stderr(d)) => {
                 let _ = stderr.write_all(&b64.decode(d).unwrap_or_default());
@@ -352,21 +371,38 @@ fn exec(
         },
         move |writer| {
             let mut signals = writer.try_clone().expect("cloning the connection");
-            std::thread::spawn(move || loop {
-                let sig = PENDING_SIGNAL.swap(0, Ordering::SeqCst);
-                if sig != 0 {
-                    let name = if sig == libc::SIGTERM { "TERM" } else { "INT" };
-                    if !send(&mut signals, &ExecInput::Signal(name.into())) {
-                        return;
+            std::thread::spawn(move || {
+                let mut first: Option<(i32, std::time::Instant)> = None;
+                loop {
+                    let sig = PENDING_SIGNAL.swap(0, Ordering::SeqCst);
+                    if sig != 0 {
+                        // A second signal, or a command still running a while
+                        // after the first (its stdin may be jammed, so the
+                        // signal never got there): leave. The daemon sees
+                        // the connection close and hangs the command up.
+                        if first.is_some() {
+                            give_up(sig);
+                        }
+                        first = Some((sig, std::time::Instant::now()));
+                        let name = if sig == libc::SIGTERM { "TERM" } else { "INT" };
+                        let mut line = signals.try_clone().expect("cloning the connection");
+                        std::thread::spawn(move || {
+                            send(&mut line, &ExecInput::Signal(name.into()));
+                        });
                     }
-                }
-                if RESIZED.swap(false, Ordering::SeqCst) {
-                    let (c, r) = term_size();
-                    if !send(&mut signals, &ExecInput::Resize(c, r)) {
-                        return;
+                    if let Some((sig, at)) = first {
+                        if at.elapsed() > SIGNAL_GRACE {
+                            give_up(sig);
+                        }
                     }
+                    if RESIZED.swap(false, Ordering::SeqCst) {
+                        let (c, r) = term_size();
+                        if !send(&mut signals, &ExecInput::Resize(c, r)) {
+                            return;
+                        }
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(30));
                 }
-                std::thread::sleep(std::time::Duration::from_millis(30));
             });
             // Dropping the lines ends the command's stdin.
             let mut lines = StdinLines(writer);
