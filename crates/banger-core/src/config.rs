@@ -32,6 +32,38 @@ pub struct Config {
     /// SSH access for the user.
     #[serde(default)]
     pub ssh: SshConfig,
+    /// Bounds on what a pull may unpack.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// What one image may expand to, so a hostile or broken layer (an endless
+/// stream, a small gzip of zeros) stops with an error instead of filling the
+/// disk. Bytes of uncompressed tar stream.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// One layer (default 16 GiB).
+    #[serde(default)]
+    pub max_layer_bytes: Option<u64>,
+    /// All layers of one image together (default 64 GiB).
+    #[serde(default)]
+    pub max_image_bytes: Option<u64>,
+    /// Free space a pull keeps on the state filesystem (default 256 MiB).
+    #[serde(default)]
+    pub min_free_bytes: Option<u64>,
+}
+
+impl LimitsConfig {
+    pub fn layer(&self) -> u64 {
+        self.max_layer_bytes.unwrap_or(16 << 30)
+    }
+    pub fn image(&self) -> u64 {
+        self.max_image_bytes.unwrap_or(64 << 30)
+    }
+    pub fn min_free(&self) -> u64 {
+        self.min_free_bytes.unwrap_or(256 << 20)
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]

@@ -19,6 +19,12 @@ pub fn is_deb(head: &[u8]) -> bool {
     head.starts_with(b"!<arch>\ndebian-binary")
 }
 
+/// The largest kernel image or config a package may hold.
+const MAX_MEMBER: u64 = 256 << 20;
+/// The largest data.tar a kernel package may unpack to (Debian's cloud
+/// kernel's is ~350 MiB, mostly modules).
+const MAX_DATA_TAR: u64 = 4 << 30;
+
 /// Unpacks the kernel parts of `deb`; modules go under `modules_dest`.
 pub fn unpack(deb: &Path, modules_dest: &Path, scratch: &Path) -> Result<DebKernel, String> {
     let file = File::open(deb).map_err(|e| format!("{}: {e}", deb.display()))?;
@@ -32,7 +38,11 @@ pub fn unpack(deb: &Path, modules_dest: &Path, scratch: &Path) -> Result<DebKern
         // Decompress to a scratch file: xz has no streaming reader here.
         let tar_path = scratch.join("data.tar");
         {
-            let mut out = BufWriter::new(File::create(&tar_path).map_err(|e| e.to_string())?);
+            let file = File::create(&tar_path).map_err(|e| e.to_string())?;
+            let mut out = BufWriter::new(CappedFile {
+                file,
+                left: MAX_DATA_TAR,
+            });
             match id.as_str() {
                 "data.tar.xz" => lzma_rs::xz_decompress(&mut BufReader::new(&mut entry), &mut out)
                     .map_err(|e| format!("data.tar.xz: {e}"))?,
@@ -60,6 +70,30 @@ pub fn unpack(deb: &Path, modules_dest: &Path, scratch: &Path) -> Result<DebKern
     Err("the package has no data.tar member".into())
 }
 
+/// A file that refuses writes past a size: a package's data.tar that keeps
+/// expanding is a bomb, not a kernel.
+struct CappedFile {
+    file: File,
+    left: u64,
+}
+
+impl std::io::Write for CappedFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.len() as u64 > self.left {
+            return Err(std::io::Error::other(format!(
+                "the package unpacks to more than {} MiB",
+                MAX_DATA_TAR >> 20
+            )));
+        }
+        let n = self.file.write(buf)?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
 fn from_data_tar(tar: impl Read, modules_dest: &Path) -> Result<DebKernel, String> {
     let mut kernel = DebKernel {
         image: Vec::new(),
@@ -75,13 +109,20 @@ fn from_data_tar(tar: impl Read, modules_dest: &Path) -> Result<DebKernel, Strin
             .map_err(|e| format!("`{}`: {e}", String::from_utf8_lossy(&raw)))?;
         let text = rel.to_string_lossy().into_owned();
         if let Some(name) = text.strip_prefix("boot/vmlinuz-") {
-            entry
+            (&mut entry)
+                .take(MAX_MEMBER + 1)
                 .read_to_end(&mut kernel.image)
                 .map_err(|e| e.to_string())?;
+            if kernel.image.len() as u64 > MAX_MEMBER {
+                return Err(format!("{text} is larger than {} MiB", MAX_MEMBER >> 20));
+            }
             kernel.version.get_or_insert_with(|| name.to_string());
         } else if text.starts_with("boot/config-") {
             let mut s = String::new();
-            entry.read_to_string(&mut s).map_err(|e| e.to_string())?;
+            (&mut entry)
+                .take(MAX_MEMBER)
+                .read_to_string(&mut s)
+                .map_err(|e| e.to_string())?;
             kernel.config = Some(s);
         } else if let Some(under) = text
             .strip_prefix("usr/lib/modules/")

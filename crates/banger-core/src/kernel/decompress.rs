@@ -32,27 +32,55 @@ pub fn sniff(data: &[u8]) -> Option<Format> {
     }
 }
 
+/// The largest kernel image a payload may decompress to (real ones are
+/// 20-60 MiB; a larger output is a bomb, not a kernel).
+pub const MAX_VMLINUX: u64 = 512 << 20;
+
+/// Collects at most [`MAX_VMLINUX`] bytes, then fails the write.
+struct Capped(Vec<u8>);
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if (self.0.len() + buf.len()) as u64 > MAX_VMLINUX {
+            return Err(std::io::Error::other(format!(
+                "decompresses to more than {} MiB, which is no kernel",
+                MAX_VMLINUX >> 20
+            )));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 pub fn decompress(format: Format, data: &[u8]) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
-    let result = match format {
-        Format::Gzip => flate2::read::MultiGzDecoder::new(data)
-            .read_to_end(&mut out)
+    let mut out = Capped(Vec::new());
+    let copy = |mut r: &mut dyn Read, out: &mut Capped| {
+        std::io::copy(&mut r, out)
             .map(|_| ())
-            .map_err(|e| e.to_string()),
+            .map_err(|e| e.to_string())
+    };
+    let result = match format {
+        Format::Gzip => copy(&mut flate2::read::MultiGzDecoder::new(data), &mut out),
         Format::Xz => lzma_rs::xz_decompress(&mut std::io::BufReader::new(data), &mut out)
             .map_err(|e| e.to_string()),
         Format::Lzma => lzma_rs::lzma_decompress(&mut std::io::BufReader::new(data), &mut out)
             .map_err(|e| e.to_string()),
-        Format::Bzip2 => bzip2::read::MultiBzDecoder::new(data)
-            .read_to_end(&mut out)
-            .map(|_| ())
-            .map_err(|e| e.to_string()),
-        Format::Lz4Legacy => lz4_legacy(data, &mut out),
-        Format::Zstd => zstd::stream::read::Decoder::new(data)
-            .and_then(|mut d| d.read_to_end(&mut out))
-            .map(|_| ())
-            .map_err(|e| e.to_string()),
+        Format::Bzip2 => copy(&mut bzip2::read::MultiBzDecoder::new(data), &mut out),
+        Format::Lz4Legacy => lz4_legacy(data, &mut out.0),
+        Format::Zstd => match zstd::stream::read::Decoder::new(data) {
+            Ok(mut d) => copy(&mut d, &mut out),
+            Err(e) => Err(e.to_string()),
+        },
     };
+    if let Err(e) = &result {
+        if e.contains("which is no kernel") {
+            return Err(format!("{format:?} data: {e}"));
+        }
+    }
+    let out = out.0;
     // Kernel payloads often carry trailing bytes (size fields, padding) after
     // the stream; what decoded before them is the image.
     match result {
@@ -82,6 +110,12 @@ fn lz4_legacy(data: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
         let block = &data[pos + 4..pos + 4 + size];
         let n = lz4_flex::block::decompress_into(block, &mut buf)
             .map_err(|e| format!("lz4 block: {e}"))?;
+        if (out.len() + n) as u64 > MAX_VMLINUX {
+            return Err(format!(
+                "decompresses to more than {} MiB, which is no kernel",
+                MAX_VMLINUX >> 20
+            ));
+        }
         out.extend_from_slice(&buf[..n]);
         pos += 4 + size;
     }
@@ -95,6 +129,19 @@ fn lz4_legacy(data: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn a_payload_that_expands_past_any_kernel_is_refused() {
+        // 600 MiB of zeros compress to well under a MiB.
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..600 {
+            gz.write_all(&zeros).unwrap();
+        }
+        let bomb = gz.finish().unwrap();
+        let err = decompress(Format::Gzip, &bomb).unwrap_err();
+        assert!(err.contains("no kernel"), "{err}");
+    }
 
     #[test]
     fn round_trips_what_the_crates_can_write() {

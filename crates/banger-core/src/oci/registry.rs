@@ -8,7 +8,7 @@ use futures_util::stream::BoxStream;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
+use oci_client::{Client, Reference, RegistryOperation};
 
 use super::digest;
 use super::manifest::{self, Descriptor, Parsed};
@@ -19,7 +19,16 @@ pub struct Registry {
     client: Client,
     auth: RegistryAuth,
     reference: Reference,
+    /// Manifests are fetched here rather than through oci-client, which
+    /// reads any size of response into memory.
+    http: reqwest::Client,
+    plain_http: bool,
 }
+
+/// Manifests and indexes are small JSON documents (Docker Hub's largest
+/// indexes are tens of KiB); a registry sending more is refused before it
+/// can fill the daemon's memory.
+pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
 
 /// A reference resolved to one image manifest.
 #[derive(Debug, Clone)]
@@ -37,7 +46,8 @@ impl Registry {
         docker_config: Option<&Path>,
     ) -> Registry {
         let registry = reference.registry().to_string();
-        let protocol = if is_plain_http(&registry, insecure) {
+        let plain_http = is_plain_http(&registry, insecure);
+        let protocol = if plain_http {
             ClientProtocol::HttpsExcept(vec![
                 registry.clone(),
                 reference.resolve_registry().to_string(),
@@ -51,10 +61,17 @@ impl Registry {
             read_timeout: Some(std::time::Duration::from_secs(120)),
             ..Default::default()
         });
+        let http = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(15))
+            .read_timeout(std::time::Duration::from_secs(120))
+            .build()
+            .unwrap_or_default();
         Registry {
             client,
             auth: super::auth::for_registry(docker_config, &registry),
             reference: reference.clone(),
+            http,
+            plain_http,
         }
     }
 
@@ -77,11 +94,7 @@ impl Registry {
     }
 
     async fn manifest(&self, reference: &Reference) -> Result<(Vec<u8>, String), OpError> {
-        let (bytes, _) = self
-            .client
-            .pull_manifest_raw(reference, &self.auth, manifest::ACCEPTED)
-            .await
-            .map_err(|e| self.err("fetching the manifest of", e))?;
+        let bytes = self.fetch_manifest(reference).await?;
         let actual = digest::sha256_of(&bytes);
         if let Some(want) = reference.digest() {
             if want != actual {
@@ -92,6 +105,71 @@ impl Registry {
             }
         }
         Ok((bytes.to_vec(), actual))
+    }
+
+    /// GET of a manifest, at most [`MAX_MANIFEST_BYTES`]. oci-client does
+    /// the token dance; the request is ours so its size can be bounded.
+    async fn fetch_manifest(&self, reference: &Reference) -> Result<Vec<u8>, OpError> {
+        use futures_util::StreamExt;
+        let what = "fetching the manifest of";
+        let token = self
+            .client
+            .auth(reference, &self.auth, RegistryOperation::Pull)
+            .await
+            .map_err(|e| self.err(what, e))?;
+        let scheme = if self.plain_http { "http" } else { "https" };
+        let name = reference.digest().or(reference.tag()).unwrap_or("latest");
+        let ns = reference
+            .namespace()
+            .map(|ns| format!("?ns={ns}"))
+            .unwrap_or_default();
+        let url = format!(
+            "{scheme}://{}/v2/{}/manifests/{name}{ns}",
+            reference.resolve_registry(),
+            reference.repository()
+        );
+        let mut request = self
+            .http
+            .get(&url)
+            .header(reqwest::header::ACCEPT, manifest::ACCEPTED.join(", "));
+        request = match (token, &self.auth) {
+            (Some(token), _) => request.bearer_auth(token),
+            (None, RegistryAuth::Basic(user, password)) => request.basic_auth(user, Some(password)),
+            (None, _) => request,
+        };
+        let response = request.send().await.map_err(|e| self.err(what, e))?;
+        let status = response.status();
+        if !status.is_success() {
+            let reason = match status.as_u16() {
+                401 | 403 => "not authorized".to_string(),
+                404 => "manifest unknown (no such image or tag)".to_string(),
+                _ => format!("the registry answered {status}"),
+            };
+            return Err(self.err(what, reason));
+        }
+        let too_big = || {
+            OpError::bad_content(format!(
+                "the manifest of {} is larger than {} MiB; banger refuses it",
+                reference.whole(),
+                MAX_MANIFEST_BYTES >> 20
+            ))
+        };
+        if response
+            .content_length()
+            .is_some_and(|n| n > MAX_MANIFEST_BYTES)
+        {
+            return Err(too_big());
+        }
+        let mut body = Vec::new();
+        let mut stream = response.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| self.err(what, e))?;
+            if (body.len() + chunk.len()) as u64 > MAX_MANIFEST_BYTES {
+                return Err(too_big());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
     }
 
     pub async fn resolve(&self, platform: &Platform) -> Result<Resolved, OpError> {

@@ -45,6 +45,89 @@ pub struct Flattener {
     meta: MetaTable,
     /// Paths the layer being applied has created; whiteouts only hide lower layers.
     created_in_layer: HashSet<PathBuf>,
+    limits: Limits,
+    /// Uncompressed bytes of every layer applied so far.
+    image_bytes: u64,
+}
+
+/// How far a pull may expand (see `LimitsConfig`).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub layer: u64,
+    pub image: u64,
+    /// Free space to keep on the staging filesystem.
+    pub min_free: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            layer: u64::MAX,
+            image: u64::MAX,
+            min_free: 0,
+        }
+    }
+}
+
+/// How often the free space is looked at while a layer unpacks.
+const FREE_SPACE_EVERY: u64 = 4 << 20;
+
+/// Counts a layer's uncompressed bytes against the limits and watches the
+/// free space as it goes: an error here stops the layer at once.
+struct Budget<'a, R> {
+    inner: R,
+    root: &'a Path,
+    limits: Limits,
+    layer: u64,
+    image: &'a mut u64,
+    next_check: u64,
+}
+
+impl<R: Read> Read for Budget<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.layer += n as u64;
+        *self.image += n as u64;
+        if self.layer > self.limits.layer {
+            return Err(io::Error::other(format!(
+                "the layer expands past {} (limits.max_layer_bytes in the config file)",
+                gib(self.limits.layer)
+            )));
+        }
+        if *self.image > self.limits.image {
+            return Err(io::Error::other(format!(
+                "the image expands past {} (limits.max_image_bytes in the config file)",
+                gib(self.limits.image)
+            )));
+        }
+        if self.layer >= self.next_check {
+            self.next_check = self.layer + FREE_SPACE_EVERY;
+            if let Some(free) = free_bytes(self.root) {
+                if free < self.limits.min_free {
+                    return Err(io::Error::other(format!(
+                        "only {} MiB left on the filesystem holding {}; free space (or `banger image cache prune`) and pull again",
+                        free >> 20,
+                        self.root.display()
+                    )));
+                }
+            }
+        }
+        Ok(n)
+    }
+}
+
+fn gib(bytes: u64) -> String {
+    if bytes >= 1 << 30 {
+        format!("{} GiB", bytes >> 30)
+    } else {
+        format!("{} MiB", bytes >> 20)
+    }
+}
+
+/// Bytes an unprivileged writer may still use under `dir`.
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    let s = nix::sys::statvfs::statvfs(dir).ok()?;
+    Some(s.blocks_available() as u64 * s.fragment_size() as u64)
 }
 
 impl Flattener {
@@ -58,7 +141,15 @@ impl Flattener {
             root: root.to_path_buf(),
             meta,
             created_in_layer: HashSet::new(),
+            limits: Limits::default(),
+            image_bytes: 0,
         })
+    }
+
+    /// Bounds what the layers may expand to.
+    pub fn with_limits(mut self, limits: Limits) -> Flattener {
+        self.limits = limits;
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -68,6 +159,21 @@ impl Flattener {
     /// Applies one uncompressed layer tar stream on top of the tree.
     pub fn apply_layer<R: Read>(&mut self, reader: R) -> Result<(), EntryError> {
         self.created_in_layer.clear();
+        let root = self.root.clone();
+        let mut image_bytes = self.image_bytes;
+        let result = self.apply_counted(Budget {
+            inner: reader,
+            root: &root,
+            limits: self.limits,
+            layer: 0,
+            image: &mut image_bytes,
+            next_check: 0,
+        });
+        self.image_bytes = image_bytes;
+        result
+    }
+
+    fn apply_counted<R: Read>(&mut self, reader: R) -> Result<(), EntryError> {
         let mut archive = tar::Archive::new(reader);
         let entries = archive.entries().map_err(|e| EntryError {
             path: String::new(),

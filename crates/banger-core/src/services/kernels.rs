@@ -295,9 +295,50 @@ struct Unpacked {
     has_config: bool,
 }
 
+/// The largest file `kernel import` reads: a Debian kernel package is
+/// ~100 MiB, a bzImage ~10 MiB, a vmlinux with debug info under 1 GiB.
+pub const MAX_KERNEL_INPUT: u64 = 1 << 30;
+
+/// The import source, whole: a regular file of a sane size. A device, FIFO
+/// or socket (`/dev/zero`) would be read forever, so none is opened for
+/// reading (a FIFO is opened non-blocking only to be looked at).
+fn read_input(source: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let shown = source.display();
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(source)
+        .map_err(|e| format!("{shown}: {e}"))?;
+    let meta = file.metadata().map_err(|e| format!("{shown}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!(
+            "{shown} is not a regular file; import a .deb, a bzImage or a vmlinux file"
+        ));
+    }
+    if meta.len() > MAX_KERNEL_INPUT {
+        return Err(format!(
+            "{shown} is {} MiB; a kernel is at most {} MiB",
+            meta.len() >> 20,
+            MAX_KERNEL_INPUT >> 20
+        ));
+    }
+    let mut data = Vec::with_capacity(meta.len() as usize);
+    // Bounded even if the file grows while it is read.
+    (&mut file)
+        .take(MAX_KERNEL_INPUT + 1)
+        .read_to_end(&mut data)
+        .map_err(|e| format!("{shown}: {e}"))?;
+    if data.len() as u64 > MAX_KERNEL_INPUT {
+        return Err(format!("{shown} grew past {} MiB", MAX_KERNEL_INPUT >> 20));
+    }
+    Ok(data)
+}
+
 /// Writes `vmlinux`, `config` and `modules/` into `dir`.
 fn unpack(source: &Path, modules: Option<&Path>, dir: &Path) -> Result<Unpacked, String> {
-    let data = std::fs::read(source).map_err(|e| format!("{}: {e}", source.display()))?;
+    let data = read_input(source)?;
     let (image, kind, mut version, config, mut modules_rel) = if deb::is_deb(&data) {
         drop(data);
         let k = deb::unpack(source, &dir.join("modules"), dir)?;

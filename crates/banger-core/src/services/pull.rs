@@ -99,6 +99,7 @@ pub async fn pull(svc: &ImageService, params: PullParams, events: Events) -> OpR
             .collect(),
     });
 
+    check_room(svc, &resolved)?;
     let config = fetch_config(svc, &registry, &resolved).await?;
     let scratch = Scratch(
         svc.paths
@@ -168,6 +169,39 @@ async fn fetch_config(
     manifest::parse_config(&bytes).map_err(OpError::bad_content)
 }
 
+/// Refuses a pull whose declared layers cannot fit: the downloads need
+/// their compressed size in the cache (the layers not there yet), and the
+/// tree needs at least as much again on the state filesystem. What layers
+/// really expand to is watched as they unpack.
+fn check_room(svc: &ImageService, resolved: &Resolved) -> OpResult<()> {
+    let limits = &svc.config.limits;
+    let missing: u64 = resolved
+        .layers
+        .iter()
+        .filter(|l| svc.blobs.open(&l.digest).is_none())
+        .map(|l| l.size.max(0) as u64)
+        .sum();
+    let declared: u64 = resolved.layers.iter().map(|l| l.size.max(0) as u64).sum();
+    for (dir, need) in [
+        (svc.paths.cache_dir.clone(), missing),
+        (svc.paths.state_dir.clone(), declared),
+    ] {
+        let Some(free) = crate::rootfs::extract::free_bytes(&dir) else {
+            continue;
+        };
+        if free < need.saturating_add(limits.min_free()) {
+            return Err(OpError::invalid(format!(
+                "this image needs at least {} MiB under {} and only {} MiB is free; free space \
+                 (or run `banger image cache prune`) and pull again",
+                (need + limits.min_free()) >> 20,
+                dir.display(),
+                free >> 20
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Downloads run concurrently (bounded); the flattener, on a blocking thread,
 /// takes each layer as soon as it and every layer below it are on hand.
 async fn download_and_build(
@@ -207,10 +241,15 @@ async fn download_and_build(
     let out = scratch.join("rootfs.ext4");
     let scratch = scratch.to_path_buf();
     let (runner, blobs, events) = (svc.runner.clone(), svc.blobs.clone(), events.clone());
+    let limits = crate::rootfs::extract::Limits {
+        layer: svc.config.limits.layer(),
+        image: svc.config.limits.image(),
+        min_free: svc.config.limits.min_free(),
+    };
     let span = tracing::Span::current();
     let build = tokio::task::spawn_blocking(move || -> OpResult<ext4::Built> {
         let _span = span.enter();
-        let mut flattener = Flattener::new(&staging)?;
+        let mut flattener = Flattener::new(&staging)?.with_limits(limits);
         for (layer, rx) in layers.iter().zip(receivers) {
             let file = rx
                 .blocking_recv()
@@ -222,6 +261,20 @@ async fn download_and_build(
                         "layer {}: {failure}; it was dropped from the cache, pull again",
                         layer.digest
                     ))
+                }
+                LayerFailure::Entry(e) if e.reason.contains("os error 28") => {
+                    OpError::invalid(format!(
+                        "layer {}: the filesystem holding {} is full; free space (or run \
+                         `banger image cache prune`) and pull again",
+                        layer.digest,
+                        scratch.display()
+                    ))
+                }
+                LayerFailure::Entry(e)
+                    if e.reason.contains("MiB left on the filesystem")
+                        || e.reason.contains("limits.max_") =>
+                {
+                    OpError::invalid(format!("layer {}: {}", layer.digest, e.reason))
                 }
                 LayerFailure::Entry(e) => {
                     OpError::bad_content(format!("layer {}: refusing entry {e}", layer.digest))

@@ -1,0 +1,192 @@
+//! Inputs that would exhaust memory or disk: a registry sending an endless
+//! manifest, `kernel import` of a device or FIFO, a layer that expands past
+//! its limit, and a pull that outgrows the disk. Each stops early with a
+//! clear error, leaves nothing behind, and costs the daemon little memory.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+
+use banger_testkit::layer::{self, Compression, Entry};
+use banger_testkit::layout::Layout;
+use banger_testkit::registry::Registry;
+use common::{entries, must, Banger};
+
+/// The daemon's peak memory (VmHWM), in KiB.
+fn peak_kib(banger: &Banger) -> u64 {
+    let pid = banger.daemon_pid().expect("the test's own daemon");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// A "registry" that answers every manifest request with an endless body:
+/// with a 4 GiB Content-Length when `declared`, chunked otherwise.
+fn endless_registry(declared: bool) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut request = [0u8; 4096];
+                let n = stream.read(&mut request).unwrap_or(0);
+                let head = String::from_utf8_lossy(&request[..n]).into_owned();
+                if !head.contains("/manifests/") {
+                    let _ = stream.write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: application/json\r\n\r\n{}",
+                    );
+                    return;
+                }
+                let header = if declared {
+                    "Content-Length: 4294967296\r\n"
+                } else {
+                    "Transfer-Encoding: chunked\r\n"
+                };
+                let _ = stream.write_all(
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\n{header}\r\n"
+                    )
+                    .as_bytes(),
+                );
+                let block = vec![b' '; 64 * 1024];
+                loop {
+                    let sent = if declared {
+                        stream.write_all(&block)
+                    } else {
+                        stream
+                            .write_all(format!("{:x}\r\n", block.len()).as_bytes())
+                            .and_then(|()| stream.write_all(&block))
+                            .and_then(|()| stream.write_all(b"\r\n"))
+                    };
+                    if sent.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn an_endless_manifest_is_refused_early() {
+    let banger = Banger::start();
+    let base = peak_kib(&banger);
+    for declared in [true, false] {
+        let addr = endless_registry(declared);
+        let started = std::time::Instant::now();
+        let err = banger.fails(&["image", "pull", &format!("{addr}/huge:latest")]);
+        assert!(err.contains("larger than 4 MiB"), "{err}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    let grown = peak_kib(&banger).saturating_sub(base);
+    assert!(grown < 64 * 1024, "the daemon grew by {grown} KiB");
+    assert!(entries(&banger.path("state/tmp")).is_empty());
+}
+
+#[test]
+fn kernel_import_takes_only_regular_files() {
+    let banger = Banger::start();
+    let fifo = banger.path("kernel.fifo");
+    must(&format!("mkfifo {}", fifo.display()));
+    for path in ["/dev/zero", fifo.to_str().unwrap(), "/tmp"] {
+        let started = std::time::Instant::now();
+        let err = banger.fails(&["kernel", "import", path]);
+        assert!(err.contains("not a regular file"), "{path}: {err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    }
+    assert_eq!(banger.ok(&["kernel", "ls", "--json"]).trim(), "[]");
+}
+
+/// A one-layer image whose single file of zeros is `size` bytes.
+fn push_zeros(registry: &Registry, dir: &std::path::Path, repo_tag: &str, size: usize) {
+    let mut layout = Layout::new(dir);
+    let zeros = Entry::File {
+        path: "zeros".into(),
+        data: vec![0u8; size],
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        xattrs: vec![],
+    };
+    let image = layout.image(&[(Compression::Gzip, layer::tar(&[zeros]))], "amd64");
+    layout.tag("t", &image);
+    registry.push(&layout.dir, "t", repo_tag, &[]);
+}
+
+#[test]
+fn a_layer_expanding_past_its_limit_stops_the_pull() {
+    let registry = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    push_zeros(&registry, &tmp.path().join("oci"), "bomb:latest", 8 << 20);
+    let mut banger = Banger::without_daemon();
+    std::fs::create_dir_all(banger.path("config")).unwrap();
+    std::fs::write(
+        banger.path("config/config.toml"),
+        "[limits]\nmax_layer_bytes = 4194304\n",
+    )
+    .unwrap();
+    banger.start_daemon();
+    let err = banger.fails(&["image", "pull", &registry.reference("bomb:latest")]);
+    assert!(
+        err.contains("expands past 4 MiB") && err.contains("limits.max_layer_bytes"),
+        "{err}"
+    );
+    assert!(entries(&banger.path("state/tmp")).is_empty());
+    assert_eq!(banger.ok(&["image", "ls", "--json"]).trim(), "[]");
+}
+
+/// Unmounts the tmpfs when the test ends, however it ends.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = common::sh(&format!("umount -l {}", self.0.display()));
+    }
+}
+
+#[test]
+fn a_pull_that_outgrows_the_disk_stops_with_the_free_space_named() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(std::env::var_os("CI").is_none(), "needs root to mount");
+        eprintln!("skipping: needs root to mount a small filesystem");
+        return;
+    }
+    let registry = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    // 96 MiB of zeros: a small download that cannot unpack on 64 MiB.
+    push_zeros(&registry, &tmp.path().join("oci"), "big:latest", 96 << 20);
+    let mut banger = Banger::without_daemon();
+    let home = banger.home.path().to_path_buf();
+    must(&format!(
+        "mount -t tmpfs -o size=64m tmpfs {}",
+        home.display()
+    ));
+    let _mounted = Mounted(home.clone());
+    std::fs::create_dir_all(banger.path("config")).unwrap();
+    std::fs::write(
+        banger.path("config/config.toml"),
+        "[limits]\nmin_free_bytes = 8388608\n",
+    )
+    .unwrap();
+    banger.start_daemon();
+    let err = banger.fails(&["image", "pull", &registry.reference("big:latest")]);
+    assert!(err.contains("MiB left on the filesystem"), "{err}");
+    assert!(entries(&banger.path("state/tmp")).is_empty());
+    // The disk is usable again: nothing of the pull stayed.
+    let df = must(&format!(
+        "df --output=used -B1M {} | tail -1",
+        home.display()
+    ));
+    assert!(df.trim().parse::<u64>().unwrap() < 16, "{df}");
+}
