@@ -49,7 +49,7 @@ pub struct LimitsConfig {
     /// All layers of one image together (default 64 GiB).
     #[serde(default)]
     pub max_image_bytes: Option<u64>,
-    /// Free space a pull keeps on the state filesystem (default 256 MiB).
+    /// Free space a pull keeps on the state filesystem (default 64 MiB).
     #[serde(default)]
     pub min_free_bytes: Option<u64>,
 }
@@ -62,7 +62,7 @@ impl LimitsConfig {
         self.max_image_bytes.unwrap_or(64 << 30)
     }
     pub fn min_free(&self) -> u64 {
-        self.min_free_bytes.unwrap_or(256 << 20)
+        self.min_free_bytes.unwrap_or(64 << 20)
     }
 }
 

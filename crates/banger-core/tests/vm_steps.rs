@@ -307,3 +307,103 @@ async fn a_vmm_the_daemon_never_recorded_is_stopped_at_recovery() {
         "stopped"
     );
 }
+
+#[tokio::test]
+async fn a_half_made_vm_directory_is_removed_at_recovery() {
+    let (_tmp, core, _launcher) = setup();
+    core.vms
+        .create(params("web"), Events::none())
+        .await
+        .unwrap();
+    // What a daemon killed mid-create leaves: a directory and no record.
+    let half = core.paths.state_dir.join("vms/half");
+    std::fs::create_dir_all(&half).unwrap();
+    std::fs::write(half.join("root.ext4"), b"partial").unwrap();
+    core.vms.recover().unwrap();
+    assert!(!half.exists(), "the half-made VM's directory is gone");
+    assert!(core.paths.state_dir.join("vms/web/root.ext4").is_file());
+    core.vms
+        .create(params("half"), Events::none())
+        .await
+        .unwrap();
+}
+
+/// An image record whose rootfs lives where pulls put it.
+fn put_pulled_image(core: &Core, name: &str) -> std::path::PathBuf {
+    let dir = core
+        .paths
+        .images_dir()
+        .join(format!("{name}-{}", banger_core::ids::random_hex(4)));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rootfs = dir.join("rootfs.ext4");
+    std::fs::write(&rootfs, vec![0u8; 4096]).unwrap();
+    core.store()
+        .put_image(&ImageInfo {
+            name: name.into(),
+            r#ref: format!("r/{name}:latest"),
+            digest: "sha256:01".into(),
+            rootfs_path: rootfs.display().to_string(),
+            size_bytes: 4096,
+            content_bytes: 1,
+            config: ImageConfig::default(),
+            created_at: "2026-01-01T00:00:00Z".into(),
+        })
+        .unwrap();
+    rootfs
+}
+
+#[tokio::test]
+async fn a_snapshot_vms_origin_outlives_its_image_until_the_vm_goes() {
+    let (_tmp, core, _launcher, blockdevs) = setup_with(FakeBlockDevices::supported());
+    let rootfs = put_pulled_image(&core, "base");
+    let mut p = params("web");
+    p.image = "base".into();
+    core.vms.create(p, Events::none()).await.unwrap();
+    // Removed with -f (a re-pull drops the old rootfs the same way): the
+    // VM's origin stays, and so through a daemon restart's cleanup.
+    core.images.remove(&["base".into()], true).await.unwrap();
+    assert!(rootfs.is_file(), "the snapshot origin was removed");
+    core.images.recover().unwrap();
+    assert!(rootfs.is_file(), "recovery removed the snapshot origin");
+    // A newer image under the same name is not what the VM boots on.
+    let newer = put_pulled_image(&core, "base");
+    core.vms.set_fail_point(Some("agent"));
+    core.vms.start("web", Events::none()).await.unwrap_err();
+    let origin = blockdevs.calls().into_iter().find_map(|c| match c {
+        BlockCall::Setup { origin, .. } => Some(origin),
+        _ => None,
+    });
+    assert_eq!(origin.as_deref(), Some(rootfs.as_path()));
+    core.vms.remove(&["web".into()], true).await.unwrap();
+    assert!(!rootfs.exists(), "the origin goes with its last VM");
+    assert!(newer.is_file());
+}
+
+#[tokio::test]
+async fn image_rm_never_leaves_a_vm_without_its_image() {
+    let (_tmp, core, _launcher) = setup();
+    for round in 0..20 {
+        put_pulled_image(&core, "racy");
+        let name = format!("vm{round}");
+        let mut p = params(&name);
+        p.image = "racy".into();
+        let racy = ["racy".to_string()];
+        let (created, removed) = tokio::join!(
+            core.vms.create(p, Events::none()),
+            core.images.remove(&racy, false)
+        );
+        match (created, removed) {
+            (Ok(_), Err(e)) => {
+                assert!(e.message.contains("used by VM"), "{}", e.message);
+                core.vms.remove(&[name], true).await.unwrap();
+                core.images.remove(&["racy".into()], false).await.unwrap();
+            }
+            (Err(_), Ok(_)) => {}
+            (c, r) => panic!(
+                "round {round}: create {:?}, image rm {:?}",
+                c.map(|_| ()),
+                r.map(|_| ())
+            ),
+        }
+    }
+}

@@ -77,13 +77,14 @@ pub fn unpack(input: impl Read, dst: &Path, ownership: bool) -> std::io::Result<
         let path = entry.path()?.into_owned();
         let (base, rel) = place(&target, &path, &mut first)?;
         let dest = base.join(&rel);
-        if let Some(dir) = dest.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
+        // Checked before anything is made: no directory of the entry's path
+        // may be a symlink (a hostile archive's `x -> /outside` followed by
+        // `x/newdir/f` would otherwise make /outside/newdir).
+        make_parents(&base, &rel, &path)?;
         let inside = base.canonicalize()?;
-        let parent = dest.parent().unwrap_or(&base).canonicalize()?;
-        if !parent.starts_with(&inside) {
-            return Err(refuse(format!("{} leaves the destination", path.display())));
+        // Whatever is at the destination itself is replaced, never followed.
+        if std::fs::symlink_metadata(&dest).is_ok_and(|m| m.file_type().is_symlink()) {
+            std::fs::remove_file(&dest)?;
         }
         if entry.header().entry_type() == tar::EntryType::Link {
             // A hard link names another entry of this archive, placed the same way.
@@ -110,6 +111,31 @@ pub fn unpack(input: impl Read, dst: &Path, ownership: bool) -> std::io::Result<
     Ok(count)
 }
 
+/// Makes the directories above `rel` under `base`, one at a time, refusing
+/// any that exists as something other than a real directory.
+fn make_parents(base: &Path, rel: &Path, shown: &Path) -> std::io::Result<()> {
+    let Some(parents) = rel.parent() else {
+        return Ok(());
+    };
+    let mut at = base.to_path_buf();
+    for part in parents.components() {
+        at.push(part);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(refuse(format!(
+                    "{} leaves the destination (through {}, which is not a directory)",
+                    shown.display(),
+                    at.display()
+                )))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir(&at)?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Where an archive path lands: (base directory, path under it).
 fn place(
     target: &Target,
@@ -132,7 +158,15 @@ fn place(
                 }
                 _ => {}
             }
-            (parent.clone(), name.join(parts.as_path()))
+            let rest = parts.as_path();
+            // No trailing slash for the entry itself: `name/` would make a
+            // single file fail as a directory.
+            let rel = if rest.as_os_str().is_empty() {
+                name.clone()
+            } else {
+                name.join(rest)
+            };
+            (parent.clone(), rel)
         }
     })
 }
@@ -202,6 +236,13 @@ mod tests {
 
         let missing = tmp.path().join("no/such/dir");
         assert!(unpack(&tar[..], &missing, false).is_err());
+
+        // One file, copied as a new name (docker cp semantics).
+        let mut one = Vec::new();
+        pack(&[tmp.path().join("src/a.sh")], &mut one).unwrap();
+        let named = tmp.path().join("new-name");
+        unpack(&one[..], &named, false).unwrap();
+        assert_eq!(std::fs::read_to_string(&named).unwrap(), "#!/bin/sh\n");
     }
 
     #[test]
@@ -231,5 +272,37 @@ mod tests {
         raw.extend(std::iter::repeat_n(0, 1024));
         assert!(unpack(&raw[..], &dst, false).is_err());
         assert!(!tmp.path().join("x.txt").exists());
+        // A link to the outside, then directories "through" it: nothing is
+        // made outside, not even an empty directory.
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        b.append_link(&mut h, "x", &outside).unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_size(1);
+        h.set_mode(0o644);
+        b.append_data(&mut h, "x/newdir/deeper/f", &b"x"[..])
+            .unwrap();
+        let tar = b.into_inner().unwrap();
+        let err = unpack(&tar[..], &dst, false).unwrap_err();
+        assert!(err.to_string().contains("leaves the destination"), "{err}");
+        assert!(std::fs::read_dir(&outside).unwrap().next().is_none());
+        // A symlink at the destination is replaced, not written through.
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        b.append_link(&mut h, "y", outside.join("target")).unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_size(1);
+        h.set_mode(0o644);
+        b.append_data(&mut h, "y", &b"z"[..]).unwrap();
+        let tar = b.into_inner().unwrap();
+        unpack(&tar[..], &dst, false).unwrap();
+        assert!(!outside.join("target").exists());
+        assert_eq!(std::fs::read(dst.join("y")).unwrap(), b"z");
     }
 }

@@ -12,11 +12,17 @@ use banger_testkit::layout::Layout;
 use banger_testkit::registry::Registry;
 use common::Banger;
 
+/// A daemon with its own HOME (user keys come from HOME/.ssh), under the
+/// test's home.
 fn start_banger(agent: &std::path::Path) -> Banger {
-    Banger::start_with_env(&[
-        ("BANGER_QEMU_ACCEL", std::path::Path::new("tcg")),
-        ("BANGER_AGENT_BIN", agent),
-    ])
+    let mut banger = Banger::without_daemon();
+    let home = banger.path("user-home");
+    std::fs::create_dir_all(home.join(".ssh")).unwrap();
+    banger.add_env("HOME", &home);
+    banger.add_env("BANGER_QEMU_ACCEL", std::path::Path::new("tcg"));
+    banger.add_env("BANGER_AGENT_BIN", agent);
+    banger.start_daemon();
+    banger
 }
 
 fn qemu_pids_for(dir: &str) -> Vec<u32> {
@@ -276,6 +282,7 @@ fn vms_boot_run_commands_persist_and_survive_a_daemon_kill() {
     for n in names {
         assert_eq!(banger.ok(&["vm", "exec", n, "--", "hostname"]).trim(), n);
     }
+    a_frozen_vm_holds_up_nothing(&banger);
 
     // rm -f stops and removes everything: no process, no file.
     let dirs: Vec<String> = names
@@ -607,6 +614,52 @@ fn copy_round_trip(banger: &common::Banger, tmp: &std::path::Path) {
         "{}",
         String::from_utf8_lossy(&missing.stderr)
     );
+
+    // docker cp naming: one file to a new name, either way.
+    banger.ok(&[
+        "vm",
+        "cp",
+        tree.join("run.sh").to_str().unwrap(),
+        "web:/tmp/new-name",
+    ]);
+    assert_eq!(
+        banger.ok(&["vm", "exec", "web", "--", "cat", "/tmp/new-name"]),
+        "#!/bin/sh\necho ran\n"
+    );
+    let renamed = tmp.join("renamed.sh");
+    banger.ok(&["vm", "cp", "web:/tmp/new-name", renamed.to_str().unwrap()]);
+    assert_eq!(
+        std::fs::read_to_string(&renamed).unwrap(),
+        "#!/bin/sh\necho ran\n"
+    );
+
+    // A destination whose directory is a symlink out: refused, said, and
+    // nothing made outside.
+    let outside = tmp.join("outside");
+    let trap = tmp.join("trap");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::create_dir_all(&trap).unwrap();
+    std::os::unix::fs::symlink(&outside, trap.join("tree")).unwrap();
+    let refused = banger.run(&["vm", "cp", "web:/tmp/tree", trap.to_str().unwrap()]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("leaves the destination"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(std::fs::read_dir(&outside).unwrap().next().is_none());
+
+    // A large upload to a directory the guest lacks fails at once.
+    let big = tmp.join("big.bin");
+    std::fs::write(&big, vec![1u8; 8 << 20]).unwrap();
+    let started = std::time::Instant::now();
+    let out = banger.run(&["vm", "cp", big.to_str().unwrap(), "web:/no/such/dir/"]);
+    assert!(!out.status.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 /// The daemon's peak memory (VmHWM), in KiB.
@@ -747,4 +800,42 @@ fn streams_keep_to_their_readers(banger: &Banger) {
         assert!(std::time::Instant::now() < deadline, "still running: {ps}");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// With one guest frozen (its VMM SIGSTOPped) while a user-key change is
+/// pushed to every VM: the other VMs still get the key, and `vm stop -t 3`
+/// of the frozen one ends in about that time.
+fn a_frozen_vm_holds_up_nothing(banger: &Banger) {
+    let info: serde_json::Value =
+        serde_json::from_str(&banger.ok(&["vm", "inspect", "p1", "--json"])).unwrap();
+    let pid = info[0]["pid"].as_u64().unwrap() as i32;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let key = banger.path("user-home/.ssh/id_frozen");
+    common::must(&format!(
+        "ssh-keygen -q -t ed25519 -N '' -f {}",
+        key.display()
+    ));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let updated = |vm: &str| {
+        banger
+            .daemon_log()
+            .lines()
+            .any(|l| l.contains("user keys updated") && l.contains(&format!("vm={vm} ")))
+    };
+    while !(updated("p2") && updated("p3") && updated("p4")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the other VMs never got the key: {}",
+            banger.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let asked = std::time::Instant::now();
+    banger.ok(&["vm", "stop", "-t", "3", "p1"]);
+    assert!(
+        asked.elapsed() < Duration::from_secs(12),
+        "vm stop -t 3 of a frozen VM took {:?}",
+        asked.elapsed()
+    );
+    unsafe { libc::kill(pid, libc::SIGCONT) };
 }

@@ -71,11 +71,20 @@ impl ImageService {
             }
         }
         prune::clean_leftovers(&self.paths.oci_cache());
+        // Images' root filesystems, and those snapshot VMs layer over.
+        let origins: Vec<String> = self
+            .store
+            .list_vms()?
+            .into_iter()
+            .filter_map(|v| v.origin)
+            .collect();
         let known: Vec<PathBuf> = self
             .store
             .list_images()?
             .into_iter()
-            .filter_map(|i| Path::new(&i.rootfs_path).parent().map(Path::to_path_buf))
+            .map(|i| i.rootfs_path)
+            .chain(origins)
+            .filter_map(|p| Path::new(&p).parent().map(Path::to_path_buf))
             .collect();
         if let Ok(entries) = std::fs::read_dir(self.paths.images_dir()) {
             for entry in entries.flatten() {
@@ -88,7 +97,7 @@ impl ImageService {
         Ok(())
     }
 
-    pub(super) async fn lock_name(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
+    pub(crate) async fn lock_name(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
         let lock = {
             let mut locks = self.name_locks.lock().unwrap_or_else(|p| p.into_inner());
             locks.retain(|_, l| Arc::strong_count(l) > 1);
@@ -150,13 +159,42 @@ impl ImageService {
         let mut removed = Vec::new();
         for image in doomed {
             self.store.delete_image(&image.name)?;
-            self.remove_rootfs(&image.rootfs_path);
+            self.drop_rootfs(&image.rootfs_path);
             removed.push(image.name);
         }
         Ok(RemoveResult { removed })
     }
 
     /// Deletes an image's directory, only ever inside the images dir.
+    /// Removes an image's rootfs unless a dm-snapshot VM layers over it;
+    /// that VM's removal drops it later ([`release_origin`](Self::release_origin)).
+    pub(super) fn drop_rootfs(&self, rootfs_path: &str) {
+        match self.store.vms_with_origin(rootfs_path) {
+            Ok(users) if users.is_empty() => self.remove_rootfs(rootfs_path),
+            Ok(users) => tracing::info!(
+                rootfs = rootfs_path,
+                vms = %users.join(", "),
+                "keeping the old root filesystem: snapshot VMs layer over it"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "keeping a root filesystem: cannot tell who uses it")
+            }
+        }
+    }
+
+    /// A snapshot VM that layered over `rootfs` is gone: the rootfs goes too
+    /// when no image and no other VM still names it.
+    pub fn release_origin(&self, rootfs: &str) {
+        let named = self
+            .store
+            .list_images()
+            .map(|images| images.iter().any(|i| i.rootfs_path == rootfs))
+            .unwrap_or(true);
+        if !named {
+            self.drop_rootfs(rootfs);
+        }
+    }
+
     pub(super) fn remove_rootfs(&self, rootfs_path: &str) {
         let Some(dir) = Path::new(rootfs_path).parent() else {
             return;

@@ -128,7 +128,7 @@ pub async fn pull(svc: &ImageService, params: PullParams, events: Events) -> OpR
         return Err(e.into());
     }
     if let Some(old) = existing {
-        svc.remove_rootfs(&old.rootfs_path);
+        svc.drop_rootfs(&old.rootfs_path);
     }
     tracing::info!(name = %image.name, size = image.size_bytes, "image recorded");
     Ok(PullResult {

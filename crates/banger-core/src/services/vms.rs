@@ -288,6 +288,18 @@ impl VmService {
                 tracing::info!(vm = %rt.name, "VM died while the daemon was away; marked stopped");
             }
         }
+        // A create the daemon died in (no record was written) leaves its
+        // directory, which would block the name: it goes.
+        let recorded: Vec<String> = self.store.list_vms()?.into_iter().map(|v| v.name).collect();
+        if let Ok(dirs) = std::fs::read_dir(self.vms_dir()) {
+            for entry in dirs.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !recorded.contains(&name) {
+                    tracing::warn!(vm = %name, "removing a VM directory no record names (a create that did not finish)");
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
         for vm in self.store.list_vms()? {
             if self.live(&vm.name)?.is_some() {
                 continue;
@@ -344,28 +356,74 @@ impl VmService {
                 .filter_map(|rt| self.store.get_vm(&rt.name).ok().flatten())
                 .collect();
             pushed.retain(|name, _| running.iter().any(|v| &v.name == name));
-            for vm in running {
-                if pushed.get(&vm.name) == Some(&keys) {
-                    continue;
-                }
-                // A VM being started or stopped is left for the next round: its
-                // agent serves one connection at a time, the starter's.
-                let Some(_guard) = self.try_lock(&vm.name) else {
-                    continue;
-                };
-                let Ok(session) = self.session(&vm).await else {
-                    continue;
-                };
-                match session.set_user_keys(&keys).await {
-                    Ok(()) => {
-                        tracing::info!(vm = %vm.name, keys = keys.len(), "user keys updated");
-                        pushed.insert(vm.name.clone(), keys.clone());
+            // Every VM at once, each bounded: a frozen guest costs its own
+            // push a few seconds and holds up no other VM.
+            let pushes = running
+                .into_iter()
+                .filter(|vm| pushed.get(&vm.name) != Some(&keys))
+                .map(|vm| {
+                    let (this, keys) = (self.clone(), keys.clone());
+                    async move {
+                        let done = this.push_user_keys(&vm, &keys).await;
+                        (vm.name, done)
                     }
-                    Err(e) => tracing::warn!(vm = %vm.name, error = %e, "cannot update user keys"),
+                });
+            for (name, done) in futures_util::future::join_all(pushes).await {
+                if done {
+                    pushed.insert(name, keys.clone());
                 }
             }
             tokio::time::sleep(every).await;
         }
+    }
+
+    /// One VM's user keys, within [`GUEST_CALL_TIMEOUT`]; true once the
+    /// agent has them.
+    async fn push_user_keys(&self, vm: &VmRecord, keys: &[String]) -> bool {
+        // A VM being started or stopped is left for the next round: its
+        // agent serves one connection at a time, the starter's.
+        let Some(_guard) = self.try_lock(&vm.name) else {
+            return false;
+        };
+        let push = async {
+            let session = self.session(vm).await.map_err(|e| e.message)?;
+            session.set_user_keys(keys).await
+        };
+        match tokio::time::timeout(GUEST_CALL_TIMEOUT, push).await {
+            Ok(Ok(())) => {
+                tracing::info!(vm = %vm.name, keys = keys.len(), "user keys updated");
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(vm = %vm.name, error = %e, "cannot update user keys");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(vm = %vm.name, "the agent did not take the user keys in time (is the VM frozen?)");
+                false
+            }
+        }
+    }
+
+    /// The VM's lock for an operation that must end: waits at most `limit`
+    /// for whoever holds it (a start, a key push to a frozen guest), then
+    /// kills the VM's VMM so the holder fails fast, and takes the lock.
+    async fn lock_or_kill(&self, name: &str, limit: Duration) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self.vm_lock(name);
+        if let Ok(guard) = tokio::time::timeout(limit, lock.clone().lock_owned()).await {
+            return guard;
+        }
+        if let Ok(Some(rt)) = self.store.get_runtime(name) {
+            tracing::warn!(vm = name, "the VM is busy past the limit; killing its VMM");
+            let launcher = self.launcher.clone();
+            let pid = ProcessId {
+                pid: rt.pid,
+                start_time: rt.start_time,
+            };
+            let _ =
+                tokio::task::spawn_blocking(move || kill_and_wait(launcher.as_ref(), pid)).await;
+        }
+        lock.lock_owned().await
     }
 
     pub async fn create(&self, params: CreateParams, events: Events) -> OpResult<VmInfo> {
@@ -377,6 +435,9 @@ impl VmService {
                 params.name, params.name
             )));
         }
+        // Held until the record is written: `image rm` and a re-pull take
+        // the same lock, so they see this VM as a user.
+        let _image_guard = self.images.lock_name(&params.image).await;
         let image = self
             .images
             .inspect(std::slice::from_ref(&params.image))?
@@ -476,6 +537,7 @@ impl VmService {
             host_key_pub: keys::public_openssh(&host_key).map_err(OpError::internal)?,
             created_at: ids::now_rfc3339(),
             ip,
+            origin: (strategy == disk::CowStrategy::DmSnapshot).then(|| image.rootfs_path.clone()),
         };
         self.store.insert_vm(&record)?;
         drop(addresses);
@@ -552,16 +614,22 @@ impl VmService {
 
         let root_disk = if vm.cow_strategy == disk::CowStrategy::DmSnapshot.as_str() {
             steps.begin("snapshot")?;
-            let image = self
-                .images
-                .inspect(std::slice::from_ref(&vm.image))?
-                .remove(0);
+            // The origin the COW file was made against, never a newer pull.
+            let origin = match &vm.origin {
+                Some(origin) => origin.clone(),
+                None => {
+                    self.images
+                        .inspect(std::slice::from_ref(&vm.image))?
+                        .remove(0)
+                        .rootfs_path
+                }
+            };
             let state = dir.join("dm.state");
             let dev = self
                 .blockdevs
                 .setup_snapshot(
                     &dm_name(&vm.name),
-                    Path::new(&image.rootfs_path),
+                    Path::new(&origin),
                     &dir.join("cow.img"),
                     &state,
                 )
@@ -806,7 +874,7 @@ impl VmService {
     }
 
     pub async fn stop(&self, name: &str, timeout: Duration) -> OpResult<VmInfo> {
-        let _guard = self.lock(name).await;
+        let _guard = self.lock_or_kill(name, timeout).await;
         let vm = self.record(name)?;
         self.stop_locked(&vm, timeout).await?;
         self.info(&vm)
@@ -874,13 +942,23 @@ impl VmService {
         }
         let mut removed = Vec::new();
         for name in names {
-            let _guard = self.lock(name).await;
+            // rm -f always wins: a start or a guest call holding the lock
+            // gets a second, then the VMM is killed under it.
+            let wait = if force {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_secs(30)
+            };
+            let _guard = self.lock_or_kill(name, wait).await;
             let dir = self.vms_dir().join(name);
             match self.store.get_vm(name)? {
                 Some(vm) => {
                     self.stop_locked(&vm, Duration::ZERO).await?;
                     self.store.delete_vm(name)?;
                     let _ = std::fs::remove_dir_all(&vm.dir);
+                    if let Some(origin) = &vm.origin {
+                        self.images.release_origin(origin);
+                    }
                     removed.push(name.clone());
                 }
                 None => {
@@ -1077,6 +1155,9 @@ impl VmService {
         })
     }
 }
+
+/// How long one call into a guest may take while it holds the VM's lock.
+const GUEST_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn kill_and_wait(launcher: &dyn ProcessLauncher, pid: ProcessId) {
     let _ = launcher.signal(pid, libc::SIGTERM);

@@ -56,6 +56,9 @@ const MIGRATIONS: &[&str] = &[
         key           TEXT PRIMARY KEY,
         value         TEXT NOT NULL
     );",
+    // 5: a dm-snapshot VM's origin (the image rootfs its COW layers over),
+    // kept as long as the VM, whatever happens to the image
+    "ALTER TABLE vms ADD COLUMN origin TEXT;",
 ];
 
 pub fn apply(conn: &mut Connection) -> anyhow::Result<()> {

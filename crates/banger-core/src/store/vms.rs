@@ -20,6 +20,9 @@ pub struct VmRecord {
     pub created_at: String,
     /// The guest's address; none when the VM was made without networking.
     pub ip: Option<String>,
+    /// dm-snapshot only: the image rootfs the VM's COW file layers over. A
+    /// re-pulled or removed image leaves it in place while a VM names it.
+    pub origin: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,7 +36,7 @@ pub struct VmRuntime {
 }
 
 const VM_COLUMNS: &str =
-    "name, image, kernel, vmm, vcpus, memory_mib, disk_bytes, cow_strategy, dir, host_key_pub, created_at, ip";
+    "name, image, kernel, vmm, vcpus, memory_mib, disk_bytes, cow_strategy, dir, host_key_pub, created_at, ip, origin";
 
 fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<VmRecord> {
     Ok(VmRecord {
@@ -49,6 +52,7 @@ fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<VmRecord> {
         host_key_pub: row.get(9)?,
         created_at: row.get(10)?,
         ip: row.get(11)?,
+        origin: row.get(12)?,
     })
 }
 
@@ -66,7 +70,7 @@ impl Store {
     pub fn insert_vm(&self, vm: &VmRecord) -> rusqlite::Result<()> {
         self.conn().execute(
             &format!(
-                "INSERT INTO vms ({VM_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)"
+                "INSERT INTO vms ({VM_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)"
             ),
             params![
                 vm.name,
@@ -80,7 +84,8 @@ impl Store {
                 vm.dir,
                 vm.host_key_pub,
                 vm.created_at,
-                vm.ip
+                vm.ip,
+                vm.origin
             ],
         )?;
         Ok(())
@@ -115,6 +120,14 @@ impl Store {
         let conn = self.conn();
         let mut stmt = conn.prepare("SELECT name FROM vms WHERE image = ?1 ORDER BY name")?;
         let rows = stmt.query_map([image], |r| r.get(0))?;
+        rows.collect()
+    }
+
+    /// Names of VMs whose snapshot origin is `rootfs`.
+    pub fn vms_with_origin(&self, rootfs: &str) -> rusqlite::Result<Vec<String>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT name FROM vms WHERE origin = ?1 ORDER BY name")?;
+        let rows = stmt.query_map([rootfs], |r| r.get(0))?;
         rows.collect()
     }
 

@@ -91,22 +91,32 @@ fn download(client: &Client, name: &str, src: String, dst: String) -> anyhow::Re
     // The stream is unpacked as it arrives, on its own thread.
     let (mut feed, drain) = UnixStream::pair()?;
     let target = PathBuf::from(&dst);
-    let unpacker = std::thread::spawn(move || banger_treecopy::unpack(drain, &target, false));
+    let (done, unpacked) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(banger_treecopy::unpack(drain, &target, false));
+    });
+    let refused = |e: std::io::Error| -> i32 {
+        eprintln!("error: unpacking into {dst}: {e}");
+        exit::BANGER_FAILED as i32
+    };
     let code = exec_piped(
         client,
         name,
         argv,
         |_| {},
-        move |chunk| {
-            let _ = feed.write_all(chunk);
+        |chunk| {
+            if feed.write_all(chunk).is_err() {
+                // The unpacker stopped: say why, whatever the guest does
+                // next, and leave (the guest's command is hung up).
+                if let Ok(Err(e)) = unpacked.recv() {
+                    std::process::exit(refused(e));
+                }
+            }
         },
     )?;
-    match unpacker.join() {
-        Ok(Ok(_)) => Ok(code),
-        Ok(Err(e)) if code == 0 => {
-            eprintln!("error: unpacking into {dst}: {e}");
-            Ok(exit::BANGER_FAILED as i32)
-        }
+    drop(feed);
+    match unpacked.recv() {
+        Ok(Err(e)) => Ok(refused(e)),
         _ => Ok(code),
     }
 }
