@@ -264,6 +264,11 @@ pub fn run(paths: banger_core::paths::Paths) -> anyhow::Result<()> {
                 .clone()
                 .sync_user_keys(std::time::Duration::from_secs(3)),
         );
+        tokio::spawn(
+            core.vms
+                .clone()
+                .cap_console_logs(std::time::Duration::from_secs(5)),
+        );
         let shutdown = async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                 .expect("installing a SIGTERM handler");

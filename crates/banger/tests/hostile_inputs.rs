@@ -190,3 +190,39 @@ fn a_pull_that_outgrows_the_disk_stops_with_the_free_space_named() {
     ));
     assert!(df.trim().parse::<u64>().unwrap() < 16, "{df}");
 }
+
+#[test]
+fn a_huge_console_log_is_tailed_from_its_end_and_streamed() {
+    let registry = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    banger_testkit::images::push_busybox(&registry, &tmp.path().join("oci"), "busybox:latest");
+    let banger = Banger::start();
+    banger.ok(&["image", "pull", &registry.reference("busybox:latest")]);
+    let fake = tmp.path().join("vmlinux");
+    std::fs::copy("/bin/true", &fake).unwrap();
+    banger.ok(&["kernel", "import", fake.to_str().unwrap(), "--name", "k"]);
+    banger.ok(&["vm", "create", "v", "--image", "busybox", "--kernel", "k"]);
+    // A guest that printed 200 MiB.
+    let log = banger.path("state/vms/v/console.log");
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&log).unwrap());
+        let line = format!("{}\n", "y".repeat(1023));
+        for _ in 0..(200 << 10) {
+            f.write_all(line.as_bytes()).unwrap();
+        }
+        f.write_all(b"second to last\nthe end\n").unwrap();
+    }
+    let base = peak_kib(&banger);
+    let started = std::time::Instant::now();
+    let tail = banger.ok(&["vm", "logs", "v", "--tail", "2"]);
+    assert_eq!(tail, "second to last\nthe end\n");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    let out = banger.cmd(&["vm", "logs", "v"]).output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        out.stdout.len() as u64,
+        std::fs::metadata(&log).unwrap().len()
+    );
+    let grown = peak_kib(&banger).saturating_sub(base);
+    assert!(grown < 64 * 1024, "the daemon grew by {grown} KiB");
+}

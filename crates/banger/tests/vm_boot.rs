@@ -307,6 +307,33 @@ fn vms_boot_run_commands_persist_and_survive_a_daemon_kill() {
     banger.ok(&["vm", "rm", "-f", "web"]);
 }
 
+/// Socket paths stay within `sun_path` whatever the home and the name: a
+/// 63-character VM name in a deep home boots and runs commands.
+#[test]
+fn a_long_name_in_a_deep_home_boots() {
+    let Some((kernel, agent)) = common::vm_assets() else {
+        return;
+    };
+    let mut banger = Banger::with_home_prefix(&"deep-home-".repeat(5));
+    banger.add_env("BANGER_QEMU_ACCEL", std::path::Path::new("tcg"));
+    banger.add_env("BANGER_AGENT_BIN", &agent);
+    banger.start_daemon();
+    let registry = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    push_busybox(&registry, &tmp.path().join("oci"), "busybox:latest");
+    banger.ok(&["kernel", "import", kernel.to_str().unwrap()]);
+    banger.ok(&["image", "pull", &registry.reference("busybox:latest")]);
+    let name = "a".repeat(63);
+    let socket = banger.path(&format!("state/vms/{name}/ssh.sock"));
+    assert!(socket.as_os_str().len() > 107, "{}", socket.display());
+    banger.ok(&["vm", "run", &name, "--image", "busybox", "--memory", "192M"]);
+    assert_eq!(
+        banger.ok(&["vm", "exec", &name, "--", "hostname"]).trim(),
+        name
+    );
+    banger.ok(&["vm", "rm", "-f", &name]);
+}
+
 #[test]
 fn a_boot_failure_names_the_stage_and_shows_the_console() {
     let Some((_, agent)) = common::vm_assets() else {
@@ -642,9 +669,13 @@ fn copy_round_trip(banger: &common::Banger, tmp: &std::path::Path) {
     std::os::unix::fs::symlink(&outside, trap.join("tree")).unwrap();
     banger.ok(&["vm", "cp", "web:/tmp/tree", trap.to_str().unwrap()]);
     assert!(std::fs::read_dir(&outside).unwrap().next().is_none());
-    assert!(std::fs::symlink_metadata(trap.join("tree")).unwrap().is_dir());
+    assert!(std::fs::symlink_metadata(trap.join("tree"))
+        .unwrap()
+        .is_dir());
     assert_eq!(
-        std::fs::read(trap.join("tree/sub/deeper/data")).unwrap().len(),
+        std::fs::read(trap.join("tree/sub/deeper/data"))
+            .unwrap()
+            .len(),
         200_000
     );
 

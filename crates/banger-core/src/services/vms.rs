@@ -28,6 +28,7 @@ use crate::steps::{FailPoint, Steps};
 use crate::store::{Store, VmRecord, VmRuntime};
 use crate::suggest;
 use crate::vm::agent_client::{self, AgentSession, Ctl, Input, Output};
+use crate::vm::console;
 use crate::vm::firecracker::Firecracker;
 use crate::vm::ssh_config;
 use crate::vm::vmm::{Accel, BootSpec, CtlEndpoint, Qemu, Vmm};
@@ -377,6 +378,28 @@ impl VmService {
         }
     }
 
+    /// Keeps every running VM's console log under its cap (see
+    /// [`console::rotate_if_big`]); runs for the daemon's life.
+    pub async fn cap_console_logs(self: Arc<Self>, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            let running = self.store.list_runtimes().unwrap_or_default();
+            for rt in running {
+                let Ok(Some(vm)) = self.store.get_vm(&rt.name) else {
+                    continue;
+                };
+                let dir = PathBuf::from(&vm.dir);
+                match tokio::task::spawn_blocking(move || console::rotate_if_big(&dir)).await {
+                    Ok(Ok(true)) => tracing::info!(vm = %vm.name, "console log rotated"),
+                    Ok(Err(e)) => {
+                        tracing::warn!(vm = %vm.name, error = %e, "cannot rotate the console log")
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
     /// One VM's user keys, within [`GUEST_CALL_TIMEOUT`]; true once the
     /// agent has them.
     async fn push_user_keys(&self, vm: &VmRecord, keys: &[String]) -> bool {
@@ -606,7 +629,8 @@ impl VmService {
             CtlEndpoint::Connect(path) => Ctl::Connect(path),
             CtlEndpoint::Listen(path) => {
                 let _ = std::fs::remove_file(&path);
-                Ctl::Listener(tokio::net::UnixListener::bind(&path).map_err(|e| {
+                let short = crate::vm::sockpath::SockPath::new(&path)?;
+                Ctl::Listener(tokio::net::UnixListener::bind(short.path()).map_err(|e| {
                     OpError::internal(format!("listening on {}: {e}", path.display()))
                 })?)
             }
@@ -659,6 +683,9 @@ impl VmService {
         step(&events, "launch", 2, STEPS_START);
         steps.begin("launch")?;
         let console = dir.join("console.log");
+        if let Err(e) = console::rotate_if_big(&dir) {
+            tracing::warn!(vm = %vm.name, error = %e, "cannot rotate the console log");
+        }
         append_marker(
             &console,
             &format!("{BOOT_MARKER}{} ---", ids::now_rfc3339()),
@@ -1050,16 +1077,34 @@ impl VmService {
         input: crate::ops::Input,
     ) -> OpResult<LogsResult> {
         let vm = self.record(name)?;
-        let path = Path::new(&vm.dir).join("console.log");
-        let text = std::fs::read(&path).unwrap_or_default();
-        let mut text = String::from_utf8_lossy(&text).into_owned();
-        if let Some(n) = tail {
-            text = last_lines(&text, n);
+        let dir = PathBuf::from(&vm.dir);
+        let path = console::path(&dir);
+        // The log is streamed in chunks, each sent once the one before it
+        // reached the caller: a big log costs the daemon one chunk.
+        let send = |bytes: &[u8]| {
+            events.emit_tracked(&serde_json::json!({ "text": String::from_utf8_lossy(bytes) }))
+        };
+        match tail {
+            Some(n) => {
+                let _ = send(&console::tail(&dir, n)?).await;
+            }
+            None => {
+                let mut pending = None;
+                for chunk in console::chunks(&dir) {
+                    if let Some(before) = pending.replace(send(&chunk?)) {
+                        let _ = before.await;
+                    }
+                }
+                if let Some(last) = pending {
+                    let _ = last.await;
+                }
+            }
         }
         if !follow {
-            return Ok(LogsResult { text });
+            return Ok(LogsResult {
+                text: String::new(),
+            });
         }
-        events.emit(&serde_json::json!({ "text": text }));
         let mut offset = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         loop {
             tokio::select! {
@@ -1067,6 +1112,9 @@ impl VmService {
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
             let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            if len < offset {
+                offset = 0; // Rotated: the new log starts from nothing.
+            }
             if len > offset {
                 use std::io::{Read, Seek, SeekFrom};
                 let mut f = std::fs::File::open(&path)?;

@@ -62,7 +62,12 @@ pub async fn wait_ready(
     };
     let stream = match ctl {
         Ctl::Connect(path) => loop {
-            match tokio::net::UnixStream::connect(&path).await {
+            let short = crate::vm::sockpath::SockPath::new(&path);
+            let connected = match &short {
+                Ok(short) => tokio::net::UnixStream::connect(short.path()).await,
+                Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+            };
+            match connected {
                 Ok(s) => break s,
                 Err(_) if Instant::now() < deadline && vmm_alive() => {
                     tokio::time::sleep(Duration::from_millis(2)).await

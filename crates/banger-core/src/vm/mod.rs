@@ -1,11 +1,13 @@
 //! Virtual machines: names, disks, VMM backends and the guest agent link.
 
 pub mod agent_client;
+pub mod console;
 pub mod disk;
 pub mod firecracker;
 pub mod keys;
 pub mod name;
 pub mod qmp;
+pub mod sockpath;
 pub mod ssh_config;
 pub mod user_keys;
 pub mod vmm;

@@ -14,7 +14,8 @@ const TIMEOUT: Duration = Duration::from_millis(500);
 /// The VM's run status (`running`, `paused`, `io-error`, …), or None when
 /// QMP does not answer.
 pub fn status(socket: &Path) -> Option<String> {
-    let stream = UnixStream::connect(socket).ok()?;
+    let short = super::sockpath::SockPath::new(socket).ok()?;
+    let stream = UnixStream::connect(short.path()).ok()?;
     stream.set_read_timeout(Some(TIMEOUT)).ok()?;
     stream.set_write_timeout(Some(TIMEOUT)).ok()?;
     let mut writer = stream.try_clone().ok()?;

@@ -65,7 +65,9 @@ pub trait Vmm: Send + Sync {
         dir: &'a Path,
     ) -> BoxFuture<'a, Result<tokio::net::UnixStream, String>> {
         Box::pin(async move {
-            tokio::net::UnixStream::connect(self.ssh_socket(dir))
+            let socket = super::sockpath::SockPath::new(&self.ssh_socket(dir))
+                .map_err(|e| format!("connecting to the agent: {e}"))?;
+            tokio::net::UnixStream::connect(socket.path())
                 .await
                 .map_err(|e| format!("connecting to the agent: {e}"))
         })
@@ -248,13 +250,21 @@ impl Vmm for Qemu {
         args.push("-qmp".into());
         args.push(format!(
             "unix:{},server=on,wait=off",
-            path(&spec.dir.join("qmp.sock"))?
+            path(&super::sockpath::for_vmm(&spec.dir, "qmp.sock"))?
         ));
         args.push("-device".into());
         args.push("virtio-serial-device".into());
         for (id, socket, name) in [
-            ("ctl", spec.dir.join("ctl.sock"), CTL_PORT_NAME),
-            ("ssh", self.ssh_socket(&spec.dir), SSH_PORT_NAME),
+            (
+                "ctl",
+                super::sockpath::for_vmm(&spec.dir, "ctl.sock"),
+                CTL_PORT_NAME,
+            ),
+            (
+                "ssh",
+                super::sockpath::for_vmm(&spec.dir, "ssh.sock"),
+                SSH_PORT_NAME,
+            ),
         ] {
             args.push("-chardev".into());
             args.push(format!(

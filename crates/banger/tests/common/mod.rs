@@ -29,8 +29,17 @@ impl Banger {
     }
 
     pub fn without_daemon() -> Banger {
+        Banger::with_home(tempfile::tempdir().unwrap())
+    }
+
+    /// A home whose name starts with `prefix` (a long one makes a deep home).
+    pub fn with_home_prefix(prefix: &str) -> Banger {
+        Banger::with_home(tempfile::Builder::new().prefix(prefix).tempdir().unwrap())
+    }
+
+    fn with_home(home: tempfile::TempDir) -> Banger {
         Banger {
-            home: tempfile::tempdir().unwrap(),
+            home,
             daemon: None,
             daemon_env: Vec::new(),
             netns: None,

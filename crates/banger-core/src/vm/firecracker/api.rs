@@ -15,8 +15,9 @@ pub async fn wait_for_socket(
     alive: impl Fn() -> bool,
 ) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + timeout;
+    let short = crate::vm::sockpath::SockPath::new(socket).map_err(|e| e.to_string())?;
     loop {
-        if UnixStream::connect(socket).await.is_ok() {
+        if UnixStream::connect(short.path()).await.is_ok() {
             return Ok(());
         }
         if !alive() {
@@ -43,7 +44,8 @@ pub async fn request(
     path: &str,
     body: Option<&serde_json::Value>,
 ) -> Result<String, String> {
-    let mut stream = UnixStream::connect(socket)
+    let short = crate::vm::sockpath::SockPath::new(socket).map_err(|e| e.to_string())?;
+    let mut stream = UnixStream::connect(short.path())
         .await
         .map_err(|e| format!("connecting to firecracker's API: {e}"))?;
     let payload = body.map(|b| b.to_string()).unwrap_or_default();

@@ -12,6 +12,7 @@ use futures_util::future::BoxFuture;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::sockpath::{self, SockPath};
 use super::vmm::{BootSpec, CtlEndpoint, Vmm, CMDLINE};
 
 /// The guest's vsock context id (any value ≥ 3; each VM has its own device).
@@ -48,7 +49,10 @@ impl Vmm for Firecracker {
         // The serial console is Firecracker's stdout: it goes to the console log.
         Ok(LaunchSpec {
             program: self.binary.clone(),
-            args: vec!["--api-sock".into(), path_str(&api_socket(&spec.dir))?],
+            args: vec![
+                "--api-sock".into(),
+                path_str(&sockpath::for_vmm(&spec.dir, "fc.sock"))?,
+            ],
             log: spec.console_log.clone(),
             cwd: Some(spec.dir.clone()),
             user: None,
@@ -114,7 +118,7 @@ impl Vmm for Firecracker {
             api::put(
                 &sock,
                 "/vsock",
-                &json!({ "guest_cid": GUEST_CID, "uds_path": path_str(&vsock_socket(&spec.dir))? }),
+                &json!({ "guest_cid": GUEST_CID, "uds_path": path_str(&sockpath::for_vmm(&spec.dir, "vsock.sock"))? }),
             )
             .await?;
             api::put(
@@ -132,7 +136,8 @@ impl Vmm for Firecracker {
     ) -> BoxFuture<'a, Result<tokio::net::UnixStream, String>> {
         Box::pin(async move {
             // The host side of vsock: connect, ask for the guest port, read OK.
-            let mut stream = tokio::net::UnixStream::connect(vsock_socket(dir))
+            let socket = SockPath::new(&vsock_socket(dir)).map_err(|e| e.to_string())?;
+            let mut stream = tokio::net::UnixStream::connect(socket.path())
                 .await
                 .map_err(|e| format!("connecting to the VM's vsock: {e}"))?;
             stream
