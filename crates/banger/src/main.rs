@@ -3,6 +3,7 @@
 mod cli;
 mod client;
 mod commands;
+mod interrupt;
 mod output;
 mod progress;
 mod units;

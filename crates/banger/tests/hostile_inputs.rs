@@ -226,3 +226,59 @@ fn a_huge_console_log_is_tailed_from_its_end_and_streamed() {
     let grown = peak_kib(&banger).saturating_sub(base);
     assert!(grown < 64 * 1024, "the daemon grew by {grown} KiB");
 }
+
+#[test]
+fn sizes_a_vm_cannot_have_are_refused_at_create_with_the_range() {
+    let registry = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    banger_testkit::images::push_busybox(&registry, &tmp.path().join("oci"), "busybox:latest");
+    let banger = Banger::start();
+    banger.ok(&["image", "pull", &registry.reference("busybox:latest")]);
+    let fake = tmp.path().join("vmlinux");
+    std::fs::copy("/bin/true", &fake).unwrap();
+    banger.ok(&["kernel", "import", fake.to_str().unwrap(), "--name", "k"]);
+    for (flag, value, range) in [
+        ("--vcpus", "0", "vCPUs"),
+        ("--vcpus", "1000", "vCPUs"),
+        ("--memory", "1T", "MiB (this host's memory)"),
+        ("--memory", "16M", "64 MiB to"),
+        ("--disk", "100T", "at most 16 TiB"),
+    ] {
+        let err = banger.fails(&[
+            "vm", "create", "v", "--image", "busybox", "--kernel", "k", flag, value,
+        ]);
+        assert!(
+            err.contains("out of range") && err.contains(range),
+            "{flag} {value}: {err}"
+        );
+    }
+    assert_eq!(banger.ok(&["vm", "ls", "--json"]).trim(), "[]");
+    assert!(entries(&banger.path("state/vms")).is_empty());
+}
+
+#[test]
+fn ctrl_c_on_a_long_request_says_the_daemon_carries_on() {
+    // A registry that accepts and never answers: the pull waits.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let held: Vec<_> = listener.incoming().take(8).collect();
+        std::thread::sleep(std::time::Duration::from_secs(60));
+        drop(held);
+    });
+    let banger = Banger::start();
+    let child = banger
+        .cmd(&["image", "pull", &format!("{addr}/slow:latest")])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("interrupted; the daemon finishes pulling") && err.contains("banger image"),
+        "{err}"
+    );
+}

@@ -32,7 +32,7 @@ use crate::vm::console;
 use crate::vm::firecracker::Firecracker;
 use crate::vm::ssh_config;
 use crate::vm::vmm::{Accel, BootSpec, CtlEndpoint, Qemu, Vmm};
-use crate::vm::{disk, keys, name};
+use crate::vm::{disk, keys, name, sizing};
 
 pub const WORK_MOUNT: &str = "/work";
 /// Two: the guest agent's SSH handshake then overlaps mounting the disks,
@@ -472,12 +472,21 @@ impl VmService {
             .or_else(|| self.config.default_vmm.clone())
             .unwrap_or_else(|| "qemu".into());
         self.vmm(&vmm_kind)?;
-        let vcpus = params.vcpus.unwrap_or(DEFAULT_VCPUS).clamp(1, 64);
-        let memory_mib = params.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB).max(64);
-        let disk_bytes = params
-            .disk_bytes
-            .unwrap_or(MIN_DISK_BYTES)
-            .max(image.size_bytes);
+        // Checked, never silently changed: a size the VM cannot have is
+        // refused here with the range, not at start.
+        let host = sizing::Host::probe();
+        let vcpus = match params.vcpus {
+            Some(n) => sizing::vcpus(n, &vmm_kind, host).map_err(OpError::invalid)?,
+            None => DEFAULT_VCPUS.min(host.cpus.max(1)),
+        };
+        let memory_mib = match params.memory_mib {
+            Some(mib) => sizing::memory_mib(mib, host).map_err(OpError::invalid)?,
+            None => DEFAULT_MEMORY_MIB,
+        };
+        let disk_bytes = match params.disk_bytes {
+            Some(bytes) => sizing::disk_bytes(bytes, image.size_bytes).map_err(OpError::invalid)?,
+            None => MIN_DISK_BYTES.max(image.size_bytes),
+        };
 
         let mut steps = Steps::new(self.fail_point());
         let dir = self.vms_dir().join(&params.name);

@@ -18,6 +18,10 @@ pub fn run(client: &Client, cmd: ImageCommand) -> anyhow::Result<i32> {
             platform,
             json,
         } => {
+            crate::interrupt::note(&format!(
+                "the daemon finishes pulling {reference} in the background (`banger image ls` \
+                 shows it; `banger image rm NAME` removes it)"
+            ));
             let mut progress = PullProgress::new();
             let params = json!({ "reference": reference, "name": name, "platform": platform });
             let result = client.call(methods::IMAGE_PULL, params, |e| progress.handle(e));

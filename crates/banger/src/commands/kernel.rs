@@ -27,6 +27,10 @@ pub fn run(client: &Client, cmd: KernelCommand) -> anyhow::Result<i32> {
             let modules = modules.as_deref().map(absolute).transpose()?;
             let params = json!({ "path": absolute(&path)?, "name": name, "modules": modules, "default": default });
             eprintln!("importing {} …", path.display());
+            crate::interrupt::note(
+                "the daemon finishes the import in the background (`banger kernel ls` shows it; \
+                 `banger kernel rm NAME` removes it)",
+            );
             match client.call(methods::KERNEL_IMPORT, params, |_| {}) {
                 Ok(v) => {
                     if json {
@@ -50,6 +54,10 @@ pub fn run(client: &Client, cmd: KernelCommand) -> anyhow::Result<i32> {
             default,
             json,
         } => {
+            crate::interrupt::note(&format!(
+                "the daemon finishes pulling {reference} in the background (`banger kernel ls` \
+                 shows it; `banger kernel rm NAME` removes it)"
+            ));
             let mut progress = crate::progress::PullProgress::new();
             let params = json!({ "reference": reference, "name": name, "default": default });
             let result = client.call(methods::KERNEL_PULL, params, |e| progress.handle(e));

@@ -21,6 +21,10 @@ pub fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
         VmCommand::Run(args) => create(client, args, true),
         VmCommand::Start { name, json } => {
             check_name(&name)?;
+            crate::interrupt::note(&format!(
+                "the daemon finishes starting `{name}` in the background; `banger vm stop {name}` \
+                 stops it"
+            ));
             let result = client.call(
                 methods::VM_START,
                 json!({ "name": name }),
@@ -138,6 +142,10 @@ fn check_name(name: &str) -> anyhow::Result<()> {
 
 fn create(client: &Client, args: CreateArgs, start: bool) -> anyhow::Result<i32> {
     check_name(&args.name)?;
+    crate::interrupt::note(&format!(
+        "the daemon finishes making `{n}` in the background; `banger vm rm -f {n}` undoes it",
+        n = args.name
+    ));
     let memory_mib = args
         .memory
         .as_deref()
