@@ -36,6 +36,20 @@ impl OpError {
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::Internal, message)
     }
+
+    /// A failed write under `dir`: a full filesystem is named with its fix
+    /// (whatever tool reported it), anything else is internal.
+    pub fn writing(message: impl Into<String>, dir: &std::path::Path) -> Self {
+        let message = message.into();
+        if message.contains("No space left on device") || message.contains("os error 28") {
+            return Self::invalid(format!(
+                "the filesystem holding {} is full; free space (or run `banger image cache \
+                 prune`) and try again ({message})",
+                dir.display()
+            ));
+        }
+        Self::internal(message)
+    }
 }
 
 impl From<anyhow::Error> for OpError {

@@ -107,12 +107,15 @@ pub async fn pull(svc: &ImageService, params: PullParams, events: Events) -> OpR
             .join(format!("pull-{}", ids::random_hex(6))),
     );
     std::fs::create_dir_all(&scratch.0)?;
+    crate::steps::kill_point("pull-download");
     let built = download_and_build(svc, &registry, &resolved, &scratch.0, &events).await?;
 
+    crate::steps::kill_point("pull-move");
     let image_dir = svc.paths.images_dir().join(ids::random_hex(8));
     std::fs::create_dir_all(&image_dir)?;
     let rootfs = image_dir.join("rootfs.ext4");
     std::fs::rename(scratch.0.join("rootfs.ext4"), &rootfs)?;
+    crate::steps::kill_point("pull-record");
     let image = ImageInfo {
         name: name.clone(),
         r#ref: whole,
@@ -291,7 +294,9 @@ async fn download_and_build(
         events.emit(&PullEvent::Step {
             step: "ext4".into(),
         });
-        let built = ext4::build(runner.as_ref(), &staging, &meta, &out, &scratch)?;
+        crate::steps::kill_point("pull-ext4");
+        let built = ext4::build(runner.as_ref(), &staging, &meta, &out, &scratch)
+            .map_err(|e| OpError::writing(format!("{e:#}"), &scratch))?;
         tracing::info!(
             size = built.size_bytes,
             content = built.content_bytes,

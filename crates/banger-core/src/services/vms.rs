@@ -313,6 +313,8 @@ impl VmService {
                 );
                 kill_and_wait(self.launcher.as_ref(), orphan);
             }
+            // A start the daemon died in may have left its per-boot files.
+            self.clean_run_files(&vm);
         }
         self.write_ssh_config();
         Ok(())
@@ -404,10 +406,11 @@ impl VmService {
     /// agent has them.
     async fn push_user_keys(&self, vm: &VmRecord, keys: &[String]) -> bool {
         // A VM being started or stopped is left for the next round: its
-        // agent serves one connection at a time, the starter's.
-        let Some(_guard) = self.try_lock(&vm.name) else {
+        // agent serves one connection at a time, the starter's. The lock is
+        // only looked at, not held: a stop or rm never waits for a push.
+        if self.try_lock(&vm.name).is_none() {
             return false;
-        };
+        }
         let push = async {
             let session = self.session(vm).await.map_err(|e| e.message)?;
             session.set_user_keys(keys).await
@@ -529,7 +532,7 @@ impl VmService {
                 })
                 .await
                 .map_err(|e| OpError::internal(e.to_string()))?
-                .map_err(OpError::internal)?;
+                .map_err(|e| OpError::writing(e, &dir))?;
             Ok::<_, OpError>((strategy, disk_bytes))
         };
         let (work, runner) = (dir.join("work.ext4"), self.runner.clone());
@@ -539,7 +542,7 @@ impl VmService {
             })
             .await
             .map_err(|e| OpError::internal(e.to_string()))?
-            .map_err(OpError::internal)
+            .map_err(|e| OpError::writing(e, &dir))
         };
         let (root, work) = tokio::join!(root, work);
         let (strategy, disk_bytes) = root?;
@@ -944,6 +947,7 @@ impl VmService {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+        crate::steps::kill_point("stop-kill");
         if self.launcher.alive(pid) {
             tracing::warn!(vm = %vm.name, "VM did not power off in time; killing its VMM");
             let launcher = self.launcher.clone();
@@ -951,6 +955,7 @@ impl VmService {
                 .await
                 .map_err(|e| OpError::internal(e.to_string()))?;
         }
+        crate::steps::kill_point("stop-release");
         self.sessions.lock().await.remove(&vm.name);
         self.release(vm, &rt)?;
         tracing::info!(vm = %vm.name, "VM stopped");
@@ -990,7 +995,9 @@ impl VmService {
             match self.store.get_vm(name)? {
                 Some(vm) => {
                     self.stop_locked(&vm, Duration::ZERO).await?;
+                    crate::steps::kill_point("rm-record");
                     self.store.delete_vm(name)?;
+                    crate::steps::kill_point("rm-files");
                     let _ = std::fs::remove_dir_all(&vm.dir);
                     if let Some(origin) = &vm.origin {
                         self.images.release_origin(origin);
