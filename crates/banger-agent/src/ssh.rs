@@ -406,8 +406,8 @@ impl russh::server::Handler for Handler {
         channel: Channel<Msg>,
         host: &str,
         port: u32,
-        _originator: &str,
-        _originator_port: u32,
+        originator: &str,
+        originator_port: u32,
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
@@ -420,13 +420,22 @@ impl russh::server::Handler for Handler {
             "localhost" | "ip6-localhost" => "127.0.0.1".to_string(),
             other => other.trim_matches(|c| c == '[' || c == ']').to_string(),
         };
+        // banger's daemon asks for flow control (its forwards share the one
+        // connection every command runs on); other clients get a plain copy.
+        let flow = (originator == banger_sshflow::ORIGINATOR)
+            .then(|| banger_sshflow::clamp_window(originator_port));
         tokio::spawn(async move {
             match tokio::net::TcpStream::connect((host.as_str(), port)).await {
                 Ok(mut tcp) => {
                     let _ = tcp.set_nodelay(true);
                     reply.accept().await;
-                    let mut stream = channel.into_stream();
-                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
+                    match flow {
+                        Some(window) => banger_sshflow::forward(channel, tcp, window).await,
+                        None => {
+                            let mut stream = channel.into_stream();
+                            let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
+                        }
+                    }
                 }
                 Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
             }

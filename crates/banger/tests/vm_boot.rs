@@ -784,6 +784,46 @@ fn streams_keep_to_their_readers(banger: &Banger) {
         grown < 64 * 1024,
         "the daemon's memory grew by {grown} KiB while streams were held up"
     );
+    // A port forward whose client stops reading stalls only itself.
+    banger.ok(&[
+        "vm",
+        "exec",
+        "web",
+        "--",
+        "sh",
+        "-c",
+        "printf '#!/bin/sh\\nexec cat /dev/zero\\n' > /tmp/zero.sh && chmod +x /tmp/zero.sh \
+         && (nc -ll -p 9000 -e /tmp/zero.sh </dev/null >/dev/null 2>&1 &)",
+    ]);
+    let mut forward = banger
+        .cmd(&["vm", "port-forward", "web", "0:9000", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(forward.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let listening = event["listening"].as_str().unwrap().to_string();
+    let idle_reader = std::net::TcpStream::connect(&listening).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    for _ in 0..3 {
+        let out = pipeline(
+            banger,
+            "banger vm exec web -- echo beside-a-stalled-forward",
+            Duration::from_secs(15),
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "beside-a-stalled-forward\n"
+        );
+    }
+    drop(idle_reader);
+    let _ = forward.kill();
+    let _ = forward.wait();
     let _ = stalled.wait();
     // Its reader gone, the CLI ends (SIGPIPE-like) and so does the command.
     let deadline = std::time::Instant::now() + Duration::from_secs(15);

@@ -1060,15 +1060,15 @@ impl VmService {
             tokio::select! {
                 _ = &mut gone => break,
                 accepted = listener.accept() => {
-                    let Ok((mut tcp, _)) = accepted else { continue };
+                    let Ok((tcp, _)) = accepted else { continue };
                     connections += 1;
                     let session = self.session(&vm).await?;
                     let port = p.guest_port;
                     tokio::spawn(async move {
                         match session.open_tcp(port).await {
-                            Ok(mut channel) => {
+                            Ok(channel) => {
                                 let _ = tcp.set_nodelay(true);
-                                let _ = tokio::io::copy_bidirectional(&mut tcp, &mut channel).await;
+                                banger_sshflow::forward(channel, tcp, banger_sshflow::WINDOW).await;
                             }
                             Err(e) => tracing::info!(error = %e, "nothing answered in the guest"),
                         }

@@ -365,12 +365,17 @@ impl AgentSession {
         Err("the agent closed the channel".into())
     }
 
-    /// A TCP connection to `port` on the guest's loopback, made by the agent.
-    pub async fn open_tcp(&self, port: u16) -> Result<russh::ChannelStream<client::Msg>, String> {
+    /// A TCP connection to `port` on the guest's loopback, made by the
+    /// agent, with banger's flow control asked for (see `banger_sshflow`).
+    pub async fn open_tcp(&self, port: u16) -> Result<russh::Channel<client::Msg>, String> {
         self.handle
-            .channel_open_direct_tcpip("127.0.0.1", port as u32, "127.0.0.1", 0)
+            .channel_open_direct_tcpip(
+                "127.0.0.1",
+                port as u32,
+                banger_sshflow::ORIGINATOR,
+                banger_sshflow::WINDOW,
+            )
             .await
-            .map(|c| c.into_stream())
             .map_err(|e| format!("guest port {port}: {e}"))
     }
 
