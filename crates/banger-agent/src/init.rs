@@ -81,8 +81,15 @@ fn mount_disks(config: &BootConfig, control: &Control) -> Result<(), (&'static s
         drivers.push(driver::NET);
     }
     load_modules(&drivers).map_err(|e| ("modules", e))?;
-    if let Some(net) = &config.network {
-        crate::net::configure(net).map_err(|e| ("network", e))?;
+    match &config.network {
+        Some(net) => crate::net::configure(net).map_err(|e| ("network", e))?,
+        // Loopback either way: guest services on 127.0.0.1 are what
+        // `vm port-forward` reaches, with or without VM networking.
+        None => {
+            if let Err(e) = crate::net::loopback_up() {
+                log(&e);
+            }
+        }
     }
     switch_root(config).map_err(|e| ("root", e))?;
     control.report("root", None);

@@ -99,6 +99,11 @@ fn add_route(
     }
 }
 
+/// Brings up `lo` alone (a VM without networking).
+pub fn loopback_up() -> Result<(), String> {
+    up(&sock()?, "lo")
+}
+
 /// Configures the interfaces. Runs before the root switch.
 pub fn configure(net: &GuestNetwork) -> Result<(), String> {
     let s = sock()?;

@@ -786,15 +786,14 @@ fn streams_keep_to_their_readers(banger: &Banger) {
     );
     // A port forward whose client stops reading stalls only itself.
     banger.ok(&[
-        "vm",
-        "exec",
-        "web",
-        "--",
-        "sh",
-        "-c",
-        "printf '#!/bin/sh\\nexec cat /dev/zero\\n' > /tmp/zero.sh && chmod +x /tmp/zero.sh \
-         && (nc -ll -p 9000 -e /tmp/zero.sh </dev/null >/dev/null 2>&1 &)",
+        "vm", "exec", "web", "--", "sh", "-c",
+        "printf '#!/bin/sh\\nexec cat /dev/zero\\n' > /tmp/zero.sh && chmod +x /tmp/zero.sh",
     ]);
+    let mut server = banger
+        .cmd(&["vm", "exec", "web", "--", "nc", "-ll", "-p", "9000", "-e", "/tmp/zero.sh"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
     let mut forward = banger
         .cmd(&["vm", "port-forward", "web", "0:9000", "--json"])
         .stdout(std::process::Stdio::piped())
@@ -809,7 +808,9 @@ fn streams_keep_to_their_readers(banger: &Banger) {
     let event: serde_json::Value = serde_json::from_str(&line).unwrap();
     let listening = event["listening"].as_str().unwrap().to_string();
     let idle_reader = std::net::TcpStream::connect(&listening).unwrap();
-    std::thread::sleep(Duration::from_secs(3));
+    // Long enough for every buffer between the guest and this idle reader
+    // (socket buffers, russh's per-channel queue) to fill.
+    std::thread::sleep(Duration::from_secs(12));
     for _ in 0..3 {
         let out = pipeline(
             banger,
@@ -821,9 +822,18 @@ fn streams_keep_to_their_readers(banger: &Banger) {
             "beside-a-stalled-forward\n"
         );
     }
+    // The forward really carried the guest's stream (it was only unread).
+    let mut first = [0u8; 4096];
+    idle_reader
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let got = std::io::Read::read(&mut &idle_reader, &mut first).unwrap();
+    assert!(got > 0, "the guest's stream never arrived");
     drop(idle_reader);
     let _ = forward.kill();
     let _ = forward.wait();
+    let _ = server.kill();
+    let _ = server.wait();
     let _ = stalled.wait();
     // Its reader gone, the CLI ends (SIGPIPE-like) and so does the command.
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
