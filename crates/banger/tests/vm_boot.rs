@@ -786,11 +786,27 @@ fn streams_keep_to_their_readers(banger: &Banger) {
     );
     // A port forward whose client stops reading stalls only itself.
     banger.ok(&[
-        "vm", "exec", "web", "--", "sh", "-c",
+        "vm",
+        "exec",
+        "web",
+        "--",
+        "sh",
+        "-c",
         "printf '#!/bin/sh\\nexec cat /dev/zero\\n' > /tmp/zero.sh && chmod +x /tmp/zero.sh",
     ]);
     let mut server = banger
-        .cmd(&["vm", "exec", "web", "--", "nc", "-ll", "-p", "9000", "-e", "/tmp/zero.sh"])
+        .cmd(&[
+            "vm",
+            "exec",
+            "web",
+            "--",
+            "nc",
+            "-ll",
+            "-p",
+            "9000",
+            "-e",
+            "/tmp/zero.sh",
+        ])
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_secs(2));
