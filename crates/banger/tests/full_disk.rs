@@ -8,21 +8,9 @@ use banger_testkit::images::push_busybox;
 use banger_testkit::registry::Registry;
 use common::{must, Banger};
 
-/// Unmounts the tmpfs when the test ends, however it ends.
-struct Mounted(std::path::PathBuf);
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = common::sh(&format!("umount -l {}", self.0.display()));
-    }
-}
-
 #[test]
 fn a_full_state_disk_fails_no_request() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(std::env::var_os("CI").is_none(), "needs root to mount");
-        eprintln!("skipping: needs root to mount a small filesystem");
+    if !common::root_or_skip("mounting a small filesystem") {
         return;
     }
     let registry = Registry::start();
@@ -30,11 +18,7 @@ fn a_full_state_disk_fails_no_request() {
     push_busybox(&registry, &tmp.path().join("oci"), "busybox:latest");
     let mut banger = Banger::without_daemon();
     let home = banger.home.path().to_path_buf();
-    must(&format!(
-        "mount -t tmpfs -o size=96m tmpfs {}",
-        home.display()
-    ));
-    let _mounted = Mounted(home.clone());
+    let _mounted = common::Mounted::tmpfs(&home, "96m");
     banger.start_daemon();
     banger.ok(&["image", "pull", &registry.reference("busybox:latest")]);
     // Any ELF will do as a kernel: nothing boots here.
@@ -81,10 +65,7 @@ fn a_full_state_disk_fails_no_request() {
 /// with the fix, and `vm rm -f` still removes it.
 #[test]
 fn a_guest_filling_the_host_disk_shows_as_paused() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(std::env::var_os("CI").is_none(), "needs root to mount");
-        eprintln!("skipping: needs root to mount a small filesystem");
+    if !common::root_or_skip("mounting a small filesystem") {
         return;
     }
     let Some((kernel, agent)) = common::vm_assets() else {
@@ -102,11 +83,7 @@ fn a_guest_filling_the_host_disk_shows_as_paused() {
     // Only the VMs' directory is small: the daemon's log and database are not.
     let vms = banger.path("state/vms");
     std::fs::create_dir_all(&vms).unwrap();
-    must(&format!(
-        "mount -t tmpfs -o size=48m tmpfs {}",
-        vms.display()
-    ));
-    let _mounted = Mounted(vms.clone());
+    let _mounted = common::Mounted::tmpfs(&vms, "48m");
     banger.ok(&["vm", "run", "v", "--image", "busybox", "--memory", "128M"]);
     let mut filler = banger
         .cmd(&[

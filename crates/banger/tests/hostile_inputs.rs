@@ -13,17 +13,6 @@ use banger_testkit::layout::Layout;
 use banger_testkit::registry::Registry;
 use common::{entries, must, Banger};
 
-/// The daemon's peak memory (VmHWM), in KiB.
-fn peak_kib(banger: &Banger) -> u64 {
-    let pid = banger.daemon_pid().expect("the test's own daemon");
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
-}
-
 /// A "registry" that answers every manifest request with an endless body:
 /// with a 4 GiB Content-Length when `declared`, chunked otherwise.
 fn endless_registry(declared: bool) -> String {
@@ -76,7 +65,7 @@ fn endless_registry(declared: bool) -> String {
 #[test]
 fn an_endless_manifest_is_refused_early() {
     let banger = Banger::start();
-    let base = peak_kib(&banger);
+    let base = common::daemon_peak_kib(&banger);
     for declared in [true, false] {
         let addr = endless_registry(declared);
         let started = std::time::Instant::now();
@@ -88,7 +77,7 @@ fn an_endless_manifest_is_refused_early() {
             started.elapsed()
         );
     }
-    let grown = peak_kib(&banger).saturating_sub(base);
+    let grown = common::daemon_peak_kib(&banger).saturating_sub(base);
     assert!(grown < 64 * 1024, "the daemon grew by {grown} KiB");
     assert!(entries(&banger.path("state/tmp")).is_empty());
 }
@@ -145,21 +134,9 @@ fn a_layer_expanding_past_its_limit_stops_the_pull() {
     assert_eq!(banger.ok(&["image", "ls", "--json"]).trim(), "[]");
 }
 
-/// Unmounts the tmpfs when the test ends, however it ends.
-struct Mounted(std::path::PathBuf);
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = common::sh(&format!("umount -l {}", self.0.display()));
-    }
-}
-
 #[test]
 fn a_pull_that_outgrows_the_disk_stops_with_the_free_space_named() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(std::env::var_os("CI").is_none(), "needs root to mount");
-        eprintln!("skipping: needs root to mount a small filesystem");
+    if !common::root_or_skip("mounting a small filesystem") {
         return;
     }
     let registry = Registry::start();
@@ -168,11 +145,7 @@ fn a_pull_that_outgrows_the_disk_stops_with_the_free_space_named() {
     push_zeros(&registry, &tmp.path().join("oci"), "big:latest", 96 << 20);
     let mut banger = Banger::without_daemon();
     let home = banger.home.path().to_path_buf();
-    must(&format!(
-        "mount -t tmpfs -o size=64m tmpfs {}",
-        home.display()
-    ));
-    let _mounted = Mounted(home.clone());
+    let _mounted = common::Mounted::tmpfs(&home, "64m");
     std::fs::create_dir_all(banger.path("config")).unwrap();
     std::fs::write(
         banger.path("config/config.toml"),
@@ -194,13 +167,8 @@ fn a_pull_that_outgrows_the_disk_stops_with_the_free_space_named() {
 #[test]
 fn a_huge_console_log_is_tailed_from_its_end_and_streamed() {
     let registry = Registry::start();
-    let tmp = tempfile::tempdir().unwrap();
-    banger_testkit::images::push_busybox(&registry, &tmp.path().join("oci"), "busybox:latest");
     let banger = Banger::start();
-    banger.ok(&["image", "pull", &registry.reference("busybox:latest")]);
-    let fake = tmp.path().join("vmlinux");
-    std::fs::copy("/bin/true", &fake).unwrap();
-    banger.ok(&["kernel", "import", fake.to_str().unwrap(), "--name", "k"]);
+    common::busybox_and_fake_kernel(&banger, &registry);
     banger.ok(&["vm", "create", "v", "--image", "busybox", "--kernel", "k"]);
     // A guest that printed 200 MiB.
     let log = banger.path("state/vms/v/console.log");
@@ -212,7 +180,7 @@ fn a_huge_console_log_is_tailed_from_its_end_and_streamed() {
         }
         f.write_all(b"second to last\nthe end\n").unwrap();
     }
-    let base = peak_kib(&banger);
+    let base = common::daemon_peak_kib(&banger);
     let started = std::time::Instant::now();
     let tail = banger.ok(&["vm", "logs", "v", "--tail", "2"]);
     assert_eq!(tail, "second to last\nthe end\n");
@@ -223,20 +191,15 @@ fn a_huge_console_log_is_tailed_from_its_end_and_streamed() {
         out.stdout.len() as u64,
         std::fs::metadata(&log).unwrap().len()
     );
-    let grown = peak_kib(&banger).saturating_sub(base);
+    let grown = common::daemon_peak_kib(&banger).saturating_sub(base);
     assert!(grown < 64 * 1024, "the daemon grew by {grown} KiB");
 }
 
 #[test]
 fn sizes_a_vm_cannot_have_are_refused_at_create_with_the_range() {
     let registry = Registry::start();
-    let tmp = tempfile::tempdir().unwrap();
-    banger_testkit::images::push_busybox(&registry, &tmp.path().join("oci"), "busybox:latest");
     let banger = Banger::start();
-    banger.ok(&["image", "pull", &registry.reference("busybox:latest")]);
-    let fake = tmp.path().join("vmlinux");
-    std::fs::copy("/bin/true", &fake).unwrap();
-    banger.ok(&["kernel", "import", fake.to_str().unwrap(), "--name", "k"]);
+    common::busybox_and_fake_kernel(&banger, &registry);
     for (flag, value, range) in [
         ("--vcpus", "0", "vCPUs"),
         ("--vcpus", "1000", "vCPUs"),

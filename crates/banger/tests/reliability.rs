@@ -36,21 +36,25 @@ impl Tally {
         });
     }
 
+    /// Straight to stderr, past the test harness's capture, so every run
+    /// (CI's included) shows it.
     fn print(&self) {
-        println!(
-            "\n{:<44} {:>10} {:>8} {:>6}",
+        use std::io::Write;
+        let mut text = format!(
+            "\n{:<52} {:>10} {:>8} {:>6}\n",
             "check", "operations", "faults", "leaks"
         );
         for r in &self.0 {
-            println!(
-                "{:<44} {:>10} {:>8} {:>6}",
+            text += &format!(
+                "{:<52} {:>10} {:>8} {:>6}\n",
                 r.check, r.operations, r.faults, r.leaks
             );
         }
         let (o, f, l) = self.0.iter().fold((0, 0, 0), |(o, f, l), r| {
             (o + r.operations, f + r.faults, l + r.leaks)
         });
-        println!("{:<44} {:>10} {:>8} {:>6}\n", "total", o, f, l);
+        text += &format!("{:<52} {:>10} {:>8} {:>6}\n\n", "total", o, f, l);
+        let _ = std::io::stderr().write_all(text.as_bytes());
     }
 }
 
@@ -213,24 +217,9 @@ impl Drop for Netns {
     }
 }
 
-/// Unmounts a tmpfs when dropped.
-struct Mounted(std::path::PathBuf);
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = sh(&format!("umount -l {}", self.0.display()));
-    }
-}
-
 #[test]
 fn reliability_suite() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "the reliability suite needs root"
-        );
-        eprintln!("skipping: the reliability suite needs root");
+    if !common::root_or_skip("the reliability suite") {
         return;
     }
     let Some((kernel, agent)) = common::vm_assets() else {
@@ -466,11 +455,7 @@ fn kill_points(tally: &mut Tally, kernel: &Path, agent: &Path, reference: &str) 
 fn full_disks(tally: &mut Tally, reference: &str) {
     let mut banger = Banger::without_daemon();
     let home = banger.home.path().to_path_buf();
-    must(&format!(
-        "mount -t tmpfs -o size=160m tmpfs {}",
-        home.display()
-    ));
-    let _mounted = Mounted(home.clone());
+    let _mounted = common::Mounted::tmpfs(&home, "160m");
     std::fs::create_dir_all(banger.path("config")).unwrap();
     // No early refusal: let the writes themselves meet ENOSPC.
     std::fs::write(
@@ -528,7 +513,7 @@ fn full_disks(tally: &mut Tally, reference: &str) {
     ops += 3;
     leaks += check(&banger, None, "with room again");
     tally.add(
-        "pull and create at 11 levels of free space",
+        "pull and create at 26 levels of free space",
         ops,
         faults,
         leaks,

@@ -692,17 +692,6 @@ fn copy_round_trip(banger: &common::Banger, tmp: &std::path::Path) {
     );
 }
 
-/// The daemon's peak memory (VmHWM), in KiB.
-fn daemon_peak_kib(banger: &Banger) -> u64 {
-    let pid = banger.daemon_pid().expect("the test's own daemon");
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
-}
-
 /// Runs a shell pipeline with `banger` meaning this test's CLI and home;
 /// its output, within `limit`.
 fn pipeline(banger: &Banger, script: &str, limit: Duration) -> std::process::Output {
@@ -739,7 +728,7 @@ fn exe_dir() -> String {
 /// stdin and output move at the pace of their readers, with bounded
 /// memory, and one stalled reader holds up nothing else.
 fn streams_keep_to_their_readers(banger: &Banger) {
-    let base = daemon_peak_kib(banger);
+    let base = common::daemon_peak_kib(banger);
     // A command that never reads stdin ends, and so does the CLI.
     let out = pipeline(
         banger,
@@ -779,7 +768,7 @@ fn streams_keep_to_their_readers(banger: &Banger) {
         );
         assert_eq!(String::from_utf8_lossy(&out.stdout), "still-here\n");
     }
-    let grown = daemon_peak_kib(banger).saturating_sub(base);
+    let grown = common::daemon_peak_kib(banger).saturating_sub(base);
     assert!(
         grown < 64 * 1024,
         "the daemon's memory grew by {grown} KiB while streams were held up"

@@ -314,3 +314,57 @@ pub fn must(script: &str) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Whether the test runs as root; if not, says why it skips (and fails
+/// under CI, which runs as root).
+pub fn root_or_skip(why: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(std::env::var_os("CI").is_none(), "{why} needs root");
+    eprintln!("skipping: {why} needs root");
+    false
+}
+
+/// A tmpfs of `size` mounted on `dir`, unmounted (lazily) when dropped,
+/// however the test ends.
+pub struct Mounted(PathBuf);
+
+impl Mounted {
+    pub fn tmpfs(dir: &Path, size: &str) -> Mounted {
+        must(&format!(
+            "mount -t tmpfs -o size={size} tmpfs {}",
+            dir.display()
+        ));
+        Mounted(dir.to_path_buf())
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = sh(&format!("umount -l {}", self.0.display()));
+    }
+}
+
+/// The daemon's peak memory (VmHWM), in KiB.
+pub fn daemon_peak_kib(banger: &Banger) -> u64 {
+    let pid = banger.daemon_pid().expect("the test's own daemon");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// The busybox image pulled from `registry` and any ELF imported as kernel
+/// `k`: enough to create VMs that never boot.
+pub fn busybox_and_fake_kernel(banger: &Banger, registry: &banger_testkit::registry::Registry) {
+    let dir = banger.path("fixtures");
+    banger_testkit::images::push_busybox(registry, &dir.join("oci"), "busybox:latest");
+    banger.ok(&["image", "pull", &registry.reference("busybox:latest")]);
+    let fake = dir.join("vmlinux");
+    std::fs::copy("/bin/true", &fake).unwrap();
+    banger.ok(&["kernel", "import", fake.to_str().unwrap(), "--name", "k"]);
+}
