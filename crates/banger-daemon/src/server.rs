@@ -1,16 +1,14 @@
 //! Accept loop and per-connection request handling.
 
 use std::future::Future;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 
-use banger_core::events::Events;
+use banger_core::caller::CallerFeed;
+use banger_core::events::{Emitted, Events};
 use banger_core::ids;
 use banger_core::ops::Core;
 use banger_proto::{ErrorBody, ErrorCode, Frame, Request};
-use std::os::fd::AsFd;
-
-use banger_core::caller::CallerFeed;
-use banger_core::events::Emitted;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Interest};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};

@@ -50,7 +50,11 @@ pub fn processes_naming(needle: &str) -> Vec<ProcessId> {
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|&pid| pid != std::process::id())
         .filter(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let mut cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            // Arguments are NUL-separated; read as one line, as ps shows it.
+            for b in cmdline.iter_mut().filter(|b| **b == 0) {
+                *b = b' ';
+            }
             cmdline.windows(needle.len()).any(|w| w == needle)
         })
         .filter_map(|pid| match stat(pid)? {
@@ -239,11 +243,17 @@ mod tests {
             }),
             "a recycled pid is not ours"
         );
+        // Both before and after the shell execs sleep, its command line
+        // holds "sleep 30"; it is read until seen (exec replaces it).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !RealLauncher.find_naming("sleep 30").contains(&id) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "found by its command line"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         let marker = dir.join("log").display().to_string();
-        assert!(
-            RealLauncher.find_naming("exec sleep 30").contains(&id),
-            "found by its command line"
-        );
         assert!(!RealLauncher.find_naming(&marker).contains(&id));
         RealLauncher.signal(id, libc::SIGKILL).unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
