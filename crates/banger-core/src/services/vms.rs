@@ -46,6 +46,11 @@ const STEPS_START: u32 = 5;
 /// How long reconnecting to a running VM's agent may take (normally well
 /// under a second, even emulated).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// One try at the handshake within [`CONNECT_TIMEOUT`] (it takes tens of
+/// milliseconds on an idle guest).
+const CONNECT_ATTEMPT: Duration = Duration::from_secs(4);
+/// Between tries: several times the agent's 20 ms look at the port.
+const RECONNECT_GAP: Duration = Duration::from_millis(250);
 
 pub struct VmService {
     paths: Paths,
@@ -835,8 +840,28 @@ impl VmService {
 
     /// A fresh connection to a running VM's agent. Bounded: a guest that
     /// never answers must not stall that VM's commands (or `vm rm -f`).
+    ///
+    /// A virtio-serial port has no connections, only "a host is attached":
+    /// when one host leaves and the next attaches before the agent looked
+    /// (a daemon restarting, a cancelled attempt followed by another), the
+    /// agent never sees the gap and the handshake stalls. So each attempt is
+    /// short, and a failed one is followed by a pause the agent cannot miss
+    /// before the next.
     async fn connect(&self, vm: &VmRecord, vmm: &dyn Vmm) -> OpResult<AgentSession> {
-        match tokio::time::timeout(CONNECT_TIMEOUT, self.open_session(vm, vmm)).await {
+        let attempts = async {
+            loop {
+                match tokio::time::timeout(CONNECT_ATTEMPT, self.open_session(vm, vmm)).await {
+                    Ok(Ok(session)) => return Ok(session),
+                    Ok(Err(e)) if !self.launcher_alive(vm) => return Err(e),
+                    Ok(Err(e)) => {
+                        tracing::info!(vm = %vm.name, error = %e, "SSH attempt failed; retrying")
+                    }
+                    Err(_) => tracing::info!(vm = %vm.name, "SSH attempt stalled; retrying"),
+                }
+                tokio::time::sleep(RECONNECT_GAP).await;
+            }
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, attempts).await {
             Ok(session) => {
                 session.map_err(|e| OpError::internal(format!("VM `{}`: {e}", vm.name)))
             }
@@ -881,6 +906,11 @@ impl VmService {
         AgentSession::connect(stream, host_key, client_key)
             .await
             .map_err(|e| e.to_string())
+    }
+
+    /// Whether the VM's VMM still runs (a dead one is not worth a retry).
+    fn launcher_alive(&self, vm: &VmRecord) -> bool {
+        matches!(self.live(&vm.name), Ok(Some(_)))
     }
 
     /// The VM's SSH connection, made anew when there is none (after a
