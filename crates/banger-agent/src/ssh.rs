@@ -7,6 +7,7 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use banger_proto::agent::{ExecRequest, EXEC_PREFIX, FLOW_ACK, SET_USER_KEYS};
+use banger_sshflow::Credit;
 use russh::keys::PublicKey;
 use russh::server::{
     Auth, ChannelOpenHandle, Handle, Msg, PublicKeyOffer, Session, VerifiedPublicKey,
@@ -45,16 +46,9 @@ struct ChannelState {
     stdin: Option<tokio::sync::mpsc::UnboundedSender<Option<Vec<u8>>>>,
     pid: Option<i32>,
     master: Option<Arc<OwnedFd>>,
-    /// With flow control: room for output the host has not acknowledged,
-    /// and the window it may not exceed.
-    room: Option<(Arc<tokio::sync::Semaphore>, u32)>,
-}
-
-/// How a command's streams keep to the host's pace (see
-/// [`ExecRequest::flow`]); `None` for plain SSH clients.
-#[derive(Clone)]
-struct Flow {
-    room: Arc<tokio::sync::Semaphore>,
+    /// With flow control (see [`ExecRequest::flow`]; never for plain SSH
+    /// clients): room for output the host has not acknowledged.
+    room: Option<Arc<Credit>>,
 }
 
 pub struct Handler {
@@ -101,7 +95,7 @@ impl Handler {
         spec.pty = state.pty.clone();
         session.channel_success(channel)?;
         let handle = session.handle();
-        let flow = state.room.clone().map(|(room, _)| Flow { room });
+        let flow = state.room.clone();
         match exec::spawn(spec) {
             Err(e) => {
                 let message = format!("banger: {}\r\n", e.message).into_bytes();
@@ -156,8 +150,9 @@ async fn feed_stdin(
             return;
         }
         if let Some((handle, channel)) = &acks {
-            let n = (chunk.len() as u32).to_be_bytes().to_vec();
-            let _ = handle.extended_data(*channel, FLOW_ACK, n).await;
+            let _ = handle
+                .extended_data(*channel, FLOW_ACK, banger_sshflow::ack(chunk.len()))
+                .await;
         }
     }
     // EOF from the client (or the channel went away): the child sees stdin close.
@@ -168,7 +163,7 @@ async fn pump(
     handle: Handle,
     channel: ChannelId,
     ext: Option<u32>,
-    flow: Option<Flow>,
+    flow: Option<Arc<Credit>>,
 ) {
     let Ok(mut r) = FdStream::new(fd) else { return };
     let mut buf = vec![0u8; 32 * 1024];
@@ -178,11 +173,8 @@ async fn pump(
             Ok(n) => {
                 // Not ahead of the host by more than its window: a reader
                 // that stops holds this command, and nothing else.
-                if let Some(flow) = &flow {
-                    match flow.room.acquire_many(n as u32).await {
-                        Ok(permit) => permit.forget(),
-                        Err(_) => return,
-                    }
+                if let Some(room) = &flow {
+                    room.take(n).await;
                 }
                 let data = buf[..n].to_vec();
                 let sent = match ext {
@@ -252,7 +244,7 @@ async fn run_pipes(
     stdout: OwnedFd,
     stderr: OwnedFd,
     exit: tokio::sync::oneshot::Receiver<Exit>,
-    flow: Option<Flow>,
+    flow: Option<Arc<Credit>>,
 ) {
     let out = tokio::spawn(pump(stdout, handle.clone(), channel, None, flow.clone()));
     let err = tokio::spawn(pump(stderr, handle.clone(), channel, Some(1), flow));
@@ -268,7 +260,7 @@ async fn run_pty(
     channel: ChannelId,
     master: Arc<OwnedFd>,
     exit: tokio::sync::oneshot::Receiver<Exit>,
-    flow: Option<Flow>,
+    flow: Option<Arc<Credit>>,
 ) {
     let reader = match master.try_clone() {
         Ok(fd) => fd,
@@ -524,11 +516,8 @@ impl russh::server::Handler for Handler {
             flow: Some(window), ..
         })) = &request
         {
-            let window = (*window).clamp(64 * 1024, 64 << 20);
-            self.channels.entry(channel).or_default().room = Some((
-                Arc::new(tokio::sync::Semaphore::new(window as usize)),
-                window,
-            ));
+            let window = banger_sshflow::clamp_window(*window);
+            self.channels.entry(channel).or_default().room = Some(Arc::new(Credit::new(window)));
         }
         let spec = match request {
             Some(parsed) => match parsed {
@@ -604,13 +593,8 @@ impl russh::server::Handler for Handler {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         if code == FLOW_ACK {
-            if let (Some((room, window)), Ok(n)) = (
-                self.channels.get(&channel).and_then(|s| s.room.as_ref()),
-                <[u8; 4]>::try_from(data),
-            ) {
-                // Never more room than the window, whatever the count says.
-                let free = (*window as usize).saturating_sub(room.available_permits());
-                room.add_permits((u32::from_be_bytes(n) as usize).min(free));
+            if let Some(room) = self.channels.get(&channel).and_then(|s| s.room.as_ref()) {
+                room.grant(data);
             }
         }
         Ok(())

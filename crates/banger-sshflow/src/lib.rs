@@ -30,6 +30,47 @@ pub fn clamp_window(asked: u32) -> u32 {
     asked.clamp(64 * 1024, 64 << 20)
 }
 
+/// What one side may still send: `window` bytes, spent by [`take`] and
+/// given back by the peer's acknowledgements ([`grant`]), never beyond the
+/// window whatever a (hostile) peer's count says.
+///
+/// [`take`]: Credit::take
+/// [`grant`]: Credit::grant
+pub struct Credit {
+    room: Semaphore,
+    window: usize,
+}
+
+impl Credit {
+    pub fn new(window: u32) -> Credit {
+        Credit {
+            room: Semaphore::new(window as usize),
+            window: window as usize,
+        }
+    }
+
+    /// Waits until `n` bytes may be sent, and spends them.
+    pub async fn take(&self, n: usize) {
+        if let Ok(permit) = self.room.acquire_many(n as u32).await {
+            permit.forget();
+        }
+    }
+
+    /// Gives back what an acknowledgement (a [`FLOW_ACK`] payload) counts.
+    pub fn grant(&self, ack: &[u8]) {
+        if let Ok(n) = <[u8; 4]>::try_from(ack) {
+            let free = self.window.saturating_sub(self.room.available_permits());
+            self.room
+                .add_permits((u32::from_be_bytes(n) as usize).min(free));
+        }
+    }
+}
+
+/// The [`FLOW_ACK`] payload acknowledging `n` bytes.
+pub fn ack(n: usize) -> Vec<u8> {
+    (n as u32).to_be_bytes().to_vec()
+}
+
 /// Forwards between `channel` and `socket` until both directions end. A
 /// peer that sends more than twice the window unacknowledged is cut off.
 pub async fn forward<S, T>(channel: Channel<S>, socket: T, window: u32)
@@ -39,7 +80,7 @@ where
 {
     let (mut from_peer, to_peer) = channel.split();
     let to_peer = Arc::new(to_peer);
-    let room = Arc::new(Semaphore::new(window as usize));
+    let room = Arc::new(Credit::new(window));
     let (mut sock_read, mut sock_write) = tokio::io::split(socket);
 
     // Socket → channel, within the peer's credit.
@@ -52,10 +93,7 @@ where
                     Ok(0) | Err(_) => break,
                     Ok(n) => n,
                 };
-                match room.acquire_many(n as u32).await {
-                    Ok(permit) => permit.forget(),
-                    Err(_) => return,
-                }
+                room.take(n).await;
                 if to_peer.data_bytes(buf[..n].to_vec()).await.is_err() {
                     return;
                 }
@@ -76,8 +114,9 @@ where
                     return;
                 }
                 let _ = wrote.send(chunk.len());
-                let ack = (chunk.len() as u32).to_be_bytes().to_vec();
-                let _ = to_peer.extended_data_bytes(FLOW_ACK, ack).await;
+                let _ = to_peer
+                    .extended_data_bytes(FLOW_ACK, ack(chunk.len()))
+                    .await;
             }
             let _ = sock_write.shutdown().await;
         })
@@ -100,12 +139,7 @@ where
                     let _ = q.send(data.to_vec());
                 }
             }
-            ChannelMsg::ExtendedData { data, ext } if ext == FLOW_ACK => {
-                if let Ok(n) = <[u8; 4]>::try_from(&data[..]) {
-                    let free = (window as usize).saturating_sub(room.available_permits());
-                    room.add_permits((u32::from_be_bytes(n) as usize).min(free));
-                }
-            }
+            ChannelMsg::ExtendedData { data, ext } if ext == FLOW_ACK => room.grant(&data),
             ChannelMsg::Eof => queue = None,
             _ => {}
         }

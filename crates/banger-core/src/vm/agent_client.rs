@@ -279,7 +279,7 @@ impl AgentSession {
         let window = request.flow.unwrap_or(u32::MAX >> 3) as usize;
         let (mut read, write) = channel.split();
         let write = Arc::new(write);
-        let room = Arc::new(tokio::sync::Semaphore::new(window));
+        let room = Arc::new(banger_sshflow::Credit::new(window as u32));
         // Output not yet with the caller: a guest that ignores the window is
         // cut off rather than buffered without bound.
         let mut outstanding = 0usize;
@@ -311,13 +311,7 @@ impl AgentSession {
                         outstanding += data.len();
                         in_flight.push(track(Output::Stderr(data.to_vec()), data.len()));
                     }
-                    Some(ChannelMsg::ExtendedData { data, ext: FLOW_ACK }) => {
-                        if let Ok(n) = <[u8; 4]>::try_from(&data[..]) {
-                            // Never more room than the window, whatever the count says.
-                            let free = window.saturating_sub(room.available_permits());
-                            room.add_permits((u32::from_be_bytes(n) as usize).min(free));
-                        }
-                    }
+                    Some(ChannelMsg::ExtendedData { data, ext: FLOW_ACK }) => room.grant(&data),
                     Some(ChannelMsg::ExitStatus { exit_status }) => {
                         status = Some(ExitStatus { code: exit_status as i32, signal: None });
                     }
@@ -334,8 +328,7 @@ impl AgentSession {
                 },
                 Some(len) = in_flight.next(), if flow && !in_flight.is_empty() => {
                     outstanding -= len;
-                    let ack = (len as u32).to_be_bytes().to_vec();
-                    let _ = write.extended_data_bytes(FLOW_ACK, ack).await;
+                    let _ = write.extended_data_bytes(FLOW_ACK, banger_sshflow::ack(len)).await;
                 }
             }
         }
@@ -400,7 +393,7 @@ async fn feed(
     write: Arc<russh::ChannelWriteHalf<client::Msg>>,
     mut input: tokio::sync::mpsc::Receiver<Input>,
     gone: Option<tokio::sync::watch::Receiver<bool>>,
-    room: Arc<tokio::sync::Semaphore>,
+    room: Arc<banger_sshflow::Credit>,
     flow: bool,
 ) {
     let hung_up = async move {
@@ -417,10 +410,7 @@ async fn feed(
                 Input::Stdin(bytes) => {
                     for chunk in bytes.chunks(STDIN_CHUNK) {
                         if flow {
-                            match room.acquire_many(chunk.len() as u32).await {
-                                Ok(permit) => permit.forget(),
-                                Err(_) => return,
-                            }
+                            room.take(chunk.len()).await;
                         }
                         if write.data_bytes(chunk.to_vec()).await.is_err() {
                             return;
