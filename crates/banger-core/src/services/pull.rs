@@ -266,12 +266,7 @@ async fn download_and_build(
                     ))
                 }
                 LayerFailure::Entry(e) if e.reason.contains("os error 28") => {
-                    OpError::invalid(format!(
-                        "layer {}: the filesystem holding {} is full; free space (or run \
-                         `banger image cache prune`) and pull again",
-                        layer.digest,
-                        scratch.display()
-                    ))
+                    OpError::writing(format!("layer {}: {e}", layer.digest), &scratch)
                 }
                 LayerFailure::Entry(e)
                     if e.reason.contains("MiB left on the filesystem")
