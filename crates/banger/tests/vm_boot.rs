@@ -799,19 +799,7 @@ fn streams_keep_to_their_readers(banger: &Banger) {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_secs(2));
-    let mut forward = banger
-        .cmd(&["vm", "port-forward", "web", "0:9000", "--json"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(forward.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
-    let listening = event["listening"].as_str().unwrap().to_string();
+    let (mut forward, listening) = banger.port_forward("web", "0:9000");
     let idle_reader = std::net::TcpStream::connect(&listening).unwrap();
     // Long enough for every buffer between the guest and this idle reader
     // (socket buffers, russh's per-channel queue) to fill.
@@ -841,15 +829,7 @@ fn streams_keep_to_their_readers(banger: &Banger) {
     let _ = server.wait();
     let _ = stalled.wait();
     // Its reader gone, the CLI ends (SIGPIPE-like) and so does the command.
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let ps = banger.ok(&["vm", "exec", "web", "--", "ps"]);
-        if !ps.contains("cat /dev/zero") {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "still running: {ps}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_gone_from_web(banger, "cat /dev/zero", Duration::from_secs(15));
     // SIGTERM ends the CLI even while its stdin is jammed, and the command
     // is hung up with it.
     let mut jammed = std::process::Command::new(common::exe())
@@ -876,11 +856,16 @@ fn streams_keep_to_their_readers(banger: &Banger) {
         asked.elapsed()
     );
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    wait_gone_from_web(banger, "sleep 300", Duration::from_secs(10));
+}
+
+/// Waits until no process in VM `web` runs `command`, within `limit`.
+fn wait_gone_from_web(banger: &Banger, command: &str, limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
     loop {
         let ps = banger.ok(&["vm", "exec", "web", "--", "ps"]);
-        if !ps.contains("sleep 300") {
-            break;
+        if !ps.contains(command) {
+            return;
         }
         assert!(std::time::Instant::now() < deadline, "still running: {ps}");
         std::thread::sleep(Duration::from_millis(200));

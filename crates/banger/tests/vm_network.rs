@@ -549,19 +549,7 @@ fn ssh_interop(banger: &Banger, ns: &str, a: &str, tmp: &Path, user_home: &Path)
     );
 
     // banger vm port-forward: a free port picked, one in use refused.
-    let mut forward = banger
-        .cmd(&["vm", "port-forward", "a", "0:8000", "--json"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(forward.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
-    let listening = event["listening"].as_str().unwrap().to_string();
+    let (mut forward, listening) = banger.port_forward("a", "0:8000");
     let out = fetch(ns, &format!("http://{listening}/index.html"));
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("hello from a"),

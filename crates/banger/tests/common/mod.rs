@@ -216,6 +216,25 @@ impl Banger {
         String::from_utf8(out.stderr).unwrap()
     }
 
+    /// `vm port-forward NAME SPEC --json` left running, and the address it
+    /// listens on (its first line).
+    pub fn port_forward(&self, name: &str, spec: &str) -> (Child, String) {
+        let mut forward = self
+            .cmd(&["vm", "port-forward", name, spec, "--json"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(forward.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let listening = event["listening"].as_str().unwrap().to_string();
+        (forward, listening)
+    }
+
     pub fn inspect(&self, name: &str) -> serde_json::Value {
         let out = self.ok(&["image", "inspect", name, "--json"]);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
