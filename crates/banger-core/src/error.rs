@@ -52,6 +52,17 @@ impl OpError {
     }
 }
 
+impl From<banger_proto::rpc::RequestError> for OpError {
+    fn from(e: banger_proto::rpc::RequestError) -> Self {
+        use banger_proto::rpc::RequestError;
+        let code = match e {
+            RequestError::InvalidParams(_) => ErrorCode::InvalidParams,
+            RequestError::Malformed(_) | RequestError::UnknownMethod(_) => ErrorCode::BadRequest,
+        };
+        OpError::new(code, e.to_string())
+    }
+}
+
 impl From<anyhow::Error> for OpError {
     fn from(e: anyhow::Error) -> Self {
         // Keep the whole context chain: it is what tells the user what failed.

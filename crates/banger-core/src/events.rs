@@ -1,5 +1,7 @@
 //! Progress events an operation streams to its caller before its result.
 
+use std::marker::PhantomData;
+
 use serde::Serialize;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::oneshot;
@@ -12,20 +14,56 @@ pub struct Emitted {
     pub delivered: Option<oneshot::Sender<()>>,
 }
 
-/// Where an operation sends progress; cheap to clone, usable from blocking code.
-#[derive(Clone, Default)]
-pub struct Events {
+/// Where an operation sends progress of type `E` (its method's
+/// `Method::Event`); cheap to clone, usable from blocking code.
+pub struct Events<E> {
     tx: Option<UnboundedSender<Emitted>>,
+    kind: PhantomData<fn(&E)>,
 }
 
-impl Events {
-    pub fn new(tx: UnboundedSender<Emitted>) -> Events {
-        Events { tx: Some(tx) }
+impl<E> Clone for Events<E> {
+    fn clone(&self) -> Self {
+        Events {
+            tx: self.tx.clone(),
+            kind: PhantomData,
+        }
+    }
+}
+
+impl<E> Default for Events<E> {
+    fn default() -> Self {
+        Events {
+            tx: None,
+            kind: PhantomData,
+        }
+    }
+}
+
+impl<E: Serialize> Events<E> {
+    pub fn new(tx: UnboundedSender<Emitted>) -> Events<E> {
+        Events {
+            tx: Some(tx),
+            kind: PhantomData,
+        }
+    }
+
+    /// Drops events: for callers that only want the result.
+    pub fn none() -> Events<E> {
+        Events::default()
+    }
+
+    /// The same channel carrying another method's events: for an operation
+    /// that runs another as one of its parts (a kernel pull's image pull).
+    pub fn retyped<F: Serialize>(&self) -> Events<F> {
+        Events {
+            tx: self.tx.clone(),
+            kind: PhantomData,
+        }
     }
 
     /// Like [`emit`](Self::emit); the answer resolves (Ok or Err alike)
     /// once the event was written to the caller or dropped.
-    pub fn emit_tracked(&self, event: &impl Serialize) -> oneshot::Receiver<()> {
+    pub fn emit_tracked(&self, event: &E) -> oneshot::Receiver<()> {
         let (done, rx) = oneshot::channel();
         if let Some(tx) = &self.tx {
             let _ = tx.send(Emitted {
@@ -36,12 +74,7 @@ impl Events {
         rx
     }
 
-    /// Drops events: for callers that only want the result.
-    pub fn none() -> Events {
-        Events { tx: None }
-    }
-
-    pub fn emit(&self, event: &impl Serialize) {
+    pub fn emit(&self, event: &E) {
         if let Some(tx) = &self.tx {
             // A caller that hung up does not stop the work.
             let _ = tx.send(Emitted {

@@ -1,14 +1,13 @@
 //! The operations core: one entry point, [`Core::dispatch`], that every
-//! transport calls with a method name from `banger_proto::methods`.
+//! transport calls with a typed [`banger_proto::Request`].
 
 use std::sync::Arc;
 
 use banger_host::ProcessRunner;
-use banger_proto::image::{NamesParams, PruneParams, PullParams, RemoveParams, RemoveResult};
-use banger_proto::methods as m;
+use banger_proto::image::RemoveResult;
+use banger_proto::rpc::m;
 use banger_proto::status::DaemonStatus;
-use banger_proto::vm::{LogsParams, NameParams, StopParams};
-use serde::de::DeserializeOwned;
+use banger_proto::{Method, Request};
 use serde_json::Value;
 
 use crate::config::Config;
@@ -154,7 +153,14 @@ impl Core {
         })
     }
 
-    pub async fn dispatch(&self, method: &str, params: Value, events: Events) -> OpResult<Value> {
+    /// Decodes a request from its wire parts and handles it: what the
+    /// transport calls with each line it reads.
+    pub async fn dispatch(
+        &self,
+        method: &str,
+        params: Value,
+        events: Events<Value>,
+    ) -> OpResult<Value> {
         self.dispatch_with_input(method, params, events, None).await
     }
 
@@ -162,93 +168,94 @@ impl Core {
         &self,
         method: &str,
         params: Value,
-        events: Events,
+        events: Events<Value>,
         input: Input,
     ) -> OpResult<Value> {
-        match method {
-            m::DAEMON_STATUS => to_value(self.status()?),
-            m::IMAGE_PULL => to_value(
-                self.images
-                    .pull(parse::<PullParams>(params)?, events)
-                    .await?,
-            ),
-            m::IMAGE_LIST => to_value(self.images.list()?),
-            m::IMAGE_INSPECT => {
-                to_value(self.images.inspect(&parse::<NamesParams>(params)?.names)?)
+        let request = Request::from_parts(method, params).map_err(OpError::from)?;
+        self.handle(request, events, input).await
+    }
+
+    /// Handles one typed request. Each arm is checked by the compiler
+    /// against its method's result and event types.
+    pub async fn handle(
+        &self,
+        request: Request,
+        events: Events<Value>,
+        input: Input,
+    ) -> OpResult<Value> {
+        let ev = &events;
+        match request {
+            Request::DaemonStatus(_) => answer::<m::DaemonStatus>(self.status()),
+            Request::ImagePull(p) => {
+                answer::<m::ImagePull>(self.images.pull(p, typed::<m::ImagePull>(ev)).await)
             }
-            m::IMAGE_REMOVE => {
-                let p: RemoveParams = parse(params)?;
-                to_value(self.images.remove(&p.names, p.force).await?)
+            Request::ImageList(_) => answer::<m::ImageList>(self.images.list()),
+            Request::ImageInspect(p) => answer::<m::ImageInspect>(self.images.inspect(&p.names)),
+            Request::ImageRemove(p) => {
+                answer::<m::ImageRemove>(self.images.remove(&p.names, p.force).await)
             }
-            m::IMAGE_CACHE_PRUNE => to_value(
-                self.images
-                    .prune_cache(parse::<PruneParams>(params)?.dry_run)
-                    .await?,
-            ),
-            m::KERNEL_IMPORT => to_value(self.kernels.import(parse(params)?).await?),
-            m::KERNEL_PULL => to_value(
+            Request::ImageCachePrune(p) => {
+                answer::<m::ImageCachePrune>(self.images.prune_cache(p.dry_run).await)
+            }
+            Request::KernelImport(p) => answer::<m::KernelImport>(self.kernels.import(p).await),
+            Request::KernelPull(p) => answer::<m::KernelPull>(
                 crate::services::kernel_pull::pull(
                     &self.images,
                     &self.kernels,
                     self.runner.as_ref(),
                     &self.paths,
-                    parse(params)?,
-                    events,
+                    p,
+                    typed::<m::KernelPull>(ev),
                 )
-                .await?,
+                .await,
             ),
-            m::KERNEL_LIST => to_value(self.kernels.list()?),
-            m::KERNEL_INSPECT => {
-                to_value(self.kernels.inspect(&parse::<NamesParams>(params)?.names)?)
+            Request::KernelList(_) => answer::<m::KernelList>(self.kernels.list()),
+            Request::KernelInspect(p) => answer::<m::KernelInspect>(self.kernels.inspect(&p.names)),
+            Request::KernelRemove(p) => answer::<m::KernelRemove>(
+                self.kernels
+                    .remove(&p.names, p.force)
+                    .await
+                    .map(|removed| RemoveResult { removed }),
+            ),
+            Request::VmCreate(p) => {
+                answer::<m::VmCreate>(self.vms.create(p, typed::<m::VmCreate>(ev)).await)
             }
-            m::KERNEL_REMOVE => {
-                let p: RemoveParams = parse(params)?;
-                to_value(RemoveResult {
-                    removed: self.kernels.remove(&p.names, p.force).await?,
-                })
+            Request::VmStart(p) => {
+                answer::<m::VmStart>(self.vms.start(&p.name, typed::<m::VmStart>(ev)).await)
             }
-            m::VM_CREATE => to_value(self.vms.create(parse(params)?, events).await?),
-            m::VM_START => to_value(
+            Request::VmStop(p) => {
+                answer::<m::VmStop>(self.vms.stop(&p.name, stop_timeout(p.timeout_secs)).await)
+            }
+            Request::VmRestart(p) => answer::<m::VmRestart>(
                 self.vms
-                    .start(&parse::<NameParams>(params)?.name, events)
-                    .await?,
+                    .restart(
+                        &p.name,
+                        stop_timeout(p.timeout_secs),
+                        typed::<m::VmRestart>(ev),
+                    )
+                    .await,
             ),
-            m::VM_STOP => {
-                let p: StopParams = parse(params)?;
-                to_value(self.vms.stop(&p.name, stop_timeout(p.timeout_secs)).await?)
+            Request::VmRemove(p) => answer::<m::VmRemove>(
+                self.vms
+                    .remove(&p.names, p.force)
+                    .await
+                    .map(|removed| RemoveResult { removed }),
+            ),
+            Request::VmList(_) => answer::<m::VmList>(self.vms.list()),
+            Request::VmInspect(p) => answer::<m::VmInspect>(self.vms.inspect(&p.names)),
+            Request::VmLogs(p) => answer::<m::VmLogs>(
+                self.vms
+                    .logs(&p.name, p.tail, p.follow, typed::<m::VmLogs>(ev), input)
+                    .await,
+            ),
+            Request::VmExec(p) => {
+                answer::<m::VmExec>(self.vms.exec(p, typed::<m::VmExec>(ev), input).await)
             }
-            m::VM_RESTART => {
-                let p: StopParams = parse(params)?;
-                to_value(
-                    self.vms
-                        .restart(&p.name, stop_timeout(p.timeout_secs), events)
-                        .await?,
-                )
-            }
-            m::VM_REMOVE => {
-                let p: RemoveParams = parse(params)?;
-                to_value(RemoveResult {
-                    removed: self.vms.remove(&p.names, p.force).await?,
-                })
-            }
-            m::VM_LIST => to_value(self.vms.list()?),
-            m::VM_INSPECT => to_value(self.vms.inspect(&parse::<NamesParams>(params)?.names)?),
-            m::VM_LOGS => {
-                let p: LogsParams = parse(params)?;
-                to_value(
-                    self.vms
-                        .logs(&p.name, p.tail, p.follow, events, input)
-                        .await?,
-                )
-            }
-            m::VM_EXEC => to_value(self.vms.exec(parse(params)?, events, input).await?),
-            m::VM_PORT_FORWARD => {
-                to_value(self.vms.port_forward(parse(params)?, events, input).await?)
-            }
-            other => Err(OpError::new(
-                banger_proto::ErrorCode::BadRequest,
-                format!("unknown method `{other}`"),
-            )),
+            Request::VmPortForward(p) => answer::<m::VmPortForward>(
+                self.vms
+                    .port_forward(p, typed::<m::VmPortForward>(ev), input)
+                    .await,
+            ),
         }
     }
 
@@ -287,15 +294,12 @@ fn stop_timeout(secs: Option<u64>) -> std::time::Duration {
     std::time::Duration::from_secs(secs.unwrap_or(10))
 }
 
-fn parse<T: DeserializeOwned>(params: Value) -> OpResult<T> {
-    let params = if params.is_null() {
-        Value::Object(Default::default())
-    } else {
-        params
-    };
-    serde_json::from_value(params).map_err(|e| OpError::invalid(format!("invalid params: {e}")))
+/// The event channel as method `M`'s events.
+fn typed<M: Method>(events: &Events<Value>) -> Events<M::Event> {
+    events.retyped()
 }
 
-fn to_value(v: impl serde::Serialize) -> OpResult<Value> {
-    serde_json::to_value(v).map_err(|e| OpError::internal(e.to_string()))
+/// Method `M`'s result, as the frame carries it.
+fn answer<M: Method>(result: OpResult<M::Result>) -> OpResult<Value> {
+    serde_json::to_value(result?).map_err(|e| OpError::internal(e.to_string()))
 }

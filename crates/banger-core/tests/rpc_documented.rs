@@ -6,7 +6,7 @@ use std::sync::Arc;
 use banger_core::events::Events;
 use banger_core::ops::Core;
 use banger_core::paths::Paths;
-use banger_proto::methods::ALL;
+use banger_proto::rpc::ALL;
 use banger_proto::ErrorCode;
 
 fn documented() -> Vec<String> {
@@ -27,7 +27,7 @@ fn docs_and_dispatch_agree() {
     methods.sort();
     assert_eq!(
         docs, methods,
-        "docs/rpc.md and banger_proto::methods::ALL disagree"
+        "docs/rpc.md and banger_proto::rpc::ALL disagree"
     );
 }
 

@@ -5,10 +5,12 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use banger_core::caller::CallerFeed;
+use banger_core::error::OpError;
 use banger_core::events::{Emitted, Events};
 use banger_core::ids;
 use banger_core::ops::Core;
-use banger_proto::{ErrorBody, ErrorCode, Frame, Request};
+use banger_proto::rpc::RawRequest;
+use banger_proto::{ErrorBody, ErrorCode, Frame};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Interest};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
@@ -89,16 +91,15 @@ async fn handle(core: Arc<Core>, stream: UnixStream) {
     {
         return;
     }
-    let request: Request = match serde_json::from_str(&line) {
+    let raw = match RawRequest::from_json(&line) {
         Ok(r) => r,
         Err(e) => {
-            let frame = reject(ErrorCode::BadRequest, format!("malformed request: {e}"));
+            let frame = reject(ErrorCode::BadRequest, e.to_string());
             let _ = write.write_all(&frame.to_line()).await;
             return;
         }
     };
-
-    let span = tracing::info_span!("rpc", op_id = %op_id, method = %request.method);
+    let span = tracing::info_span!("rpc", op_id = %op_id, method = %raw.method);
     async move {
         tracing::info!("request");
         let started = std::time::Instant::now();
@@ -109,12 +110,10 @@ async fn handle(core: Arc<Core>, stream: UnixStream) {
         let feed = Arc::new(feed);
         tokio::spawn(watch_hangup(hangup_probe, feed.clone()));
         tokio::spawn(read_input(reader, feed.clone()));
-        let work = core.dispatch_with_input(
-            &request.method,
-            request.params,
-            Events::new(tx),
-            Some(input),
-        );
+        let work = async {
+            let request = raw.typed().map_err(OpError::from)?;
+            core.handle(request, Events::new(tx), Some(input)).await
+        };
         // Frames are written by their own task, so an operation never waits
         // on a slow or stopped reader (an exec's SSH channel must be
         // drained whatever its caller does).

@@ -3,13 +3,14 @@
 //! One request per connection, newline-delimited JSON frames. The client sends a
 //! [`Request`]; the daemon answers with zero or more [`Frame::Event`]s (progress
 //! of long work) and ends with exactly one [`Frame::Result`] or [`Frame::Error`].
-//! `docs/rpc.md` documents every method listed in [`methods::ALL`].
+//! `docs/rpc.md` documents every method listed in [`rpc::ALL`].
 
 pub mod agent;
 pub mod elf;
 pub mod helper;
 pub mod image;
 pub mod kernel;
+pub mod rpc;
 pub mod status;
 pub mod vm;
 
@@ -30,61 +31,7 @@ pub fn is_dns_label(s: &str) -> bool {
 /// Bumped whenever a method's params or result change incompatibly.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-pub mod methods {
-    pub const DAEMON_STATUS: &str = "daemon.status";
-    pub const IMAGE_PULL: &str = "image.pull";
-    pub const IMAGE_LIST: &str = "image.list";
-    pub const IMAGE_INSPECT: &str = "image.inspect";
-    pub const IMAGE_REMOVE: &str = "image.remove";
-    pub const IMAGE_CACHE_PRUNE: &str = "image.cache.prune";
-    pub const KERNEL_IMPORT: &str = "kernel.import";
-    pub const KERNEL_LIST: &str = "kernel.list";
-    pub const KERNEL_INSPECT: &str = "kernel.inspect";
-    pub const KERNEL_REMOVE: &str = "kernel.remove";
-    pub const KERNEL_PULL: &str = "kernel.pull";
-    pub const VM_CREATE: &str = "vm.create";
-    pub const VM_START: &str = "vm.start";
-    pub const VM_STOP: &str = "vm.stop";
-    pub const VM_RESTART: &str = "vm.restart";
-    pub const VM_REMOVE: &str = "vm.remove";
-    pub const VM_LIST: &str = "vm.list";
-    pub const VM_INSPECT: &str = "vm.inspect";
-    pub const VM_LOGS: &str = "vm.logs";
-    pub const VM_EXEC: &str = "vm.exec";
-    pub const VM_PORT_FORWARD: &str = "vm.port_forward";
-
-    /// Every method the daemon dispatches; a test holds `docs/rpc.md` to this list.
-    pub const ALL: &[&str] = &[
-        DAEMON_STATUS,
-        IMAGE_PULL,
-        IMAGE_LIST,
-        IMAGE_INSPECT,
-        IMAGE_REMOVE,
-        IMAGE_CACHE_PRUNE,
-        KERNEL_IMPORT,
-        KERNEL_LIST,
-        KERNEL_INSPECT,
-        KERNEL_REMOVE,
-        KERNEL_PULL,
-        VM_CREATE,
-        VM_START,
-        VM_STOP,
-        VM_RESTART,
-        VM_REMOVE,
-        VM_LIST,
-        VM_INSPECT,
-        VM_LOGS,
-        VM_EXEC,
-        VM_PORT_FORWARD,
-    ];
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Request {
-    pub method: String,
-    #[serde(default)]
-    pub params: Value,
-}
+pub use rpc::{Method, Request};
 
 /// Machine-readable error classes; the CLI maps them to messages and exit codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

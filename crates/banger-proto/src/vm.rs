@@ -79,6 +79,14 @@ pub struct PortForwardParams {
     pub guest_port: u16,
 }
 
+/// Streamed once by `vm.port_forward` when its listener is bound.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForwardEvent {
+    /// The bound host address (`127.0.0.1:40123`).
+    pub listening: String,
+    pub guest_port: u16,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct PortForwardResult {
     /// Connections forwarded before the caller hung up.
@@ -94,6 +102,12 @@ pub struct LogsParams {
     /// Keep streaming new lines as events.
     #[serde(default)]
     pub follow: bool,
+}
+
+/// Console text streamed by a following `vm.logs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogEvent {
+    pub text: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use banger_core::paths::Paths;
-use banger_proto::{ErrorBody, Frame, Request};
-use serde_json::Value;
+use banger_proto::{ErrorBody, Frame, Method, Request};
 
 #[derive(Debug)]
 pub enum CallError {
@@ -96,37 +95,32 @@ impl Client {
         Ok(())
     }
 
-    /// Sends one request; `on_event` sees each progress event.
-    pub fn call(
+    /// Sends one request of method `M`; `on_event` sees each progress event.
+    pub fn call<M: Method>(
         &self,
-        method: &str,
-        params: Value,
-        on_event: impl FnMut(Value),
-    ) -> Result<Value, CallError> {
+        params: M::Params,
+        on_event: impl FnMut(M::Event),
+    ) -> Result<M::Result, CallError> {
         let stream = self.connect().map_err(CallError::Transport)?;
-        call_on(stream, method, params, on_event)
+        call_on::<M>(stream, params, on_event)
     }
-}
 
-impl Client {
     /// Like [`Client::call`], and once the request is sent `feed` gets a
     /// writer for the lines that follow it (exec stdin, signals), on its own thread.
-    pub fn call_streaming(
+    pub fn call_streaming<M: Method>(
         &self,
-        method: &str,
-        params: Value,
-        on_event: impl FnMut(Value),
+        params: M::Params,
+        on_event: impl FnMut(M::Event),
         feed: impl FnOnce(UnixStream) + Send + 'static,
-    ) -> Result<Value, CallError> {
+    ) -> Result<M::Result, CallError> {
         let stream = self.connect().map_err(CallError::Transport)?;
         let writer = stream
             .try_clone()
             .context("cloning the daemon connection")
             .map_err(CallError::Transport)?;
-        call_inner(
+        call_inner::<M>(
             stream,
-            method,
-            params,
+            M::request(params),
             on_event,
             Some(Box::new(move || feed(writer))),
         )
@@ -135,28 +129,22 @@ impl Client {
 
 type Feeder = Box<dyn FnOnce() + Send>;
 
-pub fn call_on(
+/// Sends one request of method `M` on an open connection.
+pub fn call_on<M: Method>(
     stream: UnixStream,
-    method: &str,
-    params: Value,
-    on_event: impl FnMut(Value),
-) -> Result<Value, CallError> {
-    call_inner(stream, method, params, on_event, None)
+    params: M::Params,
+    on_event: impl FnMut(M::Event),
+) -> Result<M::Result, CallError> {
+    call_inner::<M>(stream, M::request(params), on_event, None)
 }
 
-fn call_inner(
+fn call_inner<M: Method>(
     mut stream: UnixStream,
-    method: &str,
-    params: Value,
-    mut on_event: impl FnMut(Value),
+    request: Request,
+    mut on_event: impl FnMut(M::Event),
     feeder: Option<Feeder>,
-) -> Result<Value, CallError> {
-    let request = Request {
-        method: method.to_string(),
-        params,
-    };
-    let mut line = serde_json::to_vec(&request).expect("requests serialise");
-    line.push(b'\n');
+) -> Result<M::Result, CallError> {
+    let line = request.to_line();
     // A daemon that refuses the caller answers before reading the request, so a
     // failed write may still be followed by a readable answer.
     let sent = stream.write_all(&line);
@@ -178,8 +166,17 @@ fn call_inner(
             .with_context(|| format!("unreadable reply from the daemon: {line}"))
             .map_err(CallError::Transport)?;
         match frame {
-            Frame::Event(event) => on_event(event),
-            Frame::Result(value) => return Ok(value),
+            // An event this CLI does not know (a newer daemon's) is skipped.
+            Frame::Event(event) => {
+                if let Ok(event) = serde_json::from_value(event) {
+                    on_event(event)
+                }
+            }
+            Frame::Result(value) => {
+                return serde_json::from_value(value)
+                    .with_context(|| format!("unreadable result of {} from the daemon", M::NAME))
+                    .map_err(CallError::Transport)
+            }
             Frame::Error(body) => return Err(CallError::Daemon(body)),
         }
     }

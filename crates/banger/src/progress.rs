@@ -33,10 +33,7 @@ impl PullProgress {
         }
     }
 
-    pub fn handle(&mut self, event: serde_json::Value) {
-        let Ok(event) = serde_json::from_value::<PullEvent>(event) else {
-            return;
-        };
+    pub fn handle(&mut self, event: PullEvent) {
         match event {
             PullEvent::Resolved {
                 r#ref,

@@ -202,3 +202,53 @@ fn a_daemon_killed_mid_pull_leaves_nothing_half_made() {
     banger.ok(&["image", "pull", &registry.reference("big:t")]);
     assert!(banger.inspect("big:t")["size_bytes"].as_u64().unwrap() > 48 * 1024 * 1024);
 }
+
+/// The request lines a CLI of the string-method protocol wrote, byte for
+/// byte: a new daemon reads them all and answers in the same frames.
+#[test]
+fn requests_as_earlier_clis_wrote_them_are_still_answered() {
+    let banger = Banger::start();
+    let ask = |line: &str| request(UnixStream::connect(banger.socket()).unwrap(), line);
+    let status = ask(r#"{"method":"daemon.status","params":{}}"#);
+    assert_eq!(status[0]["result"]["protocol"], 1, "{status:?}");
+    assert!(status[0]["result"]["pid"].is_u64());
+    for line in [
+        r#"{"method":"image.list","params":{}}"#,
+        r#"{"method":"image.list"}"#,
+        r#"{"method":"vm.list","params":null}"#,
+        r#"{"method":"kernel.list","params":{}}"#,
+        r#"{"method":"vm.inspect","params":{"names":[]}}"#,
+    ] {
+        assert_eq!(ask(line), vec![serde_json::json!({"result": []})], "{line}");
+    }
+    assert_eq!(
+        ask(r#"{"method":"image.remove","params":{"names":["nope"],"force":true}}"#),
+        vec![serde_json::json!({"result": {"removed": []}})]
+    );
+    assert_eq!(
+        ask(r#"{"method":"image.cache.prune","params":{"dry_run":true}}"#)[0]["result"]["dry_run"],
+        true
+    );
+    for line in [
+        r#"{"method":"vm.start","params":{"name":"nope"}}"#,
+        r#"{"method":"vm.stop","params":{"name":"nope","timeout_secs":null}}"#,
+        r#"{"method":"vm.logs","params":{"name":"nope","follow":false,"tail":null}}"#,
+        r#"{"method":"vm.exec","params":{"name":"nope","argv":["true"],"env":[],"cwd":null,"user":null,"tty":null}}"#,
+        r#"{"method":"vm.port_forward","params":{"name":"nope","host_ip":null,"host_port":0,"guest_port":80}}"#,
+        r#"{"method":"image.inspect","params":{"names":["nope"]}}"#,
+        r#"{"method":"vm.create","params":{"name":"a","image":"nope","kernel":null,"vcpus":null,"memory_mib":null,"disk_bytes":null,"vmm":null,"start":false}}"#,
+    ] {
+        let frames = ask(line);
+        assert_eq!(frames.len(), 1, "{line}: {frames:?}");
+        assert_eq!(
+            frames[0]["error"]["code"], "not_found",
+            "{line}: {frames:?}"
+        );
+    }
+    let frames = ask(r#"{"method":"vm.start","params":{"name":7}}"#);
+    assert_eq!(frames[0]["error"]["code"], "invalid_params", "{frames:?}");
+    assert!(frames[0]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("invalid params"));
+}

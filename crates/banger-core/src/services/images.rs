@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use banger_host::ProcessRunner;
-use banger_proto::image::{ImageInfo, PruneResult, PullParams, PullResult, RemoveResult};
+use banger_proto::image::{
+    ImageInfo, PruneResult, PullEvent, PullParams, PullResult, RemoveResult,
+};
 
 use crate::config::Config;
 use crate::error::{OpError, OpResult};
@@ -106,7 +108,11 @@ impl ImageService {
         lock.lock_owned().await
     }
 
-    pub async fn pull(&self, params: PullParams, events: Events) -> OpResult<PullResult> {
+    pub async fn pull(
+        &self,
+        params: PullParams,
+        events: Events<PullEvent>,
+    ) -> OpResult<PullResult> {
         super::pull::pull(self, params, events).await
     }
 

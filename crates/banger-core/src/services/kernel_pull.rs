@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use banger_host::{CommandSpec, ProcessRunner};
-use banger_proto::image::PullParams as ImagePull;
+use banger_proto::image::{PullEvent, PullParams as ImagePull};
 use banger_proto::kernel::{ImportParams, KernelInfo, PullParams};
 
 use crate::error::{OpError, OpResult};
@@ -21,7 +21,7 @@ pub async fn pull(
     runner: &dyn ProcessRunner,
     paths: &Paths,
     params: PullParams,
-    events: Events,
+    events: Events<PullEvent>,
 ) -> OpResult<KernelInfo> {
     // A scratch image, removed whatever happens.
     let scratch_name = format!("kernel-pull-{}", ids::random_hex(6));

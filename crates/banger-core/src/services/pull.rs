@@ -42,7 +42,11 @@ impl Drop for Scratch {
     }
 }
 
-pub async fn pull(svc: &ImageService, params: PullParams, events: Events) -> OpResult<PullResult> {
+pub async fn pull(
+    svc: &ImageService,
+    params: PullParams,
+    events: Events<PullEvent>,
+) -> OpResult<PullResult> {
     let reference = reference::parse(&params.reference).map_err(OpError::invalid)?;
     let name = match params.name {
         Some(name) => name,
@@ -212,7 +216,7 @@ async fn download_and_build(
     registry: &Arc<Registry>,
     resolved: &Resolved,
     scratch: &Path,
-    events: &Events,
+    events: &Events<PullEvent>,
 ) -> OpResult<ext4::Built> {
     let permits = Arc::new(tokio::sync::Semaphore::new(
         svc.config.download_concurrency(),
@@ -311,7 +315,7 @@ async fn fetch_blob(
     registry: Arc<Registry>,
     blobs: Arc<BlobCache>,
     desc: Descriptor,
-    events: Events,
+    events: Events<PullEvent>,
     hook: Option<Arc<dyn Fn(String) -> BoxFuture<'static, ()> + Send + Sync>>,
 ) -> OpResult<File> {
     let _lock = blobs.lock(&desc.digest).await;

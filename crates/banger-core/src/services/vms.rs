@@ -10,8 +10,8 @@ use std::time::Duration;
 use banger_host::{ProcessId, ProcessLauncher, ProcessRunner};
 use banger_proto::agent::{BootConfig, ExecRequest, Transport, AGENT_PROTOCOL};
 use banger_proto::vm::{
-    CreateParams, ExecEvent, ExecInput, ExecParams, ExecResult, LogsResult, PortForwardParams,
-    PortForwardResult, VmEvent, VmInfo,
+    CreateParams, ExecEvent, ExecInput, ExecParams, ExecResult, ForwardEvent, LogEvent, LogsResult,
+    PortForwardParams, PortForwardResult, VmEvent, VmInfo,
 };
 use base64::Engine;
 
@@ -82,7 +82,7 @@ fn named_lock(
     locks.entry(name.to_string()).or_default().clone()
 }
 
-fn step(events: &Events, step: &str, n: u32, of: u32) {
+fn step(events: &Events<VmEvent>, step: &str, n: u32, of: u32) {
     tracing::info!(step, "step {n}/{of}");
     events.emit(&VmEvent::Step {
         step: step.into(),
@@ -457,7 +457,7 @@ impl VmService {
         lock.lock_owned().await
     }
 
-    pub async fn create(&self, params: CreateParams, events: Events) -> OpResult<VmInfo> {
+    pub async fn create(&self, params: CreateParams, events: Events<VmEvent>) -> OpResult<VmInfo> {
         name::validate(&params.name).map_err(OpError::invalid)?;
         let _guard = self.lock(&params.name).await;
         if self.store.get_vm(&params.name)?.is_some() {
@@ -595,7 +595,7 @@ impl VmService {
         self.info(&record)
     }
 
-    pub async fn start(&self, name: &str, events: Events) -> OpResult<VmInfo> {
+    pub async fn start(&self, name: &str, events: Events<VmEvent>) -> OpResult<VmInfo> {
         let _guard = self.lock(name).await;
         let vm = self.record(name)?;
         if self.live(name)?.is_some() {
@@ -992,7 +992,12 @@ impl VmService {
         Ok(())
     }
 
-    pub async fn restart(&self, name: &str, timeout: Duration, events: Events) -> OpResult<VmInfo> {
+    pub async fn restart(
+        &self,
+        name: &str,
+        timeout: Duration,
+        events: Events<VmEvent>,
+    ) -> OpResult<VmInfo> {
         self.stop(name, timeout).await?;
         self.start(name, events).await
     }
@@ -1050,7 +1055,7 @@ impl VmService {
     pub async fn port_forward(
         &self,
         p: PortForwardParams,
-        events: Events,
+        events: Events<ForwardEvent>,
         input: crate::ops::Input,
     ) -> OpResult<PortForwardResult> {
         let vm = self.record(&p.name)?;
@@ -1077,9 +1082,10 @@ impl VmService {
             })?;
         let local = listener.local_addr()?;
         tracing::info!(vm = %vm.name, listen = %local, guest_port = p.guest_port, "forwarding");
-        events.emit(
-            &serde_json::json!({ "listening": local.to_string(), "guest_port": p.guest_port }),
-        );
+        events.emit(&ForwardEvent {
+            listening: local.to_string(),
+            guest_port: p.guest_port,
+        });
         let gone = caller_gone(&input);
         tokio::pin!(gone);
         let mut connections = 0;
@@ -1119,7 +1125,7 @@ impl VmService {
         name: &str,
         tail: Option<usize>,
         follow: bool,
-        events: Events,
+        events: Events<LogEvent>,
         input: crate::ops::Input,
     ) -> OpResult<LogsResult> {
         let vm = self.record(name)?;
@@ -1128,7 +1134,9 @@ impl VmService {
         // The log is streamed in chunks, each sent once the one before it
         // reached the caller: a big log costs the daemon one chunk.
         let send = |bytes: &[u8]| {
-            events.emit_tracked(&serde_json::json!({ "text": String::from_utf8_lossy(bytes) }))
+            events.emit_tracked(&LogEvent {
+                text: String::from_utf8_lossy(bytes).into_owned(),
+            })
         };
         match tail {
             Some(n) => {
@@ -1168,7 +1176,9 @@ impl VmService {
                 let mut chunk = Vec::new();
                 f.take(len - offset).read_to_end(&mut chunk)?;
                 offset = len;
-                events.emit(&serde_json::json!({ "text": String::from_utf8_lossy(&chunk) }));
+                events.emit(&LogEvent {
+                    text: String::from_utf8_lossy(&chunk).into_owned(),
+                });
             }
             if self.live(name)?.is_none() {
                 return Ok(LogsResult {
@@ -1181,7 +1191,7 @@ impl VmService {
     pub async fn exec(
         &self,
         params: ExecParams,
-        events: Events,
+        events: Events<ExecEvent>,
         input: crate::ops::Input,
     ) -> OpResult<ExecResult> {
         if params.argv.is_empty() && params.tty.is_none() {

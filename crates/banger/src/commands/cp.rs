@@ -6,10 +6,9 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
 use banger_proto::agent::{exit, TAR_TOOL};
-use banger_proto::methods;
-use banger_proto::vm::{ExecEvent, ExecResult};
+use banger_proto::rpc::m;
+use banger_proto::vm::{ExecEvent, ExecParams};
 use base64::Engine;
-use serde_json::json;
 
 use super::report;
 use super::vm::StdinLines;
@@ -132,15 +131,19 @@ fn exec_piped(
 ) -> anyhow::Result<i32> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut stderr = std::io::stderr();
-    let result = client.call_streaming(
-        methods::VM_EXEC,
-        json!({ "name": name, "argv": argv, "user": "0" }),
-        |event| match serde_json::from_value::<ExecEvent>(event) {
-            Ok(ExecEvent::Stdout(d)) => out(&b64.decode(d).unwrap_or_default()),
-            Ok(ExecEvent::Stderr(d)) => {
+    let params = ExecParams {
+        name: name.to_string(),
+        argv,
+        user: Some("0".into()),
+        ..Default::default()
+    };
+    let result = client.call_streaming::<m::VmExec>(
+        params,
+        |event| match event {
+            ExecEvent::Stdout(d) => out(&b64.decode(d).unwrap_or_default()),
+            ExecEvent::Stderr(d) => {
                 let _ = stderr.write_all(&b64.decode(d).unwrap_or_default());
             }
-            Err(_) => {}
         },
         move |writer| {
             let mut input = StdinLines(writer);
@@ -148,7 +151,7 @@ fn exec_piped(
         },
     );
     match result {
-        Ok(v) => Ok(serde_json::from_value::<ExecResult>(v)?.exit_code),
+        Ok(r) => Ok(r.exit_code),
         Err(e) => Ok(report(e)),
     }
 }

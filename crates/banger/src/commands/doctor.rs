@@ -5,8 +5,9 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use banger_core::paths::Paths;
+use banger_proto::human_bytes;
+use banger_proto::rpc::{m, NoParams};
 use banger_proto::status::DaemonStatus;
-use banger_proto::{human_bytes, methods};
 use serde::Serialize;
 
 use crate::client::{call_on, Client};
@@ -98,20 +99,15 @@ fn daemon(paths: &Paths) -> Check {
             Some("it starts on demand with any banger command, or run `banger daemon`"),
         );
     };
-    match call_on(
-        stream,
-        methods::DAEMON_STATUS,
-        serde_json::json!({}),
-        |_| {},
-    ) {
-        Ok(value) => match serde_json::from_value::<DaemonStatus>(value) {
-            Ok(s) if s.version == env!("CARGO_PKG_VERSION") => check(
+    match call_on::<m::DaemonStatus>(stream, NoParams {}, |_| {}) {
+        Ok(s) => match s {
+            s if s.version == env!("CARGO_PKG_VERSION") => check(
                 "daemon",
                 Status::Ok,
                 format!("reachable (pid {}, version {})", s.pid, s.version),
                 None,
             ),
-            Ok(s) => check(
+            s => check(
                 "daemon",
                 Status::Fail,
                 format!(
@@ -123,12 +119,6 @@ fn daemon(paths: &Paths) -> Check {
                     "restart it: `kill {}`; the next banger command starts the new one",
                     s.pid
                 )),
-            ),
-            Err(e) => check(
-                "daemon",
-                Status::Fail,
-                format!("unreadable status: {e}"),
-                None,
             ),
         },
         Err(e) => check(
@@ -326,10 +316,7 @@ fn vms(paths: &Paths) -> Check {
             None,
         );
     };
-    let list = call_on(stream, methods::VM_LIST, serde_json::json!({}), |_| {})
-        .ok()
-        .and_then(|v| serde_json::from_value::<Vec<banger_proto::vm::VmInfo>>(v).ok());
-    let Some(list) = list else {
+    let Ok(list) = call_on::<m::VmList>(stream, NoParams {}, |_| {}) else {
         return check("vms", Status::Warn, "the daemon did not list its VMs", None);
     };
     let troubled: Vec<String> = list
@@ -359,11 +346,10 @@ fn kernel(paths: &Paths) -> Check {
             None,
         );
     };
-    match call_on(stream, methods::KERNEL_LIST, serde_json::json!({}), |_| {}) {
-        Ok(v) => {
-            let kernels = v.as_array().cloned().unwrap_or_default();
-            match kernels.iter().find(|k| k["default"] == true).or(kernels.first()) {
-                Some(k) => check("kernel", Status::Ok, format!("default kernel `{}`", k["name"].as_str().unwrap_or("?")), None),
+    match call_on::<m::KernelList>(stream, NoParams {}, |_| {}) {
+        Ok(kernels) => {
+            match kernels.iter().find(|k| k.default).or(kernels.first()) {
+                Some(k) => check("kernel", Status::Ok, format!("default kernel `{}`", k.name), None),
                 None => check(
                     "kernel",
                     Status::Fail,
@@ -639,12 +625,5 @@ fn dns(status: Option<&DaemonStatus>) -> Check {
 
 fn daemon_status(paths: &Paths) -> Option<DaemonStatus> {
     let stream = Client::new(paths.clone()).connect_existing().ok()?;
-    let value = call_on(
-        stream,
-        methods::DAEMON_STATUS,
-        serde_json::json!({}),
-        |_| {},
-    )
-    .ok()?;
-    serde_json::from_value::<DaemonStatus>(value).ok()
+    call_on::<m::DaemonStatus>(stream, NoParams {}, |_| {}).ok()
 }

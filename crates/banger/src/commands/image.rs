@@ -1,8 +1,8 @@
 //! `banger image …`.
 
-use banger_proto::image::{ImageInfo, PruneResult, PullResult};
-use banger_proto::{human_bytes, methods};
-use serde_json::json;
+use banger_proto::human_bytes;
+use banger_proto::image::{NamesParams, PruneParams, PruneResult, PullParams, RemoveParams};
+use banger_proto::rpc::{m, NoParams};
 
 use super::report;
 use crate::cli::{CacheCommand, ImageCommand};
@@ -23,16 +23,19 @@ pub fn run(client: &Client, cmd: ImageCommand) -> anyhow::Result<i32> {
                  shows it; `banger image rm NAME` removes it)"
             ));
             let mut progress = PullProgress::new();
-            let params = json!({ "reference": reference, "name": name, "platform": platform });
-            let result = client.call(methods::IMAGE_PULL, params, |e| progress.handle(e));
+            let params = PullParams {
+                reference: reference.clone(),
+                name,
+                platform,
+            };
+            let result = client.call::<m::ImagePull>(params, |e| progress.handle(e));
             progress.finish();
-            let value = match result {
-                Ok(v) => v,
+            let r = match result {
+                Ok(r) => r,
                 Err(e) => return Ok(report(e)),
             };
-            let r: PullResult = serde_json::from_value(value.clone())?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&value)?);
+                super::println_json(&r)?;
             } else if r.up_to_date {
                 println!("{} is up to date ({})", r.image.name, r.image.digest);
             } else {
@@ -47,15 +50,14 @@ pub fn run(client: &Client, cmd: ImageCommand) -> anyhow::Result<i32> {
             Ok(0)
         }
         ImageCommand::Ls(flags) => {
-            let value = match client.call(methods::IMAGE_LIST, json!({}), |_| {}) {
+            let images = match client.call::<m::ImageList>(NoParams {}, |_| {}) {
                 Ok(v) => v,
                 Err(e) => return Ok(report(e)),
             };
             if flags.json {
-                println!("{}", serde_json::to_string_pretty(&value)?);
+                super::println_json(&images)?;
                 return Ok(0);
             }
-            let images: Vec<ImageInfo> = serde_json::from_value(value)?;
             let rows: Vec<Vec<String>> = images
                 .iter()
                 .map(|i| {
@@ -75,22 +77,17 @@ pub fn run(client: &Client, cmd: ImageCommand) -> anyhow::Result<i32> {
             Ok(0)
         }
         ImageCommand::Inspect { names, .. } => {
-            super::print_json(client, methods::IMAGE_INSPECT, json!({ "names": names }))
+            super::print_json::<m::ImageInspect>(client, NamesParams { names })
         }
         ImageCommand::Rm { names, force } => {
-            super::print_removed(client, methods::IMAGE_REMOVE, &names, force)
+            super::print_removed::<m::ImageRemove>(client, RemoveParams { names, force })
         }
         ImageCommand::Cache(CacheCommand::Prune { dry_run, json }) => {
-            match client.call(
-                methods::IMAGE_CACHE_PRUNE,
-                json!({ "dry_run": dry_run }),
-                |_| {},
-            ) {
-                Ok(v) => {
+            match client.call::<m::ImageCachePrune>(PruneParams { dry_run }, |_| {}) {
+                Ok(r) => {
                     if json {
-                        println!("{}", serde_json::to_string_pretty(&v)?);
+                        super::println_json(&r)?;
                     } else {
-                        let r: PruneResult = serde_json::from_value(v)?;
                         println!("{}", prune_line(&r));
                     }
                     Ok(0)

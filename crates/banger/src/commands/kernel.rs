@@ -1,8 +1,9 @@
 //! `banger kernel …`.
 
-use banger_proto::kernel::KernelInfo;
-use banger_proto::{human_bytes, methods};
-use serde_json::json;
+use banger_proto::human_bytes;
+use banger_proto::image::{NamesParams, RemoveParams};
+use banger_proto::kernel::{ImportParams, PullParams};
+use banger_proto::rpc::{m, NoParams};
 
 use super::report;
 use crate::cli::KernelCommand;
@@ -25,18 +26,22 @@ pub fn run(client: &Client, cmd: KernelCommand) -> anyhow::Result<i32> {
             json,
         } => {
             let modules = modules.as_deref().map(absolute).transpose()?;
-            let params = json!({ "path": absolute(&path)?, "name": name, "modules": modules, "default": default });
+            let params = ImportParams {
+                path: absolute(&path)?,
+                name,
+                modules,
+                default,
+            };
             eprintln!("importing {} …", path.display());
             crate::interrupt::note(
                 "the daemon finishes the import in the background (`banger kernel ls` shows it; \
                  `banger kernel rm NAME` removes it)",
             );
-            match client.call(methods::KERNEL_IMPORT, params, |_| {}) {
-                Ok(v) => {
+            match client.call::<m::KernelImport>(params, |_| {}) {
+                Ok(k) => {
                     if json {
-                        println!("{}", serde_json::to_string_pretty(&v)?);
+                        super::println_json(&k)?;
                     } else {
-                        let k: KernelInfo = serde_json::from_value(v)?;
                         let default = if k.default { ", default" } else { "" };
                         println!(
                             "imported kernel `{}` ({}, {}{default})",
@@ -59,15 +64,18 @@ pub fn run(client: &Client, cmd: KernelCommand) -> anyhow::Result<i32> {
                  shows it; `banger kernel rm NAME` removes it)"
             ));
             let mut progress = crate::progress::PullProgress::new();
-            let params = json!({ "reference": reference, "name": name, "default": default });
-            let result = client.call(methods::KERNEL_PULL, params, |e| progress.handle(e));
+            let params = PullParams {
+                reference: reference.clone(),
+                name,
+                default,
+            };
+            let result = client.call::<m::KernelPull>(params, |e| progress.handle(e));
             progress.finish();
             match result {
-                Ok(v) => {
+                Ok(k) => {
                     if json {
-                        println!("{}", serde_json::to_string_pretty(&v)?);
+                        super::println_json(&k)?;
                     } else {
-                        let k: KernelInfo = serde_json::from_value(v)?;
                         println!("pulled kernel `{}` ({})", k.name, k.version);
                     }
                     Ok(0)
@@ -76,15 +84,14 @@ pub fn run(client: &Client, cmd: KernelCommand) -> anyhow::Result<i32> {
             }
         }
         KernelCommand::Ls(flags) => {
-            let v = match client.call(methods::KERNEL_LIST, json!({}), |_| {}) {
+            let kernels = match client.call::<m::KernelList>(NoParams {}, |_| {}) {
                 Ok(v) => v,
                 Err(e) => return Ok(report(e)),
             };
             if flags.json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                super::println_json(&kernels)?;
                 return Ok(0);
             }
-            let kernels: Vec<KernelInfo> = serde_json::from_value(v)?;
             let rows: Vec<Vec<String>> = kernels
                 .iter()
                 .map(|k| {
@@ -112,10 +119,10 @@ pub fn run(client: &Client, cmd: KernelCommand) -> anyhow::Result<i32> {
             Ok(0)
         }
         KernelCommand::Inspect { names, .. } => {
-            super::print_json(client, methods::KERNEL_INSPECT, json!({ "names": names }))
+            super::print_json::<m::KernelInspect>(client, NamesParams { names })
         }
         KernelCommand::Rm { names, force } => {
-            super::print_removed(client, methods::KERNEL_REMOVE, &names, force)
+            super::print_removed::<m::KernelRemove>(client, RemoveParams { names, force })
         }
     }
 }

@@ -11,6 +11,8 @@ mod vm;
 pub use system::passwd_home;
 
 use banger_core::paths::Paths;
+use banger_proto::image::{RemoveParams, RemoveResult};
+use banger_proto::Method;
 
 use crate::cli::{Cli, Command};
 use crate::client::{CallError, Client};
@@ -68,11 +70,17 @@ impl std::io::Write for LossyStderr {
     }
 }
 
+/// Prints a value as pretty JSON, the shape of every `--json` output.
+pub fn println_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
 /// Calls a method and prints its result as pretty JSON (`inspect`).
-pub fn print_json(client: &Client, method: &str, params: serde_json::Value) -> anyhow::Result<i32> {
-    match client.call(method, params, |_| {}) {
+pub fn print_json<M: Method>(client: &Client, params: M::Params) -> anyhow::Result<i32> {
+    match client.call::<M>(params, |_| {}) {
         Ok(v) => {
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            println_json(&v)?;
             Ok(0)
         }
         Err(e) => Ok(report(e)),
@@ -80,20 +88,14 @@ pub fn print_json(client: &Client, method: &str, params: serde_json::Value) -> a
 }
 
 /// Calls a `*.remove` method and prints each removed name.
-pub fn print_removed(
+pub fn print_removed<M: Method<Params = RemoveParams, Result = RemoveResult>>(
     client: &Client,
-    method: &str,
-    names: &[String],
-    force: bool,
+    params: RemoveParams,
 ) -> anyhow::Result<i32> {
-    match client.call(
-        method,
-        serde_json::json!({ "names": names, "force": force }),
-        |_| {},
-    ) {
-        Ok(v) => {
-            for name in v["removed"].as_array().into_iter().flatten() {
-                println!("{}", name.as_str().unwrap_or_default());
+    match client.call::<M>(params, |_| {}) {
+        Ok(r) => {
+            for name in r.removed {
+                println!("{name}");
             }
             Ok(0)
         }

@@ -5,10 +5,14 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use banger_proto::agent::exit;
-use banger_proto::vm::{ExecEvent, ExecInput, ExecResult, VmEvent, VmInfo};
-use banger_proto::{human_bytes, methods};
+use banger_proto::human_bytes;
+use banger_proto::image::{NamesParams, RemoveParams};
+use banger_proto::rpc::{m, NoParams};
+use banger_proto::vm::{
+    CreateParams, ExecEvent, ExecInput, ExecParams, ForwardEvent, LogEvent, LogsParams, NameParams,
+    PortForwardParams, StopParams, VmEvent, VmInfo,
+};
 use base64::Engine;
-use serde_json::json;
 
 use super::report;
 use crate::cli::{CreateArgs, VmCommand};
@@ -25,41 +29,43 @@ pub fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
                 "the daemon finishes starting `{name}` in the background; `banger vm stop {name}` \
                  stops it"
             ));
-            let result = client.call(
-                methods::VM_START,
-                json!({ "name": name }),
-                boot_progress(&name),
-            );
+            let result =
+                client.call::<m::VmStart>(NameParams { name: name.clone() }, boot_progress(&name));
             finish_boot(result, json)
         }
-        VmCommand::Stop { name, timeout } => simple(
-            client,
-            methods::VM_STOP,
-            json!({ "name": name, "timeout_secs": timeout }),
-            &name,
-            "stopped",
-        ),
+        VmCommand::Stop { name, timeout } => {
+            let params = StopParams {
+                name: name.clone(),
+                timeout_secs: Some(timeout),
+            };
+            match client.call::<m::VmStop>(params, |_| {}) {
+                Ok(_) => {
+                    println!("stopped {name}");
+                    Ok(0)
+                }
+                Err(e) => Ok(report(e)),
+            }
+        }
         VmCommand::Restart { name, timeout } => {
-            let result = client.call(
-                methods::VM_RESTART,
-                json!({ "name": name, "timeout_secs": timeout }),
-                boot_progress(&name),
-            );
+            let params = StopParams {
+                name: name.clone(),
+                timeout_secs: Some(timeout),
+            };
+            let result = client.call::<m::VmRestart>(params, boot_progress(&name));
             finish_boot(result, false)
         }
         VmCommand::Rm { names, force } => {
-            super::print_removed(client, methods::VM_REMOVE, &names, force)
+            super::print_removed::<m::VmRemove>(client, RemoveParams { names, force })
         }
         VmCommand::Ls(flags) => {
-            let v = match client.call(methods::VM_LIST, json!({}), |_| {}) {
+            let vms = match client.call::<m::VmList>(NoParams {}, |_| {}) {
                 Ok(v) => v,
                 Err(e) => return Ok(report(e)),
             };
             if flags.json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                super::println_json(&vms)?;
                 return Ok(0);
             }
-            let vms: Vec<VmInfo> = serde_json::from_value(v)?;
             let rows: Vec<Vec<String>> = vms
                 .iter()
                 .map(|v| {
@@ -89,26 +95,23 @@ pub fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
             Ok(0)
         }
         VmCommand::Inspect { names, .. } => {
-            super::print_json(client, methods::VM_INSPECT, json!({ "names": names }))
+            super::print_json::<m::VmInspect>(client, NamesParams { names })
         }
         VmCommand::PortForward { name, spec, json } => port_forward(client, &name, &spec, json),
         VmCommand::Cp { paths } => super::cp::run(client, paths),
         VmCommand::Logs { name, follow, tail } => {
             let mut out = std::io::stdout();
-            let result = client.call_streaming(
-                methods::VM_LOGS,
-                json!({ "name": name, "follow": follow, "tail": tail }),
-                |event| {
-                    if let Some(text) = event["text"].as_str() {
-                        let _ = out.write_all(text.as_bytes());
-                        let _ = out.flush();
-                    }
+            let result = client.call_streaming::<m::VmLogs>(
+                LogsParams { name, tail, follow },
+                |LogEvent { text }| {
+                    let _ = out.write_all(text.as_bytes());
+                    let _ = out.flush();
                 },
                 |_writer| {},
             );
             match result {
-                Ok(v) => {
-                    print!("{}", v["text"].as_str().unwrap_or_default());
+                Ok(r) => {
+                    print!("{}", r.text);
                     Ok(0)
                 }
                 Err(e) => Ok(report(e)),
@@ -159,18 +162,24 @@ fn create(client: &Client, args: CreateArgs, start: bool) -> anyhow::Result<i32>
         .map(parse_size)
         .transpose()
         .map_err(anyhow::Error::msg)?;
-    let params = json!({
-        "name": args.name, "image": args.image, "kernel": args.kernel, "vcpus": args.vcpus,
-        "memory_mib": memory_mib, "disk_bytes": disk_bytes, "vmm": args.vmm, "start": start,
-    });
-    let result = client.call(methods::VM_CREATE, params, boot_progress(&args.name));
+    let params = CreateParams {
+        name: args.name.clone(),
+        image: args.image,
+        kernel: args.kernel,
+        vcpus: args.vcpus,
+        memory_mib,
+        disk_bytes,
+        vmm: args.vmm,
+        start,
+    };
+    let result = client.call::<m::VmCreate>(params, boot_progress(&args.name));
     if start {
         return finish_boot(result, args.json);
     }
     match result {
-        Ok(v) => {
+        Ok(info) => {
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                super::println_json(&info)?;
             } else {
                 println!(
                     "created {}; start it with `banger vm start {}`",
@@ -183,9 +192,9 @@ fn create(client: &Client, args: CreateArgs, start: bool) -> anyhow::Result<i32>
     }
 }
 
-fn boot_progress(name: &str) -> impl FnMut(serde_json::Value) + '_ {
-    move |event| match serde_json::from_value::<VmEvent>(event) {
-        Ok(VmEvent::Step { step, n, of }) => {
+fn boot_progress(name: &str) -> impl FnMut(VmEvent) + '_ {
+    move |event| match event {
+        VmEvent::Step { step, n, of } => {
             let what = match step.as_str() {
                 "disks" => "preparing disks".to_string(),
                 "keys" => "generating keys".to_string(),
@@ -198,36 +207,18 @@ fn boot_progress(name: &str) -> impl FnMut(serde_json::Value) + '_ {
             };
             eprintln!("{name}: {what} ({n}/{of})");
         }
-        Ok(VmEvent::Agent { stage }) => eprintln!("{name}: guest agent: {stage}"),
-        Err(_) => {}
+        VmEvent::Agent { stage } => eprintln!("{name}: guest agent: {stage}"),
     }
 }
 
-fn finish_boot(result: Result<serde_json::Value, CallError>, json: bool) -> anyhow::Result<i32> {
+fn finish_boot(result: Result<VmInfo, CallError>, json: bool) -> anyhow::Result<i32> {
     match result {
-        Ok(v) => {
+        Ok(info) => {
             if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                super::println_json(&info)?;
             } else {
-                let info: VmInfo = serde_json::from_value(v)?;
                 println!("ready: banger vm exec {} -- …", info.name);
             }
-            Ok(0)
-        }
-        Err(e) => Ok(report(e)),
-    }
-}
-
-fn simple(
-    client: &Client,
-    method: &str,
-    params: serde_json::Value,
-    name: &str,
-    verb: &str,
-) -> anyhow::Result<i32> {
-    match client.call(method, params, |_| {}) {
-        Ok(_) => {
-            println!("{verb} {name}");
             Ok(0)
         }
         Err(e) => Ok(report(e)),
@@ -344,7 +335,14 @@ fn exec(
         let (c, r) = term_size();
         (term, c, r)
     });
-    let params = json!({ "name": name, "argv": command, "env": pairs, "cwd": workdir, "user": user, "tty": tty_param });
+    let params = ExecParams {
+        name,
+        argv: command,
+        env: pairs,
+        cwd: workdir,
+        user,
+        tty: tty_param,
+    };
 
     // SAFETY: installing a handler that only stores to atomics.
     unsafe {
@@ -361,21 +359,19 @@ fn exec(
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
     let b64 = base64::engine::general_purpose::STANDARD;
-    let result = client.call_streaming(
-        methods::VM_EXEC,
+    let result = client.call_streaming::<m::VmExec>(
         params,
-        |event| match serde_json::from_value::<ExecEvent>(event) {
-            Ok(ExecEvent::Stdout(d)) => {
+        |event| match event {
+            ExecEvent::Stdout(d) => {
                 let bytes = b64.decode(d).unwrap_or_default();
                 if let Err(e) = stdout.write_all(&bytes).and_then(|()| stdout.flush()) {
                     output_closed(e);
                 }
             }
-            Ok(ExecEvent::Stderr(d)) => {
+            ExecEvent::Stderr(d) => {
                 let _ = stderr.write_all(&b64.decode(d).unwrap_or_default());
                 let _ = stderr.flush();
             }
-            Err(_) => {}
         },
         move |writer| {
             let mut signals = writer.try_clone().expect("cloning the connection");
@@ -421,10 +417,7 @@ fn exec(
     );
     drop(_raw);
     match result {
-        Ok(v) => {
-            let r: ExecResult = serde_json::from_value(v)?;
-            Ok(r.exit_code)
-        }
+        Ok(r) => Ok(r.exit_code),
         Err(e) => {
             report(e);
             Ok(exit::BANGER_FAILED as i32)
@@ -475,16 +468,25 @@ fn parse_forward(spec: &str) -> Result<(Option<String>, u16, u16), String> {
 fn port_forward(client: &Client, name: &str, spec: &str, json: bool) -> anyhow::Result<i32> {
     check_name(name)?;
     let (ip, host_port, guest_port) = parse_forward(spec).map_err(anyhow::Error::msg)?;
-    let result = client.call_streaming(
-        methods::VM_PORT_FORWARD,
-        json!({ "name": name, "host_ip": ip, "host_port": host_port, "guest_port": guest_port }),
-        |event| {
-            if let Some(addr) = event["listening"].as_str() {
-                if json {
-                    println!("{event}");
-                } else {
-                    eprintln!("forwarding {addr} -> {name}:{guest_port} (Ctrl-C to stop)");
-                }
+    let params = PortForwardParams {
+        name: name.to_string(),
+        host_ip: ip,
+        host_port,
+        guest_port,
+    };
+    let result = client.call_streaming::<m::VmPortForward>(
+        params,
+        |event: ForwardEvent| {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&event).expect("events serialise")
+                );
+            } else {
+                eprintln!(
+                    "forwarding {} -> {name}:{guest_port} (Ctrl-C to stop)",
+                    event.listening
+                );
             }
         },
         // The connection stays open while we run; Ctrl-C closes it and the
