@@ -8,6 +8,7 @@ pub mod error;
 pub mod events;
 pub mod ids;
 pub mod kernel;
+pub mod locks;
 pub mod network;
 pub mod oci;
 pub mod ops;

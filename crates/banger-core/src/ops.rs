@@ -17,14 +17,19 @@ use crate::paths::Paths;
 use crate::services::images::{ImageService, PullHooks};
 use crate::services::kernels::KernelService;
 use crate::services::network::NetworkService;
-use crate::services::vms::VmService;
+use crate::services::vms::{GuestIo, Upkeep, VmDeps, VmLifecycle, Vms};
 use crate::store::Store;
 
 pub struct Core {
     pub paths: Paths,
     pub images: Arc<ImageService>,
     pub kernels: Arc<KernelService>,
-    pub vms: Arc<VmService>,
+    /// VM lifecycle: create, start, stop, rm, list.
+    pub vms: Arc<VmLifecycle>,
+    /// Exec, logs and port forwards into running guests.
+    pub guest: Arc<GuestIo>,
+    /// The background work the daemon runs for its life.
+    pub upkeep: Arc<Upkeep>,
     runner: Arc<dyn ProcessRunner>,
     store: Arc<Store>,
     network: Arc<NetworkService>,
@@ -124,17 +129,21 @@ impl Core {
         let images = Arc::new(images);
         let kernels = Arc::new(KernelService::new(paths.clone(), store.clone()));
         let network = Arc::new(NetworkService::new(&config, net, privileged, store.clone()));
-        let vms = Arc::new(VmService::new(
-            paths.clone(),
+        let Vms {
+            lifecycle: vms,
+            guest,
+            upkeep,
+        } = Vms::new(VmDeps {
+            paths: paths.clone(),
             config,
-            store.clone(),
-            runner.clone(),
+            store: store.clone(),
+            runner: runner.clone(),
             launcher,
             blockdevs,
-            images.clone(),
-            kernels.clone(),
-            network.clone(),
-        ));
+            images: images.clone(),
+            kernels: kernels.clone(),
+            network: network.clone(),
+        });
         vms.recover()
             .map_err(|e| anyhow::anyhow!("{}", e.message))?;
         // A broken network must not keep the daemon from serving the rest.
@@ -147,6 +156,8 @@ impl Core {
             images,
             kernels,
             vms,
+            guest,
+            upkeep,
             runner,
             store,
             network,
@@ -244,15 +255,15 @@ impl Core {
             Request::VmList(_) => answer::<m::VmList>(self.vms.list()),
             Request::VmInspect(p) => answer::<m::VmInspect>(self.vms.inspect(&p.names)),
             Request::VmLogs(p) => answer::<m::VmLogs>(
-                self.vms
+                self.guest
                     .logs(&p.name, p.tail, p.follow, typed::<m::VmLogs>(ev), input)
                     .await,
             ),
             Request::VmExec(p) => {
-                answer::<m::VmExec>(self.vms.exec(p, typed::<m::VmExec>(ev), input).await)
+                answer::<m::VmExec>(self.guest.exec(p, typed::<m::VmExec>(ev), input).await)
             }
             Request::VmPortForward(p) => answer::<m::VmPortForward>(
-                self.vms
+                self.guest
                     .port_forward(p, typed::<m::VmPortForward>(ev), input)
                     .await,
             ),

@@ -257,12 +257,12 @@ pub fn run(paths: banger_core::paths::Paths) -> anyhow::Result<()> {
         let listener = super::socket::bind(&socket)?;
         tracing::info!(socket = %socket.display(), pid = std::process::id(), "banger daemon listening");
         tokio::spawn(
-            core.vms
+            core.upkeep
                 .clone()
                 .sync_user_keys(std::time::Duration::from_secs(3)),
         );
         tokio::spawn(
-            core.vms
+            core.upkeep
                 .clone()
                 .cap_console_logs(std::time::Duration::from_secs(5)),
         );

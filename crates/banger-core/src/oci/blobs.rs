@@ -3,14 +3,14 @@
 //! into place only when complete, so a pull holds its data through its own file
 //! descriptor and survives `image cache prune` renaming the cache away mid-pull.
 
-use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+
+use crate::locks::{KeyGuard, KeyedLocks};
 
 use sha2::{Digest, Sha256};
 
@@ -19,14 +19,14 @@ use super::digest;
 pub struct BlobCache {
     root: PathBuf,
     /// One lock per digest so concurrent pulls download a shared blob once.
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    locks: KeyedLocks,
 }
 
 impl BlobCache {
     pub fn new(root: PathBuf) -> BlobCache {
         BlobCache {
             root,
-            locks: Mutex::default(),
+            locks: KeyedLocks::default(),
         }
     }
 
@@ -54,13 +54,8 @@ impl BlobCache {
         }
     }
 
-    pub async fn lock(&self, digest: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        let lock = {
-            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-            locks.retain(|_, l| Arc::strong_count(l) > 1);
-            locks.entry(digest.to_string()).or_default().clone()
-        };
-        lock.lock_owned().await
+    pub async fn lock(&self, digest: &str) -> KeyGuard {
+        self.locks.lock(digest).await
     }
 
     pub fn writer(&self) -> io::Result<BlobWriter> {

@@ -1,8 +1,9 @@
 //! The image service: pull, list, inspect, remove, and the blob cache prune.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use crate::locks::{KeyGuard, KeyedLocks};
 
 use banger_host::ProcessRunner;
 use banger_proto::image::{
@@ -29,7 +30,7 @@ pub struct ImageService {
     pub(super) store: Arc<Store>,
     pub(super) runner: Arc<dyn ProcessRunner>,
     pub(super) blobs: Arc<BlobCache>,
-    name_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    name_locks: KeyedLocks,
     pub(super) hooks: PullHooks,
     users: ImageUsers,
 }
@@ -47,7 +48,7 @@ impl ImageService {
             config,
             store,
             runner,
-            name_locks: Mutex::default(),
+            name_locks: KeyedLocks::default(),
             hooks: PullHooks::default(),
             users: Arc::new(|_| Vec::new()),
         }
@@ -99,13 +100,8 @@ impl ImageService {
         Ok(())
     }
 
-    pub(crate) async fn lock_name(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        let lock = {
-            let mut locks = self.name_locks.lock().unwrap_or_else(|p| p.into_inner());
-            locks.retain(|_, l| Arc::strong_count(l) > 1);
-            locks.entry(name.to_string()).or_default().clone()
-        };
-        lock.lock_owned().await
+    pub(crate) async fn lock_name(&self, name: &str) -> KeyGuard {
+        self.name_locks.lock(name).await
     }
 
     pub async fn pull(

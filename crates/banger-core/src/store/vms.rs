@@ -35,6 +35,16 @@ pub struct VmRuntime {
     pub tap: Option<String>,
 }
 
+impl VmRuntime {
+    /// The VMM process this row records.
+    pub fn process(&self) -> banger_host::ProcessId {
+        banger_host::ProcessId {
+            pid: self.pid,
+            start_time: self.start_time,
+        }
+    }
+}
+
 const VM_COLUMNS: &str =
     "name, image, kernel, vmm, vcpus, memory_mib, disk_bytes, cow_strategy, dir, host_key_pub, created_at, ip, origin";
 

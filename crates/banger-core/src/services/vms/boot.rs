@@ -1,0 +1,320 @@
+//! `vm start` as named phases, each undone if a later one fails: the boot
+//! config (the initramfs with the agent and its config), the root disk,
+//! the network, the launch, and waiting for the guest to be ready.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use banger_host::ProcessId;
+use banger_proto::agent::{BootConfig, Transport, AGENT_PROTOCOL};
+use banger_proto::vm::{VmEvent, VmInfo};
+
+use super::boot_log::{boot_failed, mark_boot};
+use super::lifecycle::{step, VmLifecycle};
+use super::registry::{dm_name, kill_and_wait, remove_run_files, WORK_MOUNT};
+use crate::error::{OpError, OpResult};
+use crate::events::Events;
+use crate::ids;
+use crate::kernel::initramfs;
+use crate::steps::Steps;
+use crate::store::{VmRecord, VmRuntime};
+use crate::vm::agent_client::{self, AgentSession, Ctl};
+use crate::vm::console;
+use crate::vm::vmm::{BootSpec, CtlEndpoint, Nic, Vmm};
+use crate::vm::{disk, keys};
+use banger_proto::kernel::KernelInfo;
+
+const STEPS_START: u32 = 5;
+
+impl VmLifecycle {
+    pub async fn start(&self, name: &str, events: Events<VmEvent>) -> OpResult<VmInfo> {
+        let _guard = self.registry.lock(name).await;
+        let vm = self.registry.record(name)?;
+        if self.registry.live(name)?.is_some() {
+            return self.registry.info(&vm);
+        }
+        let vmm = self.registry.vmm(&vm.vmm)?;
+        let kernel = self.kernels.get(&vm.kernel)?;
+        self.registry.clean_run_files(&vm);
+        let mut steps = Steps::new(self.fail_point());
+
+        step(&events, "initramfs", 1, STEPS_START);
+        let initrd = self
+            .write_initramfs(&vm, &kernel, vmm.as_ref(), &mut steps)
+            .await?;
+        let ctl = control_endpoint(vmm.as_ref(), Path::new(&vm.dir))?;
+        let root_disk = self.root_disk(&vm, &mut steps)?;
+        steps.begin("network")?;
+        let nic = self.registry.network.attach(vm.ip.as_deref())?;
+        let (network, undo_nic, undo_ip) = (
+            self.registry.network.clone(),
+            nic.as_ref().map(|n| n.tap.clone()),
+            vm.ip.clone(),
+        );
+        steps.undo("network", move || {
+            network.detach(undo_nic.as_deref(), undo_ip.as_deref())
+        });
+
+        step(&events, "launch", 2, STEPS_START);
+        let dir = PathBuf::from(&vm.dir);
+        let spec = BootSpec {
+            dir: dir.clone(),
+            vmlinux: PathBuf::from(&kernel.vmlinux_path),
+            initrd,
+            root_disk,
+            work_disk: dir.join("work.ext4"),
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            console_log: console::path(&dir),
+            nic,
+        };
+        let pid = self.launch(&vm, vmm.as_ref(), &spec, &mut steps).await?;
+
+        step(&events, "agent", 3, STEPS_START);
+        let session = self
+            .await_ready(&vm, vmm.as_ref(), ctl, pid, &events, &mut steps)
+            .await?;
+        self.sessions.keep(&vm.name, session).await;
+        step(&events, "ready", 5, STEPS_START);
+        steps.commit();
+        let network = self.registry.network.clone();
+        tokio::task::spawn_blocking(move || network.refill());
+        tracing::info!(vm = %vm.name, pid = pid.pid, "VM running");
+        self.registry.info(&vm)
+    }
+
+    /// Phase 1: this boot's initramfs, the kernel's modules and the agent
+    /// followed by the VM's boot config.
+    async fn write_initramfs(
+        &self,
+        vm: &VmRecord,
+        kernel: &KernelInfo,
+        vmm: &dyn Vmm,
+        steps: &mut Steps,
+    ) -> OpResult<PathBuf> {
+        steps.begin("initramfs")?;
+        let dir = PathBuf::from(&vm.dir);
+        let agent = crate::agent_bin::locate().map_err(OpError::internal)?;
+        let mut bytes = self.kernels.initramfs(kernel, &agent).await?;
+        let host_key = std::fs::read_to_string(dir.join("host_key"))
+            .map_err(|e| OpError::internal(format!("reading the VM's host key: {e}")))?;
+        let state_dir = &self.registry.paths.state_dir;
+        let client_key = keys::client_key(state_dir).map_err(OpError::internal)?;
+        let image_env = self
+            .images
+            .inspect(std::slice::from_ref(&vm.image))
+            .map(|mut i| i.remove(0).config.env)
+            .unwrap_or_default();
+        let boot = BootConfig {
+            protocol: AGENT_PROTOCOL,
+            hostname: vm.name.clone(),
+            root_device: "/dev/vda".into(),
+            work_device: Some("/dev/vdb".into()),
+            work_mount: Some(WORK_MOUNT.into()),
+            host_key,
+            authorized_keys: vec![keys::public_openssh(&client_key).map_err(OpError::internal)?],
+            user_keys: crate::vm::user_keys::load(&self.registry.config.ssh, self.runner.as_ref()),
+            transport: vmm.transport(),
+            env: image_env,
+            network: self.registry.network.guest(vm.ip.as_deref())?,
+        };
+        let initrd = dir.join("initrd.cpio");
+        bytes.extend_from_slice(&initramfs::vm_archive(
+            &serde_json::to_vec(&boot).expect("serialises"),
+        ));
+        keys::write_private(&initrd, "")?;
+        std::fs::write(&initrd, bytes)?;
+        let files = vmm.run_files();
+        steps.undo("initramfs", move || remove_run_files(&dir, files));
+        Ok(initrd)
+    }
+
+    /// Phase 2: the root disk the VMM gets: the VM's own file, or a
+    /// snapshot device over the image it was made from.
+    fn root_disk(&self, vm: &VmRecord, steps: &mut Steps) -> OpResult<PathBuf> {
+        let dir = PathBuf::from(&vm.dir);
+        if vm.cow_strategy != disk::CowStrategy::DmSnapshot.as_str() {
+            return Ok(dir.join("root.ext4"));
+        }
+        steps.begin("snapshot")?;
+        // The origin the COW file was made against, never a newer pull.
+        let origin = match &vm.origin {
+            Some(origin) => origin.clone(),
+            None => {
+                self.images
+                    .inspect(std::slice::from_ref(&vm.image))?
+                    .remove(0)
+                    .rootfs_path
+            }
+        };
+        let state = dir.join("dm.state");
+        let blockdevs = self.registry.blockdevs.clone();
+        let dev = blockdevs
+            .setup_snapshot(
+                &dm_name(&vm.name),
+                Path::new(&origin),
+                &dir.join("cow.img"),
+                &state,
+            )
+            .map_err(|e| OpError::internal(format!("setting up the root disk snapshot: {e}")))?;
+        let name = dm_name(&vm.name);
+        steps.undo("snapshot", move || {
+            let _ = blockdevs.teardown_snapshot(&name, &state);
+        });
+        Ok(dev)
+    }
+
+    /// Phase 4: the VMM process, recorded as the VM's runtime, configured.
+    async fn launch(
+        &self,
+        vm: &VmRecord,
+        vmm: &dyn Vmm,
+        spec: &BootSpec,
+        steps: &mut Steps,
+    ) -> OpResult<ProcessId> {
+        steps.begin("launch")?;
+        if let Err(e) = console::rotate_if_big(&spec.dir) {
+            tracing::warn!(vm = %vm.name, error = %e, "cannot rotate the console log");
+        }
+        mark_boot(&spec.console_log);
+        let command = vmm.command(spec).map_err(OpError::invalid)?;
+        let launcher = self.registry.launcher.clone();
+        let pid = launcher
+            .launch(&command)
+            .map_err(|e| OpError::internal(format!("launching {}: {e}", vm.vmm)))?;
+        steps.undo("launch", move || kill_and_wait(launcher.as_ref(), pid));
+
+        steps.begin("runtime")?;
+        let store = self.registry.store.clone();
+        store.set_runtime(&VmRuntime {
+            name: vm.name.clone(),
+            pid: pid.pid,
+            start_time: pid.start_time,
+            started_at: ids::now_rfc3339(),
+            tap: spec.nic.as_ref().map(|n: &Nic| n.tap.clone()),
+        })?;
+        let undo_name = vm.name.clone();
+        steps.undo("runtime", move || {
+            let _ = store.clear_runtime(&undo_name);
+        });
+
+        steps.begin("configure")?;
+        let launcher = self.registry.launcher.clone();
+        let alive = move || launcher.alive(pid);
+        if let Err(e) = vmm.configure(spec, &alive).await {
+            return Err(boot_failed(vm, "configure", &e));
+        }
+        Ok(pid)
+    }
+
+    /// Phase 5: the agent reports the guest ready, and its SSH session is up.
+    async fn await_ready(
+        &self,
+        vm: &VmRecord,
+        vmm: &dyn Vmm,
+        ctl: Ctl,
+        pid: ProcessId,
+        events: &Events<VmEvent>,
+        steps: &mut Steps,
+    ) -> OpResult<AgentSession> {
+        steps.begin("agent")?;
+        let launcher = self.registry.launcher.clone();
+        let alive = move || launcher.alive(pid);
+        let timeout = Duration::from_secs(self.registry.config.boot_timeout_secs.unwrap_or(60));
+        // The handshake runs while the guest finishes booting: the agent
+        // serves SSH before its disks are mounted. A virtio-serial port holds
+        // the host's bytes until the guest opens it, so there the daemon
+        // connects at launch; over vsock it waits for the agent's "ssh" report.
+        let connect_at_launch = vmm.transport() == Transport::VirtioSerial;
+        let (ssh_up, ssh_signal) = tokio::sync::oneshot::channel::<()>();
+        let mut ssh_up = Some(ssh_up);
+        let waiting = agent_client::wait_ready(ctl, timeout, &alive, move |stage| {
+            events.emit(&VmEvent::Agent {
+                stage: stage.to_string(),
+            });
+            if stage == "ssh" {
+                if let Some(tx) = ssh_up.take() {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        let early = async {
+            if !connect_at_launch && ssh_signal.await.is_err() {
+                return None;
+            }
+            let started = std::time::Instant::now();
+            let session = tokio::time::timeout(timeout, self.sessions.open_early(vm, vmm, &alive))
+                .await
+                .ok();
+            tracing::debug!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "early SSH handshake"
+            );
+            session
+        };
+        // Readiness decides: a failed boot is reported at once, without
+        // waiting on a handshake that will never finish.
+        let mut early = std::pin::pin!(early);
+        let mut early_done = None;
+        let ready = {
+            // Dropped before `early` is awaited below: it owns the "ssh"
+            // signal's sender, so an early connect still waiting gives up.
+            let mut waiting = std::pin::pin!(waiting);
+            loop {
+                tokio::select! {
+                    ready = &mut waiting => break ready,
+                    session = &mut early, if early_done.is_none() => early_done = Some(session),
+                }
+            }
+        };
+        if let Err(failure) = ready {
+            return Err(boot_failed(vm, &failure.stage, &failure.message));
+        }
+        let early = match early_done {
+            Some(session) => session,
+            // Normally moments away; a handshake stuck past this is dropped
+            // (the agent then serves the fresh connection made below).
+            None => tokio::time::timeout(Duration::from_secs(10), early)
+                .await
+                .ok()
+                .flatten(),
+        };
+
+        step(events, "ssh", 4, STEPS_START);
+        steps.begin("ssh")?;
+        match early {
+            Some(Ok(session)) => Ok(session),
+            // The "ssh" report was coalesced away, or the early attempt lost a race.
+            early => {
+                if let Some(Err(e)) = early {
+                    tracing::info!(vm = %vm.name, error = %e, "early SSH connect failed; trying again");
+                }
+                self.sessions.open(vm, vmm).await.map_err(|e| {
+                    let e = if alive() {
+                        e
+                    } else {
+                        format!("{e} (the VMM has exited)")
+                    };
+                    boot_failed(vm, "ssh", &e)
+                })
+            }
+        }
+    }
+}
+
+/// Where the agent's control connection comes in. Firecracker forwards it
+/// to a socket that must be listening before the guest boots.
+fn control_endpoint(vmm: &dyn Vmm, dir: &Path) -> OpResult<Ctl> {
+    Ok(match vmm.ctl(dir) {
+        CtlEndpoint::Connect(path) => Ctl::Connect(path),
+        CtlEndpoint::Listen(path) => {
+            let _ = std::fs::remove_file(&path);
+            let short = crate::vm::sockpath::SockPath::new(&path)?;
+            Ctl::Listener(
+                tokio::net::UnixListener::bind(short.path()).map_err(|e| {
+                    OpError::internal(format!("listening on {}: {e}", path.display()))
+                })?,
+            )
+        }
+    })
+}

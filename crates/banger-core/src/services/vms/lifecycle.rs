@@ -1,0 +1,377 @@
+//! A VM's life: create (disks, keys, record, each step undone on failure),
+//! stop, restart, remove, and recovery after a daemon restart. Start, the
+//! longest, has its own file (`boot.rs`).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use banger_host::ProcessRunner;
+use banger_proto::vm::{CreateParams, VmEvent, VmInfo};
+
+use super::error::VmError;
+use super::registry::{kill_and_wait, VmRegistry};
+use super::sessions::AgentSessions;
+use crate::error::{OpError, OpResult};
+use crate::events::Events;
+use crate::ids;
+use crate::services::images::ImageService;
+use crate::services::kernels::KernelService;
+use crate::steps::{FailPoint, Steps};
+use crate::store::VmRecord;
+use crate::vm::{disk, keys, name, sizing};
+
+/// Two: the guest agent's SSH handshake then overlaps mounting the disks,
+/// which makes `vm run` to first exec faster (see scripts/bench-boot).
+const DEFAULT_VCPUS: u32 = 2;
+const DEFAULT_MEMORY_MIB: u64 = 512;
+const MIN_DISK_BYTES: u64 = 4 << 30;
+const WORK_DISK_BYTES: u64 = 8 << 30;
+
+pub struct VmLifecycle {
+    pub(super) registry: Arc<VmRegistry>,
+    pub(super) sessions: Arc<AgentSessions>,
+    pub(super) images: Arc<ImageService>,
+    pub(super) kernels: Arc<KernelService>,
+    pub(super) runner: Arc<dyn ProcessRunner>,
+    /// Held from choosing a new VM's address until its record is stored.
+    addresses: Mutex<()>,
+    fail_point: Mutex<FailPoint>,
+}
+
+/// Reports a step of a create or start to the caller.
+pub(super) fn step(events: &Events<VmEvent>, step: &str, n: u32, of: u32) {
+    tracing::info!(step, "step {n}/{of}");
+    events.emit(&VmEvent::Step {
+        step: step.into(),
+        n,
+        of,
+    });
+}
+
+impl VmLifecycle {
+    pub fn new(
+        registry: Arc<VmRegistry>,
+        sessions: Arc<AgentSessions>,
+        images: Arc<ImageService>,
+        kernels: Arc<KernelService>,
+        runner: Arc<dyn ProcessRunner>,
+    ) -> VmLifecycle {
+        VmLifecycle {
+            registry,
+            sessions,
+            images,
+            kernels,
+            runner,
+            addresses: Mutex::default(),
+            fail_point: Mutex::default(),
+        }
+    }
+
+    /// Test seam: the next create/start steps fail at the named step.
+    pub fn set_fail_point(&self, step: Option<&str>) {
+        *self.fail_point.lock().unwrap_or_else(|p| p.into_inner()) =
+            FailPoint(step.map(str::to_owned));
+    }
+
+    pub(super) fn fail_point(&self) -> FailPoint {
+        self.fail_point
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn list(&self) -> OpResult<Vec<VmInfo>> {
+        self.registry.list()
+    }
+
+    pub fn inspect(&self, names: &[String]) -> OpResult<Vec<VmInfo>> {
+        self.registry.inspect(names)
+    }
+
+    /// After a daemon restart: VMs whose VMM still runs are kept (their SSH
+    /// connection is re-made on first use); dead ones are marked stopped and
+    /// their leftovers cleaned.
+    /// A VMM that a daemon killed between spawn and the runtime row still
+    /// runs unrecorded, holding its tap and disks: it is found by the VM
+    /// directory on its command line and stopped.
+    pub fn recover(&self) -> OpResult<()> {
+        for rt in self.registry.store.list_runtimes()? {
+            if self.registry.live(&rt.name)?.is_some() {
+                tracing::info!(vm = %rt.name, pid = rt.pid, "re-attached to a running VM");
+            } else {
+                tracing::info!(vm = %rt.name, "VM died while the daemon was away; marked stopped");
+            }
+        }
+        // A create the daemon died in (no record was written) leaves its
+        // directory, which would block the name: it goes.
+        let recorded: Vec<String> = self
+            .registry
+            .store
+            .list_vms()?
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
+        if let Ok(dirs) = std::fs::read_dir(self.registry.vms_dir()) {
+            for entry in dirs.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !recorded.contains(&name) {
+                    tracing::warn!(vm = %name, "removing a VM directory no record names (a create that did not finish)");
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        for vm in self.registry.store.list_vms()? {
+            if self.registry.live(&vm.name)?.is_some() {
+                continue;
+            }
+            for orphan in self.registry.launcher.find_naming(&format!("{}/", vm.dir)) {
+                tracing::warn!(
+                    vm = %vm.name,
+                    pid = orphan.pid,
+                    "a VMM launched for this VM was never recorded (the daemon died mid-start); stopping it"
+                );
+                kill_and_wait(self.registry.launcher.as_ref(), orphan);
+            }
+            // A start the daemon died in may have left its per-boot files.
+            self.registry.clean_run_files(&vm);
+        }
+        self.registry.write_ssh_config();
+        Ok(())
+    }
+
+    pub async fn create(&self, params: CreateParams, events: Events<VmEvent>) -> OpResult<VmInfo> {
+        name::validate(&params.name).map_err(OpError::invalid)?;
+        let _guard = self.registry.lock(&params.name).await;
+        if self.registry.store.get_vm(&params.name)?.is_some() {
+            return Err(VmError::Exists(params.name).into());
+        }
+        // Held until the record is written: `image rm` and a re-pull take
+        // the same lock, so they see this VM as a user.
+        let _image_guard = self.images.lock_name(&params.image).await;
+        let image = self
+            .images
+            .inspect(std::slice::from_ref(&params.image))?
+            .remove(0);
+        let kernel = self.kernels.resolve(params.kernel.as_deref())?;
+        let vmm_kind = params
+            .vmm
+            .clone()
+            .or_else(|| self.registry.config.default_vmm.clone())
+            .unwrap_or_else(|| "qemu".into());
+        self.registry.vmm(&vmm_kind)?;
+        // Checked, never silently changed: a size the VM cannot have is
+        // refused here with the range, not at start.
+        let host = sizing::Host::probe();
+        let vcpus = match params.vcpus {
+            Some(n) => sizing::vcpus(n, &vmm_kind, host).map_err(OpError::invalid)?,
+            None => DEFAULT_VCPUS.min(host.cpus.max(1)),
+        };
+        let memory_mib = match params.memory_mib {
+            Some(mib) => sizing::memory_mib(mib, host).map_err(OpError::invalid)?,
+            None => DEFAULT_MEMORY_MIB,
+        };
+        let disk_bytes = match params.disk_bytes {
+            Some(bytes) => sizing::disk_bytes(bytes, image.size_bytes).map_err(OpError::invalid)?,
+            None => MIN_DISK_BYTES.max(image.size_bytes),
+        };
+
+        let mut steps = Steps::new(self.fail_point());
+        let dir = self.registry.vms_dir().join(&params.name);
+        steps.begin("dir")?;
+        std::fs::create_dir_all(self.registry.vms_dir())?;
+        std::fs::create_dir(&dir)
+            .map_err(|e| OpError::internal(format!("creating {}: {e}", dir.display())))?;
+        let undo_dir = dir.clone();
+        steps.undo("dir", move || {
+            let _ = std::fs::remove_dir_all(&undo_dir);
+        });
+
+        step(&events, "disks", 1, 2);
+        // The two disks are independent: the work disk's mkfs runs while the
+        // root disk is copied and grown. Both are done (or failed) before
+        // any undo runs.
+        steps.begin("root-disk")?;
+        steps.begin("work-disk")?;
+        let root = async {
+            if self.registry.blockdevs.snapshot_supported() {
+                // The image's ext4 stays the read-only origin; writes land in a sparse COW file.
+                let cow = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(dir.join("cow.img"))?;
+                cow.set_len(image.size_bytes)?;
+                return Ok((disk::CowStrategy::DmSnapshot, image.size_bytes));
+            }
+            let (src, dst, runner) = (
+                PathBuf::from(&image.rootfs_path),
+                dir.join("root.ext4"),
+                self.runner.clone(),
+            );
+            let strategy =
+                tokio::task::spawn_blocking(move || -> Result<disk::CowStrategy, String> {
+                    let strategy = disk::clone_or_copy(&src, &dst)
+                        .map_err(|e| format!("copying the image's root disk: {e}"))?;
+                    disk::grow(runner.as_ref(), &dst, disk_bytes)?;
+                    Ok(strategy)
+                })
+                .await
+                .map_err(|e| OpError::internal(e.to_string()))?
+                .map_err(|e| OpError::writing(e, &dir))?;
+            Ok::<_, OpError>((strategy, disk_bytes))
+        };
+        let (work, runner) = (dir.join("work.ext4"), self.runner.clone());
+        let work = async {
+            tokio::task::spawn_blocking(move || {
+                disk::create_work_disk(runner.as_ref(), &work, WORK_DISK_BYTES)
+            })
+            .await
+            .map_err(|e| OpError::internal(e.to_string()))?
+            .map_err(|e| OpError::writing(e, &dir))
+        };
+        let (root, work) = tokio::join!(root, work);
+        let (strategy, disk_bytes) = root?;
+        work?;
+
+        step(&events, "keys", 2, 2);
+        steps.begin("host-key")?;
+        let host_key = keys::generate().map_err(OpError::internal)?;
+        keys::write_private(
+            &dir.join("host_key"),
+            &keys::to_openssh(&host_key).map_err(OpError::internal)?,
+        )?;
+
+        steps.begin("record")?;
+        let addresses = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
+        let ip = self.registry.network.allocate()?;
+        let record = VmRecord {
+            name: params.name.clone(),
+            image: image.name.clone(),
+            kernel: kernel.name.clone(),
+            vmm: vmm_kind,
+            vcpus,
+            memory_mib,
+            disk_bytes,
+            cow_strategy: strategy.as_str().into(),
+            dir: dir.display().to_string(),
+            host_key_pub: keys::public_openssh(&host_key).map_err(OpError::internal)?,
+            created_at: ids::now_rfc3339(),
+            ip,
+            origin: (strategy == disk::CowStrategy::DmSnapshot).then(|| image.rootfs_path.clone()),
+        };
+        self.registry.store.insert_vm(&record)?;
+        drop(addresses);
+        let (store, undo_name) = (self.registry.store.clone(), record.name.clone());
+        steps.undo("record", move || {
+            let _ = store.delete_vm(&undo_name);
+        });
+        steps.commit();
+        self.registry.write_ssh_config();
+        tracing::info!(vm = %record.name, cow = %record.cow_strategy, "VM created");
+        drop(_guard);
+        if params.start {
+            return self.start(&record.name, events).await;
+        }
+        self.registry.info(&record)
+    }
+
+    pub async fn stop(&self, name: &str, timeout: Duration) -> OpResult<VmInfo> {
+        let _guard = self.registry.lock_or_kill(name, timeout).await;
+        let vm = self.registry.record(name)?;
+        self.stop_locked(&vm, timeout).await?;
+        self.registry.info(&vm)
+    }
+
+    async fn stop_locked(&self, vm: &VmRecord, timeout: Duration) -> OpResult<()> {
+        let Some(rt) = self.registry.live(&vm.name)? else {
+            return Ok(());
+        };
+        let pid = rt.process();
+        if !timeout.is_zero() {
+            // Clean first: the agent syncs and unmounts before powering off.
+            let connecting = tokio::time::timeout(timeout, self.sessions.session(vm));
+            if let Ok(Ok(session)) = connecting.await {
+                let _ = tokio::time::timeout(Duration::from_secs(2), session.poweroff()).await;
+            }
+            let deadline = tokio::time::Instant::now() + timeout;
+            let halfway = tokio::time::Instant::now() + timeout / 2;
+            let mut asked_vmm = false;
+            while self.registry.launcher.alive(pid) && tokio::time::Instant::now() < deadline {
+                if !asked_vmm && tokio::time::Instant::now() > halfway {
+                    // The agent did not finish; ask the VMM (Ctrl-Alt-Del on Firecracker).
+                    if let Ok(vmm) = self.registry.vmm(&vm.vmm) {
+                        vmm.request_shutdown(Path::new(&vm.dir)).await;
+                    }
+                    asked_vmm = true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        crate::steps::kill_point("stop-kill");
+        if self.registry.launcher.alive(pid) {
+            tracing::warn!(vm = %vm.name, "VM did not power off in time; killing its VMM");
+            self.registry.kill(pid).await;
+        }
+        crate::steps::kill_point("stop-release");
+        self.sessions.forget(&vm.name).await;
+        self.registry.release(vm, &rt)?;
+        tracing::info!(vm = %vm.name, "VM stopped");
+        Ok(())
+    }
+
+    pub async fn restart(
+        &self,
+        name: &str,
+        timeout: Duration,
+        events: Events<VmEvent>,
+    ) -> OpResult<VmInfo> {
+        self.stop(name, timeout).await?;
+        self.start(name, events).await
+    }
+
+    /// Removes VMs. Without `force`, a running VM or an unknown name fails the
+    /// whole request before anything changes; with it, running VMs are
+    /// stopped first and whatever is left of half-gone ones is cleaned.
+    pub async fn remove(&self, names: &[String], force: bool) -> OpResult<Vec<String>> {
+        if !force {
+            for name in names {
+                self.registry.record(name)?;
+                if self.registry.live(name)?.is_some() {
+                    return Err(VmError::Running(name.clone()).into());
+                }
+            }
+        }
+        let mut removed = Vec::new();
+        for name in names {
+            // rm -f always wins: a start or a guest call holding the lock
+            // gets a second, then the VMM is killed under it.
+            let wait = if force {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_secs(30)
+            };
+            let _guard = self.registry.lock_or_kill(name, wait).await;
+            let dir = self.registry.vms_dir().join(name);
+            match self.registry.store.get_vm(name)? {
+                Some(vm) => {
+                    self.stop_locked(&vm, Duration::ZERO).await?;
+                    crate::steps::kill_point("rm-record");
+                    self.registry.store.delete_vm(name)?;
+                    crate::steps::kill_point("rm-files");
+                    let _ = std::fs::remove_dir_all(&vm.dir);
+                    if let Some(origin) = &vm.origin {
+                        self.images.release_origin(origin);
+                    }
+                    removed.push(name.clone());
+                }
+                None => {
+                    if name::validate(name).is_ok() && dir.exists() {
+                        let _ = std::fs::remove_dir_all(&dir);
+                    }
+                }
+            }
+        }
+        self.registry.write_ssh_config();
+        Ok(removed)
+    }
+}

@@ -1,0 +1,301 @@
+//! The VMs as records and processes: looking one up, whether its VMM lives,
+//! its lock, its VMM backend, what `vm ls` shows of it, and the ssh config
+//! every record feeds. Every other VM part asks here.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use banger_host::{ProcessId, ProcessLauncher};
+use banger_proto::vm::VmInfo;
+
+use super::error::VmError;
+use crate::config::Config;
+use crate::error::{OpError, OpResult};
+use crate::locks::{KeyGuard, KeyedLocks};
+use crate::paths::Paths;
+use crate::services::network::NetworkService;
+use crate::store::{Store, VmRecord, VmRuntime};
+use crate::suggest;
+use crate::vm::disk;
+use crate::vm::firecracker::Firecracker;
+use crate::vm::ssh_config;
+use crate::vm::vmm::{Accel, Qemu, Vmm};
+
+/// Where the work disk is mounted in every guest.
+pub const WORK_MOUNT: &str = "/work";
+
+pub struct VmRegistry {
+    pub(super) paths: Paths,
+    pub(super) config: Config,
+    pub(super) store: Arc<Store>,
+    pub(super) launcher: Arc<dyn ProcessLauncher>,
+    pub(super) blockdevs: Arc<dyn banger_host::BlockDevices>,
+    pub(super) network: Arc<NetworkService>,
+    /// One per VM: held by whatever changes its state (create, start, stop, rm).
+    locks: KeyedLocks,
+}
+
+/// A VM whose VMM lives, with the handle that proves it.
+pub struct Running {
+    pub vm: VmRecord,
+    pub rt: VmRuntime,
+}
+
+impl VmRegistry {
+    pub fn new(
+        paths: Paths,
+        config: Config,
+        store: Arc<Store>,
+        launcher: Arc<dyn ProcessLauncher>,
+        blockdevs: Arc<dyn banger_host::BlockDevices>,
+        network: Arc<NetworkService>,
+    ) -> VmRegistry {
+        VmRegistry {
+            paths,
+            config,
+            store,
+            launcher,
+            blockdevs,
+            network,
+            locks: KeyedLocks::default(),
+        }
+    }
+
+    pub fn vms_dir(&self) -> PathBuf {
+        self.paths.state_dir.join("vms")
+    }
+
+    pub async fn lock(&self, name: &str) -> KeyGuard {
+        self.locks.lock(name).await
+    }
+
+    /// The VM's lock if nobody holds it (a start or stop in progress does).
+    pub fn try_lock(&self, name: &str) -> Option<KeyGuard> {
+        self.locks.try_lock(name)
+    }
+
+    /// The VM's lock for an operation that must end: waits at most `limit`
+    /// for whoever holds it (a start, a key push to a frozen guest), then
+    /// kills the VM's VMM so the holder fails fast, and takes the lock.
+    pub async fn lock_or_kill(&self, name: &str, limit: Duration) -> KeyGuard {
+        let lock = self.locks.handle(name);
+        if let Ok(guard) = tokio::time::timeout(limit, lock.clone().lock_owned()).await {
+            return guard;
+        }
+        if let Ok(Some(rt)) = self.store.get_runtime(name) {
+            tracing::warn!(vm = name, "the VM is busy past the limit; killing its VMM");
+            self.kill(rt.process()).await;
+        }
+        lock.lock_owned().await
+    }
+
+    /// Stops a VMM process: TERM, then KILL; returns once it is gone.
+    pub async fn kill(&self, pid: ProcessId) {
+        let launcher = self.launcher.clone();
+        let _ = tokio::task::spawn_blocking(move || kill_and_wait(launcher.as_ref(), pid)).await;
+    }
+
+    /// The backend a VM of this kind runs on.
+    pub fn vmm(&self, kind: &str) -> OpResult<Box<dyn Vmm>> {
+        match kind {
+            "qemu" => Ok(Box::new(Qemu {
+                binary: self
+                    .config
+                    .qemu
+                    .binary
+                    .clone()
+                    .unwrap_or_else(|| "qemu-system-x86_64".into()),
+                accel: Accel::choose(self.config.qemu.accel.as_deref().unwrap_or("auto"))
+                    .map_err(OpError::invalid)?,
+            })),
+            "firecracker" => Ok(Box::new(Firecracker {
+                binary: std::env::var("BANGER_FIRECRACKER_BIN")
+                    .ok()
+                    .filter(|b| !b.is_empty())
+                    .or_else(|| self.config.firecracker_binary.clone())
+                    .unwrap_or_else(|| "firecracker".into()),
+            })),
+            other => Err(OpError::invalid(format!(
+                "unknown VMM `{other}` (use qemu or firecracker)"
+            ))),
+        }
+    }
+
+    pub fn record(&self, name: &str) -> OpResult<VmRecord> {
+        if let Some(vm) = self.store.get_vm(name)? {
+            return Ok(vm);
+        }
+        let all = self.store.list_vms().unwrap_or_default();
+        let hint = match suggest::closest(name, all.iter().map(|v| v.name.as_str())) {
+            Some(near) => format!("; did you mean `{near}`?"),
+            None => "; `banger vm ls` lists VMs".into(),
+        };
+        Err(VmError::NotFound {
+            name: name.into(),
+            hint,
+        }
+        .into())
+    }
+
+    /// The live VMM of a VM, if it has one. A stale handle is cleared on the way.
+    pub fn live(&self, name: &str) -> OpResult<Option<VmRuntime>> {
+        let Some(rt) = self.store.get_runtime(name)? else {
+            return Ok(None);
+        };
+        if self.launcher.alive(rt.process()) {
+            return Ok(Some(rt));
+        }
+        match self.record(name) {
+            Ok(vm) => self.release(&vm, &rt)?,
+            Err(_) => self.store.clear_runtime(name)?,
+        }
+        Ok(None)
+    }
+
+    /// The VM by this name if it runs: the one answer to "is it running"
+    /// that every command needing a guest asks.
+    pub fn running(&self, name: &str) -> OpResult<Running> {
+        let vm = self.record(name)?;
+        match self.live(name)? {
+            Some(rt) => Ok(Running { vm, rt }),
+            None => Err(VmError::Stopped(vm.name).into()),
+        }
+    }
+
+    /// What a VMM that is gone leaves to tidy: its runtime row, its tap and
+    /// route, its run files.
+    pub fn release(&self, vm: &VmRecord, rt: &VmRuntime) -> OpResult<()> {
+        self.store.clear_runtime(&vm.name)?;
+        self.network.detach(rt.tap.as_deref(), vm.ip.as_deref());
+        self.clean_run_files(vm);
+        Ok(())
+    }
+
+    /// Removes what exists only while a VM runs: its VMM's sockets, the
+    /// per-boot initramfs, a root snapshot's device.
+    pub fn clean_run_files(&self, vm: &VmRecord) {
+        let files = self.vmm(&vm.vmm).map(|v| v.run_files()).unwrap_or(&[]);
+        remove_run_files(Path::new(&vm.dir), files);
+        if vm.cow_strategy == disk::CowStrategy::DmSnapshot.as_str() {
+            let state = Path::new(&vm.dir).join("dm.state");
+            if let Err(e) = self.blockdevs.teardown_snapshot(&dm_name(&vm.name), &state) {
+                tracing::warn!(vm = %vm.name, error = %e, "could not tear down the root snapshot");
+            }
+        }
+    }
+
+    pub fn info(&self, vm: &VmRecord) -> OpResult<VmInfo> {
+        let rt = self.live(&vm.name)?;
+        let problem = match &rt {
+            Some(_) => self
+                .vmm(&vm.vmm)
+                .ok()
+                .and_then(|v| v.problem(Path::new(&vm.dir)))
+                .map(|why| {
+                    format!(
+                        "{why}; free space on the filesystem holding {} (`df -h {}`), then \
+                         `banger vm restart {}`",
+                        vm.dir, vm.dir, vm.name
+                    )
+                }),
+            None => None,
+        };
+        Ok(VmInfo {
+            name: vm.name.clone(),
+            state: match (&rt, &problem) {
+                (None, _) => "stopped",
+                (Some(_), Some(_)) => "paused",
+                (Some(_), None) => "running",
+            }
+            .into(),
+            problem,
+            image: vm.image.clone(),
+            kernel: vm.kernel.clone(),
+            vmm: vm.vmm.clone(),
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            disk_bytes: vm.disk_bytes,
+            cow_strategy: vm.cow_strategy.clone(),
+            dir: vm.dir.clone(),
+            work_mount: WORK_MOUNT.into(),
+            pid: rt.as_ref().map(|r| r.pid),
+            created_at: vm.created_at.clone(),
+            started_at: rt.as_ref().map(|r| r.started_at.clone()),
+            ip: vm.ip.clone(),
+            tap: rt.and_then(|r| r.tap),
+        })
+    }
+
+    pub fn list(&self) -> OpResult<Vec<VmInfo>> {
+        self.store
+            .list_vms()?
+            .iter()
+            .map(|v| self.info(v))
+            .collect()
+    }
+
+    pub fn inspect(&self, names: &[String]) -> OpResult<Vec<VmInfo>> {
+        names.iter().map(|n| self.info(&self.record(n)?)).collect()
+    }
+
+    /// The records of the VMs whose VMM runs now.
+    pub fn running_records(&self) -> Vec<VmRecord> {
+        self.store
+            .list_runtimes()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|rt| self.store.get_vm(&rt.name).ok().flatten())
+            .collect()
+    }
+
+    /// Rewrites the ssh config file and known_hosts from the VM records.
+    pub fn write_ssh_config(&self) {
+        let entries: Vec<ssh_config::Entry> = match self.store.list_vms() {
+            Ok(vms) => vms
+                .into_iter()
+                .filter_map(|vm| {
+                    Some(ssh_config::Entry {
+                        ip: vm.ip?,
+                        name: vm.name,
+                        host_key: vm.host_key_pub,
+                    })
+                })
+                .collect(),
+            Err(_) => return,
+        };
+        if let Err(e) = ssh_config::write(&entries, self.network.domain(), &self.paths.state_dir) {
+            tracing::warn!(error = %e, "cannot write the ssh config file");
+        }
+    }
+}
+
+/// TERM, a second to go, then KILL; blocks until the process is gone.
+pub fn kill_and_wait(launcher: &dyn ProcessLauncher, pid: ProcessId) {
+    let _ = launcher.signal(pid, libc::SIGTERM);
+    for _ in 0..40 {
+        if !launcher.alive(pid) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let _ = launcher.signal(pid, libc::SIGKILL);
+    for _ in 0..200 {
+        if !launcher.alive(pid) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// The device-mapper name of a VM's root snapshot.
+pub fn dm_name(vm: &str) -> String {
+    format!("banger-{vm}")
+}
+
+/// What exists only while a VM runs: the VMM's sockets and the per-boot initramfs.
+pub fn remove_run_files(dir: &Path, vmm_files: &[&str]) {
+    for f in vmm_files.iter().copied().chain(["initrd.cpio"]) {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+}
