@@ -2,10 +2,11 @@
 
 use std::path::PathBuf;
 
-/// `BANGER_AGENT_BIN`, else `banger-agent` beside the running executable,
-/// else (in a source checkout) the one `scripts/build-agent` builds.
-pub fn locate() -> Result<PathBuf, String> {
-    if let Some(path) = std::env::var_os("BANGER_AGENT_BIN").filter(|p| !p.is_empty()) {
+/// `explicit` (the `agent_binary` setting, which `BANGER_AGENT_BIN`
+/// overrides), else `banger-agent` beside the running executable, else (in
+/// a source checkout) the one `scripts/build-agent` builds.
+pub fn locate(explicit: Option<&str>) -> Result<PathBuf, String> {
+    if let Some(path) = explicit.filter(|p| !p.is_empty()) {
         let path = PathBuf::from(path);
         return if path.is_file() && is_static_elf(&path) {
             Ok(path)

@@ -22,7 +22,7 @@ pub struct Config {
     pub firecracker_binary: Option<String>,
     /// `qemu` or `firecracker`, for VMs created without `--vmm`.
     #[serde(default)]
-    pub default_vmm: Option<String>,
+    pub default_vmm: Option<banger_proto::domain::VmmKind>,
     /// Seconds a VM may take from launch to agent readiness.
     #[serde(default)]
     pub boot_timeout_secs: Option<u64>,
@@ -35,7 +35,29 @@ pub struct Config {
     /// Bounds on what a pull may unpack.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// The static guest agent (`BANGER_AGENT_BIN` overrides); by default
+    /// `banger-agent` beside the banger executable.
+    #[serde(default)]
+    pub agent_binary: Option<String>,
+    /// Where the root helper listens (`BANGER_HELPER_SOCKET` overrides;
+    /// default /run/banger/helper.sock).
+    #[serde(default)]
+    pub helper_socket: Option<String>,
 }
+
+type SetKey = fn(&mut Config, String);
+
+/// The environment variables that override config keys, each with the key's
+/// setter: the only place the core reads its environment.
+const ENV_OVERRIDES: &[(&str, SetKey)] = &[
+    ("BANGER_NETWORK", |c, v| c.network.mode = Some(v)),
+    ("BANGER_FIRECRACKER_BIN", |c, v| {
+        c.firecracker_binary = Some(v)
+    }),
+    ("BANGER_QEMU_ACCEL", |c, v| c.qemu.accel = Some(v)),
+    ("BANGER_AGENT_BIN", |c, v| c.agent_binary = Some(v)),
+    ("BANGER_HELPER_SOCKET", |c, v| c.helper_socket = Some(v)),
+];
 
 /// What one image may expand to, so a hostile or broken layer (an endless
 /// stream, a small gzip of zeros) stops with an error instead of filling the
@@ -121,6 +143,31 @@ impl Config {
         }
     }
 
+    /// The config file with the environment's overrides applied: what a
+    /// daemon reads once at start and hands to every service.
+    pub fn load_with_env(path: &Path) -> anyhow::Result<Config> {
+        let mut config = Config::load(path)?;
+        config.apply_env(|key| std::env::var(key).ok());
+        Ok(config)
+    }
+
+    /// Applies the override variables `get` finds set and non-empty.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
+        for (key, set) in ENV_OVERRIDES {
+            if let Some(value) = get(key).filter(|v| !v.is_empty()) {
+                set(self, value);
+            }
+        }
+    }
+
+    /// Where the root helper listens.
+    pub fn helper_socket(&self) -> std::path::PathBuf {
+        self.helper_socket
+            .clone()
+            .unwrap_or_else(|| banger_proto::helper::DEFAULT_HELPER_SOCKET.into())
+            .into()
+    }
+
     pub fn download_concurrency(&self) -> usize {
         self.max_concurrent_downloads.unwrap_or(4).clamp(1, 32)
     }
@@ -139,6 +186,25 @@ mod tests {
         assert_eq!(
             Config::load(&dir.path().join("none.toml")).unwrap(),
             Config::default()
+        );
+    }
+
+    #[test]
+    fn environment_overrides_win_over_the_file_and_empty_ones_do_not() {
+        let mut cfg: Config =
+            toml::from_str("firecracker_binary = \"/opt/fc\"\n[network]\nmode = \"tap\"").unwrap();
+        cfg.apply_env(|key| match key {
+            "BANGER_NETWORK" => Some("none".into()),
+            "BANGER_FIRECRACKER_BIN" => Some(String::new()),
+            "BANGER_HELPER_SOCKET" => Some("/tmp/h.sock".into()),
+            _ => None,
+        });
+        assert_eq!(cfg.network.mode.as_deref(), Some("none"));
+        assert_eq!(cfg.firecracker_binary.as_deref(), Some("/opt/fc"));
+        assert_eq!(cfg.helper_socket(), std::path::PathBuf::from("/tmp/h.sock"));
+        assert_eq!(
+            Config::default().helper_socket(),
+            std::path::PathBuf::from(banger_proto::helper::DEFAULT_HELPER_SOCKET)
         );
     }
 }

@@ -48,9 +48,8 @@ pub struct Host {
 
 impl Host {
     /// As root, privileged operations run in-process; otherwise they go to
-    /// the root helper (`BANGER_HELPER_SOCKET`, default
-    /// /run/banger/helper.sock). VMMs always run as the daemon's user.
-    pub fn real(runner: Arc<dyn ProcessRunner>) -> Host {
+    /// the root helper at `helper_socket`. VMMs always run as the daemon's user.
+    pub fn real(runner: Arc<dyn ProcessRunner>, helper_socket: std::path::PathBuf) -> Host {
         let launcher = Arc::new(banger_host::RealLauncher);
         if nix::unistd::geteuid().is_root() {
             return Host {
@@ -65,7 +64,7 @@ impl Host {
                 privileged: true,
             };
         }
-        let helper = banger_host::HelperClient::new(helper_socket());
+        let helper = banger_host::HelperClient::new(helper_socket);
         let privileged = match helper.ping() {
             Ok(version) => {
                 tracing::info!(socket = %helper.socket().display(), %version, "using the root helper");
@@ -86,14 +85,6 @@ impl Host {
     }
 }
 
-/// Where the root helper listens.
-pub fn helper_socket() -> std::path::PathBuf {
-    std::env::var_os("BANGER_HELPER_SOCKET")
-        .filter(|v| !v.is_empty())
-        .map(Into::into)
-        .unwrap_or_else(|| banger_proto::helper::DEFAULT_HELPER_SOCKET.into())
-}
-
 /// Lines the caller sends after its request (exec stdin, signals), if any.
 pub type Input = Option<crate::caller::CallerInput>;
 
@@ -104,10 +95,25 @@ impl Core {
         runner: Arc<dyn ProcessRunner>,
         hooks: PullHooks,
     ) -> anyhow::Result<Core> {
-        Self::open_with(paths, Host::real(runner), hooks)
+        let config = Config::load_with_env(&paths.config_file())?;
+        let host = Host::real(runner, config.helper_socket());
+        Self::open_configured(paths, config, host, hooks)
     }
 
+    /// With the given host side effects (fakes, in tests); the config file
+    /// and the environment's overrides are read here, once.
     pub fn open_with(paths: Paths, host: Host, hooks: PullHooks) -> anyhow::Result<Core> {
+        let config = Config::load_with_env(&paths.config_file())?;
+        Self::open_configured(paths, config, host, hooks)
+    }
+
+    /// With the configuration handed in: nothing below reads the environment.
+    pub fn open_configured(
+        paths: Paths,
+        config: Config,
+        host: Host,
+        hooks: PullHooks,
+    ) -> anyhow::Result<Core> {
         let Host {
             runner,
             launcher,
@@ -116,7 +122,6 @@ impl Core {
             privileged,
         } = host;
         paths.create_all()?;
-        let config = Config::load(&paths.config_file())?;
         let store = Arc::new(Store::open(&paths.database())?);
         let users_store = store.clone();
         let images =

@@ -6,6 +6,7 @@
 //! `docs/rpc.md` documents every method listed in [`rpc::ALL`].
 
 pub mod agent;
+pub mod domain;
 pub mod elf;
 pub mod helper;
 pub mod image;

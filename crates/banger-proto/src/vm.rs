@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::domain::{CowStrategy, VmState, VmmKind};
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CreateParams {
     pub name: String,
@@ -15,9 +17,9 @@ pub struct CreateParams {
     /// Root disk size in bytes (at least the image's).
     #[serde(default)]
     pub disk_bytes: Option<u64>,
-    /// `qemu` or `firecracker`; the configured default when absent.
+    /// The configured default when absent.
     #[serde(default)]
-    pub vmm: Option<String>,
+    pub vmm: Option<VmmKind>,
     /// Start the VM once created (`vm run`).
     #[serde(default)]
     pub start: bool,
@@ -28,18 +30,18 @@ pub struct VmInfo {
     pub name: String,
     /// `running`, `paused` or `stopped`: always what the VMM process really
     /// is (`paused`: it lives but runs no guest; `problem` says why).
-    pub state: String,
+    pub state: VmState,
     /// Why a paused VM is paused, and what to do.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub problem: Option<String>,
     pub image: String,
     pub kernel: String,
-    pub vmm: String,
+    pub vmm: VmmKind,
     pub vcpus: u32,
     pub memory_mib: u64,
     pub disk_bytes: u64,
-    /// How the root disk shares blocks with the image: `reflink`, `copy`, `dm-snapshot`.
-    pub cow_strategy: String,
+    /// How the root disk shares blocks with the image.
+    pub cow_strategy: CowStrategy,
     /// The VM's directory: disks, console log, sockets.
     pub dir: String,
     /// Where the work disk is mounted in the guest.

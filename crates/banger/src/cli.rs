@@ -221,7 +221,7 @@ pub struct CreateArgs {
     pub disk: Option<String>,
     /// qemu or firecracker.
     #[arg(long)]
-    pub vmm: Option<String>,
+    pub vmm: Option<banger_proto::domain::VmmKind>,
     #[arg(long)]
     pub json: bool,
 }

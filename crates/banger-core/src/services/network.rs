@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use banger_host::{HostNetwork, Instance, NetSetup, Subnet};
 use banger_proto::agent::GuestNetwork;
+use banger_proto::domain::NetworkMode;
 
 use crate::config::Config;
 use crate::error::{OpError, OpResult};
@@ -63,10 +64,7 @@ impl NetworkService {
         store: Arc<Store>,
     ) -> NetworkService {
         let net = &config.network;
-        let mode = std::env::var("BANGER_NETWORK")
-            .ok()
-            .or_else(|| net.mode.clone())
-            .unwrap_or_else(|| "auto".into());
+        let mode = net.mode.as_deref().unwrap_or("auto").parse::<NetworkMode>();
         // SAFETY: geteuid has no preconditions.
         let owner = unsafe { libc::geteuid() };
         let instance = match Self::instance(&store) {
@@ -76,22 +74,27 @@ impl NetworkService {
                 Instance::fresh(random_u32)
             }
         };
-        let state = match mode.as_str() {
-            "none" => State::Disabled,
+        let state = match mode {
+            Ok(NetworkMode::None) => State::Disabled,
             // Neither root nor a root helper, or no tun driver: taps cannot
             // be made, and `auto` means "when it can work".
-            "auto" if !privileged || !std::path::Path::new(TUN_DEVICE).exists() => State::Disabled,
-            "auto" | "tap" => match Self::subnet(config, &store, &instance) {
-                Ok(subnet) => State::Ready(NetSetup {
-                    instance: instance.clone(),
-                    subnet,
-                    dns_port: net.dns_port.unwrap_or(DEFAULT_DNS_PORT),
-                    domain: net.domain.clone().unwrap_or_else(|| DEFAULT_DOMAIN.into()),
-                }),
-                Err(e) => State::Broken(e),
-            },
-            other => State::Broken(format!(
-                "network.mode `{other}` is not one of auto, tap, none"
+            Ok(NetworkMode::Auto) if !privileged || !std::path::Path::new(TUN_DEVICE).exists() => {
+                State::Disabled
+            }
+            Ok(NetworkMode::Auto | NetworkMode::Tap) => {
+                match Self::subnet(config, &store, &instance) {
+                    Ok(subnet) => State::Ready(NetSetup {
+                        instance: instance.clone(),
+                        subnet,
+                        dns_port: net.dns_port.unwrap_or(DEFAULT_DNS_PORT),
+                        domain: net.domain.clone().unwrap_or_else(|| DEFAULT_DOMAIN.into()),
+                    }),
+                    Err(e) => State::Broken(e),
+                }
+            }
+            Err(_) => State::Broken(format!(
+                "network.mode `{}` is not one of auto, tap, none",
+                net.mode.as_deref().unwrap_or_default()
             )),
         };
         NetworkService {

@@ -1,6 +1,7 @@
 //! VM records (durable) and their runtime handles (transient: pid and start
 //! time of the VMM, valid only while that process lives).
 
+use banger_proto::domain::{CowStrategy, VmmKind};
 use rusqlite::{params, OptionalExtension, Row};
 
 use super::Store;
@@ -10,11 +11,11 @@ pub struct VmRecord {
     pub name: String,
     pub image: String,
     pub kernel: String,
-    pub vmm: String,
+    pub vmm: VmmKind,
     pub vcpus: u32,
     pub memory_mib: u64,
     pub disk_bytes: u64,
-    pub cow_strategy: String,
+    pub cow_strategy: CowStrategy,
     pub dir: String,
     pub host_key_pub: String,
     pub created_at: String,
@@ -53,16 +54,25 @@ fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<VmRecord> {
         name: row.get(0)?,
         image: row.get(1)?,
         kernel: row.get(2)?,
-        vmm: row.get(3)?,
+        vmm: word(row, 3)?,
         vcpus: row.get(4)?,
         memory_mib: row.get::<_, i64>(5)? as u64,
         disk_bytes: row.get::<_, i64>(6)? as u64,
-        cow_strategy: row.get(7)?,
+        cow_strategy: word(row, 7)?,
         dir: row.get(8)?,
         host_key_pub: row.get(9)?,
         created_at: row.get(10)?,
         ip: row.get(11)?,
         origin: row.get(12)?,
+    })
+}
+
+/// A column holding one of the domain words; another word is a database
+/// this banger cannot read (written by a newer one).
+fn word<T: std::str::FromStr<Err = String>>(row: &Row<'_>, i: usize) -> rusqlite::Result<T> {
+    let text: String = row.get(i)?;
+    text.parse().map_err(|e: String| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e.into())
     })
 }
 
@@ -86,11 +96,11 @@ impl Store {
                 vm.name,
                 vm.image,
                 vm.kernel,
-                vm.vmm,
+                vm.vmm.as_str(),
                 vm.vcpus,
                 vm.memory_mib as i64,
                 vm.disk_bytes as i64,
-                vm.cow_strategy,
+                vm.cow_strategy.as_str(),
                 vm.dir,
                 vm.host_key_pub,
                 vm.created_at,

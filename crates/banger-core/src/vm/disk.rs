@@ -8,25 +8,7 @@ use std::path::Path;
 
 use banger_host::{CommandSpec, ProcessRunner};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CowStrategy {
-    /// Blocks shared with the image until written (FICLONE: btrfs, xfs).
-    Reflink,
-    /// A sparse full copy: works everywhere, costs the image's size.
-    Copy,
-    /// A device-mapper snapshot through the privileged helper.
-    DmSnapshot,
-}
-
-impl CowStrategy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CowStrategy::Reflink => "reflink",
-            CowStrategy::Copy => "copy",
-            CowStrategy::DmSnapshot => "dm-snapshot",
-        }
-    }
-}
+pub use banger_proto::domain::CowStrategy;
 
 const FICLONE: libc::c_ulong = 0x4004_9409;
 

@@ -1,6 +1,8 @@
 //! What a VM may be given: vCPUs, memory and disk checked at create against
 //! the host and the VMM, with the allowed range in every refusal.
 
+use banger_proto::domain::VmmKind;
+
 /// The fewest MiB a VM boots in.
 pub const MIN_MEMORY_MIB: u64 = 64;
 /// The largest disk file (ext4's limit for one file with 4 KiB blocks).
@@ -34,12 +36,12 @@ impl Host {
     }
 }
 
-pub fn vcpus(n: u32, vmm: &str, host: Host) -> Result<u32, String> {
+pub fn vcpus(n: u32, vmm: VmmKind, host: Host) -> Result<u32, String> {
     let vmm_max: u32 = match vmm {
         // Firecracker takes fewer than 32 (and 1 or an even count only with
         // SMT, which banger leaves off).
-        "firecracker" => 31,
-        _ => 255,
+        VmmKind::Firecracker => 31,
+        VmmKind::Qemu => 255,
     };
     let max = vmm_max.min(host.cpus.max(1));
     if n == 0 || n > max {
@@ -96,19 +98,19 @@ mod tests {
 
     #[test]
     fn sizes_outside_the_host_or_the_vmm_are_refused_with_the_range() {
-        assert_eq!(vcpus(1, "qemu", HOST), Ok(1));
-        assert_eq!(vcpus(8, "qemu", HOST), Ok(8));
+        assert_eq!(vcpus(1, VmmKind::Qemu, HOST), Ok(1));
+        assert_eq!(vcpus(8, VmmKind::Qemu, HOST), Ok(8));
         for bad in [0, 9, 1000] {
-            let err = vcpus(bad, "qemu", HOST).unwrap_err();
+            let err = vcpus(bad, VmmKind::Qemu, HOST).unwrap_err();
             assert!(err.contains("1 to 8"), "{err}");
         }
-        assert_eq!(vcpus(3, "firecracker", HOST), Ok(3));
+        assert_eq!(vcpus(3, VmmKind::Firecracker, HOST), Ok(3));
         let big = Host {
             cpus: 64,
             memory_mib: 1,
         };
-        assert!(vcpus(31, "firecracker", big).is_ok());
-        assert!(vcpus(32, "firecracker", big)
+        assert!(vcpus(31, VmmKind::Firecracker, big).is_ok());
+        assert!(vcpus(32, VmmKind::Firecracker, big)
             .unwrap_err()
             .contains("1 to 31"));
         assert_eq!(memory_mib(512, HOST), Ok(512));

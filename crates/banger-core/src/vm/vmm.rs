@@ -90,11 +90,9 @@ pub enum Accel {
 }
 
 impl Accel {
-    /// `auto` picks KVM when /dev/kvm can be opened; `BANGER_QEMU_ACCEL`
-    /// overrides the config.
-    pub fn choose(configured: &str) -> Result<Accel, String> {
-        let wanted = std::env::var("BANGER_QEMU_ACCEL").unwrap_or_else(|_| configured.to_string());
-        match wanted.as_str() {
+    /// `auto` picks KVM when /dev/kvm can be opened.
+    pub fn choose(wanted: &str) -> Result<Accel, String> {
+        match wanted {
             "kvm" => Ok(Accel::Kvm),
             "tcg" => Ok(Accel::Tcg),
             "auto" | "" => Ok(if kvm_usable() { Accel::Kvm } else { Accel::Tcg }),

@@ -46,6 +46,10 @@ fn check(
 pub fn run(paths: &Paths, json: bool) -> anyhow::Result<i32> {
     // Asked once; the checks that read it take it from here.
     let status = daemon_status(paths);
+    // What the daemon reads at its start: the config file and the
+    // environment's overrides.
+    let config =
+        banger_core::config::Config::load_with_env(&paths.config_file()).unwrap_or_default();
     let checks = vec![
         daemon(paths),
         writable("state-dir", &paths.state_dir),
@@ -58,11 +62,11 @@ pub fn run(paths: &Paths, json: bool) -> anyhow::Result<i32> {
         kvm(),
         kernel(paths),
         vms(paths),
-        agent(),
+        agent(&config),
         cow(paths),
         network(status.as_ref()),
         dns(status.as_ref()),
-        helper(status.as_ref()),
+        helper(status.as_ref(), &config),
         install(),
     ];
     if json {
@@ -367,8 +371,8 @@ fn kernel(paths: &Paths) -> Check {
     }
 }
 
-fn agent() -> Check {
-    match banger_core::agent_bin::locate() {
+fn agent(config: &banger_core::config::Config) -> Check {
+    match banger_core::agent_bin::locate(config.agent_binary.as_deref()) {
         Ok(path) => check(
             "agent",
             Status::Ok,
@@ -438,7 +442,7 @@ fn cow(paths: &Paths) -> Check {
 }
 
 /// Who does the privileged work, and whether that path is sound.
-fn helper(status: Option<&DaemonStatus>) -> Check {
+fn helper(status: Option<&DaemonStatus>, config: &banger_core::config::Config) -> Check {
     let installed = crate::units::Install::present(Path::new("/"));
     if status.map(|s| s.uid) == Some(0) {
         return if installed {
@@ -457,7 +461,7 @@ fn helper(status: Option<&DaemonStatus>) -> Check {
             )
         };
     }
-    let socket = banger_core::ops::helper_socket();
+    let socket = config.helper_socket();
     let Ok(meta) = std::fs::symlink_metadata(&socket) else {
         return check(
             "helper",

@@ -71,9 +71,9 @@ pub fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
                 .map(|v| {
                     vec![
                         v.name.clone(),
-                        v.state.clone(),
+                        v.state.to_string(),
                         v.image.clone(),
-                        v.vmm.clone(),
+                        v.vmm.to_string(),
                         v.vcpus.to_string(),
                         human_bytes(v.memory_mib << 20),
                         relative_time(&v.created_at),

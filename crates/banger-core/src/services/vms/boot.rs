@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use banger_host::ProcessId;
 use banger_proto::agent::{BootConfig, Transport, AGENT_PROTOCOL};
-use banger_proto::vm::{VmEvent, VmInfo};
+use banger_proto::vm::{CowStrategy, VmEvent, VmInfo};
 
 use super::boot_log::{boot_failed, mark_boot};
 use super::lifecycle::{step, VmLifecycle};
@@ -20,8 +20,8 @@ use crate::steps::Steps;
 use crate::store::{VmRecord, VmRuntime};
 use crate::vm::agent_client::{self, AgentSession, Ctl};
 use crate::vm::console;
+use crate::vm::keys;
 use crate::vm::vmm::{BootSpec, CtlEndpoint, Nic, Vmm};
-use crate::vm::{disk, keys};
 use banger_proto::kernel::KernelInfo;
 
 const STEPS_START: u32 = 5;
@@ -33,7 +33,7 @@ impl VmLifecycle {
         if self.registry.live(name)?.is_some() {
             return self.registry.info(&vm);
         }
-        let vmm = self.registry.vmm(&vm.vmm)?;
+        let vmm = self.registry.vmm(vm.vmm)?;
         let kernel = self.kernels.get(&vm.kernel)?;
         self.registry.clean_run_files(&vm);
         let mut steps = Steps::new(self.fail_point());
@@ -94,7 +94,8 @@ impl VmLifecycle {
     ) -> OpResult<PathBuf> {
         steps.begin("initramfs")?;
         let dir = PathBuf::from(&vm.dir);
-        let agent = crate::agent_bin::locate().map_err(OpError::internal)?;
+        let agent = crate::agent_bin::locate(self.registry.config.agent_binary.as_deref())
+            .map_err(OpError::internal)?;
         let mut bytes = self.kernels.initramfs(kernel, &agent).await?;
         let host_key = std::fs::read_to_string(dir.join("host_key"))
             .map_err(|e| OpError::internal(format!("reading the VM's host key: {e}")))?;
@@ -133,7 +134,7 @@ impl VmLifecycle {
     /// snapshot device over the image it was made from.
     fn root_disk(&self, vm: &VmRecord, steps: &mut Steps) -> OpResult<PathBuf> {
         let dir = PathBuf::from(&vm.dir);
-        if vm.cow_strategy != disk::CowStrategy::DmSnapshot.as_str() {
+        if vm.cow_strategy != CowStrategy::DmSnapshot {
             return Ok(dir.join("root.ext4"));
         }
         steps.begin("snapshot")?;

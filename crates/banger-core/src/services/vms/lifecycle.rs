@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use banger_host::ProcessRunner;
-use banger_proto::vm::{CreateParams, VmEvent, VmInfo};
+use banger_proto::vm::{CreateParams, VmEvent, VmInfo, VmmKind};
 
 use super::error::VmError;
 use super::registry::{kill_and_wait, VmRegistry};
@@ -156,15 +156,14 @@ impl VmLifecycle {
         let kernel = self.kernels.resolve(params.kernel.as_deref())?;
         let vmm_kind = params
             .vmm
-            .clone()
-            .or_else(|| self.registry.config.default_vmm.clone())
-            .unwrap_or_else(|| "qemu".into());
-        self.registry.vmm(&vmm_kind)?;
+            .or(self.registry.config.default_vmm)
+            .unwrap_or(VmmKind::Qemu);
+        self.registry.vmm(vmm_kind)?;
         // Checked, never silently changed: a size the VM cannot have is
         // refused here with the range, not at start.
         let host = sizing::Host::probe();
         let vcpus = match params.vcpus {
-            Some(n) => sizing::vcpus(n, &vmm_kind, host).map_err(OpError::invalid)?,
+            Some(n) => sizing::vcpus(n, vmm_kind, host).map_err(OpError::invalid)?,
             None => DEFAULT_VCPUS.min(host.cpus.max(1)),
         };
         let memory_mib = match params.memory_mib {
@@ -252,7 +251,7 @@ impl VmLifecycle {
             vcpus,
             memory_mib,
             disk_bytes,
-            cow_strategy: strategy.as_str().into(),
+            cow_strategy: strategy,
             dir: dir.display().to_string(),
             host_key_pub: keys::public_openssh(&host_key).map_err(OpError::internal)?,
             created_at: ids::now_rfc3339(),
@@ -299,7 +298,7 @@ impl VmLifecycle {
             while self.registry.launcher.alive(pid) && tokio::time::Instant::now() < deadline {
                 if !asked_vmm && tokio::time::Instant::now() > halfway {
                     // The agent did not finish; ask the VMM (Ctrl-Alt-Del on Firecracker).
-                    if let Ok(vmm) = self.registry.vmm(&vm.vmm) {
+                    if let Ok(vmm) = self.registry.vmm(vm.vmm) {
                         vmm.request_shutdown(Path::new(&vm.dir)).await;
                     }
                     asked_vmm = true;

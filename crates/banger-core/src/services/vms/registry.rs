@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use banger_host::{ProcessId, ProcessLauncher};
-use banger_proto::vm::VmInfo;
+use banger_proto::vm::{CowStrategy, VmInfo, VmState, VmmKind};
 
 use super::error::VmError;
 use crate::config::Config;
@@ -17,7 +17,6 @@ use crate::paths::Paths;
 use crate::services::network::NetworkService;
 use crate::store::{Store, VmRecord, VmRuntime};
 use crate::suggest;
-use crate::vm::disk;
 use crate::vm::firecracker::Firecracker;
 use crate::vm::ssh_config;
 use crate::vm::vmm::{Accel, Qemu, Vmm};
@@ -97,9 +96,9 @@ impl VmRegistry {
     }
 
     /// The backend a VM of this kind runs on.
-    pub fn vmm(&self, kind: &str) -> OpResult<Box<dyn Vmm>> {
+    pub fn vmm(&self, kind: VmmKind) -> OpResult<Box<dyn Vmm>> {
         match kind {
-            "qemu" => Ok(Box::new(Qemu {
+            VmmKind::Qemu => Ok(Box::new(Qemu {
                 binary: self
                     .config
                     .qemu
@@ -109,16 +108,13 @@ impl VmRegistry {
                 accel: Accel::choose(self.config.qemu.accel.as_deref().unwrap_or("auto"))
                     .map_err(OpError::invalid)?,
             })),
-            "firecracker" => Ok(Box::new(Firecracker {
-                binary: std::env::var("BANGER_FIRECRACKER_BIN")
-                    .ok()
-                    .filter(|b| !b.is_empty())
-                    .or_else(|| self.config.firecracker_binary.clone())
+            VmmKind::Firecracker => Ok(Box::new(Firecracker {
+                binary: self
+                    .config
+                    .firecracker_binary
+                    .clone()
                     .unwrap_or_else(|| "firecracker".into()),
             })),
-            other => Err(OpError::invalid(format!(
-                "unknown VMM `{other}` (use qemu or firecracker)"
-            ))),
         }
     }
 
@@ -175,9 +171,9 @@ impl VmRegistry {
     /// Removes what exists only while a VM runs: its VMM's sockets, the
     /// per-boot initramfs, a root snapshot's device.
     pub fn clean_run_files(&self, vm: &VmRecord) {
-        let files = self.vmm(&vm.vmm).map(|v| v.run_files()).unwrap_or(&[]);
+        let files = self.vmm(vm.vmm).map(|v| v.run_files()).unwrap_or(&[]);
         remove_run_files(Path::new(&vm.dir), files);
-        if vm.cow_strategy == disk::CowStrategy::DmSnapshot.as_str() {
+        if vm.cow_strategy == CowStrategy::DmSnapshot {
             let state = Path::new(&vm.dir).join("dm.state");
             if let Err(e) = self.blockdevs.teardown_snapshot(&dm_name(&vm.name), &state) {
                 tracing::warn!(vm = %vm.name, error = %e, "could not tear down the root snapshot");
@@ -189,7 +185,7 @@ impl VmRegistry {
         let rt = self.live(&vm.name)?;
         let problem = match &rt {
             Some(_) => self
-                .vmm(&vm.vmm)
+                .vmm(vm.vmm)
                 .ok()
                 .and_then(|v| v.problem(Path::new(&vm.dir)))
                 .map(|why| {
@@ -204,19 +200,18 @@ impl VmRegistry {
         Ok(VmInfo {
             name: vm.name.clone(),
             state: match (&rt, &problem) {
-                (None, _) => "stopped",
-                (Some(_), Some(_)) => "paused",
-                (Some(_), None) => "running",
-            }
-            .into(),
+                (None, _) => VmState::Stopped,
+                (Some(_), Some(_)) => VmState::Paused,
+                (Some(_), None) => VmState::Running,
+            },
             problem,
             image: vm.image.clone(),
             kernel: vm.kernel.clone(),
-            vmm: vm.vmm.clone(),
+            vmm: vm.vmm,
             vcpus: vm.vcpus,
             memory_mib: vm.memory_mib,
             disk_bytes: vm.disk_bytes,
-            cow_strategy: vm.cow_strategy.clone(),
+            cow_strategy: vm.cow_strategy,
             dir: vm.dir.clone(),
             work_mount: WORK_MOUNT.into(),
             pid: rt.as_ref().map(|r| r.pid),

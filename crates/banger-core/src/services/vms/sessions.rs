@@ -66,7 +66,7 @@ impl AgentSessions {
         if let Some(session) = open(&*self.sessions.lock().await) {
             return Ok(session);
         }
-        let vmm = self.registry.vmm(&vm.vmm)?;
+        let vmm = self.registry.vmm(vm.vmm)?;
         let session = self.connect(vm, vmm.as_ref()).await?;
         self.keep(&vm.name, session.clone()).await;
         Ok(session)
