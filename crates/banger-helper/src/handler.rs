@@ -5,26 +5,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use banger_host::net::{check_guest, check_tap};
-use banger_host::{
-    BlockDevices, HostError, HostNetwork, Instance, LaunchSpec, NetSetup, ProcessId,
-    ProcessLauncher,
-};
+use banger_host::{BlockDevices, HostError, HostNetwork, Instance, NetSetup};
 use banger_proto::helper::{HelperReply, HelperRequest, HelperValue, HELPER_PROTOCOL};
 
-use crate::launched::{Launched, Table};
 use crate::networks::Networks;
-use crate::policy::{as_caller, Caller, Policy, Refusal};
-
-/// Signals a VMM may be sent: stop requests, nothing else.
-const SIGNALS: [i32; 4] = [libc::SIGTERM, libc::SIGKILL, libc::SIGINT, libc::SIGHUP];
+use crate::policy::{Caller, Policy, Refusal};
 
 pub struct Helper {
     pub policy: Policy,
     net: Arc<dyn HostNetwork>,
     blocks: Arc<dyn BlockDevices>,
-    launcher: Arc<dyn ProcessLauncher>,
     state_dir: PathBuf,
-    launched: Table,
     /// The network instances set up, each for one uid.
     networks: Networks,
 }
@@ -56,19 +47,15 @@ impl Helper {
         policy: Policy,
         net: Arc<dyn HostNetwork>,
         blocks: Arc<dyn BlockDevices>,
-        launcher: Arc<dyn ProcessLauncher>,
         state_dir: PathBuf,
     ) -> std::io::Result<Helper> {
         std::fs::create_dir_all(state_dir.join("dm"))?;
-        let launched = Table::load(&state_dir.join("launched.json"));
         let networks = Networks::load(&state_dir.join("networks.json"));
         Ok(Helper {
             policy,
             net,
             blocks,
-            launcher,
             state_dir,
-            launched,
             networks,
         })
     }
@@ -173,80 +160,6 @@ impl Helper {
                     .teardown_snapshot(&name, &self.dm_state(&name))?;
                 Ok(HelperValue::Done)
             }
-            R::Launch {
-                program,
-                args,
-                log,
-                cwd,
-            } => {
-                let exe = self.policy.program(&program)?;
-                let (Some(log_dir), Some(log_name)) = (log.parent(), log.file_name()) else {
-                    return Err(Failure::Refused(format!(
-                        "{} is not a file path",
-                        log.display()
-                    )));
-                };
-                let log = self.policy.caller_dir(caller, log_dir)?.join(log_name);
-                let cwd = cwd
-                    .map(|d| self.policy.caller_dir(caller, &d))
-                    .transpose()?;
-                let spec = LaunchSpec {
-                    program: exe.display().to_string(),
-                    args,
-                    log,
-                    cwd,
-                    user: Some((caller.uid, caller.gid)),
-                };
-                // The log is opened with the caller's rights, not root's.
-                let id = as_caller(caller, || self.launcher.launch(&spec))?;
-                self.launched.add(Launched {
-                    pid: id.pid,
-                    start_time: id.start_time,
-                    exe,
-                    uid: caller.uid,
-                });
-                Ok(HelperValue::Process {
-                    pid: id.pid,
-                    start_time: id.start_time,
-                })
-            }
-            R::Alive { pid, start_time } => Ok(HelperValue::Bool(
-                self.launcher.alive(ProcessId { pid, start_time }),
-            )),
-            R::Signal {
-                pid,
-                start_time,
-                signal,
-            } => {
-                if !SIGNALS.contains(&signal) {
-                    return Err(Failure::Refused(format!(
-                        "signal {signal} is not one the helper sends (TERM, KILL, INT, HUP)"
-                    )));
-                }
-                let Some(entry) = self.launched.find(pid, start_time) else {
-                    return Err(Failure::Refused(format!(
-                        "pid {pid} (start time {start_time}) was not launched by this helper"
-                    )));
-                };
-                if caller.uid != 0 && entry.uid != caller.uid {
-                    return Err(Failure::Refused(format!(
-                        "pid {pid} was launched for uid {}, not for uid {}",
-                        entry.uid, caller.uid
-                    )));
-                }
-                if !entry.running() {
-                    return Ok(HelperValue::Done); // Already gone: nothing to do.
-                }
-                if !entry.same_exe() {
-                    return Err(Failure::Refused(format!(
-                        "pid {pid} no longer runs {}",
-                        entry.exe.display()
-                    )));
-                }
-                self.launcher
-                    .signal(ProcessId { pid, start_time }, signal)?;
-                Ok(HelperValue::Done)
-            }
         }
     }
 
@@ -260,3 +173,7 @@ impl Helper {
 fn instance_of(id: &str) -> Result<Instance, Failure> {
     Instance::parse(id).map_err(Failure::Refused)
 }
+
+#[cfg(test)]
+#[path = "handler_tests.rs"]
+mod tests;

@@ -1,9 +1,9 @@
-//! `banger root-helper`: the few operations that need root (taps, NAT,
-//! device-mapper, launching VMMs as their owner), each a typed request the
-//! helper checks against its own policy before touching the host.
+//! The root helper (`banger-root-helper`): the few operations that need
+//! root (taps, NAT, device-mapper), each a typed request the helper checks
+//! against its own policy before touching the host. VMMs are not among
+//! them: they run as the daemon's user.
 
 pub mod handler;
-pub mod launched;
 pub mod networks;
 pub mod policy;
 pub mod server;

@@ -32,10 +32,8 @@ pub struct Policy {
     pub owner: Option<u32>,
     /// The group whose members may use it, if one was named.
     pub group: Option<u32>,
-    /// Caller files (disks, logs) must live under one of these.
+    /// Caller files (disks) must live under one of these.
     allowed_dirs: Vec<PathBuf>,
-    /// The only programs `launch` starts (canonical paths).
-    vmms: Vec<PathBuf>,
 }
 
 impl Policy {
@@ -43,7 +41,6 @@ impl Policy {
         owner: Option<u32>,
         group: Option<u32>,
         allowed_dirs: Vec<PathBuf>,
-        vmms: &[PathBuf],
     ) -> Result<Policy, String> {
         for dir in &allowed_dirs {
             if !dir.is_absolute() {
@@ -53,16 +50,10 @@ impl Policy {
                 ));
             }
         }
-        // A VMM that is not installed is simply not allowed.
-        let vmms = vmms
-            .iter()
-            .filter_map(|p| which(p).and_then(|p| p.canonicalize().ok()))
-            .collect();
         Ok(Policy {
             owner,
             group,
             allowed_dirs,
-            vmms,
         })
     }
 
@@ -133,18 +124,6 @@ impl Policy {
         Ok(canonical)
     }
 
-    /// A directory under the allowed ones, for a log file's parent or a cwd.
-    pub fn caller_dir(&self, caller: &Caller, dir: &Path) -> Result<PathBuf, Refusal> {
-        let canonical = as_caller(caller, || self.inside(dir))?;
-        let meta = std::fs::metadata(&canonical)
-            .map_err(|e| Refusal(format!("{}: {e}", dir.display())))?;
-        if !meta.is_dir() {
-            return refuse(format!("{} is not a directory", dir.display()));
-        }
-        owned_by(caller, dir, &meta)?;
-        Ok(canonical)
-    }
-
     /// The device-mapper name of a VM: `banger-<vm>`, with `vm` a DNS label.
     pub fn dm_name(&self, vm: &str) -> Result<String, Refusal> {
         if !banger_proto::is_dns_label(vm) {
@@ -178,22 +157,6 @@ impl Policy {
             return refuse(format!("DNS port {port} is privileged; use 1024 or above"));
         }
         Ok(port)
-    }
-
-    /// The canonical path of an allowed VMM binary.
-    pub fn program(&self, program: &str) -> Result<PathBuf, Refusal> {
-        let found = which(Path::new(program)).and_then(|p| p.canonicalize().ok());
-        match found {
-            Some(p) if self.vmms.contains(&p) => Ok(p),
-            _ => refuse(format!(
-                "`{program}` is not a VMM this helper launches ({})",
-                self.vmms
-                    .iter()
-                    .map(|d| d.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )),
-        }
     }
 }
 
@@ -229,17 +192,6 @@ pub fn as_caller<T>(caller: &Caller, f: impl FnOnce() -> T) -> T {
     out
 }
 
-/// A program name resolved through PATH, or the path itself.
-fn which(program: &Path) -> Option<PathBuf> {
-    if program.components().count() > 1 || program.is_absolute() {
-        return program.exists().then(|| program.to_path_buf());
-    }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
-}
-
 fn supplementary_groups(pid: u32) -> Vec<u32> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
@@ -258,13 +210,7 @@ mod tests {
     use super::*;
 
     fn policy(dir: &Path) -> Policy {
-        Policy::new(
-            Some(1000),
-            Some(4242),
-            vec![dir.to_path_buf()],
-            &[PathBuf::from("sh")],
-        )
-        .unwrap()
+        Policy::new(Some(1000), Some(4242), vec![dir.to_path_buf()]).unwrap()
     }
 
     #[test]
@@ -294,7 +240,7 @@ mod tests {
     }
 
     #[test]
-    fn names_subnets_ports_and_programs_are_checked() {
+    fn names_subnets_and_ports_are_checked() {
         let p = policy(Path::new("/tmp"));
         assert_eq!(p.dm_name("web-1").unwrap(), "banger-web-1");
         for bad in ["", "-x", "x-", "Web", "a/b", "../x", &"a".repeat(64)] {
@@ -308,10 +254,6 @@ mod tests {
         }
         assert!(p.dns_port(53).is_err());
         assert_eq!(p.dns_port(1053).unwrap(), 1053);
-        assert!(p.program("sh").is_ok());
-        assert!(p.program("/bin/sh").is_ok());
-        let err = p.program("rm").unwrap_err();
-        assert!(err.0.contains("not a VMM"), "{err}");
     }
 
     #[test]

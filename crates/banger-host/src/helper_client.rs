@@ -12,7 +12,6 @@ use banger_proto::helper::{HelperReply, HelperRequest, HelperValue, HELPER_PROTO
 use crate::blockdev::BlockDevices;
 use crate::net::{HostNetwork, Instance, NetSetup};
 use crate::process::HostError;
-use crate::vmm_process::{LaunchSpec, ProcessId, ProcessLauncher};
 
 /// Device-mapper names the helper makes: `banger-<vm>`.
 const DM_PREFIX: &str = "banger-";
@@ -175,37 +174,5 @@ impl BlockDevices for HelperClient {
 
     fn teardown_snapshot(&self, name: &str, _state: &Path) -> Result<(), HostError> {
         self.done(HelperRequest::SnapshotTeardown { vm: vm_of(name)? })
-    }
-}
-
-impl ProcessLauncher for HelperClient {
-    fn launch(&self, spec: &LaunchSpec) -> Result<ProcessId, HostError> {
-        match self.call(&HelperRequest::Launch {
-            program: spec.program.clone(),
-            args: spec.args.clone(),
-            log: spec.log.clone(),
-            cwd: spec.cwd.clone(),
-        })? {
-            HelperValue::Process { pid, start_time } => Ok(ProcessId { pid, start_time }),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// /proc is readable by anyone: no need to ask.
-    fn alive(&self, id: ProcessId) -> bool {
-        crate::RealLauncher.alive(id)
-    }
-
-    /// /proc again: the helper's VMMs run as the caller, who may read it.
-    fn find_naming(&self, needle: &str) -> Vec<ProcessId> {
-        crate::RealLauncher.find_naming(needle)
-    }
-
-    fn signal(&self, id: ProcessId, signal: i32) -> Result<(), HostError> {
-        self.done(HelperRequest::Signal {
-            pid: id.pid,
-            start_time: id.start_time,
-            signal,
-        })
     }
 }

@@ -8,8 +8,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-/// Bumped whenever a request or reply changes incompatibly.
-pub const HELPER_PROTOCOL: u32 = 2;
+/// Bumped whenever a request or reply changes incompatibly (3: the process
+/// verbs `launch`, `alive` and `signal` are gone; VMMs run as the daemon's user).
+pub const HELPER_PROTOCOL: u32 = 3;
 
 /// Where a system install puts the helper's socket.
 pub const DEFAULT_HELPER_SOCKET: &str = "/run/banger/helper.sock";
@@ -63,23 +64,6 @@ pub enum HelperRequest {
     SnapshotTeardown {
         vm: String,
     },
-    /// Starts an allowed VMM binary as the caller.
-    Launch {
-        program: String,
-        args: Vec<String>,
-        log: PathBuf,
-        cwd: Option<PathBuf>,
-    },
-    Alive {
-        pid: u32,
-        start_time: u64,
-    },
-    /// Signals a process this helper launched for the caller, nothing else.
-    Signal {
-        pid: u32,
-        start_time: u64,
-        signal: i32,
-    },
 }
 
 fn default_domain() -> String {
@@ -101,9 +85,6 @@ impl HelperRequest {
             HelperRequest::SnapshotSupported => "snapshot_supported",
             HelperRequest::SnapshotSetup { .. } => "snapshot_setup",
             HelperRequest::SnapshotTeardown { .. } => "snapshot_teardown",
-            HelperRequest::Launch { .. } => "launch",
-            HelperRequest::Alive { .. } => "alive",
-            HelperRequest::Signal { .. } => "signal",
         }
     }
 }
@@ -131,10 +112,6 @@ pub enum HelperValue {
     Taps(Vec<String>),
     Bool(bool),
     Device(PathBuf),
-    Process {
-        pid: u32,
-        start_time: u64,
-    },
 }
 
 #[cfg(test)]

@@ -31,8 +31,6 @@ pub enum Command {
     Doctor(JsonFlag),
     /// Print the `Include` line that makes plain `ssh NAME.vm`, scp and sftp work.
     SshConfig(JsonFlag),
-    /// Run the privileged root helper in the foreground (as root).
-    RootHelper(RootHelperArgs),
     /// Install banger as services: the root helper (system) and the daemon (user).
     #[command(subcommand)]
     System(SystemCommand),
@@ -68,29 +66,6 @@ pub struct SystemUninstallArgs {
     pub root: Option<std::path::PathBuf>,
     #[arg(long)]
     pub json: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct RootHelperArgs {
-    /// The helper's socket.
-    #[arg(long, default_value = banger_proto::helper::DEFAULT_HELPER_SOCKET)]
-    pub socket: std::path::PathBuf,
-    /// The user it serves (name or uid).
-    #[arg(long)]
-    pub owner: Option<String>,
-    /// A group whose members may use it (name or gid).
-    #[arg(long)]
-    pub group: Option<String>,
-    /// A directory callers' disks and logs must be under (repeatable);
-    /// default: the owner's banger state directory.
-    #[arg(long = "allow-dir")]
-    pub allow_dirs: Vec<std::path::PathBuf>,
-    /// A VMM binary it may launch (repeatable).
-    #[arg(long = "vmm", default_values = ["qemu-system-x86_64", "firecracker"])]
-    pub vmms: Vec<std::path::PathBuf>,
-    /// Where it keeps what it launched and set up.
-    #[arg(long, default_value = "/run/banger/helper")]
-    pub state_dir: std::path::PathBuf,
 }
 
 #[derive(Debug, Subcommand)]

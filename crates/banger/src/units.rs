@@ -7,8 +7,13 @@ use std::path::{Path, PathBuf};
 pub const GROUP: &str = "banger";
 pub const HELPER_UNIT: &str = "etc/systemd/system/banger-helper.service";
 pub const DAEMON_UNIT: &str = "etc/systemd/user/banger.service";
-/// The helper runs a root-owned copy: never a binary its user could rewrite.
+/// Root-owned copies: never binaries their user could rewrite.
 pub const BINARY: &str = "usr/local/bin/banger";
+/// The helper is its own small binary: what runs as root links no OCI
+/// client, TLS, SQLite or SSH.
+pub const HELPER_BINARY: &str = "usr/local/bin/banger-root-helper";
+/// Each installed binary and the file name it is built as.
+pub const BINARIES: [(&str, &str); 2] = [(BINARY, "banger"), (HELPER_BINARY, "banger-root-helper")];
 pub const HELPER_STATE: &str = "/run/banger/helper";
 
 /// Who the install is for and where it goes.
@@ -30,6 +35,11 @@ impl Install {
         format!("/{BINARY}")
     }
 
+    /// Where the binary installed as `built` comes from: beside this one.
+    pub fn source(built: &str) -> std::io::Result<PathBuf> {
+        Ok(std::env::current_exe()?.with_file_name(built))
+    }
+
     /// Where the user's daemon keeps VMs and images (its default paths).
     pub fn allowed_dirs(&self) -> [PathBuf; 2] {
         [
@@ -48,7 +58,7 @@ After=network.target
 
 [Service]
 Type=simple
-ExecStart={exe} root-helper --socket {socket} --group {GROUP} --owner {user} --allow-dir {state} --allow-dir {cache} --state-dir {HELPER_STATE}
+ExecStart=/{HELPER_BINARY} --socket {socket} --group {GROUP} --owner {user} --allow-dir {state} --allow-dir {cache} --state-dir {HELPER_STATE}
 Restart=on-failure
 RuntimeDirectory=banger
 RuntimeDirectoryMode=0755
@@ -61,7 +71,6 @@ PrivateTmp=yes
 [Install]
 WantedBy=multi-user.target
 ",
-            exe = self.exe(),
             socket = banger_proto::helper::DEFAULT_HELPER_SOCKET,
             user = self.user,
             state = state.display(),
@@ -132,22 +141,24 @@ WantedBy=default.target
                 Err(_) => out.push(format!("/{rel} is missing")),
             }
         }
-        let binary = self.path(BINARY);
-        match std::fs::metadata(&binary) {
-            Err(_) => out.push(format!("/{BINARY} is missing")),
-            Ok(m) if m.uid() != 0 || m.permissions().mode() & 0o022 != 0 => out.push(format!(
-                "/{BINARY} is writable by others than root (owner uid {}, mode {:o})",
-                m.uid(),
-                m.permissions().mode() & 0o777
-            )),
-            Ok(_) => {
-                let same = std::env::current_exe()
-                    .and_then(std::fs::read)
-                    .ok()
-                    .zip(std::fs::read(&binary).ok())
-                    .is_some_and(|(a, b)| a == b);
-                if !same {
-                    out.push(format!("/{BINARY} is not this banger"));
+        for (rel, built) in BINARIES {
+            let binary = self.path(rel);
+            match std::fs::metadata(&binary) {
+                Err(_) => out.push(format!("/{rel} is missing")),
+                Ok(m) if m.uid() != 0 || m.permissions().mode() & 0o022 != 0 => out.push(format!(
+                    "/{rel} is writable by others than root (owner uid {}, mode {:o})",
+                    m.uid(),
+                    m.permissions().mode() & 0o777
+                )),
+                Ok(_) => {
+                    let same = Install::source(built)
+                        .and_then(std::fs::read)
+                        .ok()
+                        .zip(std::fs::read(&binary).ok())
+                        .is_some_and(|(a, b)| a == b);
+                    if !same {
+                        out.push(format!("/{rel} is not this banger's {built}"));
+                    }
                 }
             }
         }
@@ -169,7 +180,7 @@ mod tests {
         let helper = i.helper_unit();
         assert!(
             helper.contains(
-                "ExecStart=/usr/local/bin/banger root-helper --socket /run/banger/helper.sock \
+                "ExecStart=/usr/local/bin/banger-root-helper --socket /run/banger/helper.sock \
              --group banger --owner alice --allow-dir /home/alice/.local/state/banger \
              --allow-dir /home/alice/.cache/banger"
             ),
@@ -189,7 +200,7 @@ mod tests {
             home: "/home/alice".into(),
         };
         let all = i.drift();
-        assert_eq!(all.len(), 3, "{all:?}");
+        assert_eq!(all.len(), 4, "two units and two binaries: {all:?}");
         for (rel, text) in [
             (HELPER_UNIT, i.helper_unit()),
             (DAEMON_UNIT, i.daemon_unit()),
@@ -199,8 +210,13 @@ mod tests {
         }
         std::fs::create_dir_all(i.path(BINARY).parent().unwrap()).unwrap();
         std::fs::write(i.path(BINARY), b"not banger").unwrap();
+        std::fs::write(i.path(HELPER_BINARY), b"not the helper").unwrap();
         let drift = i.drift();
-        assert_eq!(drift.len(), 1, "{drift:?}");
+        assert_eq!(drift.len(), 2, "{drift:?}");
+        assert!(
+            drift.iter().all(|d| d.contains("is not this banger's")),
+            "{drift:?}"
+        );
         std::fs::write(i.path(HELPER_UNIT), "edited").unwrap();
         let drift = i.drift();
         assert!(drift.iter().any(|d| d.contains("was changed")), "{drift:?}");

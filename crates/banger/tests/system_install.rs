@@ -104,6 +104,18 @@ fn install_writes_units_group_and_a_root_owned_binary_and_uninstall_removes_them
         std::fs::read(&bin).unwrap(),
         std::fs::read(common::exe()).unwrap()
     );
+    // The helper runs its own small binary, root-owned too.
+    let helper_bin = root.join("usr/local/bin/banger-root-helper");
+    let meta = std::fs::metadata(&helper_bin).unwrap();
+    assert_eq!((meta.uid(), meta.permissions().mode() & 0o777), (0, 0o755));
+    assert_eq!(
+        std::fs::read(&helper_bin).unwrap(),
+        std::fs::read(common::helper_exe()).unwrap()
+    );
+    assert!(
+        unit.contains("ExecStart=/usr/local/bin/banger-root-helper --socket"),
+        "{unit}"
+    );
 
     for round in 0..2 {
         let out = banger(root, &["uninstall"]);
@@ -120,6 +132,7 @@ fn install_writes_units_group_and_a_root_owned_binary_and_uninstall_removes_them
         .exists());
     assert!(!root.join("etc/systemd/user/banger.service").exists());
     assert!(!bin.exists());
+    assert!(!helper_bin.exists());
     let group = std::fs::read_to_string(root.join("etc/group")).unwrap();
     assert!(!group.lines().any(|l| l.starts_with("banger:")), "{group}");
 }

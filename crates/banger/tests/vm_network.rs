@@ -114,7 +114,8 @@ while True:
         let log = std::fs::File::create(dir.join("helper.log")).unwrap();
         let mut command = Command::new("ip");
         command
-            .args(["netns", "exec", &self.host, common::exe(), "root-helper"])
+            .args(["netns", "exec", &self.host])
+            .arg(common::helper_exe())
             .arg("--socket")
             .arg(&socket)
             .args(who);

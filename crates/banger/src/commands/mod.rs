@@ -4,7 +4,6 @@ mod cp;
 mod doctor;
 mod image;
 mod kernel;
-mod root_helper;
 mod system;
 mod vm;
 
@@ -32,11 +31,6 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Doctor(flags) => doctor::run(&paths, flags.json),
         Command::System(cmd) => system::run(cmd),
         Command::SshConfig(flags) => ssh_config(&paths, flags.json),
-        Command::RootHelper(args) => {
-            init_daemon_logging();
-            root_helper::run(args)?;
-            Ok(0)
-        }
     }
 }
 

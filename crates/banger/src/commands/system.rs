@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use banger_host::{CommandSpec, ProcessRunner, RealRunner};
 
 use crate::cli::{SystemCommand, SystemInstallArgs, SystemUninstallArgs};
-use crate::units::{Install, BINARY, DAEMON_UNIT, GROUP, HELPER_UNIT};
+use crate::units::{Install, BINARIES, BINARY, DAEMON_UNIT, GROUP, HELPER_BINARY, HELPER_UNIT};
 
 pub fn run(cmd: SystemCommand) -> anyhow::Result<i32> {
     if !nix::unistd::geteuid().is_root() {
@@ -61,9 +61,11 @@ fn install(args: SystemInstallArgs) -> anyhow::Result<i32> {
     let runner = RealRunner;
     let mut done = Vec::new();
 
-    let binary = install.path(BINARY);
-    copy_binary(&binary)?;
-    done.push(format!("installed {}", binary.display()));
+    for (rel, built) in BINARIES {
+        let binary = install.path(rel);
+        copy_binary(built, &binary)?;
+        done.push(format!("installed {}", binary.display()));
+    }
     if group_members(&root, GROUP)?.is_none() {
         runner.run(&prefixed("groupadd", &root).args(["--system", GROUP]))?;
         done.push(format!("created group {GROUP}"));
@@ -131,7 +133,7 @@ fn uninstall(args: SystemUninstallArgs) -> anyhow::Result<i32> {
             "banger-helper.service",
         ]));
     }
-    for rel in [HELPER_UNIT, DAEMON_UNIT, BINARY] {
+    for rel in [HELPER_UNIT, DAEMON_UNIT, BINARY, HELPER_BINARY] {
         let path = root.join(rel);
         match std::fs::remove_file(&path) {
             Ok(()) => done.push(format!("removed {}", path.display())),
@@ -194,10 +196,17 @@ pub fn group_members(root: &Path, group: &str) -> anyhow::Result<Option<Vec<Stri
     }))
 }
 
-fn copy_binary(dest: &Path) -> anyhow::Result<()> {
-    let exe = std::env::current_exe().context("finding this binary")?;
+/// Installs the binary built as `built` (found beside this one) at `dest`.
+fn copy_binary(built: &str, dest: &Path) -> anyhow::Result<()> {
+    let exe = Install::source(built).context("finding this binary")?;
     if exe.canonicalize().ok() == dest.canonicalize().ok() {
         return Ok(()); // Already running the installed copy.
+    }
+    if !exe.is_file() {
+        bail!(
+            "{built} was not found next to banger ({}); install banger's whole build              (`cargo build --release` makes both)",
+            exe.display()
+        );
     }
     let bytes = std::fs::read(&exe).with_context(|| format!("reading {}", exe.display()))?;
     write_root_file(dest, &bytes, 0o755)

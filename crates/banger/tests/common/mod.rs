@@ -20,6 +20,18 @@ pub fn exe() -> &'static str {
     env!("CARGO_BIN_EXE_banger")
 }
 
+/// The root helper's own binary, built beside `banger` by the workspace
+/// build (`cargo test --workspace` or `cargo build -p banger-helper`).
+pub fn helper_exe() -> PathBuf {
+    let path = Path::new(exe()).with_file_name("banger-root-helper");
+    assert!(
+        path.is_file(),
+        "{} is not built; run `cargo build -p banger-helper` (the workspace test run builds it)",
+        path.display()
+    );
+    path
+}
+
 impl Banger {
     /// A fresh home with a daemon running in the foreground of a child process.
     pub fn start() -> Banger {

@@ -1,0 +1,273 @@
+//! The handler with recording fakes for the host: what each caller may do,
+//! what reaches the host, and that a refusal reaches nothing. No root needed.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::sync::Arc;
+
+use banger_host::{BlockCall, FakeBlockDevices, FakeHostNetwork, NetCall};
+use banger_proto::helper::{HelperReply, HelperRequest as R, HelperValue, HELPER_PROTOCOL};
+
+use super::Helper;
+use crate::policy::{Caller, Policy};
+
+const OWNER: u32 = 1000;
+const GROUP: u32 = 4242;
+const MEMBER: u32 = 1001;
+
+struct Rig {
+    helper: Helper,
+    net: FakeHostNetwork,
+    blocks: FakeBlockDevices,
+    dir: tempfile::TempDir,
+}
+
+fn rig() -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let allowed = dir.path().join("home");
+    std::fs::create_dir(&allowed).unwrap();
+    let policy = Policy::new(Some(OWNER), Some(GROUP), vec![allowed]).unwrap();
+    let (net, blocks) = (FakeHostNetwork::default(), FakeBlockDevices::supported());
+    let helper = Helper::new(
+        policy,
+        Arc::new(net.clone()),
+        Arc::new(blocks.clone()),
+        dir.path().join("state"),
+    )
+    .unwrap();
+    Rig {
+        helper,
+        net,
+        blocks,
+        dir,
+    }
+}
+
+fn caller(uid: u32, gid: u32) -> Caller {
+    Caller {
+        uid,
+        gid,
+        pid: std::process::id(),
+    }
+}
+
+fn setup(instance: &str, subnet: &str) -> R {
+    R::NetSetup {
+        instance: instance.into(),
+        subnet: subnet.into(),
+        dns_port: 1053,
+        domain: "vm".into(),
+    }
+}
+
+fn refused(reply: HelperReply, why: &str) {
+    match reply {
+        HelperReply::Refused(m) => assert!(m.contains(why), "refused, but for `{m}`"),
+        other => panic!("expected a refusal naming `{why}`, got {other:?}"),
+    }
+}
+
+#[test]
+fn ping_names_the_protocol_and_the_caller() {
+    let rig = rig();
+    assert_eq!(
+        rig.helper.handle(&caller(OWNER, OWNER), R::Ping),
+        HelperReply::Ok(HelperValue::Pong {
+            protocol: HELPER_PROTOCOL,
+            version: env!("CARGO_PKG_VERSION").into(),
+            uid: OWNER,
+        })
+    );
+}
+
+#[test]
+fn an_owner_sets_up_its_network_and_taps_belong_to_whoever_asked() {
+    let rig = rig();
+    let owner = caller(OWNER, OWNER);
+    let ok = HelperReply::Ok(HelperValue::Done);
+    assert_eq!(
+        rig.helper.handle(&owner, setup("aaaaaa", "10.213.0.0/16")),
+        ok
+    );
+    assert_eq!(
+        rig.helper.handle(
+            &owner,
+            R::TapCreate {
+                tap: "bgaaaaaat0".into()
+            }
+        ),
+        ok
+    );
+    let guest = Ipv4Addr::new(10, 213, 0, 2);
+    assert_eq!(
+        rig.helper.handle(
+            &owner,
+            R::Route {
+                tap: "bgaaaaaat0".into(),
+                guest
+            }
+        ),
+        ok
+    );
+    assert_eq!(
+        rig.helper.handle(
+            &owner,
+            R::TapList {
+                instance: "aaaaaa".into()
+            }
+        ),
+        HelperReply::Ok(HelperValue::Taps(vec!["bgaaaaaat0".into()]))
+    );
+    let calls = rig.net.calls();
+    assert!(matches!(&calls[0], NetCall::Setup(s) if s.subnet.to_string() == "10.213.0.0/16"));
+    assert_eq!(calls[1], NetCall::CreateTap("bgaaaaaat0".into(), OWNER));
+    assert_eq!(calls[2], NetCall::Route("bgaaaaaat0".into(), guest));
+    // Kept on disk: a restarted helper still knows whose network it is.
+    let networks = std::fs::read_to_string(rig.dir.path().join("state/networks.json")).unwrap();
+    assert!(networks.contains("aaaaaa"), "{networks}");
+}
+
+#[test]
+fn a_group_member_touches_nothing_of_the_owners() {
+    let rig = rig();
+    let owner = caller(OWNER, OWNER);
+    let member = caller(MEMBER, GROUP);
+    rig.helper.handle(&owner, setup("aaaaaa", "10.213.0.0/16"));
+    rig.helper.handle(
+        &owner,
+        R::TapCreate {
+            tap: "bgaaaaaat0".into(),
+        },
+    );
+    let before = rig.net.calls().len();
+    for request in [
+        R::TapCreate {
+            tap: "bgaaaaaat1".into(),
+        },
+        R::TapDelete {
+            tap: "bgaaaaaat0".into(),
+        },
+        R::TapList {
+            instance: "aaaaaa".into(),
+        },
+        R::Route {
+            tap: "bgaaaaaat0".into(),
+            guest: Ipv4Addr::new(10, 213, 0, 9),
+        },
+        R::Unroute {
+            instance: "aaaaaa".into(),
+            guest: Ipv4Addr::new(10, 213, 0, 2),
+        },
+        R::NetTeardown {
+            instance: "aaaaaa".into(),
+        },
+        setup("aaaaaa", "10.214.0.0/16"),
+    ] {
+        refused(rig.helper.handle(&member, request), "belongs to uid 1000");
+    }
+    // Its own instance may not overlap the owner's subnet either.
+    refused(
+        rig.helper.handle(&member, setup("bbbbbb", "10.213.7.0/24")),
+        "overlaps",
+    );
+    assert_eq!(rig.net.calls().len(), before, "refusals reach no host");
+    assert_eq!(
+        rig.helper.handle(&member, setup("bbbbbb", "10.214.0.0/16")),
+        HelperReply::Ok(HelperValue::Done)
+    );
+}
+
+#[test]
+fn requests_outside_the_policy_are_refused_before_the_host() {
+    let rig = rig();
+    let owner = caller(OWNER, OWNER);
+    for (request, why) in [
+        (setup("aaaaaa", "8.8.8.0/24"), "is not inside 10.0.0.0/8"),
+        (setup("not-hex", "10.213.0.0/16"), "instance"),
+        (
+            R::NetSetup {
+                instance: "aaaaaa".into(),
+                subnet: "10.213.0.0/16".into(),
+                dns_port: 53,
+                domain: "vm".into(),
+            },
+            "privileged",
+        ),
+        (
+            R::NetSetup {
+                instance: "aaaaaa".into(),
+                subnet: "10.213.0.0/16".into(),
+                dns_port: 1053,
+                domain: "evil.example.com".into(),
+            },
+            "not a DNS label",
+        ),
+        (R::TapCreate { tap: "eth0".into() }, "tap"),
+        (
+            R::TapCreate {
+                tap: "bgaaaaaat0".into(),
+            },
+            "not set up",
+        ),
+        (R::SnapshotTeardown { vm: "../x".into() }, "not a VM name"),
+    ] {
+        refused(rig.helper.handle(&owner, request), why);
+    }
+    assert!(rig.net.calls().is_empty());
+    assert!(rig.blocks.calls().is_empty());
+    // Tearing down an instance never set up here is a no-op, not an error.
+    assert_eq!(
+        rig.helper.handle(
+            &owner,
+            R::NetTeardown {
+                instance: "cccccc".into()
+            }
+        ),
+        HelperReply::Ok(HelperValue::Done)
+    );
+    assert!(rig.net.calls().is_empty());
+}
+
+#[test]
+fn snapshots_take_only_the_callers_files_inside_the_allowed_dirs() {
+    let rig = rig();
+    // SAFETY: geteuid/getegid have no preconditions.
+    let me = caller(unsafe { libc::geteuid() }, unsafe { libc::getegid() });
+    let home = rig.dir.path().join("home");
+    let (origin, cow) = (home.join("rootfs.ext4"), home.join("cow.img"));
+    std::fs::write(&origin, b"ext4").unwrap();
+    std::fs::write(&cow, b"").unwrap();
+    let outside = rig.dir.path().join("elsewhere.img");
+    std::fs::write(&outside, b"").unwrap();
+    let request = |origin: &Path, cow: &Path| R::SnapshotSetup {
+        vm: "web".into(),
+        origin: origin.into(),
+        cow: cow.into(),
+    };
+    refused(rig.helper.handle(&me, request(&outside, &cow)), "outside");
+    refused(
+        rig.helper
+            .handle(&me, request(&origin, Path::new("cow.img"))),
+        "absolute",
+    );
+    assert!(rig.blocks.calls().is_empty());
+    match rig.helper.handle(&me, request(&origin, &cow)) {
+        HelperReply::Ok(HelperValue::Device(dev)) => {
+            assert_eq!(dev, Path::new("/dev/mapper/banger-web"))
+        }
+        other => panic!("{other:?}"),
+    }
+    // Handed over by descriptor: the host sees what was checked.
+    assert!(matches!(
+        &rig.blocks.calls()[0],
+        BlockCall::Setup { name, origin, .. } if name == "banger-web" && origin.starts_with("/proc/")
+    ));
+    // Its state is kept in the helper's own directory.
+    assert!(rig.dir.path().join("state/dm/banger-web.state").exists());
+    assert_eq!(
+        rig.helper
+            .handle(&me, R::SnapshotTeardown { vm: "web".into() }),
+        HelperReply::Ok(HelperValue::Done)
+    );
+    assert!(rig.blocks.live().is_empty());
+}

@@ -1,0 +1,126 @@
+//! `banger-root-helper`: resolves who it serves, builds its policy and
+//! serves on its socket. `banger system install` runs it as a system unit.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use banger_helper::{Helper, Policy};
+use banger_host::{RealBlockDevices, RealHostNetwork, RealRunner};
+use clap::Parser;
+use nix::unistd::{Group, User};
+
+/// banger's root helper: taps, NAT rules and device-mapper snapshots for
+/// the banger daemons of the users it serves.
+#[derive(Debug, Parser)]
+#[command(name = "banger-root-helper", version)]
+struct Args {
+    /// The helper's socket.
+    #[arg(long, default_value = banger_proto::helper::DEFAULT_HELPER_SOCKET)]
+    socket: PathBuf,
+    /// The user it serves (name or uid).
+    #[arg(long)]
+    owner: Option<String>,
+    /// A group whose members may use it (name or gid).
+    #[arg(long)]
+    group: Option<String>,
+    /// A directory callers' disks must be under (repeatable); default: the
+    /// owner's banger state and cache directories.
+    #[arg(long = "allow-dir")]
+    allow_dirs: Vec<PathBuf>,
+    /// Where it keeps what it set up.
+    #[arg(long, default_value = "/run/banger/helper")]
+    state_dir: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BANGER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .init();
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("banger-root-helper: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(
+            "the root helper must run as root (it makes taps, NAT rules and loop devices)".into(),
+        );
+    }
+    let owner = args.owner.as_deref().map(resolve_user).transpose()?;
+    let group = args.group.as_deref().map(resolve_group).transpose()?;
+    if owner.is_none() && group.is_none() {
+        return Err("name who may use the helper: --owner USER and/or --group GROUP".into());
+    }
+    let mut allow_dirs = args.allow_dirs.clone();
+    if allow_dirs.is_empty() {
+        let Some(user) = owner else {
+            return Err(
+                "with only --group, name the directories VMs live in with --allow-dir".into(),
+            );
+        };
+        allow_dirs = default_dirs(user)?;
+    }
+    let policy = Policy::new(owner.map(|u| u.as_raw()), group, allow_dirs.clone())?;
+    let runner = Arc::new(RealRunner);
+    let helper = Helper::new(
+        policy,
+        Arc::new(RealHostNetwork {
+            runner: runner.clone(),
+        }),
+        Arc::new(RealBlockDevices { runner }),
+        args.state_dir.clone(),
+    )
+    .map_err(|e| format!("preparing {}: {e}", args.state_dir.display()))?;
+    let listener = banger_helper::server::bind(&args.socket, owner.map(|u| u.as_raw()), group)
+        .map_err(|e| format!("listening on {}: {e}", args.socket.display()))?;
+    tracing::info!(
+        socket = %args.socket.display(),
+        owner = ?owner.map(|u| u.as_raw()),
+        group = ?group,
+        dirs = ?allow_dirs,
+        "banger root helper listening"
+    );
+    banger_helper::server::serve(Arc::new(helper), listener).map_err(|e| e.to_string())
+}
+
+fn resolve_user(text: &str) -> Result<nix::unistd::Uid, String> {
+    if let Ok(uid) = text.parse::<u32>() {
+        return Ok(uid.into());
+    }
+    match User::from_name(text).map_err(|e| e.to_string())? {
+        Some(u) => Ok(u.uid),
+        None => Err(format!("no user named `{text}`")),
+    }
+}
+
+fn resolve_group(text: &str) -> Result<u32, String> {
+    if let Ok(gid) = text.parse::<u32>() {
+        return Ok(gid);
+    }
+    match Group::from_name(text).map_err(|e| e.to_string())? {
+        Some(g) => Ok(g.gid.as_raw()),
+        None => Err(format!("no group named `{text}`")),
+    }
+}
+
+/// Where the owner's daemon keeps VMs and images by default.
+fn default_dirs(uid: nix::unistd::Uid) -> Result<Vec<PathBuf>, String> {
+    let Some(user) = User::from_uid(uid).map_err(|e| e.to_string())? else {
+        return Err(format!(
+            "uid {uid} has no passwd entry; name its directories with --allow-dir"
+        ));
+    };
+    Ok(vec![
+        user.dir.join(".local/state/banger"),
+        user.dir.join(".cache/banger"),
+    ])
+}
