@@ -40,8 +40,17 @@ fn it_names_itself_and_its_options() {
         .unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
-    for option in ["--socket", "--owner", "--group", "--allow-dir", "--state-dir"] {
+    for option in [
+        "--socket",
+        "--owner",
+        "--group",
+        "--allow-dir",
+        "--state-dir",
+    ] {
         assert!(help.contains(option), "{help}");
     }
-    assert!(!help.contains("--vmm"), "the helper launches nothing: {help}");
+    assert!(
+        !help.contains("--vmm"),
+        "the helper launches nothing: {help}"
+    );
 }

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod domain;
 pub mod elf;
 pub mod helper;
+pub mod http1;
 pub mod image;
 pub mod kernel;
 pub mod rpc;

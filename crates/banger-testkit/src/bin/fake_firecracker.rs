@@ -369,26 +369,19 @@ async fn play_guest(vm: &Vm) -> Result<(), String> {
 
 async fn read_request(stream: &mut UnixStream) -> Option<(String, String, Value)> {
     let mut reader = BufReader::new(stream);
-    let mut request_line = String::new();
-    if reader.read_line(&mut request_line).await.ok()? == 0 {
-        return None;
-    }
-    let mut parts = request_line.split_whitespace();
-    let (method, path) = (parts.next()?.to_string(), parts.next()?.to_string());
-    let mut length = 0;
-    loop {
+    let mut head = banger_proto::http1::HeadReader::default();
+    let head = loop {
         let mut line = String::new();
-        reader.read_line(&mut line).await.ok()?;
-        let line = line.trim_end();
-        if line.is_empty() {
-            break;
+        if reader.read_line(&mut line).await.ok()? == 0 {
+            return None;
         }
-        if let Some((k, v)) = line.split_once(':') {
-            if k.eq_ignore_ascii_case("content-length") {
-                length = v.trim().parse().unwrap_or(0);
-            }
+        if let Some(head) = head.line(&line) {
+            break head;
         }
-    }
+    };
+    let (method, path) = head.method_and_path()?;
+    let (method, path) = (method.to_string(), path.to_string());
+    let length = head.content_length;
     let mut body = vec![0u8; length];
     reader.read_exact(&mut body).await.ok()?;
     let body = if body.is_empty() {

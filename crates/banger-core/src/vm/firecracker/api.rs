@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use banger_proto::http1::HeadReader;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
@@ -64,34 +65,25 @@ pub async fn request(
         .await
         .map_err(|e| e.to_string())?;
     let mut reader = BufReader::new(stream);
-    let mut status_line = String::new();
-    reader
-        .read_line(&mut status_line)
-        .await
-        .map_err(|e| e.to_string())?;
-    let status: u16 = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("bad response from firecracker: {status_line:?}"))?;
-    let mut length = 0usize;
-    loop {
+    let mut head = HeadReader::default();
+    let head = loop {
         let mut line = String::new();
-        reader
+        if reader
             .read_line(&mut line)
             .await
-            .map_err(|e| e.to_string())?;
-        let line = line.trim_end();
-        if line.is_empty() {
-            break;
+            .map_err(|e| e.to_string())?
+            == 0
+        {
+            return Err("firecracker closed its API connection without answering".into());
         }
-        if let Some((k, v)) = line.split_once(':') {
-            if k.eq_ignore_ascii_case("content-length") {
-                length = v.trim().parse().unwrap_or(0);
-            }
+        if let Some(head) = head.line(&line) {
+            break head;
         }
-    }
-    let mut body = vec![0u8; length];
+    };
+    let status = head
+        .status()
+        .ok_or_else(|| format!("bad response from firecracker: {:?}", head.start))?;
+    let mut body = vec![0u8; head.content_length];
     reader
         .read_exact(&mut body)
         .await
