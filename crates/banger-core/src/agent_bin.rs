@@ -2,10 +2,15 @@
 
 use std::path::PathBuf;
 
+crate::error::message_error! {
+    /// The agent binary is missing or unusable; the message says how to fix it.
+    AgentBinError
+}
+
 /// `explicit` (the `agent_binary` setting, which `BANGER_AGENT_BIN`
 /// overrides), else `banger-agent` beside the running executable, else (in
 /// a source checkout) the one `scripts/build-agent` builds.
-pub fn locate(explicit: Option<&str>) -> Result<PathBuf, String> {
+pub fn locate(explicit: Option<&str>) -> Result<PathBuf, AgentBinError> {
     if let Some(path) = explicit.filter(|p| !p.is_empty()) {
         let path = PathBuf::from(path);
         return if path.is_file() && is_static_elf(&path) {
@@ -14,12 +19,13 @@ pub fn locate(explicit: Option<&str>) -> Result<PathBuf, String> {
             Err(format!(
                 "BANGER_AGENT_BIN points at {}, which is not a static executable (build it with `scripts/build-agent`)",
                 path.display()
-            ))
+            ).into())
         } else {
             Err(format!(
                 "BANGER_AGENT_BIN points at {}, which does not exist",
                 path.display()
-            ))
+            )
+            .into())
         };
     }
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -38,6 +44,7 @@ pub fn locate(explicit: Option<&str>) -> Result<PathBuf, String> {
              with `scripts/build-agent` or set BANGER_AGENT_BIN"
                 .to_string()
         })
+        .map_err(Into::into)
 }
 
 /// A 64-bit ELF executable without an interpreter: it can run as PID 1 in any

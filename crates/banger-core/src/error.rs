@@ -11,6 +11,46 @@ pub struct OpError {
 
 pub type OpResult<T> = Result<T, OpError>;
 
+/// Declares a module's error for parsers and checkers whose message is the
+/// whole story (it names the offending field, path or byte): its own type,
+/// so the wire class it maps to is decided once, below, not at each caller.
+macro_rules! message_error {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+        #[error("{0}")]
+        pub struct $name(pub String);
+
+        impl From<String> for $name {
+            fn from(message: String) -> Self {
+                $name(message)
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(message: &str) -> Self {
+                $name(message.to_string())
+            }
+        }
+
+        /// Inside a module that still words its errors as text, `?` works.
+        impl From<$name> for String {
+            fn from(e: $name) -> String {
+                e.0
+            }
+        }
+
+        /// The message, for callers that add context to it.
+        impl std::ops::Deref for $name {
+            type Target = str;
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+    };
+}
+pub(crate) use message_error;
+
 impl OpError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         OpError {
@@ -39,8 +79,8 @@ impl OpError {
 
     /// A failed write under `dir`: a full filesystem is named with its fix
     /// (whatever tool reported it), anything else is internal.
-    pub fn writing(message: impl Into<String>, dir: &std::path::Path) -> Self {
-        let message = message.into();
+    pub fn writing(message: impl std::fmt::Display, dir: &std::path::Path) -> Self {
+        let message = message.to_string();
         if message.contains("No space left on device") || message.contains("os error 28") {
             return Self::invalid(format!(
                 "the filesystem holding {} is full; free space (or run `banger image cache \
@@ -63,6 +103,45 @@ impl From<banger_proto::rpc::RequestError> for OpError {
     }
 }
 
+/// Each module's error, mapped to its wire class here and only here.
+macro_rules! wire_class {
+    ($($error:ty => $code:ident),* $(,)?) => {
+        $(
+            impl From<$error> for OpError {
+                fn from(e: $error) -> Self {
+                    OpError::new(ErrorCode::$code, e.to_string())
+                }
+            }
+        )*
+    };
+}
+
+wire_class! {
+    crate::vm::name::InvalidName => InvalidParams,
+    crate::vm::sizing::SizeError => InvalidParams,
+    crate::vm::keys::KeyError => Internal,
+    crate::vm::disk::DiskError => Internal,
+    crate::vm::agent_client::AgentError => Internal,
+    crate::oci::reference::BadReference => InvalidParams,
+    crate::oci::ContentError => BadContent,
+    crate::rootfs::UnsafePath => BadContent,
+    crate::kernel::KernelError => BadContent,
+    crate::network::NetError => Internal,
+    crate::agent_bin::AgentBinError => Internal,
+}
+
+impl From<crate::vm::vmm::VmmError> for OpError {
+    fn from(e: crate::vm::vmm::VmmError) -> Self {
+        use crate::vm::vmm::VmmError as E;
+        let code = match &e {
+            // What the user chose (a path, an accelerator) cannot work.
+            E::Spec(_) | E::UnknownAccel(_) => ErrorCode::InvalidParams,
+            E::Api(_) | E::Connect { .. } | E::Refused(_) => ErrorCode::Internal,
+        };
+        OpError::new(code, e.to_string())
+    }
+}
+
 impl From<anyhow::Error> for OpError {
     fn from(e: anyhow::Error) -> Self {
         // Keep the whole context chain: it is what tells the user what failed.
@@ -73,6 +152,12 @@ impl From<anyhow::Error> for OpError {
 impl From<std::io::Error> for OpError {
     fn from(e: std::io::Error) -> Self {
         OpError::internal(e.to_string())
+    }
+}
+
+impl From<tokio::task::JoinError> for OpError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        OpError::internal(format!("a worker task failed: {e}"))
     }
 }
 

@@ -292,7 +292,7 @@ impl Core {
             images: self.store.list_images()?.len() as u64,
             network: Some(match self.network.describe() {
                 Ok(s) => banger_proto::status::NetworkStatus::Ok(s),
-                Err(e) => banger_proto::status::NetworkStatus::Error(e),
+                Err(e) => banger_proto::status::NetworkStatus::Error(e.to_string()),
             }),
             dns: self
                 .network

@@ -22,7 +22,7 @@ fn u32_at(data: &[u8], at: usize) -> usize {
 }
 
 /// The uncompressed ELF image inside a bzImage.
-pub fn extract_vmlinux(data: &[u8]) -> Result<Vec<u8>, String> {
+pub fn extract_vmlinux(data: &[u8]) -> Result<Vec<u8>, super::KernelError> {
     if !is_bzimage(data) {
         return Err("not a bzImage (no `HdrS` setup header)".into());
     }
@@ -38,9 +38,7 @@ pub fn extract_vmlinux(data: &[u8]) -> Result<Vec<u8>, String> {
     let format = decompress::sniff(payload).ok_or("unknown bzImage payload compression")?;
     let image = decompress::decompress(format, payload)?;
     if !is_elf(&image) {
-        return Err(format!(
-            "the {format:?} payload did not decode to an ELF vmlinux"
-        ));
+        return Err(format!("the {format:?} payload did not decode to an ELF vmlinux").into());
     }
     Ok(image)
 }

@@ -26,7 +26,11 @@ const MAX_MEMBER: u64 = 256 << 20;
 const MAX_DATA_TAR: u64 = 4 << 30;
 
 /// Unpacks the kernel parts of `deb`; modules go under `modules_dest`.
-pub fn unpack(deb: &Path, modules_dest: &Path, scratch: &Path) -> Result<DebKernel, String> {
+pub fn unpack(
+    deb: &Path,
+    modules_dest: &Path,
+    scratch: &Path,
+) -> Result<DebKernel, super::KernelError> {
     let file = File::open(deb).map_err(|e| format!("{}: {e}", deb.display()))?;
     let mut archive = ar::Archive::new(file);
     while let Some(entry) = archive.next_entry() {
@@ -58,14 +62,14 @@ pub fn unpack(deb: &Path, modules_dest: &Path, scratch: &Path) -> Result<DebKern
                 "data.tar" => {
                     std::io::copy(&mut entry, &mut out).map_err(|e| e.to_string())?;
                 }
-                other => return Err(format!("unsupported package member {other}")),
+                other => return Err(format!("unsupported package member {other}").into()),
             }
         }
         let mut tar_file = File::open(&tar_path).map_err(|e| e.to_string())?;
         tar_file.rewind().map_err(|e| e.to_string())?;
         let result = from_data_tar(tar_file, modules_dest);
         let _ = std::fs::remove_file(&tar_path);
-        return result;
+        return result.map_err(super::KernelError);
     }
     Err("the package has no data.tar member".into())
 }

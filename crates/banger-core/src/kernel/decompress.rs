@@ -55,7 +55,7 @@ impl std::io::Write for Capped {
     }
 }
 
-pub fn decompress(format: Format, data: &[u8]) -> Result<Vec<u8>, String> {
+pub fn decompress(format: Format, data: &[u8]) -> Result<Vec<u8>, super::KernelError> {
     let mut out = Capped(Vec::new());
     let copy = |mut r: &mut dyn Read, out: &mut Capped| {
         std::io::copy(&mut r, out)
@@ -77,7 +77,7 @@ pub fn decompress(format: Format, data: &[u8]) -> Result<Vec<u8>, String> {
     };
     if let Err(e) = &result {
         if e.contains("which is no kernel") {
-            return Err(format!("{format:?} data: {e}"));
+            return Err(format!("{format:?} data: {e}").into());
         }
     }
     let out = out.0;
@@ -86,7 +86,7 @@ pub fn decompress(format: Format, data: &[u8]) -> Result<Vec<u8>, String> {
     match result {
         Ok(()) => Ok(out),
         Err(_) if !out.is_empty() => Ok(out),
-        Err(e) => Err(format!("{format:?} data: {e}")),
+        Err(e) => Err(format!("{format:?} data: {e}").into()),
     }
 }
 

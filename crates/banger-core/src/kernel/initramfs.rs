@@ -59,14 +59,14 @@ fn index(root: &Path) -> std::io::Result<HashMap<String, PathBuf>> {
 fn read_module(path: &Path) -> Result<Vec<u8>, String> {
     let raw = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     match decompress::sniff(&raw) {
-        Some(format) => decompress::decompress(format, &raw),
+        Some(format) => decompress::decompress(format, &raw).map_err(|e| e.0),
         None => Ok(raw),
     }
 }
 
 /// The modules to load for `wanted`, dependencies first. A wanted driver
 /// with no module file under `root` is taken to be built into the kernel.
-pub fn resolve(root: Option<&Path>, wanted: &[&str]) -> Result<Vec<Module>, String> {
+pub fn resolve(root: Option<&Path>, wanted: &[&str]) -> Result<Vec<Module>, super::KernelError> {
     let Some(root) = root else {
         return Ok(Vec::new());
     };

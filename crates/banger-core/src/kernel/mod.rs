@@ -7,3 +7,9 @@ pub mod deb;
 pub mod decompress;
 pub mod initramfs;
 pub mod modinfo;
+
+crate::error::message_error! {
+    /// A kernel file banger cannot use: not a kernel, corrupt, too big, or
+    /// missing a part (its image, its modules).
+    KernelError
+}

@@ -2,7 +2,7 @@
 //! for kernels shipped without `modules.dep` (Debian generates it at install).
 
 /// `depends=` of a module, from its (uncompressed) ELF bytes.
-pub fn depends(ko: &[u8]) -> Result<Vec<String>, String> {
+pub fn depends(ko: &[u8]) -> Result<Vec<String>, super::KernelError> {
     let info = section(ko, ".modinfo").ok_or("no .modinfo section")?;
     Ok(info
         .split(|b| *b == 0)

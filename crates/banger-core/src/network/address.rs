@@ -49,7 +49,7 @@ pub fn choose_subnet(
     configured: Option<&str>,
     routes: &[HostRoute],
     instance: &Instance,
-) -> Result<Subnet, String> {
+) -> Result<Subnet, super::NetError> {
     let foreign = |s: &Subnet| foreign_overlap(s, instance, routes);
     if let Some(text) = configured {
         let subnet = Subnet::parse(text)?;
@@ -58,7 +58,8 @@ pub fn choose_subnet(
                 "network.subnet {subnet} overlaps the host's route {} on {}; pick another \
                  subnet in the config file",
                 r.subnet, r.device
-            )),
+            )
+            .into()),
             None => Ok(subnet),
         };
     }
@@ -70,6 +71,7 @@ pub fn choose_subnet(
              overlaps a host route; set network.subnet in the config file"
                 .to_string()
         })
+        .map_err(Into::into)
 }
 
 /// The lowest guest address not in `used`.

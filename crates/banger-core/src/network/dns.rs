@@ -115,7 +115,7 @@ pub async fn serve(
 
 /// Asks `server` for `name`'s A record over UDP: what `doctor` uses to see
 /// that banger's own server answers on its port.
-pub fn probe(server: SocketAddr, name: &str) -> Result<Option<Ipv4Addr>, String> {
+pub fn probe(server: SocketAddr, name: &str) -> Result<Option<Ipv4Addr>, super::NetError> {
     use hickory_proto::op::Query;
     use hickory_proto::rr::Name;
     let mut query = Message::query();

@@ -2,3 +2,8 @@
 
 pub mod address;
 pub mod dns;
+
+crate::error::message_error! {
+    /// VM networking cannot be set up or asked as configured.
+    NetError
+}

@@ -38,7 +38,7 @@ impl BlobCache {
         self.root.join("blobs/sha256")
     }
 
-    pub fn path(&self, digest: &str) -> Result<PathBuf, String> {
+    pub fn path(&self, digest: &str) -> Result<PathBuf, super::ContentError> {
         Ok(self.dir().join(digest::validate(digest)?))
     }
 
@@ -115,13 +115,13 @@ impl BlobWriter {
         cache: &BlobCache,
         want: &str,
         size: Option<u64>,
-    ) -> Result<File, String> {
+    ) -> Result<File, super::ContentError> {
         let actual = format!("sha256:{}", hex::encode(self.hasher.clone().finalize()));
         let fail = |why: String| {
             if let Some(path) = &self.named {
                 let _ = fs::remove_file(path);
             }
-            Err(why)
+            Err(super::ContentError(why))
         };
         if let Some(size) = size {
             if size != self.written {

@@ -1,7 +1,7 @@
 //! Content digests. Only `sha256:<64 lowercase hex>` is accepted: digests name
 //! cache files, so anything else is refused before it reaches a path.
 
-pub fn validate(digest: &str) -> Result<&str, String> {
+pub fn validate(digest: &str) -> Result<&str, super::ContentError> {
     let hex = digest
         .strip_prefix("sha256:")
         .ok_or_else(|| format!("unsupported digest `{digest}` (only sha256 is supported)"))?;
@@ -10,7 +10,7 @@ pub fn validate(digest: &str) -> Result<&str, String> {
             .bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     {
-        return Err(format!("malformed digest `{digest}`"));
+        return Err(format!("malformed digest `{digest}`").into());
     }
     Ok(hex)
 }

@@ -53,7 +53,7 @@ pub enum Parsed {
     },
 }
 
-pub fn parse(bytes: &[u8]) -> Result<Parsed, String> {
+pub fn parse(bytes: &[u8]) -> Result<Parsed, super::ContentError> {
     let raw: Raw =
         serde_json::from_slice(bytes).map_err(|e| format!("unreadable manifest: {e}"))?;
     match (raw.manifests, raw.config, raw.layers) {
@@ -74,7 +74,8 @@ pub fn parse(bytes: &[u8]) -> Result<Parsed, String> {
             raw.media_type
                 .map(|m| format!(" type `{m}`"))
                 .unwrap_or_default()
-        )),
+        )
+        .into()),
     }
 }
 
@@ -126,7 +127,7 @@ struct RawRunConfig {
     user: Option<String>,
 }
 
-pub fn parse_config(bytes: &[u8]) -> Result<ImageConfig, String> {
+pub fn parse_config(bytes: &[u8]) -> Result<ImageConfig, super::ContentError> {
     let raw: RawConfigFile =
         serde_json::from_slice(bytes).map_err(|e| format!("unreadable image config: {e}"))?;
     let run = raw.config.unwrap_or_default();

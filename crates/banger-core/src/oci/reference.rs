@@ -2,11 +2,12 @@
 
 use oci_client::Reference;
 
-pub fn parse(input: &str) -> Result<Reference, String> {
+pub fn parse(input: &str) -> Result<Reference, BadReference> {
     input
         .trim()
         .parse::<Reference>()
         .map_err(|e| format!("invalid image reference `{input}`: {e}"))
+        .map_err(Into::into)
 }
 
 /// `docker.io/library/alpine:latest` → `alpine`; `ghcr.io/o/tool:1.2` →
@@ -26,7 +27,7 @@ pub fn default_name(reference: &Reference) -> String {
 
 /// Image names: lowercase letters, digits and `._:@-`, starting with a letter or
 /// digit, at most 128 bytes.
-pub fn validate_name(name: &str) -> Result<(), String> {
+pub fn validate_name(name: &str) -> Result<(), BadReference> {
     let ok_first = name
         .bytes()
         .next()
@@ -38,7 +39,8 @@ pub fn validate_name(name: &str) -> Result<(), String> {
         return Err(format!(
             "invalid image name `{name}`: use lowercase letters, digits and `._:@-`, \
              starting with a letter or digit (at most 128 characters)"
-        ));
+        )
+        .into());
     }
     Ok(())
 }
@@ -86,7 +88,7 @@ impl Platform {
         }
     }
 
-    pub fn parse(text: &str) -> Result<Platform, String> {
+    pub fn parse(text: &str) -> Result<Platform, BadReference> {
         let parts: Vec<&str> = text.split('/').collect();
         match parts.as_slice() {
             [os, arch] if !os.is_empty() && !arch.is_empty() => Ok(Platform {
@@ -103,7 +105,8 @@ impl Platform {
             }
             _ => Err(format!(
                 "invalid platform `{text}`: expected os/arch[/variant], e.g. linux/amd64"
-            )),
+            )
+            .into()),
         }
     }
 }
@@ -163,4 +166,9 @@ mod tests {
         assert!(Platform::parse("linux").is_err());
         assert_eq!(Platform::host().os, "linux");
     }
+}
+
+crate::error::message_error! {
+    /// An image reference, name or platform the user typed that cannot be.
+    BadReference
 }

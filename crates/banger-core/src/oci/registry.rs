@@ -174,7 +174,7 @@ impl Registry {
 
     pub async fn resolve(&self, platform: &Platform) -> Result<Resolved, OpError> {
         let (bytes, top_digest) = self.manifest(&self.reference).await?;
-        let parsed = manifest::parse(&bytes).map_err(OpError::bad_content)?;
+        let parsed = manifest::parse(&bytes).map_err(OpError::from)?;
         let (parsed, digest) = match parsed {
             Parsed::Image { .. } => (parsed, top_digest),
             Parsed::Index(entries) => {
@@ -185,23 +185,20 @@ impl Registry {
                         manifest::available(&entries)
                     ))
                 })?;
-                digest::validate(&entry.digest).map_err(OpError::bad_content)?;
+                digest::validate(&entry.digest).map_err(OpError::from)?;
                 let by_digest = Reference::with_digest(
                     self.reference.registry().to_string(),
                     self.reference.repository().to_string(),
                     entry.digest.clone(),
                 );
                 let (bytes, digest) = self.manifest(&by_digest).await?;
-                (
-                    manifest::parse(&bytes).map_err(OpError::bad_content)?,
-                    digest,
-                )
+                (manifest::parse(&bytes).map_err(OpError::from)?, digest)
             }
         };
         match parsed {
             Parsed::Image { config, layers } => {
                 for d in std::iter::once(&config).chain(&layers) {
-                    digest::validate(&d.digest).map_err(OpError::bad_content)?;
+                    digest::validate(&d.digest).map_err(OpError::from)?;
                 }
                 Ok(Resolved {
                     digest,

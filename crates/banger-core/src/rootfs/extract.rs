@@ -189,7 +189,7 @@ impl Flattener {
                 path: String::from_utf8_lossy(&raw).into_owned(),
                 reason,
             };
-            let rel = normalize_entry_path(&raw).map_err(fail)?;
+            let rel = normalize_entry_path(&raw).map_err(|e| fail(e.into()))?;
             self.apply_entry(&mut entry, rel).map_err(fail)?;
         }
         Ok(())

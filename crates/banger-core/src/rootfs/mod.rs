@@ -11,3 +11,9 @@ pub use extract::{EntryError, Flattener};
 
 #[cfg(test)]
 mod tests;
+
+crate::error::message_error! {
+    /// A layer entry whose path or whiteout would reach outside the root,
+    /// or that is not a path at all.
+    UnsafePath
+}

@@ -16,12 +16,12 @@ const MAX_SYMLINK_HOPS: usize = 40;
 /// Turns a layer entry's raw name into a path relative to the root. `./a/b`,
 /// `a//b/` and `a/./b` are all `a/b`; the root itself is the empty path.
 /// Absolute paths, `..`, NUL bytes and over-long names are refused.
-pub fn normalize_entry_path(raw: &[u8]) -> Result<PathBuf, String> {
+pub fn normalize_entry_path(raw: &[u8]) -> Result<PathBuf, super::UnsafePath> {
     if raw.contains(&0) {
         return Err("name contains a NUL byte".into());
     }
     if raw.len() > MAX_PATH_BYTES {
-        return Err(format!("path is longer than {MAX_PATH_BYTES} bytes"));
+        return Err(format!("path is longer than {MAX_PATH_BYTES} bytes").into());
     }
     if raw.first() == Some(&b'/') {
         return Err("absolute path".into());
@@ -32,7 +32,7 @@ pub fn normalize_entry_path(raw: &[u8]) -> Result<PathBuf, String> {
             b"" | b"." => {}
             b".." => return Err("path contains a `..` component".into()),
             name if name.len() > MAX_NAME_BYTES => {
-                return Err(format!("a name is longer than {MAX_NAME_BYTES} bytes"))
+                return Err(format!("a name is longer than {MAX_NAME_BYTES} bytes").into())
             }
             name => out.push(OsStr::from_bytes(name)),
         }
@@ -45,7 +45,7 @@ pub fn normalize_entry_path(raw: &[u8]) -> Result<PathBuf, String> {
 /// are followed as the guest would see them (absolute targets start at `root`);
 /// one that would climb above `root` is an error. Missing components are kept
 /// as they are: the caller creates them.
-pub fn resolve_dir_in_root(root: &Path, rel: &Path) -> Result<PathBuf, String> {
+pub fn resolve_dir_in_root(root: &Path, rel: &Path) -> Result<PathBuf, super::UnsafePath> {
     let mut pending: VecDeque<OsString> = rel
         .components()
         .map(|c| c.as_os_str().to_os_string())
@@ -87,9 +87,9 @@ pub fn resolve_dir_in_root(root: &Path, rel: &Path) -> Result<PathBuf, String> {
                 }
             }
             Ok(meta) if meta.is_dir() => {}
-            Ok(_) => return Err(format!("`{}` is not a directory", resolved.display())),
+            Ok(_) => return Err(format!("`{}` is not a directory", resolved.display()).into()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => missing = true,
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.to_string().into()),
         }
     }
     Ok(resolved)

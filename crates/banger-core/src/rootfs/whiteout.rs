@@ -17,19 +17,18 @@ pub enum Marker<'a> {
     Opaque,
 }
 
-pub fn classify(name: &OsStr) -> Result<Marker<'_>, String> {
+pub fn classify(name: &OsStr) -> Result<Marker<'_>, super::UnsafePath> {
     let bytes = name.as_bytes();
     if bytes == OPAQUE {
         return Ok(Marker::Opaque);
     }
     match bytes.strip_prefix(PREFIX) {
         None => Ok(Marker::None),
-        Some(b"") | Some(b".") | Some(b"..") => Err(format!(
-            "whiteout `{}` names no sibling",
-            name.to_string_lossy()
-        )),
+        Some(b"") | Some(b".") | Some(b"..") => {
+            Err(format!("whiteout `{}` names no sibling", name.to_string_lossy()).into())
+        }
         Some(rest) if rest.starts_with(b".wh.") => {
-            Err(format!("unsupported whiteout `{}`", name.to_string_lossy()))
+            Err(format!("unsupported whiteout `{}`", name.to_string_lossy()).into())
         }
         Some(rest) => Ok(Marker::Remove(OsStr::from_bytes(rest))),
     }

@@ -8,7 +8,7 @@ use banger_proto::kernel::{ImportParams, KernelInfo};
 
 use crate::error::{OpError, OpResult};
 use crate::ids;
-use crate::kernel::{bzimage, deb, initramfs};
+use crate::kernel::{bzimage, deb, initramfs, KernelError};
 use crate::paths::Paths;
 use crate::store::Store;
 use crate::suggest;
@@ -267,7 +267,7 @@ impl KernelService {
             return Ok(bytes);
         }
         let modules_dir = kernel.modules_dir.clone().map(PathBuf::from);
-        tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
+        tokio::task::spawn_blocking(move || -> Result<Vec<u8>, KernelError> {
             let modules = initramfs::resolve(modules_dir.as_deref(), initramfs::WANTED)?;
             let archive = initramfs::base_archive(&agent_bytes, &modules);
             let tmp = path.with_extension("tmp");
@@ -337,7 +337,7 @@ fn read_input(source: &Path) -> Result<Vec<u8>, String> {
 }
 
 /// Writes `vmlinux`, `config` and `modules/` into `dir`.
-fn unpack(source: &Path, modules: Option<&Path>, dir: &Path) -> Result<Unpacked, String> {
+fn unpack(source: &Path, modules: Option<&Path>, dir: &Path) -> Result<Unpacked, KernelError> {
     let data = read_input(source)?;
     let (image, kind, mut version, config, mut modules_rel) = if deb::is_deb(&data) {
         drop(data);

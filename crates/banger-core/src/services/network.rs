@@ -166,13 +166,13 @@ impl NetworkService {
     }
 
     /// What `doctor` and `daemon status` show.
-    pub fn describe(&self) -> Result<String, String> {
+    pub fn describe(&self) -> Result<String, crate::network::NetError> {
         match &self.state {
             State::Disabled => Ok(
                 "off (network.mode none; or neither root nor a root helper; or no /dev/net/tun)"
                     .into(),
             ),
-            State::Broken(e) => Err(e.clone()),
+            State::Broken(e) => Err(e.clone().into()),
             State::Ready(s) => Ok(format!(
                 "taps on {} (gateway {} on {}, domain .{}, instance {})",
                 s.subnet,

@@ -47,14 +47,14 @@ pub async fn pull(
     params: PullParams,
     events: Events<PullEvent>,
 ) -> OpResult<PullResult> {
-    let reference = reference::parse(&params.reference).map_err(OpError::invalid)?;
+    let reference = reference::parse(&params.reference).map_err(OpError::from)?;
     let name = match params.name {
         Some(name) => name,
         None => reference::default_name(&reference),
     };
-    reference::validate_name(&name).map_err(OpError::invalid)?;
+    reference::validate_name(&name).map_err(OpError::from)?;
     let platform = match params.platform.as_deref() {
-        Some(p) => Platform::parse(p).map_err(OpError::invalid)?,
+        Some(p) => Platform::parse(p).map_err(OpError::from)?,
         None => Platform::host(),
     };
     let whole = reference.whole();
@@ -173,7 +173,7 @@ async fn fetch_config(
             desc.digest
         )));
     }
-    manifest::parse_config(&bytes).map_err(OpError::bad_content)
+    manifest::parse_config(&bytes).map_err(OpError::from)
 }
 
 /// Refuses a pull whose declared layers cannot fit: the downloads need

@@ -195,6 +195,31 @@ pub enum Input {
     Resize(u16, u16),
 }
 
+/// A session with a guest agent that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// An SSH step failed: what banger was doing, and what SSH said.
+    #[error("{what}: {why}")]
+    Ssh { what: String, why: String },
+    /// The agent said no, or broke its side of the protocol.
+    #[error("{0}")]
+    Agent(&'static str),
+    #[error("the agent answered {0}")]
+    Status(u32),
+    #[error(transparent)]
+    Key(#[from] crate::vm::keys::KeyError),
+    #[error(transparent)]
+    Vmm(#[from] crate::vm::vmm::VmmError),
+}
+
+fn ssh(what: impl Into<String>) -> impl FnOnce(russh::Error) -> AgentError {
+    let what = what.into();
+    move |e| AgentError::Ssh {
+        what,
+        why: e.to_string(),
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExitStatus {
     pub code: i32,
@@ -206,7 +231,7 @@ impl AgentSession {
         stream: S,
         host_key: PublicKey,
         client_key: Arc<PrivateKey>,
-    ) -> Result<AgentSession, String>
+    ) -> Result<AgentSession, AgentError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -221,13 +246,13 @@ impl AgentSession {
         });
         let mut handle = client::connect_stream(config, stream, Pinned { expected: host_key })
             .await
-            .map_err(|e| format!("SSH handshake with the agent: {e}"))?;
+            .map_err(ssh("SSH handshake with the agent"))?;
         let auth = handle
             .authenticate_publickey("root", PrivateKeyWithHashAlg::new(client_key, None))
             .await
-            .map_err(|e| format!("SSH authentication: {e}"))?;
+            .map_err(ssh("SSH authentication"))?;
         if !auth.success() {
-            return Err("the agent refused banger's key".into());
+            return Err(AgentError::Agent("the agent refused banger's key"));
         }
         Ok(AgentSession {
             handle: Arc::new(handle),
@@ -254,18 +279,18 @@ impl AgentSession {
         input: tokio::sync::mpsc::Receiver<Input>,
         gone: Option<tokio::sync::watch::Receiver<bool>>,
         mut on_output: impl FnMut(Output) -> tokio::sync::oneshot::Receiver<()>,
-    ) -> Result<ExitStatus, String> {
+    ) -> Result<ExitStatus, AgentError> {
         use futures_util::StreamExt;
         let channel = self
             .handle
             .channel_open_session()
             .await
-            .map_err(|e| format!("opening a channel: {e}"))?;
+            .map_err(ssh("opening a channel"))?;
         if let Some((term, cols, rows)) = &tty {
             channel
                 .request_pty(false, term, *cols as u32, *rows as u32, 0, 0, &[])
                 .await
-                .map_err(|e| format!("requesting a terminal: {e}"))?;
+                .map_err(ssh("requesting a terminal"))?;
         }
         let command = format!(
             "{EXEC_PREFIX}{}",
@@ -274,7 +299,7 @@ impl AgentSession {
         channel
             .exec(true, command)
             .await
-            .map_err(|e| format!("starting the command: {e}"))?;
+            .map_err(ssh("starting the command"))?;
         let flow = request.flow.is_some();
         let window = request.flow.unwrap_or(u32::MAX >> 3) as usize;
         let (mut read, write) = channel.split();
@@ -299,7 +324,7 @@ impl AgentSession {
                 feeder.abort();
                 let _ = write.signal(Sig::KILL).await;
                 let _ = write.close().await;
-                return Err("the guest agent sent more output than it was allowed (flow control); the command was cut off".into());
+                return Err(AgentError::Agent("the guest agent sent more output than it was allowed (flow control); the command was cut off"));
             }
             tokio::select! {
                 msg = read.wait() => match msg {
@@ -321,7 +346,7 @@ impl AgentSession {
                     }
                     Some(ChannelMsg::Failure) => {
                         feeder.abort();
-                        return Err("the agent refused the command".into());
+                        return Err(AgentError::Agent("the agent refused the command"));
                     }
                     Some(_) => {}
                     None => break,
@@ -333,34 +358,36 @@ impl AgentSession {
             }
         }
         feeder.abort();
-        status.ok_or_else(|| "the connection to the VM closed before the command finished".into())
+        status.ok_or(AgentError::Agent(
+            "the connection to the VM closed before the command finished",
+        ))
     }
 
     /// Replaces the user keys the agent accepts; banger's own stay.
-    pub async fn set_user_keys(&self, keys: &[String]) -> Result<(), String> {
+    pub async fn set_user_keys(&self, keys: &[String]) -> Result<(), AgentError> {
         let mut channel = self
             .handle
             .channel_open_session()
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(ssh("opening a channel"))?;
         channel
             .exec(true, format!("{SET_USER_KEYS}{}", keys.join("\n")))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(ssh("sending the user keys"))?;
         while let Some(msg) = channel.wait().await {
             if let ChannelMsg::ExitStatus { exit_status } = msg {
                 return match exit_status {
                     0 => Ok(()),
-                    n => Err(format!("the agent answered {n}")),
+                    n => Err(AgentError::Status(n)),
                 };
             }
         }
-        Err("the agent closed the channel".into())
+        Err(AgentError::Agent("the agent closed the channel"))
     }
 
     /// A TCP connection to `port` on the guest's loopback, made by the
     /// agent, with banger's flow control asked for (see `banger_sshflow`).
-    pub async fn open_tcp(&self, port: u16) -> Result<russh::Channel<client::Msg>, String> {
+    pub async fn open_tcp(&self, port: u16) -> Result<russh::Channel<client::Msg>, AgentError> {
         self.handle
             .channel_open_direct_tcpip(
                 "127.0.0.1",
@@ -369,20 +396,20 @@ impl AgentSession {
                 banger_sshflow::WINDOW,
             )
             .await
-            .map_err(|e| format!("guest port {port}: {e}"))
+            .map_err(ssh(format!("guest port {port}")))
     }
 
     /// Asks the agent to sync, unmount and power off.
-    pub async fn poweroff(&self) -> Result<(), String> {
+    pub async fn poweroff(&self) -> Result<(), AgentError> {
         let channel = self
             .handle
             .channel_open_session()
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(ssh("opening a channel"))?;
         channel
             .exec(true, POWEROFF)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(ssh("asking for power-off"))
     }
 }
 

@@ -105,31 +105,48 @@ fn copy_range(input: &File, output: &File, from: u64, to: u64) -> io::Result<()>
     Ok(())
 }
 
+/// A disk file that could not be made: the file itself, or the tool that
+/// formats or grows it.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("copying the image's root disk: {0}")]
+    CopyRoot(io::Error),
+    #[error("{what}: {source}")]
+    Tool {
+        what: &'static str,
+        source: banger_host::HostError,
+    },
+}
+
 /// Grows an ext4 image file to `size` bytes and its filesystem with it.
-pub fn grow(runner: &dyn ProcessRunner, path: &Path, size: u64) -> Result<(), String> {
-    let current = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
+pub fn grow(runner: &dyn ProcessRunner, path: &Path, size: u64) -> Result<(), DiskError> {
+    let current = std::fs::metadata(path)?.len();
     if size <= current {
         return Ok(());
     }
     OpenOptions::new()
         .write(true)
         .open(path)
-        .and_then(|f| f.set_len(size))
-        .map_err(|e| e.to_string())?;
+        .and_then(|f| f.set_len(size))?;
     runner
         .run(&CommandSpec::new("resize2fs").arg("-f").arg(path))
-        .map_err(|e| format!("growing the root filesystem: {e}"))?;
+        .map_err(|source| DiskError::Tool {
+            what: "growing the root filesystem",
+            source,
+        })?;
     Ok(())
 }
 
 /// A sparse ext4 work disk; lazy init keeps creation instant whatever its size.
-pub fn create_work_disk(runner: &dyn ProcessRunner, path: &Path, size: u64) -> Result<(), String> {
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(|e| e.to_string())?;
-    file.set_len(size).map_err(|e| e.to_string())?;
+pub fn create_work_disk(
+    runner: &dyn ProcessRunner,
+    path: &Path,
+    size: u64,
+) -> Result<(), DiskError> {
+    let file = OpenOptions::new().write(true).create_new(true).open(path)?;
+    file.set_len(size)?;
     drop(file);
     runner
         .run(
@@ -146,7 +163,10 @@ pub fn create_work_disk(runner: &dyn ProcessRunner, path: &Path, size: u64) -> R
                 ])
                 .arg(path),
         )
-        .map_err(|e| format!("making the work disk: {e}"))?;
+        .map_err(|source| DiskError::Tool {
+            what: "making the work disk",
+            source,
+        })?;
     Ok(())
 }
 

@@ -8,27 +8,45 @@ use std::sync::Arc;
 use russh::keys::ssh_key::LineEnding;
 use russh::keys::{Algorithm, PrivateKey, PublicKey};
 
-pub fn generate() -> Result<PrivateKey, String> {
-    PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)
-        .map_err(|e| format!("generating a key: {e}"))
+/// What can go wrong with banger's own keys: all of it is banger's (or its
+/// state directory's) fault, never the request's.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("generating a key: {0}")]
+    Generate(String),
+    #[error("encoding a key: {0}")]
+    Encode(String),
+    #[error("bad public key: {0}")]
+    BadPublic(String),
+    #[error("bad private key: {0}")]
+    BadPrivate(String),
+    #[error("storing the client key: {0}")]
+    Store(#[from] std::io::Error),
 }
 
-pub fn to_openssh(key: &PrivateKey) -> Result<String, String> {
+pub fn generate() -> Result<PrivateKey, KeyError> {
+    PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)
+        .map_err(|e| KeyError::Generate(e.to_string()))
+}
+
+pub fn to_openssh(key: &PrivateKey) -> Result<String, KeyError> {
     key.to_openssh(LineEnding::LF)
         .map(|s| s.to_string())
-        .map_err(|e| e.to_string())
+        .map_err(|e| KeyError::Encode(e.to_string()))
 }
 
-pub fn public_openssh(key: &PrivateKey) -> Result<String, String> {
-    key.public_key().to_openssh().map_err(|e| e.to_string())
+pub fn public_openssh(key: &PrivateKey) -> Result<String, KeyError> {
+    key.public_key()
+        .to_openssh()
+        .map_err(|e| KeyError::Encode(e.to_string()))
 }
 
-pub fn parse_public(text: &str) -> Result<PublicKey, String> {
-    PublicKey::from_openssh(text.trim()).map_err(|e| format!("bad public key: {e}"))
+pub fn parse_public(text: &str) -> Result<PublicKey, KeyError> {
+    PublicKey::from_openssh(text.trim()).map_err(|e| KeyError::BadPublic(e.to_string()))
 }
 
-pub fn parse_private(text: &str) -> Result<PrivateKey, String> {
-    PrivateKey::from_openssh(text.as_bytes()).map_err(|e| format!("bad private key: {e}"))
+pub fn parse_private(text: &str) -> Result<PrivateKey, KeyError> {
+    PrivateKey::from_openssh(text.as_bytes()).map_err(|e| KeyError::BadPrivate(e.to_string()))
 }
 
 /// Writes a secret file readable by its owner only.
@@ -44,17 +62,16 @@ pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 }
 
 /// banger's client key, created on first use in `<state>/ssh/id_ed25519`.
-pub fn client_key(state_dir: &Path) -> Result<Arc<PrivateKey>, String> {
+pub fn client_key(state_dir: &Path) -> Result<Arc<PrivateKey>, KeyError> {
     let dir = state_dir.join("ssh");
     let path = dir.join("id_ed25519");
     if let Ok(text) = std::fs::read_to_string(&path) {
         return parse_private(&text).map(Arc::new);
     }
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&dir)?;
     let key = generate()?;
-    write_private(&path, &to_openssh(&key)?).map_err(|e| e.to_string())?;
-    std::fs::write(dir.join("id_ed25519.pub"), public_openssh(&key)? + "\n")
-        .map_err(|e| e.to_string())?;
+    write_private(&path, &to_openssh(&key)?)?;
+    std::fs::write(dir.join("id_ed25519.pub"), public_openssh(&key)? + "\n")?;
     Ok(Arc::new(key))
 }
 

@@ -1,13 +1,18 @@
 //! VM names are DNS labels: they become hostnames and `NAME.vm`.
 
-pub fn validate(name: &str) -> Result<(), String> {
+/// A name that is not a DNS label.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid VM name `{0}`: use a DNS label (lowercase letters, digits and `-`, not starting \
+     or ending with `-`, at most 63 characters)"
+)]
+pub struct InvalidName(pub String);
+
+pub fn validate(name: &str) -> Result<(), InvalidName> {
     if banger_proto::is_dns_label(name) {
         Ok(())
     } else {
-        Err(format!(
-            "invalid VM name `{name}`: use a DNS label (lowercase letters, digits and `-`, \
-             not starting or ending with `-`, at most 63 characters)"
-        ))
+        Err(InvalidName(name.to_string()))
     }
 }
 

@@ -36,7 +36,34 @@ impl Host {
     }
 }
 
-pub fn vcpus(n: u32, vmm: VmmKind, host: Host) -> Result<u32, String> {
+/// A size the VM cannot have, with the range it can.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error(
+        "--vcpus {n} is out of range: {vmm} VMs here take 1 to {max} vCPUs (this host has \
+         {host_cpus} CPUs)"
+    )]
+    Vcpus {
+        n: u32,
+        vmm: VmmKind,
+        max: u32,
+        host_cpus: u32,
+    },
+    #[error(
+        "--memory {mib}M is out of range: a VM takes {MIN_MEMORY_MIB} MiB to {host_mib} MiB \
+         (this host's memory)"
+    )]
+    Memory { mib: u64, host_mib: u64 },
+    #[error(
+        "--disk {} is out of range: at least the image's {} MiB, at most {} TiB",
+        human(*bytes),
+        image_bytes.div_ceil(1 << 20),
+        MAX_DISK_BYTES >> 40
+    )]
+    Disk { bytes: u64, image_bytes: u64 },
+}
+
+pub fn vcpus(n: u32, vmm: VmmKind, host: Host) -> Result<u32, SizeError> {
     let vmm_max: u32 = match vmm {
         // Firecracker takes fewer than 32 (and 1 or an even count only with
         // SMT, which banger leaves off).
@@ -45,34 +72,29 @@ pub fn vcpus(n: u32, vmm: VmmKind, host: Host) -> Result<u32, String> {
     };
     let max = vmm_max.min(host.cpus.max(1));
     if n == 0 || n > max {
-        return Err(format!(
-            "--vcpus {n} is out of range: {vmm} VMs here take 1 to {max} vCPUs (this host has \
-             {} CPUs)",
-            host.cpus
-        ));
+        return Err(SizeError::Vcpus {
+            n,
+            vmm,
+            max,
+            host_cpus: host.cpus,
+        });
     }
     Ok(n)
 }
 
-pub fn memory_mib(mib: u64, host: Host) -> Result<u64, String> {
+pub fn memory_mib(mib: u64, host: Host) -> Result<u64, SizeError> {
     if mib < MIN_MEMORY_MIB || mib > host.memory_mib {
-        return Err(format!(
-            "--memory {mib}M is out of range: a VM takes {MIN_MEMORY_MIB} MiB to {} MiB (this \
-             host's memory)",
-            host.memory_mib
-        ));
+        return Err(SizeError::Memory {
+            mib,
+            host_mib: host.memory_mib,
+        });
     }
     Ok(mib)
 }
 
-pub fn disk_bytes(bytes: u64, image_bytes: u64) -> Result<u64, String> {
+pub fn disk_bytes(bytes: u64, image_bytes: u64) -> Result<u64, SizeError> {
     if bytes < image_bytes || bytes > MAX_DISK_BYTES {
-        return Err(format!(
-            "--disk {} is out of range: at least the image's {} MiB, at most {} TiB",
-            human(bytes),
-            image_bytes.div_ceil(1 << 20),
-            MAX_DISK_BYTES >> 40
-        ));
+        return Err(SizeError::Disk { bytes, image_bytes });
     }
     Ok(bytes)
 }
@@ -101,7 +123,7 @@ mod tests {
         assert_eq!(vcpus(1, VmmKind::Qemu, HOST), Ok(1));
         assert_eq!(vcpus(8, VmmKind::Qemu, HOST), Ok(8));
         for bad in [0, 9, 1000] {
-            let err = vcpus(bad, VmmKind::Qemu, HOST).unwrap_err();
+            let err = vcpus(bad, VmmKind::Qemu, HOST).unwrap_err().to_string();
             assert!(err.contains("1 to 8"), "{err}");
         }
         assert_eq!(vcpus(3, VmmKind::Firecracker, HOST), Ok(3));
@@ -112,16 +134,17 @@ mod tests {
         assert!(vcpus(31, VmmKind::Firecracker, big).is_ok());
         assert!(vcpus(32, VmmKind::Firecracker, big)
             .unwrap_err()
+            .to_string()
             .contains("1 to 31"));
         assert_eq!(memory_mib(512, HOST), Ok(512));
         for bad in [0, 63, 1 << 20] {
-            let err = memory_mib(bad, HOST).unwrap_err();
+            let err = memory_mib(bad, HOST).unwrap_err().to_string();
             assert!(err.contains("64 MiB to 16384 MiB"), "{err}");
         }
         assert_eq!(disk_bytes(4 << 30, 1 << 30), Ok(4 << 30));
-        let err = disk_bytes(100 << 40, 1 << 30).unwrap_err();
+        let err = disk_bytes(100 << 40, 1 << 30).unwrap_err().to_string();
         assert!(err.contains("100T") && err.contains("16 TiB"), "{err}");
-        let err = disk_bytes(1 << 20, 1 << 30).unwrap_err();
+        let err = disk_bytes(1 << 20, 1 << 30).unwrap_err().to_string();
         assert!(err.contains("1024 MiB"), "{err}");
     }
 }

@@ -39,12 +39,40 @@ pub enum CtlEndpoint {
     Listen(PathBuf),
 }
 
+/// What a VMM backend could not do.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// The boot cannot be expressed to this VMM (a path it cannot carry).
+    #[error("{0}")]
+    Spec(String),
+    /// The VMM's API never came up, or refused or failed a call.
+    #[error("{0}")]
+    Api(String),
+    /// The agent's socket could not be reached.
+    #[error("{what}: {source}")]
+    Connect {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    /// The VMM's end of a connection said no.
+    #[error("{0}")]
+    Refused(String),
+    #[error("unknown qemu accelerator `{0}` (use auto, kvm or tcg)")]
+    UnknownAccel(String),
+}
+
+impl VmmError {
+    pub(crate) fn connect(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
+        move |source| VmmError::Connect { what, source }
+    }
+}
+
 pub trait Vmm: Send + Sync {
     fn kind(&self) -> &'static str;
     /// How the agent is reached on this backend.
     fn transport(&self) -> Transport;
     /// The process to launch.
-    fn command(&self, spec: &BootSpec) -> Result<LaunchSpec, String>;
+    fn command(&self, spec: &BootSpec) -> Result<LaunchSpec, VmmError>;
     /// Where the agent's readiness reports arrive.
     fn ctl(&self, dir: &Path) -> CtlEndpoint;
     /// The Unix socket that carries SSH connections.
@@ -56,20 +84,20 @@ pub trait Vmm: Send + Sync {
         &'a self,
         _spec: &'a BootSpec,
         _alive: &'a (dyn Fn() -> bool + Send + Sync),
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), VmmError>> {
         Box::pin(async { Ok(()) })
     }
     /// A byte stream to the agent's SSH server.
     fn open_ssh<'a>(
         &'a self,
         dir: &'a Path,
-    ) -> BoxFuture<'a, Result<tokio::net::UnixStream, String>> {
+    ) -> BoxFuture<'a, Result<tokio::net::UnixStream, VmmError>> {
         Box::pin(async move {
             let socket = super::sockpath::SockPath::new(&self.ssh_socket(dir))
-                .map_err(|e| format!("connecting to the agent: {e}"))?;
+                .map_err(VmmError::connect("connecting to the agent"))?;
             tokio::net::UnixStream::connect(socket.path())
                 .await
-                .map_err(|e| format!("connecting to the agent: {e}"))
+                .map_err(VmmError::connect("connecting to the agent"))
         })
     }
     /// Why a live VMM is not running its guest (paused on a full disk, say),
@@ -91,14 +119,12 @@ pub enum Accel {
 
 impl Accel {
     /// `auto` picks KVM when /dev/kvm can be opened.
-    pub fn choose(wanted: &str) -> Result<Accel, String> {
+    pub fn choose(wanted: &str) -> Result<Accel, VmmError> {
         match wanted {
             "kvm" => Ok(Accel::Kvm),
             "tcg" => Ok(Accel::Tcg),
             "auto" | "" => Ok(if kvm_usable() { Accel::Kvm } else { Accel::Tcg }),
-            other => Err(format!(
-                "unknown qemu accelerator `{other}` (use auto, kvm or tcg)"
-            )),
+            other => Err(VmmError::UnknownAccel(other.to_string())),
         }
     }
 }
@@ -175,16 +201,16 @@ impl Vmm for Qemu {
         super::qmp::problem(&status).map(str::to_string)
     }
 
-    fn command(&self, spec: &BootSpec) -> Result<LaunchSpec, String> {
-        let path = |p: &Path| -> Result<String, String> {
+    fn command(&self, spec: &BootSpec) -> Result<LaunchSpec, VmmError> {
+        let path = |p: &Path| -> Result<String, VmmError> {
             let s = p
                 .to_str()
-                .ok_or_else(|| format!("path {} is not UTF-8", p.display()))?;
+                .ok_or_else(|| VmmError::Spec(format!("path {} is not UTF-8", p.display())))?;
             // QEMU's option syntax gives commas a meaning.
             if s.contains(',') {
-                return Err(format!(
+                return Err(VmmError::Spec(format!(
                     "path {s} contains a comma, which QEMU options cannot carry"
-                ));
+                )));
             }
             Ok(s.to_string())
         };

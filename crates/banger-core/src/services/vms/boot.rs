@@ -94,13 +94,12 @@ impl VmLifecycle {
     ) -> OpResult<PathBuf> {
         steps.begin("initramfs")?;
         let dir = PathBuf::from(&vm.dir);
-        let agent = crate::agent_bin::locate(self.registry.config.agent_binary.as_deref())
-            .map_err(OpError::internal)?;
+        let agent = crate::agent_bin::locate(self.registry.config.agent_binary.as_deref())?;
         let mut bytes = self.kernels.initramfs(kernel, &agent).await?;
         let host_key = std::fs::read_to_string(dir.join("host_key"))
             .map_err(|e| OpError::internal(format!("reading the VM's host key: {e}")))?;
         let state_dir = &self.registry.paths.state_dir;
-        let client_key = keys::client_key(state_dir).map_err(OpError::internal)?;
+        let client_key = keys::client_key(state_dir)?;
         let image_env = self
             .images
             .inspect(std::slice::from_ref(&vm.image))
@@ -113,7 +112,7 @@ impl VmLifecycle {
             work_device: Some("/dev/vdb".into()),
             work_mount: Some(WORK_MOUNT.into()),
             host_key,
-            authorized_keys: vec![keys::public_openssh(&client_key).map_err(OpError::internal)?],
+            authorized_keys: vec![keys::public_openssh(&client_key)?],
             user_keys: crate::vm::user_keys::load(&self.registry.config.ssh, self.runner.as_ref()),
             transport: vmm.transport(),
             env: image_env,
@@ -178,7 +177,7 @@ impl VmLifecycle {
             tracing::warn!(vm = %vm.name, error = %e, "cannot rotate the console log");
         }
         mark_boot(&spec.console_log);
-        let command = vmm.command(spec).map_err(OpError::invalid)?;
+        let command = vmm.command(spec)?;
         let launcher = self.registry.launcher.clone();
         let pid = launcher
             .launch(&command)
@@ -203,7 +202,7 @@ impl VmLifecycle {
         let launcher = self.registry.launcher.clone();
         let alive = move || launcher.alive(pid);
         if let Err(e) = vmm.configure(spec, &alive).await {
-            return Err(boot_failed(vm, "configure", &e));
+            return Err(boot_failed(vm, "configure", e));
         }
         Ok(pid)
     }
@@ -291,12 +290,12 @@ impl VmLifecycle {
                     tracing::info!(vm = %vm.name, error = %e, "early SSH connect failed; trying again");
                 }
                 self.sessions.open(vm, vmm).await.map_err(|e| {
-                    let e = if alive() {
-                        e
+                    let why = if alive() {
+                        e.to_string()
                     } else {
                         format!("{e} (the VMM has exited)")
                     };
-                    boot_failed(vm, "ssh", &e)
+                    boot_failed(vm, "ssh", why)
                 })
             }
         }

@@ -38,7 +38,7 @@ fn last_lines(text: &str, n: usize) -> String {
 
 /// A boot that failed after launch: the stage, why, and the end of the
 /// serial console (and of the VMM's own log) so the cause is on screen.
-pub fn boot_failed(vm: &VmRecord, stage: &str, message: &str) -> OpError {
+pub fn boot_failed(vm: &VmRecord, stage: &str, message: impl std::fmt::Display) -> OpError {
     let dir = Path::new(&vm.dir);
     let mut tail = tail_lines(&dir.join("console.log"), 20);
     let vmm_log = tail_lines(&dir.join("vmm.log"), 10);

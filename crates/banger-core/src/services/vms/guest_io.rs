@@ -242,7 +242,7 @@ impl GuestIo {
             .await
             .map_err(|why| VmError::Agent {
                 name: vm.name.clone(),
-                why,
+                why: why.to_string(),
             })?;
         Ok(ExecResult {
             exit_code: status.code,

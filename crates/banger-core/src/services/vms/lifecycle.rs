@@ -141,7 +141,7 @@ impl VmLifecycle {
     }
 
     pub async fn create(&self, params: CreateParams, events: Events<VmEvent>) -> OpResult<VmInfo> {
-        name::validate(&params.name).map_err(OpError::invalid)?;
+        name::validate(&params.name)?;
         let _guard = self.registry.lock(&params.name).await;
         if self.registry.store.get_vm(&params.name)?.is_some() {
             return Err(VmError::Exists(params.name).into());
@@ -163,15 +163,15 @@ impl VmLifecycle {
         // refused here with the range, not at start.
         let host = sizing::Host::probe();
         let vcpus = match params.vcpus {
-            Some(n) => sizing::vcpus(n, vmm_kind, host).map_err(OpError::invalid)?,
+            Some(n) => sizing::vcpus(n, vmm_kind, host)?,
             None => DEFAULT_VCPUS.min(host.cpus.max(1)),
         };
         let memory_mib = match params.memory_mib {
-            Some(mib) => sizing::memory_mib(mib, host).map_err(OpError::invalid)?,
+            Some(mib) => sizing::memory_mib(mib, host)?,
             None => DEFAULT_MEMORY_MIB,
         };
         let disk_bytes = match params.disk_bytes {
-            Some(bytes) => sizing::disk_bytes(bytes, image.size_bytes).map_err(OpError::invalid)?,
+            Some(bytes) => sizing::disk_bytes(bytes, image.size_bytes)?,
             None => MIN_DISK_BYTES.max(image.size_bytes),
         };
 
@@ -207,16 +207,16 @@ impl VmLifecycle {
                 dir.join("root.ext4"),
                 self.runner.clone(),
             );
-            let strategy =
-                tokio::task::spawn_blocking(move || -> Result<disk::CowStrategy, String> {
-                    let strategy = disk::clone_or_copy(&src, &dst)
-                        .map_err(|e| format!("copying the image's root disk: {e}"))?;
+            let strategy = tokio::task::spawn_blocking(
+                move || -> Result<disk::CowStrategy, disk::DiskError> {
+                    let strategy =
+                        disk::clone_or_copy(&src, &dst).map_err(disk::DiskError::CopyRoot)?;
                     disk::grow(runner.as_ref(), &dst, disk_bytes)?;
                     Ok(strategy)
-                })
-                .await
-                .map_err(|e| OpError::internal(e.to_string()))?
-                .map_err(|e| OpError::writing(e, &dir))?;
+                },
+            )
+            .await?
+            .map_err(|e| OpError::writing(e, &dir))?;
             Ok::<_, OpError>((strategy, disk_bytes))
         };
         let (work, runner) = (dir.join("work.ext4"), self.runner.clone());
@@ -224,8 +224,7 @@ impl VmLifecycle {
             tokio::task::spawn_blocking(move || {
                 disk::create_work_disk(runner.as_ref(), &work, WORK_DISK_BYTES)
             })
-            .await
-            .map_err(|e| OpError::internal(e.to_string()))?
+            .await?
             .map_err(|e| OpError::writing(e, &dir))
         };
         let (root, work) = tokio::join!(root, work);
@@ -234,11 +233,8 @@ impl VmLifecycle {
 
         step(&events, "keys", 2, 2);
         steps.begin("host-key")?;
-        let host_key = keys::generate().map_err(OpError::internal)?;
-        keys::write_private(
-            &dir.join("host_key"),
-            &keys::to_openssh(&host_key).map_err(OpError::internal)?,
-        )?;
+        let host_key = keys::generate()?;
+        keys::write_private(&dir.join("host_key"), &keys::to_openssh(&host_key)?)?;
 
         steps.begin("record")?;
         let addresses = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
@@ -253,7 +249,7 @@ impl VmLifecycle {
             disk_bytes,
             cow_strategy: strategy,
             dir: dir.display().to_string(),
-            host_key_pub: keys::public_openssh(&host_key).map_err(OpError::internal)?,
+            host_key_pub: keys::public_openssh(&host_key)?,
             created_at: ids::now_rfc3339(),
             ip,
             origin: (strategy == disk::CowStrategy::DmSnapshot).then(|| image.rootfs_path.clone()),

@@ -11,7 +11,7 @@ use banger_proto::vm::{CowStrategy, VmInfo, VmState, VmmKind};
 
 use super::error::VmError;
 use crate::config::Config;
-use crate::error::{OpError, OpResult};
+use crate::error::OpResult;
 use crate::locks::{KeyGuard, KeyedLocks};
 use crate::paths::Paths;
 use crate::services::network::NetworkService;
@@ -105,8 +105,7 @@ impl VmRegistry {
                     .binary
                     .clone()
                     .unwrap_or_else(|| "qemu-system-x86_64".into()),
-                accel: Accel::choose(self.config.qemu.accel.as_deref().unwrap_or("auto"))
-                    .map_err(OpError::invalid)?,
+                accel: Accel::choose(self.config.qemu.accel.as_deref().unwrap_or("auto"))?,
             })),
             VmmKind::Firecracker => Ok(Box::new(Firecracker {
                 binary: self

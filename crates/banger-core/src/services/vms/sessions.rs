@@ -11,7 +11,7 @@ use super::registry::{Running, VmRegistry};
 use crate::error::OpResult;
 use crate::locks::KeyedLocks;
 use crate::store::VmRecord;
-use crate::vm::agent_client::AgentSession;
+use crate::vm::agent_client::{AgentError, AgentSession};
 use crate::vm::keys;
 use crate::vm::vmm::Vmm;
 
@@ -109,7 +109,7 @@ impl AgentSessions {
         };
         let why = match tokio::time::timeout(CONNECT_TIMEOUT, attempts).await {
             Ok(Ok(session)) => return Ok(session),
-            Ok(Err(e)) => e,
+            Ok(Err(e)) => e.to_string(),
             Err(_) => format!(
                 "its agent did not complete the SSH handshake within {}s; see `banger vm logs {}`",
                 CONNECT_TIMEOUT.as_secs(),
@@ -129,19 +129,19 @@ impl AgentSessions {
         vm: &VmRecord,
         vmm: &dyn Vmm,
         alive: &(dyn Fn() -> bool + Sync),
-    ) -> Result<AgentSession, String> {
+    ) -> Result<AgentSession, AgentError> {
         let stream = loop {
             match vmm.open_ssh(Path::new(&vm.dir)).await {
                 Ok(stream) => break stream,
                 Err(_) if alive() => tokio::time::sleep(Duration::from_millis(2)).await,
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             }
         };
         self.handshake(vm, stream).await
     }
 
     /// One connection and handshake, unbounded.
-    pub async fn open(&self, vm: &VmRecord, vmm: &dyn Vmm) -> Result<AgentSession, String> {
+    pub async fn open(&self, vm: &VmRecord, vmm: &dyn Vmm) -> Result<AgentSession, AgentError> {
         let stream = vmm.open_ssh(Path::new(&vm.dir)).await?;
         self.handshake(vm, stream).await
     }
@@ -150,11 +150,9 @@ impl AgentSessions {
         &self,
         vm: &VmRecord,
         stream: tokio::net::UnixStream,
-    ) -> Result<AgentSession, String> {
+    ) -> Result<AgentSession, AgentError> {
         let host_key = keys::parse_public(&vm.host_key_pub)?;
         let client_key = keys::client_key(&self.registry.paths.state_dir)?;
-        AgentSession::connect(stream, host_key, client_key)
-            .await
-            .map_err(|e| e.to_string())
+        AgentSession::connect(stream, host_key, client_key).await
     }
 }

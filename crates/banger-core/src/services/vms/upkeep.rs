@@ -98,8 +98,9 @@ impl Upkeep {
             return false;
         }
         let push = async {
-            let session = self.sessions.session(vm).await.map_err(|e| e.message)?;
-            session.set_user_keys(keys).await
+            let session = self.sessions.session(vm).await?;
+            session.set_user_keys(keys).await?;
+            Ok::<_, crate::error::OpError>(())
         };
         match tokio::time::timeout(GUEST_CALL_TIMEOUT, push).await {
             Ok(Ok(())) => {

@@ -5,6 +5,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use banger_proto::http1::HeadReader;
+
+use crate::vm::vmm::VmmError;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
@@ -14,32 +16,39 @@ pub async fn wait_for_socket(
     socket: &Path,
     timeout: Duration,
     alive: impl Fn() -> bool,
-) -> Result<(), String> {
+) -> Result<(), VmmError> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let short = crate::vm::sockpath::SockPath::new(socket).map_err(|e| e.to_string())?;
+    let short = crate::vm::sockpath::SockPath::new(socket)
+        .map_err(VmmError::connect("reaching firecracker's API socket"))?;
     loop {
         if UnixStream::connect(short.path()).await.is_ok() {
             return Ok(());
         }
         if !alive() {
-            return Err("firecracker exited before its API socket was up".into());
+            return Err(VmmError::Api(
+                "firecracker exited before its API socket was up".into(),
+            ));
         }
         if tokio::time::Instant::now() > deadline {
-            return Err(format!(
+            return Err(VmmError::Api(format!(
                 "firecracker's API socket {} did not come up",
                 socket.display()
-            ));
+            )));
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
 /// `PUT path` with a JSON body; Ok on a 2xx answer.
-pub async fn put(socket: &Path, path: &str, body: &serde_json::Value) -> Result<(), String> {
-    request(socket, "PUT", path, Some(body)).await.map(|_| ())
+pub async fn put(socket: &Path, path: &str, body: &serde_json::Value) -> Result<(), VmmError> {
+    request(socket, "PUT", path, Some(body))
+        .await
+        .map(|_| ())
+        .map_err(VmmError::Api)
 }
 
-pub async fn request(
+/// One API call; its answer's body on a 2xx status.
+async fn request(
     socket: &Path,
     method: &str,
     path: &str,

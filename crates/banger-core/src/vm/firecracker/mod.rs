@@ -13,7 +13,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::sockpath::{self, SockPath};
-use super::vmm::{BootSpec, CtlEndpoint, Vmm, CMDLINE};
+use super::vmm::{BootSpec, CtlEndpoint, Vmm, VmmError, CMDLINE};
 
 /// The guest's vsock context id (any value ≥ 3; each VM has its own device).
 pub const GUEST_CID: u32 = 3;
@@ -30,10 +30,10 @@ fn vsock_socket(dir: &Path) -> PathBuf {
     dir.join("vsock.sock")
 }
 
-fn path_str(p: &Path) -> Result<String, String> {
+fn path_str(p: &Path) -> Result<String, VmmError> {
     p.to_str()
         .map(str::to_owned)
-        .ok_or_else(|| format!("path {} is not UTF-8", p.display()))
+        .ok_or_else(|| VmmError::Spec(format!("path {} is not UTF-8", p.display())))
 }
 
 impl Vmm for Firecracker {
@@ -45,7 +45,7 @@ impl Vmm for Firecracker {
         Transport::Vsock
     }
 
-    fn command(&self, spec: &BootSpec) -> Result<LaunchSpec, String> {
+    fn command(&self, spec: &BootSpec) -> Result<LaunchSpec, VmmError> {
         // The serial console is Firecracker's stdout: it goes to the console log.
         Ok(LaunchSpec {
             program: self.binary.clone(),
@@ -79,7 +79,7 @@ impl Vmm for Firecracker {
         &'a self,
         spec: &'a BootSpec,
         alive: &'a (dyn Fn() -> bool + Send + Sync),
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), VmmError>> {
         Box::pin(async move {
             let sock = api_socket(&spec.dir);
             api::wait_for_socket(&sock, Duration::from_secs(5), alive).await?;
@@ -133,23 +133,27 @@ impl Vmm for Firecracker {
     fn open_ssh<'a>(
         &'a self,
         dir: &'a Path,
-    ) -> BoxFuture<'a, Result<tokio::net::UnixStream, String>> {
+    ) -> BoxFuture<'a, Result<tokio::net::UnixStream, VmmError>> {
         Box::pin(async move {
             // The host side of vsock: connect, ask for the guest port, read OK.
-            let socket = SockPath::new(&vsock_socket(dir)).map_err(|e| e.to_string())?;
+            let connecting = VmmError::connect("connecting to the VM's vsock");
+            let socket = SockPath::new(&vsock_socket(dir)).map_err(connecting)?;
             let mut stream = tokio::net::UnixStream::connect(socket.path())
                 .await
-                .map_err(|e| format!("connecting to the VM's vsock: {e}"))?;
+                .map_err(VmmError::connect("connecting to the VM's vsock"))?;
             stream
                 .write_all(format!("CONNECT {VSOCK_SSH_PORT}\n").as_bytes())
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(VmmError::connect("asking the VM's vsock for the agent"))?;
             // Byte by byte up to the newline: the guest's SSH banner may follow
             // at once and must stay in the stream.
             let mut line = Vec::new();
             let mut byte = [0u8; 1];
             while line.len() < 64 {
-                let n = stream.read(&mut byte).await.map_err(|e| e.to_string())?;
+                let n = stream
+                    .read(&mut byte)
+                    .await
+                    .map_err(VmmError::connect("reading the VM's vsock answer"))?;
                 if n == 0 || byte[0] == b'\n' {
                     break;
                 }
@@ -157,10 +161,10 @@ impl Vmm for Firecracker {
             }
             let line = String::from_utf8_lossy(&line);
             if !line.starts_with("OK ") {
-                return Err(format!(
+                return Err(VmmError::Refused(format!(
                     "vsock CONNECT {VSOCK_SSH_PORT} refused: {}",
                     line.trim()
-                ));
+                )));
             }
             Ok(stream)
         })
