@@ -44,6 +44,8 @@ pub struct Host {
     /// Whether the privileged operations can work: the daemon is root, or a
     /// root helper answered. `network.mode = auto` follows it.
     pub privileged: bool,
+    /// The VMM backends; `None` is the real ones the configuration names.
+    pub vmms: Option<Arc<dyn crate::vm::vmm::VmmProvider>>,
 }
 
 impl Host {
@@ -62,6 +64,7 @@ impl Host {
                 }),
                 runner,
                 privileged: true,
+                vmms: None,
             };
         }
         let helper = banger_host::HelperClient::new(helper_socket);
@@ -81,6 +84,7 @@ impl Host {
             net: Arc::new(helper),
             runner,
             privileged,
+            vmms: None,
         }
     }
 }
@@ -120,7 +124,9 @@ impl Core {
             blockdevs,
             net,
             privileged,
+            vmms,
         } = host;
+        let vmms = vmms.unwrap_or_else(|| Arc::new(crate::vm::vmm::ConfiguredVmms::new(&config)));
         paths.create_all()?;
         let store = Arc::new(Store::open(&paths.database())?);
         let users_store = store.clone();
@@ -148,6 +154,7 @@ impl Core {
             images: images.clone(),
             kernels: kernels.clone(),
             network: network.clone(),
+            vmms,
         });
         vms.recover()
             .map_err(|e| anyhow::anyhow!("{}", e.message))?;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use banger_core::events::Events;
 use banger_core::ops::{Core, Host};
 use banger_core::paths::Paths;
+use banger_core::vm::vmm::{BootSpec, CtlEndpoint, Vmm, VmmError, VmmProvider};
 use banger_host::{
     BlockCall, FakeBlockDevices, FakeHostNetwork, FakeLauncher, FakeRunner, LauncherCall,
 };
@@ -14,7 +15,7 @@ use banger_proto::kernel::KernelInfo;
 use banger_proto::vm::CreateParams;
 
 /// A 64-byte ELF header with no program headers: "static" to the locator.
-/// One file for the whole test binary, since the environment is shared.
+/// One file for the whole test binary.
 fn fake_agent() -> &'static std::path::Path {
     static PATH: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
     PATH.get_or_init(|| {
@@ -40,17 +41,22 @@ fn setup() -> (tempfile::TempDir, Arc<Core>, FakeLauncher) {
 fn setup_with(
     blockdevs: FakeBlockDevices,
 ) -> (tempfile::TempDir, Arc<Core>, FakeLauncher, FakeBlockDevices) {
+    setup_full(blockdevs, None)
+}
+
+fn setup_full(
+    blockdevs: FakeBlockDevices,
+    vmms: Option<Arc<dyn VmmProvider>>,
+) -> (tempfile::TempDir, Arc<Core>, FakeLauncher, FakeBlockDevices) {
     let tmp = tempfile::tempdir().unwrap();
-    // Every test in this file sets the same values.
-    std::env::set_var("BANGER_AGENT_BIN", fake_agent());
-    std::env::set_var("BANGER_QEMU_ACCEL", "tcg");
     let paths = Paths::under(&tmp.path().join("home"));
-    std::fs::create_dir_all(&paths.config_dir).unwrap();
-    std::fs::write(
-        paths.config_file(),
+    // Handed in whole: nothing in the core reads the environment.
+    let mut config: banger_core::config::Config = toml::from_str(
         "boot_timeout_secs = 1\n[network]\nmode = \"tap\"\nsubnet = \"10.254.213.0/24\"\n",
     )
     .unwrap();
+    config.agent_binary = Some(fake_agent().display().to_string());
+    config.qemu.accel = Some("tcg".into());
     let launcher = FakeLauncher::default();
     let host = Host {
         runner: Arc::new(FakeRunner::default()),
@@ -58,8 +64,9 @@ fn setup_with(
         blockdevs: Arc::new(blockdevs.clone()),
         net: Arc::new(net()),
         privileged: true,
+        vmms,
     };
-    let core = Core::open_with(paths, host, Default::default()).unwrap();
+    let core = Core::open_configured(paths, config, host, Default::default()).unwrap();
     let rootfs = tmp.path().join("rootfs.ext4");
     std::fs::write(&rootfs, vec![0u8; 4096]).unwrap();
     core.store()
@@ -406,4 +413,134 @@ async fn image_rm_never_leaves_a_vm_without_its_image() {
             ),
         }
     }
+}
+
+/// A VMM backend as a test writes it: what it launches, and how its
+/// configuration step answers.
+struct ScriptedVmm {
+    command: fn(&BootSpec) -> Result<banger_host::LaunchSpec, VmmError>,
+    configure: fn() -> Result<(), VmmError>,
+}
+
+impl Vmm for ScriptedVmm {
+    fn kind(&self) -> &'static str {
+        "scripted"
+    }
+    fn transport(&self) -> banger_proto::agent::Transport {
+        banger_proto::agent::Transport::Vsock
+    }
+    fn command(&self, spec: &BootSpec) -> Result<banger_host::LaunchSpec, VmmError> {
+        (self.command)(spec)
+    }
+    fn ctl(&self, dir: &std::path::Path) -> CtlEndpoint {
+        CtlEndpoint::Listen(dir.join("ctl.sock"))
+    }
+    fn ssh_socket(&self, dir: &std::path::Path) -> std::path::PathBuf {
+        dir.join("ssh.sock")
+    }
+    fn run_files(&self) -> &'static [&'static str] {
+        &["ctl.sock", "api.sock"]
+    }
+    fn configure<'a>(
+        &'a self,
+        _spec: &'a BootSpec,
+        _alive: &'a (dyn Fn() -> bool + Send + Sync),
+    ) -> futures_util::future::BoxFuture<'a, Result<(), VmmError>> {
+        let answer = (self.configure)();
+        Box::pin(async move { answer })
+    }
+}
+
+struct Scripted(
+    fn(&BootSpec) -> Result<banger_host::LaunchSpec, VmmError>,
+    fn() -> Result<(), VmmError>,
+);
+
+impl VmmProvider for Scripted {
+    fn vmm(&self, _kind: banger_proto::domain::VmmKind) -> Result<Box<dyn Vmm>, VmmError> {
+        Ok(Box::new(ScriptedVmm {
+            command: self.0,
+            configure: self.1,
+        }))
+    }
+}
+
+fn launch_spec(spec: &BootSpec) -> Result<banger_host::LaunchSpec, VmmError> {
+    Ok(banger_host::LaunchSpec {
+        program: "scripted-vmm".into(),
+        args: vec![spec.dir.display().to_string()],
+        log: spec.console_log.clone(),
+        cwd: Some(spec.dir.clone()),
+        user: None,
+    })
+}
+
+/// The backend's own refusal (as Firecracker's API answers a bad machine
+/// config) fails the start at `configure` in the backend's words, and the
+/// launched process, runtime row, route and run files are all undone.
+#[tokio::test]
+async fn a_backend_refusing_its_configuration_fails_the_start_and_is_undone() {
+    let provider = Scripted(launch_spec, || {
+        Err(VmmError::Api(
+            "firecracker refused PUT /machine-config (400): vcpu count must be even".into(),
+        ))
+    });
+    let (_tmp, core, launcher, _) =
+        setup_full(FakeBlockDevices::default(), Some(Arc::new(provider)));
+    core.vms
+        .create(params("web"), Events::none())
+        .await
+        .unwrap();
+    let err = core.vms.start("web", Events::none()).await.unwrap_err();
+    assert_eq!(err.code, banger_proto::ErrorCode::Internal);
+    assert!(
+        err.message.contains("failed to boot at stage `configure`")
+            && err.message.contains("vcpu count must be even"),
+        "{}",
+        err.message
+    );
+    assert_eq!(
+        launcher
+            .calls()
+            .iter()
+            .filter(|c| matches!(c, LauncherCall::Launch(_)))
+            .count(),
+        1
+    );
+    assert!(launcher.running().is_empty(), "the VMM was stopped");
+    assert!(core.store().get_runtime("web").unwrap().is_none());
+    assert!(net().routes().is_empty());
+    let dir = core.paths.state_dir.join("vms/web");
+    assert!(!dir.join("ctl.sock").exists() && !dir.join("initrd.cpio").exists());
+}
+
+/// A boot the backend cannot express (a path it cannot carry) is the
+/// caller's to fix: invalid params, and no process is launched.
+#[tokio::test]
+async fn a_boot_the_backend_cannot_express_is_refused_before_launch() {
+    let provider = Scripted(
+        |_| {
+            Err(VmmError::Spec(
+                "path /a,b contains a comma, which QEMU options cannot carry".into(),
+            ))
+        },
+        || Ok(()),
+    );
+    let (_tmp, core, launcher, _) =
+        setup_full(FakeBlockDevices::default(), Some(Arc::new(provider)));
+    core.vms
+        .create(params("web"), Events::none())
+        .await
+        .unwrap();
+    let err = core.vms.start("web", Events::none()).await.unwrap_err();
+    assert_eq!(
+        err.code,
+        banger_proto::ErrorCode::InvalidParams,
+        "{}",
+        err.message
+    );
+    assert!(err.message.contains("comma"), "{}", err.message);
+    assert!(launcher.calls().is_empty(), "nothing launched");
+    assert!(core.store().get_runtime("web").unwrap().is_none());
+    assert!(net().routes().is_empty());
 }

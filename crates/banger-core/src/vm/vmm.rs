@@ -111,6 +111,51 @@ pub trait Vmm: Send + Sync {
     }
 }
 
+/// Makes the backend for a kind of VMM: the configured real ones in the
+/// daemon, a fake in tests that want to drive a boot's failures.
+pub trait VmmProvider: Send + Sync {
+    fn vmm(&self, kind: banger_proto::domain::VmmKind) -> Result<Box<dyn Vmm>, VmmError>;
+}
+
+/// The real backends, as the configuration names their binaries.
+pub struct ConfiguredVmms {
+    pub qemu_binary: String,
+    pub qemu_accel: String,
+    pub firecracker_binary: String,
+}
+
+impl ConfiguredVmms {
+    pub fn new(config: &crate::config::Config) -> ConfiguredVmms {
+        ConfiguredVmms {
+            qemu_binary: config
+                .qemu
+                .binary
+                .clone()
+                .unwrap_or_else(|| "qemu-system-x86_64".into()),
+            qemu_accel: config.qemu.accel.clone().unwrap_or_else(|| "auto".into()),
+            firecracker_binary: config
+                .firecracker_binary
+                .clone()
+                .unwrap_or_else(|| "firecracker".into()),
+        }
+    }
+}
+
+impl VmmProvider for ConfiguredVmms {
+    fn vmm(&self, kind: banger_proto::domain::VmmKind) -> Result<Box<dyn Vmm>, VmmError> {
+        use banger_proto::domain::VmmKind;
+        Ok(match kind {
+            VmmKind::Qemu => Box::new(Qemu {
+                binary: self.qemu_binary.clone(),
+                accel: Accel::choose(&self.qemu_accel)?,
+            }),
+            VmmKind::Firecracker => Box::new(super::firecracker::Firecracker {
+                binary: self.firecracker_binary.clone(),
+            }),
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
     Kvm,

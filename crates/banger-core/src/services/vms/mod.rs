@@ -48,6 +48,7 @@ pub struct VmDeps {
     pub images: Arc<ImageService>,
     pub kernels: Arc<KernelService>,
     pub network: Arc<NetworkService>,
+    pub vmms: Arc<dyn crate::vm::vmm::VmmProvider>,
 }
 
 /// The VM parts, wired to one registry and one session cache.
@@ -66,6 +67,7 @@ impl Vms {
             deps.launcher,
             deps.blockdevs,
             deps.network,
+            deps.vmms,
         ));
         let sessions = Arc::new(AgentSessions::new(registry.clone()));
         Vms {

@@ -17,9 +17,8 @@ use crate::paths::Paths;
 use crate::services::network::NetworkService;
 use crate::store::{Store, VmRecord, VmRuntime};
 use crate::suggest;
-use crate::vm::firecracker::Firecracker;
 use crate::vm::ssh_config;
-use crate::vm::vmm::{Accel, Qemu, Vmm};
+use crate::vm::vmm::{Vmm, VmmProvider};
 
 /// Where the work disk is mounted in every guest.
 pub const WORK_MOUNT: &str = "/work";
@@ -31,6 +30,7 @@ pub struct VmRegistry {
     pub(super) launcher: Arc<dyn ProcessLauncher>,
     pub(super) blockdevs: Arc<dyn banger_host::BlockDevices>,
     pub(super) network: Arc<NetworkService>,
+    vmms: Arc<dyn VmmProvider>,
     /// One per VM: held by whatever changes its state (create, start, stop, rm).
     locks: KeyedLocks,
 }
@@ -49,6 +49,7 @@ impl VmRegistry {
         launcher: Arc<dyn ProcessLauncher>,
         blockdevs: Arc<dyn banger_host::BlockDevices>,
         network: Arc<NetworkService>,
+        vmms: Arc<dyn VmmProvider>,
     ) -> VmRegistry {
         VmRegistry {
             paths,
@@ -57,6 +58,7 @@ impl VmRegistry {
             launcher,
             blockdevs,
             network,
+            vmms,
             locks: KeyedLocks::default(),
         }
     }
@@ -97,24 +99,7 @@ impl VmRegistry {
 
     /// The backend a VM of this kind runs on.
     pub fn vmm(&self, kind: VmmKind) -> OpResult<Box<dyn Vmm>> {
-        match kind {
-            VmmKind::Qemu => Ok(Box::new(Qemu {
-                binary: self
-                    .config
-                    .qemu
-                    .binary
-                    .clone()
-                    .unwrap_or_else(|| "qemu-system-x86_64".into()),
-                accel: Accel::choose(self.config.qemu.accel.as_deref().unwrap_or("auto"))?,
-            })),
-            VmmKind::Firecracker => Ok(Box::new(Firecracker {
-                binary: self
-                    .config
-                    .firecracker_binary
-                    .clone()
-                    .unwrap_or_else(|| "firecracker".into()),
-            })),
-        }
+        Ok(self.vmms.vmm(kind)?)
     }
 
     pub fn record(&self, name: &str) -> OpResult<VmRecord> {
