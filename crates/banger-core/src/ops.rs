@@ -176,8 +176,8 @@ impl Core {
         })
     }
 
-    /// Decodes a request from its wire parts and handles it: what the
-    /// transport calls with each line it reads.
+    /// Decodes a request from its wire parts (a method name and JSON
+    /// params) and handles it, for callers that hold requests that way.
     pub async fn dispatch(
         &self,
         method: &str,
