@@ -13,6 +13,7 @@ pub mod network;
 pub mod oci;
 pub mod ops;
 pub mod paths;
+pub mod phases;
 pub mod rootfs;
 pub mod services;
 pub mod steps;

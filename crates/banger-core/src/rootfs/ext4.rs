@@ -76,10 +76,12 @@ pub fn inode_count(t: &Tally) -> u64 {
     t.inodes + t.inodes / 2 + 8192
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Built {
     pub content_bytes: u64,
     pub size_bytes: u64,
+    /// `tally`, `mkfs` and `fixup` (the debugfs pass).
+    pub phases: crate::phases::PhaseClock,
 }
 
 /// Creates `out` (which must not exist) from `staging` and `meta`. `scratch` is
@@ -91,7 +93,9 @@ pub fn build(
     out: &Path,
     scratch: &Path,
 ) -> anyhow::Result<Built> {
+    let mut phases = crate::phases::PhaseClock::default();
     let t = tally(staging)?;
+    phases.lap("tally");
     let size = fs_size(&t);
     let file = fs::OpenOptions::new()
         .write(true)
@@ -110,6 +114,7 @@ pub fn build(
             .arg(staging)
             .arg(out),
     )?;
+    phases.lap("mkfs");
 
     let script_path = scratch.join("fixup.debugfs");
     let commands = fixup_script(staging, meta, scratch)?;
@@ -135,9 +140,11 @@ pub fn build(
             );
         }
     }
+    phases.lap("fixup");
     Ok(Built {
         content_bytes: t.content_bytes,
         size_bytes: size,
+        phases,
     })
 }
 

@@ -20,6 +20,7 @@ use crate::oci::blobs::BlobCache;
 use crate::oci::manifest::{self, Descriptor};
 use crate::oci::reference::{self, Platform};
 use crate::oci::registry::{Registry, Resolved};
+use crate::phases::PhaseClock;
 use crate::rootfs::layer::{apply_blob, LayerFailure};
 use crate::rootfs::{ext4, Flattener};
 
@@ -58,6 +59,7 @@ pub async fn pull(
         None => Platform::host(),
     };
     let whole = reference.whole();
+    let mut clock = PhaseClock::default();
     let _name_guard = svc.lock_name(&name).await;
 
     let existing = svc.store.get_image(&name)?;
@@ -77,6 +79,7 @@ pub async fn pull(
         docker_config.as_deref(),
     ));
     let resolved = registry.resolve(&platform).await?;
+    clock.lap("resolve");
     tracing::info!(reference = %whole, digest = %resolved.digest, layers = resolved.layers.len(), "resolved");
 
     if let Some(e) = &existing {
@@ -105,6 +108,7 @@ pub async fn pull(
 
     check_room(svc, &resolved)?;
     let config = fetch_config(svc, &registry, &resolved).await?;
+    clock.lap("config");
     let scratch = Scratch(
         svc.paths
             .tmp_dir()
@@ -113,6 +117,7 @@ pub async fn pull(
     std::fs::create_dir_all(&scratch.0)?;
     crate::steps::kill_point("pull-download");
     let built = download_and_build(svc, &registry, &resolved, &scratch.0, &events).await?;
+    clock.absorb(&built.phases);
 
     crate::steps::kill_point("pull-move");
     let image_dir = svc.paths.images_dir().join(ids::random_hex(8));
@@ -137,7 +142,10 @@ pub async fn pull(
     if let Some(old) = existing {
         svc.drop_rootfs(&old.rootfs_path);
     }
+    clock.lap("record");
     tracing::info!(name = %image.name, size = image.size_bytes, "image recorded");
+    // One line a benchmark reads: where this pull's time went.
+    tracing::info!(phases = %clock.summary(), "pull phases");
     Ok(PullResult {
         image,
         up_to_date: false,
@@ -256,11 +264,15 @@ async fn download_and_build(
     let span = tracing::Span::current();
     let build = tokio::task::spawn_blocking(move || -> OpResult<ext4::Built> {
         let _span = span.enter();
+        // Time blocked on downloads vs time spent flattening: the layers
+        // overlap, so the two tell which one a pull waits for.
+        let mut phases = PhaseClock::default();
         let mut flattener = Flattener::new(&staging)?.with_limits(limits);
         for (layer, rx) in layers.iter().zip(receivers) {
             let file = rx
                 .blocking_recv()
                 .map_err(|_| OpError::internal("a layer download stopped unexpectedly"))??;
+            phases.lap("download-wait");
             apply_blob(&mut flattener, &file, &layer.digest).map_err(|failure| match failure {
                 LayerFailure::Digest { .. } => {
                     blobs.evict(&layer.digest);
@@ -283,6 +295,7 @@ async fn download_and_build(
                 }
                 LayerFailure::Io(e) => OpError::internal(format!("layer {}: {e}", layer.digest)),
             })?;
+            phases.lap("flatten");
         }
         events.emit(&PullEvent::Step {
             step: "flatten".into(),
@@ -290,12 +303,15 @@ async fn download_and_build(
         let meta = flattener
             .finish()
             .map_err(|e| OpError::internal(format!("finishing the tree: {e}")))?;
+        phases.lap("flatten");
         events.emit(&PullEvent::Step {
             step: "ext4".into(),
         });
         crate::steps::kill_point("pull-ext4");
-        let built = ext4::build(runner.as_ref(), &staging, &meta, &out, &scratch)
+        let mut built = ext4::build(runner.as_ref(), &staging, &meta, &out, &scratch)
             .map_err(|e| OpError::writing(format!("{e:#}"), &scratch))?;
+        phases.absorb(&built.phases);
+        built.phases = phases;
         tracing::info!(
             size = built.size_bytes,
             content = built.content_bytes,
