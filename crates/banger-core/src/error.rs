@@ -2,6 +2,8 @@
 
 use banger_proto::ErrorCode;
 
+use crate::services::vms::error::VmError;
+
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct OpError {
@@ -137,6 +139,20 @@ impl From<crate::vm::vmm::VmmError> for OpError {
             // What the user chose (a path, an accelerator) cannot work.
             E::Spec(_) | E::UnknownAccel(_) => ErrorCode::InvalidParams,
             E::Api(_) | E::Connect { .. } | E::Refused(_) => ErrorCode::Internal,
+        };
+        OpError::new(code, e.to_string())
+    }
+}
+
+impl From<VmError> for OpError {
+    fn from(e: VmError) -> Self {
+        let code = match &e {
+            VmError::NotFound { .. } => ErrorCode::NotFound,
+            VmError::Exists(_)
+            | VmError::Stopped(_)
+            | VmError::StoppedMeanwhile(_)
+            | VmError::Running(_) => ErrorCode::Conflict,
+            VmError::Agent { .. } => ErrorCode::Internal,
         };
         OpError::new(code, e.to_string())
     }

@@ -184,18 +184,8 @@ impl Core {
         params: Value,
         events: Events<Value>,
     ) -> OpResult<Value> {
-        self.dispatch_with_input(method, params, events, None).await
-    }
-
-    pub async fn dispatch_with_input(
-        &self,
-        method: &str,
-        params: Value,
-        events: Events<Value>,
-        input: Input,
-    ) -> OpResult<Value> {
         let request = Request::from_parts(method, params).map_err(OpError::from)?;
-        self.handle(request, events, input).await
+        self.handle(request, events, None).await
     }
 
     /// Handles one typed request. Each arm is checked by the compiler

@@ -1,9 +1,5 @@
-//! What can be wrong with a VM a request names, mapped to the wire's error
-//! codes in one place.
-
-use banger_proto::ErrorCode;
-
-use crate::error::OpError;
+//! What can be wrong with a VM a request names (`error.rs` maps it to the
+//! wire's error codes).
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -22,18 +18,4 @@ pub enum VmError {
     /// Its agent could not be reached or failed mid-call.
     #[error("VM `{name}`: {why}")]
     Agent { name: String, why: String },
-}
-
-impl From<VmError> for OpError {
-    fn from(e: VmError) -> Self {
-        let code = match &e {
-            VmError::NotFound { .. } => ErrorCode::NotFound,
-            VmError::Exists(_)
-            | VmError::Stopped(_)
-            | VmError::StoppedMeanwhile(_)
-            | VmError::Running(_) => ErrorCode::Conflict,
-            VmError::Agent { .. } => ErrorCode::Internal,
-        };
-        OpError::new(code, e.to_string())
-    }
 }

@@ -13,7 +13,7 @@ use banger_proto::vm::{
 use base64::Engine;
 
 use super::error::VmError;
-use super::registry::{Running, VmRegistry};
+use super::registry::VmRegistry;
 use super::sessions::AgentSessions;
 use crate::error::{OpError, OpResult};
 use crate::events::Events;
@@ -48,7 +48,7 @@ impl GuestIo {
         events: Events<ForwardEvent>,
         input: crate::ops::Input,
     ) -> OpResult<PortForwardResult> {
-        let (Running { vm, .. }, _) = self.sessions.running(&p.name).await?;
+        let (vm, _) = self.sessions.running(&p.name).await?;
         let ip: std::net::IpAddr = p
             .host_ip
             .as_deref()
@@ -188,7 +188,7 @@ impl GuestIo {
                 "no command given: `banger vm exec NAME -- CMD ARGS…`",
             ));
         }
-        let (Running { vm, .. }, session) = self.sessions.running(&params.name).await?;
+        let (vm, session) = self.sessions.running(&params.name).await?;
         let default_user = self
             .images
             .inspect(std::slice::from_ref(&vm.image))

@@ -35,12 +35,6 @@ pub struct VmRegistry {
     locks: KeyedLocks,
 }
 
-/// A VM whose VMM lives, with the handle that proves it.
-pub struct Running {
-    pub vm: VmRecord,
-    pub rt: VmRuntime,
-}
-
 impl VmRegistry {
     pub fn new(
         paths: Paths,
@@ -135,10 +129,10 @@ impl VmRegistry {
 
     /// The VM by this name if it runs: the one answer to "is it running"
     /// that every command needing a guest asks.
-    pub fn running(&self, name: &str) -> OpResult<Running> {
+    pub fn running(&self, name: &str) -> OpResult<VmRecord> {
         let vm = self.record(name)?;
         match self.live(name)? {
-            Some(rt) => Ok(Running { vm, rt }),
+            Some(_) => Ok(vm),
             None => Err(VmError::Stopped(vm.name).into()),
         }
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::error::VmError;
-use super::registry::{Running, VmRegistry};
+use super::registry::VmRegistry;
 use crate::error::OpResult;
 use crate::locks::KeyedLocks;
 use crate::store::VmRecord;
@@ -43,10 +43,10 @@ impl AgentSessions {
 
     /// The named VM, running, and its agent's session: what every command
     /// that talks to a guest starts with.
-    pub async fn running(&self, name: &str) -> OpResult<(Running, AgentSession)> {
-        let running = self.registry.running(name)?;
-        let session = self.session(&running.vm).await?;
-        Ok((running, session))
+    pub async fn running(&self, name: &str) -> OpResult<(VmRecord, AgentSession)> {
+        let vm = self.registry.running(name)?;
+        let session = self.session_of_live(&vm).await?;
+        Ok((vm, session))
     }
 
     /// The VM's SSH connection, made anew when there is none (after a
@@ -55,6 +55,11 @@ impl AgentSessions {
         if self.registry.live(&vm.name)?.is_none() {
             return Err(VmError::Stopped(vm.name.clone()).into());
         }
+        self.session_of_live(vm).await
+    }
+
+    /// [`session`](Self::session) for a VM just found running.
+    async fn session_of_live(&self, vm: &VmRecord) -> OpResult<AgentSession> {
         let open = |sessions: &HashMap<String, AgentSession>| {
             sessions.get(&vm.name).filter(|s| !s.is_closed()).cloned()
         };
