@@ -465,6 +465,25 @@ impl VmmProvider for Scripted {
     }
 }
 
+/// A VM `web` created with `provider`'s backend, and the error its start ends in.
+async fn failed_start(
+    provider: Scripted,
+) -> (
+    tempfile::TempDir,
+    Arc<Core>,
+    FakeLauncher,
+    banger_core::error::OpError,
+) {
+    let (tmp, core, launcher, _) =
+        setup_full(FakeBlockDevices::default(), Some(Arc::new(provider)));
+    core.vms
+        .create(params("web"), Events::none())
+        .await
+        .unwrap();
+    let err = core.vms.start("web", Events::none()).await.unwrap_err();
+    (tmp, core, launcher, err)
+}
+
 fn launch_spec(spec: &BootSpec) -> Result<banger_host::LaunchSpec, VmmError> {
     Ok(banger_host::LaunchSpec {
         program: "scripted-vmm".into(),
@@ -485,13 +504,7 @@ async fn a_backend_refusing_its_configuration_fails_the_start_and_is_undone() {
             "firecracker refused PUT /machine-config (400): vcpu count must be even".into(),
         ))
     });
-    let (_tmp, core, launcher, _) =
-        setup_full(FakeBlockDevices::default(), Some(Arc::new(provider)));
-    core.vms
-        .create(params("web"), Events::none())
-        .await
-        .unwrap();
-    let err = core.vms.start("web", Events::none()).await.unwrap_err();
+    let (_tmp, core, launcher, err) = failed_start(provider).await;
     assert_eq!(err.code, banger_proto::ErrorCode::Internal);
     assert!(
         err.message.contains("failed to boot at stage `configure`")
@@ -526,13 +539,7 @@ async fn a_boot_the_backend_cannot_express_is_refused_before_launch() {
         },
         || Ok(()),
     );
-    let (_tmp, core, launcher, _) =
-        setup_full(FakeBlockDevices::default(), Some(Arc::new(provider)));
-    core.vms
-        .create(params("web"), Events::none())
-        .await
-        .unwrap();
-    let err = core.vms.start("web", Events::none()).await.unwrap_err();
+    let (_tmp, core, launcher, err) = failed_start(provider).await;
     assert_eq!(
         err.code,
         banger_proto::ErrorCode::InvalidParams,

@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use banger_host::{CommandSpec, ProcessRunner, RealRunner};
 
 use crate::cli::{SystemCommand, SystemInstallArgs, SystemUninstallArgs};
-use crate::units::{Install, BINARIES, BINARY, DAEMON_UNIT, GROUP, HELPER_BINARY, HELPER_UNIT};
+use crate::units::{Install, BINARIES, DAEMON_UNIT, GROUP, HELPER_UNIT};
 
 pub fn run(cmd: SystemCommand) -> anyhow::Result<i32> {
     if !nix::unistd::geteuid().is_root() {
@@ -133,7 +133,10 @@ fn uninstall(args: SystemUninstallArgs) -> anyhow::Result<i32> {
             "banger-helper.service",
         ]));
     }
-    for rel in [HELPER_UNIT, DAEMON_UNIT, BINARY, HELPER_BINARY] {
+    for rel in [HELPER_UNIT, DAEMON_UNIT]
+        .into_iter()
+        .chain(BINARIES.map(|(rel, _)| rel))
+    {
         let path = root.join(rel);
         match std::fs::remove_file(&path) {
             Ok(()) => done.push(format!("removed {}", path.display())),
