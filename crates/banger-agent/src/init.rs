@@ -191,17 +191,20 @@ fn wait_for(path: &str, timeout: Duration) -> Result<(), String> {
     Ok(())
 }
 
-/// Mounts the root disk and makes it `/`, keeping /proc, /sys and /dev.
+/// Mounts the root filesystem and makes it `/`, keeping /proc, /sys and /dev.
 fn switch_root(config: &BootConfig) -> Result<(), String> {
     wait_for(&config.root_device, Duration::from_secs(10))?;
     tune_readahead(&config.root_device);
-    mount_fs(
-        &config.root_device,
-        "/newroot",
-        "ext4",
-        MsFlags::empty(),
-        None,
-    )?;
+    match &config.root_upper {
+        None => mount_fs(
+            &config.root_device,
+            "/newroot",
+            "ext4",
+            MsFlags::empty(),
+            None,
+        )?,
+        Some(upper) => mount_overlay(&config.root_device, upper)?,
+    }
     // Fresh mounts rather than moved ones: /dev, /proc and /sys never vanish
     // from under the threads already serving SSH while the root changes.
     kernel_mounts("/newroot")?;
@@ -232,6 +235,57 @@ fn switch_root(config: &BootConfig) -> Result<(), String> {
         Some("mode=0755"),
     );
     Ok(())
+}
+
+/// The overlay root: the image read-only below, the VM's own disk above.
+/// The two mounts stay in the initramfs, out of the guest's sight once the
+/// root is switched; only the overlay is `/`.
+fn mount_overlay(image: &str, upper_device: &str) -> Result<(), String> {
+    mount_fs(image, "/lower", "ext4", MsFlags::MS_RDONLY, None)?;
+    wait_for(upper_device, Duration::from_secs(10))?;
+    mount_fs(upper_device, "/upper", "ext4", MsFlags::empty(), None)?;
+    let (upper, work) = ("/upper/root", "/upper/work");
+    if !Path::new(upper).exists() {
+        // The merged `/` takes its owner, mode and times from the upper
+        // directory: on the first boot they become the image's own.
+        std::fs::create_dir(upper).map_err(|e| format!("mkdir {upper}: {e}"))?;
+        copy_dir_attrs("/lower", upper)?;
+    }
+    std::fs::create_dir_all(work).map_err(|e| format!("mkdir {work}: {e}"))?;
+    load_modules(&[driver::OVERLAY])?;
+    let options = format!("lowerdir=/lower,upperdir={upper},workdir={work}");
+    mount_fs(
+        "overlay",
+        "/newroot",
+        "overlay",
+        MsFlags::empty(),
+        Some(&options),
+    )
+    .map_err(|e| {
+        if e.contains("ENODEV") {
+            format!("{e}: the kernel has no overlayfs; create the VM with --root-mode copy")
+        } else {
+            e
+        }
+    })
+}
+
+fn copy_dir_attrs(from: &str, to: &str) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(from).map_err(|e| format!("{from}: {e}"))?;
+    std::os::unix::fs::chown(to, Some(meta.uid()), Some(meta.gid()))
+        .map_err(|e| format!("chown {to}: {e}"))?;
+    std::fs::set_permissions(
+        to,
+        std::os::unix::fs::PermissionsExt::from_mode(meta.mode() & 0o7777),
+    )
+    .map_err(|e| format!("chmod {to}: {e}"))?;
+    let times = std::fs::FileTimes::new()
+        .set_accessed(meta.accessed().map_err(|e| e.to_string())?)
+        .set_modified(meta.modified().map_err(|e| e.to_string())?);
+    std::fs::File::open(to)
+        .and_then(|dir| dir.set_times(times))
+        .map_err(|e| format!("setting the times of {to}: {e}"))
 }
 
 fn mount_work(config: &BootConfig) -> Result<(), String> {

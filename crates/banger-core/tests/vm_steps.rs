@@ -12,7 +12,8 @@ use banger_host::{
 };
 use banger_proto::image::{ImageConfig, ImageInfo};
 use banger_proto::kernel::KernelInfo;
-use banger_proto::vm::CreateParams;
+use banger_proto::vm::{CreateParams, RootMode};
+use std::path::PathBuf;
 
 /// A 64-byte ELF header with no program headers: "static" to the locator.
 /// One file for the whole test binary.
@@ -79,6 +80,7 @@ fn setup_full(
             content_bytes: 1,
             config: ImageConfig::default(),
             created_at: "2026-01-01T00:00:00Z".into(),
+            vms: vec![],
         })
         .unwrap();
     let vmlinux = tmp.path().join("vmlinux");
@@ -132,7 +134,7 @@ async fn a_failure_at_any_create_step_leaves_nothing() {
         .await
         .unwrap();
     assert_eq!(info.state, "stopped");
-    assert!(vms_dir.join("web/root.ext4").is_file() && vms_dir.join("web/host_key").is_file());
+    assert!(vms_dir.join("web/upper.ext4").is_file() && vms_dir.join("web/host_key").is_file());
     // Addresses: lowest free first, never shared, freed with the VM.
     assert_eq!(info.ip.as_deref(), Some("10.254.213.2"));
     let db = core.vms.create(params("db"), Events::none()).await.unwrap();
@@ -232,10 +234,16 @@ async fn dm_snapshot_root_disks_are_set_up_per_boot_and_always_torn_down() {
     let (tmp, core, launcher, blockdevs) = setup_with(FakeBlockDevices::supported());
     let info = core
         .vms
-        .create(params("web"), Events::none())
+        .create(
+            CreateParams {
+                root_mode: Some(RootMode::DmSnapshot),
+                ..params("web")
+            },
+            Events::none(),
+        )
         .await
         .unwrap();
-    assert_eq!(info.cow_strategy, "dm-snapshot");
+    assert_eq!(info.root_mode, "dm-snapshot");
     let dir = core.paths.state_dir.join("vms/web");
     assert!(
         dir.join("cow.img").is_file() && !dir.join("root.ext4").exists(),
@@ -328,7 +336,7 @@ async fn a_half_made_vm_directory_is_removed_at_recovery() {
     std::fs::write(half.join("root.ext4"), b"partial").unwrap();
     core.vms.recover().unwrap();
     assert!(!half.exists(), "the half-made VM's directory is gone");
-    assert!(core.paths.state_dir.join("vms/web/root.ext4").is_file());
+    assert!(core.paths.state_dir.join("vms/web/upper.ext4").is_file());
     core.vms
         .create(params("half"), Events::none())
         .await
@@ -354,36 +362,114 @@ fn put_pulled_image(core: &Core, name: &str) -> std::path::PathBuf {
             content_bytes: 1,
             config: ImageConfig::default(),
             created_at: "2026-01-01T00:00:00Z".into(),
+            vms: vec![],
         })
         .unwrap();
     rootfs
 }
 
 #[tokio::test]
-async fn a_snapshot_vms_origin_outlives_its_image_until_the_vm_goes() {
-    let (_tmp, core, _launcher, blockdevs) = setup_with(FakeBlockDevices::supported());
-    let rootfs = put_pulled_image(&core, "base");
-    let mut p = params("web");
-    p.image = "base".into();
-    core.vms.create(p, Events::none()).await.unwrap();
-    // Removed with -f (a re-pull drops the old rootfs the same way): the
-    // VM's origin stays, and so through a daemon restart's cleanup.
-    core.images.remove(&["base".into()], true).await.unwrap();
-    assert!(rootfs.is_file(), "the snapshot origin was removed");
-    core.images.recover().unwrap();
-    assert!(rootfs.is_file(), "recovery removed the snapshot origin");
-    // A newer image under the same name is not what the VM boots on.
-    let newer = put_pulled_image(&core, "base");
+async fn a_layered_vms_image_outlives_its_name_until_the_vm_goes() {
+    for mode in [RootMode::DmSnapshot, RootMode::Overlay] {
+        let (_tmp, core, launcher, blockdevs) = setup_with(FakeBlockDevices::supported());
+        let rootfs = put_pulled_image(&core, "base");
+        let p = CreateParams {
+            image: "base".into(),
+            root_mode: Some(mode),
+            ..params("web")
+        };
+        core.vms.create(p, Events::none()).await.unwrap();
+        assert_eq!(core.images.list().unwrap()[0].vms, ["web"]);
+        // Removed with -f (a re-pull drops the old rootfs the same way): the
+        // VM's image file stays, and so through a daemon restart's cleanup.
+        core.images.remove(&["base".into()], true).await.unwrap();
+        assert!(rootfs.is_file(), "{mode}: the VM's image file was removed");
+        core.images.recover().unwrap();
+        assert!(rootfs.is_file(), "{mode}: recovery removed the image file");
+        // A newer image under the same name is not what the VM boots on.
+        let newer = put_pulled_image(&core, "base");
+        core.vms.set_fail_point(Some("agent"));
+        core.vms.start("web", Events::none()).await.unwrap_err();
+        let booted = match mode {
+            RootMode::DmSnapshot => blockdevs.calls().into_iter().find_map(|c| match c {
+                BlockCall::Setup { origin, .. } => Some(origin),
+                _ => None,
+            }),
+            _ => launched_args(&launcher)
+                .split(' ')
+                .find_map(|a| a.strip_prefix("id=image,file="))
+                .map(|a| PathBuf::from(a.split(',').next().unwrap())),
+        };
+        assert_eq!(booted.as_deref(), Some(rootfs.as_path()), "{mode}");
+        core.vms.remove(&["web".into()], true).await.unwrap();
+        assert!(!rootfs.exists(), "{mode}: the file goes with its last VM");
+        assert!(newer.is_file());
+    }
+}
+
+#[tokio::test]
+async fn an_overlay_vm_shares_its_image_read_only_and_copies_nothing() {
+    let (tmp, core, launcher) = setup();
+    let info = core
+        .vms
+        .create(params("web"), Events::none())
+        .await
+        .unwrap();
+    assert_eq!(
+        info.root_mode, "overlay",
+        "the default where the kernel has overlayfs"
+    );
+    let dir = core.paths.state_dir.join("vms/web");
+    assert!(dir.join("upper.ext4").is_file() && !dir.join("root.ext4").exists());
     core.vms.set_fail_point(Some("agent"));
     core.vms.start("web", Events::none()).await.unwrap_err();
-    let origin = blockdevs.calls().into_iter().find_map(|c| match c {
-        BlockCall::Setup { origin, .. } => Some(origin),
-        _ => None,
-    });
-    assert_eq!(origin.as_deref(), Some(rootfs.as_path()));
-    core.vms.remove(&["web".into()], true).await.unwrap();
-    assert!(!rootfs.exists(), "the origin goes with its last VM");
-    assert!(newer.is_file());
+    let args = launched_args(&launcher);
+    let image = format!(
+        "id=image,file={},format=raw,if=none,readonly=on",
+        tmp.path().join("rootfs.ext4").display()
+    );
+    let (image, work, upper) = (
+        args.find(&image).expect("the image, read-only"),
+        args.find("id=work,").unwrap(),
+        args.find(&format!(
+            "id=upper,file={}",
+            dir.join("upper.ext4").display()
+        ))
+        .unwrap(),
+    );
+    assert!(image < work && work < upper, "vda, vdb, vdc: {args}");
+
+    // A mode this host lacks is refused, naming one it has.
+    let err = core
+        .vms
+        .create(
+            CreateParams {
+                root_mode: Some(RootMode::DmSnapshot),
+                ..params("db")
+            },
+            Events::none(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.message.contains("use --root-mode overlay"),
+        "{}",
+        err.message
+    );
+    assert!(core.vms.inspect(&["db".into()]).is_err(), "nothing made");
+}
+
+/// The arguments of the last VMM launched.
+fn launched_args(launcher: &FakeLauncher) -> String {
+    launcher
+        .calls()
+        .into_iter()
+        .rev()
+        .find_map(|c| match c {
+            LauncherCall::Launch(spec) => Some(spec.args.join(" ")),
+            _ => None,
+        })
+        .expect("a launch")
 }
 
 #[tokio::test]

@@ -29,6 +29,8 @@ pub mod driver {
     pub const SERIAL: &str = "virtio_console";
     /// Vsock: the agent's transport under Firecracker.
     pub const VSOCK: &str = "vmw_vsock_virtio_transport";
+    /// Overlayfs: the root of a VM whose image is shared read-only.
+    pub const OVERLAY: &str = "overlay";
 }
 
 /// Names of the virtio-serial ports (QEMU) the agent looks for.
@@ -66,6 +68,10 @@ pub struct BootConfig {
     pub hostname: String,
     /// Block device of the root filesystem, e.g. `/dev/vda`.
     pub root_device: String,
+    /// With an overlay root: the VM's own disk holding the overlay's upper
+    /// and work directories; `root_device` is then the image, read-only.
+    #[serde(default)]
+    pub root_upper: Option<String>,
     /// Block device of the work disk and where it is mounted.
     #[serde(default)]
     pub work_device: Option<String>,

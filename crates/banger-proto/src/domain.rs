@@ -76,8 +76,12 @@ word_enum! {
 }
 
 word_enum! {
-    /// How a VM's root disk shares blocks with its image.
-    CowStrategy, "copy-on-write strategy" {
+    /// How a VM's root filesystem is made from its image (`--root-mode`).
+    RootMode, "root mode" {
+        /// The image attached read-only to every VM made from it, under an
+        /// overlay whose writes land on the VM's own sparse disk: constant
+        /// time and space per VM, on any host.
+        Overlay = "overlay",
         /// Blocks shared with the image until written (FICLONE: btrfs, xfs).
         Reflink = "reflink",
         /// A sparse full copy: works everywhere, costs the image's size.
@@ -109,7 +113,7 @@ mod tests {
             assert_eq!(kind.as_str().parse::<VmmKind>().unwrap(), *kind);
         }
         assert_eq!(
-            serde_json::to_value(CowStrategy::DmSnapshot).unwrap(),
+            serde_json::to_value(RootMode::DmSnapshot).unwrap(),
             "dm-snapshot"
         );
         assert_eq!(VmState::Paused, "paused");

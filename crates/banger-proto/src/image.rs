@@ -57,6 +57,10 @@ pub struct ImageInfo {
     pub config: ImageConfig,
     /// RFC 3339 UTC time of the pull that produced this rootfs.
     pub created_at: String,
+    /// The VMs made from this image (under its name, from this pull or an
+    /// earlier one they still keep): `image rm` refuses while any are left.
+    #[serde(default)]
+    pub vms: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::domain::{CowStrategy, VmState, VmmKind};
+pub use crate::domain::{RootMode, VmState, VmmKind};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CreateParams {
@@ -20,6 +20,9 @@ pub struct CreateParams {
     /// The configured default when absent.
     #[serde(default)]
     pub vmm: Option<VmmKind>,
+    /// How the root filesystem is made; the host's best when absent.
+    #[serde(default)]
+    pub root_mode: Option<RootMode>,
     /// Start the VM once created (`vm run`).
     #[serde(default)]
     pub start: bool,
@@ -40,8 +43,9 @@ pub struct VmInfo {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub disk_bytes: u64,
-    /// How the root disk shares blocks with the image.
-    pub cow_strategy: CowStrategy,
+    /// How the root filesystem is made from the image.
+    #[serde(alias = "cow_strategy")]
+    pub root_mode: RootMode,
     /// The VM's directory: disks, console log, sockets.
     pub dir: String,
     /// Where the work disk is mounted in the guest.

@@ -191,9 +191,15 @@ pub struct CreateArgs {
     /// Memory, e.g. 512M or 1G.
     #[arg(long)]
     pub memory: Option<String>,
-    /// Root disk size, e.g. 8G (at least the image's size).
+    /// Root disk size, e.g. 8G (at least the image's size); with the
+    /// overlay root mode, the room for what the VM writes over its image.
     #[arg(long)]
     pub disk: Option<String>,
+    /// How the root filesystem is made: overlay (the image shared read-only,
+    /// writes on the VM's own disk), dm-snapshot, reflink or copy. Default:
+    /// the best the host and kernel support (see `banger doctor`).
+    #[arg(long, value_name = "MODE")]
+    pub root_mode: Option<banger_proto::domain::RootMode>,
     /// qemu or firecracker.
     #[arg(long)]
     pub vmm: Option<banger_proto::domain::VmmKind>,

@@ -12,17 +12,20 @@ use super::decompress;
 use super::modinfo;
 
 /// Drivers banger's VMs use: the virtio-mmio bus, disks, network, the
-/// virtio console (QEMU's agent ports) and vsock (Firecracker's).
+/// virtio console (QEMU's agent ports), vsock (Firecracker's) and overlayfs
+/// (the overlay root mode).
 pub const WANTED: &[&str] = &[
     driver::BUS,
     driver::SERIAL,
     driver::VSOCK,
     driver::DISK,
     driver::NET,
+    driver::OVERLAY,
 ];
 
-/// Bumped whenever the base archive's layout or manifest format changes.
-pub const LAYOUT_VERSION: u32 = 2;
+/// Bumped whenever the base archive's layout, manifest format or set of
+/// drivers changes.
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// A module to load, already decompressed.
 #[derive(Debug, Clone)]

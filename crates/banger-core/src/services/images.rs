@@ -113,7 +113,17 @@ impl ImageService {
     }
 
     pub fn list(&self) -> OpResult<Vec<ImageInfo>> {
-        Ok(self.store.list_images()?)
+        Ok(self
+            .store
+            .list_images()?
+            .into_iter()
+            .map(|i| self.with_vms(i))
+            .collect())
+    }
+
+    fn with_vms(&self, mut image: ImageInfo) -> ImageInfo {
+        image.vms = (self.users)(&image.name);
+        image
     }
 
     fn not_found(&self, name: &str) -> OpError {
@@ -131,6 +141,7 @@ impl ImageService {
             .map(|name| {
                 self.store
                     .get_image(name)?
+                    .map(|i| self.with_vms(i))
                     .ok_or_else(|| self.not_found(name))
             })
             .collect()

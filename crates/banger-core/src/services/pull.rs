@@ -124,6 +124,8 @@ pub async fn pull(
     std::fs::create_dir_all(&image_dir)?;
     let rootfs = image_dir.join("rootfs.ext4");
     std::fs::rename(scratch.0.join("rootfs.ext4"), &rootfs)?;
+    // Shared by every overlay VM made from it: nothing writes it again.
+    std::fs::set_permissions(&rootfs, std::os::unix::fs::PermissionsExt::from_mode(0o444))?;
     crate::steps::kill_point("pull-record");
     let image = ImageInfo {
         name: name.clone(),
@@ -134,6 +136,7 @@ pub async fn pull(
         content_bytes: built.content_bytes,
         config,
         created_at: ids::now_rfc3339(),
+        vms: Vec::new(),
     };
     if let Err(e) = svc.store.put_image(&image) {
         let _ = std::fs::remove_dir_all(&image_dir);

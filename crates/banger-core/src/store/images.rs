@@ -23,6 +23,7 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<ImageRecord> {
         content_bytes: row.get::<_, i64>(5)? as u64,
         config,
         created_at: row.get(7)?,
+        vms: Vec::new(),
     })
 }
 
@@ -89,6 +90,7 @@ mod tests {
                 ..Default::default()
             },
             created_at: "2026-01-01T00:00:00Z".into(),
+            vms: vec![],
         }
     }
 

@@ -1,7 +1,7 @@
 //! VM records (durable) and their runtime handles (transient: pid and start
 //! time of the VMM, valid only while that process lives).
 
-use banger_proto::domain::{CowStrategy, VmmKind};
+use banger_proto::domain::{RootMode, VmmKind};
 use rusqlite::{params, OptionalExtension, Row};
 
 use super::Store;
@@ -15,7 +15,7 @@ pub struct VmRecord {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub disk_bytes: u64,
-    pub cow_strategy: CowStrategy,
+    pub root_mode: RootMode,
     pub dir: String,
     pub host_key_pub: String,
     pub created_at: String,
@@ -58,7 +58,7 @@ fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<VmRecord> {
         vcpus: row.get(4)?,
         memory_mib: row.get::<_, i64>(5)? as u64,
         disk_bytes: row.get::<_, i64>(6)? as u64,
-        cow_strategy: word(row, 7)?,
+        root_mode: word(row, 7)?,
         dir: row.get(8)?,
         host_key_pub: row.get(9)?,
         created_at: row.get(10)?,
@@ -100,7 +100,7 @@ impl Store {
                 vm.vcpus,
                 vm.memory_mib as i64,
                 vm.disk_bytes as i64,
-                vm.cow_strategy.as_str(),
+                vm.root_mode.as_str(),
                 vm.dir,
                 vm.host_key_pub,
                 vm.created_at,

@@ -1,5 +1,6 @@
-//! A VM's disks: the root disk, copy-on-write over the image's ext4 where the
-//! filesystem allows (reflink), a sparse copy otherwise; and the work disk.
+//! A VM's disks: the root disk (a reflink or sparse copy of the image's
+//! ext4, for the modes that give each VM the whole filesystem), the overlay
+//! root's writable layer, and the work disk.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -8,30 +9,36 @@ use std::path::Path;
 
 use banger_host::{CommandSpec, ProcessRunner};
 
-pub use banger_proto::domain::CowStrategy;
+pub use banger_proto::domain::RootMode;
+
+/// An overlay root's writable layer, in the VM's directory.
+pub const UPPER_FILE: &str = "upper.ext4";
 
 const FICLONE: libc::c_ulong = 0x4004_9409;
 
-/// Makes `dst` a copy of `src`, sharing blocks when the filesystem can.
-pub fn clone_or_copy(src: &Path, dst: &Path) -> io::Result<CowStrategy> {
+/// Makes `dst` a copy of `src`: sharing all its blocks (`Reflink`, which
+/// fails where the filesystem cannot) or a sparse copy (`Copy`).
+pub fn copy_root(src: &Path, dst: &Path, mode: RootMode) -> io::Result<()> {
     let input = File::open(src)?;
     let output = OpenOptions::new().write(true).create_new(true).open(dst)?;
-    // SAFETY: FICLONE with two valid descriptors.
-    let rc = unsafe { libc::ioctl(output.as_raw_fd(), FICLONE, input.as_raw_fd()) };
-    if rc == 0 {
-        return Ok(CowStrategy::Reflink);
+    if mode == RootMode::Reflink {
+        // SAFETY: FICLONE with two valid descriptors.
+        let rc = unsafe { libc::ioctl(output.as_raw_fd(), FICLONE, input.as_raw_fd()) };
+        return if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        };
     }
     sparse_copy(&input, &output)?;
-    output.sync_all()?;
-    Ok(CowStrategy::Copy)
+    output.sync_all()
 }
 
-/// Whether `dir`'s filesystem can reflink (for `doctor`).
+/// Whether `dir`'s filesystem can reflink.
 pub fn reflink_supported(dir: &Path) -> bool {
     let a = dir.join(format!(".reflink-probe-{}", std::process::id()));
     let b = dir.join(format!(".reflink-probe-{}-b", std::process::id()));
-    let ok = std::fs::write(&a, b"probe").is_ok()
-        && matches!(clone_or_copy(&a, &b), Ok(CowStrategy::Reflink));
+    let ok = std::fs::write(&a, b"probe").is_ok() && copy_root(&a, &b, RootMode::Reflink).is_ok();
     let _ = std::fs::remove_file(&a);
     let _ = std::fs::remove_file(&b);
     ok
@@ -139,11 +146,13 @@ pub fn grow(runner: &dyn ProcessRunner, path: &Path, size: u64) -> Result<(), Di
     Ok(())
 }
 
-/// A sparse ext4 work disk; lazy init keeps creation instant whatever its size.
-pub fn create_work_disk(
+/// An empty sparse ext4 (the work disk, an overlay's writable layer): lazy
+/// init keeps creation instant whatever its size.
+pub fn create_empty(
     runner: &dyn ProcessRunner,
     path: &Path,
     size: u64,
+    label: &str,
 ) -> Result<(), DiskError> {
     let file = OpenOptions::new().write(true).create_new(true).open(path)?;
     file.set_len(size)?;
@@ -155,16 +164,16 @@ pub fn create_work_disk(
                     "-q",
                     "-F",
                     "-L",
-                    "work",
+                    label,
                     "-m",
                     "0",
                     "-E",
-                    "lazy_itable_init=1,lazy_journal_init=1",
+                    "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
                 ])
                 .arg(path),
         )
         .map_err(|source| DiskError::Tool {
-            what: "making the work disk",
+            what: "making an empty disk",
             source,
         })?;
     Ok(())
@@ -186,21 +195,27 @@ mod tests {
         f.write_all(b"tail").unwrap();
         drop(f);
         let dst = dir.path().join("dst");
-        let strategy = clone_or_copy(&src, &dst).unwrap();
+        copy_root(&src, &dst, RootMode::Copy).unwrap();
         let (a, b) = (std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
         assert_eq!(a, b);
-        if strategy == CowStrategy::Copy {
-            let blocks = std::fs::metadata(&dst).unwrap().blocks();
-            assert!(blocks < 1024, "the hole stayed a hole ({blocks} blocks)");
+        let blocks = std::fs::metadata(&dst).unwrap().blocks();
+        assert!(blocks < 1024, "the hole stayed a hole ({blocks} blocks)");
+        assert!(
+            copy_root(&src, &dst, RootMode::Copy).is_err(),
+            "never overwrites"
+        );
+        let shared = dir.path().join("shared");
+        match copy_root(&src, &shared, RootMode::Reflink) {
+            Ok(()) => assert_eq!(std::fs::read(&shared).unwrap(), a),
+            Err(_) => assert!(!reflink_supported(dir.path())),
         }
-        assert!(clone_or_copy(&src, &dst).is_err(), "never overwrites");
         // Onto another filesystem, where copy_file_range may refuse (EXDEV).
         let shm = Path::new("/dev/shm");
         let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
         if shm.is_dir() && dev(shm) != dev(dir.path()) {
             let other = tempfile::tempdir_in(shm).unwrap();
             let dst = other.path().join("dst");
-            assert_eq!(clone_or_copy(&src, &dst).unwrap(), CowStrategy::Copy);
+            copy_root(&src, &dst, RootMode::Copy).unwrap();
             assert_eq!(std::fs::read(&dst).unwrap(), a);
         }
     }

@@ -7,6 +7,7 @@ pub mod firecracker;
 pub mod keys;
 pub mod name;
 pub mod qmp;
+pub mod root_mode;
 pub mod sizing;
 pub mod sockpath;
 pub mod ssh_config;

@@ -12,13 +12,23 @@ pub struct BootSpec {
     pub dir: PathBuf,
     pub vmlinux: PathBuf,
     pub initrd: PathBuf,
-    pub root_disk: PathBuf,
-    pub work_disk: PathBuf,
+    /// In the order the guest sees them: `/dev/vda`, `/dev/vdb`, ...
+    pub disks: Vec<Disk>,
     pub vcpus: u32,
     pub memory_mib: u64,
     pub console_log: PathBuf,
     /// The VM's network device, backed by a host tap.
     pub nic: Option<Nic>,
+}
+
+/// A virtio block device backed by a host file (or block device).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    /// The VMM's name for the drive: a word, unique in the VM.
+    pub id: &'static str,
+    pub path: PathBuf,
+    /// Shared between VMs (an image under an overlay root): never written.
+    pub read_only: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -293,14 +303,20 @@ impl Vmm for Qemu {
             "-serial".into(),
             "chardev:console".into(),
         ];
-        for (id, disk) in [("root", &spec.root_disk), ("work", &spec.work_disk)] {
+        for disk in &spec.disks {
+            let access = if disk.read_only {
+                "readonly=on"
+            } else {
+                "discard=unmap"
+            };
             args.push("-drive".into());
             args.push(format!(
-                "id={id},file={},format=raw,if=none,discard=unmap",
-                path(disk)?
+                "id={},file={},format=raw,if=none,{access}",
+                disk.id,
+                path(&disk.path)?
             ));
             args.push("-device".into());
-            args.push(format!("virtio-blk-device,drive={id}"));
+            args.push(format!("virtio-blk-device,drive={}", disk.id));
         }
         if let Some(nic) = &spec.nic {
             args.push("-netdev".into());
@@ -362,8 +378,18 @@ mod tests {
         BootSpec {
             vmlinux: d.join("vmlinux"),
             initrd: d.join("initrd"),
-            root_disk: d.join("root.ext4"),
-            work_disk: d.join("work.ext4"),
+            disks: vec![
+                Disk {
+                    id: "root",
+                    path: d.join("root.ext4"),
+                    read_only: true,
+                },
+                Disk {
+                    id: "work",
+                    path: d.join("work.ext4"),
+                    read_only: false,
+                },
+            ],
             console_log: d.join("console.log"),
             dir: d,
             vcpus: 2,
@@ -391,6 +417,8 @@ mod tests {
         let root = line.find("drive=root").unwrap();
         let work = line.find("drive=work").unwrap();
         assert!(root < work, "the root disk is the first virtio disk (vda)");
+        assert!(line.contains("id=root,file=/vms/web/root.ext4,format=raw,if=none,readonly=on"));
+        assert!(line.contains("id=work,file=/vms/web/work.ext4,format=raw,if=none,discard=unmap"));
         assert!(line.contains("name=banger.ssh") && line.contains("name=banger.ctl"));
         assert!(line.contains("tap,id=net0,ifname=bgtap3,script=no,downscript=no"));
         assert!(line.contains("virtio-net-device,netdev=net0,mac=06:00:0a:d5:00:07"));

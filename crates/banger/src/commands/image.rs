@@ -66,13 +66,14 @@ pub fn run(client: &Client, cmd: ImageCommand) -> anyhow::Result<i32> {
                         i.r#ref.clone(),
                         banger_core::oci::digest::short(&i.digest).to_string(),
                         human_bytes(i.size_bytes),
+                        i.vms.len().to_string(),
                         relative_time(&i.created_at),
                     ]
                 })
                 .collect();
             print!(
                 "{}",
-                table(&["NAME", "REF", "DIGEST", "SIZE", "CREATED"], &rows)
+                table(&["NAME", "REF", "DIGEST", "SIZE", "VMS", "CREATED"], &rows)
             );
             Ok(0)
         }

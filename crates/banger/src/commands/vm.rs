@@ -170,6 +170,7 @@ fn create(client: &Client, args: CreateArgs, start: bool) -> anyhow::Result<i32>
         memory_mib,
         disk_bytes,
         vmm: args.vmm,
+        root_mode: args.root_mode,
         start,
     };
     let result = client.call::<m::VmCreate>(params, boot_progress(&args.name));

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use banger_host::ProcessId;
 use banger_proto::agent::{BootConfig, Transport, AGENT_PROTOCOL};
-use banger_proto::vm::{CowStrategy, VmEvent, VmInfo};
+use banger_proto::vm::{RootMode, VmEvent, VmInfo};
+
+use crate::vm::disk::UPPER_FILE;
 
 use super::boot_log::{boot_failed, mark_boot};
 use super::lifecycle::{step, VmLifecycle};
@@ -21,10 +23,15 @@ use crate::store::{VmRecord, VmRuntime};
 use crate::vm::agent_client::{self, AgentSession, Ctl};
 use crate::vm::console;
 use crate::vm::keys;
-use crate::vm::vmm::{BootSpec, CtlEndpoint, Nic, Vmm};
+use crate::vm::vmm::{BootSpec, CtlEndpoint, Disk, Nic, Vmm};
 use banger_proto::kernel::KernelInfo;
 
 const STEPS_START: u32 = 5;
+
+/// The guest's names for the disks [`VmLifecycle::disks`] lists.
+const ROOT_DEVICE: &str = "/dev/vda";
+const WORK_DEVICE: &str = "/dev/vdb";
+const UPPER_DEVICE: &str = "/dev/vdc";
 
 impl VmLifecycle {
     pub async fn start(&self, name: &str, events: Events<VmEvent>) -> OpResult<VmInfo> {
@@ -43,7 +50,7 @@ impl VmLifecycle {
             .write_initramfs(&vm, &kernel, vmm.as_ref(), &mut steps)
             .await?;
         let ctl = control_endpoint(vmm.as_ref(), Path::new(&vm.dir))?;
-        let root_disk = self.root_disk(&vm, &mut steps)?;
+        let disks = self.disks(&vm, &mut steps)?;
         steps.begin("network")?;
         let nic = self.registry.network.attach(vm.ip.as_deref())?;
         let (network, undo_nic, undo_ip) = (
@@ -61,8 +68,7 @@ impl VmLifecycle {
             dir: dir.clone(),
             vmlinux: PathBuf::from(&kernel.vmlinux_path),
             initrd,
-            root_disk,
-            work_disk: dir.join("work.ext4"),
+            disks,
             vcpus: vm.vcpus,
             memory_mib: vm.memory_mib,
             console_log: console::path(&dir),
@@ -108,8 +114,9 @@ impl VmLifecycle {
         let boot = BootConfig {
             protocol: AGENT_PROTOCOL,
             hostname: vm.name.clone(),
-            root_device: "/dev/vda".into(),
-            work_device: Some("/dev/vdb".into()),
+            root_device: ROOT_DEVICE.into(),
+            root_upper: (vm.root_mode == RootMode::Overlay).then(|| UPPER_DEVICE.into()),
+            work_device: Some(WORK_DEVICE.into()),
             work_mount: Some(WORK_MOUNT.into()),
             host_key,
             authorized_keys: vec![keys::public_openssh(&client_key)?],
@@ -129,16 +136,36 @@ impl VmLifecycle {
         Ok(initrd)
     }
 
-    /// Phase 2: the root disk the VMM gets: the VM's own file, or a
-    /// snapshot device over the image it was made from.
-    fn root_disk(&self, vm: &VmRecord, steps: &mut Steps) -> OpResult<PathBuf> {
+    /// Phase 2: the disks the VMM gets, in the guest's order (the devices
+    /// below): the root (the VM's own file, a snapshot device over its
+    /// image, or with an overlay root the image itself, read-only), the work
+    /// disk, and an overlay root's writable layer.
+    fn disks(&self, vm: &VmRecord, steps: &mut Steps) -> OpResult<Vec<Disk>> {
         let dir = PathBuf::from(&vm.dir);
-        if vm.cow_strategy != CowStrategy::DmSnapshot {
-            return Ok(dir.join("root.ext4"));
-        }
-        steps.begin("snapshot")?;
-        // The origin the COW file was made against, never a newer pull.
-        let origin = match &vm.origin {
+        let disk = |id, path, read_only| Disk {
+            id,
+            path,
+            read_only,
+        };
+        let work = disk("work", dir.join("work.ext4"), false);
+        let root = match vm.root_mode {
+            RootMode::Overlay => {
+                let image = disk("image", self.origin(vm)?, true);
+                return Ok(vec![
+                    image,
+                    work,
+                    disk("upper", dir.join(UPPER_FILE), false),
+                ]);
+            }
+            RootMode::DmSnapshot => self.snapshot_device(vm, steps)?,
+            RootMode::Reflink | RootMode::Copy => dir.join("root.ext4"),
+        };
+        Ok(vec![disk("root", root, false), work])
+    }
+
+    /// The image file the VM was made from, never a newer pull of its name.
+    fn origin(&self, vm: &VmRecord) -> OpResult<PathBuf> {
+        Ok(PathBuf::from(match &vm.origin {
             Some(origin) => origin.clone(),
             None => {
                 self.images
@@ -146,16 +173,17 @@ impl VmLifecycle {
                     .remove(0)
                     .rootfs_path
             }
-        };
+        }))
+    }
+
+    fn snapshot_device(&self, vm: &VmRecord, steps: &mut Steps) -> OpResult<PathBuf> {
+        steps.begin("snapshot")?;
+        let dir = PathBuf::from(&vm.dir);
+        let origin = self.origin(vm)?;
         let state = dir.join("dm.state");
         let blockdevs = self.registry.blockdevs.clone();
         let dev = blockdevs
-            .setup_snapshot(
-                &dm_name(&vm.name),
-                Path::new(&origin),
-                &dir.join("cow.img"),
-                &state,
-            )
+            .setup_snapshot(&dm_name(&vm.name), &origin, &dir.join("cow.img"), &state)
             .map_err(|e| OpError::internal(format!("setting up the root disk snapshot: {e}")))?;
         let name = dm_name(&vm.name);
         steps.undo("snapshot", move || {

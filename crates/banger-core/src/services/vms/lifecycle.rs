@@ -19,7 +19,9 @@ use crate::services::images::ImageService;
 use crate::services::kernels::KernelService;
 use crate::steps::{FailPoint, Steps};
 use crate::store::VmRecord;
-use crate::vm::{disk, keys, name, sizing};
+use crate::vm::{disk, keys, name, root_mode, sizing};
+use banger_proto::domain::RootMode;
+use banger_proto::kernel::KernelInfo;
 
 /// Two: the guest agent's SSH handshake then overlaps mounting the disks,
 /// which makes `vm run` to first exec faster (see scripts/bench-boot).
@@ -174,6 +176,13 @@ impl VmLifecycle {
             Some(bytes) => sizing::disk_bytes(bytes, image.size_bytes)?,
             None => MIN_DISK_BYTES.max(image.size_bytes),
         };
+        let root_mode = self.root_mode(params.root_mode, &kernel)?;
+        // A snapshot device is its origin's size.
+        let disk_bytes = if root_mode == RootMode::DmSnapshot {
+            image.size_bytes
+        } else {
+            disk_bytes
+        };
 
         let mut steps = Steps::new(self.fail_point());
         let dir = self.registry.vms_dir().join(&params.name);
@@ -187,48 +196,29 @@ impl VmLifecycle {
         });
 
         step(&events, "disks", 1, 2);
-        // The two disks are independent: the work disk's mkfs runs while the
-        // root disk is copied and grown. Both are done (or failed) before
-        // any undo runs.
+        // The disks are independent: the work disk's mkfs runs while the
+        // root disk is made. Both are done (or failed) before any undo runs.
         steps.begin("root-disk")?;
         steps.begin("work-disk")?;
         let root = async {
-            if self.registry.blockdevs.snapshot_supported() {
-                // The image's ext4 stays the read-only origin; writes land in a sparse COW file.
-                let cow = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(dir.join("cow.img"))?;
-                cow.set_len(image.size_bytes)?;
-                return Ok((disk::CowStrategy::DmSnapshot, image.size_bytes));
-            }
-            let (src, dst, runner) = (
-                PathBuf::from(&image.rootfs_path),
-                dir.join("root.ext4"),
-                self.runner.clone(),
-            );
-            let strategy = tokio::task::spawn_blocking(
-                move || -> Result<disk::CowStrategy, disk::DiskError> {
-                    let strategy =
-                        disk::clone_or_copy(&src, &dst).map_err(disk::DiskError::CopyRoot)?;
-                    disk::grow(runner.as_ref(), &dst, disk_bytes)?;
-                    Ok(strategy)
-                },
-            )
+            let (image_file, runner) = (PathBuf::from(&image.rootfs_path), self.runner.clone());
+            let in_dir = dir.clone();
+            tokio::task::spawn_blocking(move || {
+                make_root(runner.as_ref(), root_mode, &image_file, &in_dir, disk_bytes)
+            })
             .await?
-            .map_err(|e| OpError::writing(e, &dir))?;
-            Ok::<_, OpError>((strategy, disk_bytes))
+            .map_err(|e| OpError::writing(e, &dir))
         };
         let (work, runner) = (dir.join("work.ext4"), self.runner.clone());
         let work = async {
             tokio::task::spawn_blocking(move || {
-                disk::create_work_disk(runner.as_ref(), &work, WORK_DISK_BYTES)
+                disk::create_empty(runner.as_ref(), &work, WORK_DISK_BYTES, "work")
             })
             .await?
             .map_err(|e| OpError::writing(e, &dir))
         };
         let (root, work) = tokio::join!(root, work);
-        let (strategy, disk_bytes) = root?;
+        root?;
         work?;
 
         step(&events, "keys", 2, 2);
@@ -247,12 +237,15 @@ impl VmLifecycle {
             vcpus,
             memory_mib,
             disk_bytes,
-            cow_strategy: strategy,
+            root_mode,
             dir: dir.display().to_string(),
             host_key_pub: keys::public_openssh(&host_key)?,
             created_at: ids::now_rfc3339(),
             ip,
-            origin: (strategy == disk::CowStrategy::DmSnapshot).then(|| image.rootfs_path.clone()),
+            // The file the VM layers over, kept while the VM is, whatever
+            // becomes of the image's name.
+            origin: matches!(root_mode, RootMode::DmSnapshot | RootMode::Overlay)
+                .then(|| image.rootfs_path.clone()),
         };
         self.registry.store.insert_vm(&record)?;
         drop(addresses);
@@ -262,12 +255,34 @@ impl VmLifecycle {
         });
         steps.commit();
         self.registry.write_ssh_config();
-        tracing::info!(vm = %record.name, cow = %record.cow_strategy, "VM created");
+        tracing::info!(vm = %record.name, root_mode = %record.root_mode, "VM created");
         drop(_guard);
         if params.start {
             return self.start(&record.name, events).await;
         }
         self.registry.info(&record)
+    }
+
+    /// The mode asked for if this host and kernel can give it, else their best.
+    fn root_mode(&self, asked: Option<RootMode>, kernel: &KernelInfo) -> OpResult<RootMode> {
+        let overlay = root_mode::kernel_has_overlay(kernel);
+        let snapshot = self.registry.blockdevs.snapshot_supported();
+        // A probe writes files: only when its answer can matter.
+        let reflink = match asked {
+            Some(RootMode::Reflink) => true,
+            Some(_) => false,
+            None => !overlay && !snapshot,
+        } && {
+            let dir = self.registry.vms_dir();
+            std::fs::create_dir_all(&dir)?;
+            disk::reflink_supported(&dir)
+        };
+        let support = root_mode::Support {
+            overlay,
+            snapshot,
+            reflink,
+        };
+        Ok(root_mode::choose(asked, support)?)
     }
 
     pub async fn stop(&self, name: &str, timeout: Duration) -> OpResult<VmInfo> {
@@ -368,5 +383,35 @@ impl VmLifecycle {
         }
         self.registry.write_ssh_config();
         Ok(removed)
+    }
+}
+
+/// A new VM's root in the VM's directory: an overlay's empty writable layer,
+/// a snapshot's sparse COW file, or a copy of the image grown to the disk size.
+fn make_root(
+    runner: &dyn ProcessRunner,
+    mode: RootMode,
+    image_file: &Path,
+    dir: &Path,
+    disk_bytes: u64,
+) -> Result<(), disk::DiskError> {
+    match mode {
+        RootMode::Overlay => {
+            disk::create_empty(runner, &dir.join(disk::UPPER_FILE), disk_bytes, "upper")
+        }
+        RootMode::DmSnapshot => {
+            let image_bytes = std::fs::metadata(image_file)?.len();
+            let cow = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(dir.join("cow.img"))?;
+            cow.set_len(image_bytes)?;
+            Ok(())
+        }
+        RootMode::Reflink | RootMode::Copy => {
+            let root = dir.join("root.ext4");
+            disk::copy_root(image_file, &root, mode).map_err(disk::DiskError::CopyRoot)?;
+            disk::grow(runner, &root, disk_bytes)
+        }
     }
 }

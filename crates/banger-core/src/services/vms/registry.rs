@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use banger_host::{ProcessId, ProcessLauncher};
-use banger_proto::vm::{CowStrategy, VmInfo, VmState, VmmKind};
+use banger_proto::vm::{RootMode, VmInfo, VmState, VmmKind};
 
 use super::error::VmError;
 use crate::config::Config;
@@ -151,7 +151,7 @@ impl VmRegistry {
     pub fn clean_run_files(&self, vm: &VmRecord) {
         let files = self.vmm(vm.vmm).map(|v| v.run_files()).unwrap_or(&[]);
         remove_run_files(Path::new(&vm.dir), files);
-        if vm.cow_strategy == CowStrategy::DmSnapshot {
+        if vm.root_mode == RootMode::DmSnapshot {
             let state = Path::new(&vm.dir).join("dm.state");
             if let Err(e) = self.blockdevs.teardown_snapshot(&dm_name(&vm.name), &state) {
                 tracing::warn!(vm = %vm.name, error = %e, "could not tear down the root snapshot");
@@ -189,7 +189,7 @@ impl VmRegistry {
             vcpus: vm.vcpus,
             memory_mib: vm.memory_mib,
             disk_bytes: vm.disk_bytes,
-            cow_strategy: vm.cow_strategy,
+            root_mode: vm.root_mode,
             dir: vm.dir.clone(),
             work_mount: WORK_MOUNT.into(),
             pid: rt.as_ref().map(|r| r.pid),

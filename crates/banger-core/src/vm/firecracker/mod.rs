@@ -99,11 +99,11 @@ impl Vmm for Firecracker {
                 }),
             )
             .await?;
-            for (id, disk) in [("root", &spec.root_disk), ("work", &spec.work_disk)] {
+            for disk in &spec.disks {
                 api::put(
                     &sock,
-                    &format!("/drives/{id}"),
-                    &json!({ "drive_id": id, "path_on_host": path_str(disk)?, "is_root_device": false, "is_read_only": false }),
+                    &format!("/drives/{}", disk.id),
+                    &json!({ "drive_id": disk.id, "path_on_host": path_str(&disk.path)?, "is_root_device": false, "is_read_only": disk.read_only }),
                 )
                 .await?;
             }
