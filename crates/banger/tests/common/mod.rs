@@ -370,6 +370,17 @@ impl Mounted {
         ));
         Mounted(dir.to_path_buf())
     }
+
+    /// A fresh xfs (it can reflink) of `size` on `dir`, backed by `file`.
+    pub fn xfs(dir: &Path, file: &Path, size: &str) -> Mounted {
+        std::fs::create_dir_all(dir).unwrap();
+        must(&format!(
+            "truncate -s {size} {f} && mkfs.xfs -q {f} && mount -o loop {f} {d}",
+            f = file.display(),
+            d = dir.display()
+        ));
+        Mounted(dir.to_path_buf())
+    }
 }
 
 impl Drop for Mounted {
