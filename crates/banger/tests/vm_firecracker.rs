@@ -80,8 +80,9 @@ fn firecracker_boot_follows_the_api_order_and_runs_commands() {
         [
             "PUT /machine-config",
             "PUT /boot-source",
-            "PUT /drives/root",
+            "PUT /drives/image",
             "PUT /drives/work",
+            "PUT /drives/upper",
             "PUT /vsock",
             "PUT /actions"
         ],
@@ -100,13 +101,20 @@ fn firecracker_boot_follows_the_api_order_and_runs_commands() {
         .as_str()
         .unwrap()
         .contains("console=ttyS0"));
-    assert!(c[2]["body"]["path_on_host"]
+    // The overlay root: the image shared read-only, the VM's layer writable.
+    let image: serde_json::Value =
+        serde_json::from_str(&banger.ok(&["image", "inspect", "busybox"])).unwrap();
+    assert_eq!(c[2]["body"]["path_on_host"], image[0]["rootfs_path"]);
+    assert_eq!(c[2]["body"]["is_read_only"], true);
+    assert_eq!(c[3]["body"]["is_read_only"], false);
+    assert!(c[4]["body"]["path_on_host"]
         .as_str()
         .unwrap()
-        .ends_with("root.ext4"));
-    assert_eq!(c[4]["body"]["guest_cid"], 3);
+        .ends_with("upper.ext4"));
+    assert_eq!(c[4]["body"]["is_read_only"], false);
+    assert_eq!(c[5]["body"]["guest_cid"], 3);
     assert_eq!(
-        c[5]["body"],
+        c[6]["body"],
         serde_json::json!({ "action_type": "InstanceStart" })
     );
 
