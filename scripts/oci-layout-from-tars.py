@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Writes an OCI image layout from uncompressed layer tars (gzip-compressed here).
+"""Writes an OCI image layout from uncompressed layer tars (gzip-compressed
+here, or kept as they are with LAYER_COMPRESSION=none).
 
 usage: oci-layout-from-tars.py OUT_DIR TAG LAYER.tar...
 """
@@ -29,8 +30,13 @@ def main():
         with open(path, "rb") as f:
             raw = f.read()
         diff_ids.append("sha256:" + hashlib.sha256(raw).hexdigest())
-        digest, size = put_blob(out, gzip.compress(raw, compresslevel=6, mtime=0))
-        layers.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest, "size": size})
+        if os.environ.get("LAYER_COMPRESSION") == "none":
+            digest, size = put_blob(out, raw)
+            media = "application/vnd.oci.image.layer.v1.tar"
+        else:
+            digest, size = put_blob(out, gzip.compress(raw, compresslevel=6, mtime=0))
+            media = "application/vnd.oci.image.layer.v1.tar+gzip"
+        layers.append({"mediaType": media, "digest": digest, "size": size})
     config = {
         "architecture": "amd64",
         "os": "linux",
