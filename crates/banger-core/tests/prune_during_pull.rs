@@ -52,6 +52,7 @@ async fn prune_while_a_pull_downloads() {
             }
             .boxed()
         })),
+        ..Default::default()
     };
     let paths = Paths::under(&tmp.path().join("home"));
     let core =

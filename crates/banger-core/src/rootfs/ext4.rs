@@ -84,19 +84,35 @@ pub struct Built {
     pub phases: crate::phases::PhaseClock,
 }
 
-/// Creates `out` (which must not exist) from `staging` and `meta`. `scratch` is
-/// a private directory for the debugfs script and xattr values.
+/// Creates `out` (which must not exist) from `staging` and `meta`, keeping
+/// `min_free` bytes free where it goes. `scratch` is a private directory for
+/// the debugfs script and xattr values.
 pub fn build(
     runner: &dyn ProcessRunner,
     staging: &Path,
     meta: &MetaTable,
     out: &Path,
     scratch: &Path,
+    min_free: u64,
 ) -> anyhow::Result<Built> {
     let mut phases = crate::phases::PhaseClock::default();
     let t = tally(staging)?;
     phases.lap("tally");
     let size = fs_size(&t);
+    // The tree may have been unpacked elsewhere (in memory): what the ext4
+    // will hold must fit here before mkfs starts writing it.
+    let dir = out.parent().unwrap_or(Path::new("."));
+    let needed = t.data_bytes + t.inodes * INODE_BYTES;
+    if let Some(free) = super::extract::free_bytes(dir) {
+        if free < needed.saturating_add(min_free) {
+            anyhow::bail!(
+                "the image needs {} MiB and only {} MiB left on the filesystem holding {}; free space (or `banger image cache prune`) and pull again",
+                needed.div_ceil(MIB),
+                free / MIB,
+                dir.display()
+            );
+        }
+    }
     let file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)

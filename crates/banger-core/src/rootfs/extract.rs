@@ -48,6 +48,8 @@ pub struct Flattener {
     limits: Limits,
     /// Uncompressed bytes of every layer applied so far.
     image_bytes: u64,
+    /// A layer stopped because the staging filesystem reached `min_free`.
+    out_of_room: bool,
 }
 
 /// How far a pull may expand (see `LimitsConfig`).
@@ -81,6 +83,7 @@ struct Budget<'a, R> {
     layer: u64,
     image: &'a mut u64,
     next_check: u64,
+    out_of_room: &'a mut bool,
 }
 
 impl<R: Read> Read for Budget<'_, R> {
@@ -104,6 +107,7 @@ impl<R: Read> Read for Budget<'_, R> {
             self.next_check = self.layer + FREE_SPACE_EVERY;
             if let Some(free) = free_bytes(self.root) {
                 if free < self.limits.min_free {
+                    *self.out_of_room = true;
                     return Err(io::Error::other(format!(
                         "only {} MiB left on the filesystem holding {}; free space (or `banger image cache prune`) and pull again",
                         free >> 20,
@@ -143,6 +147,7 @@ impl Flattener {
             created_in_layer: HashSet::new(),
             limits: Limits::default(),
             image_bytes: 0,
+            out_of_room: false,
         })
     }
 
@@ -156,11 +161,17 @@ impl Flattener {
         &self.root
     }
 
+    /// Whether the last layer stopped because its filesystem ran low.
+    pub fn ran_out_of_room(&self) -> bool {
+        self.out_of_room
+    }
+
     /// Applies one uncompressed layer tar stream on top of the tree.
     pub fn apply_layer<R: Read>(&mut self, reader: R) -> Result<(), EntryError> {
         self.created_in_layer.clear();
         let root = self.root.clone();
         let mut image_bytes = self.image_bytes;
+        let mut out_of_room = false;
         let result = self.apply_counted(Budget {
             inner: reader,
             root: &root,
@@ -168,8 +179,10 @@ impl Flattener {
             layer: 0,
             image: &mut image_bytes,
             next_check: 0,
+            out_of_room: &mut out_of_room,
         });
         self.image_bytes = image_bytes;
+        self.out_of_room = out_of_room;
         result
     }
 

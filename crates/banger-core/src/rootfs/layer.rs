@@ -33,31 +33,44 @@ impl std::fmt::Display for LayerFailure {
     }
 }
 
-/// Hashes every byte pulled from the file, whatever decoder sits on top.
+/// Hashes every byte pulled from the file, whatever decoder sits on top
+/// (when there is a hasher).
 struct HashingReader<'a> {
     file: &'a File,
-    hasher: Rc<RefCell<Sha256>>,
+    hasher: Option<Rc<RefCell<Sha256>>>,
 }
 
 impl Read for HashingReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.file.read(buf)?;
-        self.hasher.borrow_mut().update(&buf[..n]);
+        if let Some(hasher) = &self.hasher {
+            hasher.borrow_mut().update(&buf[..n]);
+        }
         Ok(n)
     }
+}
+
+/// Whether a blob's bytes must be hashed as they are applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// From the cache: it may have changed on disk since it was verified.
+    Digest,
+    /// Hashed and verified moments ago as it was downloaded.
+    AlreadyVerified,
 }
 
 const GZIP_MAGIC: &[u8] = &[0x1f, 0x8b];
 const ZSTD_MAGIC: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];
 
-/// Applies the layer in `blob` (positioned at its start) and checks that the
-/// blob hashes to `digest` (`sha256:<hex>`).
+/// Applies the layer in `blob` (positioned at its start) and, unless it was
+/// just verified, checks that the blob hashes to `digest` (`sha256:<hex>`).
 pub fn apply_blob(
     flattener: &mut Flattener,
     blob: &File,
     digest: &str,
+    check: Check,
 ) -> Result<(), LayerFailure> {
-    let hasher = Rc::new(RefCell::new(Sha256::new()));
+    let hasher = (check == Check::Digest).then(|| Rc::new(RefCell::new(Sha256::new())));
     let mut reader = BufReader::with_capacity(
         256 * 1024,
         HashingReader {
@@ -74,10 +87,13 @@ pub fn apply_blob(
     } else {
         apply_stream(flattener, reader)?;
     }
+    let Some(hasher) = hasher else {
+        return Ok(());
+    };
     // Whatever the decoder left unread still counts towards the digest.
     let mut rest = HashingReader {
         file: blob,
-        hasher: hasher.clone(),
+        hasher: Some(hasher.clone()),
     };
     io::copy(&mut rest, &mut io::sink()).map_err(LayerFailure::Io)?;
     let actual = format!("sha256:{}", hex::encode(hasher.borrow().clone().finalize()));

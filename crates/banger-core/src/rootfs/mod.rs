@@ -5,6 +5,7 @@ pub mod extract;
 pub mod layer;
 pub mod meta;
 pub mod path_safety;
+pub mod staging;
 pub mod whiteout;
 
 pub use extract::{EntryError, Flattener};

@@ -74,6 +74,7 @@ impl ImageService {
             }
         }
         prune::clean_leftovers(&self.paths.oci_cache());
+        crate::rootfs::staging::clean_leftovers(&self.paths.state_dir.display().to_string());
         // Images' root filesystems, and those snapshot VMs layer over.
         let origins: Vec<String> = self
             .store

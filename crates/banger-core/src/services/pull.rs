@@ -2,7 +2,7 @@
 //! flattening them in order, build the ext4, then record the image atomically.
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +21,9 @@ use crate::oci::manifest::{self, Descriptor};
 use crate::oci::reference::{self, Platform};
 use crate::oci::registry::{Registry, Resolved};
 use crate::phases::PhaseClock;
-use crate::rootfs::layer::{apply_blob, LayerFailure};
+use crate::rootfs::extract::Limits;
+use crate::rootfs::layer::{apply_blob, Check, LayerFailure};
+use crate::rootfs::staging::{self, Staging};
 use crate::rootfs::{ext4, Flattener};
 
 /// Test seams: awaited at fixed points of a pull.
@@ -29,6 +31,8 @@ use crate::rootfs::{ext4, Flattener};
 pub struct PullHooks {
     /// Awaited once per downloaded blob, after its first chunk is written.
     pub mid_download: Option<Arc<dyn Fn(String) -> BoxFuture<'static, ()> + Send + Sync>>,
+    /// Stages every pull in memory, allowed only this many bytes of it.
+    pub memory_share: Option<u64>,
 }
 
 const MAX_CONFIG_BYTES: u64 = 16 * 1024 * 1024;
@@ -167,7 +171,7 @@ async fn fetch_config(
             desc.digest
         )));
     }
-    let mut file = fetch_blob(
+    let (mut file, _) = fetch_blob(
         registry.clone(),
         svc.blobs.clone(),
         desc.clone(),
@@ -255,7 +259,12 @@ async fn download_and_build(
     }
 
     let layers = resolved.layers.clone();
-    let staging = scratch.join("rootfs");
+    let estimate = staging::estimate(layers.iter().map(|l| {
+        let compressed = l.media_type.contains("gzip") || l.media_type.contains("zstd");
+        (l.size.max(0) as u64, compressed)
+    }));
+    let owner = svc.paths.state_dir.display().to_string();
+    let memory_share = svc.hooks.memory_share;
     let out = scratch.join("rootfs.ext4");
     let scratch = scratch.to_path_buf();
     let (runner, blobs, events) = (svc.runner.clone(), svc.blobs.clone(), events.clone());
@@ -270,34 +279,42 @@ async fn download_and_build(
         // Time blocked on downloads vs time spent flattening: the layers
         // overlap, so the two tell which one a pull waits for.
         let mut phases = PhaseClock::default();
-        let mut flattener = Flattener::new(&staging)?.with_limits(limits);
+        let mut staging = Staging::choose(&scratch, &owner, estimate, memory_share)?;
+        tracing::debug!(
+            in_memory = staging.in_memory(),
+            estimate,
+            "staging the layers"
+        );
+        let mut flattener = flattener_in(&staging, limits)?;
+        let mut applied: Vec<(File, Check, &str)> = Vec::new();
         for (layer, rx) in layers.iter().zip(receivers) {
-            let file = rx
+            let (file, check) = rx
                 .blocking_recv()
                 .map_err(|_| OpError::internal("a layer download stopped unexpectedly"))??;
             phases.lap("download-wait");
-            apply_blob(&mut flattener, &file, &layer.digest).map_err(|failure| match failure {
-                LayerFailure::Digest { .. } => {
-                    blobs.evict(&layer.digest);
-                    OpError::bad_content(format!(
-                        "layer {}: {failure}; it was dropped from the cache, pull again",
-                        layer.digest
-                    ))
+            let mut result = apply_blob(&mut flattener, &file, &layer.digest, check);
+            if staging.in_memory() && out_of_room(&flattener, &result) {
+                // The image unpacks larger than memory allows: the layers so
+                // far are applied again, on disk.
+                tracing::info!("the layers outgrew their share of memory; unpacking on disk");
+                drop(flattener);
+                staging = Staging::on_disk(&scratch)?;
+                flattener = flattener_in(&staging, limits)?;
+                applied.push((file, check, &layer.digest));
+                result = Ok(());
+                for (file, check, digest) in &applied {
+                    let rewound = (&*file).rewind().map_err(LayerFailure::Io);
+                    result =
+                        rewound.and_then(|()| apply_blob(&mut flattener, file, digest, *check));
+                    if result.is_err() {
+                        break;
+                    }
                 }
-                LayerFailure::Entry(e) if e.reason.contains("os error 28") => {
-                    OpError::writing(format!("layer {}: {e}", layer.digest), &scratch)
-                }
-                LayerFailure::Entry(e)
-                    if e.reason.contains("MiB left on the filesystem")
-                        || e.reason.contains("limits.max_") =>
-                {
-                    OpError::invalid(format!("layer {}: {}", layer.digest, e.reason))
-                }
-                LayerFailure::Entry(e) => {
-                    OpError::bad_content(format!("layer {}: refusing entry {e}", layer.digest))
-                }
-                LayerFailure::Io(e) => OpError::internal(format!("layer {}: {e}", layer.digest)),
-            })?;
+                applied.pop();
+            } else {
+                applied.push((file, check, &layer.digest));
+            }
+            result.map_err(|failure| layer_error(failure, &layer.digest, &blobs, &scratch))?;
             phases.lap("flatten");
         }
         events.emit(&PullEvent::Step {
@@ -311,8 +328,22 @@ async fn download_and_build(
             step: "ext4".into(),
         });
         crate::steps::kill_point("pull-ext4");
-        let mut built = ext4::build(runner.as_ref(), &staging, &meta, &out, &scratch)
-            .map_err(|e| OpError::writing(format!("{e:#}"), &scratch))?;
+        let mut built = ext4::build(
+            runner.as_ref(),
+            &staging.root(),
+            &meta,
+            &out,
+            &scratch,
+            limits.min_free,
+        )
+        .map_err(|e| {
+            let message = format!("{e:#}");
+            if message.contains("MiB left on the filesystem") {
+                OpError::invalid(message)
+            } else {
+                OpError::writing(message, &scratch)
+            }
+        })?;
         phases.absorb(&built.phases);
         built.phases = phases;
         tracing::info!(
@@ -329,21 +360,65 @@ async fn download_and_build(
     result
 }
 
-/// One blob, from the cache or the registry, verified, as an open file.
+fn flattener_in(staging: &Staging, limits: Limits) -> OpResult<Flattener> {
+    let limits = Limits {
+        min_free: limits.min_free.max(staging.keep_free()),
+        ..limits
+    };
+    Ok(Flattener::new(&staging.root())?.with_limits(limits))
+}
+
+/// Whether a layer stopped for want of room where it was unpacking.
+fn out_of_room(flattener: &Flattener, result: &Result<(), LayerFailure>) -> bool {
+    match result {
+        Err(LayerFailure::Entry(e)) => {
+            flattener.ran_out_of_room() || e.reason.contains("os error 28")
+        }
+        _ => false,
+    }
+}
+
+/// A layer that could not be applied, as the pull reports it.
+fn layer_error(failure: LayerFailure, digest: &str, blobs: &BlobCache, scratch: &Path) -> OpError {
+    match failure {
+        LayerFailure::Digest { .. } => {
+            blobs.evict(digest);
+            OpError::bad_content(format!(
+                "layer {digest}: {failure}; it was dropped from the cache, pull again"
+            ))
+        }
+        LayerFailure::Entry(e) if e.reason.contains("os error 28") => {
+            OpError::writing(format!("layer {digest}: {e}"), scratch)
+        }
+        LayerFailure::Entry(e)
+            if e.reason.contains("MiB left on the filesystem")
+                || e.reason.contains("limits.max_") =>
+        {
+            OpError::invalid(format!("layer {digest}: {}", e.reason))
+        }
+        LayerFailure::Entry(e) => {
+            OpError::bad_content(format!("layer {digest}: refusing entry {e}"))
+        }
+        LayerFailure::Io(e) => OpError::internal(format!("layer {digest}: {e}")),
+    }
+}
+
+/// One blob, from the cache or the registry, as an open file, and whether
+/// its content is yet to be checked against its digest.
 async fn fetch_blob(
     registry: Arc<Registry>,
     blobs: Arc<BlobCache>,
     desc: Descriptor,
     events: Events<PullEvent>,
     hook: Option<Arc<dyn Fn(String) -> BoxFuture<'static, ()> + Send + Sync>>,
-) -> OpResult<File> {
+) -> OpResult<(File, Check)> {
     let _lock = blobs.lock(&desc.digest).await;
     if let Some(file) = blobs.open(&desc.digest) {
         events.emit(&PullEvent::LayerDone {
             digest: desc.digest.clone(),
             cached: true,
         });
-        return Ok(file);
+        return Ok((file, Check::Digest));
     }
     let total = desc.size.max(0) as u64;
     let mut writer = blobs.writer()?;
@@ -397,5 +472,5 @@ async fn fetch_blob(
         digest: desc.digest,
         cached: false,
     });
-    Ok(file)
+    Ok((file, Check::AlreadyVerified))
 }
