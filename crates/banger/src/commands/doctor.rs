@@ -63,7 +63,7 @@ pub fn run(paths: &Paths, json: bool) -> anyhow::Result<i32> {
         kernel(paths),
         vms(paths),
         agent(&config),
-        cow(paths),
+        root_mode(paths),
         network(status.as_ref()),
         dns(status.as_ref()),
         helper(status.as_ref(), &config),
@@ -405,39 +405,45 @@ fn network(status: Option<&DaemonStatus>) -> Check {
     }
 }
 
-fn cow(paths: &Paths) -> Check {
+/// The root mode new VMs get by default, and why.
+fn root_mode(paths: &Paths) -> Check {
+    use banger_core::vm::root_mode::{self, Support};
+    use banger_proto::domain::RootMode;
     let dir = &paths.state_dir;
     let _ = std::fs::create_dir_all(dir);
     let dm = banger_host::RealBlockDevices {
         runner: std::sync::Arc::new(banger_host::RealRunner),
     };
-    if banger_host::BlockDevices::snapshot_supported(&dm) {
-        return check(
-            "cow",
-            Status::Ok,
-            "root disks are device-mapper snapshots of the image",
-            None,
-        );
-    }
-    if banger_core::vm::disk::reflink_supported(dir) {
+    let kernel = Client::new(paths.clone())
+        .connect_existing()
+        .ok()
+        .and_then(|stream| call_on::<m::KernelList>(stream, NoParams {}, |_| {}).ok())
+        .and_then(|kernels| {
+            let default = kernels.iter().position(|k| k.default).unwrap_or(0);
+            kernels.into_iter().nth(default)
+        });
+    let support = Support {
+        overlay: kernel.as_ref().is_none_or(root_mode::kernel_has_overlay),
+        snapshot: banger_host::BlockDevices::snapshot_supported(&dm),
+        reflink: banger_core::vm::disk::reflink_supported(dir),
+    };
+    let mode = root_mode::choose(None, support).unwrap_or(RootMode::Copy);
+    let how = match mode {
+        RootMode::Overlay => "the image shared read-only under each VM's own layer",
+        RootMode::DmSnapshot => "device-mapper snapshots of the image",
+        RootMode::Reflink => "reflinked copies of the image",
+        RootMode::Copy => "a full (sparse) copy of the image per VM",
+    };
+    let message = format!("new VMs get the {mode} root mode: {how}");
+    if mode == RootMode::Copy {
         check(
-            "cow",
-            Status::Ok,
-            format!("root disks use reflinks in {}", dir.display()),
-            None,
+            "root-mode",
+            Status::Warn,
+            message,
+            Some("a kernel with overlayfs (CONFIG_OVERLAY_FS) makes VM creation instant and shares the image"),
         )
     } else {
-        check(
-            "cow",
-            Status::Warn,
-            format!(
-                "{} cannot reflink: each VM's root disk is a full (sparse) copy",
-                dir.display()
-            ),
-            Some(
-                "put BANGER_HOME (or the state dir) on btrfs or xfs for instant, shared root disks",
-            ),
-        )
+        check("root-mode", Status::Ok, message, None)
     }
 }
 
