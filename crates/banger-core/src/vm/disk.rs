@@ -219,4 +219,31 @@ mod tests {
             assert_eq!(std::fs::read(&dst).unwrap(), a);
         }
     }
+
+    #[test]
+    fn an_empty_layer_grows_with_its_filesystem() {
+        let dir = tempfile::tempdir().unwrap();
+        let upper = dir.path().join(UPPER_FILE);
+        let runner = banger_host::RealRunner;
+        create_empty(&runner, &upper, 64 << 20, "upper").unwrap();
+        assert!(
+            std::fs::metadata(&upper).unwrap().blocks() * 512 < 8 << 20,
+            "sparse"
+        );
+        grow(&runner, &upper, 256 << 20).unwrap();
+        let out = std::process::Command::new("dumpe2fs")
+            .arg("-h")
+            .arg(&upper)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let field = |name: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in {text}"))
+        };
+        let bytes = field("Block count:") * field("Block size:");
+        assert_eq!(bytes, 256 << 20, "the filesystem grew with its file");
+    }
 }
