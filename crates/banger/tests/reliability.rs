@@ -242,12 +242,7 @@ fn reliability_suite() {
 
 fn new_banger(kernel: &Path, agent: &Path, reference: &str) -> Banger {
     let mut banger = Banger::without_daemon();
-    let home = banger.path("user-home");
-    std::fs::create_dir_all(home.join(".ssh")).unwrap();
-    banger.add_env("HOME", &home);
-    banger.add_env("BANGER_QEMU_ACCEL", Path::new("tcg"));
-    banger.add_env("BANGER_AGENT_BIN", agent);
-    banger.start_daemon();
+    common::start_vm_daemon(&mut banger, agent);
     banger.ok(&["kernel", "import", kernel.to_str().unwrap()]);
     banger.ok(&["image", "pull", reference]);
     banger

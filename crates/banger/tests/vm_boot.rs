@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use banger_testkit::images::push_busybox;
@@ -12,16 +11,9 @@ use banger_testkit::layout::Layout;
 use banger_testkit::registry::Registry;
 use common::Banger;
 
-/// A daemon with its own HOME (user keys come from HOME/.ssh), under the
-/// test's home.
 fn start_banger(agent: &std::path::Path) -> Banger {
     let mut banger = Banger::without_daemon();
-    let home = banger.path("user-home");
-    std::fs::create_dir_all(home.join(".ssh")).unwrap();
-    banger.add_env("HOME", &home);
-    banger.add_env("BANGER_QEMU_ACCEL", std::path::Path::new("tcg"));
-    banger.add_env("BANGER_AGENT_BIN", agent);
-    banger.start_daemon();
+    common::start_vm_daemon(&mut banger, agent);
     banger
 }
 
@@ -367,36 +359,10 @@ fn a_boot_failure_names_the_stage_and_shows_the_console() {
 
 #[test]
 fn a_debian_image_boots_and_runs_its_own_tools() {
-    let Some((kernel, agent)) = common::vm_assets() else {
+    let Some(vms) = common::DebianVms::start() else {
         return;
     };
-    let Some(debian) = std::env::var_os("BANGER_TEST_DEBIAN_TAR")
-        .map(PathBuf::from)
-        .filter(|p| p.is_file())
-    else {
-        let msg = "needs BANGER_TEST_DEBIAN_TAR (scripts/test builds it with mmdebstrap)";
-        assert!(std::env::var_os("CI").is_none(), "{msg}");
-        eprintln!("skipping: {msg}");
-        return;
-    };
-    let registry = Registry::start();
-    let tmp = tempfile::tempdir().unwrap();
-    let mut layout = Layout::new(&tmp.path().join("oci"));
-    let image = layout.image(
-        &[(Compression::None, std::fs::read(&debian).unwrap())],
-        "amd64",
-    );
-    layout.tag("t", &image);
-    registry.push(&layout.dir, "t", "debian:bookworm", &[]);
-    let banger = start_banger(&agent);
-    banger.ok(&["kernel", "import", kernel.to_str().unwrap()]);
-    banger.ok(&[
-        "image",
-        "pull",
-        &registry.reference("debian:bookworm"),
-        "--name",
-        "debian",
-    ]);
+    let banger = &vms.banger;
     banger.ok(&["vm", "run", "deb", "--image", "debian", "--memory", "256M"]);
     // The agent reads root's login shell (bash here) into the page cache
     // after the root switch, ahead of the first `vm ssh`.

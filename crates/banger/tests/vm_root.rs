@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -15,15 +14,6 @@ use banger_testkit::layer::{self, Compression};
 use banger_testkit::layout::Layout;
 use banger_testkit::registry::Registry;
 use common::{Banger, Mounted};
-
-fn start_banger(banger: &mut Banger, agent: &Path) {
-    let home = banger.path("user-home");
-    std::fs::create_dir_all(home.join(".ssh")).unwrap();
-    banger.add_env("HOME", &home);
-    banger.add_env("BANGER_QEMU_ACCEL", Path::new("tcg"));
-    banger.add_env("BANGER_AGENT_BIN", agent);
-    banger.start_daemon();
-}
 
 fn vm_info(banger: &Banger, name: &str) -> serde_json::Value {
     let out = banger.ok(&["vm", "inspect", name]);
@@ -110,38 +100,15 @@ fn hello_deb(dir: &Path) -> PathBuf {
 
 #[test]
 fn overlay_roots_are_private_exact_and_persistent() {
-    let Some((kernel, agent)) = common::vm_assets() else {
+    let Some(vms) = common::DebianVms::start() else {
         return;
     };
-    let Some(debian) = std::env::var_os("BANGER_TEST_DEBIAN_TAR")
-        .map(PathBuf::from)
-        .filter(|p| p.is_file())
-    else {
-        let msg = "needs BANGER_TEST_DEBIAN_TAR (scripts/test builds it with mmdebstrap)";
-        assert!(std::env::var_os("CI").is_none(), "{msg}");
-        eprintln!("skipping: {msg}");
-        return;
-    };
-    let registry = Registry::start();
+    let (banger, debian) = (&vms.banger, &vms.tar);
     let tmp = tempfile::tempdir().unwrap();
-    let mut layout = Layout::new(&tmp.path().join("oci"));
-    let mut tar = Vec::new();
-    std::fs::File::open(&debian)
-        .unwrap()
-        .read_to_end(&mut tar)
-        .unwrap();
-    let image = layout.image(&[(Compression::None, tar)], "amd64");
-    layout.tag("t", &image);
-    registry.push(&layout.dir, "t", "debian:bookworm", &[]);
-    let mut banger = Banger::without_daemon();
-    start_banger(&mut banger, &agent);
-    banger.ok(&["kernel", "import", kernel.to_str().unwrap()]);
-    let pulled = registry.reference("debian:bookworm");
-    banger.ok(&["image", "pull", &pulled, "--name", "debian"]);
 
     for vm in ["a", "b"] {
         banger.ok(&["vm", "create", vm, "--image", "debian", "--memory", "256M"]);
-        let info = vm_info(&banger, vm);
+        let info = vm_info(banger, vm);
         assert_eq!(info["root_mode"], "overlay");
         let bytes = allocated(Path::new(info["dir"].as_str().unwrap()));
         assert!(bytes < 16 << 20, "{vm} allocates {bytes} bytes on the host");
@@ -156,7 +123,7 @@ fn overlay_roots_are_private_exact_and_persistent() {
     // Every file and directory of the image, seen from the guest, keeps
     // the image's mode (setuid included), owner and group.
     let listing = exec(
-        &banger,
+        banger,
         "b",
         "find / -xdev \\( -type f -o -type d \\) -printf '%m %U %G %p\\n'",
     );
@@ -176,7 +143,7 @@ fn overlay_roots_are_private_exact_and_persistent() {
     // Mount points show (and hide what is under them) the mounted
     // filesystem; the agent writes resolv.conf.
     let changed_at_boot = ["/proc", "/sys", "/dev", "/run", "/work", "/etc/resolv.conf"];
-    let expected = tar_attrs(&debian);
+    let expected = tar_attrs(debian);
     let mut compared = 0;
     let mut wrong = Vec::new();
     for (path, attrs) in &expected {
@@ -206,11 +173,11 @@ fn overlay_roots_are_private_exact_and_persistent() {
     assert_eq!(seen["/usr/bin/su"].0, 0o4755, "setuid survives");
 
     // Each VM writes its own `/`; neither sees the other's files.
-    exec(&banger, "a", "echo a > /etc/only-a");
-    exec(&banger, "b", "echo b > /etc/only-b");
-    assert_eq!(exec(&banger, "a", "ls /etc/only-*"), "/etc/only-a\n");
-    assert_eq!(exec(&banger, "b", "ls /etc/only-*"), "/etc/only-b\n");
-    let df = exec(&banger, "a", "df -k / | tail -1");
+    exec(banger, "a", "echo a > /etc/only-a");
+    exec(banger, "b", "echo b > /etc/only-b");
+    assert_eq!(exec(banger, "a", "ls /etc/only-*"), "/etc/only-a\n");
+    assert_eq!(exec(banger, "b", "ls /etc/only-*"), "/etc/only-b\n");
+    let df = exec(banger, "a", "df -k / | tail -1");
     let size_kib: u64 = df.split_whitespace().nth(1).unwrap().parse().unwrap();
     assert!(
         (3_500_000..4_300_000).contains(&size_kib),
@@ -220,18 +187,18 @@ fn overlay_roots_are_private_exact_and_persistent() {
     // A package installed with dpkg stays installed across a stop/start.
     let deb = hello_deb(tmp.path());
     banger.ok(&["vm", "cp", deb.to_str().unwrap(), "a:/tmp/hello.deb"]);
-    exec(&banger, "a", "dpkg -i /tmp/hello.deb >/dev/null");
+    exec(banger, "a", "dpkg -i /tmp/hello.deb >/dev/null");
     banger.ok(&["vm", "stop", "a"]);
     banger.ok(&["vm", "start", "a"]);
-    assert_eq!(exec(&banger, "a", "banger-hello"), "hello from a package\n");
+    assert_eq!(exec(banger, "a", "banger-hello"), "hello from a package\n");
     let status = exec(
-        &banger,
+        banger,
         "a",
         "dpkg-query -W -f='${Status}' banger-hello; cat /etc/only-a",
     );
     assert_eq!(status, "install ok installeda\n");
     assert_eq!(
-        exec(&banger, "b", "command -v banger-hello || echo none"),
+        exec(banger, "b", "command -v banger-hello || echo none"),
         "none\n"
     );
 
@@ -272,15 +239,18 @@ fn every_root_mode_boots_and_a_repull_leaves_running_vms_alone() {
     // As root, the state lives on an xfs, where the reflink mode works too.
     let _xfs = common::root_or_skip("the reflink root mode's xfs")
         .then(|| Mounted::xfs(&banger.path("state"), &tmp.path().join("xfs.img"), "1G"));
-    start_banger(&mut banger, &agent);
+    common::start_vm_daemon(&mut banger, &agent);
     banger.ok(&["kernel", "import", kernel.to_str().unwrap()]);
-    banger.ok(&[
-        "image",
-        "pull",
-        &registry.reference("bb:latest"),
-        "--name",
-        "bb",
-    ]);
+    let pull_bb = || {
+        banger.ok(&[
+            "image",
+            "pull",
+            &registry.reference("bb:latest"),
+            "--name",
+            "bb",
+        ])
+    };
+    pull_bb();
 
     let mut modes = vec![("ov", None), ("cp", Some("copy"))];
     if _xfs.is_some() {
@@ -325,13 +295,7 @@ fn every_root_mode_boots_and_a_repull_leaves_running_vms_alone() {
     // A newer pull under the same name: running VMs keep the image they were
     // made from, through a restart too; a new VM gets the new one.
     push("2");
-    banger.ok(&[
-        "image",
-        "pull",
-        &registry.reference("bb:latest"),
-        "--name",
-        "bb",
-    ]);
+    pull_bb();
     assert_eq!(exec(&banger, "ov", "cat /etc/version /etc/mine"), "1\nov\n");
     banger.ok(&["vm", "restart", "ov"]);
     assert_eq!(exec(&banger, "ov", "cat /etc/version /etc/mine"), "1\nov\n");

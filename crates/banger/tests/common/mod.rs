@@ -330,6 +330,67 @@ pub fn vm_assets() -> Option<(PathBuf, PathBuf)> {
     }
 }
 
+/// Starts `banger`'s daemon for real VMs: its own HOME (user keys come from
+/// HOME/.ssh), QEMU under TCG, and the agent under test.
+pub fn start_vm_daemon(banger: &mut Banger, agent: &Path) {
+    let home = banger.path("user-home");
+    std::fs::create_dir_all(home.join(".ssh")).unwrap();
+    banger.add_env("HOME", &home);
+    banger.add_env("BANGER_QEMU_ACCEL", Path::new("tcg"));
+    banger.add_env("BANGER_AGENT_BIN", agent);
+    banger.start_daemon();
+}
+
+/// The Debian minbase tarball scripts/test builds, or why the test cannot run.
+pub fn debian_tar() -> Option<PathBuf> {
+    let tar = std::env::var_os("BANGER_TEST_DEBIAN_TAR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_file());
+    if tar.is_none() {
+        let msg = "needs BANGER_TEST_DEBIAN_TAR (scripts/test builds it with mmdebstrap)";
+        assert!(std::env::var_os("CI").is_none(), "{msg}");
+        eprintln!("skipping: {msg}");
+    }
+    tar
+}
+
+/// A daemon for real VMs with the Debian minbase image pulled as `debian`
+/// and the test kernel imported; `None` (the test skips) without them.
+pub struct DebianVms {
+    pub banger: Banger,
+    /// The image's own tarball, to compare the guest against.
+    pub tar: PathBuf,
+    _registry: banger_testkit::registry::Registry,
+}
+
+impl DebianVms {
+    pub fn start() -> Option<DebianVms> {
+        let (kernel, agent) = vm_assets()?;
+        let tar = debian_tar()?;
+        let registry = banger_testkit::registry::Registry::start();
+        let mut banger = Banger::without_daemon();
+        let mut layout = banger_testkit::layout::Layout::new(&banger.path("fixtures/oci"));
+        let image = layout.image(
+            &[(
+                banger_testkit::layer::Compression::None,
+                std::fs::read(&tar).unwrap(),
+            )],
+            "amd64",
+        );
+        layout.tag("t", &image);
+        registry.push(&layout.dir, "t", "debian:bookworm", &[]);
+        start_vm_daemon(&mut banger, &agent);
+        banger.ok(&["kernel", "import", kernel.to_str().unwrap()]);
+        let reference = registry.reference("debian:bookworm");
+        banger.ok(&["image", "pull", &reference, "--name", "debian"]);
+        Some(DebianVms {
+            banger,
+            tar,
+            _registry: registry,
+        })
+    }
+}
+
 /// A shell script's output.
 pub fn sh(script: &str) -> Output {
     Command::new("sh").args(["-c", script]).output().unwrap()
