@@ -1,5 +1,5 @@
-//! `banger-tar`: the guest end of `banger vm cp`, run from the agent's own
-//! binary so it works in images without tar.
+//! `banger-tar`: the guest end of `banger vm cp` and of workspace syncs, run
+//! from the agent's own binary so it works in images without tar.
 
 use std::path::PathBuf;
 
@@ -12,8 +12,16 @@ pub fn main(args: Vec<String>) -> i32 {
         Some((cmd, [dst])) if cmd == "extract" => {
             banger_treecopy::unpack(std::io::stdin().lock(), &PathBuf::from(dst), true).map(|_| ())
         }
+        // A workspace sync: files to write and paths to remove, in one stream.
+        Some((cmd, [dst])) if cmd == "sync" => {
+            banger_treecopy::sync::apply(std::io::stdin().lock(), &PathBuf::from(dst)).map(|a| {
+                println!("{} {}", a.written, a.removed);
+            })
+        }
         _ => {
-            eprintln!("usage: banger-tar create PATH… | banger-tar extract DST");
+            eprintln!(
+                "usage: banger-tar create PATH… | banger-tar extract DST | banger-tar sync DST"
+            );
             return 2;
         }
     };

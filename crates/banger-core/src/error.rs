@@ -122,6 +122,7 @@ wire_class! {
     crate::vm::name::InvalidName => InvalidParams,
     crate::vm::sizing::SizeError => InvalidParams,
     crate::vm::root_mode::Unsupported => InvalidParams,
+    crate::workspace::WorkspaceError => InvalidParams,
     crate::vm::keys::KeyError => Internal,
     crate::vm::disk::DiskError => Internal,
     crate::vm::agent_client::AgentError => Internal,

@@ -20,3 +20,4 @@ pub mod steps;
 pub mod store;
 pub mod suggest;
 pub mod vm;
+pub mod workspace;

@@ -6,6 +6,8 @@
 use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
 
+pub mod sync;
+
 /// Writes a tar of `paths`, each under its final component; directories
 /// recursively, symlinks as links, modes and times kept.
 pub fn pack(paths: &[PathBuf], out: impl Write) -> std::io::Result<()> {
@@ -73,42 +75,51 @@ pub fn unpack(input: impl Read, dst: &Path, ownership: bool) -> std::io::Result<
     let mut first: Option<PathBuf> = None;
     let mut count = 0;
     for entry in archive.entries()? {
-        let mut entry = entry?;
-        let path = entry.path()?.into_owned();
-        let (base, rel) = place(&target, &path, &mut first)?;
-        let dest = base.join(&rel);
-        // Checked before anything is made: no directory of the entry's path
-        // may be a symlink (a hostile archive's `x -> /outside` followed by
-        // `x/newdir/f` would otherwise make /outside/newdir).
-        make_parents(&base, &rel, &path)?;
-        let inside = base.canonicalize()?;
-        // Whatever is at the destination itself is replaced, never followed.
-        if std::fs::symlink_metadata(&dest).is_ok_and(|m| m.file_type().is_symlink()) {
-            std::fs::remove_file(&dest)?;
-        }
-        if entry.header().entry_type() == tar::EntryType::Link {
-            // A hard link names another entry of this archive, placed the same way.
-            let to = entry
-                .link_name()?
-                .ok_or_else(|| refuse(format!("{} links to nothing", path.display())))?
-                .into_owned();
-            let (to_base, to_rel) = place(&target, &to, &mut first)?;
-            let source = to_base.join(to_rel);
-            let source_dir = source.parent().unwrap_or(&to_base).canonicalize()?;
-            if !source_dir.starts_with(&inside) {
-                return Err(refuse(format!(
-                    "{} links out of the destination",
-                    path.display()
-                )));
-            }
-            let _ = std::fs::remove_file(&dest);
-            std::fs::hard_link(&source, &dest)?;
-        } else {
-            entry.unpack(&dest)?;
-        }
+        write_entry(&mut entry?, &target, &mut first)?;
         count += 1;
     }
     Ok(count)
+}
+
+/// Writes one entry where `target` places it, refusing any that would leave it.
+fn write_entry<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    target: &Target,
+    first: &mut Option<PathBuf>,
+) -> std::io::Result<()> {
+    let path = entry.path()?.into_owned();
+    let (base, rel) = place(target, &path, first)?;
+    let dest = base.join(&rel);
+    // Checked before anything is made: no directory of the entry's path
+    // may be a symlink (a hostile archive's `x -> /outside` followed by
+    // `x/newdir/f` would otherwise make /outside/newdir).
+    make_parents(&base, &rel, &path)?;
+    let inside = base.canonicalize()?;
+    // Whatever is at the destination itself is replaced, never followed.
+    if std::fs::symlink_metadata(&dest).is_ok_and(|m| m.file_type().is_symlink()) {
+        std::fs::remove_file(&dest)?;
+    }
+    if entry.header().entry_type() == tar::EntryType::Link {
+        // A hard link names another entry of this archive, placed the same way.
+        let to = entry
+            .link_name()?
+            .ok_or_else(|| refuse(format!("{} links to nothing", path.display())))?
+            .into_owned();
+        let (to_base, to_rel) = place(target, &to, first)?;
+        let source = to_base.join(to_rel);
+        let source_dir = source.parent().unwrap_or(&to_base).canonicalize()?;
+        if !source_dir.starts_with(&inside) {
+            return Err(refuse(format!(
+                "{} links out of the destination",
+                path.display()
+            )));
+        }
+        let _ = std::fs::remove_file(&dest);
+        std::fs::hard_link(&source, &dest)?;
+    } else {
+        entry.unpack(&dest)?;
+    }
+    Ok(())
 }
 
 /// Makes the directories above `rel` under `base`, one at a time, refusing

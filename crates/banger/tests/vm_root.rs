@@ -301,6 +301,32 @@ fn every_root_mode_boots_and_a_repull_leaves_running_vms_alone() {
     assert_eq!(exec(&banger, "ov", "cat /etc/version /etc/mine"), "1\nov\n");
     banger.ok(&["vm", "run", "ov2", "--image", "bb", "--memory", "256M"]);
     assert_eq!(exec(&banger, "ov2", "cat /etc/version"), "2\n");
+
+    // The guest end of a workspace sync: files written, paths removed, in
+    // an image without tar.
+    let host = tmp.path().join("ws");
+    std::fs::create_dir_all(host.join("src")).unwrap();
+    std::fs::write(host.join("src/main.c"), "int main;").unwrap();
+    exec(
+        &banger,
+        "ov2",
+        "mkdir -p /work/ws/old && echo x > /work/ws/old/gone",
+    );
+    let mut stream = Vec::new();
+    banger_treecopy::sync::pack(
+        &host,
+        &["src/main.c".into()],
+        &["old/gone".into()],
+        &mut stream,
+    )
+    .unwrap();
+    let mut sync = banger.cmd(&["vm", "exec", "ov2", "--", "banger-tar", "sync", "/work/ws"]);
+    let out = common::with_stdin(&mut sync, &stream);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "1 1\n", "{out:?}");
+    assert_eq!(
+        exec(&banger, "ov2", "cat /work/ws/src/main.c; ls /work/ws"),
+        "int main;src\n"
+    );
     let images_dir = banger.path("state/images");
     assert_eq!(
         common::entries(&images_dir).len(),

@@ -391,6 +391,19 @@ impl DebianVms {
     }
 }
 
+/// Runs `cmd` with `input` on its standard input; its output.
+pub fn with_stdin(cmd: &mut Command, input: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
 /// A shell script's output.
 pub fn sh(script: &str) -> Output {
     Command::new("sh").args(["-c", script]).output().unwrap()
