@@ -30,6 +30,7 @@ pub struct Core {
     pub guest: Arc<GuestIo>,
     /// The background work the daemon runs for its life.
     pub upkeep: Arc<Upkeep>,
+    pub workspaces: Arc<crate::services::workspace::WorkspaceService>,
     runner: Arc<dyn ProcessRunner>,
     store: Arc<Store>,
     network: Arc<NetworkService>,
@@ -144,6 +145,7 @@ impl Core {
             lifecycle: vms,
             guest,
             upkeep,
+            workspaces,
         } = Vms::new(VmDeps {
             paths: paths.clone(),
             config,
@@ -170,6 +172,7 @@ impl Core {
             vms,
             guest,
             upkeep,
+            workspaces,
             runner,
             store,
             network,
@@ -261,6 +264,7 @@ impl Core {
                     .logs(&p.name, p.tail, p.follow, typed::<m::VmLogs>(ev), input)
                     .await,
             ),
+            Request::VmSync(p) => answer::<m::VmSync>(self.workspaces.sync(&p.name).await),
             Request::VmExec(p) => {
                 answer::<m::VmExec>(self.guest.exec(p, typed::<m::VmExec>(ev), input).await)
             }

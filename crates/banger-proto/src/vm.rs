@@ -23,6 +23,12 @@ pub struct CreateParams {
     /// How the root filesystem is made; the host's best when absent.
     #[serde(default)]
     pub root_mode: Option<RootMode>,
+    /// An absolute host directory mirrored into the VM (see docs/workspaces.md).
+    #[serde(default)]
+    pub workspace: Option<String>,
+    /// Where the workspace lands in the guest (default `/work`).
+    #[serde(default)]
+    pub workspace_path: Option<String>,
     /// Start the VM once created (`vm run`).
     #[serde(default)]
     pub start: bool,
@@ -59,6 +65,29 @@ pub struct VmInfo {
     /// The host tap while the VM runs.
     #[serde(default)]
     pub tap: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<WorkspaceInfo>,
+}
+
+/// A VM's workspace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkspaceInfo {
+    pub host_dir: String,
+    pub guest_path: String,
+    /// RFC 3339 UTC; none before the first sync.
+    pub last_sync: Option<String>,
+}
+
+/// What a workspace sync sent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncResult {
+    /// Files and links written in the guest.
+    pub written: u64,
+    /// Paths removed in the guest.
+    pub removed: u64,
+    /// Bytes of file content sent.
+    pub bytes: u64,
+    pub guest_path: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -145,6 +174,9 @@ pub struct ExecParams {
     /// `(term, cols, rows)` for a terminal session.
     #[serde(default)]
     pub tty: Option<(String, u16, u16)>,
+    /// Run without first syncing the VM's workspace.
+    #[serde(default)]
+    pub no_sync: bool,
 }
 
 /// Exec output, streamed as events (base64 payloads).

@@ -203,6 +203,13 @@ pub struct CreateArgs {
     /// qemu or firecracker.
     #[arg(long)]
     pub vmm: Option<banger_proto::domain::VmmKind>,
+    /// A host directory (your project) mirrored into the VM's work disk and
+    /// synced before every `vm exec` (see docs/workspaces.md).
+    #[arg(long, value_name = "DIR")]
+    pub workspace: Option<std::path::PathBuf>,
+    /// Where the workspace lands in the guest (default /work).
+    #[arg(long, value_name = "PATH")]
+    pub workspace_path: Option<String>,
     #[arg(long)]
     pub json: bool,
 }
@@ -277,6 +284,12 @@ pub enum VmCommand {
         #[arg(required = true, num_args = 2..)]
         paths: Vec<String>,
     },
+    /// Sync the VM's workspace now: the host's changes into the guest.
+    Sync {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// An interactive login shell in a VM.
     Ssh {
         name: String,
@@ -302,6 +315,9 @@ pub enum VmCommand {
         /// User name or uid[:gid] in the guest.
         #[arg(short = 'u', long = "user")]
         user: Option<String>,
+        /// Run without first syncing the VM's workspace.
+        #[arg(long = "no-sync")]
+        no_sync: bool,
         /// The command and its arguments, passed unchanged.
         #[arg(last = true, required = true)]
         command: Vec<String>,

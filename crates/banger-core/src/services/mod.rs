@@ -6,3 +6,4 @@ pub mod kernels;
 pub mod network;
 pub mod pull;
 pub mod vms;
+pub mod workspace;

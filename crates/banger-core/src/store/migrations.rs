@@ -59,6 +59,13 @@ const MIGRATIONS: &[&str] = &[
     // 5: a dm-snapshot VM's origin (the image rootfs its COW layers over),
     // kept as long as the VM, whatever happens to the image
     "ALTER TABLE vms ADD COLUMN origin TEXT;",
+    // 6: a VM's workspace: the host directory mirrored into the guest
+    "CREATE TABLE workspaces (
+        vm            TEXT PRIMARY KEY REFERENCES vms(name) ON DELETE CASCADE,
+        host_dir      TEXT NOT NULL,
+        guest_path    TEXT NOT NULL,
+        last_sync     TEXT
+    );",
 ];
 
 pub fn apply(conn: &mut Connection) -> anyhow::Result<()> {

@@ -4,6 +4,7 @@ mod images;
 mod kernels;
 mod migrations;
 mod vms;
+mod workspaces;
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -12,6 +13,7 @@ use rusqlite::Connection;
 
 pub use images::ImageRecord;
 pub use vms::{VmRecord, VmRuntime};
+pub use workspaces::WorkspaceRecord;
 
 /// A handle on the state database. Writes are short; one connection behind a
 /// mutex is plenty for a per-user daemon.

@@ -120,11 +120,11 @@ pub fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
         VmCommand::Ssh { name, user } => exec(
             client,
             name,
-            true,
-            false,
+            (true, false),
             None,
             Vec::new(),
             user,
+            false,
             Vec::new(),
         ),
         VmCommand::Exec {
@@ -134,8 +134,19 @@ pub fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
             workdir,
             env,
             user,
+            no_sync,
             command,
-        } => exec(client, name, tty, no_tty, workdir, env, user, command),
+        } => exec(
+            client,
+            name,
+            (tty, no_tty),
+            workdir,
+            env,
+            user,
+            no_sync,
+            command,
+        ),
+        VmCommand::Sync { name, json } => sync(client, name, json),
     }
 }
 
@@ -171,6 +182,16 @@ fn create(client: &Client, args: CreateArgs, start: bool) -> anyhow::Result<i32>
         disk_bytes,
         vmm: args.vmm,
         root_mode: args.root_mode,
+        // The daemon runs elsewhere: it gets the directory as an absolute path.
+        workspace: args
+            .workspace
+            .map(|dir| {
+                std::path::absolute(&dir)
+                    .map(|p| p.display().to_string())
+                    .map_err(|e| anyhow::anyhow!("--workspace {}: {e}", dir.display()))
+            })
+            .transpose()?,
+        workspace_path: args.workspace_path,
         start,
     };
     let result = client.call::<m::VmCreate>(params, boot_progress(&args.name));
@@ -301,15 +322,40 @@ impl Drop for RawMode {
     }
 }
 
+/// `vm sync NAME`: the host's workspace changes into the guest now.
+fn sync(client: &Client, name: String, json: bool) -> anyhow::Result<i32> {
+    match client.call::<m::VmSync>(NameParams { name: name.clone() }, |_| {}) {
+        Ok(r) if json => {
+            super::println_json(&r)?;
+            Ok(0)
+        }
+        Ok(r) if r.written == 0 && r.removed == 0 => {
+            println!("{name}:{} is up to date", r.guest_path);
+            Ok(0)
+        }
+        Ok(r) => {
+            println!(
+                "synced {} changed file(s), {} removed ({}) into {name}:{}",
+                r.written,
+                r.removed,
+                banger_proto::human_bytes(r.bytes),
+                r.guest_path
+            );
+            Ok(0)
+        }
+        Err(e) => Ok(report(e)),
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn exec(
     client: &Client,
     name: String,
-    tty: bool,
-    no_tty: bool,
+    (tty, no_tty): (bool, bool),
     workdir: Option<String>,
     env: Vec<String>,
     user: Option<String>,
+    no_sync: bool,
     command: Vec<String>,
 ) -> anyhow::Result<i32> {
     if banger_core::vm::name::validate(&name).is_err() {
@@ -343,6 +389,7 @@ fn exec(
         cwd: workdir,
         user,
         tty: tty_param,
+        no_sync,
     };
 
     // SAFETY: installing a handler that only stores to atomics.

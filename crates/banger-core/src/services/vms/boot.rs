@@ -80,6 +80,11 @@ impl VmLifecycle {
         let session = self
             .await_ready(&vm, vmm.as_ref(), ctl, pid, &events, &mut steps)
             .await?;
+        // The workspace is in place before the first command; a failure here
+        // is said, and the next exec tries again.
+        if let Err(e) = self.workspaces.sync_session(&vm, &session).await {
+            tracing::warn!(vm = %vm.name, error = %e.message, "workspace sync at start failed");
+        }
         self.sessions.keep(&vm.name, session).await;
         step(&events, "ready", 5, STEPS_START);
         steps.commit();

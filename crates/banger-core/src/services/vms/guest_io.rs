@@ -18,13 +18,16 @@ use super::sessions::AgentSessions;
 use crate::error::{OpError, OpResult};
 use crate::events::Events;
 use crate::services::images::ImageService;
+use crate::services::workspace::WorkspaceService;
 use crate::vm::agent_client::{self, Input, Output};
 use crate::vm::console;
+use banger_proto::vm::SyncResult;
 
 pub struct GuestIo {
     registry: Arc<VmRegistry>,
     sessions: Arc<AgentSessions>,
     images: Arc<ImageService>,
+    workspaces: Arc<WorkspaceService>,
 }
 
 impl GuestIo {
@@ -32,11 +35,13 @@ impl GuestIo {
         registry: Arc<VmRegistry>,
         sessions: Arc<AgentSessions>,
         images: Arc<ImageService>,
+        workspaces: Arc<WorkspaceService>,
     ) -> GuestIo {
         GuestIo {
             registry,
             sessions,
             images,
+            workspaces,
         }
     }
 
@@ -189,6 +194,18 @@ impl GuestIo {
             ));
         }
         let (vm, session) = self.sessions.running(&params.name).await?;
+        let workspace = self.workspaces.info(&vm.name);
+        if workspace.is_some() && !params.no_sync {
+            if let Some(synced) = self.workspaces.sync_session(&vm, &session).await? {
+                if let Some(line) = synced_line(&vm.name, &synced) {
+                    events.emit(&ExecEvent::Stderr(
+                        base64::engine::general_purpose::STANDARD.encode(line),
+                    ));
+                }
+            }
+        }
+        // Commands run in the workspace unless told otherwise.
+        let cwd = params.cwd.or(workspace.map(|w| w.guest_path));
         let default_user = self
             .images
             .inspect(std::slice::from_ref(&vm.image))
@@ -197,7 +214,7 @@ impl GuestIo {
         let request = ExecRequest {
             argv: params.argv,
             env: params.env,
-            cwd: params.cwd,
+            cwd,
             user: params.user.or(default_user),
             flow: Some(agent_client::FLOW_WINDOW),
         };
@@ -249,6 +266,20 @@ impl GuestIo {
             signal: status.signal,
         })
     }
+}
+
+/// The line a sync before an exec prints on stderr; none when nothing changed.
+fn synced_line(vm: &str, s: &SyncResult) -> Option<String> {
+    if s.written == 0 && s.removed == 0 {
+        return None;
+    }
+    Some(format!(
+        "synced {} changed file(s), {} removed ({}) into {vm}:{}\n",
+        s.written,
+        s.removed,
+        banger_proto::human_bytes(s.bytes),
+        s.guest_path
+    ))
 }
 
 /// Resolves when the caller hangs up; never without a caller stream.

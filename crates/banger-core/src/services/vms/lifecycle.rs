@@ -17,6 +17,7 @@ use crate::events::Events;
 use crate::ids;
 use crate::services::images::ImageService;
 use crate::services::kernels::KernelService;
+use crate::services::workspace::WorkspaceService;
 use crate::steps::{FailPoint, Steps};
 use crate::store::VmRecord;
 use crate::vm::{disk, keys, name, root_mode, sizing};
@@ -36,6 +37,7 @@ pub struct VmLifecycle {
     pub(super) images: Arc<ImageService>,
     pub(super) kernels: Arc<KernelService>,
     pub(super) runner: Arc<dyn ProcessRunner>,
+    pub(super) workspaces: Arc<WorkspaceService>,
     /// Held from choosing a new VM's address until its record is stored.
     addresses: Mutex<()>,
     fail_point: Mutex<FailPoint>,
@@ -58,6 +60,7 @@ impl VmLifecycle {
         images: Arc<ImageService>,
         kernels: Arc<KernelService>,
         runner: Arc<dyn ProcessRunner>,
+        workspaces: Arc<WorkspaceService>,
     ) -> VmLifecycle {
         VmLifecycle {
             registry,
@@ -65,6 +68,7 @@ impl VmLifecycle {
             images,
             kernels,
             runner,
+            workspaces,
             addresses: Mutex::default(),
             fail_point: Mutex::default(),
         }
@@ -177,6 +181,16 @@ impl VmLifecycle {
             None => MIN_DISK_BYTES.max(image.size_bytes),
         };
         let root_mode = self.root_mode(params.root_mode, &kernel)?;
+        let workspace = match &params.workspace {
+            Some(dir) => Some(
+                self.workspaces
+                    .check(dir, params.workspace_path.as_deref())?,
+            ),
+            None if params.workspace_path.is_some() => {
+                return Err(OpError::invalid("--workspace-path needs --workspace DIR"))
+            }
+            None => None,
+        };
         // A snapshot device is its origin's size.
         let disk_bytes = if root_mode == RootMode::DmSnapshot {
             image.size_bytes
@@ -249,6 +263,10 @@ impl VmLifecycle {
         };
         self.registry.store.insert_vm(&record)?;
         drop(addresses);
+        if let Some((host_dir, guest_path)) = workspace {
+            // Goes with the record (ON DELETE CASCADE), undone or not.
+            self.workspaces.attach(&record.name, host_dir, guest_path)?;
+        }
         let (store, undo_name) = (self.registry.store.clone(), record.name.clone());
         steps.undo("record", move || {
             let _ = store.delete_vm(&undo_name);

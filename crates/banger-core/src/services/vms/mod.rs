@@ -29,6 +29,7 @@ use crate::paths::Paths;
 use crate::services::images::ImageService;
 use crate::services::kernels::KernelService;
 use crate::services::network::NetworkService;
+use crate::services::workspace::WorkspaceService;
 use crate::store::Store;
 
 pub use guest_io::GuestIo;
@@ -56,6 +57,7 @@ pub struct Vms {
     pub lifecycle: Arc<VmLifecycle>,
     pub guest: Arc<GuestIo>,
     pub upkeep: Arc<Upkeep>,
+    pub workspaces: Arc<WorkspaceService>,
 }
 
 impl Vms {
@@ -70,6 +72,12 @@ impl Vms {
             deps.vmms,
         ));
         let sessions = Arc::new(AgentSessions::new(registry.clone()));
+        let workspaces = Arc::new(WorkspaceService::new(
+            registry.store.clone(),
+            sessions.clone(),
+            deps.runner.clone(),
+            registry.paths.state_dir.clone(),
+        ));
         Vms {
             lifecycle: Arc::new(VmLifecycle::new(
                 registry.clone(),
@@ -77,13 +85,16 @@ impl Vms {
                 deps.images.clone(),
                 deps.kernels,
                 deps.runner.clone(),
+                workspaces.clone(),
             )),
             guest: Arc::new(GuestIo::new(
                 registry.clone(),
                 sessions.clone(),
                 deps.images,
+                workspaces.clone(),
             )),
             upkeep: Arc::new(Upkeep::new(registry, sessions, deps.runner)),
+            workspaces,
         }
     }
 }

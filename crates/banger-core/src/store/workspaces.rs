@@ -1,0 +1,51 @@
+//! Each VM's workspace: the host directory, where it lands in the guest, and
+//! when it was last synced (the manifest itself is a file in the VM's
+//! directory: it can be large, and only the workspace service reads it).
+
+use rusqlite::{params, OptionalExtension};
+
+use super::Store;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkspaceRecord {
+    pub vm: String,
+    pub host_dir: String,
+    pub guest_path: String,
+    /// RFC 3339 UTC; none before the first sync.
+    pub last_sync: Option<String>,
+}
+
+impl Store {
+    pub fn put_workspace(&self, w: &WorkspaceRecord) -> rusqlite::Result<()> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO workspaces (vm, host_dir, guest_path, last_sync) VALUES (?1,?2,?3,?4)",
+            params![w.vm, w.host_dir, w.guest_path, w.last_sync],
+        )?;
+        Ok(())
+    }
+
+    pub fn get_workspace(&self, vm: &str) -> rusqlite::Result<Option<WorkspaceRecord>> {
+        self.conn()
+            .query_row(
+                "SELECT vm, host_dir, guest_path, last_sync FROM workspaces WHERE vm = ?1",
+                [vm],
+                |r| {
+                    Ok(WorkspaceRecord {
+                        vm: r.get(0)?,
+                        host_dir: r.get(1)?,
+                        guest_path: r.get(2)?,
+                        last_sync: r.get(3)?,
+                    })
+                },
+            )
+            .optional()
+    }
+
+    pub fn set_workspace_synced(&self, vm: &str, at: &str) -> rusqlite::Result<()> {
+        self.conn().execute(
+            "UPDATE workspaces SET last_sync = ?2 WHERE vm = ?1",
+            params![vm, at],
+        )?;
+        Ok(())
+    }
+}
