@@ -88,6 +88,12 @@ fn write_entry<R: Read>(
     first: &mut Option<PathBuf>,
 ) -> std::io::Result<()> {
     let path = entry.path()?.into_owned();
+    // `./` itself (what `tar -C DIR -c .` starts with): the destination is it.
+    if entry.header().entry_type() == tar::EntryType::Directory
+        && path.components().all(|c| c == Component::CurDir)
+    {
+        return Ok(());
+    }
     let (base, rel) = place(target, &path, first)?;
     let dest = base.join(&rel);
     // Checked before anything is made: no directory of the entry's path
@@ -247,6 +253,22 @@ mod tests {
 
         let missing = tmp.path().join("no/such/dir");
         assert!(unpack(&tar[..], &missing, false).is_err());
+
+        // An archive of `.` (tar -C DIR -c .) lands inside the destination.
+        let dot = std::process::Command::new("tar")
+            .arg("-C")
+            .arg(tmp.path().join("src"))
+            .args(["-cf", "-", "."])
+            .output()
+            .unwrap()
+            .stdout;
+        let from_dot = tmp.path().join("from-dot");
+        std::fs::create_dir(&from_dot).unwrap();
+        unpack(&dot[..], &from_dot, false).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(from_dot.join("sub/b")).unwrap(),
+            "b"
+        );
 
         // One file, copied as a new name (docker cp semantics).
         let mut one = Vec::new();
