@@ -131,8 +131,15 @@ fn write_entry<R: Read>(
 /// Makes the directories above `rel` under `base`, one at a time, refusing
 /// any that exists as something other than a real directory.
 fn make_parents(base: &Path, rel: &Path, shown: &Path) -> std::io::Result<()> {
+    walk_parents(base, rel, shown, true).map(|_| ())
+}
+
+/// Goes through the directories above `rel` under `base`, refusing any that
+/// is not a real directory (a symlink would lead out). A missing one is
+/// made when `make`, else the walk stops there: false.
+fn walk_parents(base: &Path, rel: &Path, shown: &Path, make: bool) -> std::io::Result<bool> {
     let Some(parents) = rel.parent() else {
-        return Ok(());
+        return Ok(true);
     };
     let mut at = base.to_path_buf();
     for part in parents.components() {
@@ -146,11 +153,12 @@ fn make_parents(base: &Path, rel: &Path, shown: &Path) -> std::io::Result<()> {
                     at.display()
                 )))
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir(&at)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && make => std::fs::create_dir(&at)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(e),
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Where an archive path lands: (base directory, path under it).

@@ -6,7 +6,7 @@
 use std::io::{Read, Write};
 use std::path::Path;
 
-use super::{refuse, relative, write_entry, Target};
+use super::{relative, walk_parents, write_entry, Target};
 
 /// The PAX record marking an entry whose path is to be removed.
 pub const REMOVE_KEY: &str = "BANGER.remove";
@@ -85,23 +85,8 @@ fn marked_removed<R: Read>(entry: &mut tar::Entry<'_, R>) -> std::io::Result<boo
 /// directory of the path may be a symlink.
 fn remove(dst: &Path, path: &Path) -> std::io::Result<()> {
     let rel = relative(path)?;
-    if let Some(parents) = rel.parent() {
-        let mut at = dst.to_path_buf();
-        for part in parents.components() {
-            at.push(part);
-            match std::fs::symlink_metadata(&at) {
-                Ok(m) if m.is_dir() => {}
-                Ok(_) => {
-                    return Err(refuse(format!(
-                        "{} leaves the destination (through {}, which is not a directory)",
-                        path.display(),
-                        at.display()
-                    )))
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-                Err(e) => return Err(e),
-            }
-        }
+    if !walk_parents(dst, &rel, path, false)? {
+        return Ok(()); // A directory on the way is missing: so is the file.
     }
     let dest = dst.join(&rel);
     match std::fs::symlink_metadata(&dest) {

@@ -196,7 +196,13 @@ impl GuestIo {
         let (vm, session) = self.sessions.running(&params.name).await?;
         let workspace = self.workspaces.info(&vm.name);
         if workspace.is_some() && !params.no_sync {
-            if let Some(synced) = self.workspaces.sync_session(&vm, &session).await? {
+            let syncing = self.workspaces.sync_session(&vm, &session).await;
+            let synced = syncing.map_err(|mut e| {
+                e.message
+                    .push_str("; `vm exec --no-sync` runs the command without syncing");
+                e
+            })?;
+            if let Some(synced) = synced {
                 if let Some(line) = synced_line(&vm.name, &synced) {
                     events.emit(&ExecEvent::Stderr(
                         base64::engine::general_purpose::STANDARD.encode(line),
