@@ -9,21 +9,6 @@ use banger_testkit::images::push_busybox;
 use banger_testkit::registry::Registry;
 use common::Banger;
 
-fn git(dir: &Path, args: &[&str]) {
-    let out = std::process::Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(["-c", "user.email=t@example.invalid", "-c", "user.name=t"])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn write(dir: &Path, rel: &str, data: &[u8]) {
     let path = dir.join(rel);
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -33,7 +18,7 @@ fn write(dir: &Path, rel: &str, data: &[u8]) {
 /// A repository: ignored files, symlinks in and out, an executable, a 10 MB
 /// file and 5,000 small ones.
 fn project(dir: &Path) -> Vec<String> {
-    git(dir, &["init", "-q"]);
+    banger_testkit::git(dir, &["init", "-q"]);
     write(dir, ".gitignore", b"*.o\ntarget/\n");
     write(dir, "build.sh", b"#!/bin/sh\necho built\n");
     common::must(&format!("chmod 755 {}", dir.join("build.sh").display()));
@@ -49,19 +34,14 @@ fn project(dir: &Path) -> Vec<String> {
     write(dir, "target/debug/app", b"ignored");
     std::os::unix::fs::symlink("build.sh", dir.join("run")).unwrap();
     std::os::unix::fs::symlink("/etc/passwd", dir.join("outside")).unwrap();
-    git(dir, &["add", "."]);
-    git(dir, &["commit", "-qm", "start"]);
+    banger_testkit::git(dir, &["add", "."]);
+    banger_testkit::git(dir, &["commit", "-qm", "start"]);
     write(dir, "notes.md", b"untracked, not ignored\n");
-    let out = std::process::Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(["ls-files", "--cached", "--others", "--exclude-standard"])
-        .output()
-        .unwrap();
-    let mut listed: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| format!("/work/{l}"))
-        .collect();
+    let listed = banger_testkit::git(
+        dir,
+        &["ls-files", "--cached", "--others", "--exclude-standard"],
+    );
+    let mut listed: Vec<String> = listed.lines().map(|l| format!("/work/{l}")).collect();
     listed.sort();
     listed
 }

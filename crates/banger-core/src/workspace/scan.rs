@@ -244,20 +244,7 @@ mod tests {
     fn a_git_repository_gives_what_git_lists() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
-        let git = |args: &[&str]| {
-            let out = std::process::Command::new("git")
-                .arg("-C")
-                .arg(dir)
-                .args(["-c", "user.email=t@example.invalid", "-c", "user.name=t"])
-                .args(args)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
+        let git = |args: &[&str]| banger_testkit::git(dir, args);
         git(&["init", "-q"]);
         write(dir, ".gitignore", "*.o\nbuild/\n");
         write(dir, "tracked.c", "int x;");
