@@ -90,6 +90,22 @@ pub struct SyncResult {
     pub guest_path: String,
 }
 
+impl SyncResult {
+    /// What the sync sent into `vm`, as one line; none when nothing changed.
+    pub fn summary(&self, vm: &str) -> Option<String> {
+        if self.written == 0 && self.removed == 0 {
+            return None;
+        }
+        Some(format!(
+            "synced {} changed file(s), {} removed ({}) into {vm}:{}",
+            self.written,
+            self.removed,
+            crate::human_bytes(self.bytes),
+            self.guest_path
+        ))
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct NameParams {
     pub name: String,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use banger_host::ProcessRunner;
 use banger_proto::agent::{ExecRequest, TAR_TOOL};
-use banger_proto::vm::{SyncResult, WorkspaceInfo};
+use banger_proto::vm::SyncResult;
 
 use crate::error::{OpError, OpResult};
 use crate::locks::KeyedLocks;
@@ -67,34 +67,29 @@ impl WorkspaceService {
         })?)
     }
 
-    pub fn info(&self, vm: &str) -> Option<WorkspaceInfo> {
-        let w = self.store.get_workspace(vm).ok()??;
-        Some(WorkspaceInfo {
-            host_dir: w.host_dir,
-            guest_path: w.guest_path,
-            last_sync: w.last_sync,
-        })
+    /// The VM's workspace, if it has one.
+    pub fn record(&self, vm: &str) -> OpResult<Option<WorkspaceRecord>> {
+        Ok(self.store.get_workspace(vm)?)
     }
 
     /// `vm sync NAME`: the host's changes into the running VM now.
     pub async fn sync(&self, name: &str) -> OpResult<SyncResult> {
         let (vm, session) = self.sessions.running(name).await?;
-        self.sync_session(&vm, &session).await?.ok_or_else(|| {
+        let ws = self.record(name)?.ok_or_else(|| {
             OpError::invalid(format!(
                 "VM `{name}` has no workspace; create it with `--workspace DIR`"
             ))
-        })
+        })?;
+        self.sync_with(&vm, &ws, &session).await
     }
 
-    /// Syncs `vm`'s workspace over `session`; `None` when it has none.
-    pub async fn sync_session(
+    /// Syncs `vm`'s workspace `ws` over `session`.
+    pub async fn sync_with(
         &self,
         vm: &VmRecord,
+        ws: &WorkspaceRecord,
         session: &AgentSession,
-    ) -> OpResult<Option<SyncResult>> {
-        let Some(ws) = self.store.get_workspace(&vm.name)? else {
-            return Ok(None);
-        };
+    ) -> OpResult<SyncResult> {
         let _one_at_a_time = self.syncing.lock(&vm.name).await;
         let started = std::time::Instant::now();
         let manifest_path = Path::new(&vm.dir).join(MANIFEST_FILE);
@@ -133,7 +128,7 @@ impl WorkspaceService {
             guest_path: ws.guest_path.clone(),
         };
         if !delta.is_empty() {
-            let (written, removed) = send(session, &ws, delta).await.map_err(|why| {
+            let (written, removed) = send(session, ws, delta).await.map_err(|why| {
                 OpError::internal(format!(
                     "syncing the workspace into {}:{}: {why}",
                     vm.name, ws.guest_path
@@ -168,7 +163,7 @@ impl WorkspaceService {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "workspace synced"
         );
-        Ok(Some(result))
+        Ok(result)
     }
 }
 

@@ -15,6 +15,16 @@ pub struct WorkspaceRecord {
     pub last_sync: Option<String>,
 }
 
+impl From<WorkspaceRecord> for banger_proto::vm::WorkspaceInfo {
+    fn from(w: WorkspaceRecord) -> Self {
+        banger_proto::vm::WorkspaceInfo {
+            host_dir: w.host_dir,
+            guest_path: w.guest_path,
+            last_sync: w.last_sync,
+        }
+    }
+}
+
 impl Store {
     pub fn put_workspace(&self, w: &WorkspaceRecord) -> rusqlite::Result<()> {
         self.conn().execute(

@@ -17,6 +17,34 @@ pub struct Support {
     pub reflink: bool,
 }
 
+impl Support {
+    /// What this host and `kernel` (none yet: taken to have overlayfs) can
+    /// do, as far as choosing `asked` (or the default) goes. The reflink
+    /// probe writes files in `dir`: it runs only when its answer can matter.
+    pub fn probe(
+        asked: Option<RootMode>,
+        kernel: Option<&KernelInfo>,
+        blockdevs: &dyn banger_host::BlockDevices,
+        dir: &Path,
+    ) -> std::io::Result<Support> {
+        let overlay = kernel.is_none_or(kernel_has_overlay);
+        let snapshot = blockdevs.snapshot_supported();
+        let reflink = match asked {
+            Some(RootMode::Reflink) => true,
+            Some(_) => false,
+            None => !overlay && !snapshot,
+        } && {
+            std::fs::create_dir_all(dir)?;
+            crate::vm::disk::reflink_supported(dir)
+        };
+        Ok(Support {
+            overlay,
+            snapshot,
+            reflink,
+        })
+    }
+}
+
 /// A mode asked for that this host or kernel cannot give.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]

@@ -410,7 +410,6 @@ fn root_mode(paths: &Paths) -> Check {
     use banger_core::vm::root_mode::{self, Support};
     use banger_proto::domain::RootMode;
     let dir = &paths.state_dir;
-    let _ = std::fs::create_dir_all(dir);
     let dm = banger_host::RealBlockDevices {
         runner: std::sync::Arc::new(banger_host::RealRunner),
     };
@@ -422,12 +421,10 @@ fn root_mode(paths: &Paths) -> Check {
             let default = kernels.iter().position(|k| k.default).unwrap_or(0);
             kernels.into_iter().nth(default)
         });
-    let support = Support {
-        overlay: kernel.as_ref().is_none_or(root_mode::kernel_has_overlay),
-        snapshot: banger_host::BlockDevices::snapshot_supported(&dm),
-        reflink: banger_core::vm::disk::reflink_supported(dir),
-    };
-    let mode = root_mode::choose(None, support).unwrap_or(RootMode::Copy);
+    let mode = Support::probe(None, kernel.as_ref(), &dm, dir)
+        .ok()
+        .and_then(|support| root_mode::choose(None, support).ok())
+        .unwrap_or(RootMode::Copy);
     let how = match mode {
         RootMode::Overlay => "the image shared read-only under each VM's own layer",
         RootMode::DmSnapshot => "device-mapper snapshots of the image",

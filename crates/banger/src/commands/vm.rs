@@ -329,18 +329,11 @@ fn sync(client: &Client, name: String, json: bool) -> anyhow::Result<i32> {
             super::println_json(&r)?;
             Ok(0)
         }
-        Ok(r) if r.written == 0 && r.removed == 0 => {
-            println!("{name}:{} is up to date", r.guest_path);
-            Ok(0)
-        }
         Ok(r) => {
-            println!(
-                "synced {} changed file(s), {} removed ({}) into {name}:{}",
-                r.written,
-                r.removed,
-                banger_proto::human_bytes(r.bytes),
-                r.guest_path
-            );
+            match r.summary(&name) {
+                Some(line) => println!("{line}"),
+                None => println!("{name}:{} is up to date", r.guest_path),
+            }
             Ok(0)
         }
         Err(e) => Ok(report(e)),

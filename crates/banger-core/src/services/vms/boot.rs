@@ -82,8 +82,10 @@ impl VmLifecycle {
             .await?;
         // The workspace is in place before the first command; a failure here
         // is said, and the next exec tries again.
-        if let Err(e) = self.workspaces.sync_session(&vm, &session).await {
-            tracing::warn!(vm = %vm.name, error = %e.message, "workspace sync at start failed");
+        if let Some(ws) = self.workspaces.record(&vm.name)? {
+            if let Err(e) = self.workspaces.sync_with(&vm, &ws, &session).await {
+                tracing::warn!(vm = %vm.name, error = %e.message, "workspace sync at start failed");
+            }
         }
         self.sessions.keep(&vm.name, session).await;
         step(&events, "ready", 5, STEPS_START);

@@ -21,7 +21,6 @@ use crate::services::images::ImageService;
 use crate::services::workspace::WorkspaceService;
 use crate::vm::agent_client::{self, Input, Output};
 use crate::vm::console;
-use banger_proto::vm::SyncResult;
 
 pub struct GuestIo {
     registry: Arc<VmRegistry>,
@@ -194,20 +193,21 @@ impl GuestIo {
             ));
         }
         let (vm, session) = self.sessions.running(&params.name).await?;
-        let workspace = self.workspaces.info(&vm.name);
-        if workspace.is_some() && !params.no_sync {
-            let syncing = self.workspaces.sync_session(&vm, &session).await;
-            let synced = syncing.map_err(|mut e| {
-                e.message
-                    .push_str("; `vm exec --no-sync` runs the command without syncing");
-                e
-            })?;
-            if let Some(synced) = synced {
-                if let Some(line) = synced_line(&vm.name, &synced) {
-                    events.emit(&ExecEvent::Stderr(
-                        base64::engine::general_purpose::STANDARD.encode(line),
-                    ));
-                }
+        let workspace = self.workspaces.record(&vm.name)?;
+        if let Some(ws) = workspace.as_ref().filter(|_| !params.no_sync) {
+            let synced = self
+                .workspaces
+                .sync_with(&vm, ws, &session)
+                .await
+                .map_err(|mut e| {
+                    e.message
+                        .push_str("; `vm exec --no-sync` runs the command without syncing");
+                    e
+                })?;
+            if let Some(line) = synced.summary(&vm.name) {
+                events.emit(&ExecEvent::Stderr(
+                    base64::engine::general_purpose::STANDARD.encode(format!("{line}\n")),
+                ));
             }
         }
         // Commands run in the workspace unless told otherwise.
@@ -272,20 +272,6 @@ impl GuestIo {
             signal: status.signal,
         })
     }
-}
-
-/// The line a sync before an exec prints on stderr; none when nothing changed.
-fn synced_line(vm: &str, s: &SyncResult) -> Option<String> {
-    if s.written == 0 && s.removed == 0 {
-        return None;
-    }
-    Some(format!(
-        "synced {} changed file(s), {} removed ({}) into {vm}:{}\n",
-        s.written,
-        s.removed,
-        banger_proto::human_bytes(s.bytes),
-        s.guest_path
-    ))
 }
 
 /// Resolves when the caller hangs up; never without a caller stream.

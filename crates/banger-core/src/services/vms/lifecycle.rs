@@ -283,23 +283,12 @@ impl VmLifecycle {
 
     /// The mode asked for if this host and kernel can give it, else their best.
     fn root_mode(&self, asked: Option<RootMode>, kernel: &KernelInfo) -> OpResult<RootMode> {
-        let overlay = root_mode::kernel_has_overlay(kernel);
-        let snapshot = self.registry.blockdevs.snapshot_supported();
-        // A probe writes files: only when its answer can matter.
-        let reflink = match asked {
-            Some(RootMode::Reflink) => true,
-            Some(_) => false,
-            None => !overlay && !snapshot,
-        } && {
-            let dir = self.registry.vms_dir();
-            std::fs::create_dir_all(&dir)?;
-            disk::reflink_supported(&dir)
-        };
-        let support = root_mode::Support {
-            overlay,
-            snapshot,
-            reflink,
-        };
+        let support = root_mode::Support::probe(
+            asked,
+            Some(kernel),
+            self.registry.blockdevs.as_ref(),
+            &self.registry.vms_dir(),
+        )?;
         Ok(root_mode::choose(asked, support)?)
     }
 
@@ -417,13 +406,13 @@ fn make_root(
         RootMode::Overlay => {
             disk::create_empty(runner, &dir.join(disk::UPPER_FILE), disk_bytes, "upper")
         }
+        // `disk_bytes` is the image's size here: a snapshot device is its origin's.
         RootMode::DmSnapshot => {
-            let image_bytes = std::fs::metadata(image_file)?.len();
             let cow = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .open(dir.join("cow.img"))?;
-            cow.set_len(image_bytes)?;
+            cow.set_len(disk_bytes)?;
             Ok(())
         }
         RootMode::Reflink | RootMode::Copy => {

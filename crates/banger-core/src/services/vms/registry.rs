@@ -197,13 +197,7 @@ impl VmRegistry {
             started_at: rt.as_ref().map(|r| r.started_at.clone()),
             ip: vm.ip.clone(),
             tap: rt.and_then(|r| r.tap),
-            workspace: self.store.get_workspace(&vm.name)?.map(|w| {
-                banger_proto::vm::WorkspaceInfo {
-                    host_dir: w.host_dir,
-                    guest_path: w.guest_path,
-                    last_sync: w.last_sync,
-                }
-            }),
+            workspace: self.store.get_workspace(&vm.name)?.map(Into::into),
         })
     }
 
