@@ -29,7 +29,8 @@ pub enum Io {
 }
 
 pub struct Started {
-    pub pid: i32,
+    /// None for a command the agent runs itself.
+    pub pid: Option<i32>,
     pub io: Io,
     pub exit: tokio::sync::oneshot::Receiver<Exit>,
 }
@@ -108,6 +109,14 @@ pub fn spawn(spec: Spec) -> Result<Started, SpawnError> {
     };
     let acct = account(spec.user.as_deref())
         .map_err(|m| fail(banger_proto::agent::exit::BANGER_FAILED, m))?;
+    let tool_args = &spec.argv[1..];
+    if program == banger_proto::agent::TAR_TOOL
+        && spec.pty.is_none()
+        && acct.uid == 0
+        && crate::tar_tool::builtin(tool_args)
+    {
+        return in_process(tool_args.to_vec()).map_err(|e| fail(125, format!("{program}: {e}")));
+    }
     let mut cmd = if crate::OWN_TOOLS.contains(&program.as_str()) {
         let mut c = Command::new("/proc/self/exe");
         c.arg0(&program);
@@ -227,7 +236,41 @@ pub fn spawn(spec: Spec) -> Result<Started, SpawnError> {
             stderr: child.stderr.take().expect("piped").into(),
         },
     };
-    Ok(Started { pid, io, exit })
+    Ok(Started {
+        pid: Some(pid),
+        io,
+        exit,
+    })
+}
+
+/// Runs one of the agent's own workspace commands on a thread, with pipes
+/// as its standard streams: the same to the session as a process.
+fn in_process(args: Vec<String>) -> std::io::Result<Started> {
+    let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from);
+    let (stdin_r, stdin_w) = pipe()?;
+    let (stdout_r, stdout_w) = pipe()?;
+    let (stderr_r, stderr_w) = pipe()?;
+    let (tx, exit) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("banger-tar".into())
+        .spawn(move || {
+            let code = crate::tar_tool::run(
+                &args,
+                std::io::BufReader::new(std::fs::File::from(stdin_r)),
+                std::fs::File::from(stdout_w),
+                std::fs::File::from(stderr_w),
+            );
+            let _ = tx.send(Exit::Code(code));
+        })?;
+    Ok(Started {
+        pid: None,
+        io: Io::Pipes {
+            stdin: stdin_w,
+            stdout: stdout_r,
+            stderr: stderr_r,
+        },
+        exit,
+    })
 }
 
 pub fn resize(master: &OwnedFd, cols: u16, rows: u16) {

@@ -102,7 +102,7 @@ impl Handler {
                 tokio::spawn(answer(handle, channel, Some(1), message, e.code));
             }
             Ok(started) => {
-                state.pid = Some(started.pid);
+                state.pid = started.pid;
                 let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
                 state.stdin = Some(tx);
                 match started.io {

@@ -1,35 +1,102 @@
 //! `banger-tar`: the guest end of `banger vm cp` and of workspace syncs, run
-//! from the agent's own binary so it works in images without tar.
+//! from the agent's own binary so it works in images without tar. The
+//! workspace commands (`sync`, `list`, `send`) also run inside the agent
+//! itself, sparing a process start on every sync (see `builtin`).
 
+use std::io::{Read, Write};
 use std::path::PathBuf;
 
+use banger_treecopy::sync::{self, ApplyOptions, Item};
+
+const USAGE: &str = "usage: banger-tar create PATH… | extract DST | sync DST [--owner USER] | list DIR | send DIR (paths on stdin, NUL-separated)";
+
 pub fn main(args: Vec<String>) -> i32 {
+    run(
+        &args,
+        std::io::stdin().lock(),
+        std::io::stdout().lock(),
+        std::io::stderr().lock(),
+    )
+}
+
+/// Whether `args` is a workspace command, which the agent may run in-process.
+pub fn builtin(args: &[String]) -> bool {
+    matches!(
+        args.first().map(String::as_str),
+        Some("sync" | "list" | "send")
+    )
+}
+
+pub fn run(args: &[String], input: impl Read, mut out: impl Write, mut err: impl Write) -> i32 {
     let result = match args.split_first() {
         Some((cmd, paths)) if cmd == "create" && !paths.is_empty() => {
             let paths: Vec<PathBuf> = paths.iter().map(PathBuf::from).collect();
-            banger_treecopy::pack(&paths, std::io::stdout().lock())
+            banger_treecopy::pack(&paths, &mut out)
         }
         Some((cmd, [dst])) if cmd == "extract" => {
-            banger_treecopy::unpack(std::io::stdin().lock(), &PathBuf::from(dst), true).map(|_| ())
+            banger_treecopy::unpack(input, &PathBuf::from(dst), true).map(|_| ())
         }
-        // A workspace sync: files to write and paths to remove, in one stream.
-        Some((cmd, [dst])) if cmd == "sync" => {
-            banger_treecopy::sync::apply(std::io::stdin().lock(), &PathBuf::from(dst)).map(|a| {
-                println!("{} {}", a.written, a.removed);
+        // Files to write and paths to remove, in one stream; one line of
+        // JSON per entry says what became of it.
+        Some((cmd, rest)) if cmd == "sync" => match sync_args(rest) {
+            Ok((dst, options)) => sync::apply(input, &dst, &options).and_then(|outcomes| {
+                for outcome in outcomes {
+                    serde_json::to_writer(&mut out, &outcome)?;
+                    out.write_all(b"\n")?;
+                }
+                out.flush()
+            }),
+            Err(e) => Err(std::io::Error::other(e)),
+        },
+        // The tree under DIR, one JSON line per file or link.
+        Some((cmd, [dir])) if cmd == "list" => banger_treecopy::stat::list(&PathBuf::from(dir))
+            .and_then(|stats| {
+                let mut out = std::io::BufWriter::new(&mut out);
+                for stat in stats {
+                    serde_json::to_writer(&mut out, &stat)?;
+                    out.write_all(b"\n")?;
+                }
+                out.flush()
+            }),
+        // The named paths under DIR as a sync stream (guest to host).
+        Some((cmd, [dir])) if cmd == "send" => {
+            let mut names = Vec::new();
+            let mut input = input;
+            input.read_to_end(&mut names).and_then(|_| {
+                let items: Vec<Item> = names
+                    .split(|b| *b == 0)
+                    .filter(|p| !p.is_empty())
+                    .map(|p| Item::write(String::from_utf8_lossy(p), None))
+                    .collect();
+                sync::pack(
+                    &PathBuf::from(dir),
+                    &items,
+                    std::io::BufWriter::new(&mut out),
+                )
             })
         }
         _ => {
-            eprintln!(
-                "usage: banger-tar create PATH… | banger-tar extract DST | banger-tar sync DST"
-            );
+            let _ = writeln!(err, "{USAGE}");
             return 2;
         }
     };
     match result {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("banger-tar: {e}");
+            let _ = writeln!(err, "banger-tar: {e}");
             1
         }
+    }
+}
+
+fn sync_args(rest: &[String]) -> Result<(PathBuf, ApplyOptions), String> {
+    match rest {
+        [dst] => Ok((dst.into(), ApplyOptions::default())),
+        [dst, flag, user] if flag == "--owner" => {
+            let acct = crate::exec::account(Some(user))?;
+            let owner = (acct.uid != 0 || acct.gid != 0).then_some((acct.uid, acct.gid));
+            Ok((dst.into(), ApplyOptions { owner, only: None }))
+        }
+        _ => Err(USAGE.into()),
     }
 }

@@ -258,13 +258,13 @@ impl Core {
                     .map(|removed| RemoveResult { removed }),
             ),
             Request::VmList(_) => answer::<m::VmList>(self.vms.list()),
-            Request::VmInspect(p) => answer::<m::VmInspect>(self.vms.inspect(&p.names)),
+            Request::VmInspect(p) => answer::<m::VmInspect>(self.vms.inspect(&p.names).await),
             Request::VmLogs(p) => answer::<m::VmLogs>(
                 self.guest
                     .logs(&p.name, p.tail, p.follow, typed::<m::VmLogs>(ev), input)
                     .await,
             ),
-            Request::VmSync(p) => answer::<m::VmSync>(self.workspaces.sync(&p.name).await),
+            Request::VmSync(p) => answer::<m::VmSync>(self.workspaces.sync(p).await),
             Request::VmExec(p) => {
                 answer::<m::VmExec>(self.guest.exec(p, typed::<m::VmExec>(ev), input).await)
             }

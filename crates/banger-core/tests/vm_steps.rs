@@ -162,7 +162,7 @@ async fn a_failure_at_any_start_step_leaves_no_process_socket_or_file() {
         .collect();
     // The last case has no fail point: the fake VMM never reports ready, so
     // the boot times out, which must be undone the same way.
-    let info = &core.vms.inspect(&["web".into()]).unwrap()[0];
+    let info = &core.vms.inspect(&["web".into()]).await.unwrap()[0];
     assert_eq!(info.ip.as_deref(), Some("10.254.213.2"));
     for step in [
         Some("initramfs"),
@@ -205,7 +205,7 @@ async fn a_failure_at_any_start_step_leaves_no_process_socket_or_file() {
         assert_eq!(now, want, "{label}: files left behind");
         assert!(net().routes().is_empty(), "{label}: route left");
         assert_eq!(
-            core.vms.inspect(&["web".into()]).unwrap()[0].state,
+            core.vms.inspect(&["web".into()]).await.unwrap()[0].state,
             "stopped"
         );
     }
@@ -318,7 +318,7 @@ async fn a_vmm_the_daemon_never_recorded_is_stopped_at_recovery() {
     assert!(!launcher.alive(orphan), "the orphan was stopped");
     assert!(launcher.alive(bystander));
     assert_eq!(
-        core.vms.inspect(&["web".into()]).unwrap()[0].state,
+        core.vms.inspect(&["web".into()]).await.unwrap()[0].state,
         "stopped"
     );
 }
@@ -456,7 +456,10 @@ async fn an_overlay_vm_shares_its_image_read_only_and_copies_nothing() {
         "{}",
         err.message
     );
-    assert!(core.vms.inspect(&["db".into()]).is_err(), "nothing made");
+    assert!(
+        core.vms.inspect(&["db".into()]).await.is_err(),
+        "nothing made"
+    );
 }
 
 /// The arguments of the last VMM launched.

@@ -17,6 +17,10 @@ pub struct CreateParams {
     /// Root disk size in bytes (at least the image's).
     #[serde(default)]
     pub disk_bytes: Option<u64>,
+    /// Work disk size in bytes (the disk at `/work`, where a workspace
+    /// lands); 8 GiB when absent.
+    #[serde(default)]
+    pub work_disk_bytes: Option<u64>,
     /// The configured default when absent.
     #[serde(default)]
     pub vmm: Option<VmmKind>,
@@ -76,9 +80,42 @@ pub struct WorkspaceInfo {
     pub guest_path: String,
     /// RFC 3339 UTC; none before the first sync.
     pub last_sync: Option<String>,
+    /// Host changes not yet in the guest (counted by `vm inspect`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_changes: Option<u64>,
+    /// Guest changes not yet pulled to the host: counted live while the VM
+    /// runs, else as its last stop left them; none when not known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_changes: Option<u64>,
 }
 
-/// What a workspace sync sent.
+/// Which side wins a conflict (a path changed on both since the last sync).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncSide {
+    Host,
+    Guest,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SyncParams {
+    pub name: String,
+    /// Guest to host: bring back what the guest changed.
+    #[serde(default)]
+    pub pull: bool,
+    /// Settle conflicts for this side instead of leaving them alone.
+    #[serde(default)]
+    pub force: Option<SyncSide>,
+}
+
+/// A guest path a pull would not take, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refused {
+    pub path: String,
+    pub why: String,
+}
+
+/// What a workspace sync did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyncResult {
     /// Files and links written in the guest.
@@ -88,22 +125,62 @@ pub struct SyncResult {
     /// Bytes of file content sent.
     pub bytes: u64,
     pub guest_path: String,
+    #[serde(default)]
+    pub host_dir: String,
+    /// Files and links the host took from the guest.
+    #[serde(default)]
+    pub pulled: u64,
+    /// Paths removed on the host because the guest removed them.
+    #[serde(default)]
+    pub pulled_removed: u64,
+    /// Paths changed on both sides, left alone on both.
+    #[serde(default)]
+    pub conflicts: Vec<String>,
+    #[serde(default)]
+    pub refused: Vec<Refused>,
 }
 
 impl SyncResult {
-    /// What the sync sent into `vm`, as one line; none when nothing changed.
-    pub fn summary(&self, vm: &str) -> Option<String> {
-        if self.written == 0 && self.removed == 0 {
-            return None;
+    /// What the sync did to `vm`, a line per kind of thing; none when
+    /// nothing changed.
+    pub fn summary(&self, vm: &str) -> Vec<String> {
+        let mut lines = Vec::new();
+        if self.written + self.removed > 0 {
+            lines.push(format!(
+                "synced {} changed file(s), {} removed ({}) into {vm}:{}",
+                self.written,
+                self.removed,
+                crate::human_bytes(self.bytes),
+                self.guest_path
+            ));
         }
-        Some(format!(
-            "synced {} changed file(s), {} removed ({}) into {vm}:{}",
-            self.written,
-            self.removed,
-            crate::human_bytes(self.bytes),
-            self.guest_path
-        ))
+        if self.pulled + self.pulled_removed > 0 {
+            lines.push(format!(
+                "pulled {} changed file(s), {} removed from {vm}:{} into {}",
+                self.pulled, self.pulled_removed, self.guest_path, self.host_dir
+            ));
+        }
+        if !self.conflicts.is_empty() {
+            lines.push(format!(
+                "{} conflict(s) left alone, changed on both sides: {} (`banger vm sync {vm} --force host|guest` picks a side)",
+                self.conflicts.len(),
+                shorten(&self.conflicts)
+            ));
+        }
+        for r in &self.refused {
+            lines.push(format!("not pulled: {} ({})", r.path, r.why));
+        }
+        lines
     }
+}
+
+/// Up to five paths, then how many more.
+fn shorten(paths: &[String]) -> String {
+    let mut shown = paths.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+    if paths.len() > 5 {
+        shown.push_str(&format!(" and {} more", paths.len() - 5));
+    }
+    shown
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

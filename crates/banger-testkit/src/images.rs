@@ -50,10 +50,21 @@ pub fn push_busybox(
     dir: &std::path::Path,
     repo_tag: &str,
 ) -> crate::layout::Desc {
+    push_busybox_as(registry, dir, repo_tag, "0:0")
+}
+
+/// [`push_busybox`] with `user` as the image's default user.
+pub fn push_busybox_as(
+    registry: &crate::registry::Registry,
+    dir: &std::path::Path,
+    repo_tag: &str,
+    user: &str,
+) -> crate::layout::Desc {
     let mut layout = crate::layout::Layout::new(dir);
-    let image = layout.image(
+    let image = layout.image_as(
         &[(crate::layer::Compression::Gzip, busybox_layer())],
         "amd64",
+        user,
     );
     layout.tag("t", &image);
     registry.push(&layout.dir, "t", repo_tag, &[]);

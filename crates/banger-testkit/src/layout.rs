@@ -57,6 +57,11 @@ impl Layout {
 
     /// An image manifest over `layers` (uncompressed tars, compressed here).
     pub fn image(&self, layers: &[(Compression, Vec<u8>)], arch: &str) -> Desc {
+        self.image_as(layers, arch, "0:0")
+    }
+
+    /// [`image`](Self::image) whose default user is `user`.
+    pub fn image_as(&self, layers: &[(Compression, Vec<u8>)], arch: &str, user: &str) -> Desc {
         let mut layer_descs = Vec::new();
         let mut diff_ids = Vec::new();
         let mut layer_digests = Vec::new();
@@ -70,7 +75,7 @@ impl Layout {
         let config = json!({
             "architecture": arch,
             "os": "linux",
-            "config": { "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/", "User": "0:0" },
+            "config": { "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/", "User": user },
             "rootfs": { "type": "layers", "diff_ids": diff_ids },
         });
         let mut config_desc = self.blob(&serde_json::to_vec(&config).unwrap());

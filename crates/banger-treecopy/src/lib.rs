@@ -6,6 +6,7 @@
 use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
 
+pub mod stat;
 pub mod sync;
 
 /// Writes a tar of `paths`, each under its final component; directories

@@ -1,94 +1,292 @@
 //! The stream of a workspace sync: one tar carrying the files and links to
 //! write and, as empty entries marked with a PAX record, the paths to
-//! remove. Applied into a directory with the same refusals as `unpack`:
-//! nothing is written or removed outside it.
+//! remove. An entry may say what its destination is expected to be (absent,
+//! or the change time it had at the last sync): if the destination changed
+//! since, the entry is a conflict and is left alone. Applied into a
+//! directory with the same refusals as `unpack`: nothing is written or
+//! removed outside it.
 
+use std::collections::HashSet;
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use super::{relative, walk_parents, write_entry, Target};
+use serde::{Deserialize, Serialize};
+
+use super::stat::ctime_ns;
+use super::{refuse, relative, walk_parents, write_entry, Target};
 
 /// The PAX record marking an entry whose path is to be removed.
 pub const REMOVE_KEY: &str = "BANGER.remove";
+/// The PAX record carrying an entry's expected destination.
+pub const EXPECT_KEY: &str = "BANGER.expect";
 
-/// What applying a sync stream did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Applied {
-    pub written: u64,
-    pub removed: u64,
+/// What the destination of an entry should be for the entry to apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    Absent,
+    /// A file or link with this change time (ns).
+    Ctime(i64),
 }
 
-/// Writes the sync stream for `changed` (files and symlinks under `dir`, by
-/// relative path) and `removed` (relative paths).
-pub fn pack(
-    dir: &Path,
-    changed: &[String],
-    removed: &[String],
-    out: impl Write,
-) -> std::io::Result<()> {
+impl Expect {
+    fn encode(self) -> String {
+        match self {
+            Expect::Absent => "absent".into(),
+            Expect::Ctime(n) => format!("ctime:{n}"),
+        }
+    }
+
+    fn decode(text: &str) -> Option<Expect> {
+        match text.split_once(':') {
+            None if text == "absent" => Some(Expect::Absent),
+            Some(("ctime", n)) => n.parse().ok().map(Expect::Ctime),
+            _ => None,
+        }
+    }
+}
+
+/// One path of a sync.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    pub path: String,
+    pub remove: bool,
+    /// None: applies whatever the destination holds.
+    pub expect: Option<Expect>,
+}
+
+impl Item {
+    pub fn write(path: impl Into<String>, expect: Option<Expect>) -> Item {
+        Item {
+            path: path.into(),
+            remove: false,
+            expect,
+        }
+    }
+    pub fn remove(path: impl Into<String>, expect: Option<Expect>) -> Item {
+        Item {
+            path: path.into(),
+            remove: true,
+            expect,
+        }
+    }
+}
+
+/// What applying one entry did, in the stream's order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "did")]
+pub enum Outcome {
+    /// Written; the change time it has now.
+    Written {
+        ctime_ns: i64,
+    },
+    Removed,
+    /// The destination changed since it was expected: left alone.
+    Conflict,
+    /// Not applied, for the reason given (only when applying untrusted
+    /// input: a link out of the destination).
+    Refused {
+        why: String,
+    },
+}
+
+/// How to apply a stream.
+#[derive(Debug, Clone, Default)]
+pub struct ApplyOptions {
+    /// Owner of what is written and of the directories on its way.
+    pub owner: Option<(u32, u32)>,
+    /// From an untrusted side: only these paths, only files and links, and
+    /// no link pointing out of the destination.
+    pub only: Option<HashSet<String>>,
+}
+
+/// Writes the sync stream for `items`, taking written paths from `dir`.
+pub fn pack(dir: &Path, items: &[Item], out: impl Write) -> std::io::Result<()> {
     let mut builder = tar::Builder::new(out);
     builder.follow_symlinks(false);
-    for rel in changed {
-        builder.append_path_with_name(dir.join(rel), rel)?;
-    }
-    for rel in removed {
-        builder.append_pax_extensions([(REMOVE_KEY, &b"1"[..])])?;
-        let mut header = tar::Header::new_ustar();
-        header.set_entry_type(tar::EntryType::Regular);
-        header.set_size(0);
-        header.set_mode(0o600);
-        builder.append_data(&mut header, rel, std::io::empty())?;
+    for item in items {
+        let mut pax: Vec<(&str, String)> = Vec::new();
+        if item.remove {
+            pax.push((REMOVE_KEY, "1".into()));
+        }
+        if let Some(expect) = item.expect {
+            pax.push((EXPECT_KEY, expect.encode()));
+        }
+        if !pax.is_empty() {
+            builder.append_pax_extensions(pax.iter().map(|(k, v)| (*k, v.as_bytes())))?;
+        }
+        if item.remove {
+            let mut header = tar::Header::new_ustar();
+            header.set_entry_type(tar::EntryType::Regular);
+            header.set_size(0);
+            header.set_mode(0o600);
+            builder.append_data(&mut header, &item.path, std::io::empty())?;
+        } else {
+            builder.append_path_with_name(dir.join(&item.path), &item.path)?;
+        }
     }
     builder.into_inner()?.flush()
 }
 
 /// Applies a sync stream into `dst`, a directory (made if missing).
-/// Written files keep their modes and times, not their owners.
-pub fn apply(input: impl Read, dst: &Path) -> std::io::Result<Applied> {
+/// Written files keep their modes and times; owners come from `options`.
+pub fn apply(
+    input: impl Read,
+    dst: &Path,
+    options: &ApplyOptions,
+) -> std::io::Result<Vec<Outcome>> {
     std::fs::create_dir_all(dst)?;
+    chown(dst, options.owner)?;
     let target = Target::Into(dst.to_path_buf());
     let mut archive = tar::Archive::new(input);
     archive.set_preserve_permissions(true);
     archive.set_preserve_mtime(true);
     archive.set_preserve_ownerships(false);
     archive.set_overwrite(true);
-    let mut applied = Applied::default();
+    let mut owned = HashSet::new();
+    let mut outcomes = Vec::new();
     let mut first = None;
     for entry in archive.entries()? {
         let mut entry = entry?;
-        if marked_removed(&mut entry)? {
-            let path = entry.path()?.into_owned();
-            remove(dst, &path)?;
-            applied.removed += 1;
-        } else {
-            write_entry(&mut entry, &target, &mut first)?;
-            applied.written += 1;
+        let (remove, expect) = marks(&mut entry)?;
+        let path = entry.path()?.into_owned();
+        let rel = relative(&path)?;
+        if let Some(only) = &options.only {
+            if remove || !only.contains(rel.to_string_lossy().as_ref()) {
+                return Err(refuse(format!("{} was not asked for", path.display())));
+            }
+            if let Some(why) = untrusted_refusal(&mut entry, &rel)? {
+                outcomes.push(Outcome::Refused { why });
+                continue;
+            }
         }
+        if let Some(expect) = expect {
+            if !holds(dst, &rel, &path, expect, remove)? {
+                outcomes.push(Outcome::Conflict);
+                continue;
+            }
+        }
+        if remove {
+            remove_path(dst, &rel, &path)?;
+            outcomes.push(Outcome::Removed);
+            continue;
+        }
+        write_entry(&mut entry, &target, &mut first)?;
+        let dest = dst.join(&rel);
+        if options.owner.is_some() {
+            own_parents(dst, &rel, options.owner, &mut owned)?;
+            chown(&dest, options.owner)?;
+        }
+        let meta = std::fs::symlink_metadata(&dest)?;
+        outcomes.push(Outcome::Written {
+            ctime_ns: ctime_ns(&meta),
+        });
     }
-    Ok(applied)
+    Ok(outcomes)
 }
 
-fn marked_removed<R: Read>(entry: &mut tar::Entry<'_, R>) -> std::io::Result<bool> {
+/// Whether the destination of `rel` is as `expect` says.
+fn holds(
+    dst: &Path,
+    rel: &Path,
+    shown: &Path,
+    expect: Expect,
+    remove: bool,
+) -> std::io::Result<bool> {
+    let now = if walk_parents(dst, rel, shown, false)? {
+        match std::fs::symlink_metadata(dst.join(rel)) {
+            Ok(m) if !m.is_dir() => Some(ctime_ns(&m)),
+            Ok(_) => Some(-1), // A directory now: it changed.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        }
+    } else {
+        None
+    };
+    Ok(match expect {
+        Expect::Absent => now.is_none(),
+        // Gone already is what a removal wanted; a write finds it changed.
+        Expect::Ctime(n) => now == Some(n) || (remove && now.is_none()),
+    })
+}
+
+/// Why an untrusted entry is not applied: only files and links whose
+/// target stays inside the destination.
+fn untrusted_refusal<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    rel: &Path,
+) -> std::io::Result<Option<String>> {
+    let kind = entry.header().entry_type();
+    if kind == tar::EntryType::Symlink {
+        let to = entry
+            .link_name()?
+            .map(|t| t.into_owned())
+            .unwrap_or_default();
+        if !stays_inside(rel, &to) {
+            return Ok(Some(format!(
+                "a link to {} points out of the workspace",
+                to.display()
+            )));
+        }
+        return Ok(None);
+    }
+    if !kind.is_file() {
+        return Ok(Some(format!(
+            "a {kind:?} entry is neither a file nor a link"
+        )));
+    }
+    Ok(None)
+}
+
+/// Whether link `rel` -> `to` resolves (lexically) inside the directory.
+fn stays_inside(rel: &Path, to: &Path) -> bool {
+    if to.is_absolute() || to.as_os_str().is_empty() {
+        return false;
+    }
+    let mut depth = rel.components().count() as i64 - 1;
+    for c in to.components() {
+        match c {
+            std::path::Component::ParentDir => depth -= 1,
+            std::path::Component::Normal(_) => depth += 1,
+            std::path::Component::CurDir => {}
+            _ => return false,
+        }
+        if depth < 0 {
+            return false;
+        }
+    }
+    true
+}
+
+fn marks<R: Read>(entry: &mut tar::Entry<'_, R>) -> std::io::Result<(bool, Option<Expect>)> {
+    let (mut remove, mut expect) = (false, None);
     let Some(pax) = entry.pax_extensions()? else {
-        return Ok(false);
+        return Ok((remove, expect));
     };
     for ext in pax {
-        if ext?.key() == Ok(REMOVE_KEY) {
-            return Ok(true);
+        let ext = ext?;
+        match ext.key() {
+            Ok(REMOVE_KEY) => remove = true,
+            Ok(EXPECT_KEY) => {
+                let text = ext.value().unwrap_or_default();
+                expect = Some(
+                    Expect::decode(text)
+                        .ok_or_else(|| refuse(format!("an unreadable expectation `{text}`")))?,
+                );
+            }
+            _ => {}
         }
     }
-    Ok(false)
+    Ok((remove, expect))
 }
 
-/// Removes the file or link at `path` under `dst`, then any directories
-/// above it the removal left empty. A directory is left alone, and no
-/// directory of the path may be a symlink.
-fn remove(dst: &Path, path: &Path) -> std::io::Result<()> {
-    let rel = relative(path)?;
-    if !walk_parents(dst, &rel, path, false)? {
+/// Removes the file or link `rel` under `dst`, then any directories above
+/// it the removal left empty. A directory is left alone, and no directory
+/// of the path may be a symlink.
+pub fn remove_path(dst: &Path, rel: &Path, shown: &Path) -> std::io::Result<()> {
+    if !walk_parents(dst, rel, shown, false)? {
         return Ok(()); // A directory on the way is missing: so is the file.
     }
-    let dest = dst.join(&rel);
+    let dest = dst.join(rel);
     match std::fs::symlink_metadata(&dest) {
         Ok(m) if m.is_dir() => return Ok(()),
         Ok(_) => std::fs::remove_file(&dest)?,
@@ -105,10 +303,49 @@ fn remove(dst: &Path, path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Gives the directories between `dst` and `rel` to `owner`, once each.
+fn own_parents(
+    dst: &Path,
+    rel: &Path,
+    owner: Option<(u32, u32)>,
+    owned: &mut HashSet<PathBuf>,
+) -> std::io::Result<()> {
+    let mut at = dst.to_path_buf();
+    for part in rel.parent().into_iter().flat_map(|p| p.components()) {
+        at.push(part);
+        if owned.insert(at.clone()) {
+            chown(&at, owner)?;
+        }
+    }
+    Ok(())
+}
+
+fn chown(path: &Path, owner: Option<(u32, u32)>) -> std::io::Result<()> {
+    match owner {
+        Some((uid, gid)) => std::os::unix::fs::lchown(path, Some(uid), Some(gid)),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    fn ctime(path: &Path) -> i64 {
+        ctime_ns(&std::fs::symlink_metadata(path).unwrap())
+    }
+
+    fn send(
+        from: &Path,
+        items: &[Item],
+        to: &Path,
+        options: &ApplyOptions,
+    ) -> std::io::Result<Vec<Outcome>> {
+        let mut stream = Vec::new();
+        pack(from, items, &mut stream).unwrap();
+        apply(&stream[..], to, options)
+    }
 
     #[test]
     fn a_sync_writes_and_removes_inside_its_directory_only() {
@@ -125,18 +362,29 @@ mod tests {
         std::fs::write(guest.join("old/gone/f"), "f").unwrap();
         std::fs::write(guest.join("kept"), "k").unwrap();
 
-        let mut stream = Vec::new();
-        let changed = ["src/deep/new.rs", "run.sh", "link"].map(String::from);
-        let removed = ["old/gone/f", "never-was"].map(String::from);
-        pack(&host, &changed, &removed, &mut stream).unwrap();
-        let applied = apply(&stream[..], &guest).unwrap();
+        let items = [
+            Item::write("src/deep/new.rs", None),
+            Item::write("run.sh", None),
+            Item::write("link", None),
+            Item::remove("old/gone/f", None),
+            Item::remove("never-was", None),
+        ];
+        let outcomes = send(&host, &items, &guest, &ApplyOptions::default()).unwrap();
         assert_eq!(
-            applied,
-            Applied {
-                written: 3,
-                removed: 2
-            }
+            outcomes[..3],
+            [
+                Outcome::Written {
+                    ctime_ns: ctime(&guest.join("src/deep/new.rs"))
+                },
+                Outcome::Written {
+                    ctime_ns: ctime(&guest.join("run.sh"))
+                },
+                Outcome::Written {
+                    ctime_ns: ctime(&guest.join("link"))
+                },
+            ]
         );
+        assert_eq!(outcomes[3..], [Outcome::Removed, Outcome::Removed]);
         assert_eq!(
             std::fs::read_to_string(guest.join("src/deep/new.rs")).unwrap(),
             "new"
@@ -158,14 +406,142 @@ mod tests {
         std::fs::create_dir(&outside).unwrap();
         std::fs::write(outside.join("precious"), "p").unwrap();
         std::os::unix::fs::symlink(&outside, guest.join("x")).unwrap();
-        let mut hostile = Vec::new();
-        pack(&host, &[], &["x/precious".into()], &mut hostile).unwrap();
-        let err = apply(&hostile[..], &guest).unwrap_err();
+        let err = send(
+            &host,
+            &[Item::remove("x/precious", None)],
+            &guest,
+            &ApplyOptions::default(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("leaves the destination"), "{err}");
         assert!(outside.join("precious").exists());
         let mut dotdot = Vec::new();
-        pack(&host, &[], &["../outside/precious".into()], &mut dotdot).unwrap_or(());
-        let _ = apply(&dotdot[..], &guest);
+        pack(
+            &host,
+            &[Item::remove("../outside/precious", None)],
+            &mut dotdot,
+        )
+        .unwrap_or(());
+        let _ = apply(&dotdot[..], &guest, &ApplyOptions::default());
         assert!(outside.join("precious").exists());
+    }
+
+    #[test]
+    fn an_entry_whose_destination_changed_is_a_conflict_left_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (host, guest) = (tmp.path().join("host"), tmp.path().join("guest"));
+        std::fs::create_dir_all(&host).unwrap();
+        std::fs::create_dir_all(&guest).unwrap();
+        for name in ["same", "edited", "gone", "fresh"] {
+            std::fs::write(host.join(name), format!("host {name}")).unwrap();
+        }
+        std::fs::write(guest.join("same"), "base").unwrap();
+        std::fs::write(guest.join("edited"), "base").unwrap();
+        std::fs::write(guest.join("rm-same"), "base").unwrap();
+        std::fs::write(guest.join("rm-edited"), "base").unwrap();
+        let base = |n: &str| Some(Expect::Ctime(ctime(&guest.join(n))));
+        let expectations = [
+            base("same"),
+            base("edited"),
+            base("rm-same"),
+            base("rm-edited"),
+        ];
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(guest.join("edited"), "guest's own").unwrap();
+        std::fs::write(guest.join("rm-edited"), "guest's own").unwrap();
+        std::fs::write(guest.join("fresh"), "guest made it").unwrap();
+        let items = [
+            Item::write("same", expectations[0]),
+            Item::write("edited", expectations[1]),
+            Item::remove("rm-same", expectations[2]),
+            Item::remove("rm-edited", expectations[3]),
+            Item::write("fresh", Some(Expect::Absent)),
+            Item::write("gone", Some(Expect::Ctime(1))),
+        ];
+        let outcomes = send(&host, &items, &guest, &ApplyOptions::default()).unwrap();
+        assert!(matches!(outcomes[0], Outcome::Written { .. }));
+        assert_eq!(
+            outcomes[1..],
+            [
+                Outcome::Conflict,
+                Outcome::Removed,
+                Outcome::Conflict,
+                Outcome::Conflict,
+                Outcome::Conflict
+            ]
+        );
+        assert_eq!(
+            std::fs::read_to_string(guest.join("same")).unwrap(),
+            "host same"
+        );
+        assert_eq!(
+            std::fs::read_to_string(guest.join("edited")).unwrap(),
+            "guest's own"
+        );
+        assert_eq!(
+            std::fs::read_to_string(guest.join("rm-edited")).unwrap(),
+            "guest's own"
+        );
+        assert_eq!(
+            std::fs::read_to_string(guest.join("fresh")).unwrap(),
+            "guest made it"
+        );
+        assert!(!guest.join("rm-same").exists() && !guest.join("gone").exists());
+    }
+
+    #[test]
+    fn untrusted_input_writes_only_what_was_asked_and_no_link_out() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (guest, host) = (tmp.path().join("guest"), tmp.path().join("host"));
+        std::fs::create_dir_all(guest.join("d")).unwrap();
+        std::fs::write(guest.join("d/f"), "f").unwrap();
+        std::os::unix::fs::symlink("/etc", guest.join("abs")).unwrap();
+        std::os::unix::fs::symlink("../../x", guest.join("d/up")).unwrap();
+        std::os::unix::fs::symlink("../d/f", guest.join("d/ok")).unwrap();
+        std::fs::create_dir_all(&host).unwrap();
+        let asked = |paths: &[&str]| ApplyOptions {
+            owner: None,
+            only: Some(paths.iter().map(|p| p.to_string()).collect()),
+        };
+        let items: Vec<Item> = ["d/f", "abs", "d/up", "d/ok"]
+            .iter()
+            .map(|p| Item::write(*p, None))
+            .collect();
+        let outcomes = send(
+            &guest,
+            &items,
+            &host,
+            &asked(&["d/f", "abs", "d/up", "d/ok"]),
+        )
+        .unwrap();
+        assert!(matches!(outcomes[0], Outcome::Written { .. }));
+        assert!(matches!(&outcomes[1], Outcome::Refused { why } if why.contains("/etc")));
+        assert!(matches!(outcomes[2], Outcome::Refused { .. }));
+        assert!(matches!(outcomes[3], Outcome::Written { .. }));
+        assert!(
+            !host.join("abs").exists() && std::fs::symlink_metadata(host.join("d/up")).is_err()
+        );
+
+        // Anything not asked for ends the apply.
+        let err = send(&guest, &items[..1], &host, &asked(&["abs"])).unwrap_err();
+        assert!(err.to_string().contains("not asked for"), "{err}");
+        let err = send(
+            &guest,
+            &[Item::remove("d/f", None)],
+            &host,
+            &asked(&["d/f"]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("not asked for"), "{err}");
+        assert!(host.join("d/f").exists());
+    }
+
+    #[test]
+    fn links_stay_inside_by_their_own_directory() {
+        assert!(stays_inside(Path::new("a/b/l"), Path::new("../c")));
+        assert!(stays_inside(Path::new("l"), Path::new("./x/../y")));
+        assert!(!stays_inside(Path::new("l"), Path::new("../x")));
+        assert!(!stays_inside(Path::new("a/l"), Path::new("x/../../../y")));
+        assert!(!stays_inside(Path::new("l"), Path::new("/etc")));
     }
 }

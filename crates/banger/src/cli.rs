@@ -195,6 +195,10 @@ pub struct CreateArgs {
     /// overlay root mode, the room for what the VM writes over its image.
     #[arg(long)]
     pub disk: Option<String>,
+    /// Work disk size, e.g. 16G (default 8G): the disk at /work, where a
+    /// workspace lands.
+    #[arg(long, value_name = "SIZE")]
+    pub work_disk: Option<String>,
     /// How the root filesystem is made: overlay (the image shared read-only,
     /// writes on the VM's own disk), dm-snapshot, reflink or copy. Default:
     /// the best the host and kernel support (see `banger doctor`).
@@ -212,6 +216,22 @@ pub struct CreateArgs {
     pub workspace_path: Option<String>,
     #[arg(long)]
     pub json: bool,
+}
+
+/// Which side `vm sync --force` lets win.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum SyncSideArg {
+    Host,
+    Guest,
+}
+
+impl From<SyncSideArg> for banger_proto::vm::SyncSide {
+    fn from(side: SyncSideArg) -> Self {
+        match side {
+            SyncSideArg::Host => banger_proto::vm::SyncSide::Host,
+            SyncSideArg::Guest => banger_proto::vm::SyncSide::Guest,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -284,9 +304,17 @@ pub enum VmCommand {
         #[arg(required = true, num_args = 2..)]
         paths: Vec<String>,
     },
-    /// Sync the VM's workspace now: the host's changes into the guest.
+    /// Sync the VM's workspace now: the host's changes into the guest, or
+    /// with --pull the guest's changes back to the host. A path changed on
+    /// both sides is a conflict and is left alone unless --force picks a side.
     Sync {
         name: String,
+        /// Guest to host: bring back what the guest changed.
+        #[arg(long)]
+        pull: bool,
+        /// Settle conflicts for this side: host or guest.
+        #[arg(long, value_name = "SIDE")]
+        force: Option<SyncSideArg>,
         #[arg(long)]
         json: bool,
     },

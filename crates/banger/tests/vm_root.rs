@@ -313,16 +313,17 @@ fn every_root_mode_boots_and_a_repull_leaves_running_vms_alone() {
         "mkdir -p /work/ws/old && echo x > /work/ws/old/gone",
     );
     let mut stream = Vec::new();
-    banger_treecopy::sync::pack(
-        &host,
-        &["src/main.c".into()],
-        &["old/gone".into()],
-        &mut stream,
-    )
-    .unwrap();
+    use banger_treecopy::sync::Item;
+    let items = [
+        Item::write("src/main.c", None),
+        Item::remove("old/gone", None),
+    ];
+    banger_treecopy::sync::pack(&host, &items, &mut stream).unwrap();
     let mut sync = banger.cmd(&["vm", "exec", "ov2", "--", "banger-tar", "sync", "/work/ws"]);
     let out = common::with_stdin(&mut sync, &stream);
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "1 1\n", "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.starts_with("{\"did\":\"written\""), "{out:?}");
+    assert!(said.ends_with("{\"did\":\"removed\"}\n"), "{out:?}");
     assert_eq!(
         exec(&banger, "ov2", "cat /work/ws/src/main.c; ls /work/ws"),
         "int main;src\n"

@@ -1,11 +1,13 @@
 //! Real VMs with a workspace: a git repository mirrored into the guest at
-//! start, and every later host change synced before each `vm exec`.
+//! start, and every later host change synced before each `vm exec`; guest
+//! changes pulled back, conflicts left alone, a hostile guest refused, and
+//! `vm rm` keeping unpulled work. The two tests run in parallel.
 
 mod common;
 
 use std::path::Path;
 
-use banger_testkit::images::push_busybox;
+use banger_testkit::images::{push_busybox, push_busybox_as};
 use banger_testkit::registry::Registry;
 use common::Banger;
 
@@ -64,7 +66,16 @@ fn a_workspace_is_mirrored_and_kept_current_before_each_exec() {
 
     // Refused, with nothing made.
     let ws = dir.to_str().unwrap();
+    let big = tmp.path().join("big");
+    std::fs::create_dir(&big).unwrap();
+    let sparse = std::fs::File::create(big.join("data")).unwrap();
+    sparse.set_len(100 << 20).unwrap();
+    let big = big.to_str().unwrap();
     for (args, why) in [
+        (
+            vec!["--workspace", big, "--work-disk", "64M"],
+            "more than the 64.0 MiB work disk holds; give the VM a bigger one with `--work-disk 1G`",
+        ),
         (vec!["--workspace", "/"], "cannot be `/`"),
         (vec!["--workspace", "/no/such/dir"], "No such file"),
         (
@@ -147,9 +158,214 @@ fn a_workspace_is_mirrored_and_kept_current_before_each_exec() {
     );
     assert_eq!(
         banger.ok(&["vm", "sync", "ws"]).trim(),
-        "ws:/work is up to date"
+        format!("ws:/work and {ws} are in sync")
     );
     let (out, synced) = exec(&["--", "cat", "added.txt"]);
     assert_eq!((out.as_str(), synced.as_str()), ("newer\n", ""));
     banger.ok(&["vm", "rm", "-f", "ws"]);
+}
+
+/// Runs `vm exec NAME ARGS…`; (stdout, stderr), asserting success.
+fn exec_in(banger: &Banger, name: &str, args: &[&str]) -> (String, String) {
+    let mut all = vec!["vm", "exec", name];
+    all.extend(args);
+    let out = banger.run(&all);
+    assert!(out.status.success(), "{out:?}\n{}", banger.daemon_log());
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn read(dir: &Path, rel: &str) -> String {
+    std::fs::read_to_string(dir.join(rel)).unwrap_or_else(|e| format!("{rel}: {e}"))
+}
+
+fn workspace_of(banger: &Banger, name: &str) -> serde_json::Value {
+    let info: serde_json::Value =
+        serde_json::from_str(&banger.ok(&["vm", "inspect", name])).unwrap();
+    info[0]["workspace"].clone()
+}
+
+#[test]
+fn guest_changes_come_back_and_nothing_is_lost_or_let_out() {
+    let Some((kernel, agent)) = common::vm_assets() else {
+        return;
+    };
+    let registry = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    // An image whose default user is not root: workspace files are its.
+    push_busybox_as(
+        &registry,
+        &tmp.path().join("oci"),
+        "user:latest",
+        "1000:1000",
+    );
+    let dir = tmp.path().join("plain");
+    for (rel, data) in [
+        ("a.txt", "a\n"),
+        ("b.txt", "b\n"),
+        ("c.txt", "c\n"),
+        ("d/e.txt", "e\n"),
+        (".bangerignore", "*.log\n"),
+    ] {
+        write(&dir, rel, data.as_bytes());
+    }
+    let mut banger = Banger::without_daemon();
+    common::start_vm_daemon(&mut banger, &agent);
+    banger.ok(&["kernel", "import", kernel.to_str().unwrap()]);
+    banger.ok(&["image", "pull", &registry.reference("user:latest")]);
+    let ws = dir.to_str().unwrap();
+    banger.ok(&[
+        "vm",
+        "run",
+        "pw",
+        "--image",
+        "user",
+        "--memory",
+        "256M",
+        "--workspace",
+        ws,
+    ]);
+    let (owners, _) = exec_in(
+        &banger,
+        "pw",
+        &[
+            "--",
+            "sh",
+            "-c",
+            "id -u; stat -c %u:%g /work /work/a.txt /work/d /work/d/e.txt",
+        ],
+    );
+    assert_eq!(owners, "1000\n1000:1000\n1000:1000\n1000:1000\n1000:1000\n");
+
+    // The guest (as its default user) edits, adds, removes and makes noise
+    // the ignore file leaves out; the host edits b.txt; both edit d/e.txt.
+    exec_in(
+        &banger,
+        "pw",
+        &[
+            "--no-sync",
+            "--",
+            "sh",
+            "-c",
+            "echo guest > a.txt; echo g > g.txt; rm c.txt; echo noise > x.log; \
+             mkdir -p sub && echo deep > sub/n.txt; echo guest e > d/e.txt",
+        ],
+    );
+    write(&dir, "b.txt", b"host b\n");
+    write(&dir, "d/e.txt", b"host e\n");
+    let pending = workspace_of(&banger, "pw");
+    assert_eq!(
+        (&pending["host_changes"], &pending["guest_changes"]),
+        (&serde_json::json!(2), &serde_json::json!(5)),
+        "{pending}"
+    );
+
+    // The pull takes the guest's side, leaves the conflict on both, and
+    // does not push the host's change.
+    let pull = banger.run(&["vm", "sync", "pw", "--pull"]);
+    let said = String::from_utf8_lossy(&pull.stdout);
+    assert_eq!(pull.status.code(), Some(1), "conflicts left: {pull:?}");
+    assert!(
+        said.contains(&format!(
+            "pulled 3 changed file(s), 1 removed from pw:/work into {ws}"
+        )),
+        "{said}"
+    );
+    assert!(
+        said.contains("1 conflict(s) left alone, changed on both sides: d/e.txt (`banger vm sync pw --force host|guest` picks a side)"),
+        "{said}"
+    );
+    assert_eq!(read(&dir, "a.txt"), "guest\n");
+    assert_eq!(read(&dir, "g.txt"), "g\n");
+    assert_eq!(read(&dir, "sub/n.txt"), "deep\n");
+    assert!(!dir.join("c.txt").exists() && !dir.join("x.log").exists());
+    assert_eq!(read(&dir, "d/e.txt"), "host e\n");
+    let (guest, _) = exec_in(
+        &banger,
+        "pw",
+        &["--no-sync", "--", "cat", "b.txt", "d/e.txt"],
+    );
+    assert_eq!(guest, "b\nguest e\n");
+
+    // The next exec pushes b.txt; the conflict stays, named on stderr.
+    let (guest, line) = exec_in(&banger, "pw", &["--", "cat", "b.txt", "d/e.txt"]);
+    assert_eq!(guest, "host b\nguest e\n");
+    assert!(
+        line.contains("synced 1 changed file(s), 0 removed (7 B) into pw:/work"),
+        "{line}"
+    );
+    assert!(line.contains("1 conflict(s) left alone"), "{line}");
+    // The host wins when told to.
+    let forced = banger.ok(&["vm", "sync", "pw", "--force", "host"]);
+    assert!(forced.contains("synced 1 changed file(s)"), "{forced}");
+    let (guest, line) = exec_in(&banger, "pw", &["--", "cat", "d/e.txt"]);
+    assert_eq!((guest.as_str(), line.as_str()), ("host e\n", ""));
+
+    // A hostile guest: links out of the workspace and a git hook are not
+    // taken; nothing outside DIR is touched.
+    exec_in(
+        &banger,
+        "pw",
+        &[
+            "--no-sync",
+            "-u",
+            "0",
+            "--",
+            "sh",
+            "-c",
+            "ln -s /etc evil; mkdir -p x .git/hooks; ln -s ../../etc/passwd x/up; \
+             echo 'touch /tmp/owned' > .git/hooks/post-checkout; ln -s ../a.txt x/fine",
+        ],
+    );
+    let pull = banger.run(&["vm", "sync", "pw", "--pull"]);
+    let said = String::from_utf8_lossy(&pull.stdout);
+    assert_eq!(pull.status.code(), Some(1), "{pull:?}");
+    assert!(
+        said.contains("pulled 1 changed file(s), 0 removed"),
+        "{said}"
+    );
+    assert!(
+        said.contains("not pulled: evil (a link to /etc points out of the workspace)"),
+        "{said}"
+    );
+    assert!(said.contains("not pulled: x/up"), "{said}");
+    assert!(std::fs::symlink_metadata(dir.join("evil")).is_err());
+    assert!(std::fs::symlink_metadata(dir.join("x/up")).is_err());
+    assert!(!dir.join(".git").exists());
+    assert_eq!(
+        std::fs::read_link(dir.join("x/fine")).unwrap(),
+        Path::new("../a.txt")
+    );
+
+    // Unpulled guest work survives `vm rm` until pulled or discarded.
+    exec_in(
+        &banger,
+        "pw",
+        &[
+            "--no-sync",
+            "-u",
+            "0",
+            "--",
+            "sh",
+            "-c",
+            "rm evil x/up; echo later > a.txt",
+        ],
+    );
+    banger.ok(&["vm", "stop", "pw"]);
+    assert_eq!(workspace_of(&banger, "pw")["guest_changes"], 1);
+    let err = banger.fails(&["vm", "rm", "pw"]);
+    assert!(
+        err.contains("has 1 change(s) in its workspace (pw:/work) not pulled to")
+            && err.contains("`banger vm sync pw --pull` keeps them"),
+        "{err}"
+    );
+    banger.ok(&["vm", "start", "pw"]);
+    let pulled = banger.ok(&["vm", "sync", "pw", "--pull"]);
+    assert!(pulled.contains("pulled 1 changed file(s)"), "{pulled}");
+    assert_eq!(read(&dir, "a.txt"), "later\n");
+    banger.ok(&["vm", "stop", "pw"]);
+    assert_eq!(workspace_of(&banger, "pw")["guest_changes"], 0);
+    banger.ok(&["vm", "rm", "pw"]);
 }

@@ -66,6 +66,10 @@ const MIGRATIONS: &[&str] = &[
         guest_path    TEXT NOT NULL,
         last_sync     TEXT
     );",
+    // 7: whom workspace files belong to in the guest, and the guest's
+    // unpulled changes as the VM's last stop counted them
+    "ALTER TABLE workspaces ADD COLUMN owner TEXT;
+    ALTER TABLE workspaces ADD COLUMN guest_changes INTEGER;",
 ];
 
 pub fn apply(conn: &mut Connection) -> anyhow::Result<()> {

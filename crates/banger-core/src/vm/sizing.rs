@@ -61,6 +61,23 @@ pub enum SizeError {
         MAX_DISK_BYTES >> 40
     )]
     Disk { bytes: u64, image_bytes: u64 },
+    #[error(
+        "--work-disk {} is out of range: at least {} MiB, at most {} TiB",
+        human(*bytes),
+        MIN_WORK_DISK_BYTES >> 20,
+        MAX_DISK_BYTES >> 40
+    )]
+    WorkDisk { bytes: u64 },
+}
+
+/// The smallest work disk (ext4 with a journal needs a few MiB).
+pub const MIN_WORK_DISK_BYTES: u64 = 64 << 20;
+
+pub fn work_disk_bytes(bytes: u64) -> Result<u64, SizeError> {
+    if !(MIN_WORK_DISK_BYTES..=MAX_DISK_BYTES).contains(&bytes) {
+        return Err(SizeError::WorkDisk { bytes });
+    }
+    Ok(bytes)
 }
 
 pub fn vcpus(n: u32, vmm: VmmKind, host: Host) -> Result<u32, SizeError> {

@@ -1,12 +1,16 @@
-//! What a workspace held at its last sync, and what changed since: stat
-//! decides, and a file whose stat changed but whose size and mode did not is
-//! hashed, so a touched or rewritten-identical file is not sent again.
+//! What a workspace held at its last sync, and what changed since on each
+//! side. On the host stat decides, and a file whose stat changed but whose
+//! size and mode did not is hashed, so a touched or rewritten-identical file
+//! is not sent again; in the guest, a change time other than the one the
+//! sync left says the guest wrote the file.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use banger_treecopy::stat::{Stat, StatKind};
 
 use super::scan::{Found, Kind, Listing};
 use super::WorkspaceError;
@@ -16,67 +20,169 @@ pub struct Manifest {
     pub entries: BTreeMap<String, Entry>,
 }
 
+/// One path as both sides last agreed on it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
+    /// The host file.
     #[serde(flatten)]
     pub found: Found,
     /// The content's sha256, once a sync has had reason to read it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash: Option<String>,
+    /// The guest copy's change time (ns) when it was written or last seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_ctime: Option<i64>,
 }
 
-/// What a sync sends: paths to write (files and links) and paths to remove.
+impl Entry {
+    pub fn new(found: Found) -> Entry {
+        Entry {
+            found,
+            hash: None,
+            guest_ctime: None,
+        }
+    }
+}
+
+/// What changed on the host since the last sync.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Delta {
-    pub changed: Vec<String>,
+pub struct HostDelta {
+    /// The host's entries now, for paths to send.
+    pub changed: Vec<Entry>,
     pub removed: Vec<String>,
+    /// Entries whose stat moved but whose content did not: recorded, not sent.
+    pub refreshed: Vec<Entry>,
     /// Bytes of the changed files' content.
     pub bytes: u64,
 }
 
-impl Delta {
+impl HostDelta {
     pub fn is_empty(&self) -> bool {
         self.changed.is_empty() && self.removed.is_empty()
     }
+
+    /// Every path that changed, in order.
+    pub fn paths(&self) -> impl Iterator<Item = &str> {
+        self.changed
+            .iter()
+            .map(|e| e.found.path.as_str())
+            .chain(self.removed.iter().map(String::as_str))
+    }
 }
 
-/// Compares what `dir` holds now (`listing`) with the last sync's manifest:
-/// the delta to send, and the manifest once it is sent.
-pub fn compare(
+/// What the guest changed since the last sync.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GuestDelta {
+    pub changed: Vec<Stat>,
+    pub removed: Vec<String>,
+}
+
+impl GuestDelta {
+    pub fn len(&self) -> usize {
+        self.changed.len() + self.removed.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Compares what `dir` holds now (`listing`) with the last sync's manifest.
+pub fn host_changes(
     old: &Manifest,
     listing: Listing,
     dir: &Path,
-) -> Result<(Delta, Manifest), WorkspaceError> {
-    let mut delta = Delta::default();
-    let mut next = Manifest::default();
+) -> Result<HostDelta, WorkspaceError> {
+    let mut delta = HostDelta::default();
+    let mut seen = std::collections::HashSet::with_capacity(listing.found.len());
     for found in listing.found {
+        seen.insert(found.path.clone());
         let before = old.entries.get(&found.path);
-        let (changed, hash) = match before {
-            None => (true, None),
-            Some(b) if b.found == found => (false, b.hash.clone()),
-            Some(b) if same_shape(&b.found, &found) && b.hash.is_some() => {
-                let hash = hash_file(&dir.join(&found.path))?;
-                (Some(&hash) != b.hash.as_ref(), Some(hash))
+        let mut entry = Entry {
+            guest_ctime: before.and_then(|b| b.guest_ctime),
+            ..Entry::new(found)
+        };
+        let changed = match before {
+            None => true,
+            Some(b) if b.found == entry.found => false,
+            Some(b) if same_shape(&b.found, &entry.found) && b.hash.is_some() => {
+                let hash = hash_file(&dir.join(&entry.found.path))?;
+                let changed = Some(&hash) != b.hash.as_ref();
+                entry.hash = Some(hash);
+                changed
             }
-            Some(_) if found.kind == Kind::File => (true, Some(hash_file(&dir.join(&found.path))?)),
-            Some(_) => (true, None),
+            Some(_) => {
+                if entry.found.kind == Kind::File {
+                    entry.hash = Some(hash_file(&dir.join(&entry.found.path))?);
+                }
+                true
+            }
         };
         if changed {
-            delta.changed.push(found.path.clone());
-            if found.kind == Kind::File {
-                delta.bytes += found.size;
+            if entry.found.kind == Kind::File {
+                delta.bytes += entry.found.size;
             }
+            delta.changed.push(entry);
+        } else if before.is_some_and(|b| *b != entry) {
+            delta.refreshed.push(entry);
         }
-        next.entries
-            .insert(found.path.clone(), Entry { found, hash });
     }
     delta.removed = old
         .entries
         .keys()
-        .filter(|p| !next.entries.contains_key(*p))
+        .filter(|p| !seen.contains(*p))
         .cloned()
         .collect();
-    Ok((delta, next))
+    Ok(delta)
+}
+
+/// Compares the guest's tree (`listed`, from `banger-tar list`) with the
+/// last sync's manifest. A path the manifest does not know is the guest's
+/// only if `wanted` says a sync would take it from the host too.
+pub fn guest_changes(
+    old: &Manifest,
+    listed: Vec<Stat>,
+    wanted: impl Fn(&str) -> bool,
+) -> GuestDelta {
+    let mut delta = GuestDelta::default();
+    let mut seen = std::collections::HashSet::with_capacity(listed.len());
+    for stat in listed {
+        if stat.kind == StatKind::Other {
+            continue;
+        }
+        seen.insert(stat.path.clone());
+        let changed = match old.entries.get(&stat.path) {
+            Some(e) => match e.guest_ctime {
+                Some(ctime) => ctime != stat.ctime_ns,
+                // Synced before change times were kept: what tar carries.
+                None => !same_as_synced(&e.found, &stat),
+            },
+            None => wanted(&stat.path),
+        };
+        if changed {
+            delta.changed.push(stat);
+        }
+    }
+    delta.removed = old
+        .entries
+        .keys()
+        .filter(|p| !seen.contains(*p))
+        .cloned()
+        .collect();
+    delta
+}
+
+fn same_as_synced(host: &Found, guest: &Stat) -> bool {
+    let kind = match guest.kind {
+        StatKind::File => Kind::File,
+        StatKind::Symlink => Kind::Symlink,
+        StatKind::Other => return false,
+    };
+    host.kind == kind
+        && host.mode == guest.mode
+        && host.target == guest.target
+        && (kind == Kind::Symlink
+            || (host.size == guest.size && host.mtime_ns.div_euclid(1_000_000_000) == guest.mtime))
 }
 
 /// Same kind, size, mode and target: only the content can differ.
@@ -98,8 +204,36 @@ mod tests {
     use banger_host::RealRunner;
     use std::os::unix::fs::PermissionsExt;
 
+    /// A sync that the guest applied in full.
     fn sync(old: &Manifest, dir: &Path) -> (Delta, Manifest) {
-        compare(old, list(dir, &RealRunner).unwrap(), dir).unwrap()
+        let delta = host_changes(old, list(dir, &RealRunner).unwrap(), dir).unwrap();
+        let mut next = old.clone();
+        for entry in delta.changed.iter().chain(&delta.refreshed) {
+            next.entries.insert(entry.found.path.clone(), entry.clone());
+        }
+        for path in &delta.removed {
+            next.entries.remove(path);
+        }
+        let changed = delta.changed.iter().map(|e| e.found.path.clone()).collect();
+        let shown = Delta {
+            changed,
+            removed: delta.removed.clone(),
+            bytes: delta.bytes,
+        };
+        (shown, next)
+    }
+
+    #[derive(Debug)]
+    struct Delta {
+        changed: Vec<String>,
+        removed: Vec<String>,
+        bytes: u64,
+    }
+
+    impl Delta {
+        fn is_empty(&self) -> bool {
+            self.changed.is_empty() && self.removed.is_empty()
+        }
     }
 
     #[test]
@@ -148,5 +282,67 @@ mod tests {
         let (_, manifest) = sync(&Manifest::default(), tmp.path());
         let text = serde_json::to_string(&manifest).unwrap();
         assert_eq!(serde_json::from_str::<Manifest>(&text).unwrap(), manifest);
+    }
+}
+
+#[cfg(test)]
+mod guest_tests {
+    use super::*;
+
+    fn stat(path: &str, ctime_ns: i64) -> Stat {
+        Stat {
+            path: path.into(),
+            kind: StatKind::File,
+            size: 1,
+            mtime: 7,
+            mode: 0o644,
+            ctime_ns,
+            target: None,
+        }
+    }
+
+    fn entry(path: &str, guest_ctime: Option<i64>) -> Entry {
+        Entry {
+            guest_ctime,
+            ..Entry::new(Found {
+                path: path.into(),
+                kind: Kind::File,
+                size: 1,
+                mtime_ns: 7_500_000_000,
+                mode: 0o644,
+                ino: 1,
+                target: None,
+            })
+        }
+    }
+
+    #[test]
+    fn the_guest_changed_what_its_change_time_says() {
+        let mut old = Manifest::default();
+        for (path, ctime) in [("same", Some(10)), ("edited", Some(10)), ("gone", Some(10))] {
+            old.entries.insert(path.into(), entry(path, ctime));
+        }
+        // From before change times were kept: what tar carries decides.
+        old.entries.insert("legacy".into(), entry("legacy", None));
+        old.entries
+            .insert("legacy-edit".into(), entry("legacy-edit", None));
+        let mut edited = stat("legacy-edit", 1);
+        edited.size = 2;
+        let listed = vec![
+            stat("same", 10),
+            stat("edited", 11),
+            stat("legacy", 99),
+            edited,
+            stat("new", 5),
+            stat("target/ignored", 5),
+            Stat {
+                kind: StatKind::Other,
+                ..stat("fifo", 5)
+            },
+        ];
+        let delta = guest_changes(&old, listed, |p| !p.starts_with("target/"));
+        let changed: Vec<_> = delta.changed.iter().map(|s| s.path.as_str()).collect();
+        assert_eq!(changed, ["edited", "legacy-edit", "new"]);
+        assert_eq!(delta.removed, ["gone"]);
     }
 }

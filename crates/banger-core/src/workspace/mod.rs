@@ -5,6 +5,7 @@
 //! hashes taken only when stat says a file changed).
 
 pub mod manifest;
+pub mod plan;
 pub mod scan;
 pub mod validate;
 

@@ -5,6 +5,7 @@
 //! files and symlinks (as links, never followed) are taken; anything else is
 //! skipped and named.
 
+use std::collections::HashSet;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -58,58 +59,108 @@ pub fn list(dir: &Path, runner: &dyn ProcessRunner) -> Result<Listing, Workspace
         if ignores.excludes(&path) {
             continue;
         }
-        let full = dir.join(&path);
-        // Listed by git but gone from the disk (deleted, not yet staged).
-        let Ok(meta) = std::fs::symlink_metadata(&full) else {
-            continue;
-        };
-        let kind = if meta.file_type().is_symlink() {
-            Kind::Symlink
-        } else if meta.is_file() {
-            Kind::File
-        } else {
-            if !meta.is_dir() {
-                listing.skipped.push(path);
-            }
-            continue;
-        };
-        let target = match kind {
-            Kind::Symlink => Some(
-                std::fs::read_link(&full)
-                    .map_err(|e| format!("{}: {e}", full.display()))?
-                    .to_string_lossy()
-                    .into_owned(),
-            ),
-            Kind::File => None,
-        };
-        listing.found.push(Found {
-            path,
-            kind,
-            size: meta.len(),
-            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
-            mode: meta.mode() & 0o7777,
-            ino: meta.ino(),
-            target,
-        });
+        match found(dir, path)? {
+            Seen::Found(f) => listing.found.push(f),
+            Seen::Special(path) => listing.skipped.push(path),
+            Seen::Nothing => {}
+        }
     }
     listing.found.sort_by(|a, b| a.path.cmp(&b.path));
     listing.found.dedup_by(|a, b| a.path == b.path);
     Ok(listing)
 }
 
-/// Git's list when `dir` is in a work tree; `None` for a plain directory.
-fn git_paths(dir: &Path, runner: &dyn ProcessRunner) -> Option<Vec<String>> {
-    let inside = runner
-        .run(
-            &CommandSpec::new("git")
-                .arg("-C")
-                .arg(dir)
-                .args(["rev-parse", "--is-inside-work-tree"]),
-        )
-        .ok()?;
-    if String::from_utf8_lossy(&inside.stdout).trim() != "true" {
-        return None;
+enum Seen {
+    Found(Found),
+    Special(String),
+    Nothing,
+}
+
+/// `path` under `dir` as stat sees it now.
+fn found(dir: &Path, path: String) -> Result<Seen, WorkspaceError> {
+    let full = dir.join(&path);
+    // Listed by git but gone from the disk (deleted, not yet staged).
+    let Ok(meta) = std::fs::symlink_metadata(&full) else {
+        return Ok(Seen::Nothing);
+    };
+    let kind = if meta.file_type().is_symlink() {
+        Kind::Symlink
+    } else if meta.is_file() {
+        Kind::File
+    } else if meta.is_dir() {
+        return Ok(Seen::Nothing);
+    } else {
+        return Ok(Seen::Special(path));
+    };
+    let target = match kind {
+        Kind::Symlink => Some(
+            std::fs::read_link(&full)
+                .map_err(|e| format!("{}: {e}", full.display()))?
+                .to_string_lossy()
+                .into_owned(),
+        ),
+        Kind::File => None,
+    };
+    Ok(Seen::Found(Found {
+        path,
+        kind,
+        size: meta.len(),
+        mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        mode: meta.mode() & 0o7777,
+        ino: meta.ino(),
+        target,
+    }))
+}
+
+/// The file or link at `path` under `dir`, as stat sees it now.
+pub fn stat(dir: &Path, path: &str) -> Result<Option<Found>, WorkspaceError> {
+    Ok(match found(dir, path.to_string())? {
+        Seen::Found(f) => Some(f),
+        _ => None,
+    })
+}
+
+/// Which of `new` (paths the guest made) a sync would take from the host
+/// too: not ignored by git or a `.bangerignore` of `dir` (whose own files
+/// are among `known`), and never inside a `.git` directory, where a file is
+/// a command git runs on the host.
+pub fn wanted_new(
+    dir: &Path,
+    runner: &dyn ProcessRunner,
+    known: &[String],
+    new: &[String],
+) -> HashSet<String> {
+    let ignores = IgnoreFiles::load(dir, known);
+    let mut wanted: HashSet<String> = new
+        .iter()
+        .filter(|p| !p.split('/').any(|part| part == ".git") && !ignores.excludes(p))
+        .cloned()
+        .collect();
+    if wanted.is_empty() || !in_work_tree(dir, runner) {
+        return wanted;
     }
+    let mut input = Vec::new();
+    for path in &wanted {
+        input.extend_from_slice(path.as_bytes());
+        input.push(0);
+    }
+    let spec = CommandSpec::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["check-ignore", "--stdin", "-z"])
+        .stdin(input);
+    // Exit 1 with nothing printed: none of them is ignored.
+    if let Ok(out) = runner.run(&spec) {
+        for ignored in out.stdout.split(|b| *b == 0).filter(|p| !p.is_empty()) {
+            wanted.remove(String::from_utf8_lossy(ignored).as_ref());
+        }
+    }
+    wanted
+}
+
+/// Git's list when `dir` is in a work tree; `None` for a plain directory
+/// (one call: outside a work tree `ls-files` fails).
+fn git_paths(dir: &Path, runner: &dyn ProcessRunner) -> Option<Vec<String>> {
     let out = runner
         .run(&CommandSpec::new("git").arg("-C").arg(dir).args([
             "ls-files",
@@ -126,6 +177,16 @@ fn git_paths(dir: &Path, runner: &dyn ProcessRunner) -> Option<Vec<String>> {
             .map(|p| String::from_utf8_lossy(p).into_owned())
             .collect(),
     )
+}
+
+fn in_work_tree(dir: &Path, runner: &dyn ProcessRunner) -> bool {
+    let spec = CommandSpec::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["rev-parse", "--is-inside-work-tree"]);
+    runner
+        .run(&spec)
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "true")
 }
 
 /// Every file, symlink and special file under `dir`, without following links.
@@ -263,5 +324,18 @@ mod tests {
             paths(&listing),
             [".bangerignore", ".gitignore", "forced.o", "new.c"]
         );
+
+        // Of what a guest made, only what a sync would have taken.
+        let known: Vec<String> = paths(&listing).iter().map(|p| p.to_string()).collect();
+        let made = [
+            "guest.c",
+            "out.o",
+            "build/x",
+            ".git/hooks/pre-commit",
+            "secret.txt",
+        ]
+        .map(String::from);
+        let wanted = wanted_new(dir, &RealRunner, &known, &made);
+        assert_eq!(wanted, HashSet::from(["guest.c".to_string()]));
     }
 }

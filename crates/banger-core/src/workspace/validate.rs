@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::scan::Listing;
 use super::WorkspaceError;
 
 /// `dir`, canonical, if it may be a workspace. `home` is the user's home,
@@ -45,6 +46,30 @@ pub fn workspace_dir(
     Ok(dir)
 }
 
+/// What a file costs on the work disk beyond its bytes (inode, last block).
+const PER_FILE: u64 = 4096;
+
+/// Refuses a workspace that would not fit the work disk of `disk` bytes
+/// (with room to spare for what the guest writes).
+pub fn fits(dir: &Path, listing: &Listing, disk: u64) -> Result<(), WorkspaceError> {
+    let need: u64 = listing.found.iter().map(|f| f.size + PER_FILE).sum();
+    let room = disk / 10 * 9;
+    if need <= room {
+        return Ok(());
+    }
+    let suggest = (need * 2).div_ceil(1 << 30);
+    Err(format!(
+        "the workspace {} needs about {} ({} files), more than the {} work disk holds; \
+         give the VM a bigger one with `--work-disk {suggest}G`, or leave files out with a {}",
+        dir.display(),
+        banger_proto::human_bytes(need),
+        listing.found.len(),
+        banger_proto::human_bytes(disk),
+        super::scan::IGNORE_FILE
+    )
+    .into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,5 +92,14 @@ mod tests {
         assert!(refused(Path::new("/")).contains("cannot be `/`"));
         assert!(refused(&home).contains("home directory"));
         assert!(refused(&home.join(".local")).contains("banger's own state"));
+
+        let listing = crate::workspace::scan::list(&project, &banger_host::RealRunner).unwrap();
+        fits(&project, &listing, 1 << 20).unwrap();
+        let err = fits(&project, &listing, 4096).unwrap_err().0;
+        assert!(
+            err.contains("more than the 4.0 KiB work disk holds"),
+            "{err}"
+        );
+        assert!(err.contains("--work-disk 1G"), "{err}");
     }
 }

@@ -10,7 +10,7 @@ use banger_proto::image::{NamesParams, RemoveParams};
 use banger_proto::rpc::{m, NoParams};
 use banger_proto::vm::{
     CreateParams, ExecEvent, ExecInput, ExecParams, ForwardEvent, LogEvent, LogsParams, NameParams,
-    PortForwardParams, StopParams, VmEvent, VmInfo,
+    PortForwardParams, StopParams, SyncParams, VmEvent, VmInfo,
 };
 use base64::Engine;
 
@@ -146,7 +146,19 @@ pub fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
             no_sync,
             command,
         ),
-        VmCommand::Sync { name, json } => sync(client, name, json),
+        VmCommand::Sync {
+            name,
+            pull,
+            force,
+            json,
+        } => {
+            let params = SyncParams {
+                name,
+                pull,
+                force: force.map(Into::into),
+            };
+            sync(client, params, json)
+        }
     }
 }
 
@@ -173,6 +185,12 @@ fn create(client: &Client, args: CreateArgs, start: bool) -> anyhow::Result<i32>
         .map(parse_size)
         .transpose()
         .map_err(anyhow::Error::msg)?;
+    let work_disk_bytes = args
+        .work_disk
+        .as_deref()
+        .map(parse_size)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
     let params = CreateParams {
         name: args.name.clone(),
         image: args.image,
@@ -180,6 +198,7 @@ fn create(client: &Client, args: CreateArgs, start: bool) -> anyhow::Result<i32>
         vcpus: args.vcpus,
         memory_mib,
         disk_bytes,
+        work_disk_bytes,
         vmm: args.vmm,
         root_mode: args.root_mode,
         // The daemon runs elsewhere: it gets the directory as an absolute path.
@@ -322,19 +341,25 @@ impl Drop for RawMode {
     }
 }
 
-/// `vm sync NAME`: the host's workspace changes into the guest now.
-fn sync(client: &Client, name: String, json: bool) -> anyhow::Result<i32> {
-    match client.call::<m::VmSync>(NameParams { name: name.clone() }, |_| {}) {
-        Ok(r) if json => {
-            super::println_json(&r)?;
-            Ok(0)
-        }
+/// `vm sync NAME [--pull] [--force SIDE]`. Conflicts left alone make the
+/// exit status 1: a script must not take the tree for settled.
+fn sync(client: &Client, params: SyncParams, json: bool) -> anyhow::Result<i32> {
+    let name = params.name.clone();
+    match client.call::<m::VmSync>(params, |_| {}) {
         Ok(r) => {
-            match r.summary(&name) {
-                Some(line) => println!("{line}"),
-                None => println!("{name}:{} is up to date", r.guest_path),
+            let unsettled = !r.conflicts.is_empty() || !r.refused.is_empty();
+            if json {
+                super::println_json(&r)?;
+            } else {
+                let lines = r.summary(&name);
+                if lines.is_empty() {
+                    println!("{name}:{} and {} are in sync", r.guest_path, r.host_dir);
+                }
+                for line in lines {
+                    println!("{line}");
+                }
             }
-            Ok(0)
+            Ok(i32::from(unsettled))
         }
         Err(e) => Ok(report(e)),
     }

@@ -83,7 +83,11 @@ impl VmLifecycle {
         // The workspace is in place before the first command; a failure here
         // is said, and the next exec tries again.
         if let Some(ws) = self.workspaces.record(&vm.name)? {
-            if let Err(e) = self.workspaces.sync_with(&vm, &ws, &session).await {
+            if let Err(e) = self
+                .workspaces
+                .sync_with(&vm, &ws, &session, Default::default())
+                .await
+            {
                 tracing::warn!(vm = %vm.name, error = %e.message, "workspace sync at start failed");
             }
         }

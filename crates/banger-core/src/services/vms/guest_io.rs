@@ -197,14 +197,14 @@ impl GuestIo {
         if let Some(ws) = workspace.as_ref().filter(|_| !params.no_sync) {
             let synced = self
                 .workspaces
-                .sync_with(&vm, ws, &session)
+                .sync_with(&vm, ws, &session, Default::default())
                 .await
                 .map_err(|mut e| {
                     e.message
                         .push_str("; `vm exec --no-sync` runs the command without syncing");
                     e
                 })?;
-            if let Some(line) = synced.summary(&vm.name) {
+            for line in synced.summary(&vm.name) {
                 events.emit(&ExecEvent::Stderr(
                     base64::engine::general_purpose::STANDARD.encode(format!("{line}\n")),
                 ));

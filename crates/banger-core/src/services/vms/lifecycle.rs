@@ -91,8 +91,28 @@ impl VmLifecycle {
         self.registry.list()
     }
 
-    pub fn inspect(&self, names: &[String]) -> OpResult<Vec<VmInfo>> {
-        self.registry.inspect(names)
+    /// What `vm inspect` shows: with a workspace, each side's pending
+    /// changes too (the guest's counted live while it runs).
+    pub async fn inspect(&self, names: &[String]) -> OpResult<Vec<VmInfo>> {
+        let mut infos = self.registry.inspect(names)?;
+        for info in &mut infos {
+            let Some(shown) = info.workspace.as_mut() else {
+                continue;
+            };
+            let (vm, ws) = (
+                self.registry.record(&info.name)?,
+                self.workspaces.record(&info.name)?,
+            );
+            let Some(ws) = ws else { continue };
+            let session = match info.state {
+                banger_proto::vm::VmState::Running => self.sessions.session(&vm).await.ok(),
+                _ => None,
+            };
+            let (host, guest) = self.workspaces.pending(&vm, &ws, session.as_ref()).await?;
+            shown.host_changes = Some(host);
+            shown.guest_changes = guest;
+        }
+        Ok(infos)
     }
 
     /// After a daemon restart: VMs whose VMM still runs are kept (their SSH
@@ -180,12 +200,17 @@ impl VmLifecycle {
             Some(bytes) => sizing::disk_bytes(bytes, image.size_bytes)?,
             None => MIN_DISK_BYTES.max(image.size_bytes),
         };
+        let work_disk_bytes = match params.work_disk_bytes {
+            Some(bytes) => sizing::work_disk_bytes(bytes)?,
+            None => WORK_DISK_BYTES,
+        };
         let root_mode = self.root_mode(params.root_mode, &kernel)?;
         let workspace = match &params.workspace {
-            Some(dir) => Some(
-                self.workspaces
-                    .check(dir, params.workspace_path.as_deref())?,
-            ),
+            Some(dir) => Some(self.workspaces.check(
+                dir,
+                params.workspace_path.as_deref(),
+                work_disk_bytes,
+            )?),
             None if params.workspace_path.is_some() => {
                 return Err(OpError::invalid("--workspace-path needs --workspace DIR"))
             }
@@ -226,7 +251,7 @@ impl VmLifecycle {
         let (work, runner) = (dir.join("work.ext4"), self.runner.clone());
         let work = async {
             tokio::task::spawn_blocking(move || {
-                disk::create_empty(runner.as_ref(), &work, WORK_DISK_BYTES, "work")
+                disk::create_empty(runner.as_ref(), &work, work_disk_bytes, "work")
             })
             .await?
             .map_err(|e| OpError::writing(e, &dir))
@@ -264,8 +289,11 @@ impl VmLifecycle {
         self.registry.store.insert_vm(&record)?;
         drop(addresses);
         if let Some((host_dir, guest_path)) = workspace {
-            // Goes with the record (ON DELETE CASCADE), undone or not.
-            self.workspaces.attach(&record.name, host_dir, guest_path)?;
+            // Goes with the record (ON DELETE CASCADE), undone or not. Its
+            // files belong to the image's default user.
+            let owner = Some(image.config.user.clone()).filter(|u| !u.is_empty());
+            self.workspaces
+                .attach(&record.name, host_dir, guest_path, owner)?;
         }
         let (store, undo_name) = (self.registry.store.clone(), record.name.clone());
         steps.undo("record", move || {
@@ -308,6 +336,10 @@ impl VmLifecycle {
             // Clean first: the agent syncs and unmounts before powering off.
             let connecting = tokio::time::timeout(timeout, self.sessions.session(vm));
             if let Ok(Ok(session)) = connecting.await {
+                // What the guest changed in its workspace, counted while it
+                // can be: `vm rm` refuses to lose it.
+                let counting = self.workspaces.record_before_stop(vm, &session);
+                let _ = tokio::time::timeout(timeout / 2, counting).await;
                 let _ = tokio::time::timeout(Duration::from_secs(2), session.poweroff()).await;
             }
             let deadline = tokio::time::Instant::now() + timeout;
@@ -356,6 +388,7 @@ impl VmLifecycle {
                 if self.registry.live(name)?.is_some() {
                     return Err(VmError::Running(name.clone()).into());
                 }
+                self.refuse_unpulled(name)?;
             }
         }
         let mut removed = Vec::new();
@@ -390,6 +423,25 @@ impl VmLifecycle {
         }
         self.registry.write_ssh_config();
         Ok(removed)
+    }
+}
+
+impl VmLifecycle {
+    /// Refuses to remove a VM whose guest changed its workspace since the
+    /// last pull (as counted at its stop).
+    fn refuse_unpulled(&self, name: &str) -> OpResult<()> {
+        let Some(ws) = self.workspaces.record(name)? else {
+            return Ok(());
+        };
+        match ws.guest_changes {
+            Some(n) if n > 0 => Err(OpError::conflict(format!(
+                "VM `{name}` has {n} change(s) in its workspace ({name}:{}) not pulled to {}; \
+                 `banger vm start {name}` then `banger vm sync {name} --pull` keeps them, \
+                 `banger vm rm -f {name}` discards them",
+                ws.guest_path, ws.host_dir
+            ))),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -1,0 +1,447 @@
+//! The workspace service: a VM's host directory mirrored into its work
+//! disk, both ways. A sync lists the host tree and compares it with the last
+//! sync's manifest (`workspace.json` in the VM's directory); a pull, or a
+//! forced side, lists the guest's too. What changed on one side goes to the
+//! other as one tar stream through the agent's `banger-tar` (see `guest`);
+//! what changed on both is a conflict, left alone. `vm exec` syncs first,
+//! so a command never runs on a stale copy.
+
+mod guest;
+
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use banger_host::ProcessRunner;
+use banger_proto::vm::{Refused, SyncParams, SyncResult, SyncSide};
+use banger_treecopy::sync::Outcome;
+
+use crate::error::{OpError, OpResult};
+use crate::locks::KeyedLocks;
+use crate::services::vms::{AgentSessions, WORK_MOUNT};
+use crate::store::{Store, VmRecord, WorkspaceRecord};
+use crate::vm::agent_client::AgentSession;
+use crate::workspace::manifest::{self, Entry, GuestDelta, Manifest};
+use crate::workspace::{plan, scan, validate};
+
+const MANIFEST_FILE: &str = "workspace.json";
+
+/// Which way a sync goes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Direction {
+    /// Guest to host (else host to guest).
+    pub pull: bool,
+    pub force: Option<SyncSide>,
+}
+
+pub struct WorkspaceService {
+    store: Arc<Store>,
+    sessions: Arc<AgentSessions>,
+    runner: Arc<dyn ProcessRunner>,
+    state_dir: PathBuf,
+    /// One sync at a time per VM: two execs at once share one manifest.
+    syncing: KeyedLocks,
+    manifests: std::sync::Mutex<std::collections::HashMap<String, Arc<Manifest>>>,
+}
+
+impl WorkspaceService {
+    pub fn new(
+        store: Arc<Store>,
+        sessions: Arc<AgentSessions>,
+        runner: Arc<dyn ProcessRunner>,
+        state_dir: PathBuf,
+    ) -> WorkspaceService {
+        WorkspaceService {
+            store,
+            sessions,
+            runner,
+            state_dir,
+            syncing: KeyedLocks::default(),
+            manifests: Default::default(),
+        }
+    }
+
+    /// A create's workspace, checked before anything is made: the host
+    /// directory (canonical) and the guest path. It must fit the work disk
+    /// (`work_disk` bytes).
+    pub fn check(
+        &self,
+        dir: &str,
+        guest_path: Option<&str>,
+        work_disk: u64,
+    ) -> OpResult<(String, String)> {
+        let home = std::env::var_os("HOME").map(PathBuf::from);
+        let dir = validate::workspace_dir(Path::new(dir), home.as_deref(), &self.state_dir)?;
+        let guest = checked_guest_path(guest_path.unwrap_or(WORK_MOUNT))?;
+        let listing = scan::list(&dir, self.runner.as_ref())?;
+        validate::fits(&dir, &listing, work_disk)?;
+        Ok((dir.display().to_string(), guest))
+    }
+
+    pub fn attach(
+        &self,
+        vm: &str,
+        host_dir: String,
+        guest_path: String,
+        owner: Option<String>,
+    ) -> OpResult<()> {
+        Ok(self.store.put_workspace(&WorkspaceRecord {
+            vm: vm.to_string(),
+            host_dir,
+            guest_path,
+            last_sync: None,
+            owner,
+            guest_changes: None,
+        })?)
+    }
+
+    /// The VM's workspace, if it has one.
+    pub fn record(&self, vm: &str) -> OpResult<Option<WorkspaceRecord>> {
+        Ok(self.store.get_workspace(vm)?)
+    }
+
+    /// `vm sync NAME [--pull] [--force SIDE]`.
+    pub async fn sync(&self, params: SyncParams) -> OpResult<SyncResult> {
+        let (vm, session) = self.sessions.running(&params.name).await?;
+        let ws = self.required(&params.name)?;
+        let direction = Direction {
+            pull: params.pull,
+            force: params.force,
+        };
+        self.sync_with(&vm, &ws, &session, direction).await
+    }
+
+    fn required(&self, name: &str) -> OpResult<WorkspaceRecord> {
+        self.record(name)?.ok_or_else(|| {
+            OpError::invalid(format!(
+                "VM `{name}` has no workspace; create it with `--workspace DIR`"
+            ))
+        })
+    }
+
+    /// How many changes each side holds that the other does not have:
+    /// (host, guest). The guest's is counted live over `session`, else it is
+    /// what the VM's last stop recorded.
+    pub async fn pending(
+        &self,
+        vm: &VmRecord,
+        ws: &WorkspaceRecord,
+        session: Option<&AgentSession>,
+    ) -> OpResult<(u64, Option<u64>)> {
+        let _one_at_a_time = self.syncing.lock(&vm.name).await;
+        let old = self.take_manifest(vm);
+        let scanned = self.scan_host(ws, old.clone()).await;
+        let guest = match session {
+            Some(s) => match self.scan_guest(ws, &old, s, &[]).await {
+                Ok(delta) => Some(delta.len() as u64),
+                Err(e) => {
+                    tracing::warn!(vm = %vm.name, error = %e.message, "listing the guest workspace");
+                    ws.guest_changes
+                }
+            },
+            None => ws.guest_changes,
+        };
+        self.keep_manifest(vm, old);
+        let host = scanned?.0;
+        Ok(((host.changed.len() + host.removed.len()) as u64, guest))
+    }
+
+    /// Counts the guest's unpulled changes before a stop, so that `vm rm`
+    /// can tell without the VM running.
+    pub async fn record_before_stop(&self, vm: &VmRecord, session: &AgentSession) {
+        let Ok(Some(ws)) = self.record(&vm.name) else {
+            return;
+        };
+        match self.pending(vm, &ws, Some(session)).await {
+            Ok((_, Some(guest))) => {
+                if let Err(e) = self
+                    .store
+                    .set_workspace_guest_changes(&vm.name, Some(guest))
+                {
+                    tracing::warn!(vm = %vm.name, error = %e, "recording guest workspace changes");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(vm = %vm.name, error = %e.message, "counting workspace changes")
+            }
+        }
+    }
+
+    /// Syncs `vm`'s workspace `ws` over `session`.
+    pub async fn sync_with(
+        &self,
+        vm: &VmRecord,
+        ws: &WorkspaceRecord,
+        session: &AgentSession,
+        direction: Direction,
+    ) -> OpResult<SyncResult> {
+        let _one_at_a_time = self.syncing.lock(&vm.name).await;
+        let started = std::time::Instant::now();
+        let old = self.take_manifest(vm);
+        // On failure the cache is left empty: the next sync reads the file.
+        let (result, next, changed) = self.sync_locked(vm, ws, session, direction, old).await?;
+        if changed {
+            let path = Path::new(&vm.dir).join(MANIFEST_FILE);
+            let text = serde_json::to_vec(&*next).expect("manifests serialise");
+            let tmp = path.with_extension("json.new");
+            std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path))?;
+        }
+        self.keep_manifest(vm, next);
+        if direction.pull {
+            let left = (result.conflicts.len() + result.refused.len()) as u64;
+            self.store
+                .set_workspace_guest_changes(&vm.name, Some(left))?;
+        }
+        if changed || ws.last_sync.is_none() {
+            self.store
+                .set_workspace_synced(&vm.name, &crate::ids::now_rfc3339())?;
+        }
+        // One line a benchmark reads (scripts/bench-workspace).
+        tracing::info!(
+            vm = %vm.name,
+            written = result.written,
+            removed = result.removed,
+            pulled = result.pulled,
+            conflicts = result.conflicts.len(),
+            bytes = result.bytes,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "workspace synced"
+        );
+        Ok(result)
+    }
+
+    async fn sync_locked(
+        &self,
+        vm: &VmRecord,
+        ws: &WorkspaceRecord,
+        session: &AgentSession,
+        direction: Direction,
+        old: Arc<Manifest>,
+    ) -> OpResult<(SyncResult, Arc<Manifest>, bool)> {
+        let failed = |why: String| {
+            OpError::internal(format!(
+                "syncing the workspace of {} ({} and {}:{}): {why}",
+                vm.name, ws.host_dir, vm.name, ws.guest_path
+            ))
+        };
+        let (mut host, known) = self.scan_host(ws, old.clone()).await?;
+        let guest = if direction.pull || direction.force == Some(SyncSide::Guest) {
+            Some(self.scan_guest(ws, &old, session, &known).await?)
+        } else {
+            None
+        };
+        let refreshed = std::mem::take(&mut host.refreshed);
+        let mut plan = plan::plan(&old, host, guest, direction.pull, direction.force);
+        let changed = !refreshed.is_empty()
+            || !plan.push.is_empty()
+            || !plan.pull.is_empty()
+            || !plan.pull_remove.is_empty()
+            || !plan.forget.is_empty();
+        // The only reference now: changed in place, not copied.
+        let mut next = old;
+        for entry in refreshed {
+            Arc::make_mut(&mut next)
+                .entries
+                .insert(entry.found.path.clone(), entry);
+        }
+        let mut result = SyncResult {
+            guest_path: ws.guest_path.clone(),
+            host_dir: ws.host_dir.clone(),
+            conflicts: std::mem::take(&mut plan.conflicts),
+            ..Default::default()
+        };
+        let host_dir = PathBuf::from(&ws.host_dir);
+        if !plan.push.is_empty() {
+            let items = std::mem::take(&mut plan.push);
+            let outcomes = guest::push(
+                session,
+                &host_dir,
+                &ws.guest_path,
+                ws.owner.as_deref(),
+                items.clone(),
+            )
+            .await
+            .map_err(failed)?;
+            let entries = &mut Arc::make_mut(&mut next).entries;
+            for (item, outcome) in items.into_iter().zip(outcomes) {
+                match outcome {
+                    Outcome::Written { ctime_ns } => {
+                        let Some(mut entry) = plan.pushed.remove(&item.path) else {
+                            continue;
+                        };
+                        entry.guest_ctime = Some(ctime_ns);
+                        result.written += 1;
+                        if entry.found.kind == scan::Kind::File {
+                            result.bytes += entry.found.size;
+                        }
+                        entries.insert(item.path, entry);
+                    }
+                    Outcome::Removed => {
+                        result.removed += 1;
+                        entries.remove(&item.path);
+                    }
+                    Outcome::Conflict | Outcome::Refused { .. } => result.conflicts.push(item.path),
+                }
+            }
+        }
+        if !plan.pull.is_empty() {
+            let paths: Vec<String> = plan.pull.iter().map(|s| s.path.clone()).collect();
+            let outcomes = guest::fetch(session, &ws.guest_path, &paths, &host_dir)
+                .await
+                .map_err(failed)?;
+            let entries = &mut Arc::make_mut(&mut next).entries;
+            for (stat, outcome) in plan.pull.iter().zip(outcomes) {
+                match outcome {
+                    Outcome::Written { .. } => {
+                        if let Some(found) = scan::stat(&host_dir, &stat.path)? {
+                            let entry = Entry {
+                                guest_ctime: Some(stat.ctime_ns),
+                                ..Entry::new(found)
+                            };
+                            entries.insert(stat.path.clone(), entry);
+                        }
+                        result.pulled += 1;
+                    }
+                    Outcome::Refused { why } => result.refused.push(Refused {
+                        path: stat.path.clone(),
+                        why,
+                    }),
+                    Outcome::Removed | Outcome::Conflict => {}
+                }
+            }
+        }
+        for path in &plan.pull_remove {
+            remove_on_host(&host_dir, path).map_err(|e| failed(e.to_string()))?;
+            Arc::make_mut(&mut next).entries.remove(path);
+            result.pulled_removed += 1;
+        }
+        for path in &plan.forget {
+            Arc::make_mut(&mut next).entries.remove(path);
+        }
+        result.conflicts.sort();
+        result.conflicts.dedup();
+        Ok((result, next, changed))
+    }
+
+    /// The host's changes since `old`, and every path the host lists now.
+    async fn scan_host(
+        &self,
+        ws: &WorkspaceRecord,
+        old: Arc<Manifest>,
+    ) -> OpResult<(manifest::HostDelta, Vec<String>)> {
+        let (host_dir, runner) = (PathBuf::from(&ws.host_dir), self.runner.clone());
+        Ok(tokio::task::spawn_blocking(move || {
+            let listing = scan::list(&host_dir, runner.as_ref())?;
+            let known = listing.found.iter().map(|f| f.path.clone()).collect();
+            let delta = manifest::host_changes(&old, listing, &host_dir)?;
+            Ok::<_, crate::workspace::WorkspaceError>((delta, known))
+        })
+        .await??)
+    }
+
+    /// The guest's changes since `old`. `known`: the host's paths (for its
+    /// ignore files), listed anew when empty.
+    async fn scan_guest(
+        &self,
+        ws: &WorkspaceRecord,
+        old: &Manifest,
+        session: &AgentSession,
+        known: &[String],
+    ) -> OpResult<GuestDelta> {
+        let listed = guest::list(session, &ws.guest_path).await.map_err(|why| {
+            OpError::internal(format!("listing {} in the guest: {why}", ws.guest_path))
+        })?;
+        let new: Vec<String> = listed
+            .iter()
+            .filter(|s| !old.entries.contains_key(&s.path))
+            .map(|s| s.path.clone())
+            .collect();
+        let (host_dir, runner) = (PathBuf::from(&ws.host_dir), self.runner.clone());
+        let mut known = known.to_vec();
+        let wanted = tokio::task::spawn_blocking(move || {
+            if known.is_empty() && !new.is_empty() {
+                known = scan::list(&host_dir, runner.as_ref())?
+                    .found
+                    .into_iter()
+                    .map(|f| f.path)
+                    .collect();
+            }
+            Ok::<_, crate::workspace::WorkspaceError>(scan::wanted_new(
+                &host_dir,
+                runner.as_ref(),
+                &known,
+                &new,
+            ))
+        })
+        .await??;
+        Ok(manifest::guest_changes(old, listed, |p| wanted.contains(p)))
+    }
+
+    /// The last sync's manifest, out of the cache while a sync works on it:
+    /// kept in memory between syncs, read from its file after a daemon
+    /// restart. Keyed by the VM's creation too: a new VM under an old name
+    /// starts afresh.
+    fn take_manifest(&self, vm: &VmRecord) -> Arc<Manifest> {
+        let cached = self
+            .manifests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&cache_key(vm));
+        cached.unwrap_or_else(|| {
+            Arc::new(
+                std::fs::read(Path::new(&vm.dir).join(MANIFEST_FILE))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                    .unwrap_or_default(),
+            )
+        })
+    }
+
+    fn keep_manifest(&self, vm: &VmRecord, manifest: Arc<Manifest>) {
+        self.manifests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(cache_key(vm), manifest);
+    }
+}
+
+fn cache_key(vm: &VmRecord) -> String {
+    format!("{}@{}", vm.name, vm.created_at)
+}
+
+/// Removes a path the guest removed, if it is a plain relative one.
+fn remove_on_host(host_dir: &Path, path: &str) -> std::io::Result<()> {
+    let rel = Path::new(path);
+    if !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+        return Ok(()); // Not one of the manifest's own: nothing to do.
+    }
+    banger_treecopy::sync::remove_path(host_dir, rel, rel)
+}
+
+/// The guest path: absolute, on the work disk, without `..`.
+fn checked_guest_path(path: &str) -> Result<String, OpError> {
+    let p = Path::new(path);
+    let plain = p.is_absolute()
+        && p.components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    if !plain || !p.starts_with(WORK_MOUNT) {
+        return Err(OpError::invalid(format!(
+            "--workspace-path {path}: the workspace goes on the work disk, at {WORK_MOUNT} or a directory under it"
+        )));
+    }
+    Ok(p.components().collect::<PathBuf>().display().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_guest_path_stays_on_the_work_disk() {
+        assert_eq!(checked_guest_path("/work").unwrap(), "/work");
+        assert_eq!(checked_guest_path("/work/app/").unwrap(), "/work/app");
+        for bad in ["/etc", "work", "/work/../etc", "/workshop", "/"] {
+            assert!(checked_guest_path(bad).is_err(), "{bad}");
+        }
+    }
+}
