@@ -40,6 +40,8 @@ pub fn run(args: &[String], input: impl Read, mut out: impl Write, mut err: impl
         // JSON per entry says what became of it.
         Some((cmd, rest)) if cmd == "sync" => match sync_args(rest) {
             Ok((dst, options)) => sync::apply(input, &dst, &options).and_then(|outcomes| {
+                // One write, not one per JSON token: each is a message to the host.
+                let mut out = std::io::BufWriter::with_capacity(64 << 10, &mut out);
                 for outcome in outcomes {
                     serde_json::to_writer(&mut out, &outcome)?;
                     out.write_all(b"\n")?;

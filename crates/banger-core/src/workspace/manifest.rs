@@ -97,6 +97,52 @@ pub fn host_changes(
     let mut seen = std::collections::HashSet::with_capacity(listing.found.len());
     for found in listing.found {
         seen.insert(found.path.clone());
+        delta.consider(old, found, dir)?;
+    }
+    delta.removed = old
+        .entries
+        .keys()
+        .filter(|p| !seen.contains(*p))
+        .cloned()
+        .collect();
+    Ok(delta)
+}
+
+/// [`host_changes`] from the paths a watcher saw change, without listing
+/// the tree: each is stat-ed; a path new to the manifest counts only if
+/// `wanted` (the listing's rules) takes it.
+pub fn host_changes_at(
+    old: &Manifest,
+    paths: &std::collections::BTreeSet<String>,
+    dir: &Path,
+    wanted: impl FnOnce(&[String]) -> std::collections::HashSet<String>,
+) -> Result<HostDelta, WorkspaceError> {
+    let mut delta = HostDelta::default();
+    let mut new = Vec::new();
+    for path in paths {
+        match (
+            super::scan::stat(dir, path)?,
+            old.entries.contains_key(path),
+        ) {
+            (Some(found), true) => delta.consider(old, found, dir)?,
+            (Some(found), false) => new.push(found),
+            (None, true) => delta.removed.push(path.clone()),
+            (None, false) => {} // Made and gone between two syncs.
+        }
+    }
+    if !new.is_empty() {
+        let names: Vec<String> = new.iter().map(|f| f.path.clone()).collect();
+        let taken = wanted(&names);
+        for found in new.into_iter().filter(|f| taken.contains(&f.path)) {
+            delta.consider(old, found, dir)?;
+        }
+    }
+    Ok(delta)
+}
+
+impl HostDelta {
+    /// Sorts `found` (the host file now) against its last-sync entry.
+    fn consider(&mut self, old: &Manifest, found: Found, dir: &Path) -> Result<(), WorkspaceError> {
         let before = old.entries.get(&found.path);
         let mut entry = Entry {
             guest_ctime: before.and_then(|b| b.guest_ctime),
@@ -120,20 +166,14 @@ pub fn host_changes(
         };
         if changed {
             if entry.found.kind == Kind::File {
-                delta.bytes += entry.found.size;
+                self.bytes += entry.found.size;
             }
-            delta.changed.push(entry);
+            self.changed.push(entry);
         } else if before.is_some_and(|b| *b != entry) {
-            delta.refreshed.push(entry);
+            self.refreshed.push(entry);
         }
+        Ok(())
     }
-    delta.removed = old
-        .entries
-        .keys()
-        .filter(|p| !seen.contains(*p))
-        .cloned()
-        .collect();
-    Ok(delta)
 }
 
 /// Compares the guest's tree (`listed`, from `banger-tar list`) with the

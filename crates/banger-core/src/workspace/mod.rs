@@ -8,6 +8,7 @@ pub mod manifest;
 pub mod plan;
 pub mod scan;
 pub mod validate;
+pub mod watch;
 
 crate::error::message_error! {
     /// A directory that cannot be a workspace, or a tree that cannot be read.

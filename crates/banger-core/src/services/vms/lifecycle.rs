@@ -363,6 +363,7 @@ impl VmLifecycle {
         }
         crate::steps::kill_point("stop-release");
         self.sessions.forget(&vm.name).await;
+        self.workspaces.forget(vm);
         self.registry.release(vm, &rt)?;
         tracing::info!(vm = %vm.name, "VM stopped");
         Ok(())

@@ -21,6 +21,7 @@ use crate::services::vms::{AgentSessions, WORK_MOUNT};
 use crate::store::{Store, VmRecord, WorkspaceRecord};
 use crate::vm::agent_client::AgentSession;
 use crate::workspace::manifest::{self, Entry, GuestDelta, Manifest};
+use crate::workspace::watch::{Changes, Watcher};
 use crate::workspace::{plan, scan, validate};
 
 const MANIFEST_FILE: &str = "workspace.json";
@@ -41,6 +42,8 @@ pub struct WorkspaceService {
     /// One sync at a time per VM: two execs at once share one manifest.
     syncing: KeyedLocks,
     manifests: std::sync::Mutex<std::collections::HashMap<String, Arc<Manifest>>>,
+    /// What changed in each running VM's host directory since its last sync.
+    watchers: std::sync::Mutex<std::collections::HashMap<String, Arc<Watcher>>>,
 }
 
 impl WorkspaceService {
@@ -57,6 +60,7 @@ impl WorkspaceService {
             state_dir,
             syncing: KeyedLocks::default(),
             manifests: Default::default(),
+            watchers: Default::default(),
         }
     }
 
@@ -218,20 +222,68 @@ impl WorkspaceService {
         direction: Direction,
         old: Arc<Manifest>,
     ) -> OpResult<(SyncResult, Arc<Manifest>, bool)> {
+        // Before an exec the watcher says what to look at; a pull or a
+        // forced side lists everything.
+        let watcher = self.watcher(vm, ws).await;
+        let changes = watcher.as_ref().map(|w| w.take());
+        let scanned = match &changes {
+            Some(Changes::Paths(paths)) if direction == Direction::default() => {
+                self.restat_host(ws, old.clone(), paths.clone()).await
+            }
+            _ => self.scan_host(ws, old.clone()).await,
+        };
+        let (mut host, known) = match scanned {
+            Ok(scanned) => scanned,
+            Err(e) => {
+                if let Some(w) = &watcher {
+                    w.requeue(Changes::Everything);
+                }
+                return Err(e);
+            }
+        };
+        let result = self
+            .apply_changes(vm, ws, session, direction, old, &mut host, known)
+            .await;
+        if let Some(w) = &watcher {
+            match &result {
+                // Conflicts are looked at again by the next sync.
+                Ok((r, _, _)) => w.requeue(Changes::Paths(r.conflicts.iter().cloned().collect())),
+                Err(_) => w.requeue(Changes::Everything),
+            }
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn apply_changes(
+        &self,
+        vm: &VmRecord,
+        ws: &WorkspaceRecord,
+        session: &AgentSession,
+        direction: Direction,
+        old: Arc<Manifest>,
+        host: &mut manifest::HostDelta,
+        known: Vec<String>,
+    ) -> OpResult<(SyncResult, Arc<Manifest>, bool)> {
         let failed = |why: String| {
             OpError::internal(format!(
                 "syncing the workspace of {} ({} and {}:{}): {why}",
                 vm.name, ws.host_dir, vm.name, ws.guest_path
             ))
         };
-        let (mut host, known) = self.scan_host(ws, old.clone()).await?;
         let guest = if direction.pull || direction.force == Some(SyncSide::Guest) {
             Some(self.scan_guest(ws, &old, session, &known).await?)
         } else {
             None
         };
         let refreshed = std::mem::take(&mut host.refreshed);
-        let mut plan = plan::plan(&old, host, guest, direction.pull, direction.force);
+        let mut plan = plan::plan(
+            &old,
+            std::mem::take(host),
+            guest,
+            direction.pull,
+            direction.force,
+        );
         let changed = !refreshed.is_empty()
             || !plan.push.is_empty()
             || !plan.pull.is_empty()
@@ -321,6 +373,67 @@ impl WorkspaceService {
         result.conflicts.sort();
         result.conflicts.dedup();
         Ok((result, next, changed))
+    }
+
+    /// The VM's watcher, started on first use (and again if it broke); none
+    /// where inotify is out of watches or instances: every sync lists.
+    async fn watcher(&self, vm: &VmRecord, ws: &WorkspaceRecord) -> Option<Arc<Watcher>> {
+        let key = cache_key(vm);
+        if let Some(w) = self
+            .watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            if !w.is_broken() {
+                return Some(w.clone());
+            }
+        }
+        let dir = PathBuf::from(&ws.host_dir);
+        let started = tokio::task::spawn_blocking(move || Watcher::start(&dir)).await;
+        let watcher = match started {
+            Ok(Ok(w)) => Arc::new(w),
+            Ok(Err(e)) => {
+                tracing::warn!(vm = %vm.name, error = %e, "cannot watch the workspace; every sync lists it");
+                return None;
+            }
+            Err(_) => return None,
+        };
+        self.watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, watcher.clone());
+        Some(watcher)
+    }
+
+    /// Stops watching a VM's workspace (it stopped or went).
+    pub fn forget(&self, vm: &VmRecord) {
+        let key = cache_key(vm);
+        self.watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+    }
+
+    /// The host's changes since `old` among `paths` (a watcher's).
+    async fn restat_host(
+        &self,
+        ws: &WorkspaceRecord,
+        old: Arc<Manifest>,
+        paths: std::collections::BTreeSet<String>,
+    ) -> OpResult<(manifest::HostDelta, Vec<String>)> {
+        if paths.is_empty() {
+            return Ok(Default::default());
+        }
+        let (host_dir, runner) = (PathBuf::from(&ws.host_dir), self.runner.clone());
+        Ok(tokio::task::spawn_blocking(move || {
+            let delta = manifest::host_changes_at(&old, &paths, &host_dir, |new| {
+                let known: Vec<String> = old.entries.keys().cloned().collect();
+                scan::wanted_new(&host_dir, runner.as_ref(), &known, new)
+            })?;
+            Ok::<_, crate::workspace::WorkspaceError>((delta, Vec::new()))
+        })
+        .await??)
     }
 
     /// The host's changes since `old`, and every path the host lists now.
