@@ -24,6 +24,8 @@ pub const OWN_TOOLS: [&str; 2] = [banger_proto::agent::TAR_TOOL, warm::TOOL];
 
 fn main() {
     let argv0 = std::env::args().next().unwrap_or_default();
+    // By name, wherever it was run from (a copy or link in the guest too).
+    let argv0 = argv0.rsplit('/').next().unwrap_or_default().to_string();
     if argv0 == banger_proto::agent::TAR_TOOL {
         std::process::exit(tar_tool::main(std::env::args().skip(1).collect()));
     }

@@ -73,35 +73,47 @@ pub fn unpack(input: impl Read, dst: &Path, ownership: bool) -> std::io::Result<
     archive.set_preserve_mtime(true);
     archive.set_preserve_ownerships(ownership);
     archive.set_overwrite(true);
-    let mut first: Option<PathBuf> = None;
+    let mut placed = Placed::default();
     let mut count = 0;
     for entry in archive.entries()? {
-        write_entry(&mut entry?, &target, &mut first)?;
+        write_entry(&mut entry?, &target, &mut placed)?;
         count += 1;
     }
     Ok(count)
+}
+
+/// What one unpack has learnt so far.
+#[derive(Default)]
+struct Placed {
+    /// The single top-level name, for `Target::As`.
+    first: Option<PathBuf>,
+    /// Directories already found (or made) real: not checked again for
+    /// every entry under them.
+    dirs: std::collections::HashSet<PathBuf>,
+}
+
+/// `./` itself (what `tar -C DIR -c .` starts with): the destination is it.
+fn is_top<R: Read>(entry: &tar::Entry<'_, R>, path: &Path) -> bool {
+    entry.header().entry_type() == tar::EntryType::Directory
+        && path.components().all(|c| c == Component::CurDir)
 }
 
 /// Writes one entry where `target` places it, refusing any that would leave it.
 fn write_entry<R: Read>(
     entry: &mut tar::Entry<'_, R>,
     target: &Target,
-    first: &mut Option<PathBuf>,
+    placed: &mut Placed,
 ) -> std::io::Result<()> {
     let path = entry.path()?.into_owned();
-    // `./` itself (what `tar -C DIR -c .` starts with): the destination is it.
-    if entry.header().entry_type() == tar::EntryType::Directory
-        && path.components().all(|c| c == Component::CurDir)
-    {
+    if is_top(entry, &path) {
         return Ok(());
     }
-    let (base, rel) = place(target, &path, first)?;
+    let (base, rel) = place(target, &path, &mut placed.first)?;
     let dest = base.join(&rel);
     // Checked before anything is made: no directory of the entry's path
     // may be a symlink (a hostile archive's `x -> /outside` followed by
     // `x/newdir/f` would otherwise make /outside/newdir).
-    make_parents(&base, &rel, &path)?;
-    let inside = base.canonicalize()?;
+    walk_parents(&base, &rel, &path, true, &mut placed.dirs)?;
     // Whatever is at the destination itself is replaced, never followed.
     if std::fs::symlink_metadata(&dest).is_ok_and(|m| m.file_type().is_symlink()) {
         std::fs::remove_file(&dest)?;
@@ -112,8 +124,9 @@ fn write_entry<R: Read>(
             .link_name()?
             .ok_or_else(|| refuse(format!("{} links to nothing", path.display())))?
             .into_owned();
-        let (to_base, to_rel) = place(target, &to, first)?;
+        let (to_base, to_rel) = place(target, &to, &mut placed.first)?;
         let source = to_base.join(to_rel);
+        let inside = base.canonicalize()?;
         let source_dir = source.parent().unwrap_or(&to_base).canonicalize()?;
         if !source_dir.starts_with(&inside) {
             return Err(refuse(format!(
@@ -129,24 +142,34 @@ fn write_entry<R: Read>(
     Ok(())
 }
 
-/// Makes the directories above `rel` under `base`, one at a time, refusing
-/// any that exists as something other than a real directory.
-fn make_parents(base: &Path, rel: &Path, shown: &Path) -> std::io::Result<()> {
-    walk_parents(base, rel, shown, true).map(|_| ())
-}
-
 /// Goes through the directories above `rel` under `base`, refusing any that
 /// is not a real directory (a symlink would lead out). A missing one is
 /// made when `make`, else the walk stops there: false.
-fn walk_parents(base: &Path, rel: &Path, shown: &Path, make: bool) -> std::io::Result<bool> {
+/// `known`: directories already found real (and kept up to date by whoever
+/// removes one).
+fn walk_parents(
+    base: &Path,
+    rel: &Path,
+    shown: &Path,
+    make: bool,
+    known: &mut std::collections::HashSet<PathBuf>,
+) -> std::io::Result<bool> {
     let Some(parents) = rel.parent() else {
         return Ok(true);
     };
+    if parents.as_os_str().is_empty() || known.contains(&base.join(parents)) {
+        return Ok(true);
+    }
     let mut at = base.to_path_buf();
     for part in parents.components() {
         at.push(part);
+        if known.contains(&at) {
+            continue;
+        }
         match std::fs::symlink_metadata(&at) {
-            Ok(m) if m.is_dir() => {}
+            Ok(m) if m.is_dir() => {
+                known.insert(at.clone());
+            }
             Ok(_) => {
                 return Err(refuse(format!(
                     "{} leaves the destination (through {}, which is not a directory)",
@@ -154,7 +177,10 @@ fn walk_parents(base: &Path, rel: &Path, shown: &Path, make: bool) -> std::io::R
                     at.display()
                 )))
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && make => std::fs::create_dir(&at)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && make => {
+                std::fs::create_dir(&at)?;
+                known.insert(at.clone());
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(e),
         }

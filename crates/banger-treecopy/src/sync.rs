@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::stat::ctime_ns;
-use super::{refuse, relative, walk_parents, write_entry, Target};
+use super::{is_top, refuse, relative, walk_parents, write_entry, Placed, Target};
 
 /// The PAX record marking an entry whose path is to be removed.
 pub const REMOVE_KEY: &str = "BANGER.remove";
@@ -134,6 +134,9 @@ pub fn apply(
     dst: &Path,
     options: &ApplyOptions,
 ) -> std::io::Result<Vec<Outcome>> {
+    // Into an empty directory nothing can be there already: no entry's
+    // expectation of an absent path needs checking.
+    let fresh = std::fs::read_dir(dst).map_or(true, |mut d| d.next().is_none());
     std::fs::create_dir_all(dst)?;
     chown(dst, options.owner)?;
     let target = Target::Into(dst.to_path_buf());
@@ -144,11 +147,15 @@ pub fn apply(
     archive.set_overwrite(true);
     let mut owned = HashSet::new();
     let mut outcomes = Vec::new();
-    let mut first = None;
+    let mut placed = Placed::default();
+    let mut written = HashSet::new();
     for entry in archive.entries()? {
         let mut entry = entry?;
         let (remove, expect) = marks(&mut entry)?;
         let path = entry.path()?.into_owned();
+        if is_top(&entry, &path) && options.only.is_none() {
+            continue;
+        }
         let rel = relative(&path)?;
         if let Some(only) = &options.only {
             if remove || !only.contains(rel.to_string_lossy().as_ref()) {
@@ -159,18 +166,22 @@ pub fn apply(
                 continue;
             }
         }
-        if let Some(expect) = expect {
-            if !holds(dst, &rel, &path, expect, remove)? {
+        let trivially = fresh && expect == Some(Expect::Absent) && !written.contains(&rel);
+        if let Some(expect) = expect.filter(|_| !trivially) {
+            if !holds(dst, &rel, expect, remove)? {
                 outcomes.push(Outcome::Conflict);
                 continue;
             }
         }
         if remove {
-            remove_path(dst, &rel, &path)?;
+            remove_known(dst, &rel, &path, &mut placed.dirs)?;
             outcomes.push(Outcome::Removed);
             continue;
         }
-        write_entry(&mut entry, &target, &mut first)?;
+        write_entry(&mut entry, &target, &mut placed)?;
+        if fresh {
+            written.insert(rel.clone());
+        }
         let dest = dst.join(&rel);
         if options.owner.is_some() {
             own_parents(dst, &rel, options.owner, &mut owned)?;
@@ -184,23 +195,16 @@ pub fn apply(
     Ok(outcomes)
 }
 
-/// Whether the destination of `rel` is as `expect` says.
-fn holds(
-    dst: &Path,
-    rel: &Path,
-    shown: &Path,
-    expect: Expect,
-    remove: bool,
-) -> std::io::Result<bool> {
-    let now = if walk_parents(dst, rel, shown, false)? {
-        match std::fs::symlink_metadata(dst.join(rel)) {
-            Ok(m) if !m.is_dir() => Some(ctime_ns(&m)),
-            Ok(_) => Some(-1), // A directory now: it changed.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(e),
-        }
-    } else {
-        None
+/// Whether the destination of `rel` is as `expect` says. Only looked at:
+/// a parent that is a symlink is refused when the entry is applied.
+fn holds(dst: &Path, rel: &Path, expect: Expect, remove: bool) -> std::io::Result<bool> {
+    let now = match std::fs::symlink_metadata(dst.join(rel)) {
+        Ok(m) if !m.is_dir() => Some(ctime_ns(&m)),
+        Ok(_) => Some(-1), // A directory now: it changed.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        // A parent is a file: the path is not there either.
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => None,
+        Err(e) => return Err(e),
     };
     Ok(match expect {
         Expect::Absent => now.is_none(),
@@ -283,7 +287,17 @@ fn marks<R: Read>(entry: &mut tar::Entry<'_, R>) -> std::io::Result<(bool, Optio
 /// it the removal left empty. A directory is left alone, and no directory
 /// of the path may be a symlink.
 pub fn remove_path(dst: &Path, rel: &Path, shown: &Path) -> std::io::Result<()> {
-    if !walk_parents(dst, rel, shown, false)? {
+    remove_known(dst, rel, shown, &mut HashSet::new())
+}
+
+/// [`remove_path`] keeping `known` (real directories) true.
+fn remove_known(
+    dst: &Path,
+    rel: &Path,
+    shown: &Path,
+    known: &mut HashSet<PathBuf>,
+) -> std::io::Result<()> {
+    if !walk_parents(dst, rel, shown, false, known)? {
         return Ok(()); // A directory on the way is missing: so is the file.
     }
     let dest = dst.join(rel);
@@ -298,6 +312,7 @@ pub fn remove_path(dst: &Path, rel: &Path, shown: &Path) -> std::io::Result<()> 
         if d == dst || std::fs::remove_dir(d).is_err() {
             break;
         }
+        known.remove(d);
         dir = d.parent();
     }
     Ok(())
@@ -534,6 +549,37 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("not asked for"), "{err}");
         assert!(host.join("d/f").exists());
+    }
+
+    #[test]
+    fn a_directory_emptied_and_filled_in_one_stream_is_made_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (host, guest) = (tmp.path().join("host"), tmp.path().join("guest"));
+        std::fs::create_dir_all(host.join("d")).unwrap();
+        std::fs::write(host.join("d/new"), "n").unwrap();
+        std::fs::write(host.join("d/seen"), "s").unwrap();
+        std::fs::create_dir_all(guest.join("d")).unwrap();
+        std::fs::write(guest.join("d/only"), "o").unwrap();
+        let items = [
+            Item::write("d/seen", None),
+            Item::remove("d/only", None),
+            Item::remove("d/seen", None),
+            Item::write("d/new", None),
+        ];
+        let outcomes = send(&host, &items, &guest, &ApplyOptions::default()).unwrap();
+        assert_eq!(outcomes.len(), 4);
+        assert_eq!(std::fs::read_to_string(guest.join("d/new")).unwrap(), "n");
+        assert!(!guest.join("d/only").exists() && !guest.join("d/seen").exists());
+
+        // `tar -C DIR -c .` output applies too (its `./` entry is the destination).
+        let mut tar = Vec::new();
+        let mut builder = tar::Builder::new(&mut tar);
+        builder.append_dir_all(".", &host).unwrap();
+        builder.into_inner().unwrap();
+        let fresh = tmp.path().join("fresh");
+        let outcomes = apply(&tar[..], &fresh, &ApplyOptions::default()).unwrap();
+        assert!(outcomes.len() >= 2, "{outcomes:?}");
+        assert_eq!(std::fs::read_to_string(fresh.join("d/seen")).unwrap(), "s");
     }
 
     #[test]
