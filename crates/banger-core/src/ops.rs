@@ -264,7 +264,9 @@ impl Core {
                     .logs(&p.name, p.tail, p.follow, typed::<m::VmLogs>(ev), input)
                     .await,
             ),
-            Request::VmSync(p) => answer::<m::VmSync>(self.workspaces.sync(p).await),
+            Request::VmSync(p) => {
+                answer::<m::VmSync>(self.workspaces.sync(p, typed::<m::VmSync>(ev)).await)
+            }
             Request::VmExec(p) => {
                 answer::<m::VmExec>(self.guest.exec(p, typed::<m::VmExec>(ev), input).await)
             }

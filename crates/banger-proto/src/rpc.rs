@@ -16,7 +16,7 @@ use crate::image::{NamesParams, RemoveParams, RemoveResult};
 use crate::kernel::{ImportParams, KernelInfo, PullParams as KernelPullParams};
 use crate::vm::{CreateParams, ExecEvent, ExecParams, ExecResult, ForwardEvent, LogEvent};
 use crate::vm::{LogsParams, LogsResult, NameParams, PortForwardParams, PortForwardResult};
-use crate::vm::{StopParams, SyncParams, SyncResult, VmEvent, VmInfo};
+use crate::vm::{StopParams, SyncParams, SyncProgress, SyncResult, VmEvent, VmInfo};
 
 /// One method of the protocol, as a type.
 pub trait Method {
@@ -140,7 +140,7 @@ protocol! {
     VmInspect = "vm.inspect": NamesParams => Vec<VmInfo>, NoEvent;
     VmLogs = "vm.logs": LogsParams => LogsResult, LogEvent;
     VmExec = "vm.exec": ExecParams => ExecResult, ExecEvent;
-    VmSync = "vm.sync": SyncParams => SyncResult, NoEvent;
+    VmSync = "vm.sync": SyncParams => SyncResult, SyncProgress;
     VmPortForward = "vm.port_forward": PortForwardParams => PortForwardResult, ForwardEvent;
 }
 

@@ -108,6 +108,28 @@ pub struct SyncParams {
     pub force: Option<SyncSide>,
 }
 
+/// How far a workspace sync has got (sent every half second while it sends).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncProgress {
+    /// Bytes of the stream sent so far (contents and tar headers).
+    pub done_bytes: u64,
+    /// Bytes of file content to send.
+    pub total_bytes: u64,
+    pub files: u64,
+}
+
+impl SyncProgress {
+    /// One line for a person watching.
+    pub fn line(&self, vm: &str) -> String {
+        format!(
+            "{vm}: workspace: {} of {} sent ({} file(s))",
+            crate::human_bytes(self.done_bytes.min(self.total_bytes)),
+            crate::human_bytes(self.total_bytes),
+            self.files
+        )
+    }
+}
+
 /// A guest path a pull would not take, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Refused {
@@ -252,6 +274,8 @@ pub enum VmEvent {
     Step { step: String, n: u32, of: u32 },
     /// The guest agent reported a boot stage.
     Agent { stage: String },
+    /// The first workspace sync is sending.
+    Workspace(SyncProgress),
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -106,8 +106,15 @@ fn overlay_roots_are_private_exact_and_persistent() {
     let (banger, debian) = (&vms.banger, &vms.tar);
     let tmp = tempfile::tempdir().unwrap();
 
-    for vm in ["a", "b"] {
-        banger.ok(&["vm", "create", vm, "--image", "debian", "--memory", "256M"]);
+    // A workspace works on Debian as on busybox: the agent is the guest side.
+    let ws = tmp.path().join("ws");
+    std::fs::create_dir(&ws).unwrap();
+    std::fs::write(ws.join("hello.txt"), "hello debian\n").unwrap();
+    let ws_arg = ws.to_str().unwrap();
+    for (vm, extra) in [("a", vec!["--workspace", ws_arg]), ("b", vec![])] {
+        let mut create = vec!["vm", "create", vm, "--image", "debian", "--memory", "256M"];
+        create.extend(extra);
+        banger.ok(&create);
         let info = vm_info(banger, vm);
         assert_eq!(info["root_mode"], "overlay");
         let bytes = allocated(Path::new(info["dir"].as_str().unwrap()));
@@ -119,6 +126,14 @@ fn overlay_roots_are_private_exact_and_persistent() {
             s.spawn(move || banger.ok(&["vm", "start", vm]));
         }
     });
+    assert_eq!(exec(banger, "a", "cat hello.txt"), "hello debian\n");
+    exec(banger, "a", "echo back > /work/back.txt");
+    let pulled = banger.ok(&["vm", "sync", "a", "--pull"]);
+    assert!(pulled.contains("pulled 1 changed file(s)"), "{pulled}");
+    assert_eq!(
+        std::fs::read_to_string(ws.join("back.txt")).unwrap(),
+        "back\n"
+    );
 
     // Every file and directory of the image, seen from the guest, keeps
     // the image's mode (setuid included), owner and group.

@@ -91,7 +91,7 @@ fn a_workspace_is_mirrored_and_kept_current_before_each_exec() {
         assert!(banger.run(&["vm", "inspect", "bad"]).status.code() != Some(0));
     }
 
-    banger.ok(&[
+    let run = banger.run(&[
         "vm",
         "run",
         "ws",
@@ -102,6 +102,13 @@ fn a_workspace_is_mirrored_and_kept_current_before_each_exec() {
         "--workspace",
         ws,
     ]);
+    assert!(run.status.success(), "{run:?}");
+    // Seconds of sending under TCG: progress is shown meanwhile.
+    let told = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        told.contains("ws: workspace: ") && told.contains(" sent (5006 file(s))"),
+        "{told}"
+    );
     let exec = |args: &[&str]| {
         let mut all = vec!["vm", "exec", "ws"];
         all.extend(args);

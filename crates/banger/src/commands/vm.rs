@@ -249,6 +249,7 @@ fn boot_progress(name: &str) -> impl FnMut(VmEvent) + '_ {
             eprintln!("{name}: {what} ({n}/{of})");
         }
         VmEvent::Agent { stage } => eprintln!("{name}: guest agent: {stage}"),
+        VmEvent::Workspace(progress) => eprintln!("{}", progress.line(name)),
     }
 }
 
@@ -345,7 +346,7 @@ impl Drop for RawMode {
 /// exit status 1: a script must not take the tree for settled.
 fn sync(client: &Client, params: SyncParams, json: bool) -> anyhow::Result<i32> {
     let name = params.name.clone();
-    match client.call::<m::VmSync>(params, |_| {}) {
+    match client.call::<m::VmSync>(params, |p| eprintln!("{}", p.line(&name))) {
         Ok(r) => {
             let unsettled = !r.conflicts.is_empty() || !r.refused.is_empty();
             if json {

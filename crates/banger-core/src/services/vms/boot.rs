@@ -83,9 +83,12 @@ impl VmLifecycle {
         // The workspace is in place before the first command; a failure here
         // is said, and the next exec tries again.
         if let Some(ws) = self.workspaces.record(&vm.name)? {
+            let told = events.clone();
+            let progress: crate::services::workspace::Progress =
+                std::sync::Arc::new(move |p| told.emit(&VmEvent::Workspace(p)));
             if let Err(e) = self
                 .workspaces
-                .sync_with(&vm, &ws, &session, Default::default())
+                .sync_with(&vm, &ws, &session, Default::default(), Some(progress))
                 .await
             {
                 tracing::warn!(vm = %vm.name, error = %e.message, "workspace sync at start failed");

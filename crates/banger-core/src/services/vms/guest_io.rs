@@ -197,7 +197,7 @@ impl GuestIo {
         if let Some(ws) = workspace.as_ref().filter(|_| !params.no_sync) {
             let synced = self
                 .workspaces
-                .sync_with(&vm, ws, &session, Default::default())
+                .sync_with(&vm, ws, &session, Default::default(), None)
                 .await
                 .map_err(|mut e| {
                     e.message

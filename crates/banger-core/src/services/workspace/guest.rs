@@ -6,6 +6,10 @@
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use banger_proto::vm::SyncProgress;
 
 use banger_proto::agent::{ExecRequest, TAR_TOOL};
 use banger_treecopy::stat::Stat;
@@ -14,14 +18,20 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::vm::agent_client::{self, AgentSession, Input, Output};
 
+/// Told how far a sync has got.
+pub type Progress = Arc<dyn Fn(SyncProgress) + Send + Sync>;
+
 /// Streams `items` (written from `host_dir`) into the guest's `dst`; what
-/// became of each. `owner`: the guest user that owns what is written.
+/// became of each. `owner`: the guest user that owns what is written;
+/// `progress`, if any, hears twice a second how much of `total_bytes` went.
 pub async fn push(
     session: &AgentSession,
     host_dir: &Path,
     dst: &str,
     owner: Option<&str>,
     items: Vec<Item>,
+    total_bytes: u64,
+    progress: Option<Progress>,
 ) -> Result<Vec<Outcome>, String> {
     let count = items.len();
     let (tx, rx) = mpsc::channel(16);
@@ -29,8 +39,27 @@ pub async fn push(
     // that hung up (the command would get SIGHUP).
     let _open = tx.clone();
     let host_dir = host_dir.to_path_buf();
+    let sent = Arc::new(AtomicU64::new(0));
+    let report = move |done: u64| SyncProgress {
+        done_bytes: done,
+        total_bytes,
+        files: count as u64,
+    };
+    let ticker = progress.clone().map(|told| {
+        let sent = sent.clone();
+        tokio::spawn(async move {
+            let every = std::time::Duration::from_millis(500);
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            loop {
+                tick.tick().await;
+                told(report(sent.load(Ordering::Relaxed)));
+            }
+        })
+    });
+    let counted = sent.clone();
     let packing = tokio::task::spawn_blocking(move || {
-        let mut out = std::io::BufWriter::with_capacity(256 << 10, ChannelWriter(tx.clone()));
+        let writer = ChannelWriter(tx.clone(), counted);
+        let mut out = std::io::BufWriter::with_capacity(256 << 10, writer);
         let packed = sync::pack(&host_dir, &items, &mut out).and_then(|()| out.flush());
         drop(out);
         let _ = tx.blocking_send(Input::StdinEof);
@@ -40,7 +69,11 @@ pub async fn push(
     if let Some(user) = owner {
         argv.extend(["--owner".into(), user.into()]);
     }
-    let stdout = run(session, argv, rx).await?;
+    let stdout = run(session, argv, rx).await;
+    if let Some(ticker) = ticker {
+        ticker.abort();
+    }
+    let stdout = stdout?;
     packing
         .await
         .map_err(|e| e.to_string())?
@@ -189,14 +222,15 @@ fn parse_lines<T: serde::de::DeserializeOwned>(out: &[u8]) -> Result<Vec<T>, Str
         .collect()
 }
 
-/// Stdin for the guest command, as the agent client takes it.
-struct ChannelWriter(mpsc::Sender<Input>);
+/// Stdin for the guest command, as the agent client takes it, counted.
+struct ChannelWriter(mpsc::Sender<Input>, Arc<AtomicU64>);
 
 impl Write for ChannelWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.0
             .blocking_send(Input::Stdin(buf.to_vec()))
             .map_err(|_| std::io::Error::other("the guest stopped reading"))?;
+        self.1.fetch_add(buf.len() as u64, Ordering::Relaxed);
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {

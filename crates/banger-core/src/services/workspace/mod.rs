@@ -12,7 +12,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use banger_host::ProcessRunner;
-use banger_proto::vm::{Refused, SyncParams, SyncResult, SyncSide};
+use banger_proto::vm::{Refused, SyncParams, SyncProgress, SyncResult, SyncSide};
 use banger_treecopy::sync::Outcome;
 
 use crate::error::{OpError, OpResult};
@@ -25,6 +25,8 @@ use crate::workspace::watch::{Changes, Watcher};
 use crate::workspace::{plan, scan, validate};
 
 const MANIFEST_FILE: &str = "workspace.json";
+
+pub use guest::Progress;
 
 /// Which way a sync goes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -103,15 +105,21 @@ impl WorkspaceService {
         Ok(self.store.get_workspace(vm)?)
     }
 
-    /// `vm sync NAME [--pull] [--force SIDE]`.
-    pub async fn sync(&self, params: SyncParams) -> OpResult<SyncResult> {
+    /// `vm sync NAME [--pull] [--force SIDE]`, with progress events.
+    pub async fn sync(
+        &self,
+        params: SyncParams,
+        events: crate::events::Events<SyncProgress>,
+    ) -> OpResult<SyncResult> {
         let (vm, session) = self.sessions.running(&params.name).await?;
         let ws = self.required(&params.name)?;
         let direction = Direction {
             pull: params.pull,
             force: params.force,
         };
-        self.sync_with(&vm, &ws, &session, direction).await
+        let progress: Progress = Arc::new(move |p| events.emit(&p));
+        self.sync_with(&vm, &ws, &session, direction, Some(progress))
+            .await
     }
 
     fn required(&self, name: &str) -> OpResult<WorkspaceRecord> {
@@ -178,12 +186,15 @@ impl WorkspaceService {
         ws: &WorkspaceRecord,
         session: &AgentSession,
         direction: Direction,
+        progress: Option<Progress>,
     ) -> OpResult<SyncResult> {
         let _one_at_a_time = self.syncing.lock(&vm.name).await;
         let started = std::time::Instant::now();
         let old = self.take_manifest(vm);
         // On failure the cache is left empty: the next sync reads the file.
-        let (result, next, changed) = self.sync_locked(vm, ws, session, direction, old).await?;
+        let (result, next, changed) = self
+            .sync_locked(vm, ws, session, direction, old, progress)
+            .await?;
         if changed {
             let path = Path::new(&vm.dir).join(MANIFEST_FILE);
             let text = serde_json::to_vec(&*next).expect("manifests serialise");
@@ -221,6 +232,7 @@ impl WorkspaceService {
         session: &AgentSession,
         direction: Direction,
         old: Arc<Manifest>,
+        progress: Option<Progress>,
     ) -> OpResult<(SyncResult, Arc<Manifest>, bool)> {
         // Before an exec the watcher says what to look at; a pull or a
         // forced side lists everything.
@@ -242,7 +254,15 @@ impl WorkspaceService {
             }
         };
         let result = self
-            .apply_changes(vm, ws, session, direction, old, &mut host, known)
+            .apply_changes(
+                vm,
+                ws,
+                session,
+                (direction, progress),
+                old,
+                &mut host,
+                known,
+            )
             .await;
         if let Some(w) = &watcher {
             match &result {
@@ -260,7 +280,7 @@ impl WorkspaceService {
         vm: &VmRecord,
         ws: &WorkspaceRecord,
         session: &AgentSession,
-        direction: Direction,
+        (direction, progress): (Direction, Option<Progress>),
         old: Arc<Manifest>,
         host: &mut manifest::HostDelta,
         known: Vec<String>,
@@ -305,12 +325,20 @@ impl WorkspaceService {
         let host_dir = PathBuf::from(&ws.host_dir);
         if !plan.push.is_empty() {
             let items = std::mem::take(&mut plan.push);
+            let total: u64 = plan
+                .pushed
+                .values()
+                .filter(|e| e.found.kind == scan::Kind::File)
+                .map(|e| e.found.size)
+                .sum();
             let outcomes = guest::push(
                 session,
                 &host_dir,
                 &ws.guest_path,
                 ws.owner.as_deref(),
                 items.clone(),
+                total,
+                progress,
             )
             .await
             .map_err(failed)?;
