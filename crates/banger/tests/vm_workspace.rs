@@ -184,6 +184,16 @@ fn exec_in(banger: &Banger, name: &str, args: &[&str]) -> (String, String) {
     )
 }
 
+/// Runs `script` in the guest as root, without syncing first: what a guest
+/// does on its own.
+fn guest_root(banger: &Banger, name: &str, script: &str) {
+    exec_in(
+        banger,
+        name,
+        &["--no-sync", "-u", "0", "--", "sh", "-c", script],
+    );
+}
+
 fn read(dir: &Path, rel: &str) -> String {
     std::fs::read_to_string(dir.join(rel)).unwrap_or_else(|e| format!("{rel}: {e}"))
 }
@@ -312,19 +322,11 @@ fn guest_changes_come_back_and_nothing_is_lost_or_let_out() {
 
     // A hostile guest: links out of the workspace and a git hook are not
     // taken; nothing outside DIR is touched.
-    exec_in(
+    guest_root(
         &banger,
         "pw",
-        &[
-            "--no-sync",
-            "-u",
-            "0",
-            "--",
-            "sh",
-            "-c",
-            "ln -s /etc evil; mkdir -p x .git/hooks; ln -s ../../etc/passwd x/up; \
-             echo 'touch /tmp/owned' > .git/hooks/post-checkout; ln -s ../a.txt x/fine",
-        ],
+        "ln -s /etc evil; mkdir -p x .git/hooks; ln -s ../../etc/passwd x/up; \
+         echo 'touch /tmp/owned' > .git/hooks/post-checkout; ln -s ../a.txt x/fine",
     );
     let pull = banger.run(&["vm", "sync", "pw", "--pull"]);
     let said = String::from_utf8_lossy(&pull.stdout);
@@ -347,19 +349,7 @@ fn guest_changes_come_back_and_nothing_is_lost_or_let_out() {
     );
 
     // Unpulled guest work survives `vm rm` until pulled or discarded.
-    exec_in(
-        &banger,
-        "pw",
-        &[
-            "--no-sync",
-            "-u",
-            "0",
-            "--",
-            "sh",
-            "-c",
-            "rm evil x/up; echo later > a.txt",
-        ],
-    );
+    guest_root(&banger, "pw", "rm evil x/up; echo later > a.txt");
     banger.ok(&["vm", "stop", "pw"]);
     assert_eq!(workspace_of(&banger, "pw")["guest_changes"], 1);
     let err = banger.fails(&["vm", "rm", "pw"]);

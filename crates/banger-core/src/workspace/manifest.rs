@@ -20,6 +20,17 @@ pub struct Manifest {
     pub entries: BTreeMap<String, Entry>,
 }
 
+impl Manifest {
+    /// The paths of the manifest not among `seen`: gone since the last sync.
+    fn unseen(&self, seen: &std::collections::HashSet<String>) -> Vec<String> {
+        self.entries
+            .keys()
+            .filter(|p| !seen.contains(*p))
+            .cloned()
+            .collect()
+    }
+}
+
 /// One path as both sides last agreed on it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
@@ -99,12 +110,7 @@ pub fn host_changes(
         seen.insert(found.path.clone());
         delta.consider(old, found, dir)?;
     }
-    delta.removed = old
-        .entries
-        .keys()
-        .filter(|p| !seen.contains(*p))
-        .cloned()
-        .collect();
+    delta.removed = old.unseen(&seen);
     Ok(delta)
 }
 
@@ -203,12 +209,7 @@ pub fn guest_changes(
             delta.changed.push(stat);
         }
     }
-    delta.removed = old
-        .entries
-        .keys()
-        .filter(|p| !seen.contains(*p))
-        .cloned()
-        .collect();
+    delta.removed = old.unseen(&seen);
     delta
 }
 
