@@ -169,7 +169,16 @@ pub fn apply(
         let trivially = fresh && expect == Some(Expect::Absent) && !written.contains(&rel);
         if let Some(expect) = expect.filter(|_| !trivially) {
             if !holds(dst, &rel, expect, remove)? {
-                outcomes.push(Outcome::Conflict);
+                // Changed to just what is being sent (the same edit on both
+                // sides, or a sync whose answer was lost): no conflict.
+                let dest = dst.join(&rel);
+                let outcome = match !remove && same_as(&mut entry, &dest)? {
+                    true => Outcome::Written {
+                        ctime_ns: ctime_ns(&std::fs::symlink_metadata(&dest)?),
+                    },
+                    false => Outcome::Conflict,
+                };
+                outcomes.push(outcome);
                 continue;
             }
         }
@@ -211,6 +220,51 @@ fn holds(dst: &Path, rel: &Path, expect: Expect, remove: bool) -> std::io::Resul
         // Gone already is what a removal wanted; a write finds it changed.
         Expect::Ctime(n) => now == Some(n) || (remove && now.is_none()),
     })
+}
+
+/// Whether `dest` already holds what `entry` carries: the same link, or a
+/// file with the same bytes and permission bits (the entry is read).
+fn same_as<R: Read>(entry: &mut tar::Entry<'_, R>, dest: &Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::symlink_metadata(dest) else {
+        return Ok(false);
+    };
+    let header = entry.header();
+    match header.entry_type() {
+        tar::EntryType::Symlink if meta.file_type().is_symlink() => {
+            let to = entry.link_name()?.map(|t| t.into_owned());
+            Ok(to.is_some_and(|t| std::fs::read_link(dest).is_ok_and(|d| d == t)))
+        }
+        kind if kind.is_file() && meta.is_file() => {
+            let mode = header.mode()? & 0o7777;
+            if header.size()? != meta.len() || mode != meta.permissions().mode() & 0o7777 {
+                return Ok(false);
+            }
+            let mut file = std::fs::File::open(dest)?;
+            let (mut a, mut b) = (vec![0u8; 64 << 10], vec![0u8; 64 << 10]);
+            loop {
+                let n = read_full(entry, &mut a)?;
+                if n == 0 {
+                    return Ok(true);
+                }
+                if read_full(&mut file, &mut b[..n])? != n || a[..n] != b[..n] {
+                    return Ok(false);
+                }
+            }
+        }
+        _ => Ok(false),
+    }
+}
+
+fn read_full(from: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match from.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
 }
 
 /// Why an untrusted entry is not applied: only files and links whose
@@ -465,7 +519,11 @@ mod tests {
         std::fs::write(guest.join("edited"), "guest's own").unwrap();
         std::fs::write(guest.join("rm-edited"), "guest's own").unwrap();
         std::fs::write(guest.join("fresh"), "guest made it").unwrap();
+        // The same edit on both sides is no conflict.
+        std::fs::write(host.join("twin"), "same").unwrap();
+        std::fs::write(guest.join("twin"), "same").unwrap();
         let items = [
+            Item::write("twin", Some(Expect::Absent)),
             Item::write("same", expectations[0]),
             Item::write("edited", expectations[1]),
             Item::remove("rm-same", expectations[2]),
@@ -474,6 +532,13 @@ mod tests {
             Item::write("gone", Some(Expect::Ctime(1))),
         ];
         let outcomes = send(&host, &items, &guest, &ApplyOptions::default()).unwrap();
+        assert_eq!(
+            outcomes[0],
+            Outcome::Written {
+                ctime_ns: ctime(&guest.join("twin"))
+            }
+        );
+        let outcomes = &outcomes[1..];
         assert!(matches!(outcomes[0], Outcome::Written { .. }));
         assert_eq!(
             outcomes[1..],

@@ -363,7 +363,7 @@ impl VmLifecycle {
         }
         crate::steps::kill_point("stop-release");
         self.sessions.forget(&vm.name).await;
-        self.workspaces.forget(vm);
+        self.workspaces.forget(vm).await;
         self.registry.release(vm, &rt)?;
         tracing::info!(vm = %vm.name, "VM stopped");
         Ok(())

@@ -7,6 +7,7 @@
 //! so a command never runs on a stale copy.
 
 mod guest;
+mod manifest_file;
 
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
@@ -44,6 +45,7 @@ pub struct WorkspaceService {
     /// One sync at a time per VM: two execs at once share one manifest.
     syncing: KeyedLocks,
     manifests: std::sync::Mutex<std::collections::HashMap<String, Arc<Manifest>>>,
+    files: manifest_file::ManifestFiles,
     /// What changed in each running VM's host directory since its last sync.
     watchers: std::sync::Mutex<std::collections::HashMap<String, Arc<Watcher>>>,
 }
@@ -62,6 +64,7 @@ impl WorkspaceService {
             state_dir,
             syncing: KeyedLocks::default(),
             manifests: Default::default(),
+            files: Default::default(),
             watchers: Default::default(),
         }
     }
@@ -197,9 +200,7 @@ impl WorkspaceService {
             .await?;
         if changed {
             let path = Path::new(&vm.dir).join(MANIFEST_FILE);
-            let text = serde_json::to_vec(&*next).expect("manifests serialise");
-            let tmp = path.with_extension("json.new");
-            std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path))?;
+            self.files.save(&cache_key(vm), path, next.clone());
         }
         self.keep_manifest(vm, next);
         if direction.pull {
@@ -434,13 +435,15 @@ impl WorkspaceService {
         Some(watcher)
     }
 
-    /// Stops watching a VM's workspace (it stopped or went).
-    pub fn forget(&self, vm: &VmRecord) {
+    /// Stops watching a VM's workspace (it stopped or went), with its
+    /// manifest file written.
+    pub async fn forget(&self, vm: &VmRecord) {
         let key = cache_key(vm);
         self.watchers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&key);
+        self.files.flush(&key).await;
     }
 
     /// The host's changes since `old` among `paths` (a watcher's).
