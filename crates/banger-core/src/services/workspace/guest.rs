@@ -183,7 +183,9 @@ async fn run(
         env: Vec::new(),
         cwd: None,
         user: Some("0".into()),
-        flow: None,
+        // Credit-based, as `vm cp`: without it the stream piles up in the
+        // guest faster than it is applied (a third slower for 20,000 files).
+        flow: Some(agent_client::FLOW_WINDOW),
     };
     let mut stdout = Vec::new();
     let mut stderr = Vec::new();
