@@ -39,27 +39,13 @@ pub fn run(args: &[String], input: impl Read, mut out: impl Write, mut err: impl
         // Files to write and paths to remove, in one stream; one line of
         // JSON per entry says what became of it.
         Some((cmd, rest)) if cmd == "sync" => match sync_args(rest) {
-            Ok((dst, options)) => sync::apply(input, &dst, &options).and_then(|outcomes| {
-                // One write, not one per JSON token: each is a message to the host.
-                let mut out = std::io::BufWriter::with_capacity(64 << 10, &mut out);
-                for outcome in outcomes {
-                    serde_json::to_writer(&mut out, &outcome)?;
-                    out.write_all(b"\n")?;
-                }
-                out.flush()
-            }),
+            Ok((dst, options)) => sync::apply(input, &dst, &options)
+                .and_then(|outcomes| json_lines(&mut out, &outcomes)),
             Err(e) => Err(std::io::Error::other(e)),
         },
         // The tree under DIR, one JSON line per file or link.
         Some((cmd, [dir])) if cmd == "list" => banger_treecopy::stat::list(&PathBuf::from(dir))
-            .and_then(|stats| {
-                let mut out = std::io::BufWriter::new(&mut out);
-                for stat in stats {
-                    serde_json::to_writer(&mut out, &stat)?;
-                    out.write_all(b"\n")?;
-                }
-                out.flush()
-            }),
+            .and_then(|stats| json_lines(&mut out, &stats)),
         // The named paths under DIR as a sync stream (guest to host).
         Some((cmd, [dir])) if cmd == "send" => {
             let mut names = Vec::new();
@@ -89,6 +75,17 @@ pub fn run(args: &[String], input: impl Read, mut out: impl Write, mut err: impl
             1
         }
     }
+}
+
+/// One line of JSON per item, in one buffer: each write to the pipe is a
+/// message to the host, and serde_json writes token by token.
+fn json_lines<T: serde::Serialize>(out: &mut impl Write, items: &[T]) -> std::io::Result<()> {
+    let mut out = std::io::BufWriter::with_capacity(64 << 10, out);
+    for item in items {
+        serde_json::to_writer(&mut out, item)?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()
 }
 
 fn sync_args(rest: &[String]) -> Result<(PathBuf, ApplyOptions), String> {

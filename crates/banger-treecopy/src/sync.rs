@@ -173,9 +173,7 @@ pub fn apply(
                 // sides, or a sync whose answer was lost): no conflict.
                 let dest = dst.join(&rel);
                 let outcome = match !remove && same_as(&mut entry, &dest)? {
-                    true => Outcome::Written {
-                        ctime_ns: ctime_ns(&std::fs::symlink_metadata(&dest)?),
-                    },
+                    true => written_at(&dest)?,
                     false => Outcome::Conflict,
                 };
                 outcomes.push(outcome);
@@ -196,12 +194,17 @@ pub fn apply(
             own_parents(dst, &rel, options.owner, &mut owned)?;
             chown(&dest, options.owner)?;
         }
-        let meta = std::fs::symlink_metadata(&dest)?;
-        outcomes.push(Outcome::Written {
-            ctime_ns: ctime_ns(&meta),
-        });
+        outcomes.push(written_at(&dest)?);
     }
     Ok(outcomes)
+}
+
+/// `dest` written, with the change time it has now.
+fn written_at(dest: &Path) -> std::io::Result<Outcome> {
+    let meta = std::fs::symlink_metadata(dest)?;
+    Ok(Outcome::Written {
+        ctime_ns: ctime_ns(&meta),
+    })
 }
 
 /// Whether the destination of `rel` is as `expect` says. Only looked at:

@@ -94,23 +94,27 @@ impl VmLifecycle {
     /// What `vm inspect` shows: with a workspace, each side's pending
     /// changes too (the guest's counted live while it runs).
     pub async fn inspect(&self, names: &[String]) -> OpResult<Vec<VmInfo>> {
-        let mut infos = self.registry.inspect(names)?;
-        for info in &mut infos {
-            let Some(shown) = info.workspace.as_mut() else {
-                continue;
+        let vms = names
+            .iter()
+            .map(|n| self.registry.record(n))
+            .collect::<OpResult<Vec<_>>>()?;
+        let mut infos = Vec::with_capacity(vms.len());
+        for vm in vms {
+            let mut info = self.registry.info(&vm)?;
+            let ws = match info.workspace {
+                Some(_) => self.workspaces.record(&vm.name)?,
+                None => None,
             };
-            let (vm, ws) = (
-                self.registry.record(&info.name)?,
-                self.workspaces.record(&info.name)?,
-            );
-            let Some(ws) = ws else { continue };
-            let session = match info.state {
-                banger_proto::vm::VmState::Running => self.sessions.session(&vm).await.ok(),
-                _ => None,
-            };
-            let (host, guest) = self.workspaces.pending(&vm, &ws, session.as_ref()).await?;
-            shown.host_changes = Some(host);
-            shown.guest_changes = guest;
+            if let (Some(shown), Some(ws)) = (info.workspace.as_mut(), ws) {
+                let session = match info.state {
+                    banger_proto::vm::VmState::Running => self.sessions.session(&vm).await.ok(),
+                    _ => None,
+                };
+                let (host, guest) = self.workspaces.pending(&vm, &ws, session.as_ref()).await?;
+                shown.host_changes = Some(host);
+                shown.guest_changes = guest;
+            }
+            infos.push(info);
         }
         Ok(infos)
     }

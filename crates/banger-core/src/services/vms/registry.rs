@@ -209,10 +209,6 @@ impl VmRegistry {
             .collect()
     }
 
-    pub fn inspect(&self, names: &[String]) -> OpResult<Vec<VmInfo>> {
-        names.iter().map(|n| self.info(&self.record(n)?)).collect()
-    }
-
     /// The records of the VMs whose VMM runs now.
     pub fn running_records(&self) -> Vec<VmRecord> {
         self.store

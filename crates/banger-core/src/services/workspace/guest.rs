@@ -129,13 +129,7 @@ pub async fn fetch(
     let applying = tokio::task::spawn_blocking(move || {
         sync::apply(ChannelReader::new(reader), &into, &options)
     });
-    let request = ExecRequest {
-        argv: vec![TAR_TOOL.into(), "send".into(), dir.into()],
-        env: Vec::new(),
-        cwd: None,
-        user: Some("0".into()),
-        flow: Some(agent_client::FLOW_WINDOW),
-    };
+    let request = tar_request(vec![TAR_TOOL.into(), "send".into(), dir.into()]);
     let mut stderr = Vec::new();
     let status = session
         .exec(&request, None, rx, None, |out| {
@@ -172,13 +166,9 @@ pub async fn fetch(
     Ok(outcomes)
 }
 
-/// Runs `banger-tar` as root in the guest; its stdout.
-async fn run(
-    session: &AgentSession,
-    argv: Vec<String>,
-    stdin: mpsc::Receiver<Input>,
-) -> Result<Vec<u8>, String> {
-    let request = ExecRequest {
+/// `banger-tar` as root in the guest.
+fn tar_request(argv: Vec<String>) -> ExecRequest {
+    ExecRequest {
         argv,
         env: Vec::new(),
         cwd: None,
@@ -186,7 +176,16 @@ async fn run(
         // Credit-based, as `vm cp`: without it the stream piles up in the
         // guest faster than it is applied (a third slower for 20,000 files).
         flow: Some(agent_client::FLOW_WINDOW),
-    };
+    }
+}
+
+/// Runs `banger-tar` as root in the guest; its stdout.
+async fn run(
+    session: &AgentSession,
+    argv: Vec<String>,
+    stdin: mpsc::Receiver<Input>,
+) -> Result<Vec<u8>, String> {
+    let request = tar_request(argv);
     let mut stdout = Vec::new();
     let mut stderr = Vec::new();
     let status = session

@@ -145,8 +145,12 @@ impl WorkspaceService {
         let _one_at_a_time = self.syncing.lock(&vm.name).await;
         let old = self.take_manifest(vm);
         let scanned = self.scan_host(ws, old.clone()).await;
+        // The host's paths, just listed: the guest's new ones are judged by them.
+        let known = scanned
+            .as_ref()
+            .map_or(&[][..], |(_, known)| known.as_slice());
         let guest = match session {
-            Some(s) => match self.scan_guest(ws, &old, s, &[]).await {
+            Some(s) => match self.scan_guest(ws, &old, s, known).await {
                 Ok(delta) => Some(delta.len() as u64),
                 Err(e) => {
                     tracing::warn!(vm = %vm.name, error = %e.message, "listing the guest workspace");
@@ -255,15 +259,7 @@ impl WorkspaceService {
             }
         };
         let result = self
-            .apply_changes(
-                vm,
-                ws,
-                session,
-                (direction, progress),
-                old,
-                &mut host,
-                known,
-            )
+            .apply_changes(vm, ws, session, direction, progress, old, &mut host, known)
             .await;
         if let Some(w) = &watcher {
             match &result {
@@ -281,7 +277,8 @@ impl WorkspaceService {
         vm: &VmRecord,
         ws: &WorkspaceRecord,
         session: &AgentSession,
-        (direction, progress): (Direction, Option<Progress>),
+        direction: Direction,
+        progress: Option<Progress>,
         old: Arc<Manifest>,
         host: &mut manifest::HostDelta,
         known: Vec<String>,
