@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use banger_proto::agent::{
-    driver, AgentReport, BootConfig, Transport, AGENT_PROTOCOL, BOOT_CONFIG_PATH, CTL_PORT_NAME,
-    MODULES_ORDER_PATH, SSH_PORT_NAME, VSOCK_CTL_PORT, VSOCK_SSH_PORT,
+    driver, AgentReport, BootConfig, HostMessage, Transport, AGENT_PROTOCOL, BOOT_CONFIG_PATH,
+    CTL_PORT_NAME, MODULES_ORDER_PATH, SSH_PORT_NAME, VSOCK_CTL_PORT, VSOCK_SSH_PORT,
 };
 use nix::mount::{mount, MsFlags};
 
@@ -31,7 +31,12 @@ pub fn main() {
     if let Err(e) = load_modules(&[driver::BUS, transport]) {
         power::fail("modules", &e);
     }
-    let control = Control::start(&config.transport);
+    let host_key = match russh::keys::PrivateKey::from_openssh(config.host_key.as_bytes()) {
+        Ok(key) => key,
+        Err(e) => power::fail("config", &format!("host key: {e}")),
+    };
+    let identity = crate::identity::State::new(host_key);
+    let control = Control::start(&config.transport, identity.clone());
     control.report("modules", None);
     // Overlayfs needs no device: it loads from the start, alongside the
     // rest of the boot (under emulation a module costs tens of ms).
@@ -51,7 +56,7 @@ pub fn main() {
         // SSH comes up first, still on the initramfs, so the host's handshake
         // overlaps mounting the disks; commands wait for the root switch.
         let (root_tx, root_rx) = tokio::sync::watch::channel(false);
-        let ssh = tokio::spawn(serve(config.clone(), control.clone(), root_rx));
+        let ssh = tokio::spawn(serve(config.clone(), control.clone(), identity, root_rx));
         // Fork and exec, warmed for the first command (see warm.rs).
         tokio::spawn(crate::warm::run());
         let (cfg, ctl) = (config.clone(), control.clone());
@@ -356,13 +361,15 @@ fn tune_readahead(device: &str) {
 pub struct Control {
     latest: Arc<Mutex<Option<String>>>,
     changed: Arc<std::sync::Condvar>,
+    identity: Arc<crate::identity::State>,
 }
 
 impl Control {
-    fn start(transport: &Transport) -> Control {
+    fn start(transport: &Transport, identity: Arc<crate::identity::State>) -> Control {
         let control = Control {
             latest: Arc::default(),
             changed: Arc::default(),
+            identity,
         };
         let worker = control.clone();
         let transport = transport.clone();
@@ -376,6 +383,7 @@ impl Control {
             version: env!("CARGO_PKG_VERSION").to_string(),
             stage: stage.to_string(),
             error,
+            identities: self.identity.taken(),
         };
         let mut line = serde_json::to_string(&report).expect("reports serialise");
         line.push('\n');
@@ -384,22 +392,47 @@ impl Control {
     }
 
     fn run(&self, transport: Transport) {
+        // Nobody listens on the host between a boot and a restore or a
+        // daemon's next question: try again, less often the longer it lasts.
+        let mut pause = Duration::from_millis(50);
         loop {
             let fd = match &transport {
                 Transport::VirtioSerial => crate::transport::open_port(CTL_PORT_NAME),
                 Transport::Vsock => crate::transport::vsock_connect_host(VSOCK_CTL_PORT),
             };
             match fd {
-                Ok(fd) => self.serve(&transport, fd),
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                Ok(fd) => {
+                    pause = Duration::from_millis(50);
+                    self.serve(&transport, fd)
+                }
+                Err(_) => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
             }
         }
     }
 
     fn serve(&self, transport: &Transport, fd: OwnedFd) {
         let raw = fd.as_raw_fd();
+        // The host's messages come in on the same stream, read by a thread
+        // of their own (its own descriptor: it outlives a closed connection).
+        let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        if let Ok(reader) = fd.try_clone() {
+            let (control, transport, closed) = (self.clone(), transport.clone(), closed.clone());
+            std::thread::spawn(move || {
+                control.read_messages(&transport, reader);
+                closed.store(true, std::sync::atomic::Ordering::SeqCst);
+                control.changed.notify_all();
+            });
+        }
         let mut sent: Option<String> = None;
         loop {
+            // A vsock connection the host closed (a restore resets them all):
+            // connect again, to whoever listens now.
+            if closed.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
             let connected = match transport {
                 Transport::VirtioSerial => crate::transport::host_connected(raw),
                 Transport::Vsock => true,
@@ -425,15 +458,73 @@ impl Control {
             let _ = self.changed.wait_timeout(guard, Duration::from_millis(50));
         }
     }
+
+    /// Reads the host's messages, a JSON line each, and acts on them.
+    fn read_messages(&self, transport: &Transport, fd: OwnedFd) {
+        let raw = fd.as_raw_fd();
+        let mut line: Vec<u8> = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let mut pfd = libc::pollfd {
+                fd: raw,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut pfd, 1, 200) };
+            // SAFETY: reading into a buffer we own.
+            let n = unsafe { libc::read(raw, buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                let retry = n < 0
+                    && matches!(
+                        std::io::Error::last_os_error().kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                    );
+                if !retry && matches!(transport, Transport::Vsock) {
+                    return; // The connection is gone; the next one gets a reader.
+                }
+                // A virtio-serial port without a host reads as EOF: whatever
+                // a departed host half-sent is dropped.
+                if n == 0 {
+                    line.clear();
+                }
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            line.extend_from_slice(&buf[..n as usize]);
+            while let Some(end) = line.iter().position(|b| *b == b'\n') {
+                let message: Vec<u8> = line.drain(..=end).collect();
+                self.handle(&message);
+            }
+            if line.len() > 1 << 20 {
+                line.clear();
+            }
+        }
+    }
+
+    fn handle(&self, message: &[u8]) {
+        match serde_json::from_slice::<HostMessage>(message) {
+            Ok(HostMessage::Identity(identity)) => match self.identity.apply(&identity) {
+                Ok(()) => {
+                    log(&format!("took the identity of {}", identity.hostname));
+                    self.report("ready", None);
+                }
+                Err(e) => {
+                    log(&format!("cannot take a new identity: {e}"));
+                    self.report("failed", Some(format!("identity: {e}")));
+                }
+            },
+            Err(e) => log(&format!("unreadable message from the host: {e}")),
+        }
+    }
 }
 
 async fn serve(
     config: BootConfig,
     control: Control,
+    identity: Arc<crate::identity::State>,
     root: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), String> {
-    let host_key = russh::keys::PrivateKey::from_openssh(config.host_key.as_bytes())
-        .map_err(|e| format!("host key: {e}"))?;
     let parse = |keys: &[String]| crate::ssh::parse_keys(keys.iter().map(String::as_str));
     let authorized = parse(&config.authorized_keys);
     let user_keys = std::sync::RwLock::new(parse(&config.user_keys));
@@ -450,25 +541,18 @@ async fn serve(
         user_keys,
         image_env,
         root,
-    });
-    let ssh_config = Arc::new(russh::server::Config {
-        keys: vec![host_key],
-        auth_rejection_time: Duration::from_millis(200),
-        auth_rejection_time_initial: Some(Duration::ZERO),
-        inactivity_timeout: None,
-        keepalive_interval: None,
-        nodelay: true,
-        ..Default::default()
+        identity,
+        control: control.clone(),
     });
     if config.network.is_some() {
         // Plain `ssh` over the VM network too; keys are the only way in.
         match tokio::net::TcpListener::bind(("0.0.0.0", 22)).await {
             Ok(listener) => {
-                let (shared, ssh_config) = (shared.clone(), ssh_config.clone());
+                let shared = shared.clone();
                 tokio::spawn(async move {
                     while let Ok((stream, _)) = listener.accept().await {
                         let _ = stream.set_nodelay(true);
-                        spawn_session(stream, &shared, &ssh_config);
+                        spawn_session(stream, &shared);
                     }
                 });
             }
@@ -488,7 +572,7 @@ async fn serve(
                 crate::transport::wait_for_host(raw).await;
                 let session = SharedStream(stream.clone());
                 let handler = crate::ssh::Handler::new(shared.clone());
-                match russh::server::run_stream(ssh_config.clone(), session, handler).await {
+                match russh::server::run_stream(shared.ssh_config(), session, handler).await {
                     Ok(running) => {
                         let _ = running.await;
                     }
@@ -518,22 +602,19 @@ async fn serve(
                 let Ok(stream) = crate::transport::FdStream::new(conn) else {
                     continue;
                 };
-                spawn_session(stream, &shared, &ssh_config);
+                spawn_session(stream, &shared);
             }
         }
     }
 }
 
 /// Serves one SSH connection on its own task, for transports that accept many.
-fn spawn_session<S>(
-    stream: S,
-    shared: &Arc<crate::ssh::Shared>,
-    config: &Arc<russh::server::Config>,
-) where
+fn spawn_session<S>(stream: S, shared: &Arc<crate::ssh::Shared>)
+where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let handler = crate::ssh::Handler::new(shared.clone());
-    let config = config.clone();
+    let config = shared.ssh_config();
     tokio::spawn(async move {
         if let Ok(running) = russh::server::run_stream(config, stream, handler).await {
             let _ = running.await;

@@ -7,6 +7,7 @@
 
 mod console;
 mod exec;
+mod identity;
 mod init;
 mod net;
 mod power;

@@ -132,6 +132,73 @@ pub fn configure(net: &GuestNetwork) -> Result<(), String> {
     )
 }
 
+/// A restored VM's new address (and MAC): `eth0` goes down, which drops its
+/// routes and its neighbours (the old gateway's tap among them), takes the
+/// new MAC, and comes back up configured as at boot.
+pub fn readdress(net: &GuestNetwork, mac: Option<&str>) -> Result<(), String> {
+    let s = sock()?;
+    let wanted_mac = mac
+        .map(|m| parse_mac(m).ok_or_else(|| format!("bad MAC address {m}")))
+        .transpose()?;
+    // The source VM resuming after its own snapshot keeps its address: its
+    // connections are not bounced for nothing.
+    if current(&s)? == (Some(net.address), wanted_mac.or(current_mac(&s))) {
+        return Ok(());
+    }
+    let mut req = ifreq(DEVICE);
+    ioctl(&s, libc::SIOCGIFFLAGS, &mut req, "eth0 flags")?;
+    // SAFETY: the flags member is the one SIOCGIFFLAGS filled in.
+    unsafe { req.ifr_ifru.ifru_flags &= !(libc::IFF_UP as libc::c_short) };
+    ioctl(&s, libc::SIOCSIFFLAGS, &mut req, "taking eth0 down")?;
+    if let Some(octets) = wanted_mac {
+        let mut req = ifreq(DEVICE);
+        // SAFETY: a hardware address in the union member SIOCSIFHWADDR reads.
+        unsafe {
+            req.ifr_ifru.ifru_hwaddr.sa_family = libc::ARPHRD_ETHER;
+            for (dst, src) in req.ifr_ifru.ifru_hwaddr.sa_data.iter_mut().zip(octets) {
+                *dst = src as libc::c_char;
+            }
+        }
+        ioctl(&s, libc::SIOCSIFHWADDR, &mut req, "setting the MAC address")?;
+    }
+    configure(net)
+}
+
+/// `eth0`'s address and MAC now.
+fn current(s: &Sock) -> Result<(Option<Ipv4Addr>, Option<[u8; 6]>), String> {
+    let mut req = ifreq(DEVICE);
+    let address = match ioctl(s, libc::SIOCGIFADDR, &mut req, "eth0 address") {
+        // SAFETY: SIOCGIFADDR filled in an AF_INET address.
+        Ok(()) => Some(unsafe {
+            let sin: libc::sockaddr_in = std::mem::transmute(req.ifr_ifru.ifru_addr);
+            Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))
+        }),
+        Err(_) => None,
+    };
+    Ok((address, current_mac(s)))
+}
+
+fn current_mac(s: &Sock) -> Option<[u8; 6]> {
+    let mut req = ifreq(DEVICE);
+    ioctl(s, libc::SIOCGIFHWADDR, &mut req, "eth0 MAC").ok()?;
+    let mut out = [0u8; 6];
+    // SAFETY: SIOCGIFHWADDR filled in the hardware address.
+    let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
+    for (dst, src) in out.iter_mut().zip(data) {
+        *dst = src as u8;
+    }
+    Some(out)
+}
+
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut out {
+        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
 /// Writes `/etc/resolv.conf` on the root disk (after the switch). A symlink
 /// (to a resolver stub the image will not run) is replaced by a file.
 pub fn write_resolv_conf(net: &GuestNetwork) -> Result<(), String> {
@@ -145,4 +212,17 @@ pub fn write_resolv_conf(net: &GuestNetwork) -> Result<(), String> {
     }
     let _ = std::fs::create_dir_all("/etc");
     std::fs::write(path, text).map_err(|e| format!("writing /etc/resolv.conf: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_parse_or_refuse() {
+        assert_eq!(parse_mac("06:00:0a:d5:00:07"), Some([6, 0, 10, 0xd5, 0, 7]));
+        assert_eq!(parse_mac("06:00:0a:d5:00"), None);
+        assert_eq!(parse_mac("06:00:0a:d5:00:07:08"), None);
+        assert_eq!(parse_mac("zz:00:0a:d5:00:07"), None);
+    }
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-use banger_proto::agent::{ExecRequest, EXEC_PREFIX, FLOW_ACK, SET_USER_KEYS};
+use banger_proto::agent::{ExecRequest, EXEC_PREFIX, FLOW_ACK, HOLD, SET_USER_KEYS};
 use banger_sshflow::Credit;
 use russh::keys::PublicKey;
 use russh::server::{
@@ -30,12 +30,32 @@ pub struct Shared {
     pub image_env: Vec<(String, String)>,
     /// Becomes true once the root disk is `/`; commands wait for it.
     pub root: tokio::sync::watch::Receiver<bool>,
+    /// The host key, and whether commands wait for a new identity.
+    pub identity: Arc<crate::identity::State>,
+    /// Where the host learns that the agent is held.
+    pub control: crate::init::Control,
 }
 
 impl Shared {
+    /// Commands wait for the root switch, and while the agent is held for
+    /// a new identity.
     async fn root_ready(&self) {
         let mut root = self.root.clone();
         let _ = root.wait_for(|ready| *ready).await;
+        self.identity.released().await;
+    }
+
+    /// The server's settings for a new connection, with the current host key.
+    pub fn ssh_config(&self) -> Arc<russh::server::Config> {
+        Arc::new(russh::server::Config {
+            keys: vec![self.identity.host_key()],
+            auth_rejection_time: std::time::Duration::from_millis(200),
+            auth_rejection_time_initial: Some(std::time::Duration::ZERO),
+            inactivity_timeout: None,
+            keepalive_interval: None,
+            nodelay: true,
+            ..Default::default()
+        })
     }
 }
 
@@ -509,6 +529,14 @@ impl russh::server::Handler for Handler {
             return Ok(());
         }
         self.shared.root_ready().await;
+        if command == HOLD {
+            // Answered once held: the host snapshots the VM right after.
+            self.shared.identity.hold();
+            self.shared.control.report("held", None);
+            session.channel_success(channel)?;
+            tokio::spawn(answer(session.handle(), channel, None, Vec::new(), 0));
+            return Ok(());
+        }
         let request = command
             .strip_prefix(EXEC_PREFIX)
             .map(serde_json::from_str::<ExecRequest>);

@@ -153,6 +153,7 @@ impl From<VmError> for OpError {
             VmError::Exists(_)
             | VmError::Stopped(_)
             | VmError::StoppedMeanwhile(_)
+            | VmError::Paused(_)
             | VmError::Running(_) => ErrorCode::Conflict,
             VmError::Agent { .. } => ErrorCode::Internal,
         };

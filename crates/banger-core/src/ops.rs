@@ -160,6 +160,12 @@ impl Core {
         });
         vms.recover()
             .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        // Guests a snapshot left paused or held by a daemon that died run
+        // again; in the background, as each may take a guest's answer.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let vms = vms.clone();
+            runtime.spawn(async move { vms.recover_snapshots().await });
+        }
         // A broken network must not keep the daemon from serving the rest.
         match network.reconcile().and_then(|()| network.start_dns()) {
             Ok(()) => {}
@@ -274,6 +280,24 @@ impl Core {
                 self.guest
                     .port_forward(p, typed::<m::VmPortForward>(ev), input)
                     .await,
+            ),
+            Request::VmPause(p) => answer::<m::VmPause>(self.vms.pause(&p.name).await),
+            Request::VmResume(p) => answer::<m::VmResume>(self.vms.resume(&p.name).await),
+            Request::VmSnapshot(p) => {
+                answer::<m::VmSnapshot>(self.vms.snapshot(p, typed::<m::VmSnapshot>(ev)).await)
+            }
+            Request::VmRestore(p) => {
+                answer::<m::VmRestore>(self.vms.restore(p, typed::<m::VmRestore>(ev)).await)
+            }
+            Request::SnapshotList(_) => answer::<m::SnapshotList>(self.vms.snapshots()),
+            Request::SnapshotInspect(p) => {
+                answer::<m::SnapshotInspect>(self.vms.inspect_snapshots(&p.names))
+            }
+            Request::SnapshotRemove(p) => answer::<m::SnapshotRemove>(
+                self.vms
+                    .remove_snapshots(&p.names, p.force)
+                    .await
+                    .map(|removed| RemoveResult { removed }),
             ),
         }
     }

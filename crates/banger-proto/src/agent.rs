@@ -45,6 +45,39 @@ pub const VSOCK_CTL_PORT: u32 = 1024;
 /// OpenSSH public key per line. banger's own keys are never replaced.
 pub const SET_USER_KEYS: &str = "banger-set-user-keys\n";
 
+/// An SSH exec command: the agent holds every later command (and reports
+/// `held`) until an [`Identity`] arrives on its control channel. Sent before
+/// a snapshot is taken, so that every VM restored from it, the source
+/// included, is told who it is before it runs anything.
+pub const HOLD: &str = "banger-hold";
+
+/// What the host sends the agent on its control channel: one JSON line each.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum HostMessage {
+    Identity(Identity),
+}
+
+/// Who a VM is, given anew after a restore: a fork of a snapshot must not
+/// share its parent's name, address, host key, clock or random state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub hostname: String,
+    /// The SSH host key (OpenSSH private key format) for connections from now on.
+    pub host_key: String,
+    #[serde(default)]
+    pub network: Option<GuestNetwork>,
+    /// `eth0`'s MAC address (`06:00:…`).
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// The host's wall clock when sent, in nanoseconds since the epoch: a
+    /// restored guest's clock stands where the snapshot left it.
+    pub unix_time_ns: u64,
+    /// Fresh host randomness (hex) mixed into the guest kernel's RNG, which
+    /// is then reseeded: forks of one snapshot start from the same pool.
+    pub entropy: String,
+}
+
 /// A program name the agent runs from its own binary, so copying works in
 /// images without tar: `banger-tar create PATH…` writes a tar of the paths to
 /// stdout; `banger-tar extract DST` unpacks stdin into DST (see `vm cp`).
@@ -110,10 +143,19 @@ pub struct GuestNetwork {
 pub struct AgentReport {
     pub protocol: u32,
     pub version: String,
-    /// `modules`, `root`, `ssh`, then `ready`; or `failed` with `error`.
+    /// `modules`, `root`, `ssh`, then `ready`; or `failed` with `error`;
+    /// `held` while waiting for an [`Identity`] (see [`HOLD`]).
     pub stage: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// How many [`Identity`] messages the agent has taken since it booted:
+    /// the host waits for this to grow after sending one.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub identities: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -16,6 +16,7 @@ use crate::image::{NamesParams, RemoveParams, RemoveResult};
 use crate::kernel::{ImportParams, KernelInfo, PullParams as KernelPullParams};
 use crate::vm::{CreateParams, ExecEvent, ExecParams, ExecResult, ForwardEvent, LogEvent};
 use crate::vm::{LogsParams, LogsResult, NameParams, PortForwardParams, PortForwardResult};
+use crate::vm::{RestoreParams, SnapshotInfo, SnapshotParams};
 use crate::vm::{StopParams, SyncParams, SyncProgress, SyncResult, VmEvent, VmInfo};
 
 /// One method of the protocol, as a type.
@@ -142,6 +143,13 @@ protocol! {
     VmExec = "vm.exec": ExecParams => ExecResult, ExecEvent;
     VmSync = "vm.sync": SyncParams => SyncResult, SyncProgress;
     VmPortForward = "vm.port_forward": PortForwardParams => PortForwardResult, ForwardEvent;
+    VmPause = "vm.pause": NameParams => VmInfo, NoEvent;
+    VmResume = "vm.resume": NameParams => VmInfo, NoEvent;
+    VmSnapshot = "vm.snapshot": SnapshotParams => SnapshotInfo, VmEvent;
+    VmRestore = "vm.restore": RestoreParams => VmInfo, VmEvent;
+    SnapshotList = "snapshot.list": NoParams => Vec<SnapshotInfo>, NoEvent;
+    SnapshotInspect = "snapshot.inspect": NamesParams => Vec<SnapshotInfo>, NoEvent;
+    SnapshotRemove = "snapshot.remove": RemoveParams => RemoveResult, NoEvent;
 }
 
 impl Request {

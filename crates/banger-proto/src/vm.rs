@@ -7,6 +7,8 @@ pub use crate::domain::{RootMode, VmState, VmmKind};
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CreateParams {
     pub name: String,
+    /// Empty with `from`: a fork has its snapshot's image.
+    #[serde(default)]
     pub image: String,
     #[serde(default)]
     pub kernel: Option<String>,
@@ -36,6 +38,53 @@ pub struct CreateParams {
     /// Start the VM once created (`vm run`).
     #[serde(default)]
     pub start: bool,
+    /// Make the VM a fork of this snapshot: its disks, and (for a snapshot
+    /// of a running VM) its memory, resumed at the first start under the
+    /// new VM's own identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+}
+
+/// `vm.snapshot`: the VM `name` saved as the snapshot `snapshot`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotParams {
+    pub name: String,
+    pub snapshot: String,
+    /// Stop the VM once the snapshot is written.
+    #[serde(default)]
+    pub stop: bool,
+}
+
+/// `vm.restore`: the VM `name` taken back to its snapshot `snapshot`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreParams {
+    pub name: String,
+    pub snapshot: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub name: String,
+    /// The VM it was taken of.
+    pub vm: String,
+    pub image: String,
+    pub kernel: String,
+    pub vmm: VmmKind,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_bytes: u64,
+    pub root_mode: RootMode,
+    /// Memory and device state are in it (the VM was running): restoring
+    /// resumes where it was. Otherwise it holds disks only, and restores by
+    /// booting.
+    pub memory: bool,
+    /// Bytes it takes on the host's disk.
+    pub size_bytes: u64,
+    pub dir: String,
+    pub created_at: String,
+    /// VMs made from it that have not started yet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting_forks: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -27,6 +27,9 @@ pub enum Command {
     /// Create, run and manage VMs.
     #[command(subcommand)]
     Vm(VmCommand),
+    /// List, inspect and remove VM snapshots (taken by `banger vm snapshot`).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Check that this machine can run banger, and say how to fix what is wrong.
     Doctor(JsonFlag),
     /// Print the `Include` line that makes plain `ssh NAME.vm`, scp and sftp work.
@@ -176,13 +179,42 @@ pub enum CacheCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// List snapshots.
+    #[command(alias = "list")]
+    Ls(JsonFlag),
+    /// Show snapshots in detail, as a JSON array.
+    Inspect {
+        #[arg(required = true)]
+        names: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove snapshots and their files.
+    #[command(alias = "remove")]
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Remove even snapshots that VMs made from them have yet to resume
+        /// (those boot from their disks instead), and ignore unknown names.
+        #[arg(short, long)]
+        force: bool,
+    },
+}
+
 #[derive(Debug, Args)]
 pub struct CreateArgs {
     /// The VM's name: a DNS label (lowercase letters, digits, `-`).
     pub name: String,
     /// The image to boot (see `banger image ls`).
-    #[arg(long)]
-    pub image: String,
+    #[arg(long, required_unless_present = "from")]
+    pub image: Option<String>,
+    /// Make the VM from a snapshot (`banger snapshot ls`): a fork with the
+    /// snapshot's image, sizes and disks, which resumes where the snapshot
+    /// was taken (if its VM was running) as a machine of its own.
+    #[arg(long, value_name = "SNAPSHOT", conflicts_with = "image")]
+    pub from: Option<String>,
     /// The kernel to boot (default: the default kernel).
     #[arg(long)]
     pub kernel: Option<String>,
@@ -303,6 +335,37 @@ pub enum VmCommand {
     Cp {
         #[arg(required = true, num_args = 2..)]
         paths: Vec<String>,
+    },
+    /// Pause a running VM: its vCPUs stop; memory and devices stay.
+    Pause {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let a paused VM run again.
+    Resume {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Save a VM as a snapshot: a running VM's memory and devices too, all
+    /// at one instant; a stopped VM's disks. `banger vm restore` goes back
+    /// to it, `banger vm run NEW --from SNAPSHOT` forks it.
+    Snapshot {
+        name: String,
+        snapshot: String,
+        /// Stop the VM once the snapshot is written.
+        #[arg(long)]
+        stop: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take a VM back to one of its snapshots; what it is now is discarded.
+    Restore {
+        name: String,
+        snapshot: String,
+        #[arg(long)]
+        json: bool,
     },
     /// Sync the VM's workspace now: the host's changes into the guest, or
     /// with --pull the guest's changes back to the host. A path changed on

@@ -70,6 +70,27 @@ const MIGRATIONS: &[&str] = &[
     // unpulled changes as the VM's last stop counted them
     "ALTER TABLE workspaces ADD COLUMN owner TEXT;
     ALTER TABLE workspaces ADD COLUMN guest_changes INTEGER;",
+    // 8: snapshots; a VM paused by `vm pause`; a fork's snapshot, restored
+    // at its first start
+    "CREATE TABLE snapshots (
+        name          TEXT PRIMARY KEY,
+        vm            TEXT NOT NULL,
+        image         TEXT NOT NULL,
+        kernel        TEXT NOT NULL,
+        vmm           TEXT NOT NULL,
+        vcpus         INTEGER NOT NULL,
+        memory_mib    INTEGER NOT NULL,
+        disk_bytes    INTEGER NOT NULL,
+        root_mode     TEXT NOT NULL,
+        origin        TEXT,
+        host_key_pub  TEXT NOT NULL,
+        with_memory   INTEGER NOT NULL,
+        size_bytes    INTEGER NOT NULL,
+        dir           TEXT NOT NULL,
+        created_at    TEXT NOT NULL
+    );
+    ALTER TABLE vm_runtime ADD COLUMN paused INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE vms ADD COLUMN restore_from TEXT;",
 ];
 
 pub fn apply(conn: &mut Connection) -> anyhow::Result<()> {

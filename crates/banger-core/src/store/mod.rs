@@ -3,6 +3,7 @@
 mod images;
 mod kernels;
 mod migrations;
+mod snapshots;
 mod vms;
 mod workspaces;
 
@@ -12,6 +13,7 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::Connection;
 
 pub use images::ImageRecord;
+pub use snapshots::SnapshotRecord;
 pub use vms::{VmRecord, VmRuntime};
 pub use workspaces::WorkspaceRecord;
 

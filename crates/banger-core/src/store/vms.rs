@@ -24,6 +24,8 @@ pub struct VmRecord {
     /// dm-snapshot only: the image rootfs the VM's COW file layers over. A
     /// re-pulled or removed image leaves it in place while a VM names it.
     pub origin: Option<String>,
+    /// A fork not yet started: the snapshot its first start resumes from.
+    pub restore_from: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +36,8 @@ pub struct VmRuntime {
     pub started_at: String,
     /// The host tap backing the VM's network device.
     pub tap: Option<String>,
+    /// Paused by `vm pause` (or left so by a snapshot of a paused VM).
+    pub paused: bool,
 }
 
 impl VmRuntime {
@@ -47,7 +51,7 @@ impl VmRuntime {
 }
 
 const VM_COLUMNS: &str =
-    "name, image, kernel, vmm, vcpus, memory_mib, disk_bytes, cow_strategy, dir, host_key_pub, created_at, ip, origin";
+    "name, image, kernel, vmm, vcpus, memory_mib, disk_bytes, cow_strategy, dir, host_key_pub, created_at, ip, origin, restore_from";
 
 fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<VmRecord> {
     Ok(VmRecord {
@@ -64,12 +68,16 @@ fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<VmRecord> {
         created_at: row.get(10)?,
         ip: row.get(11)?,
         origin: row.get(12)?,
+        restore_from: row.get(13)?,
     })
 }
 
 /// A column holding one of the domain words; another word is a database
 /// this banger cannot read (written by a newer one).
-fn word<T: std::str::FromStr<Err = String>>(row: &Row<'_>, i: usize) -> rusqlite::Result<T> {
+pub(super) fn word<T: std::str::FromStr<Err = String>>(
+    row: &Row<'_>,
+    i: usize,
+) -> rusqlite::Result<T> {
     let text: String = row.get(i)?;
     text.parse().map_err(|e: String| {
         rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e.into())
@@ -83,6 +91,7 @@ fn runtime_from_row(row: &Row<'_>) -> rusqlite::Result<VmRuntime> {
         start_time: row.get::<_, i64>(2)? as u64,
         started_at: row.get(3)?,
         tap: row.get(4)?,
+        paused: row.get(5)?,
     })
 }
 
@@ -90,7 +99,7 @@ impl Store {
     pub fn insert_vm(&self, vm: &VmRecord) -> rusqlite::Result<()> {
         self.conn().execute(
             &format!(
-                "INSERT INTO vms ({VM_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)"
+                "INSERT INTO vms ({VM_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14)"
             ),
             params![
                 vm.name,
@@ -105,7 +114,8 @@ impl Store {
                 vm.host_key_pub,
                 vm.created_at,
                 vm.ip,
-                vm.origin
+                vm.origin,
+                vm.restore_from
             ],
         )?;
         Ok(())
@@ -143,18 +153,21 @@ impl Store {
         rows.collect()
     }
 
-    /// Names of VMs whose snapshot origin is `rootfs`.
+    /// Names of VMs (and `snapshot NAME`s) whose origin is `rootfs`.
     pub fn vms_with_origin(&self, rootfs: &str) -> rusqlite::Result<Vec<String>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT name FROM vms WHERE origin = ?1 ORDER BY name")?;
+        let mut stmt = conn.prepare(
+            "SELECT name FROM vms WHERE origin = ?1 \
+             UNION SELECT 'snapshot ' || name FROM snapshots WHERE origin = ?1 ORDER BY 1",
+        )?;
         let rows = stmt.query_map([rootfs], |r| r.get(0))?;
         rows.collect()
     }
 
     pub fn set_runtime(&self, rt: &VmRuntime) -> rusqlite::Result<()> {
         self.conn().execute(
-            "INSERT OR REPLACE INTO vm_runtime (name, pid, start_time, started_at, tap) VALUES (?1,?2,?3,?4,?5)",
-            params![rt.name, rt.pid, rt.start_time as i64, rt.started_at, rt.tap],
+            "INSERT OR REPLACE INTO vm_runtime (name, pid, start_time, started_at, tap, paused) VALUES (?1,?2,?3,?4,?5,?6)",
+            params![rt.name, rt.pid, rt.start_time as i64, rt.started_at, rt.tap, rt.paused],
         )?;
         Ok(())
     }
@@ -162,7 +175,7 @@ impl Store {
     pub fn get_runtime(&self, name: &str) -> rusqlite::Result<Option<VmRuntime>> {
         self.conn()
             .query_row(
-                "SELECT name, pid, start_time, started_at, tap FROM vm_runtime WHERE name = ?1",
+                "SELECT name, pid, start_time, started_at, tap, paused FROM vm_runtime WHERE name = ?1",
                 [name],
                 runtime_from_row,
             )
@@ -172,7 +185,7 @@ impl Store {
     pub fn list_runtimes(&self) -> rusqlite::Result<Vec<VmRuntime>> {
         let conn = self.conn();
         let mut stmt =
-            conn.prepare("SELECT name, pid, start_time, started_at, tap FROM vm_runtime")?;
+            conn.prepare("SELECT name, pid, start_time, started_at, tap, paused FROM vm_runtime")?;
         let rows = stmt.query_map([], runtime_from_row)?;
         rows.collect()
     }
@@ -189,6 +202,24 @@ impl Store {
         self.conn().execute(
             "INSERT OR REPLACE INTO settings (key, value) VALUES (?1, ?2)",
             params![key, value],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_paused(&self, name: &str, paused: bool) -> rusqlite::Result<()> {
+        self.conn().execute(
+            "UPDATE vm_runtime SET paused = ?2 WHERE name = ?1",
+            params![name, paused],
+        )?;
+        Ok(())
+    }
+
+    /// A fork's first start happened (or a restore was given up): it boots
+    /// from its own disks from now on.
+    pub fn set_restore_from(&self, name: &str, snapshot: Option<&str>) -> rusqlite::Result<()> {
+        self.conn().execute(
+            "UPDATE vms SET restore_from = ?2 WHERE name = ?1",
+            params![name, snapshot],
         )?;
         Ok(())
     }

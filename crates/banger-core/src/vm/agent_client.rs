@@ -5,12 +5,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use banger_proto::agent::{
-    AgentReport, ExecRequest, AGENT_PROTOCOL, EXEC_PREFIX, FLOW_ACK, SET_USER_KEYS,
+    AgentReport, ExecRequest, HostMessage, Identity, AGENT_PROTOCOL, EXEC_PREFIX, FLOW_ACK, HOLD,
+    SET_USER_KEYS,
 };
 use russh::client::{self, Handle};
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
 use russh::{ChannelMsg, Sig};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 
 /// Key exchange for the daemon's own link, which is local (a socket the VMM
 /// serves, never a network): plain X25519. The post-quantum hybrid russh
@@ -50,6 +51,30 @@ pub struct BootFailure {
 /// agent reports a failure, the VMM dies, or `timeout` passes.
 pub async fn wait_ready(
     ctl: Ctl,
+    timeout: Duration,
+    vmm_alive: impl Fn() -> bool,
+    on_stage: impl FnMut(&str),
+) -> Result<(), BootFailure> {
+    wait_ready_as(ctl, Give::Nothing, timeout, vmm_alive, on_stage).await
+}
+
+/// Whether [`wait_ready_as`] gives the agent an identity.
+#[derive(Clone, Copy)]
+pub enum Give<'a> {
+    Nothing,
+    /// A restored guest: whatever the agent says first, it is sent this.
+    Always(&'a Identity),
+    /// A running guest: sent only if a snapshot left it held (a guest that
+    /// is not would see its network bounced for nothing).
+    IfHeld(&'a Identity),
+}
+
+/// [`wait_ready`] with an identity to give: once the agent's first report is
+/// in, the identity is sent, and only a `ready` given after the agent took
+/// it counts (the first report is what it said before the snapshot).
+pub async fn wait_ready_as(
+    ctl: Ctl,
+    give: Give<'_>,
     timeout: Duration,
     vmm_alive: impl Fn() -> bool,
     mut on_stage: impl FnMut(&str),
@@ -99,7 +124,11 @@ pub async fn wait_ready(
         }
     };
     stage = "kernel".into();
-    let mut lines = BufReader::new(stream).lines();
+    let (reader, mut writer) = stream.into_split();
+    let mut lines = BufReader::new(reader).lines();
+    // With an identity to give: the count of identities the agent must
+    // report past, once its first report says where it stands.
+    let mut past: Option<u32> = None;
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
         let line = tokio::select! {
@@ -136,6 +165,28 @@ pub async fn wait_ready(
             ));
         }
         tracing::debug!(stage = %report.stage, "agent report");
+        let identity = match give {
+            Give::Always(identity) => Some(identity),
+            Give::IfHeld(identity) if report.stage == "held" => Some(identity),
+            Give::IfHeld(_) if past.is_none() => return Ok(()),
+            _ => None,
+        };
+        if let (Some(identity), None) = (identity, past) {
+            past = Some(report.identities);
+            let mut line =
+                serde_json::to_vec(&HostMessage::Identity(identity.clone())).expect("serialises");
+            line.push(b'\n');
+            if let Err(e) = writer.write_all(&line).await {
+                return Err(fail(
+                    "identity",
+                    format!("sending the VM its identity: {e}"),
+                ));
+            }
+            stage = "identity".into();
+        }
+        if report.stage == "ready" && past.is_some_and(|n| report.identities <= n) {
+            continue;
+        }
         match report.stage.as_str() {
             "ready" => return Ok(()),
             "failed" => {
@@ -365,15 +416,27 @@ impl AgentSession {
 
     /// Replaces the user keys the agent accepts; banger's own stay.
     pub async fn set_user_keys(&self, keys: &[String]) -> Result<(), AgentError> {
+        self.request(
+            format!("{SET_USER_KEYS}{}", keys.join("\n")),
+            "sending the user keys",
+        )
+        .await
+    }
+
+    /// Holds the agent's commands until it is sent an identity (see
+    /// [`HOLD`]); answered once it is held.
+    pub async fn hold(&self) -> Result<(), AgentError> {
+        self.request(HOLD.to_string(), "holding the agent").await
+    }
+
+    /// A request the agent answers itself with an exit status.
+    async fn request(&self, command: String, what: &'static str) -> Result<(), AgentError> {
         let mut channel = self
             .handle
             .channel_open_session()
             .await
             .map_err(ssh("opening a channel"))?;
-        channel
-            .exec(true, format!("{SET_USER_KEYS}{}", keys.join("\n")))
-            .await
-            .map_err(ssh("sending the user keys"))?;
+        channel.exec(true, command).await.map_err(ssh(what))?;
         while let Some(msg) = channel.wait().await {
             if let ChannelMsg::ExitStatus { exit_status } = msg {
                 return match exit_status {

@@ -34,6 +34,28 @@ pub fn copy_root(src: &Path, dst: &Path, mode: RootMode) -> io::Result<()> {
     output.sync_all()
 }
 
+/// A copy of `src` at `dst` (which must not exist) sharing its blocks where
+/// the filesystem can (a reflink), else with only its data written (holes
+/// stay holes): a snapshot's disks, or a fork's from a snapshot.
+pub fn clone_file(src: &Path, dst: &Path) -> io::Result<()> {
+    match copy_root(src, dst, RootMode::Reflink) {
+        Ok(()) => Ok(()),
+        Err(_) => {
+            let _ = std::fs::remove_file(dst);
+            copy_root(src, dst, RootMode::Copy)
+        }
+    }
+}
+
+/// Bytes the host has allocated to a file (a sparse one takes less than
+/// its length); 0 if it does not exist.
+pub fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
+}
+
 /// Whether `dir`'s filesystem can reflink.
 pub fn reflink_supported(dir: &Path) -> bool {
     let a = dir.join(format!(".reflink-probe-{}", std::process::id()));

@@ -19,6 +19,9 @@ pub struct BootSpec {
     pub console_log: PathBuf,
     /// The VM's network device, backed by a host tap.
     pub nic: Option<Nic>,
+    /// Resume from the saved state in this snapshot directory instead of
+    /// booting (the files [`Vmm::save`] wrote there).
+    pub restore: Option<PathBuf>,
 }
 
 /// A virtio block device backed by a host file (or block device).
@@ -119,6 +122,81 @@ pub trait Vmm: Send + Sync {
     fn request_shutdown<'a>(&'a self, _dir: &'a Path) -> BoxFuture<'a, ()> {
         Box::pin(async {})
     }
+    /// Stops the guest's vCPUs; memory and devices stay as they are.
+    fn pause<'a>(&'a self, _dir: &'a Path) -> BoxFuture<'a, Result<(), VmmError>> {
+        self.unsupported("pause a VM")
+    }
+    /// Lets a paused guest run again.
+    fn resume<'a>(&'a self, _dir: &'a Path) -> BoxFuture<'a, Result<(), VmmError>> {
+        self.unsupported("resume a VM")
+    }
+    /// Writes a paused guest's memory and device state into the directory
+    /// `into`, as the files [`Vmm::state_files`] names.
+    fn save<'a>(&'a self, _dir: &'a Path, _into: &'a Path) -> BoxFuture<'a, Result<(), VmmError>> {
+        self.unsupported("save a VM's state")
+    }
+    /// The files [`Vmm::save`] writes.
+    fn state_files(&self) -> &'static [&'static str] {
+        &[]
+    }
+    fn unsupported(&self, what: &str) -> BoxFuture<'static, Result<(), VmmError>> {
+        let message = format!("the {} backend cannot {what}", self.kind());
+        Box::pin(async move { Err(VmmError::Spec(message)) })
+    }
+}
+
+/// Runs QMP commands on a blocking thread: QMP is a plain socket protocol.
+fn with_qmp<T: Send + 'static>(
+    dir: &Path,
+    timeout: std::time::Duration,
+    work: impl FnOnce(&mut super::qmp::Qmp) -> Result<T, String> + Send + 'static,
+) -> BoxFuture<'static, Result<T, VmmError>> {
+    let socket = dir.join("qmp.sock");
+    Box::pin(async move {
+        tokio::task::spawn_blocking(move || {
+            let mut qmp = super::qmp::Qmp::connect(&socket, timeout)?;
+            work(&mut qmp)
+        })
+        .await
+        .map_err(|e| VmmError::Api(e.to_string()))?
+        .map_err(VmmError::Api)
+    })
+}
+
+/// The file QEMU's saved state goes to within a snapshot.
+pub const QEMU_STATE_FILE: &str = "vmstate";
+
+/// A path as one `/bin/sh` word: QEMU runs `exec:` migration URIs with it.
+fn shell_word(path: &Path) -> Result<String, VmmError> {
+    let text = path
+        .to_str()
+        .ok_or_else(|| VmmError::Spec(format!("path {} is not UTF-8", path.display())))?;
+    Ok(format!("'{}'", text.replace('\'', "'\\''")))
+}
+
+/// Waits for a migration (save or restore) to end; QEMU's error if it failed.
+fn await_migration(
+    qmp: &mut super::qmp::Qmp,
+    limit: std::time::Duration,
+    what: &str,
+) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let info = qmp.execute("query-migrate", None)?;
+        match info["status"].as_str().unwrap_or("none") {
+            "completed" => return Ok(()),
+            "failed" | "cancelled" => {
+                return Err(format!(
+                    "{what} failed: {}",
+                    info["error-desc"].as_str().unwrap_or("QEMU gave no reason")
+                ))
+            }
+            _ if std::time::Instant::now() > deadline => {
+                return Err(format!("{what} did not finish in {}s", limit.as_secs()))
+            }
+            _ => std::thread::sleep(std::time::Duration::from_millis(5)),
+        }
+    }
 }
 
 /// Makes the backend for a kind of VMM: the configured real ones in the
@@ -197,6 +275,14 @@ pub struct Qemu {
     pub accel: Accel,
 }
 
+/// How long one QMP answer may take.
+const QMP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Saving or loading a guest's state: memory-sized, at disk speed.
+const MIGRATION_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
+/// QEMU's default (128 MiB/s) paces migrations meant for live guests; a
+/// paused guest's state should go as fast as the disk takes it.
+const MIGRATION_BANDWIDTH: u64 = 1 << 40;
+
 impl Qemu {
     /// Under TCG the guest reads the host's TSC, but calibrating it against
     /// the emulated PIT fails when host CPUs are contended (several VMs
@@ -254,6 +340,67 @@ impl Vmm for Qemu {
     fn problem(&self, dir: &Path) -> Option<String> {
         let status = super::qmp::status(&dir.join("qmp.sock"))?;
         super::qmp::problem(&status).map(str::to_string)
+    }
+
+    fn pause<'a>(&'a self, dir: &'a Path) -> BoxFuture<'a, Result<(), VmmError>> {
+        with_qmp(dir, QMP_TIMEOUT, |q| q.execute("stop", None).map(drop))
+    }
+
+    fn resume<'a>(&'a self, dir: &'a Path) -> BoxFuture<'a, Result<(), VmmError>> {
+        with_qmp(dir, QMP_TIMEOUT, |q| q.execute("cont", None).map(drop))
+    }
+
+    fn save<'a>(&'a self, dir: &'a Path, into: &'a Path) -> BoxFuture<'a, Result<(), VmmError>> {
+        let target = match shell_word(&into.join(QEMU_STATE_FILE)) {
+            Ok(t) => t,
+            Err(e) => return Box::pin(async move { Err(e) }),
+        };
+        // A migration into a file: QEMU 7.2 has `exec:` URIs, not `file:`.
+        // The guest is paused, so one pass copies everything; zero pages
+        // take a few bytes each.
+        with_qmp(dir, QMP_TIMEOUT, move |q| {
+            q.execute(
+                "migrate-set-parameters",
+                Some(serde_json::json!({ "max-bandwidth": MIGRATION_BANDWIDTH })),
+            )?;
+            q.execute(
+                "migrate",
+                Some(serde_json::json!({ "uri": format!("exec:cat > {target}") })),
+            )?;
+            await_migration(q, MIGRATION_LIMIT, "saving the VM's state")
+        })
+    }
+
+    fn state_files(&self) -> &'static [&'static str] {
+        &[QEMU_STATE_FILE]
+    }
+
+    fn configure<'a>(
+        &'a self,
+        spec: &'a BootSpec,
+        alive: &'a (dyn Fn() -> bool + Send + Sync),
+    ) -> BoxFuture<'a, Result<(), VmmError>> {
+        Box::pin(async move {
+            if spec.restore.is_none() {
+                return Ok(());
+            }
+            // Loaded with `-incoming` and held (`-S`) until it is all in.
+            let socket = spec.dir.join("qmp.sock");
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !socket.exists() {
+                if !alive() || tokio::time::Instant::now() > deadline {
+                    return Err(VmmError::Api(
+                        "QEMU exited before loading the snapshot".into(),
+                    ));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            with_qmp(&spec.dir, QMP_TIMEOUT, |q| {
+                await_migration(q, MIGRATION_LIMIT, "loading the snapshot")?;
+                q.execute("cont", None).map(drop)
+            })
+            .await
+        })
     }
 
     fn command(&self, spec: &BootSpec) -> Result<LaunchSpec, VmmError> {
@@ -359,6 +506,14 @@ impl Vmm for Qemu {
             args.push("-device".into());
             args.push(format!("virtserialport,chardev={id},name={name}"));
         }
+        if let Some(snapshot) = &spec.restore {
+            args.push("-S".into());
+            args.push("-incoming".into());
+            args.push(format!(
+                "exec:cat < {}",
+                shell_word(&snapshot.join(QEMU_STATE_FILE))?
+            ));
+        }
         Ok(LaunchSpec {
             program: self.binary.clone(),
             args,
@@ -398,6 +553,7 @@ mod tests {
                 tap: "bgtap3".into(),
                 mac: "06:00:0a:d5:00:07".into(),
             }),
+            restore: None,
         }
     }
 
@@ -423,5 +579,13 @@ mod tests {
         assert!(line.contains("tap,id=net0,ifname=bgtap3,script=no,downscript=no"));
         assert!(line.contains("virtio-net-device,netdev=net0,mac=06:00:0a:d5:00:07"));
         assert!(q.command(&spec("/vms/we,b")).is_err(), "commas are refused");
+        assert!(!line.contains("-incoming"));
+        let mut restoring = spec("/vms/web");
+        restoring.restore = Some(PathBuf::from("/snaps/it's"));
+        let line = q.command(&restoring).unwrap().args.join(" ");
+        assert!(
+            line.ends_with("-S -incoming exec:cat < '/snaps/it'\\''s/vmstate'"),
+            "{line}"
+        );
     }
 }

@@ -356,6 +356,7 @@ async fn play_guest(vm: &Vm) -> Result<(), String> {
             version: "fake".into(),
             stage: stage.into(),
             error: None,
+            identities: 0,
         };
         ctl.write_all(format!("{}\n", serde_json::to_string(&report).unwrap()).as_bytes())
             .await

@@ -4,6 +4,7 @@ mod cp;
 mod doctor;
 mod image;
 mod kernel;
+mod snapshot;
 mod system;
 mod vm;
 
@@ -28,6 +29,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Image(cmd) => image::run(&Client::new(paths), cmd),
         Command::Kernel(cmd) => kernel::run(&Client::new(paths), cmd),
         Command::Vm(cmd) => vm::run(&Client::new(paths), cmd),
+        Command::Snapshot(cmd) => snapshot::run(&Client::new(paths), cmd),
         Command::Doctor(flags) => doctor::run(&paths, flags.json),
         Command::System(cmd) => system::run(cmd),
         Command::SshConfig(flags) => ssh_config(&paths, flags.json),

@@ -146,6 +146,34 @@ pub fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
             no_sync,
             command,
         ),
+        VmCommand::Pause { name, json } => {
+            let result = client.call::<m::VmPause>(NameParams { name: name.clone() }, |_| {});
+            super::snapshot::said(result, json, || {
+                format!("paused {name}; `banger vm resume {name}` continues it")
+            })
+        }
+        VmCommand::Resume { name, json } => {
+            let result = client.call::<m::VmResume>(NameParams { name: name.clone() }, |_| {});
+            super::snapshot::said(result, json, || format!("resumed {name}"))
+        }
+        VmCommand::Snapshot {
+            name,
+            snapshot,
+            stop,
+            json,
+        } => super::snapshot::take(client, name, snapshot, stop, json),
+        VmCommand::Restore {
+            name,
+            snapshot,
+            json,
+        } => {
+            let params = banger_proto::vm::RestoreParams {
+                name: name.clone(),
+                snapshot,
+            };
+            let result = client.call::<m::VmRestore>(params, boot_progress(&name));
+            finish_boot(result, json)
+        }
         VmCommand::Sync {
             name,
             pull,
@@ -193,7 +221,8 @@ fn create(client: &Client, args: CreateArgs, start: bool) -> anyhow::Result<i32>
         .map_err(anyhow::Error::msg)?;
     let params = CreateParams {
         name: args.name.clone(),
-        image: args.image,
+        image: args.image.unwrap_or_default(),
+        from: args.from,
         kernel: args.kernel,
         vcpus: args.vcpus,
         memory_mib,
@@ -233,7 +262,7 @@ fn create(client: &Client, args: CreateArgs, start: bool) -> anyhow::Result<i32>
     }
 }
 
-fn boot_progress(name: &str) -> impl FnMut(VmEvent) + '_ {
+pub(super) fn boot_progress(name: &str) -> impl FnMut(VmEvent) + '_ {
     move |event| match event {
         VmEvent::Step { step, n, of } => {
             let what = match step.as_str() {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use banger_host::ProcessId;
-use banger_proto::agent::{BootConfig, Transport, AGENT_PROTOCOL};
+use banger_proto::agent::{BootConfig, Identity, Transport, AGENT_PROTOCOL};
 use banger_proto::vm::{RootMode, VmEvent, VmInfo};
 
 use crate::vm::disk::UPPER_FILE;
@@ -19,7 +19,7 @@ use crate::events::Events;
 use crate::ids;
 use crate::kernel::initramfs;
 use crate::steps::Steps;
-use crate::store::{VmRecord, VmRuntime};
+use crate::store::{SnapshotRecord, VmRecord, VmRuntime};
 use crate::vm::agent_client::{self, AgentSession, Ctl};
 use crate::vm::console;
 use crate::vm::keys;
@@ -27,6 +27,9 @@ use crate::vm::vmm::{BootSpec, CtlEndpoint, Disk, Nic, Vmm};
 use banger_proto::kernel::KernelInfo;
 
 const STEPS_START: u32 = 5;
+
+/// A snapshot's copy of the initramfs its VM booted with.
+pub(super) const INITRD_FILE: &str = "initrd.cpio";
 
 /// The guest's names for the disks [`VmLifecycle::disks`] lists.
 const ROOT_DEVICE: &str = "/dev/vda";
@@ -40,15 +43,48 @@ impl VmLifecycle {
         if self.registry.live(name)?.is_some() {
             return self.registry.info(&vm);
         }
+        // A fork's first start resumes its snapshot; a fork whose snapshot
+        // was removed (`snapshot rm -f`) boots from the disks it copied.
+        let restore = match &vm.restore_from {
+            Some(snap) => match self.registry.store.get_snapshot(snap)? {
+                Some(snap) if snap.with_memory => Some(snap),
+                _ => None,
+            },
+            None => None,
+        };
+        self.start_locked(&vm, restore.as_ref(), events).await
+    }
+
+    /// Starts a VM whose lock the caller holds: a boot, or with `restore` a
+    /// resume of that snapshot's saved state (whose disks the VM already
+    /// has) under the VM's own identity.
+    pub(super) async fn start_locked(
+        &self,
+        vm: &VmRecord,
+        restore: Option<&SnapshotRecord>,
+        events: Events<VmEvent>,
+    ) -> OpResult<VmInfo> {
+        let vm = vm.clone();
         let vmm = self.registry.vmm(vm.vmm)?;
         let kernel = self.kernels.get(&vm.kernel)?;
         self.registry.clean_run_files(&vm);
         let mut steps = Steps::new(self.fail_point());
 
         step(&events, "initramfs", 1, STEPS_START);
-        let initrd = self
-            .write_initramfs(&vm, &kernel, vmm.as_ref(), &mut steps)
-            .await?;
+        let initrd = match restore {
+            // The guest's memory holds what the snapshot's initramfs put
+            // there; QEMU is given that file again so the machines match.
+            Some(snap) => {
+                steps.begin("initramfs")?;
+                let (dir, files) = (PathBuf::from(&vm.dir), vmm.run_files());
+                steps.undo("initramfs", move || remove_run_files(&dir, files));
+                Path::new(&snap.dir).join(INITRD_FILE)
+            }
+            None => {
+                self.write_initramfs(&vm, &kernel, vmm.as_ref(), &mut steps)
+                    .await?
+            }
+        };
         let ctl = control_endpoint(vmm.as_ref(), Path::new(&vm.dir))?;
         let disks = self.disks(&vm, &mut steps)?;
         steps.begin("network")?;
@@ -61,6 +97,10 @@ impl VmLifecycle {
         steps.undo("network", move || {
             network.detach(undo_nic.as_deref(), undo_ip.as_deref())
         });
+        let identity = match restore {
+            Some(_) => Some(self.identity(&vm, nic.as_ref())?),
+            None => None,
+        };
 
         step(&events, "launch", 2, STEPS_START);
         let dir = PathBuf::from(&vm.dir);
@@ -73,12 +113,13 @@ impl VmLifecycle {
             memory_mib: vm.memory_mib,
             console_log: console::path(&dir),
             nic,
+            restore: restore.map(|snap| PathBuf::from(&snap.dir)),
         };
         let pid = self.launch(&vm, vmm.as_ref(), &spec, &mut steps).await?;
 
         step(&events, "agent", 3, STEPS_START);
         let session = self
-            .await_ready(&vm, vmm.as_ref(), ctl, pid, &events, &mut steps)
+            .await_ready(&vm, vmm.as_ref(), ctl, pid, identity, &events, &mut steps)
             .await?;
         // The workspace is in place before the first command; a failure here
         // is said, and the next exec tries again.
@@ -96,6 +137,9 @@ impl VmLifecycle {
         }
         self.sessions.keep(&vm.name, session).await;
         step(&events, "ready", 5, STEPS_START);
+        if vm.restore_from.is_some() {
+            self.registry.store.set_restore_from(&vm.name, None)?;
+        }
         steps.commit();
         let network = self.registry.network.clone();
         tokio::task::spawn_blocking(move || network.refill());
@@ -234,6 +278,7 @@ impl VmLifecycle {
             start_time: pid.start_time,
             started_at: ids::now_rfc3339(),
             tap: spec.nic.as_ref().map(|n: &Nic| n.tap.clone()),
+            paused: false,
         })?;
         let undo_name = vm.name.clone();
         steps.undo("runtime", move || {
@@ -249,13 +294,17 @@ impl VmLifecycle {
         Ok(pid)
     }
 
-    /// Phase 5: the agent reports the guest ready, and its SSH session is up.
+    /// Phase 5: the agent reports the guest ready, and its SSH session is
+    /// up. A restored guest is first given its `identity`, and only then
+    /// connected to (its SSH port still holds the snapshot's session).
+    #[allow(clippy::too_many_arguments)]
     async fn await_ready(
         &self,
         vm: &VmRecord,
         vmm: &dyn Vmm,
         ctl: Ctl,
         pid: ProcessId,
+        identity: Option<Identity>,
         events: &Events<VmEvent>,
         steps: &mut Steps,
     ) -> OpResult<AgentSession> {
@@ -267,10 +316,15 @@ impl VmLifecycle {
         // serves SSH before its disks are mounted. A virtio-serial port holds
         // the host's bytes until the guest opens it, so there the daemon
         // connects at launch; over vsock it waits for the agent's "ssh" report.
-        let connect_at_launch = vmm.transport() == Transport::VirtioSerial;
+        let restoring = identity.is_some();
+        let connect_at_launch = vmm.transport() == Transport::VirtioSerial && !restoring;
         let (ssh_up, ssh_signal) = tokio::sync::oneshot::channel::<()>();
         let mut ssh_up = Some(ssh_up);
-        let waiting = agent_client::wait_ready(ctl, timeout, &alive, move |stage| {
+        let give = match &identity {
+            Some(identity) => agent_client::Give::Always(identity),
+            None => agent_client::Give::Nothing,
+        };
+        let waiting = agent_client::wait_ready_as(ctl, give, timeout, &alive, move |stage| {
             events.emit(&VmEvent::Agent {
                 stage: stage.to_string(),
             });
@@ -281,7 +335,7 @@ impl VmLifecycle {
             }
         });
         let early = async {
-            if !connect_at_launch && ssh_signal.await.is_err() {
+            if restoring || (!connect_at_launch && ssh_signal.await.is_err()) {
                 return None;
             }
             let started = std::time::Instant::now();
@@ -344,9 +398,32 @@ impl VmLifecycle {
     }
 }
 
+impl VmLifecycle {
+    /// Who a restored VM is to become: its own name, host key and address
+    /// (whatever VM the snapshot was taken of), the time now, fresh entropy.
+    pub(super) fn identity(&self, vm: &VmRecord, nic: Option<&Nic>) -> OpResult<Identity> {
+        let host_key = std::fs::read_to_string(Path::new(&vm.dir).join("host_key"))
+            .map_err(|e| OpError::internal(format!("reading the VM's host key: {e}")))?;
+        let mut entropy = [0u8; 64];
+        rand::fill(&mut entropy[..]);
+        let unix_time_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or_default();
+        Ok(Identity {
+            hostname: vm.name.clone(),
+            host_key,
+            network: self.registry.network.guest(vm.ip.as_deref())?,
+            mac: nic.map(|n| n.mac.clone()),
+            unix_time_ns,
+            entropy: entropy.iter().map(|b| format!("{b:02x}")).collect(),
+        })
+    }
+}
+
 /// Where the agent's control connection comes in. Firecracker forwards it
 /// to a socket that must be listening before the guest boots.
-fn control_endpoint(vmm: &dyn Vmm, dir: &Path) -> OpResult<Ctl> {
+pub(super) fn control_endpoint(vmm: &dyn Vmm, dir: &Path) -> OpResult<Ctl> {
     Ok(match vmm.ctl(dir) {
         CtlEndpoint::Connect(path) => Ctl::Connect(path),
         CtlEndpoint::Listen(path) => {

@@ -13,6 +13,8 @@ pub enum VmError {
     /// Gone while a request was using it (a forward, a log follow).
     #[error("VM `{0}` stopped")]
     StoppedMeanwhile(String),
+    #[error("VM `{0}` is paused; run `banger vm resume {0}`")]
+    Paused(String),
     #[error("VM `{0}` is running; stop it first (`banger vm stop {0}`) or pass -f")]
     Running(String),
     /// Its agent could not be reached or failed mid-call.

@@ -171,6 +171,9 @@ impl VmLifecycle {
     }
 
     pub async fn create(&self, params: CreateParams, events: Events<VmEvent>) -> OpResult<VmInfo> {
+        if let Some(snapshot) = params.from.clone() {
+            return self.create_fork(params, &snapshot, events).await;
+        }
         name::validate(&params.name)?;
         let _guard = self.registry.lock(&params.name).await;
         if self.registry.store.get_vm(&params.name)?.is_some() {
@@ -228,15 +231,7 @@ impl VmLifecycle {
         };
 
         let mut steps = Steps::new(self.fail_point());
-        let dir = self.registry.vms_dir().join(&params.name);
-        steps.begin("dir")?;
-        std::fs::create_dir_all(self.registry.vms_dir())?;
-        std::fs::create_dir(&dir)
-            .map_err(|e| OpError::internal(format!("creating {}: {e}", dir.display())))?;
-        let undo_dir = dir.clone();
-        steps.undo("dir", move || {
-            let _ = std::fs::remove_dir_all(&undo_dir);
-        });
+        let dir = self.new_vm_dir(&params.name, &mut steps)?;
 
         step(&events, "disks", 1, 2);
         // The disks are independent: the work disk's mkfs runs while the
@@ -265,13 +260,6 @@ impl VmLifecycle {
         work?;
 
         step(&events, "keys", 2, 2);
-        steps.begin("host-key")?;
-        let host_key = keys::generate()?;
-        keys::write_private(&dir.join("host_key"), &keys::to_openssh(&host_key)?)?;
-
-        steps.begin("record")?;
-        let addresses = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
-        let ip = self.registry.network.allocate()?;
         let record = VmRecord {
             name: params.name.clone(),
             image: image.name.clone(),
@@ -282,16 +270,16 @@ impl VmLifecycle {
             disk_bytes,
             root_mode,
             dir: dir.display().to_string(),
-            host_key_pub: keys::public_openssh(&host_key)?,
+            host_key_pub: String::new(),
             created_at: ids::now_rfc3339(),
-            ip,
+            ip: None,
             // The file the VM layers over, kept while the VM is, whatever
             // becomes of the image's name.
             origin: matches!(root_mode, RootMode::DmSnapshot | RootMode::Overlay)
                 .then(|| image.rootfs_path.clone()),
+            restore_from: None,
         };
-        self.registry.store.insert_vm(&record)?;
-        drop(addresses);
+        let record = self.record_new_vm(record, &mut steps)?;
         if let Some((host_dir, guest_path)) = workspace {
             // Goes with the record (ON DELETE CASCADE), undone or not. Its
             // files belong to the image's default user.
@@ -299,10 +287,6 @@ impl VmLifecycle {
             self.workspaces
                 .attach(&record.name, host_dir, guest_path, owner)?;
         }
-        let (store, undo_name) = (self.registry.store.clone(), record.name.clone());
-        steps.undo("record", move || {
-            let _ = store.delete_vm(&undo_name);
-        });
         steps.commit();
         self.registry.write_ssh_config();
         tracing::info!(vm = %record.name, root_mode = %record.root_mode, "VM created");
@@ -311,6 +295,47 @@ impl VmLifecycle {
             return self.start(&record.name, events).await;
         }
         self.registry.info(&record)
+    }
+
+    /// Step `dir`: a new VM's directory.
+    pub(super) fn new_vm_dir(&self, name: &str, steps: &mut Steps) -> OpResult<PathBuf> {
+        let dir = self.registry.vms_dir().join(name);
+        steps.begin("dir")?;
+        std::fs::create_dir_all(self.registry.vms_dir())?;
+        std::fs::create_dir(&dir)
+            .map_err(|e| OpError::internal(format!("creating {}: {e}", dir.display())))?;
+        let undo_dir = dir.clone();
+        steps.undo("dir", move || {
+            let _ = std::fs::remove_dir_all(&undo_dir);
+        });
+        Ok(dir)
+    }
+
+    /// Steps `host-key` and `record`: a new VM's own SSH host key and
+    /// address, and its record (`record` as made so far, without them).
+    pub(super) fn record_new_vm(
+        &self,
+        mut record: VmRecord,
+        steps: &mut Steps,
+    ) -> OpResult<VmRecord> {
+        steps.begin("host-key")?;
+        let host_key = keys::generate()?;
+        keys::write_private(
+            &Path::new(&record.dir).join("host_key"),
+            &keys::to_openssh(&host_key)?,
+        )?;
+        record.host_key_pub = keys::public_openssh(&host_key)?;
+
+        steps.begin("record")?;
+        let addresses = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
+        record.ip = self.registry.network.allocate()?;
+        self.registry.store.insert_vm(&record)?;
+        drop(addresses);
+        let (store, undo_name) = (self.registry.store.clone(), record.name.clone());
+        steps.undo("record", move || {
+            let _ = store.delete_vm(&undo_name);
+        });
+        Ok(record)
     }
 
     /// The mode asked for if this host and kernel can give it, else their best.
@@ -331,7 +356,7 @@ impl VmLifecycle {
         self.registry.info(&vm)
     }
 
-    async fn stop_locked(&self, vm: &VmRecord, timeout: Duration) -> OpResult<()> {
+    pub(super) async fn stop_locked(&self, vm: &VmRecord, timeout: Duration) -> OpResult<()> {
         let Some(rt) = self.registry.live(&vm.name)? else {
             return Ok(());
         };

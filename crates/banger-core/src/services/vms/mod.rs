@@ -18,6 +18,7 @@ pub mod guest_io;
 pub mod lifecycle;
 pub mod registry;
 pub mod sessions;
+pub mod snapshots;
 pub mod upkeep;
 
 use std::sync::Arc;

@@ -132,6 +132,7 @@ impl VmRegistry {
     pub fn running(&self, name: &str) -> OpResult<VmRecord> {
         let vm = self.record(name)?;
         match self.live(name)? {
+            Some(rt) if rt.paused => Err(VmError::Paused(vm.name).into()),
             Some(_) => Ok(vm),
             None => Err(VmError::Stopped(vm.name).into()),
         }
@@ -179,8 +180,8 @@ impl VmRegistry {
             name: vm.name.clone(),
             state: match (&rt, &problem) {
                 (None, _) => VmState::Stopped,
-                (Some(_), Some(_)) => VmState::Paused,
-                (Some(_), None) => VmState::Running,
+                (Some(rt), None) if !rt.paused => VmState::Running,
+                (Some(_), _) => VmState::Paused,
             },
             problem,
             image: vm.image.clone(),

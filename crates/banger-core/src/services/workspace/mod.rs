@@ -25,7 +25,7 @@ use crate::workspace::manifest::{self, Entry, GuestDelta, Manifest};
 use crate::workspace::watch::{Changes, Watcher};
 use crate::workspace::{plan, scan, validate};
 
-const MANIFEST_FILE: &str = "workspace.json";
+pub const MANIFEST_FILE: &str = "workspace.json";
 
 pub use guest::Progress;
 
@@ -432,8 +432,14 @@ impl WorkspaceService {
         Some(watcher)
     }
 
+    /// Writes the VM's manifest file now (a snapshot copies it).
+    pub async fn flush(&self, vm: &VmRecord) {
+        self.files.flush(&cache_key(vm)).await;
+    }
+
     /// Stops watching a VM's workspace (it stopped or went), with its
-    /// manifest file written.
+    /// manifest file written; the next sync reads that file (which a
+    /// restore may have replaced meanwhile).
     pub async fn forget(&self, vm: &VmRecord) {
         let key = cache_key(vm);
         self.watchers
@@ -441,6 +447,10 @@ impl WorkspaceService {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&key);
         self.files.flush(&key).await;
+        self.manifests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
     }
 
     /// The host's changes since `old` among `paths` (a watcher's).

@@ -47,6 +47,14 @@ pub async fn put(socket: &Path, path: &str, body: &serde_json::Value) -> Result<
         .map_err(VmmError::Api)
 }
 
+/// `PATCH path` with a JSON body; Ok on a 2xx answer.
+pub async fn patch(socket: &Path, path: &str, body: &serde_json::Value) -> Result<(), VmmError> {
+    request(socket, "PATCH", path, Some(body))
+        .await
+        .map(|_| ())
+        .map_err(VmmError::Api)
+}
+
 /// One API call; its answer's body on a 2xx status.
 async fn request(
     socket: &Path,

@@ -30,6 +30,36 @@ fn vsock_socket(dir: &Path) -> PathBuf {
     dir.join("vsock.sock")
 }
 
+/// A snapshot's device state and guest memory.
+pub const STATE_FILE: &str = "vmstate";
+pub const MEMORY_FILE: &str = "memory";
+
+/// A drive's path as Firecracker is told it: the VM's own disks relative to
+/// its directory (Firecracker runs there), since a snapshot records the
+/// paths it was taken with and Firecracker cannot override them at load: a
+/// fork, in a directory of its own, then opens its own copies.
+fn drive_path(dir: &Path, disk: &Path) -> Result<String, VmmError> {
+    match disk.strip_prefix(dir) {
+        Ok(own) if !own.as_os_str().is_empty() => path_str(own),
+        _ => path_str(disk),
+    }
+}
+
+/// `PUT /snapshot/load`: the saved state, memory mapped from its file, this
+/// VM's tap and vsock socket in place of the ones recorded, running at once.
+fn load_request(spec: &BootSpec, snapshot: &Path) -> Result<serde_json::Value, VmmError> {
+    let mut body = json!({
+        "snapshot_path": path_str(&snapshot.join(STATE_FILE))?,
+        "mem_backend": { "backend_type": "File", "backend_path": path_str(&snapshot.join(MEMORY_FILE))? },
+        "vsock_override": { "uds_path": path_str(&sockpath::for_vmm(&spec.dir, "vsock.sock"))? },
+        "resume_vm": true,
+    });
+    if let Some(nic) = &spec.nic {
+        body["network_overrides"] = json!([{ "iface_id": "eth0", "host_dev_name": nic.tap }]);
+    }
+    Ok(body)
+}
+
 fn path_str(p: &Path) -> Result<String, VmmError> {
     p.to_str()
         .map(str::to_owned)
@@ -83,6 +113,9 @@ impl Vmm for Firecracker {
         Box::pin(async move {
             let sock = api_socket(&spec.dir);
             api::wait_for_socket(&sock, Duration::from_secs(5), alive).await?;
+            if let Some(snapshot) = &spec.restore {
+                return api::put(&sock, "/snapshot/load", &load_request(spec, snapshot)?).await;
+            }
             api::put(
                 &sock,
                 "/machine-config",
@@ -103,7 +136,7 @@ impl Vmm for Firecracker {
                 api::put(
                     &sock,
                     &format!("/drives/{}", disk.id),
-                    &json!({ "drive_id": disk.id, "path_on_host": path_str(&disk.path)?, "is_root_device": false, "is_read_only": disk.read_only }),
+                    &json!({ "drive_id": disk.id, "path_on_host": drive_path(&spec.dir, &disk.path)?, "is_root_device": false, "is_read_only": disk.read_only }),
                 )
                 .await?;
             }
@@ -168,6 +201,37 @@ impl Vmm for Firecracker {
             }
             Ok(stream)
         })
+    }
+
+    fn pause<'a>(&'a self, dir: &'a Path) -> BoxFuture<'a, Result<(), VmmError>> {
+        Box::pin(
+            async move { api::patch(&api_socket(dir), "/vm", &json!({ "state": "Paused" })).await },
+        )
+    }
+
+    fn resume<'a>(&'a self, dir: &'a Path) -> BoxFuture<'a, Result<(), VmmError>> {
+        Box::pin(async move {
+            api::patch(&api_socket(dir), "/vm", &json!({ "state": "Resumed" })).await
+        })
+    }
+
+    fn save<'a>(&'a self, dir: &'a Path, into: &'a Path) -> BoxFuture<'a, Result<(), VmmError>> {
+        Box::pin(async move {
+            api::put(
+                &api_socket(dir),
+                "/snapshot/create",
+                &json!({
+                    "snapshot_type": "Full",
+                    "snapshot_path": path_str(&into.join(STATE_FILE))?,
+                    "mem_file_path": path_str(&into.join(MEMORY_FILE))?,
+                }),
+            )
+            .await
+        })
+    }
+
+    fn state_files(&self) -> &'static [&'static str] {
+        &[STATE_FILE, MEMORY_FILE]
     }
 
     fn request_shutdown<'a>(&'a self, dir: &'a Path) -> BoxFuture<'a, ()> {
