@@ -570,13 +570,21 @@ async fn serve(
                 // One SSH connection at a time: the host's. A new one starts
                 // whenever the host reconnects (a restarted daemon).
                 crate::transport::wait_for_host(raw).await;
-                let session = SharedStream(stream.clone());
+                let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let session = SharedStream(stream.clone(), ended.clone());
                 let handler = crate::ssh::Handler::new(shared.clone());
                 match russh::server::run_stream(shared.ssh_config(), session, handler).await {
                     Ok(running) => {
                         let _ = running.await;
                     }
                     Err(e) => log(&format!("ssh session failed to start: {e}")),
+                }
+                // The port read as ended: its host left with nothing unread,
+                // and a host there now is a new one (a daemon restarted while
+                // the guest was paused connects before the guest sees the
+                // old one go) whose session starts at once.
+                if ended.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue;
                 }
                 // Let a disconnect settle before waiting for the next host.
                 while crate::transport::host_connected(raw) {
@@ -623,7 +631,11 @@ where
 }
 
 /// The port stream outlives each SSH session, which needs ownership of one.
-struct SharedStream(Arc<tokio::sync::Mutex<crate::transport::FdStream>>);
+/// It also notes reading the end of the stream: the host went away.
+struct SharedStream(
+    Arc<tokio::sync::Mutex<crate::transport::FdStream>>,
+    Arc<std::sync::atomic::AtomicBool>,
+);
 
 impl tokio::io::AsyncRead for SharedStream {
     fn poll_read(
@@ -631,8 +643,15 @@ impl tokio::io::AsyncRead for SharedStream {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
         match self.0.try_lock() {
-            Ok(mut s) => std::pin::Pin::new(&mut *s).poll_read(cx, buf),
+            Ok(mut s) => {
+                let read = std::pin::Pin::new(&mut *s).poll_read(cx, buf);
+                if matches!(read, std::task::Poll::Ready(Ok(()))) && buf.filled().len() == before {
+                    self.1.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                read
+            }
             Err(_) => {
                 cx.waker().wake_by_ref();
                 std::task::Poll::Pending

@@ -16,6 +16,16 @@ pub fn set_kill_point(step: &str) {
     let _ = KILL_AT.set(step.to_string());
 }
 
+/// Test seam for tests of what happens while an operation is under way:
+/// the step at which the process stalls for a while.
+static SLOW_AT: OnceLock<(String, std::time::Duration)> = OnceLock::new();
+
+/// Makes every operation reaching the step named `step` stall for `how_long`
+/// (a whole worker thread, as a slow disk would). Set once, at daemon start.
+pub fn set_slow_point(step: &str, how_long: std::time::Duration) {
+    let _ = SLOW_AT.set((step.to_string(), how_long));
+}
+
 type UndoFn = Box<dyn FnOnce() + Send>;
 
 /// Dies here if the kill point names `step`.
@@ -49,6 +59,10 @@ impl Steps {
     /// Marks the start of a step; fails when the fail point names it.
     pub fn begin(&self, step: &str) -> OpResult<()> {
         kill_point(step);
+        if let Some((_, how_long)) = SLOW_AT.get().filter(|(s, _)| s == step) {
+            tracing::warn!(step, "slow point reached: stalling");
+            std::thread::sleep(*how_long);
+        }
         if self.fail_at.0.as_deref() == Some(step) {
             return Err(OpError::internal(format!(
                 "injected failure at step `{step}`"

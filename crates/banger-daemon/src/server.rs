@@ -251,8 +251,16 @@ pub fn run(paths: banger_core::paths::Paths) -> anyhow::Result<()> {
         if let Ok(step) = std::env::var("BANGER_TEST_KILL_AT") {
             banger_core::steps::set_kill_point(&step);
         }
+        // Tests of what happens meanwhile name a step that takes 5 s.
+        if let Ok(step) = std::env::var("BANGER_TEST_SLOW_AT") {
+            banger_core::steps::set_slow_point(&step, std::time::Duration::from_secs(5));
+        }
         let runner = Arc::new(banger_host::RealRunner);
         let core = Arc::new(Core::open(paths.clone(), runner, Default::default())?);
+        // Failure tests name a step of create, start or snapshot to fail.
+        if let Ok(step) = std::env::var("BANGER_TEST_FAIL_AT") {
+            core.vms.set_fail_point(Some(&step));
+        }
         let socket = paths.socket();
         let listener = super::socket::bind(&socket)?;
         tracing::info!(socket = %socket.display(), pid = std::process::id(), "banger daemon listening");

@@ -32,21 +32,34 @@ fn calls(dir: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-#[test]
-fn firecracker_boot_follows_the_api_order_and_runs_commands() {
-    let Some((fake, agent)) = tools() else { return };
+/// A daemon using the fake Firecracker (with `extra` environment), a kernel
+/// (any ELF does for the fake) and busybox pulled; the registry and temp
+/// directory live as long as the test needs them.
+fn fake_fc_setup(
+    fake: &Path,
+    agent: &Path,
+    extra: &[(&str, &Path)],
+) -> (Registry, tempfile::TempDir, Banger) {
     let registry = Registry::start();
     let tmp = tempfile::tempdir().unwrap();
     push_busybox(&registry, &tmp.path().join("oci"), "busybox:latest");
-    let banger = Banger::start_with_env(&[
-        ("BANGER_FIRECRACKER_BIN", &fake),
-        ("BANGER_AGENT_BIN", &agent),
-    ]);
-    // Any ELF does as a kernel for the fake.
+    let mut env = vec![
+        ("BANGER_FIRECRACKER_BIN", fake),
+        ("BANGER_AGENT_BIN", agent),
+    ];
+    env.extend_from_slice(extra);
+    let banger = Banger::start_with_env(&env);
     let kernel = tmp.path().join("vmlinux");
-    std::fs::copy(&agent, &kernel).unwrap();
+    std::fs::copy(agent, &kernel).unwrap();
     banger.ok(&["kernel", "import", kernel.to_str().unwrap(), "--name", "fc"]);
     banger.ok(&["image", "pull", &registry.reference("busybox:latest")]);
+    (registry, tmp, banger)
+}
+
+#[test]
+fn firecracker_boot_follows_the_api_order_and_runs_commands() {
+    let Some((fake, agent)) = tools() else { return };
+    let (_registry, _tmp, banger) = fake_fc_setup(&fake, &agent, &[]);
 
     banger.ok(&[
         "vm",
@@ -125,7 +138,7 @@ fn firecracker_boot_follows_the_api_order_and_runs_commands() {
     // Exec reaches the "guest" over vsock, authenticated with the pinned key.
     assert_eq!(
         banger.ok(&["vm", "exec", "fcvm", "--", "echo", "hi there"]),
-        "fake-firecracker ran: echo hi there\n"
+        "fake-firecracker ran on fcvm: echo hi there\n"
     );
     assert!(banger
         .ok(&["vm", "logs", "fcvm"])
@@ -163,22 +176,114 @@ fn firecracker_boot_follows_the_api_order_and_runs_commands() {
     assert_eq!(banger.ok(&["vm", "ls", "--json"]).trim(), "[]");
 }
 
+/// The calls after the first `skip`, as `METHOD PATH`.
+fn sequence(dir: &str, skip: usize) -> Vec<String> {
+    calls(dir)
+        .iter()
+        .skip(skip)
+        .map(|c| {
+            format!(
+                "{} {}",
+                c["method"].as_str().unwrap(),
+                c["path"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn firecracker_pauses_snapshots_and_forks_through_its_api() {
+    let Some((fake, agent)) = tools() else { return };
+    let (_registry, _tmp, banger) = fake_fc_setup(&fake, &agent, &[]);
+    banger.ok(&[
+        "vm",
+        "run",
+        "fcvm",
+        "--image",
+        "busybox",
+        "--vmm",
+        "firecracker",
+    ]);
+    let dir = banger.path("state/vms/fcvm").display().to_string();
+    let booted = calls(&dir).len();
+
+    banger.ok(&["vm", "pause", "fcvm"]);
+    assert!(banger
+        .fails(&["vm", "exec", "fcvm", "--", "true"])
+        .contains("vm resume fcvm"));
+    banger.ok(&["vm", "resume", "fcvm"]);
+    assert_eq!(sequence(&dir, booted), ["PATCH /vm", "PATCH /vm"]);
+    let c = calls(&dir);
+    assert_eq!(c[booted]["body"], serde_json::json!({ "state": "Paused" }));
+    assert_eq!(
+        c[booted + 1]["body"],
+        serde_json::json!({ "state": "Resumed" })
+    );
+
+    // Held, paused, saved, resumed (the fake exits if a command reaches a
+    // held guest, so the exec below also says the hold was lifted).
+    banger.ok(&["vm", "snapshot", "fcvm", "s1"]);
+    assert_eq!(
+        sequence(&dir, booted + 2),
+        ["PATCH /vm", "PUT /snapshot/create", "PATCH /vm"]
+    );
+    let c = calls(&dir);
+    let create = &c[booted + 3]["body"];
+    assert_eq!(create["snapshot_type"], "Full");
+    assert!(create["snapshot_path"]
+        .as_str()
+        .unwrap()
+        .ends_with("/.s1.partial/vmstate"));
+    assert!(create["mem_file_path"]
+        .as_str()
+        .unwrap()
+        .ends_with("/.s1.partial/memory"));
+    assert_eq!(
+        banger.ok(&["vm", "exec", "fcvm", "--", "echo", "on"]),
+        "fake-firecracker ran on fcvm: echo on\n"
+    );
+    // The VM's own disks go by paths relative to its directory, so a fork's
+    // Firecracker, started in its own, opens its own copies.
+    assert_eq!(c[4]["body"]["path_on_host"], "upper.ext4");
+
+    // A fork: one call, the load, with this VM's vsock socket; then its
+    // guest is given its identity (name and host key, which the daemon's
+    // connection pins) before anything runs.
+    banger.ok(&["vm", "run", "fork", "--from", "s1"]);
+    let fork_dir = banger.path("state/vms/fork").display().to_string();
+    assert_eq!(sequence(&fork_dir, 0), ["PUT /snapshot/load"]);
+    let snaps = banger.path("state/snapshots/s1").display().to_string();
+    assert_eq!(
+        calls(&fork_dir)[0]["body"],
+        serde_json::json!({
+            "snapshot_path": format!("{snaps}/vmstate"),
+            "mem_backend": { "backend_type": "File", "backend_path": format!("{snaps}/memory") },
+            "vsock_override": { "uds_path": format!("{fork_dir}/vsock.sock") },
+            "resume_vm": true,
+        })
+    );
+    assert_eq!(
+        banger.ok(&["vm", "exec", "fork", "--", "echo", "hi"]),
+        "fake-firecracker ran on fork: echo hi\n"
+    );
+    // Back to the snapshot: a new process, loaded the same way.
+    let before = calls(&dir).len();
+    banger.ok(&["vm", "restore", "fcvm", "s1"]);
+    assert_eq!(sequence(&dir, before), ["PUT /snapshot/load"]);
+    assert_eq!(
+        banger.ok(&["vm", "exec", "fcvm", "--", "echo", "back"]),
+        "fake-firecracker ran on fcvm: echo back\n"
+    );
+    banger.ok(&["vm", "rm", "-f", "fcvm", "fork"]);
+    banger.ok(&["snapshot", "rm", "s1"]);
+}
+
 #[test]
 fn a_guest_that_ignores_the_power_off_gets_ctrl_alt_del() {
     let Some((fake, agent)) = tools() else { return };
-    let registry = Registry::start();
-    let tmp = tempfile::tempdir().unwrap();
-    push_busybox(&registry, &tmp.path().join("oci"), "busybox:latest");
     let hang = Path::new("1");
-    let banger = Banger::start_with_env(&[
-        ("BANGER_FIRECRACKER_BIN", &fake),
-        ("BANGER_AGENT_BIN", &agent),
-        ("FAKE_FC_HANG_ON_POWEROFF", hang),
-    ]);
-    let kernel = tmp.path().join("vmlinux");
-    std::fs::copy(&agent, &kernel).unwrap();
-    banger.ok(&["kernel", "import", kernel.to_str().unwrap(), "--name", "fc"]);
-    banger.ok(&["image", "pull", &registry.reference("busybox:latest")]);
+    let (_registry, _tmp, banger) =
+        fake_fc_setup(&fake, &agent, &[("FAKE_FC_HANG_ON_POWEROFF", hang)]);
     banger.ok(&[
         "vm",
         "run",

@@ -438,6 +438,51 @@ fn vms_get_addresses_nat_and_isolation_and_survive_a_daemon_kill() {
         "two in use plus at most two spare: {taps:?}"
     );
 
+    // A fork of `a` is a machine of its own on the network: its address
+    // (the guest re-addressed), reached from the host and by name, NAT out,
+    // and plain ssh, whose known_hosts pins the fork's own host key. a's
+    // web server, running when the snapshot was taken, serves there too.
+    banger.ok(&["vm", "snapshot", "a", "sa"]);
+    banger.ok(&["vm", "run", "c", "--from", "sa"]);
+    let c = vm_ip(&banger, "c");
+    assert!(c != a && c != b, "{c}");
+    let page = fetch(&host, &format!("http://{c}:8000/index.html"));
+    assert!(
+        String::from_utf8_lossy(&page.stdout).contains("hello from a"),
+        "the fork is not reachable at {c}: {}",
+        String::from_utf8_lossy(&page.stderr)
+    );
+    assert!(
+        guest_gets(
+            &banger,
+            "c",
+            &format!("{INET_ADDR}:8080"),
+            "/hello.txt",
+            "from the internet"
+        ),
+        "the fork has no egress through NAT"
+    );
+    let looked_up = banger.ok(&["vm", "exec", "b", "--", "nslookup", "c.vm"]);
+    assert!(looked_up.contains(&c), "{looked_up}");
+    let include = banger.ok(&["ssh-config"]);
+    let config = include.trim().strip_prefix("Include ").unwrap().to_string();
+    let out = sh(&format!(
+        "ip netns exec {host} ssh -F {config} -o BatchMode=yes -o ConnectTimeout=10 c.vm -- hostname"
+    ));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "c",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let page = fetch(&host, &format!("http://{a}:8000/index.html"));
+    assert!(
+        String::from_utf8_lossy(&page.stdout).contains("hello from a"),
+        "a after its fork"
+    );
+    banger.ok(&["vm", "rm", "-f", "c"]);
+    banger.ok(&["snapshot", "rm", "sa"]);
+
     banger.ok(&["vm", "rm", "-f", "a", "b"]);
     let routes = must(&format!("ip -n {host} route"));
     assert!(!routes.contains(&a) && !routes.contains(&b), "{routes}");

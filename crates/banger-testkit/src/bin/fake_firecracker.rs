@@ -10,9 +10,9 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use banger_proto::agent::{AgentReport, BootConfig, ExecRequest, EXEC_PREFIX};
+use banger_proto::agent::{AgentReport, BootConfig, ExecRequest, HostMessage, EXEC_PREFIX, HOLD};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -24,6 +24,29 @@ struct Vm {
     drives: HashMap<String, Value>,
     vsock: Option<Value>,
     started: bool,
+    paused: bool,
+    /// What the played guest is, once it runs.
+    guest: Option<Arc<Mutex<GuestState>>>,
+}
+
+/// The played guest's identity and whether its agent is held (what a
+/// snapshot of it keeps).
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+struct GuestState {
+    hostname: String,
+    host_key: String,
+    authorized_keys: Vec<String>,
+    held: bool,
+    identities: u32,
+}
+
+/// The fake's "device state" file: enough to play the guest again.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedVm {
+    fake_firecracker_snapshot: u32,
+    guest: GuestState,
+    drives: HashMap<String, Value>,
+    vsock: Value,
 }
 
 type Fields<'a> = &'a [(&'a str, &'a str, bool)];
@@ -45,6 +68,8 @@ fn check(body: &Value, fields: Fields) -> Result<(), String> {
                     "string" => v.is_string(),
                     "bool" => v.is_boolean(),
                     "int" => v.is_u64(),
+                    "object" => v.is_object(),
+                    "array" => v.is_array(),
                     _ => true,
                 };
                 if !ok {
@@ -70,13 +95,140 @@ fn handle(
     path: &str,
     body: &Value,
 ) -> Result<Option<&'static str>, String> {
+    if method == "PATCH" && path == "/vm" {
+        check(body, &[("state", "string", true)])?;
+        if !vm.started {
+            return Err(
+                "The requested operation is not supported before starting the microVM.".into(),
+            );
+        }
+        match body["state"].as_str().unwrap_or_default() {
+            "Paused" => vm.paused = true,
+            "Resumed" => vm.paused = false,
+            other => return Err(format!("unknown state `{other}`")),
+        }
+        return Ok(None);
+    }
     if method != "PUT" {
         return Err(format!("unsupported {method} {path}"));
     }
-    if vm.started && path != "/actions" {
+    let after_start = ["/actions", "/snapshot/create"];
+    if vm.started && !after_start.contains(&path) {
         return Err("The requested operation is not supported after starting the microVM.".into());
     }
     match path {
+        "/snapshot/create" => {
+            check(
+                body,
+                &[
+                    ("snapshot_type", "string", false),
+                    ("snapshot_path", "string", true),
+                    ("mem_file_path", "string", true),
+                ],
+            )?;
+            if !vm.started {
+                return Err(
+                    "The requested operation is not supported before starting the microVM.".into(),
+                );
+            }
+            if !vm.paused {
+                return Err(
+                    "Cannot create a snapshot of a running microVM: pause it first.".into(),
+                );
+            }
+            let guest = vm.guest.as_ref().ok_or("no guest")?.lock().unwrap().clone();
+            let saved = SavedVm {
+                fake_firecracker_snapshot: 1,
+                guest,
+                drives: vm.drives.clone(),
+                vsock: vm.vsock.clone().unwrap_or_default(),
+            };
+            let write = |field: &str, data: Vec<u8>| {
+                std::fs::write(body[field].as_str().unwrap_or_default(), data)
+                    .map_err(|e| format!("{field}: {e}"))
+            };
+            write("snapshot_path", serde_json::to_vec(&saved).unwrap())?;
+            write("mem_file_path", vec![0x42; 4096])?;
+            return Ok(None);
+        }
+        "/snapshot/load" => {
+            check(
+                body,
+                &[
+                    ("snapshot_path", "string", true),
+                    ("mem_file_path", "string", false),
+                    ("mem_backend", "object", false),
+                    ("resume_vm", "bool", false),
+                    ("track_dirty_pages", "bool", false),
+                    ("enable_diff_snapshots", "bool", false),
+                    ("network_overrides", "array", false),
+                    ("vsock_override", "object", false),
+                    ("clock_realtime", "bool", false),
+                ],
+            )?;
+            if vm.machine.is_some()
+                || vm.boot.is_some()
+                || !vm.drives.is_empty()
+                || vm.vsock.is_some()
+            {
+                return Err("Loading a microVM snapshot not allowed after configuring boot-specific resources.".into());
+            }
+            let memory = match (&body["mem_file_path"], &body["mem_backend"]) {
+                (Value::String(path), Value::Null) => path.clone(),
+                (Value::Null, backend @ Value::Object(_)) => {
+                    check(
+                        backend,
+                        &[
+                            ("backend_type", "string", true),
+                            ("backend_path", "string", true),
+                        ],
+                    )?;
+                    if backend["backend_type"] != "File" {
+                        return Err("the fake serves only the File memory backend".into());
+                    }
+                    backend["backend_path"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string()
+                }
+                _ => return Err("exactly one of mem_file_path and mem_backend is required".into()),
+            };
+            if !Path::new(&memory).is_file() {
+                return Err(format!("cannot open the memory file {memory}"));
+            }
+            let saved: SavedVm = std::fs::read(body["snapshot_path"].as_str().unwrap_or_default())
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .ok_or("cannot read the snapshot file")?;
+            // The drives reopen at the paths they were saved with.
+            for drive in saved.drives.values() {
+                exists(drive, "path_on_host")?;
+            }
+            let mut vsock = saved.vsock.clone();
+            if let Some(over) = body.get("vsock_override") {
+                check(over, &[("uds_path", "string", true)])?;
+                vsock["uds_path"] = over["uds_path"].clone();
+            }
+            for over in body["network_overrides"].as_array().into_iter().flatten() {
+                check(
+                    over,
+                    &[
+                        ("iface_id", "string", true),
+                        ("host_dev_name", "string", true),
+                    ],
+                )?;
+                let tap = over["host_dev_name"].as_str().unwrap_or_default();
+                if !Path::new("/sys/class/net").join(tap).exists() {
+                    return Err(format!("Open tap device failed: {tap} does not exist"));
+                }
+            }
+            vm.drives = saved.drives;
+            vm.vsock = Some(vsock);
+            vm.guest = Some(Arc::new(Mutex::new(saved.guest)));
+            vm.started = true;
+            vm.paused = !body["resume_vm"].as_bool().unwrap_or(false);
+            return Ok(Some(if vm.paused { "loaded" } else { "resume" }));
+        }
         "/machine-config" => {
             check(
                 body,
@@ -167,6 +319,12 @@ fn handle(
                     vm.started = true;
                     return Ok(Some("start"));
                 }
+                "SendCtrlAltDel" if !vm.started => {
+                    return Err(
+                        "The requested operation is not supported before starting the microVM."
+                            .into(),
+                    )
+                }
                 "SendCtrlAltDel" => return Ok(Some("ctrl-alt-del")),
                 "FlushMetrics" => {}
                 other => return Err(format!("unknown action_type `{other}`")),
@@ -205,7 +363,8 @@ fn cpio_find(data: &[u8], wanted: &str) -> Option<Vec<u8>> {
 }
 
 struct Guest {
-    authorized: Vec<russh::keys::PublicKey>,
+    state: Arc<Mutex<GuestState>>,
+    reports: tokio::sync::mpsc::UnboundedSender<&'static str>,
 }
 
 impl russh::server::Handler for Guest {
@@ -217,8 +376,12 @@ impl russh::server::Handler for Guest {
         key: russh::server::VerifiedPublicKey<'_>,
     ) -> Result<russh::server::Auth, Self::Error> {
         let ok = self
-            .authorized
+            .state
+            .lock()
+            .unwrap()
+            .authorized_keys
             .iter()
+            .filter_map(|k| russh::keys::PublicKey::from_openssh(k).ok())
             .any(|k| k.key_data() == key.public_key.key_data());
         Ok(if ok {
             russh::server::Auth::Accept
@@ -254,20 +417,39 @@ impl russh::server::Handler for Guest {
             println!("fake-firecracker: guest powered off");
             std::process::exit(0);
         }
-        let argv = match command.strip_prefix(EXEC_PREFIX) {
-            Some(json) => serde_json::from_str::<ExecRequest>(json)
-                .map(|r| r.argv)
-                .unwrap_or_default(),
-            None => vec![command],
+        let (reply, held) = {
+            let mut state = self.state.lock().unwrap();
+            if command == HOLD {
+                state.held = true;
+                let _ = self.reports.send("held");
+                (String::new(), false)
+            } else {
+                let argv = match command.strip_prefix(EXEC_PREFIX) {
+                    Some(json) => serde_json::from_str::<ExecRequest>(json)
+                        .map(|r| r.argv)
+                        .unwrap_or_default(),
+                    None => vec![command],
+                };
+                (
+                    format!(
+                        "fake-firecracker ran on {}: {}\n",
+                        state.hostname,
+                        argv.join(" ")
+                    ),
+                    state.held,
+                )
+            }
         };
+        if held {
+            // A held agent runs nothing until it has its identity.
+            println!("fake-firecracker: a command reached a held guest");
+            std::process::exit(3);
+        }
         let handle = session.handle();
         tokio::spawn(async move {
-            let _ = handle
-                .data(
-                    channel,
-                    format!("fake-firecracker ran: {}\n", argv.join(" ")).into_bytes(),
-                )
-                .await;
+            if !reply.is_empty() {
+                let _ = handle.data(channel, reply.into_bytes()).await;
+            }
             let _ = handle.exit_status_request(channel, 0).await;
             let _ = handle.eof(channel).await;
             let _ = handle.close(channel).await;
@@ -276,7 +458,8 @@ impl russh::server::Handler for Guest {
     }
 }
 
-async fn play_guest(vm: &Vm) -> Result<(), String> {
+/// Boots the guest from the initramfs's config: a fresh agent.
+async fn play_guest(vm: &mut Vm) -> Result<(), String> {
     let initrd = vm
         .boot
         .as_ref()
@@ -288,27 +471,34 @@ async fn play_guest(vm: &Vm) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     println!("fake-firecracker: booting {}", config.hostname);
+    let state = Arc::new(Mutex::new(GuestState {
+        hostname: config.hostname,
+        host_key: config.host_key,
+        authorized_keys: config.authorized_keys,
+        held: false,
+        identities: 0,
+    }));
+    vm.guest = Some(state.clone());
+    run_guest(vm, state, &["modules", "root", "ready"]).await
+}
+
+/// The guest's agent: SSH on vsock port 22 (the host key as it is at each
+/// connection), and the control connection: `first` reports, then an
+/// identity from the host applied and answered with `ready`.
+async fn run_guest(
+    vm: &Vm,
+    state: Arc<Mutex<GuestState>>,
+    first: &[&'static str],
+) -> Result<(), String> {
     let uds = PathBuf::from(
         vm.vsock
             .as_ref()
             .and_then(|v| v["uds_path"].as_str())
             .ok_or("no vsock")?,
     );
-    let key = russh::keys::PrivateKey::from_openssh(config.host_key.as_bytes())
-        .map_err(|e| e.to_string())?;
-    let authorized: Vec<_> = config
-        .authorized_keys
-        .iter()
-        .filter_map(|k| russh::keys::PublicKey::from_openssh(k).ok())
-        .collect();
-    let ssh_config = Arc::new(russh::server::Config {
-        keys: vec![key],
-        inactivity_timeout: None,
-        keepalive_interval: None,
-        nodelay: true,
-        ..Default::default()
-    });
+    let (reports, mut queued) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
     let listener = UnixListener::bind(&uds).map_err(|e| e.to_string())?;
+    let (ssh_state, ssh_reports) = (state.clone(), reports.clone());
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             let mut line = Vec::new();
@@ -331,10 +521,21 @@ async fn play_guest(vm: &Vm) -> Result<(), String> {
             }
             eprintln!("fake-firecracker: vsock connection to port 22");
             let _ = stream.write_all(b"OK 1073741824\n").await;
-            let guest = Guest {
-                authorized: authorized.clone(),
+            let key = ssh_state.lock().unwrap().host_key.clone();
+            let Ok(key) = russh::keys::PrivateKey::from_openssh(key.as_bytes()) else {
+                continue;
             };
-            let cfg = ssh_config.clone();
+            let cfg = Arc::new(russh::server::Config {
+                keys: vec![key],
+                inactivity_timeout: None,
+                keepalive_interval: None,
+                nodelay: true,
+                ..Default::default()
+            });
+            let guest = Guest {
+                state: ssh_state.clone(),
+                reports: ssh_reports.clone(),
+            };
             tokio::spawn(async move {
                 match russh::server::run_stream(cfg, stream, guest).await {
                     Ok(session) => {
@@ -347,24 +548,72 @@ async fn play_guest(vm: &Vm) -> Result<(), String> {
             });
         }
     });
-    let mut ctl = UnixStream::connect(format!("{}_1024", uds.display()))
-        .await
-        .map_err(|e| format!("vsock ctl: {e}"))?;
-    for stage in ["modules", "root", "ready"] {
-        let report = AgentReport {
-            protocol: 1,
-            version: "fake".into(),
-            stage: stage.into(),
-            error: None,
-            identities: 0,
-        };
-        ctl.write_all(format!("{}\n", serde_json::to_string(&report).unwrap()).as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
+    // The control connection, made again whenever the host closes it (a
+    // daemon listens only while it waits for the guest), the latest report
+    // first, as the agent does.
+    for stage in first {
+        let _ = reports.send(stage);
     }
+    let ctl_path = format!("{}_1024", uds.display());
+    tokio::spawn(async move {
+        let mut latest: Option<&'static str> = None;
+        loop {
+            let Ok(ctl) = UnixStream::connect(&ctl_path).await else {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            };
+            let (read, mut write) = ctl.into_split();
+            let report = |stage: &str| {
+                let report = AgentReport {
+                    protocol: 1,
+                    version: "fake".into(),
+                    stage: stage.into(),
+                    error: None,
+                    identities: state.lock().unwrap().identities,
+                };
+                format!("{}\n", serde_json::to_string(&report).unwrap())
+            };
+            // Reports made while no host listened: only the latest counts.
+            while let Ok(stage) = queued.try_recv() {
+                latest = Some(stage);
+            }
+            if let Some(stage) = latest {
+                if write.write_all(report(stage).as_bytes()).await.is_err() {
+                    continue;
+                }
+            }
+            let mut lines = BufReader::new(read).lines();
+            loop {
+                tokio::select! {
+                    stage = queued.recv() => {
+                        let Some(stage) = stage else { return };
+                        latest = Some(stage);
+                        if write.write_all(report(stage).as_bytes()).await.is_err() {
+                            break;
+                        }
+                    }
+                    line = lines.next_line() => {
+                        let Ok(Some(line)) = line else { break };
+                        match serde_json::from_str::<HostMessage>(&line) {
+                            Ok(HostMessage::Identity(id)) => {
+                                {
+                                    let mut s = state.lock().unwrap();
+                                    s.hostname = id.hostname.clone();
+                                    s.host_key = id.host_key;
+                                    s.held = false;
+                                    s.identities += 1;
+                                }
+                                println!("fake-firecracker: the guest is now {}", id.hostname);
+                                let _ = reports.send("ready");
+                            }
+                            Err(e) => eprintln!("fake-firecracker: unreadable host message: {e}"),
+                        }
+                    }
+                }
+            }
+        }
+    });
     println!("banger-agent: ready");
-    // Keep the control connection open, as the agent does.
-    std::mem::forget(ctl);
     Ok(())
 }
 
@@ -432,8 +681,17 @@ async fn main() {
         let (status, reply) = match handle(&mut vm, &method, &path, &body) {
             Ok(action) => {
                 if action == Some("start") {
-                    if let Err(e) = play_guest(&vm).await {
+                    if let Err(e) = play_guest(&mut vm).await {
                         eprintln!("fake-firecracker: guest failed: {e}");
+                    }
+                }
+                if action == Some("resume") {
+                    let state = vm.guest.clone().expect("loaded");
+                    let held = state.lock().unwrap().held;
+                    println!("fake-firecracker: resuming a snapshot");
+                    let first: &[&str] = if held { &["held"] } else { &["ready"] };
+                    if let Err(e) = run_guest(&vm, state, first).await {
+                        eprintln!("fake-firecracker: restored guest failed: {e}");
                     }
                 }
                 if action == Some("ctrl-alt-del") {

@@ -62,6 +62,7 @@ pub fn run(paths: &Paths, json: bool) -> anyhow::Result<i32> {
         kvm(),
         kernel(paths),
         vms(paths),
+        snapshots(paths),
         agent(&config),
         root_mode(paths),
         network(status.as_ref()),
@@ -338,6 +339,38 @@ fn vms(paths: &Paths) -> Check {
     } else {
         check("vms", Status::Fail, troubled.join("; "), None)
     }
+}
+
+/// How many snapshots there are and what they take on disk.
+fn snapshots(paths: &Paths) -> Check {
+    let Ok(stream) = Client::new(paths.clone()).connect_existing() else {
+        return check(
+            "snapshots",
+            Status::Warn,
+            "daemon not running; cannot list snapshots",
+            None,
+        );
+    };
+    let Ok(list) = call_on::<m::SnapshotList>(stream, NoParams {}, |_| {}) else {
+        return check(
+            "snapshots",
+            Status::Warn,
+            "the daemon did not list its snapshots",
+            None,
+        );
+    };
+    let bytes: u64 = list.iter().map(|s| s.size_bytes).sum();
+    check(
+        "snapshots",
+        Status::Ok,
+        format!(
+            "{} snapshot(s), {} on disk under {}",
+            list.len(),
+            human_bytes(bytes),
+            paths.state_dir.join("snapshots").display()
+        ),
+        (!list.is_empty()).then_some("`banger snapshot ls`; `banger snapshot rm NAME` frees one"),
+    )
 }
 
 fn kernel(paths: &Paths) -> Check {

@@ -74,11 +74,19 @@ impl VmLifecycle {
         let initrd = match restore {
             // The guest's memory holds what the snapshot's initramfs put
             // there; QEMU is given that file again so the machines match.
+            // Kept in the VM's directory while it runs, like a booted VM's:
+            // a snapshot of the restored VM copies it from there.
             Some(snap) => {
                 steps.begin("initramfs")?;
+                let initrd = Path::new(&vm.dir).join(INITRD_FILE);
+                let _ = std::fs::remove_file(&initrd);
+                crate::vm::disk::clone_file(&Path::new(&snap.dir).join(INITRD_FILE), &initrd)
+                    .map_err(|e| {
+                        OpError::writing(format!("copying the initramfs: {e}"), Path::new(&vm.dir))
+                    })?;
                 let (dir, files) = (PathBuf::from(&vm.dir), vmm.run_files());
                 steps.undo("initramfs", move || remove_run_files(&dir, files));
-                Path::new(&snap.dir).join(INITRD_FILE)
+                initrd
             }
             None => {
                 self.write_initramfs(&vm, &kernel, vmm.as_ref(), &mut steps)
@@ -183,7 +191,7 @@ impl VmLifecycle {
             env: image_env,
             network: self.registry.network.guest(vm.ip.as_deref())?,
         };
-        let initrd = dir.join("initrd.cpio");
+        let initrd = dir.join(INITRD_FILE);
         bytes.extend_from_slice(&initramfs::vm_archive(
             &serde_json::to_vec(&boot).expect("serialises"),
         ));

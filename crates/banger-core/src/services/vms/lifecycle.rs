@@ -361,6 +361,12 @@ impl VmLifecycle {
             return Ok(());
         };
         let pid = rt.process();
+        if rt.paused && !timeout.is_zero() {
+            // A clean stop needs the guest running.
+            if let Err(e) = self.unpause(vm).await {
+                tracing::warn!(vm = %vm.name, error = %e.message, "cannot resume the VM to stop it cleanly");
+            }
+        }
         if !timeout.is_zero() {
             // Clean first: the agent syncs and unmounts before powering off.
             let connecting = tokio::time::timeout(timeout, self.sessions.session(vm));

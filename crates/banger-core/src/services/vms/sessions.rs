@@ -52,10 +52,14 @@ impl AgentSessions {
     /// The VM's SSH connection, made anew when there is none (after a
     /// daemon restart) or the old one closed.
     pub async fn session(&self, vm: &VmRecord) -> OpResult<AgentSession> {
-        if self.registry.live(&vm.name)?.is_none() {
-            return Err(VmError::Stopped(vm.name.clone()).into());
+        match self.registry.live(&vm.name)? {
+            None => Err(VmError::Stopped(vm.name.clone()).into()),
+            // Never a connection to a paused guest: a virtio-serial port has
+            // no connection framing, and a guest that wakes to find its old
+            // host gone and a new one talking cannot tell their bytes apart.
+            Some(rt) if rt.paused => Err(VmError::Paused(vm.name.clone()).into()),
+            Some(_) => self.session_of_live(vm).await,
         }
-        self.session_of_live(vm).await
     }
 
     /// [`session`](Self::session) for a VM just found running.

@@ -34,6 +34,8 @@ use crate::vm::{disk, name};
 
 /// How long a running guest's agent has to take its identity after a snapshot.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a snapshot waits for another operation on its VM to end.
+const BUSY_WAIT: Duration = Duration::from_secs(2);
 
 /// What a snapshot of a VM in this root mode copies: the VM's own disks.
 fn disk_files(mode: RootMode) -> &'static [&'static str] {
@@ -176,18 +178,32 @@ impl VmLifecycle {
         if self.registry.live(name)?.is_none() {
             return Err(VmError::Stopped(name.into()).into());
         }
-        let vmm = self.registry.vmm(vm.vmm)?;
-        // Asked even when not marked paused: it also frees a guest a
-        // daemon that died mid-snapshot left stopped.
-        vmm.resume(Path::new(&vm.dir)).await?;
-        self.registry.store.set_paused(name, false)?;
-        self.release(&vm, vmm.as_ref()).await?;
+        self.unpause(&vm).await?;
         tracing::info!(vm = %name, "VM resumed");
         self.registry.info(&vm)
     }
 
+    /// Resumes a VM whose lock the caller holds, its agent released.
+    pub(super) async fn unpause(&self, vm: &VmRecord) -> OpResult<()> {
+        let vmm = self.registry.vmm(vm.vmm)?;
+        // Asked even when not marked paused: it also frees a guest a
+        // daemon that died mid-snapshot left stopped.
+        vmm.resume(Path::new(&vm.dir)).await?;
+        self.registry.store.set_paused(&vm.name, false)?;
+        self.release(vm, vmm.as_ref()).await
+    }
+
     /// A running guest's agent held by a snapshot takes its identity again.
     async fn release(&self, vm: &VmRecord, vmm: &dyn Vmm) -> OpResult<()> {
+        self.release_within(vm, vmm, RELEASE_TIMEOUT).await
+    }
+
+    async fn release_within(
+        &self,
+        vm: &VmRecord,
+        vmm: &dyn Vmm,
+        timeout: Duration,
+    ) -> OpResult<()> {
         let nic = vm
             .ip
             .as_deref()
@@ -204,7 +220,7 @@ impl VmLifecycle {
         let launcher = self.registry.launcher.clone();
         let pid = rt.process();
         let alive = move || launcher.alive(pid);
-        agent_client::wait_ready_as(ctl, Give::IfHeld(&identity), RELEASE_TIMEOUT, alive, |_| {})
+        agent_client::wait_ready_as(ctl, Give::IfHeld(&identity), timeout, alive, |_| {})
             .await
             .map_err(|f| {
                 OpError::internal(format!(
@@ -229,13 +245,17 @@ impl VmLifecycle {
             ))
         })?;
         let vm = self.registry.record(&p.name)?;
-        let _guard = self.registry.try_lock(&p.name).ok_or_else(|| {
-            OpError::conflict(format!(
-                "VM `{}` is busy: another operation on it (a snapshot, start or stop) is in \
-                 progress; try again when it ends",
-                p.name
-            ))
-        })?;
+        // A moment's wait (a key push, the daemon's checks at start), not a
+        // queue behind another snapshot.
+        let _guard = tokio::time::timeout(BUSY_WAIT, self.registry.lock(&p.name))
+            .await
+            .map_err(|_| {
+                OpError::conflict(format!(
+                    "VM `{}` is busy: another operation on it (a snapshot, start or stop) is \
+                     in progress; try again when it ends",
+                    p.name
+                ))
+            })?;
         let _snap_guard = self.snapshot_lock(&p.snapshot).await;
         if self.registry.store.get_snapshot(&p.snapshot)?.is_some() {
             return Err(OpError::conflict(format!(
@@ -293,7 +313,12 @@ impl VmLifecycle {
                     taken?;
                     released?;
                 } else {
+                    // Paused again, as the user left it (its agent stays
+                    // held until `vm resume`).
+                    let paused = vmm.pause(&dir_).await;
+                    self.registry.store.set_paused(&vm.name, true)?;
                     taken?;
+                    paused?;
                 }
                 true
             }
@@ -353,6 +378,7 @@ impl VmLifecycle {
         if was_paused {
             // The agent must run to be held; it is paused again at once.
             vmm.resume(dir).await?;
+            self.registry.store.set_paused(&vm.name, false)?;
         }
         let held = async {
             let session = self.sessions.session(vm).await?;
@@ -572,12 +598,16 @@ impl VmLifecycle {
             let Ok(vmm) = self.registry.vmm(vm.vmm) else {
                 continue;
             };
-            let _guard = self.registry.lock(&vm.name).await;
+            // A VM something else is already working on is left to it.
+            let Some(_guard) = self.registry.try_lock(&vm.name) else {
+                continue;
+            };
             let dir = Path::new(&vm.dir);
             if let Err(e) = vmm.resume(dir).await {
                 tracing::warn!(vm = %vm.name, error = %e, "cannot resume a VM after a restart");
             }
-            if let Err(e) = self.release(&vm, vmm.as_ref()).await {
+            let quick = Duration::from_secs(5);
+            if let Err(e) = self.release_within(&vm, vmm.as_ref(), quick).await {
                 tracing::warn!(vm = %vm.name, error = %e.message, "cannot release a held agent");
             }
         }
