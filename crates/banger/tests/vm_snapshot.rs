@@ -92,10 +92,8 @@ fn pause_snapshot_restore_and_fork() {
     std::thread::sleep(Duration::from_secs(5));
     let paused_for = host_before.elapsed().as_secs_f64();
     banger.ok(&["vm", "resume", "p1"]);
-    let (host_ran, guest_ran) = (
-        host_before.elapsed().as_secs_f64(),
-        uptime(&banger) - guest_before,
-    );
+    let guest_ran = uptime(&banger) - guest_before;
+    let host_ran = host_before.elapsed().as_secs_f64();
     assert!(
         guest_ran < host_ran - paused_for + 1.0,
         "the guest ran {guest_ran:.1} s of the {host_ran:.1} s, {paused_for:.1} s of which it was paused"
@@ -191,6 +189,13 @@ fn pause_snapshot_restore_and_fork() {
     );
     let taken = banger.fails(&["vm", "snapshot", "p1", "s1"]);
     assert!(taken.contains("exists"), "{taken}");
+    let kernels: serde_json::Value =
+        serde_json::from_str(&banger.ok(&["kernel", "ls", "--json"])).unwrap();
+    let in_use = banger.fails(&["kernel", "rm", kernels[0]["name"].as_str().unwrap()]);
+    assert!(
+        in_use.contains("snapshot s1") && in_use.contains("p1"),
+        "{in_use}"
+    );
     let bad = banger.fails(&["vm", "snapshot", "p1", "Bad_Name"]);
     assert!(bad.contains("invalid snapshot name"), "{bad}");
     assert_eq!(state(&banger, "f1"), "running");

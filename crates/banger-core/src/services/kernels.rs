@@ -134,6 +134,18 @@ impl KernelService {
         let mut doomed = Vec::new();
         for name in names {
             match self.store.get_kernel(name)? {
+                Some(k) if !force => {
+                    let users = self.store.kernel_users(&k.name)?;
+                    if !users.is_empty() {
+                        return Err(OpError::conflict(format!(
+                            "kernel `{}` is used by {}; remove those first, or pass -f (they \
+                             will not start again)",
+                            k.name,
+                            users.join(", ")
+                        )));
+                    }
+                    doomed.push(k)
+                }
                 Some(k) => doomed.push(k),
                 None if force => {}
                 None => return Err(self.get(name).unwrap_err()),

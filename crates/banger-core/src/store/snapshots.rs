@@ -108,6 +108,18 @@ impl Store {
             > 0)
     }
 
+    /// VMs and snapshots (as `snapshot NAME`) that boot or resume with
+    /// `kernel`.
+    pub fn kernel_users(&self, kernel: &str) -> rusqlite::Result<Vec<String>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT name FROM vms WHERE kernel = ?1 \
+             UNION SELECT 'snapshot ' || name FROM snapshots WHERE kernel = ?1 ORDER BY 1",
+        )?;
+        let rows = stmt.query_map([kernel], |r| r.get(0))?;
+        rows.collect()
+    }
+
     /// VMs made from the snapshot that have not started yet (their first
     /// start resumes it).
     pub fn forks_waiting_on(&self, snapshot: &str) -> rusqlite::Result<Vec<String>> {
