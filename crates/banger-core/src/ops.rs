@@ -214,7 +214,15 @@ impl Core {
             Request::ImageList(_) => answer::<m::ImageList>(self.images.list()),
             Request::ImageInspect(p) => answer::<m::ImageInspect>(self.images.inspect(&p.names)),
             Request::ImageRemove(p) => {
-                answer::<m::ImageRemove>(self.images.remove(&p.names, p.force).await)
+                let removed = self.images.remove(&p.names, p.force).await;
+                // An image's warm templates go with it.
+                if let Ok(r) = &removed {
+                    self.vms.drop_templates(&r.removed).await;
+                }
+                answer::<m::ImageRemove>(removed)
+            }
+            Request::ImageWarm(p) => {
+                answer::<m::ImageWarm>(self.vms.warm(p, typed::<m::ImageWarm>(ev)).await)
             }
             Request::ImageCachePrune(p) => {
                 answer::<m::ImageCachePrune>(self.images.prune_cache(p.dry_run).await)

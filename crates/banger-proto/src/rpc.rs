@@ -16,7 +16,7 @@ use crate::image::{NamesParams, RemoveParams, RemoveResult};
 use crate::kernel::{ImportParams, KernelInfo, PullParams as KernelPullParams};
 use crate::vm::{CreateParams, ExecEvent, ExecParams, ExecResult, ForwardEvent, LogEvent};
 use crate::vm::{LogsParams, LogsResult, NameParams, PortForwardParams, PortForwardResult};
-use crate::vm::{RestoreParams, SnapshotInfo, SnapshotParams};
+use crate::vm::{RestoreParams, SnapshotInfo, SnapshotParams, WarmParams};
 use crate::vm::{StopParams, SyncParams, SyncProgress, SyncResult, VmEvent, VmInfo};
 
 /// One method of the protocol, as a type.
@@ -147,6 +147,7 @@ protocol! {
     VmResume = "vm.resume": NameParams => VmInfo, NoEvent;
     VmSnapshot = "vm.snapshot": SnapshotParams => SnapshotInfo, VmEvent;
     VmRestore = "vm.restore": RestoreParams => VmInfo, VmEvent;
+    ImageWarm = "image.warm": WarmParams => SnapshotInfo, VmEvent;
     SnapshotList = "snapshot.list": NoParams => Vec<SnapshotInfo>, NoEvent;
     SnapshotInspect = "snapshot.inspect": NamesParams => Vec<SnapshotInfo>, NoEvent;
     SnapshotRemove = "snapshot.remove": RemoveParams => RemoveResult, NoEvent;

@@ -43,6 +43,22 @@ pub struct CreateParams {
     /// new VM's own identity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
+    /// Boot even when the image has a warm template for these settings.
+    #[serde(default)]
+    pub cold: bool,
+}
+
+/// `image.warm`: boot `image` once with these settings and keep the booted
+/// VM as the image's template, which `vm run` then forks instead of booting.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WarmParams {
+    pub image: String,
+    #[serde(default)]
+    pub kernel: Option<String>,
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
 }
 
 /// `vm.snapshot`: the VM `name` saved as the snapshot `snapshot`.
@@ -85,6 +101,9 @@ pub struct SnapshotInfo {
     /// VMs made from it that have not started yet.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub waiting_forks: Vec<String>,
+    /// A warm template: the image whose `vm run` forks it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -112,6 +131,11 @@ pub struct VmInfo {
     pub pid: Option<u32>,
     pub created_at: String,
     pub started_at: Option<String>,
+    /// While it runs: `boot`, or what it resumed instead of booting,
+    /// `snapshot NAME` (a restore or a fork) or `template NAME` (a warm
+    /// start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_from: Option<String>,
     /// The guest's IPv4 address; none without networking.
     #[serde(default)]
     pub ip: Option<String>,

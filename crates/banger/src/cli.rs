@@ -127,6 +127,21 @@ pub struct JsonFlag {
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
+    /// Boot an image once and keep the ready VM as its warm template:
+    /// `vm run --image IMAGE` with the same settings then forks it instead
+    /// of booting (a fraction of a boot; `--cold` boots anyway).
+    Warm {
+        image: String,
+        #[arg(long)]
+        kernel: Option<String>,
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// Memory, e.g. 512M or 1G.
+        #[arg(long)]
+        memory: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Pull an image from a registry and flatten it into an ext4 root filesystem.
     Pull {
         /// Image reference, e.g. `alpine`, `ghcr.io/owner/repo:tag`, `repo@sha256:…`.
@@ -215,6 +230,10 @@ pub struct CreateArgs {
     /// was taken (if its VM was running) as a machine of its own.
     #[arg(long, value_name = "SNAPSHOT", conflicts_with = "image")]
     pub from: Option<String>,
+    /// Boot, even when the image has a warm template for these settings
+    /// (`banger image warm`).
+    #[arg(long)]
+    pub cold: bool,
     /// The kernel to boot (default: the default kernel).
     #[arg(long)]
     pub kernel: Option<String>,

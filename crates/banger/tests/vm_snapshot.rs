@@ -342,3 +342,82 @@ fn a_failed_snapshot_leaves_the_vm_as_it_was_and_nothing_behind() {
     banger.ok(&["snapshot", "rm", "one"]);
     banger.ok(&["vm", "rm", "-f", "q1"]);
 }
+
+#[test]
+fn a_warm_image_starts_by_forking_its_template() {
+    let Some((kernel, agent)) = common::vm_assets() else {
+        return;
+    };
+    let registry = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut banger = setup(&registry, tmp.path(), &agent, &kernel);
+    let started_from = |banger: &Banger, vm: &str| -> String {
+        let v: serde_json::Value =
+            serde_json::from_str(&banger.ok(&["vm", "inspect", vm, "--json"])).unwrap();
+        v[0]["started_from"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let said = banger.ok(&["image", "warm", "bb"]);
+    assert!(said.contains("bb is warm"), "{said}");
+    let list = snapshots(&banger);
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["template"], "bb");
+    assert!(
+        banger.ok(&["vm", "ls"]).trim().lines().count() == 1,
+        "the VM booted to warm it is gone"
+    );
+
+    // The same settings fork the template: a machine of its own, with a
+    // workspace synced in as at a boot.
+    let ws = tmp.path().join("ws");
+    std::fs::create_dir(&ws).unwrap();
+    std::fs::write(ws.join("hello.txt"), "from the host\n").unwrap();
+    banger.ok(&[
+        "vm",
+        "run",
+        "w1",
+        "--image",
+        "bb",
+        "--workspace",
+        ws.to_str().unwrap(),
+    ]);
+    assert!(started_from(&banger, "w1").starts_with("template warm-"));
+    assert_eq!(
+        sh(&banger, "w1", "hostname; cat /work/hello.txt"),
+        "w1\nfrom the host"
+    );
+    // Asked to, or with other settings, it boots.
+    banger.ok(&["vm", "run", "w2", "--image", "bb", "--cold"]);
+    assert_eq!(started_from(&banger, "w2"), "boot");
+    banger.ok(&["vm", "run", "w3", "--image", "bb", "--memory", "256M"]);
+    assert_eq!(started_from(&banger, "w3"), "boot");
+    banger.ok(&["vm", "rm", "-f", "w2", "w3"]);
+
+    // Another agent makes the template stale: boot, until warmed again.
+    let newer = tmp.path().join("banger-agent");
+    std::fs::copy(&agent, &newer).unwrap();
+    let mut bytes = std::fs::read(&newer).unwrap();
+    bytes.extend_from_slice(b"\0another build");
+    std::fs::write(&newer, bytes).unwrap();
+    banger.kill_daemon(libc::SIGTERM);
+    banger.add_env("BANGER_AGENT_BIN", &newer);
+    banger.start_daemon();
+    banger.ok(&["vm", "run", "w4", "--image", "bb"]);
+    assert_eq!(started_from(&banger, "w4"), "boot");
+    banger.ok(&["image", "warm", "bb"]);
+    assert_eq!(
+        snapshots(&banger).as_array().unwrap().len(),
+        1,
+        "replaced, not added"
+    );
+    banger.ok(&["vm", "run", "w5", "--image", "bb"]);
+    assert!(started_from(&banger, "w5").starts_with("template "));
+
+    // The image's removal takes its template along.
+    banger.ok(&["vm", "rm", "-f", "w1", "w4", "w5"]);
+    banger.ok(&["image", "rm", "bb"]);
+    assert_eq!(snapshots(&banger), serde_json::json!([]));
+    assert!(snapshot_dirs(&banger).is_empty());
+}

@@ -245,6 +245,30 @@ impl KernelService {
     /// cached. Returns its bytes rather than its path: a build for another
     /// agent binary (an upgrade while VMs start) prunes the older file, and
     /// a file already open survives that.
+    /// A short digest of the agent binary (cached by its file's identity):
+    /// what names its initramfs, and makes a warm template stale.
+    pub async fn agent_tag(&self, agent: &Path) -> OpResult<String> {
+        let read_err = |e: std::io::Error| {
+            OpError::internal(format!("reading the agent {}: {e}", agent.display()))
+        };
+        let file = AgentFile::of(agent).map_err(read_err)?;
+        let known = self
+            .agent_tags
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .filter(|(f, _)| *f == file)
+            .map(|(_, tag)| tag.clone());
+        if let Some(tag) = known {
+            return Ok(tag);
+        }
+        let agent_bytes = tokio::fs::read(agent).await.map_err(read_err)?;
+        let tag =
+            crate::oci::digest::short(&crate::oci::digest::sha256_of(&agent_bytes)).to_string();
+        *self.agent_tags.lock().unwrap_or_else(|p| p.into_inner()) = Some((file, tag.clone()));
+        Ok(tag)
+    }
+
     pub async fn initramfs(&self, kernel: &KernelInfo, agent: &Path) -> OpResult<Vec<u8>> {
         let read_err = |e: std::io::Error| {
             OpError::internal(format!("reading the agent {}: {e}", agent.display()))

@@ -70,8 +70,9 @@ const MIGRATIONS: &[&str] = &[
     // unpulled changes as the VM's last stop counted them
     "ALTER TABLE workspaces ADD COLUMN owner TEXT;
     ALTER TABLE workspaces ADD COLUMN guest_changes INTEGER;",
-    // 8: snapshots; a VM paused by `vm pause`; a fork's snapshot, restored
-    // at its first start
+    // 8: snapshots (an image's warm template among them); a VM paused by
+    // `vm pause`, and what its VMM started from; a fork's snapshot,
+    // restored at its first start
     "CREATE TABLE snapshots (
         name          TEXT PRIMARY KEY,
         vm            TEXT NOT NULL,
@@ -87,9 +88,12 @@ const MIGRATIONS: &[&str] = &[
         with_memory   INTEGER NOT NULL,
         size_bytes    INTEGER NOT NULL,
         dir           TEXT NOT NULL,
-        created_at    TEXT NOT NULL
+        created_at    TEXT NOT NULL,
+        template      TEXT,
+        agent         TEXT
     );
     ALTER TABLE vm_runtime ADD COLUMN paused INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE vm_runtime ADD COLUMN started_from TEXT;
     ALTER TABLE vms ADD COLUMN restore_from TEXT;",
 ];
 

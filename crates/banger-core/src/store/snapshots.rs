@@ -32,10 +32,15 @@ pub struct SnapshotRecord {
     pub size_bytes: u64,
     pub dir: String,
     pub created_at: String,
+    /// A warm template: the image whose `vm run` it stands in for.
+    pub template: Option<String>,
+    /// A template's agent (a digest): a new agent makes it stale.
+    pub agent: Option<String>,
 }
 
 const COLUMNS: &str = "name, vm, image, kernel, vmm, vcpus, memory_mib, disk_bytes, root_mode, \
-                       origin, host_key_pub, with_memory, size_bytes, dir, created_at";
+                       origin, host_key_pub, with_memory, size_bytes, dir, created_at, \
+                       template, agent";
 
 fn from_row(row: &Row<'_>) -> rusqlite::Result<SnapshotRecord> {
     Ok(SnapshotRecord {
@@ -54,6 +59,8 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<SnapshotRecord> {
         size_bytes: row.get::<_, i64>(12)? as u64,
         dir: row.get(13)?,
         created_at: row.get(14)?,
+        template: row.get(15)?,
+        agent: row.get(16)?,
     })
 }
 
@@ -61,7 +68,7 @@ impl Store {
     pub fn insert_snapshot(&self, s: &SnapshotRecord) -> rusqlite::Result<()> {
         self.conn().execute(
             &format!(
-                "INSERT INTO snapshots ({COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15)"
+                "INSERT INTO snapshots ({COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17)"
             ),
             params![
                 s.name,
@@ -78,7 +85,9 @@ impl Store {
                 s.with_memory,
                 s.size_bytes as i64,
                 s.dir,
-                s.created_at
+                s.created_at,
+                s.template,
+                s.agent
             ],
         )?;
         Ok(())
@@ -106,6 +115,25 @@ impl Store {
             .conn()
             .execute("DELETE FROM snapshots WHERE name = ?1", [name])?
             > 0)
+    }
+
+    /// Marks a snapshot as `image`'s warm template, made with `agent`.
+    pub fn set_template(&self, name: &str, image: &str, agent: &str) -> rusqlite::Result<()> {
+        self.conn().execute(
+            "UPDATE snapshots SET template = ?2, agent = ?3 WHERE name = ?1",
+            params![name, image, agent],
+        )?;
+        Ok(())
+    }
+
+    /// The warm templates of `image`.
+    pub fn templates_of(&self, image: &str) -> rusqlite::Result<Vec<SnapshotRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {COLUMNS} FROM snapshots WHERE template = ?1 ORDER BY name"
+        ))?;
+        let rows = stmt.query_map([image], from_row)?;
+        rows.collect()
     }
 
     /// VMs and snapshots (as `snapshot NAME`) that boot or resume with
@@ -154,6 +182,8 @@ mod tests {
             size_bytes: 1 << 20,
             dir: "/snaps/s1".into(),
             created_at: "2026-12-01T00:00:00Z".into(),
+            template: None,
+            agent: None,
         };
         store.insert_snapshot(&snap).unwrap();
         assert_eq!(store.get_snapshot("s1").unwrap(), Some(snap.clone()));

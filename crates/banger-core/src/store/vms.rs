@@ -38,6 +38,9 @@ pub struct VmRuntime {
     pub tap: Option<String>,
     /// Paused by `vm pause` (or left so by a snapshot of a paused VM).
     pub paused: bool,
+    /// `boot`, or the snapshot (`snapshot NAME`) or warm template
+    /// (`template NAME`) this VMM resumed.
+    pub started_from: Option<String>,
 }
 
 impl VmRuntime {
@@ -92,6 +95,7 @@ fn runtime_from_row(row: &Row<'_>) -> rusqlite::Result<VmRuntime> {
         started_at: row.get(3)?,
         tap: row.get(4)?,
         paused: row.get(5)?,
+        started_from: row.get(6)?,
     })
 }
 
@@ -166,8 +170,8 @@ impl Store {
 
     pub fn set_runtime(&self, rt: &VmRuntime) -> rusqlite::Result<()> {
         self.conn().execute(
-            "INSERT OR REPLACE INTO vm_runtime (name, pid, start_time, started_at, tap, paused) VALUES (?1,?2,?3,?4,?5,?6)",
-            params![rt.name, rt.pid, rt.start_time as i64, rt.started_at, rt.tap, rt.paused],
+            "INSERT OR REPLACE INTO vm_runtime (name, pid, start_time, started_at, tap, paused, started_from) VALUES (?1,?2,?3,?4,?5,?6,?7)",
+            params![rt.name, rt.pid, rt.start_time as i64, rt.started_at, rt.tap, rt.paused, rt.started_from],
         )?;
         Ok(())
     }
@@ -175,7 +179,7 @@ impl Store {
     pub fn get_runtime(&self, name: &str) -> rusqlite::Result<Option<VmRuntime>> {
         self.conn()
             .query_row(
-                "SELECT name, pid, start_time, started_at, tap, paused FROM vm_runtime WHERE name = ?1",
+                "SELECT name, pid, start_time, started_at, tap, paused, started_from FROM vm_runtime WHERE name = ?1",
                 [name],
                 runtime_from_row,
             )
@@ -184,8 +188,9 @@ impl Store {
 
     pub fn list_runtimes(&self) -> rusqlite::Result<Vec<VmRuntime>> {
         let conn = self.conn();
-        let mut stmt =
-            conn.prepare("SELECT name, pid, start_time, started_at, tap, paused FROM vm_runtime")?;
+        let mut stmt = conn.prepare(
+            "SELECT name, pid, start_time, started_at, tap, paused, started_from FROM vm_runtime",
+        )?;
         let rows = stmt.query_map([], runtime_from_row)?;
         rows.collect()
     }

@@ -12,6 +12,42 @@ use crate::progress::PullProgress;
 
 pub fn run(client: &Client, cmd: ImageCommand) -> anyhow::Result<i32> {
     match cmd {
+        ImageCommand::Warm {
+            image,
+            kernel,
+            vcpus,
+            memory,
+            json,
+        } => {
+            let memory_mib = memory
+                .as_deref()
+                .map(crate::output::parse_size)
+                .transpose()
+                .map_err(anyhow::Error::msg)?
+                .map(|b| b >> 20);
+            let params = banger_proto::vm::WarmParams {
+                image: image.clone(),
+                kernel,
+                vcpus,
+                memory_mib,
+            };
+            let progress = super::vm::boot_progress(&image);
+            match client.call::<m::ImageWarm>(params, progress) {
+                Ok(info) if json => super::println_json(&info).map(|_| 0),
+                Ok(info) => {
+                    println!(
+                        "{image} is warm: `banger vm run NAME --image {image}` with {} vCPUs and \
+                         {} forks template {} ({}) instead of booting",
+                        info.vcpus,
+                        banger_proto::human_bytes(info.memory_mib << 20),
+                        info.name,
+                        banger_proto::human_bytes(info.size_bytes)
+                    );
+                    Ok(0)
+                }
+                Err(e) => Ok(report(e)),
+            }
+        }
         ImageCommand::Pull {
             reference,
             name,

@@ -31,7 +31,11 @@ pub fn run(client: &Client, cmd: SnapshotCommand) -> anyhow::Result<i32> {
                         s.kernel.clone(),
                         s.vcpus.to_string(),
                         human_bytes(s.memory_mib << 20),
-                        if s.memory { "memory+disks" } else { "disks" }.to_string(),
+                        match (&s.template, s.memory) {
+                            (Some(image), _) => format!("template of {image}"),
+                            (None, true) => "memory+disks".into(),
+                            (None, false) => "disks".into(),
+                        },
                         human_bytes(s.size_bytes),
                         relative_time(&s.created_at),
                     ]

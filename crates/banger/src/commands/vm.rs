@@ -223,6 +223,7 @@ fn create(client: &Client, args: CreateArgs, start: bool) -> anyhow::Result<i32>
         name: args.name.clone(),
         image: args.image.unwrap_or_default(),
         from: args.from,
+        cold: args.cold,
         kernel: args.kernel,
         vcpus: args.vcpus,
         memory_mib,

@@ -123,7 +123,14 @@ impl VmLifecycle {
             nic,
             restore: restore.map(|snap| PathBuf::from(&snap.dir)),
         };
-        let pid = self.launch(&vm, vmm.as_ref(), &spec, &mut steps).await?;
+        let started_from = match restore {
+            None => "boot".to_string(),
+            Some(snap) if snap.template.is_some() => format!("template {}", snap.name),
+            Some(snap) => format!("snapshot {}", snap.name),
+        };
+        let pid = self
+            .launch(&vm, vmm.as_ref(), &spec, started_from, &mut steps)
+            .await?;
 
         step(&events, "agent", 3, STEPS_START);
         let session = self
@@ -264,6 +271,7 @@ impl VmLifecycle {
         vm: &VmRecord,
         vmm: &dyn Vmm,
         spec: &BootSpec,
+        started_from: String,
         steps: &mut Steps,
     ) -> OpResult<ProcessId> {
         steps.begin("launch")?;
@@ -287,6 +295,7 @@ impl VmLifecycle {
             started_at: ids::now_rfc3339(),
             tap: spec.nic.as_ref().map(|n: &Nic| n.tap.clone()),
             paused: false,
+            started_from: Some(started_from),
         })?;
         let undo_name = vm.name.clone();
         steps.undo("runtime", move || {

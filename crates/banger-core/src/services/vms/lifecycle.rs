@@ -22,6 +22,7 @@ use crate::steps::{FailPoint, Steps};
 use crate::store::VmRecord;
 use crate::vm::{disk, keys, name, root_mode, sizing};
 use banger_proto::domain::RootMode;
+use banger_proto::image::ImageInfo;
 use banger_proto::kernel::KernelInfo;
 
 /// Two: the guest agent's SSH handshake then overlaps mounting the disks,
@@ -30,6 +31,18 @@ const DEFAULT_VCPUS: u32 = 2;
 const DEFAULT_MEMORY_MIB: u64 = 512;
 const MIN_DISK_BYTES: u64 = 4 << 30;
 const WORK_DISK_BYTES: u64 = 8 << 30;
+
+/// What a new VM from an image gets (see [`VmLifecycle::plan`]).
+#[derive(Clone)]
+pub(super) struct Plan {
+    pub kernel: KernelInfo,
+    pub vmm: VmmKind,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_bytes: u64,
+    pub work_disk_bytes: u64,
+    pub root_mode: RootMode,
+}
 
 pub struct VmLifecycle {
     pub(super) registry: Arc<VmRegistry>,
@@ -186,32 +199,15 @@ impl VmLifecycle {
             .images
             .inspect(std::slice::from_ref(&params.image))?
             .remove(0);
-        let kernel = self.kernels.resolve(params.kernel.as_deref())?;
-        let vmm_kind = params
-            .vmm
-            .or(self.registry.config.default_vmm)
-            .unwrap_or(VmmKind::Qemu);
-        self.registry.vmm(vmm_kind)?;
-        // Checked, never silently changed: a size the VM cannot have is
-        // refused here with the range, not at start.
-        let host = sizing::Host::probe();
-        let vcpus = match params.vcpus {
-            Some(n) => sizing::vcpus(n, vmm_kind, host)?,
-            None => DEFAULT_VCPUS.min(host.cpus.max(1)),
-        };
-        let memory_mib = match params.memory_mib {
-            Some(mib) => sizing::memory_mib(mib, host)?,
-            None => DEFAULT_MEMORY_MIB,
-        };
-        let disk_bytes = match params.disk_bytes {
-            Some(bytes) => sizing::disk_bytes(bytes, image.size_bytes)?,
-            None => MIN_DISK_BYTES.max(image.size_bytes),
-        };
-        let work_disk_bytes = match params.work_disk_bytes {
-            Some(bytes) => sizing::work_disk_bytes(bytes)?,
-            None => WORK_DISK_BYTES,
-        };
-        let root_mode = self.root_mode(params.root_mode, &kernel)?;
+        let Plan {
+            kernel,
+            vmm: vmm_kind,
+            vcpus,
+            memory_mib,
+            disk_bytes,
+            work_disk_bytes,
+            root_mode,
+        } = self.plan(&params, &image)?;
         let workspace = match &params.workspace {
             Some(dir) => Some(self.workspaces.check(
                 dir,
@@ -223,12 +219,27 @@ impl VmLifecycle {
             }
             None => None,
         };
-        // A snapshot device is its origin's size.
-        let disk_bytes = if root_mode == RootMode::DmSnapshot {
-            image.size_bytes
-        } else {
-            disk_bytes
-        };
+        // Booting is the slow way: a warm template of the image, made with
+        // these very settings, is forked instead (`--cold` boots anyway).
+        if params.start && !params.cold {
+            let plan = Plan {
+                kernel: kernel.clone(),
+                vmm: vmm_kind,
+                vcpus,
+                memory_mib,
+                disk_bytes,
+                work_disk_bytes,
+                root_mode,
+            };
+            if let Some(template) = self.template_for(&image, &plan).await? {
+                let owner = Some(image.config.user.clone()).filter(|u| !u.is_empty());
+                let ws = workspace.map(|(dir, path)| (dir, path, owner));
+                let guards = vec![_guard, _image_guard];
+                return self
+                    .fork_into(&params.name, &template, ws, guards, true, events)
+                    .await;
+            }
+        }
 
         let mut steps = Steps::new(self.fail_point());
         let dir = self.new_vm_dir(&params.name, &mut steps)?;
@@ -295,6 +306,51 @@ impl VmLifecycle {
             return self.start(&record.name, events).await;
         }
         self.registry.info(&record)
+    }
+
+    /// The kernel, VMM, sizes and root mode a VM made from `image` with
+    /// `params` gets: checked, never silently changed (a size the VM cannot
+    /// have is refused here with the range, not at start).
+    pub(super) fn plan(&self, params: &CreateParams, image: &ImageInfo) -> OpResult<Plan> {
+        let kernel = self.kernels.resolve(params.kernel.as_deref())?;
+        let vmm = params
+            .vmm
+            .or(self.registry.config.default_vmm)
+            .unwrap_or(VmmKind::Qemu);
+        self.registry.vmm(vmm)?;
+        let host = sizing::Host::probe();
+        let vcpus = match params.vcpus {
+            Some(n) => sizing::vcpus(n, vmm, host)?,
+            None => DEFAULT_VCPUS.min(host.cpus.max(1)),
+        };
+        let memory_mib = match params.memory_mib {
+            Some(mib) => sizing::memory_mib(mib, host)?,
+            None => DEFAULT_MEMORY_MIB,
+        };
+        let disk_bytes = match params.disk_bytes {
+            Some(bytes) => sizing::disk_bytes(bytes, image.size_bytes)?,
+            None => MIN_DISK_BYTES.max(image.size_bytes),
+        };
+        let work_disk_bytes = match params.work_disk_bytes {
+            Some(bytes) => sizing::work_disk_bytes(bytes)?,
+            None => WORK_DISK_BYTES,
+        };
+        let root_mode = self.root_mode(params.root_mode, &kernel)?;
+        // A snapshot device is its origin's size.
+        let disk_bytes = if root_mode == RootMode::DmSnapshot {
+            image.size_bytes
+        } else {
+            disk_bytes
+        };
+        Ok(Plan {
+            kernel,
+            vmm,
+            vcpus,
+            memory_mib,
+            disk_bytes,
+            work_disk_bytes,
+            root_mode,
+        })
     }
 
     /// Step `dir`: a new VM's directory.

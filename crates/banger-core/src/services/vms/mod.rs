@@ -19,6 +19,7 @@ pub mod lifecycle;
 pub mod registry;
 pub mod sessions;
 pub mod snapshots;
+pub mod templates;
 pub mod upkeep;
 
 use std::sync::Arc;

@@ -196,6 +196,7 @@ impl VmRegistry {
             pid: rt.as_ref().map(|r| r.pid),
             created_at: vm.created_at.clone(),
             started_at: rt.as_ref().map(|r| r.started_at.clone()),
+            started_from: rt.as_ref().and_then(|r| r.started_from.clone()),
             ip: vm.ip.clone(),
             tap: rt.and_then(|r| r.tap),
             workspace: self.store.get_workspace(&vm.name)?.map(Into::into),

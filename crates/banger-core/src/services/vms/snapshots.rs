@@ -38,7 +38,7 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(30);
 const BUSY_WAIT: Duration = Duration::from_secs(2);
 
 /// What a snapshot of a VM in this root mode copies: the VM's own disks.
-fn disk_files(mode: RootMode) -> &'static [&'static str] {
+pub(super) fn disk_files(mode: RootMode) -> &'static [&'static str] {
     match mode {
         RootMode::Overlay => &[disk::UPPER_FILE, "work.ext4"],
         RootMode::DmSnapshot => &["cow.img", "work.ext4"],
@@ -62,6 +62,7 @@ fn info(s: SnapshotRecord, waiting_forks: Vec<String>) -> SnapshotInfo {
         dir: s.dir,
         created_at: s.created_at,
         waiting_forks,
+        template: s.template,
     }
 }
 
@@ -352,6 +353,8 @@ impl VmLifecycle {
             size_bytes,
             dir: final_dir.display().to_string(),
             created_at: ids::now_rfc3339(),
+            template: None,
+            agent: None,
         };
         self.registry.store.insert_snapshot(&record)?;
         steps.commit();
@@ -521,26 +524,52 @@ impl VmLifecycle {
             )));
         }
         name::validate(&params.name)?;
-        let _guard = self.registry.lock(&params.name).await;
+        let guard = self.registry.lock(&params.name).await;
         if self.registry.store.get_vm(&params.name)?.is_some() {
             return Err(VmError::Exists(params.name).into());
         }
-        let _snap_guard = self.snapshot_lock(snapshot).await;
+        let snap_guard = self.snapshot_lock(snapshot).await;
         let snap = self.snapshot_record(snapshot)?;
-        self.registry.vmm(snap.vmm)?;
+        self.fork_into(
+            &params.name,
+            &snap,
+            None,
+            vec![guard, snap_guard],
+            params.start,
+            events,
+        )
+        .await
+    }
 
+    /// Makes VM `name` from `snap` (a snapshot, or an image's warm
+    /// template): copies of its disks, its own host key and address, a
+    /// workspace if given (`(host dir, guest path, owner)`), resumed from
+    /// the snapshot at its first start. `guards` (the name's lock, …) are
+    /// held until the record is written.
+    pub(super) async fn fork_into(
+        &self,
+        name: &str,
+        snap: &SnapshotRecord,
+        workspace: Option<(String, String, Option<String>)>,
+        guards: Vec<KeyGuard>,
+        start: bool,
+        events: Events<VmEvent>,
+    ) -> OpResult<VmInfo> {
+        self.registry.vmm(snap.vmm)?;
         let mut steps = Steps::new(self.fail_point());
-        let dir = self.new_vm_dir(&params.name, &mut steps)?;
+        let dir = self.new_vm_dir(name, &mut steps)?;
         step(&events, "disks", 1, 2);
         steps.begin("root-disk")?;
         let (from, to, mode) = (PathBuf::from(&snap.dir), dir.clone(), snap.root_mode);
         tokio::task::spawn_blocking(move || copy_files(&from, &to, disk_files(mode), false))
             .await?
             .map_err(|e| OpError::writing(format!("copying the snapshot's disks: {e}"), &dir))?;
+        // A template's work disk never held a workspace: a new one starts afresh.
+        let _ = std::fs::remove_file(dir.join(MANIFEST_FILE));
 
         step(&events, "keys", 2, 2);
         let record = VmRecord {
-            name: params.name.clone(),
+            name: name.to_string(),
             image: snap.image.clone(),
             kernel: snap.kernel.clone(),
             vmm: snap.vmm,
@@ -556,12 +585,15 @@ impl VmLifecycle {
             restore_from: snap.with_memory.then(|| snap.name.clone()),
         };
         let record = self.record_new_vm(record, &mut steps)?;
+        if let Some((host_dir, guest_path, owner)) = workspace {
+            self.workspaces
+                .attach(&record.name, host_dir, guest_path, owner)?;
+        }
         steps.commit();
         self.registry.write_ssh_config();
         tracing::info!(vm = %record.name, snapshot = %snap.name, "VM created from a snapshot");
-        drop(_snap_guard);
-        drop(_guard);
-        if params.start {
+        drop(guards);
+        if start {
             return self.start(&record.name, events).await;
         }
         self.registry.info(&record)
@@ -618,7 +650,12 @@ impl VmLifecycle {
 /// through a temporary name, then the workspace manifest if there is one.
 /// `fresh`: `to` is new and empty (a snapshot); otherwise its files are
 /// replaced (a restore) or made (a fork).
-fn copy_files(from: &Path, to: &Path, files: &[&str], fresh: bool) -> std::io::Result<()> {
+pub(super) fn copy_files(
+    from: &Path,
+    to: &Path,
+    files: &[&str],
+    fresh: bool,
+) -> std::io::Result<()> {
     let manifest: &[&str] = &[MANIFEST_FILE];
     for file in files.iter().chain(manifest) {
         let src = from.join(file);
