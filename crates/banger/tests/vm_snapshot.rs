@@ -339,6 +339,11 @@ fn a_failed_snapshot_leaves_the_vm_as_it_was_and_nothing_behind() {
     banger.ok(&["vm", "resume", "q1"]);
     assert_eq!(sh(&banger, "q1", "hostname"), "q1");
     banger.ok(&["snapshot", "rm", "pz"]);
+    // `--stop`: written, then a clean stop.
+    banger.ok(&["vm", "snapshot", "q1", "last", "--stop"]);
+    assert_eq!(state(&banger, "q1"), "stopped");
+    assert_eq!(snapshots(&banger)[0]["memory"], true);
+    banger.ok(&["snapshot", "rm", "last"]);
     banger.ok(&["snapshot", "rm", "one"]);
     banger.ok(&["vm", "rm", "-f", "q1"]);
 }

@@ -2,8 +2,8 @@
 //! snapshot, the image's template for those settings; `vm run --image IMG`
 //! with the same settings then forks the template (a fraction of a boot)
 //! instead of booting, unless `--cold`. A template is named by what it must
-//! match (the image's file, kernel, VMM, sizes, root mode), so a re-pulled
-//! image or other settings never find it; one made by another agent build
+//! match (the image's file, the kernel's, VMM, sizes, root mode), so a
+//! re-pulled image, a re-imported kernel or other settings never find it; one made by another agent build
 //! is stale and ignored (and replaced by the next `image warm`).
 
 use banger_proto::image::ImageInfo;
@@ -18,9 +18,11 @@ use crate::store::SnapshotRecord;
 /// The template's name for an image file and settings.
 fn template_name(image: &ImageInfo, plan: &Plan) -> String {
     let key = format!(
-        "{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}",
+        "{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}",
         image.rootfs_path,
         plan.kernel.name,
+        // A kernel imported anew under the same name is another kernel.
+        plan.kernel.vmlinux_path,
         plan.vmm.as_str(),
         plan.vcpus,
         plan.memory_mib,
