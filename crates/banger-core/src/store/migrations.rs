@@ -94,6 +94,7 @@ const MIGRATIONS: &[&str] = &[
     );
     ALTER TABLE vm_runtime ADD COLUMN paused INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE vm_runtime ADD COLUMN started_from TEXT;
+    ALTER TABLE vm_runtime ADD COLUMN held INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE vms ADD COLUMN restore_from TEXT;",
 ];
 

@@ -41,6 +41,8 @@ pub struct VmRuntime {
     /// `boot`, or the snapshot (`snapshot NAME`) or warm template
     /// (`template NAME`) this VMM resumed.
     pub started_from: Option<String>,
+    /// Its agent was held for a snapshot and not yet released.
+    pub held: bool,
 }
 
 impl VmRuntime {
@@ -96,6 +98,7 @@ fn runtime_from_row(row: &Row<'_>) -> rusqlite::Result<VmRuntime> {
         tap: row.get(4)?,
         paused: row.get(5)?,
         started_from: row.get(6)?,
+        held: row.get(7)?,
     })
 }
 
@@ -170,8 +173,8 @@ impl Store {
 
     pub fn set_runtime(&self, rt: &VmRuntime) -> rusqlite::Result<()> {
         self.conn().execute(
-            "INSERT OR REPLACE INTO vm_runtime (name, pid, start_time, started_at, tap, paused, started_from) VALUES (?1,?2,?3,?4,?5,?6,?7)",
-            params![rt.name, rt.pid, rt.start_time as i64, rt.started_at, rt.tap, rt.paused, rt.started_from],
+            "INSERT OR REPLACE INTO vm_runtime (name, pid, start_time, started_at, tap, paused, started_from, held) VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
+            params![rt.name, rt.pid, rt.start_time as i64, rt.started_at, rt.tap, rt.paused, rt.started_from, rt.held],
         )?;
         Ok(())
     }
@@ -179,7 +182,7 @@ impl Store {
     pub fn get_runtime(&self, name: &str) -> rusqlite::Result<Option<VmRuntime>> {
         self.conn()
             .query_row(
-                "SELECT name, pid, start_time, started_at, tap, paused, started_from FROM vm_runtime WHERE name = ?1",
+                "SELECT name, pid, start_time, started_at, tap, paused, started_from, held FROM vm_runtime WHERE name = ?1",
                 [name],
                 runtime_from_row,
             )
@@ -189,7 +192,7 @@ impl Store {
     pub fn list_runtimes(&self) -> rusqlite::Result<Vec<VmRuntime>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT name, pid, start_time, started_at, tap, paused, started_from FROM vm_runtime",
+            "SELECT name, pid, start_time, started_at, tap, paused, started_from, held FROM vm_runtime",
         )?;
         let rows = stmt.query_map([], runtime_from_row)?;
         rows.collect()
@@ -215,6 +218,14 @@ impl Store {
         self.conn().execute(
             "UPDATE vm_runtime SET paused = ?2 WHERE name = ?1",
             params![name, paused],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_held(&self, name: &str, held: bool) -> rusqlite::Result<()> {
+        self.conn().execute(
+            "UPDATE vm_runtime SET held = ?2 WHERE name = ?1",
+            params![name, held],
         )?;
         Ok(())
     }

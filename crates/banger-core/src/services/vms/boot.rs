@@ -296,6 +296,7 @@ impl VmLifecycle {
             tap: spec.nic.as_ref().map(|n: &Nic| n.tap.clone()),
             paused: false,
             started_from: Some(started_from),
+            held: false,
         })?;
         let undo_name = vm.name.clone();
         steps.undo("runtime", move || {

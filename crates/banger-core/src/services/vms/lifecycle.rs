@@ -179,6 +179,7 @@ impl VmLifecycle {
             // A start the daemon died in may have left its per-boot files.
             self.registry.clean_run_files(&vm);
         }
+        self.remove_unfinished_snapshots();
         self.registry.write_ssh_config();
         Ok(())
     }

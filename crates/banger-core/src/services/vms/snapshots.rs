@@ -223,6 +223,9 @@ impl VmLifecycle {
         let alive = move || launcher.alive(pid);
         agent_client::wait_ready_as(ctl, Give::IfHeld(&identity), timeout, alive, |_| {})
             .await
+            .map(|()| {
+                let _ = self.registry.store.set_held(&vm.name, false);
+            })
             .map_err(|f| {
                 OpError::internal(format!(
                     "VM `{}`: its agent did not take its identity back ({}: {}); \
@@ -378,6 +381,9 @@ impl VmLifecycle {
     ) -> OpResult<()> {
         let dir = Path::new(&vm.dir);
         steps.begin("snapshot-hold")?;
+        // Recorded first: a daemon that dies from here on leaves a guest
+        // the next one must release.
+        self.registry.store.set_held(&vm.name, true)?;
         if was_paused {
             // The agent must run to be held; it is paused again at once.
             vmm.resume(dir).await?;
@@ -599,10 +605,9 @@ impl VmLifecycle {
         self.registry.info(&record)
     }
 
-    /// After a daemon restart: half-written snapshots go, and a running VM
-    /// that a snapshot left paused (not by `vm pause`) or held runs again.
-    pub async fn recover_snapshots(&self) {
-        let root = self.snapshots_dir();
+    /// At daemon start, before any request: a snapshot directory no record
+    /// names (half-written when a daemon died) goes.
+    pub(super) fn remove_unfinished_snapshots(&self) {
         let known: Vec<String> = self
             .registry
             .store
@@ -611,7 +616,7 @@ impl VmLifecycle {
             .into_iter()
             .map(|s| s.name)
             .collect();
-        if let Ok(entries) = std::fs::read_dir(&root) {
+        if let Ok(entries) = std::fs::read_dir(self.snapshots_dir()) {
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 if !known.contains(&name) {
@@ -620,11 +625,18 @@ impl VmLifecycle {
                 }
             }
         }
+    }
+
+    /// After a daemon restart: a running VM that a snapshot under way left
+    /// paused (not by `vm pause`) or held runs again.
+    pub async fn recover_snapshots(&self) {
         for rt in self.registry.store.list_runtimes().unwrap_or_default() {
             let Ok(vm) = self.registry.record(&rt.name) else {
                 continue;
             };
-            if rt.paused || self.registry.live(&vm.name).ok().flatten().is_none() {
+            // Only guests a snapshot was under way on; a paused one is
+            // released by `vm resume`.
+            if !rt.held || rt.paused || self.registry.live(&vm.name).ok().flatten().is_none() {
                 continue;
             }
             let Ok(vmm) = self.registry.vmm(vm.vmm) else {
@@ -635,6 +647,11 @@ impl VmLifecycle {
                 continue;
             };
             let dir = Path::new(&vm.dir);
+            // Stopped by the VMM itself (a full disk): left as it is, for the
+            // user to see and fix.
+            if vmm.problem(dir).is_some() {
+                continue;
+            }
             if let Err(e) = vmm.resume(dir).await {
                 tracing::warn!(vm = %vm.name, error = %e, "cannot resume a VM after a restart");
             }
