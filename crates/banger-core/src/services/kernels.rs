@@ -241,10 +241,6 @@ impl KernelService {
         Ok(info)
     }
 
-    /// The kernel's initramfs for the given agent binary, built once and
-    /// cached. Returns its bytes rather than its path: a build for another
-    /// agent binary (an upgrade while VMs start) prunes the older file, and
-    /// a file already open survives that.
     /// A short digest of the agent binary (cached by its file's identity):
     /// what names its initramfs, and makes a warm template stale.
     pub async fn agent_tag(&self, agent: &Path) -> OpResult<String> {
@@ -269,33 +265,24 @@ impl KernelService {
         Ok(tag)
     }
 
+    /// The kernel's initramfs for the given agent binary, built once and
+    /// cached. Returns its bytes rather than its path: a build for another
+    /// agent binary (an upgrade while VMs start) prunes the older file, and
+    /// a file already open survives that.
     pub async fn initramfs(&self, kernel: &KernelInfo, agent: &Path) -> OpResult<Vec<u8>> {
-        let read_err = |e: std::io::Error| {
-            OpError::internal(format!("reading the agent {}: {e}", agent.display()))
-        };
-        let file = AgentFile::of(agent).map_err(read_err)?;
-        let known = self
-            .agent_tags
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .filter(|(f, _)| *f == file)
-            .map(|(_, tag)| tag.clone());
+        let tag = self.agent_tag(agent).await?;
         let dir = Path::new(&kernel.vmlinux_path)
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_default();
-        if let Some(tag) = &known {
-            // Gone means pruned a moment ago: the slow path sorts it out.
-            if let Ok(bytes) = tokio::fs::read(cached_initramfs(&dir, tag)).await {
-                return Ok(bytes);
-            }
-        }
-        let agent_bytes = tokio::fs::read(agent).await.map_err(read_err)?;
-        let tag =
-            crate::oci::digest::short(&crate::oci::digest::sha256_of(&agent_bytes)).to_string();
-        *self.agent_tags.lock().unwrap_or_else(|p| p.into_inner()) = Some((file, tag.clone()));
         let path = cached_initramfs(&dir, &tag);
+        // Built before; if not (or pruned a moment ago) the slow path builds it.
+        if let Ok(bytes) = tokio::fs::read(&path).await {
+            return Ok(bytes);
+        }
+        let agent_bytes = tokio::fs::read(agent).await.map_err(|e| {
+            OpError::internal(format!("reading the agent {}: {e}", agent.display()))
+        })?;
         // Builds (and their pruning) happen under this lock, so a file read
         // under it stays put.
         let _guard = self.lock.lock().await;

@@ -106,7 +106,7 @@ impl VmLifecycle {
             network.detach(undo_nic.as_deref(), undo_ip.as_deref())
         });
         let identity = match restore {
-            Some(_) => Some(self.identity(&vm, nic.as_ref())?),
+            Some(_) => Some(self.identity(&vm, nic.as_ref().map(|n| n.mac.clone()))?),
             None => None,
         };
 
@@ -419,7 +419,7 @@ impl VmLifecycle {
 impl VmLifecycle {
     /// Who a restored VM is to become: its own name, host key and address
     /// (whatever VM the snapshot was taken of), the time now, fresh entropy.
-    pub(super) fn identity(&self, vm: &VmRecord, nic: Option<&Nic>) -> OpResult<Identity> {
+    pub(super) fn identity(&self, vm: &VmRecord, mac: Option<String>) -> OpResult<Identity> {
         let host_key = std::fs::read_to_string(Path::new(&vm.dir).join("host_key"))
             .map_err(|e| OpError::internal(format!("reading the VM's host key: {e}")))?;
         let mut entropy = [0u8; 64];
@@ -432,7 +432,7 @@ impl VmLifecycle {
             hostname: vm.name.clone(),
             host_key,
             network: self.registry.network.guest(vm.ip.as_deref())?,
-            mac: nic.map(|n| n.mac.clone()),
+            mac,
             unix_time_ns,
             entropy: entropy.iter().map(|b| format!("{b:02x}")).collect(),
         })

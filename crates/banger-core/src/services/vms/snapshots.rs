@@ -72,11 +72,6 @@ fn not_found(name: &str) -> OpError {
     ))
 }
 
-fn free_bytes(dir: &Path) -> Option<u64> {
-    let s = nix::sys::statvfs::statvfs(dir).ok()?;
-    Some(s.blocks_available() as u64 * s.fragment_size() as u64)
-}
-
 impl VmLifecycle {
     fn snapshots_dir(&self) -> PathBuf {
         self.registry.paths.state_dir.join("snapshots")
@@ -205,15 +200,12 @@ impl VmLifecycle {
         vmm: &dyn Vmm,
         timeout: Duration,
     ) -> OpResult<()> {
-        let nic = vm
+        let mac = vm
             .ip
             .as_deref()
             .and_then(|ip| ip.parse().ok())
-            .map(|ip| crate::vm::vmm::Nic {
-                tap: String::new(),
-                mac: crate::network::address::mac_for(ip),
-            });
-        let identity = self.identity(vm, nic.as_ref())?;
+            .map(crate::network::address::mac_for);
+        let identity = self.identity(vm, mac)?;
         let ctl = control_endpoint(vmm, Path::new(&vm.dir))?;
         let Some(rt) = self.registry.live(&vm.name)? else {
             return Err(VmError::Stopped(vm.name.clone()).into());
@@ -303,10 +295,9 @@ impl VmLifecycle {
                     .await;
                 // Whatever happened, the VM goes on as before: running (or
                 // paused, as it was), its agent released.
-                let dir_ = dir.clone();
                 if !was_paused {
                     step(&events, "resume", 4, 4);
-                    let resumed = vmm.resume(&dir_).await;
+                    let resumed = vmm.resume(&dir).await;
                     let released = match resumed {
                         Ok(()) => self.release(&vm, vmm.as_ref()).await,
                         Err(e) => Err(e.into()),
@@ -319,7 +310,7 @@ impl VmLifecycle {
                 } else {
                     // Paused again, as the user left it (its agent stays
                     // held until `vm resume`).
-                    let paused = vmm.pause(&dir_).await;
+                    let paused = vmm.pause(&dir).await;
                     self.registry.store.set_paused(&vm.name, true)?;
                     taken?;
                     paused?;
@@ -439,7 +430,7 @@ impl VmLifecycle {
             .sum();
         let memory = if running { vm.memory_mib << 20 } else { 0 };
         let needed = disks + memory + (16 << 20);
-        match free_bytes(root) {
+        match crate::rootfs::extract::free_bytes(root) {
             Some(free) if free < needed => Err(OpError::invalid(format!(
                 "not enough space for a snapshot of `{}`: it needs up to {} and the filesystem \
                  holding {} has {} free; free space or remove snapshots (`banger snapshot ls`, \
