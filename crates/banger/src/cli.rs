@@ -16,8 +16,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the banger daemon in the foreground.
-    Daemon,
+    /// The daemon: run it in the foreground (the default), stop it, or ask
+    /// whether one is running.
+    Daemon(DaemonArgs),
     /// Manage images: pull OCI images and keep their root filesystems.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -37,8 +38,41 @@ pub enum Command {
     /// Install banger as services: the root helper (system) and the daemon (user).
     #[command(subcommand)]
     System(SystemCommand),
+    /// Print the shell completion script: `source <(banger completion bash)`
+    /// (VM, image, kernel and snapshot names come from the daemon).
+    Completion {
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
+    /// Write banger's man pages (one per command) into DIR.
+    #[command(hide = true)]
+    Man { dir: std::path::PathBuf },
 }
 
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    #[command(subcommand)]
+    pub command: Option<DaemonCommand>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DaemonCommand {
+    /// Run the daemon in the foreground (what `banger daemon` alone does).
+    Run,
+    /// Stop the daemon cleanly; running VMs keep running, and the next
+    /// daemon (started by any command) takes them back.
+    Stop(JsonFlag),
+    /// Whether a daemon is running, and its pid, version and socket.
+    /// Exit status 3 when none is.
+    Status(JsonFlag),
+}
 #[derive(Debug, Subcommand)]
 pub enum SystemCommand {
     /// Install the root helper's system unit, the daemon's user unit, a
@@ -100,7 +134,7 @@ pub enum KernelCommand {
     },
     /// List kernels.
     #[command(alias = "list")]
-    Ls(JsonFlag),
+    Ls(LsFlags),
     /// Show kernels in detail, as a JSON array.
     Inspect {
         #[arg(required = true)]
@@ -108,19 +142,38 @@ pub enum KernelCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove kernels.
+    /// Remove kernels (`-f`: even kernels VMs or snapshots use).
     #[command(alias = "remove")]
-    Rm {
-        #[arg(required = true)]
-        names: Vec<String>,
-        #[arg(short, long)]
-        force: bool,
-    },
+    Rm(RmArgs),
 }
 
 #[derive(Debug, Args)]
 pub struct JsonFlag {
     /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LsFlags {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Print names only, one per line.
+    #[arg(short, long, conflicts_with = "json")]
+    pub quiet: bool,
+}
+
+/// `rm NAME… [-f] [--json]`, the same for every kind of thing.
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    #[arg(required = true)]
+    pub names: Vec<String>,
+    /// Remove even what is in use (see each command's help), and ignore
+    /// names that do not exist.
+    #[arg(short, long)]
+    pub force: bool,
+    /// Print the removed names as JSON.
     #[arg(long)]
     pub json: bool,
 }
@@ -156,9 +209,9 @@ pub enum ImageCommand {
         #[arg(long)]
         json: bool,
     },
-    /// List images.
+    /// List images, with the VMs that use each.
     #[command(alias = "list")]
-    Ls(JsonFlag),
+    Ls(LsFlags),
     /// Show images in detail, as a JSON array.
     Inspect {
         #[arg(required = true)]
@@ -167,15 +220,9 @@ pub enum ImageCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove images and their root filesystems.
+    /// Remove images and their root filesystems (`-f`: even images VMs use).
     #[command(alias = "remove")]
-    Rm {
-        #[arg(required = true)]
-        names: Vec<String>,
-        /// Remove images even when in use, and ignore names that do not exist.
-        #[arg(short, long)]
-        force: bool,
-    },
+    Rm(RmArgs),
     /// Manage the layer blob cache.
     #[command(subcommand)]
     Cache(CacheCommand),
@@ -198,7 +245,7 @@ pub enum CacheCommand {
 pub enum SnapshotCommand {
     /// List snapshots.
     #[command(alias = "list")]
-    Ls(JsonFlag),
+    Ls(LsFlags),
     /// Show snapshots in detail, as a JSON array.
     Inspect {
         #[arg(required = true)]
@@ -206,16 +253,10 @@ pub enum SnapshotCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove snapshots and their files.
+    /// Remove snapshots and their files (`-f`: even snapshots that VMs made
+    /// from them have yet to resume; those boot from their disks instead).
     #[command(alias = "remove")]
-    Rm {
-        #[arg(required = true)]
-        names: Vec<String>,
-        /// Remove even snapshots that VMs made from them have yet to resume
-        /// (those boot from their disks instead), and ignore unknown names.
-        #[arg(short, long)]
-        force: bool,
-    },
+    Rm(RmArgs),
 }
 
 #[derive(Debug, Args)]
@@ -291,37 +332,46 @@ pub enum VmCommand {
     Create(CreateArgs),
     /// Create a VM and start it.
     Run(CreateArgs),
-    /// Start a stopped VM.
+    /// Start stopped VMs (several at once, in parallel).
     Start {
-        name: String,
+        #[arg(required = true)]
+        names: Vec<String>,
         #[arg(long)]
         json: bool,
     },
-    /// Stop a VM: a clean shutdown through its agent, forced after the timeout.
+    /// Stop VMs: a clean shutdown through each agent, forced after the timeout.
     Stop {
-        name: String,
+        #[arg(required = true)]
+        names: Vec<String>,
         /// Seconds to wait for the clean shutdown.
         #[arg(short = 't', long = "time", default_value_t = 10)]
         timeout: u64,
+        #[arg(long)]
+        json: bool,
     },
-    /// Stop then start a VM.
+    /// Stop then start VMs.
     Restart {
-        name: String,
-        #[arg(short = 't', long = "time", default_value_t = 10)]
-        timeout: u64,
-    },
-    /// Remove VMs and everything they own.
-    #[command(alias = "remove")]
-    Rm {
         #[arg(required = true)]
         names: Vec<String>,
-        /// Stop running VMs first; ignore names that do not exist.
-        #[arg(short, long)]
-        force: bool,
+        #[arg(short = 't', long = "time", default_value_t = 10)]
+        timeout: u64,
+        #[arg(long)]
+        json: bool,
     },
+    /// Remove VMs and everything they own (`-f`: stop running VMs first).
+    #[command(alias = "remove")]
+    Rm(RmArgs),
     /// List VMs.
     #[command(alias = "ps", alias = "list")]
-    Ls(JsonFlag),
+    Ls {
+        #[command(flatten)]
+        flags: LsFlags,
+        /// Only VMs that match: `state=running|paused|stopped`,
+        /// `image=NAME`, `name=PREFIX`, `vmm=qemu|firecracker` (repeat to
+        /// require several).
+        #[arg(long, value_name = "KEY=VALUE")]
+        filter: Vec<String>,
+    },
     /// Show VMs in detail, as a JSON array.
     Inspect {
         #[arg(required = true)]
@@ -347,6 +397,9 @@ pub enum VmCommand {
         /// Only the last N lines.
         #[arg(long)]
         tail: Option<usize>,
+        /// `{"text": …}`; with --follow, one such object per line as output comes.
+        #[arg(long)]
+        json: bool,
     },
     /// Copy files and directories between the host and a VM (recursive,
     /// modes kept): `SRC… NAME:DST` or `NAME:SRC DST`; `-` is a tar stream
@@ -432,4 +485,10 @@ pub enum VmCommand {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+}
+
+/// The command as clap builds it, with the shell completers attached.
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    crate::completion::annotate(Cli::command())
 }

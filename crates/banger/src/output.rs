@@ -1,5 +1,24 @@
 //! Tables and times the way people read them.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static JSON_ERRORS: AtomicBool = AtomicBool::new(false);
+
+/// Set once at start when the command line asks for `--json` (before any
+/// `--`, after which the words are a guest command's).
+pub fn set_json_errors(args: &[String]) {
+    let json = args
+        .iter()
+        .take_while(|a| *a != "--")
+        .any(|a| a == "--json");
+    JSON_ERRORS.store(json, Ordering::Relaxed);
+}
+
+/// Whether errors are to be printed as JSON on stdout too.
+pub fn json_errors() -> bool {
+    JSON_ERRORS.load(Ordering::Relaxed)
+}
+
 /// Left-aligned columns separated by three spaces, header first.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();

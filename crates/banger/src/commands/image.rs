@@ -1,7 +1,7 @@
 //! `banger image …`.
 
 use banger_proto::human_bytes;
-use banger_proto::image::{NamesParams, PruneParams, PruneResult, PullParams, RemoveParams};
+use banger_proto::image::{NamesParams, PruneParams, PruneResult, PullParams};
 use banger_proto::rpc::{m, NoParams};
 
 use super::report;
@@ -94,6 +94,12 @@ pub fn run(client: &Client, cmd: ImageCommand) -> anyhow::Result<i32> {
                 super::println_json(&images)?;
                 return Ok(0);
             }
+            if flags.quiet {
+                for item in &images {
+                    println!("{}", item.name);
+                }
+                return Ok(0);
+            }
             let rows: Vec<Vec<String>> = images
                 .iter()
                 .map(|i| {
@@ -116,9 +122,7 @@ pub fn run(client: &Client, cmd: ImageCommand) -> anyhow::Result<i32> {
         ImageCommand::Inspect { names, .. } => {
             super::print_json::<m::ImageInspect>(client, NamesParams { names })
         }
-        ImageCommand::Rm { names, force } => {
-            super::print_removed::<m::ImageRemove>(client, RemoveParams { names, force })
-        }
+        ImageCommand::Rm(args) => super::print_removed::<m::ImageRemove>(client, args),
         ImageCommand::Cache(CacheCommand::Prune { dry_run, json }) => {
             match client.call::<m::ImageCachePrune>(PruneParams { dry_run }, |_| {}) {
                 Ok(r) => {

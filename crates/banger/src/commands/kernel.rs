@@ -1,7 +1,7 @@
 //! `banger kernel …`.
 
 use banger_proto::human_bytes;
-use banger_proto::image::{NamesParams, RemoveParams};
+use banger_proto::image::NamesParams;
 use banger_proto::kernel::{ImportParams, PullParams};
 use banger_proto::rpc::{m, NoParams};
 
@@ -92,6 +92,12 @@ pub fn run(client: &Client, cmd: KernelCommand) -> anyhow::Result<i32> {
                 super::println_json(&kernels)?;
                 return Ok(0);
             }
+            if flags.quiet {
+                for item in &kernels {
+                    println!("{}", item.name);
+                }
+                return Ok(0);
+            }
             let rows: Vec<Vec<String>> = kernels
                 .iter()
                 .map(|k| {
@@ -121,8 +127,6 @@ pub fn run(client: &Client, cmd: KernelCommand) -> anyhow::Result<i32> {
         KernelCommand::Inspect { names, .. } => {
             super::print_json::<m::KernelInspect>(client, NamesParams { names })
         }
-        KernelCommand::Rm { names, force } => {
-            super::print_removed::<m::KernelRemove>(client, RemoveParams { names, force })
-        }
+        KernelCommand::Rm(args) => super::print_removed::<m::KernelRemove>(client, args),
     }
 }

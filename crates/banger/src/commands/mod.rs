@@ -1,6 +1,7 @@
 //! What each command does.
 
 mod cp;
+mod daemon;
 mod doctor;
 mod image;
 mod kernel;
@@ -21,11 +22,7 @@ use crate::client::{CallError, Client};
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
     let paths = Paths::from_env();
     match cli.command {
-        Command::Daemon => {
-            init_daemon_logging();
-            banger_daemon::run(paths)?;
-            Ok(0)
-        }
+        Command::Daemon(args) => daemon::run(paths, args.command),
         Command::Image(cmd) => image::run(&Client::new(paths), cmd),
         Command::Kernel(cmd) => kernel::run(&Client::new(paths), cmd),
         Command::Vm(cmd) => vm::run(&Client::new(paths), cmd),
@@ -33,6 +30,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Doctor(flags) => doctor::run(&paths, flags.json),
         Command::System(cmd) => system::run(cmd),
         Command::SshConfig(flags) => ssh_config(&paths, flags.json),
+        Command::Completion { shell } => crate::completion::print_script(shell),
+        Command::Man { dir } => crate::completion::write_man_pages(&dir),
     }
 }
 
@@ -83,12 +82,18 @@ pub fn print_json<M: Method>(client: &Client, params: M::Params) -> anyhow::Resu
     }
 }
 
-/// Calls a `*.remove` method and prints each removed name.
+/// Calls a `*.remove` method and prints each removed name (or, with
+/// `--json`, `{"removed": […]}`).
 pub fn print_removed<M: Method<Params = RemoveParams, Result = RemoveResult>>(
     client: &Client,
-    params: RemoveParams,
+    args: crate::cli::RmArgs,
 ) -> anyhow::Result<i32> {
+    let params = RemoveParams {
+        names: args.names,
+        force: args.force,
+    };
     match client.call::<M>(params, |_| {}) {
+        Ok(r) if args.json => println_json(&r).map(|()| 0),
         Ok(r) => {
             for name in r.removed {
                 println!("{name}");
@@ -100,9 +105,25 @@ pub fn print_removed<M: Method<Params = RemoveParams, Result = RemoveResult>>(
 }
 
 /// Prints a failed call the way users read errors; returns the exit code.
+/// Under `--json` the error is also printed as JSON on stdout, so a
+/// script reading stdout always gets JSON.
 pub fn report(err: CallError) -> i32 {
     eprintln!("error: {err}");
+    if crate::output::json_errors() {
+        let _ = println_json(&error_json(&err));
+    }
     1
+}
+
+/// `{"error": {"code", "message", "op_id"}}`; a failure to reach the
+/// daemon has code `transport` and no op_id.
+pub fn error_json(err: &CallError) -> serde_json::Value {
+    match err {
+        CallError::Daemon(body) => serde_json::json!({ "error": body }),
+        CallError::Transport(e) => serde_json::json!({
+            "error": { "code": "transport", "message": format!("{e:#}") }
+        }),
+    }
 }
 
 /// The include line for ~/.ssh/config; the daemon keeps the file current.

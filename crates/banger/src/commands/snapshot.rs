@@ -1,7 +1,7 @@
 //! `banger snapshot …`, and `banger vm snapshot|pause|resume`'s output.
 
 use banger_proto::human_bytes;
-use banger_proto::image::{NamesParams, RemoveParams};
+use banger_proto::image::NamesParams;
 use banger_proto::rpc::{m, NoParams};
 use banger_proto::vm::{SnapshotParams, VmEvent};
 
@@ -19,6 +19,12 @@ pub fn run(client: &Client, cmd: SnapshotCommand) -> anyhow::Result<i32> {
             };
             if flags.json {
                 super::println_json(&snaps)?;
+                return Ok(0);
+            }
+            if flags.quiet {
+                for item in &snaps {
+                    println!("{}", item.name);
+                }
                 return Ok(0);
             }
             let rows: Vec<Vec<String>> = snaps
@@ -56,9 +62,7 @@ pub fn run(client: &Client, cmd: SnapshotCommand) -> anyhow::Result<i32> {
         SnapshotCommand::Inspect { names, .. } => {
             super::print_json::<m::SnapshotInspect>(client, NamesParams { names })
         }
-        SnapshotCommand::Rm { names, force } => {
-            super::print_removed::<m::SnapshotRemove>(client, RemoveParams { names, force })
-        }
+        SnapshotCommand::Rm(args) => super::print_removed::<m::SnapshotRemove>(client, args),
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use banger_proto::agent::exit;
 use banger_proto::human_bytes;
-use banger_proto::image::{NamesParams, RemoveParams};
+use banger_proto::image::NamesParams;
 use banger_proto::rpc::{m, NoParams};
 use banger_proto::vm::{
     CreateParams, ExecEvent, ExecInput, ExecParams, ForwardEvent, LogEvent, LogsParams, NameParams,
@@ -23,47 +23,68 @@ pub fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
     match cmd {
         VmCommand::Create(args) => create(client, args, false),
         VmCommand::Run(args) => create(client, args, true),
-        VmCommand::Start { name, json } => {
-            check_name(&name)?;
-            crate::interrupt::note(&format!(
-                "the daemon finishes starting `{name}` in the background; `banger vm stop {name}` \
-                 stops it"
-            ));
-            let result =
-                client.call::<m::VmStart>(NameParams { name: name.clone() }, boot_progress(&name));
-            finish_boot(result, json)
-        }
-        VmCommand::Stop { name, timeout } => {
-            let params = StopParams {
-                name: name.clone(),
-                timeout_secs: Some(timeout),
-            };
-            match client.call::<m::VmStop>(params, |_| {}) {
-                Ok(_) => {
-                    println!("stopped {name}");
-                    Ok(0)
-                }
-                Err(e) => Ok(report(e)),
+        VmCommand::Start { names, json } => {
+            for name in &names {
+                check_name(name)?;
             }
+            crate::interrupt::note(&format!(
+                "the daemon finishes starting {} in the background; `banger vm stop NAME` \
+                 stops it",
+                names.join(", ")
+            ));
+            each_vm(&names, json, "ready", |name| {
+                client.call::<m::VmStart>(
+                    NameParams {
+                        name: name.to_string(),
+                    },
+                    boot_progress(name),
+                )
+            })
         }
-        VmCommand::Restart { name, timeout } => {
+        VmCommand::Stop {
+            names,
+            timeout,
+            json,
+        } => each_vm(&names, json, "stopped", |name| {
             let params = StopParams {
-                name: name.clone(),
+                name: name.to_string(),
                 timeout_secs: Some(timeout),
             };
-            let result = client.call::<m::VmRestart>(params, boot_progress(&name));
-            finish_boot(result, false)
-        }
-        VmCommand::Rm { names, force } => {
-            super::print_removed::<m::VmRemove>(client, RemoveParams { names, force })
-        }
-        VmCommand::Ls(flags) => {
-            let vms = match client.call::<m::VmList>(NoParams {}, |_| {}) {
-                Ok(v) => v,
+            client.call::<m::VmStop>(params, |_| {})
+        }),
+        VmCommand::Restart {
+            names,
+            timeout,
+            json,
+        } => each_vm(&names, json, "ready", |name| {
+            let params = StopParams {
+                name: name.to_string(),
+                timeout_secs: Some(timeout),
+            };
+            client.call::<m::VmRestart>(params, boot_progress(name))
+        }),
+        VmCommand::Rm(args) => super::print_removed::<m::VmRemove>(client, args),
+        VmCommand::Ls { flags, filter } => {
+            let filters = filter
+                .iter()
+                .map(|f| VmFilter::parse(f))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(anyhow::Error::msg)?;
+            let vms: Vec<VmInfo> = match client.call::<m::VmList>(NoParams {}, |_| {}) {
+                Ok(v) => v
+                    .into_iter()
+                    .filter(|vm| filters.iter().all(|f| f.matches(vm)))
+                    .collect(),
                 Err(e) => return Ok(report(e)),
             };
             if flags.json {
                 super::println_json(&vms)?;
+                return Ok(0);
+            }
+            if flags.quiet {
+                for v in &vms {
+                    println!("{}", v.name);
+                }
                 return Ok(0);
             }
             let rows: Vec<Vec<String>> = vms
@@ -99,17 +120,33 @@ pub fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
         }
         VmCommand::PortForward { name, spec, json } => port_forward(client, &name, &spec, json),
         VmCommand::Cp { paths } => super::cp::run(client, paths),
-        VmCommand::Logs { name, follow, tail } => {
+        VmCommand::Logs {
+            name,
+            follow,
+            tail,
+            json,
+        } => {
             let mut out = std::io::stdout();
             let result = client.call_streaming::<m::VmLogs>(
                 LogsParams { name, tail, follow },
-                |LogEvent { text }| {
-                    let _ = out.write_all(text.as_bytes());
+                |event: LogEvent| {
+                    if json {
+                        let _ = writeln!(out, "{}", serde_json::json!({ "text": event.text }));
+                    } else {
+                        let _ = out.write_all(event.text.as_bytes());
+                    }
                     let _ = out.flush();
                 },
                 |_writer| {},
             );
             match result {
+                Ok(r) if json && follow => {
+                    if !r.text.is_empty() {
+                        println!("{}", serde_json::json!({ "text": r.text }));
+                    }
+                    Ok(0)
+                }
+                Ok(r) if json => super::println_json(&r).map(|()| 0),
                 Ok(r) => {
                     print!("{}", r.text);
                     Ok(0)
@@ -186,6 +223,108 @@ pub fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
                 force: force.map(Into::into),
             };
             sync(client, params, json)
+        }
+    }
+}
+
+/// Runs `op` for each VM at once (one thread each) and reports per VM:
+/// one failure does not stop the others, and makes the exit status 1.
+/// One name prints as before (its VM as JSON, or one line); several print
+/// a line each, or a JSON array of `{"name", "vm"}` / `{"name", "error"}`.
+fn each_vm(
+    names: &[String],
+    json: bool,
+    done: &str,
+    op: impl Fn(&str) -> Result<VmInfo, CallError> + Sync,
+) -> anyhow::Result<i32> {
+    if let [name] = names {
+        return match op(name) {
+            Ok(info) if json => super::println_json(&info).map(|()| 0),
+            Ok(info) if done == "ready" => {
+                println!("ready: banger vm exec {} -- …", info.name);
+                Ok(0)
+            }
+            Ok(info) => {
+                println!("{done} {}", info.name);
+                Ok(0)
+            }
+            Err(e) => Ok(report(e)),
+        };
+    }
+    let results: Vec<(String, Result<VmInfo, CallError>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = names
+            .iter()
+            .map(|name| (name, scope.spawn(|| op(name))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|(name, h)| (name.clone(), h.join().expect("a VM's thread panicked")))
+            .collect()
+    });
+    let failed = results.iter().filter(|(_, r)| r.is_err()).count();
+    if json {
+        let list: Vec<serde_json::Value> = results
+            .iter()
+            .map(|(name, r)| match r {
+                Ok(info) => serde_json::json!({ "name": name, "vm": info }),
+                Err(e) => {
+                    let mut v = super::error_json(e);
+                    v["name"] = name.clone().into();
+                    v
+                }
+            })
+            .collect();
+        super::println_json(&list)?;
+    } else {
+        for (name, r) in &results {
+            match r {
+                Ok(_) => println!("{name}: {done}"),
+                Err(e) => eprintln!("{name}: error: {e}"),
+            }
+        }
+    }
+    if failed > 0 {
+        eprintln!("banger: {failed} of {} VM(s) failed", names.len());
+    }
+    Ok(i32::from(failed > 0))
+}
+
+/// One `vm ls --filter KEY=VALUE`.
+#[derive(Debug, PartialEq)]
+enum VmFilter {
+    State(String),
+    Image(String),
+    Name(String),
+    Vmm(String),
+}
+
+impl VmFilter {
+    fn parse(text: &str) -> Result<VmFilter, String> {
+        let bad = || {
+            format!(
+                "invalid filter `{text}`: use state=running|paused|stopped, image=NAME, \
+                 name=PREFIX or vmm=qemu|firecracker"
+            )
+        };
+        let (key, value) = text.split_once('=').ok_or_else(bad)?;
+        let value = value.to_string();
+        match key {
+            "state" if ["running", "paused", "stopped"].contains(&value.as_str()) => {
+                Ok(VmFilter::State(value))
+            }
+            "image" => Ok(VmFilter::Image(value)),
+            "name" => Ok(VmFilter::Name(value)),
+            "vmm" if ["qemu", "firecracker"].contains(&value.as_str()) => Ok(VmFilter::Vmm(value)),
+            _ => Err(bad()),
+        }
+    }
+
+    fn matches(&self, vm: &VmInfo) -> bool {
+        match self {
+            VmFilter::State(s) => vm.state.to_string() == *s,
+            VmFilter::Image(i) => vm.image == *i,
+            VmFilter::Name(prefix) => vm.name.starts_with(prefix.as_str()),
+            VmFilter::Vmm(v) => vm.vmm.to_string() == *v,
         }
     }
 }

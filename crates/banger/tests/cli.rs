@@ -1,0 +1,162 @@
+//! The conventions every command keeps, without booting a VM: `--json`
+//! always prints JSON (errors too), `-q` on lists, `vm ls --filter`,
+//! several names at once, shell completion with names from the daemon,
+//! man pages, `daemon status|stop`.
+
+mod common;
+
+use banger_testkit::registry::Registry;
+use common::Banger;
+
+fn json(banger: &Banger, args: &[&str]) -> serde_json::Value {
+    let out = banger.ok(args);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("banger {args:?}: {e}: {out}"))
+}
+
+/// What the shell's Tab offers for `words` (the last one being completed).
+fn complete(banger: &Banger, words: &[&str]) -> Vec<String> {
+    let out = banger
+        .cmd(&[&["--", "banger"], words].concat())
+        .env("COMPLETE", "bash")
+        .env("_CLAP_IFS", "\n")
+        .env("_CLAP_COMPLETE_INDEX", words.len().to_string())
+        .env("_CLAP_COMPLETE_COMP_TYPE", "9")
+        .env("_CLAP_COMPLETE_SPACE", "true")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.starts_with('-'))
+        .collect()
+}
+
+#[test]
+fn every_command_keeps_the_conventions() {
+    let registry = Registry::start();
+    let banger = Banger::start();
+    common::busybox_and_fake_kernel(&banger, &registry);
+    for vm in ["web-1", "web-2", "db"] {
+        banger.ok(&["vm", "create", vm, "--image", "busybox", "--kernel", "k"]);
+    }
+
+    // Lists: names only, filtered.
+    assert_eq!(banger.ok(&["vm", "ls", "-q"]), "db\nweb-1\nweb-2\n");
+    assert_eq!(banger.ok(&["image", "ls", "-q"]), "busybox\n");
+    assert_eq!(banger.ok(&["kernel", "ls", "--quiet"]), "k\n");
+    assert_eq!(banger.ok(&["snapshot", "ls", "-q"]), "");
+    assert_eq!(
+        banger.ok(&[
+            "vm",
+            "ls",
+            "-q",
+            "--filter",
+            "name=web",
+            "--filter",
+            "state=stopped"
+        ]),
+        "web-1\nweb-2\n"
+    );
+    assert_eq!(
+        banger.ok(&["vm", "ls", "-q", "--filter", "state=running"]),
+        ""
+    );
+    let filtered = json(
+        &banger,
+        &["vm", "ls", "--json", "--filter", "image=busybox"],
+    );
+    assert_eq!(filtered.as_array().unwrap().len(), 3);
+    let bad = banger.fails(&["vm", "ls", "--filter", "colour=red"]);
+    assert!(bad.contains("state=running"), "{bad}");
+
+    // Every result as JSON.
+    for args in [
+        &["vm", "ls", "--json"][..],
+        &["vm", "inspect", "db", "--json"],
+        &["image", "ls", "--json"],
+        &["image", "inspect", "busybox", "--json"],
+        &["kernel", "ls", "--json"],
+        &["kernel", "inspect", "k", "--json"],
+        &["snapshot", "ls", "--json"],
+        &["daemon", "status", "--json"],
+        &["ssh-config", "--json"],
+        &["image", "cache", "prune", "--dry-run", "--json"],
+    ] {
+        json(&banger, args);
+    }
+    let stopped = json(&banger, &["vm", "stop", "db", "--json"]);
+    assert_eq!(stopped["state"], "stopped");
+    let logs = json(&banger, &["vm", "logs", "db", "--json"]);
+    assert!(logs["text"].is_string(), "{logs}");
+
+    // Errors under --json: JSON on stdout too, with the daemon's code.
+    let out = banger.run(&["vm", "stop", "nope", "--json"]);
+    assert!(!out.status.success());
+    let err: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(err["error"]["code"], "not_found", "{err}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope"));
+
+    // Several names: each reported, one failure does not stop the others.
+    let out = banger.run(&["vm", "stop", "web-1", "nope", "web-2", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let each: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(each[0]["name"], "web-1");
+    assert_eq!(each[0]["vm"]["state"], "stopped");
+    assert_eq!(each[1]["error"]["code"], "not_found");
+    assert_eq!(each[2]["vm"]["state"], "stopped");
+    let text = banger.run(&["vm", "stop", "web-1", "web-2"]);
+    assert!(text.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&text.stdout),
+        "web-1: stopped\nweb-2: stopped\n"
+    );
+
+    // Completion: the script registers with bash; names come from the daemon.
+    let script = banger.ok(&["completion", "bash"]);
+    let file = banger.path("completion.bash");
+    std::fs::write(&file, script).unwrap();
+    let registered = common::must(&format!(
+        "bash -c 'source {} && complete -p banger'",
+        file.display()
+    ));
+    assert!(registered.contains("banger"), "{registered}");
+    for shell in ["zsh", "fish"] {
+        assert!(!banger.ok(&["completion", shell]).is_empty());
+    }
+    assert_eq!(
+        complete(&banger, &["vm", "stop", ""]),
+        ["db", "web-1", "web-2"]
+    );
+    assert_eq!(complete(&banger, &["vm", "exec", "we"]), ["web-1", "web-2"]);
+    assert!(complete(&banger, &["vm", "run", "x", "--image", ""]).contains(&"busybox".into()));
+    assert_eq!(complete(&banger, &["kernel", "rm", ""]), ["k"]);
+    assert!(complete(&banger, &["vm", "st"]).contains(&"start".into()));
+
+    // Man pages, one per command.
+    let man = banger.path("man");
+    banger.ok(&["man", man.to_str().unwrap()]);
+    for page in ["banger.1", "banger-vm-run.1", "banger-image-pull.1"] {
+        let text = std::fs::read_to_string(man.join(page)).unwrap_or_default();
+        assert!(text.contains(".TH"), "{page}");
+    }
+
+    // Removals as JSON.
+    let removed = json(&banger, &["vm", "rm", "db", "--json"]);
+    assert_eq!(removed["removed"][0], "db");
+    let removed = json(&banger, &["vm", "rm", "-f", "db", "--json"]);
+    assert_eq!(removed["removed"].as_array().unwrap().len(), 0);
+    json(&banger, &["kernel", "rm", "-f", "k", "--json"]);
+    json(&banger, &["image", "rm", "-f", "busybox", "--json"]);
+
+    // The daemon: stopped cleanly, reported absent, started again on use.
+    let stopped = json(&banger, &["daemon", "stop", "--json"]);
+    assert_eq!(stopped["stopped"], true);
+    let out = banger.run(&["daemon", "status"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(banger.ok(&["vm", "ls", "-q"]), "web-1\nweb-2\n");
+    let st = json(&banger, &["daemon", "status", "--json"]);
+    assert_eq!(st["running"], true);
+    banger.ok(&["daemon", "stop"]);
+}
