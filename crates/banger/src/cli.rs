@@ -223,6 +223,14 @@ pub enum ImageCommand {
     /// Remove images and their root filesystems (`-f`: even images VMs use).
     #[command(alias = "remove")]
     Rm(RmArgs),
+    /// Remove the images no VM or snapshot uses (warm templates go with them).
+    Prune {
+        /// Say what would be removed, and remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage the layer blob cache.
     #[command(subcommand)]
     Cache(CacheCommand),
@@ -275,6 +283,11 @@ pub struct CreateArgs {
     /// (`banger image warm`).
     #[arg(long)]
     pub cold: bool,
+    /// When to pull `--image` from its registry: `missing` (no local image
+    /// has that name or reference), `always` (pull, which is quick when
+    /// nothing changed) or `never`.
+    #[arg(long, value_enum, default_value = "missing", value_name = "WHEN")]
+    pub pull: PullPolicy,
     /// The kernel to boot (default: the default kernel).
     #[arg(long)]
     pub kernel: Option<String>,
@@ -308,6 +321,14 @@ pub struct CreateArgs {
     pub workspace_path: Option<String>,
     #[arg(long)]
     pub json: bool,
+}
+
+/// `vm run/create --pull`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PullPolicy {
+    Missing,
+    Always,
+    Never,
 }
 
 /// Which side `vm sync --force` lets win.
@@ -361,6 +382,17 @@ pub enum VmCommand {
     /// Remove VMs and everything they own (`-f`: stop running VMs first).
     #[command(alias = "remove")]
     Rm(RmArgs),
+    /// Remove every stopped VM (asks first unless -f).
+    Prune {
+        /// Say what would be removed, and remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Do not ask.
+        #[arg(short, long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// List VMs.
     #[command(alias = "ps", alias = "list")]
     Ls {

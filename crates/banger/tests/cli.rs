@@ -147,15 +147,70 @@ fn every_command_keeps_the_conventions() {
     assert_eq!(removed["removed"][0], "db");
     let removed = json(&banger, &["vm", "rm", "-f", "db", "--json"]);
     assert_eq!(removed["removed"].as_array().unwrap().len(), 0);
+
+    // Autopull: a reference no local image has is pulled (missing, the
+    // default); a local one is used as is, or pulled again (always);
+    // never pulls nothing.
+    let reference = registry.reference("busybox:latest");
+    let out = banger.run(&[
+        "vm", "create", "auto", "--image", &reference, "--kernel", "k",
+    ]);
+    assert!(out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !said.contains("pulling"),
+        "busybox is local by reference: {said}"
+    );
+    banger_testkit::images::push_busybox(&registry, &banger.path("fixtures/oci2"), "other/bb:1");
+    let fresh = registry.reference("other/bb:1");
+    let refused = banger.fails(&[
+        "vm", "create", "n1", "--image", &fresh, "--kernel", "k", "--pull", "never",
+    ]);
+    assert!(refused.contains("banger image pull"), "{refused}");
+    assert_eq!(banger.ok(&["image", "ls", "-q"]), "busybox\n");
+    let out = banger.run(&["vm", "create", "n1", "--image", &fresh, "--kernel", "k"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("pulled"), "{said}");
+    assert_eq!(banger.ok(&["image", "ls", "-q"]), "bb:1\nbusybox\n");
+    assert_eq!(
+        json(&banger, &["vm", "inspect", "n1", "--json"])[0]["image"],
+        "bb:1"
+    );
+    let out = banger.run(&[
+        "vm", "create", "n2", "--image", "bb:1", "--kernel", "k", "--pull", "always",
+    ]);
+    assert!(out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("bb:1 is up to date"), "{said}");
+    let ls = banger.ok(&["image", "ls"]);
+    assert!(ls.contains("n1,n2"), "image ls shows the users: {ls}");
+
+    // Prune: stopped VMs (asked, or -f), then the images nothing uses.
+    let dry = banger.ok(&["vm", "prune", "--dry-run"]);
+    assert_eq!(dry, "would remove auto\nwould remove n1\nwould remove n2\nwould remove web-1\nwould remove web-2\n");
+    let refused = banger.fails(&["vm", "prune"]);
+    assert!(refused.contains("-f"), "{refused}");
+    let pruned = json(&banger, &["vm", "prune", "-f", "--json"]);
+    assert_eq!(pruned["removed"].as_array().unwrap().len(), 5);
+    assert_eq!(banger.ok(&["vm", "ls", "-q"]), "");
+    let dry = json(&banger, &["image", "prune", "--dry-run", "--json"]);
+    assert_eq!(dry["unused"], serde_json::json!(["bb:1", "busybox"]));
+    assert_eq!(banger.ok(&["image", "ls", "-q"]), "bb:1\nbusybox\n");
+    assert_eq!(banger.ok(&["image", "prune"]), "bb:1\nbusybox\n");
+    assert_eq!(banger.ok(&["image", "ls", "-q"]), "");
     json(&banger, &["kernel", "rm", "-f", "k", "--json"]);
-    json(&banger, &["image", "rm", "-f", "busybox", "--json"]);
 
     // The daemon: stopped cleanly, reported absent, started again on use.
     let stopped = json(&banger, &["daemon", "stop", "--json"]);
     assert_eq!(stopped["stopped"], true);
     let out = banger.run(&["daemon", "status"]);
     assert_eq!(out.status.code(), Some(3));
-    assert_eq!(banger.ok(&["vm", "ls", "-q"]), "web-1\nweb-2\n");
+    assert_eq!(banger.ok(&["vm", "ls", "-q"]), "");
     let st = json(&banger, &["daemon", "status", "--json"]);
     assert_eq!(st["running"], true);
     banger.ok(&["daemon", "stop"]);

@@ -1,12 +1,12 @@
 //! `banger image …`.
 
 use banger_proto::human_bytes;
-use banger_proto::image::{NamesParams, PruneParams, PruneResult, PullParams};
+use banger_proto::image::{NamesParams, PruneParams, PruneResult, PullParams, PullResult};
 use banger_proto::rpc::{m, NoParams};
 
 use super::report;
-use crate::cli::{CacheCommand, ImageCommand};
-use crate::client::Client;
+use crate::cli::{CacheCommand, ImageCommand, PullPolicy};
+use crate::client::{CallError, Client};
 use crate::output::{relative_time, table};
 use crate::progress::PullProgress;
 
@@ -54,34 +54,19 @@ pub fn run(client: &Client, cmd: ImageCommand) -> anyhow::Result<i32> {
             platform,
             json,
         } => {
-            crate::interrupt::note(&format!(
-                "the daemon finishes pulling {reference} in the background (`banger image ls` \
-                 shows it; `banger image rm NAME` removes it)"
-            ));
-            let mut progress = PullProgress::new();
             let params = PullParams {
-                reference: reference.clone(),
+                reference,
                 name,
                 platform,
             };
-            let result = client.call::<m::ImagePull>(params, |e| progress.handle(e));
-            progress.finish();
-            let r = match result {
+            let r = match pull(client, params) {
                 Ok(r) => r,
                 Err(e) => return Ok(report(e)),
             };
             if json {
                 super::println_json(&r)?;
-            } else if r.up_to_date {
-                println!("{} is up to date ({})", r.image.name, r.image.digest);
             } else {
-                println!(
-                    "pulled {} as `{}` ({}, rootfs {})",
-                    r.image.r#ref,
-                    r.image.name,
-                    r.image.digest,
-                    human_bytes(r.image.size_bytes)
-                );
+                println!("{}", pulled_line(&r));
             }
             Ok(0)
         }
@@ -108,14 +93,17 @@ pub fn run(client: &Client, cmd: ImageCommand) -> anyhow::Result<i32> {
                         i.r#ref.clone(),
                         banger_core::oci::digest::short(&i.digest).to_string(),
                         human_bytes(i.size_bytes),
-                        i.vms.len().to_string(),
+                        users(&i.vms),
                         relative_time(&i.created_at),
                     ]
                 })
                 .collect();
             print!(
                 "{}",
-                table(&["NAME", "REF", "DIGEST", "SIZE", "VMS", "CREATED"], &rows)
+                table(
+                    &["NAME", "REF", "DIGEST", "SIZE", "USED BY", "CREATED"],
+                    &rows
+                )
             );
             Ok(0)
         }
@@ -123,6 +111,7 @@ pub fn run(client: &Client, cmd: ImageCommand) -> anyhow::Result<i32> {
             super::print_json::<m::ImageInspect>(client, NamesParams { names })
         }
         ImageCommand::Rm(args) => super::print_removed::<m::ImageRemove>(client, args),
+        ImageCommand::Prune { dry_run, json } => prune(client, dry_run, json),
         ImageCommand::Cache(CacheCommand::Prune { dry_run, json }) => {
             match client.call::<m::ImageCachePrune>(PruneParams { dry_run }, |_| {}) {
                 Ok(r) => {
@@ -137,6 +126,135 @@ pub fn run(client: &Client, cmd: ImageCommand) -> anyhow::Result<i32> {
             }
         }
     }
+}
+
+/// The VMs using an image, as a column: a few names, then a count.
+fn users(vms: &[String]) -> String {
+    match vms.len() {
+        0 => "-".into(),
+        1..=3 => vms.join(","),
+        n => format!("{},… ({n})", vms[..2].join(",")),
+    }
+}
+
+/// `image prune`: images that no VM and no snapshot (other than the
+/// image's own warm templates) uses. The daemon still refuses an image a
+/// VM took meanwhile.
+fn prune(client: &Client, dry_run: bool, json: bool) -> anyhow::Result<i32> {
+    let listed = client
+        .call::<m::ImageList>(NoParams {}, |_| {})
+        .and_then(|images| {
+            let snaps = client.call::<m::SnapshotList>(NoParams {}, |_| {})?;
+            Ok((images, snaps))
+        });
+    let (images, snaps) = match listed {
+        Ok(v) => v,
+        Err(e) => return Ok(report(e)),
+    };
+    let unused: Vec<String> = images
+        .into_iter()
+        .filter(|i| i.vms.is_empty())
+        .filter(|i| {
+            !snaps
+                .iter()
+                .any(|s| s.image == i.name && s.template.is_none())
+        })
+        .map(|i| i.name)
+        .collect();
+    let removed = if dry_run || unused.is_empty() {
+        Vec::new()
+    } else {
+        let params = banger_proto::image::RemoveParams {
+            names: unused.clone(),
+            force: false,
+        };
+        match client.call::<m::ImageRemove>(params, |_| {}) {
+            Ok(r) => r.removed,
+            Err(e) => return Ok(report(e)),
+        }
+    };
+    if json {
+        super::println_json(&serde_json::json!({
+            "dry_run": dry_run,
+            "unused": unused,
+            "removed": removed,
+        }))?;
+    } else if dry_run {
+        for name in &unused {
+            println!("would remove {name}");
+        }
+    } else {
+        for name in &removed {
+            println!("{name}");
+        }
+    }
+    if unused.is_empty() && !json {
+        eprintln!("banger: every image is in use");
+    }
+    Ok(0)
+}
+
+/// `image.pull` with its progress on stderr.
+pub fn pull(client: &Client, params: PullParams) -> Result<PullResult, CallError> {
+    crate::interrupt::note(&format!(
+        "the daemon finishes pulling {} in the background (`banger image ls` shows it; \
+         `banger image rm NAME` removes it)",
+        params.reference
+    ));
+    let mut progress = PullProgress::new();
+    let result = client.call::<m::ImagePull>(params, |e| progress.handle(e));
+    progress.finish();
+    result
+}
+
+pub fn pulled_line(r: &PullResult) -> String {
+    if r.up_to_date {
+        format!("{} is up to date ({})", r.image.name, r.image.digest)
+    } else {
+        format!(
+            "pulled {} as `{}` ({}, rootfs {})",
+            r.image.r#ref,
+            r.image.name,
+            r.image.digest,
+            human_bytes(r.image.size_bytes)
+        )
+    }
+}
+
+/// The local image `vm run --image IMAGE --pull WHEN` boots, pulled first
+/// when WHEN asks for it: an image is local when its name or its
+/// reference (normalised: `alpine` is `docker.io/library/alpine:latest`)
+/// is IMAGE. `always` pulls the local image's own reference again.
+pub fn for_vm(client: &Client, image: &str, when: PullPolicy) -> Result<String, CallError> {
+    if when == PullPolicy::Never {
+        return Ok(image.to_string());
+    }
+    let whole = banger_core::oci::reference::parse(image)
+        .ok()
+        .map(|r| r.whole());
+    let local = client
+        .call::<m::ImageList>(NoParams {}, |_| {})?
+        .into_iter()
+        .find(|i| i.name == image || Some(&i.r#ref) == whole.as_ref());
+    let params = match (local, when) {
+        (Some(found), PullPolicy::Missing) => return Ok(found.name),
+        (Some(found), _) => PullParams {
+            reference: found.r#ref,
+            name: Some(found.name),
+            platform: None,
+        },
+        (None, _) => {
+            eprintln!("banger: no local image `{image}`; pulling it");
+            PullParams {
+                reference: image.to_string(),
+                name: None,
+                platform: None,
+            }
+        }
+    };
+    let r = pull(client, params)?;
+    eprintln!("{}", pulled_line(&r));
+    Ok(r.image.name)
 }
 
 pub fn prune_line(r: &PruneResult) -> String {

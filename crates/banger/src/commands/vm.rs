@@ -64,6 +64,11 @@ pub fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
             client.call::<m::VmRestart>(params, boot_progress(name))
         }),
         VmCommand::Rm(args) => super::print_removed::<m::VmRemove>(client, args),
+        VmCommand::Prune {
+            dry_run,
+            force,
+            json,
+        } => prune(client, dry_run, force, json),
         VmCommand::Ls { flags, filter } => {
             let filters = filter
                 .iter()
@@ -289,6 +294,70 @@ fn each_vm(
     Ok(i32::from(failed > 0))
 }
 
+/// `vm prune`: every stopped VM removed, after asking on a terminal
+/// (`-f` does not ask; without a terminal `-f` is needed). The daemon still
+/// refuses a VM that started meanwhile, or whose workspace holds changes
+/// not yet pulled.
+fn prune(client: &Client, dry_run: bool, force: bool, json: bool) -> anyhow::Result<i32> {
+    let stopped: Vec<String> = match client.call::<m::VmList>(NoParams {}, |_| {}) {
+        Ok(vms) => vms
+            .into_iter()
+            .filter(|v| v.state == banger_proto::domain::VmState::Stopped)
+            .map(|v| v.name)
+            .collect(),
+        Err(e) => return Ok(report(e)),
+    };
+    if !dry_run && !force && !stopped.is_empty() {
+        if !std::io::stdin().is_terminal() {
+            anyhow::bail!(
+                "`vm prune` would remove {} stopped VM(s): {}; pass -f to do so without a terminal \
+                 to ask on",
+                stopped.len(),
+                stopped.join(", ")
+            );
+        }
+        eprint!(
+            "Remove {} stopped VM(s) and their disks: {}? [y/N] ",
+            stopped.len(),
+            stopped.join(", ")
+        );
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            eprintln!("nothing removed");
+            return Ok(1);
+        }
+    }
+    let removed = if dry_run || stopped.is_empty() {
+        Vec::new()
+    } else {
+        let params = banger_proto::image::RemoveParams {
+            names: stopped.clone(),
+            force: false,
+        };
+        match client.call::<m::VmRemove>(params, |_| {}) {
+            Ok(r) => r.removed,
+            Err(e) => return Ok(report(e)),
+        }
+    };
+    if json {
+        super::println_json(&serde_json::json!({
+            "dry_run": dry_run,
+            "stopped": stopped,
+            "removed": removed,
+        }))?;
+    } else if dry_run {
+        for name in &stopped {
+            println!("would remove {name}");
+        }
+    } else {
+        for name in &removed {
+            println!("{name}");
+        }
+    }
+    Ok(0)
+}
+
 /// One `vm ls --filter KEY=VALUE`.
 #[derive(Debug, PartialEq)]
 enum VmFilter {
@@ -358,9 +427,16 @@ fn create(client: &Client, args: CreateArgs, start: bool) -> anyhow::Result<i32>
         .map(parse_size)
         .transpose()
         .map_err(anyhow::Error::msg)?;
+    let image = match (&args.from, args.image) {
+        (None, Some(image)) => match super::image::for_vm(client, &image, args.pull) {
+            Ok(name) => name,
+            Err(e) => return Ok(report(e)),
+        },
+        _ => String::new(),
+    };
     let params = CreateParams {
         name: args.name.clone(),
-        image: args.image.unwrap_or_default(),
+        image,
         from: args.from,
         cold: args.cold,
         kernel: args.kernel,
