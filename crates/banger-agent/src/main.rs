@@ -7,6 +7,7 @@
 
 mod console;
 mod exec;
+mod guest_stats;
 mod identity;
 mod init;
 mod net;

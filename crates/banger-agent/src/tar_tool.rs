@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use banger_treecopy::sync::{self, ApplyOptions, Item};
 
-const USAGE: &str = "usage: banger-tar create PATH… | extract DST | sync DST [--owner USER] | list DIR | send DIR (paths on stdin, NUL-separated)";
+const USAGE: &str = "usage: banger-tar create PATH… | extract DST | sync DST [--owner USER] | list DIR | send DIR (paths on stdin, NUL-separated) | stats PATH…";
 
 pub fn main(args: Vec<String>) -> i32 {
     run(
@@ -19,11 +19,12 @@ pub fn main(args: Vec<String>) -> i32 {
     )
 }
 
-/// Whether `args` is a workspace command, which the agent may run in-process.
+/// Whether `args` is a workspace command (or `stats`, polled every second
+/// by `vm stats --watch`), which the agent may run in-process.
 pub fn builtin(args: &[String]) -> bool {
     matches!(
         args.first().map(String::as_str),
-        Some("sync" | "list" | "send")
+        Some("sync" | "list" | "send" | "stats")
     )
 }
 
@@ -62,6 +63,10 @@ pub fn run(args: &[String], input: impl Read, mut out: impl Write, mut err: impl
                     std::io::BufWriter::new(&mut out),
                 )
             })
+        }
+        // The guest's memory, load and the filesystems at PATH… (`vm stats`).
+        Some((cmd, paths)) if cmd == "stats" => {
+            crate::guest_stats::read(paths).and_then(|stats| json_lines(&mut out, &[stats]))
         }
         _ => {
             let _ = writeln!(err, "{USAGE}");

@@ -289,6 +289,8 @@ impl Core {
                     .port_forward(p, typed::<m::VmPortForward>(ev), input)
                     .await,
             ),
+            Request::VmStats(p) => answer::<m::VmStats>(self.vms.stats(&p.names).await),
+            Request::VmSet(p) => answer::<m::VmSet>(self.vms.set(p, typed::<m::VmSet>(ev)).await),
             Request::VmPause(p) => answer::<m::VmPause>(self.vms.pause(&p.name).await),
             Request::VmResume(p) => answer::<m::VmResume>(self.vms.resume(&p.name).await),
             Request::VmSnapshot(p) => {

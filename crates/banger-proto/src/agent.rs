@@ -83,6 +83,25 @@ pub struct Identity {
 /// stdout; `banger-tar extract DST` unpacks stdin into DST (see `vm cp`).
 pub const TAR_TOOL: &str = "banger-tar";
 
+/// What `banger-tar stats PATH…` prints (one JSON line): the guest's
+/// memory and load from /proc, and `statfs` of each path.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GuestStats {
+    pub mem_total_bytes: u64,
+    pub mem_available_bytes: u64,
+    /// 1, 5 and 15 minute load averages.
+    pub load: [f64; 3],
+    pub filesystems: Vec<GuestFs>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestFs {
+    pub path: String,
+    pub total_bytes: u64,
+    pub used_bytes: u64,
+    pub available_bytes: u64,
+}
+
 /// Prefix of an SSH exec command that carries an [`ExecRequest`].
 pub const EXEC_PREFIX: &str = "banger-exec-v1 ";
 

@@ -14,9 +14,10 @@ use serde_json::Value;
 use crate::image::{ImageInfo, PruneParams, PruneResult, PullEvent, PullParams, PullResult};
 use crate::image::{NamesParams, RemoveParams, RemoveResult};
 use crate::kernel::{ImportParams, KernelInfo, PullParams as KernelPullParams};
+use crate::vm::StatsParams;
 use crate::vm::{CreateParams, ExecEvent, ExecParams, ExecResult, ForwardEvent, LogEvent};
 use crate::vm::{LogsParams, LogsResult, NameParams, PortForwardParams, PortForwardResult};
-use crate::vm::{RestoreParams, SnapshotInfo, SnapshotParams, WarmParams};
+use crate::vm::{RestoreParams, SetParams, SnapshotInfo, SnapshotParams, WarmParams};
 use crate::vm::{StopParams, SyncParams, SyncProgress, SyncResult, VmEvent, VmInfo};
 
 /// One method of the protocol, as a type.
@@ -144,6 +145,8 @@ protocol! {
     VmSync = "vm.sync": SyncParams => SyncResult, SyncProgress;
     VmPortForward = "vm.port_forward": PortForwardParams => PortForwardResult, ForwardEvent;
     VmPause = "vm.pause": NameParams => VmInfo, NoEvent;
+    VmSet = "vm.set": SetParams => VmInfo, VmEvent;
+    VmStats = "vm.stats": StatsParams => Vec<crate::vm::VmStats>, NoEvent;
     VmResume = "vm.resume": NameParams => VmInfo, NoEvent;
     VmSnapshot = "vm.snapshot": SnapshotParams => SnapshotInfo, VmEvent;
     VmRestore = "vm.restore": RestoreParams => VmInfo, VmEvent;

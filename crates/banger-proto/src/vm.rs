@@ -61,6 +61,92 @@ pub struct WarmParams {
     pub memory_mib: Option<u64>,
 }
 
+/// `vm.set`: a VM's resources changed. Each absent field stays as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetParams {
+    pub name: String,
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    /// The root disk's new size in bytes (never smaller).
+    #[serde(default)]
+    pub disk_bytes: Option<u64>,
+    /// The work disk's new size in bytes (never smaller).
+    #[serde(default)]
+    pub work_disk_bytes: Option<u64>,
+    /// A running VM is stopped, changed and started again (else refused).
+    #[serde(default)]
+    pub restart: bool,
+}
+
+/// `vm.stats`: the VMs named, or every VM when none is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsParams {
+    #[serde(default)]
+    pub names: Vec<String>,
+}
+
+/// What a VM uses, as `vm stats` shows it. Fields a stopped (or paused)
+/// VM cannot answer are absent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmStats {
+    pub name: String,
+    pub state: VmState,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// Seconds since the VMM started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime_secs: Option<u64>,
+    /// CPU time of the VMM process over the last interval, as a share of
+    /// the VM's vCPUs (100 = all of them busy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_percent: Option<f64>,
+    /// Resident memory of the VMM process on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmm_rss_bytes: Option<u64>,
+    /// From the guest's /proc/meminfo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_memory: Option<GuestMemory>,
+    /// The guest's 1, 5 and 15 minute load averages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<[f64; 3]>,
+    pub disks: Vec<DiskStats>,
+    /// Bytes the guest received and sent (its tap's counters, turned round).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<NetStats>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestMemory {
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+    pub used_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskStats {
+    /// `root` or `work`.
+    pub disk: String,
+    /// Its file on the host, its size and what of it is allocated (sparse).
+    pub file: String,
+    pub size_bytes: u64,
+    pub allocated_bytes: u64,
+    /// Where the guest mounts it, and its filesystem's size and use there
+    /// (while the VM runs).
+    pub guest_path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs_total_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs_used_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetStats {
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
 /// `vm.snapshot`: the VM `name` saved as the snapshot `snapshot`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotParams {

@@ -382,6 +382,38 @@ pub enum VmCommand {
     /// Remove VMs and everything they own (`-f`: stop running VMs first).
     #[command(alias = "remove")]
     Rm(RmArgs),
+    /// Change a stopped VM's vCPUs, memory or disk sizes (disks only grow;
+    /// the guest sees them at its next boot).
+    Set {
+        name: String,
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// Memory, e.g. 1G.
+        #[arg(long)]
+        memory: Option<String>,
+        /// The root disk's new size, e.g. 16G (never smaller).
+        #[arg(long)]
+        disk: Option<String>,
+        /// The work disk's new size, e.g. 32G (never smaller).
+        #[arg(long, value_name = "SIZE")]
+        work_disk: Option<String>,
+        /// A running VM: stop it, change it, start it again.
+        #[arg(long)]
+        restart: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// What VMs use: CPU, memory (host and guest), load, disks, network.
+    Stats {
+        /// The VMs to show (default: all).
+        names: Vec<String>,
+        /// Refresh every second until Ctrl-C.
+        #[arg(short, long)]
+        watch: bool,
+        /// One JSON array (with --watch, one per line each round).
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove every stopped VM (asks first unless -f).
     Prune {
         /// Say what would be removed, and remove nothing.

@@ -232,6 +232,21 @@ impl Store {
 
     /// A fork's first start happened (or a restore was given up): it boots
     /// from its own disks from now on.
+    /// `vm set`: the sizes a VM boots with next.
+    pub fn set_vm_sizes(
+        &self,
+        name: &str,
+        vcpus: u32,
+        memory_mib: u64,
+        disk_bytes: u64,
+    ) -> rusqlite::Result<()> {
+        self.conn().execute(
+            "UPDATE vms SET vcpus = ?2, memory_mib = ?3, disk_bytes = ?4 WHERE name = ?1",
+            params![name, vcpus, memory_mib as i64, disk_bytes as i64],
+        )?;
+        Ok(())
+    }
+
     pub fn set_restore_from(&self, name: &str, snapshot: Option<&str>) -> rusqlite::Result<()> {
         self.conn().execute(
             "UPDATE vms SET restore_from = ?2 WHERE name = ?1",

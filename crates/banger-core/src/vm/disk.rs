@@ -168,6 +168,28 @@ pub fn grow(runner: &dyn ProcessRunner, path: &Path, size: u64) -> Result<(), Di
     Ok(())
 }
 
+/// Grows a disk a guest has used: its filesystem is checked first (a VM
+/// that was killed leaves a journal to replay, which resize2fs will not
+/// do), then grown as [`grow`] does.
+pub fn grow_used(runner: &dyn ProcessRunner, path: &Path, size: u64) -> Result<(), DiskError> {
+    // e2fsck's 1 is "errors corrected": the filesystem is fine now.
+    runner
+        .run(
+            &CommandSpec::new("sh")
+                .args([
+                    "-c",
+                    "e2fsck -fy \"$1\" >/dev/null 2>&1; test $? -le 1",
+                    "sh",
+                ])
+                .arg(path),
+        )
+        .map_err(|source| DiskError::Tool {
+            what: "checking the filesystem (e2fsck -fy) before growing it",
+            source,
+        })?;
+    grow(runner, path, size)
+}
+
 /// An empty sparse ext4 (the work disk, an overlay's writable layer): lazy
 /// init keeps creation instant whatever its size.
 pub fn create_empty(

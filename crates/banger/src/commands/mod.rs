@@ -6,6 +6,7 @@ mod doctor;
 mod image;
 mod kernel;
 mod snapshot;
+mod stats;
 mod system;
 mod vm;
 

@@ -64,6 +64,29 @@ pub fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
             client.call::<m::VmRestart>(params, boot_progress(name))
         }),
         VmCommand::Rm(args) => super::print_removed::<m::VmRemove>(client, args),
+        VmCommand::Set {
+            name,
+            vcpus,
+            memory,
+            disk,
+            work_disk,
+            restart,
+            json,
+        } => {
+            let params = banger_proto::vm::SetParams {
+                name: name.clone(),
+                vcpus,
+                memory_mib: size(memory.as_deref())?.map(|b| b >> 20),
+                disk_bytes: size(disk.as_deref())?,
+                work_disk_bytes: size(work_disk.as_deref())?,
+                restart,
+            };
+            let result = client.call::<m::VmSet>(params, boot_progress(&name));
+            super::snapshot::said(result, json, || {
+                format!("changed {name}; it boots with the new sizes")
+            })
+        }
+        VmCommand::Stats { names, watch, json } => super::stats::run(client, names, watch, json),
         VmCommand::Prune {
             dry_run,
             force,
@@ -398,6 +421,11 @@ impl VmFilter {
     }
 }
 
+/// A `--memory`/`--disk` value in bytes.
+fn size(text: Option<&str>) -> anyhow::Result<Option<u64>> {
+    text.map(parse_size).transpose().map_err(anyhow::Error::msg)
+}
+
 fn check_name(name: &str) -> anyhow::Result<()> {
     banger_core::vm::name::validate(name).map_err(anyhow::Error::msg)
 }
@@ -408,25 +436,9 @@ fn create(client: &Client, args: CreateArgs, start: bool) -> anyhow::Result<i32>
         "the daemon finishes making `{n}` in the background; `banger vm rm -f {n}` undoes it",
         n = args.name
     ));
-    let memory_mib = args
-        .memory
-        .as_deref()
-        .map(parse_size)
-        .transpose()
-        .map_err(anyhow::Error::msg)?
-        .map(|b| b >> 20);
-    let disk_bytes = args
-        .disk
-        .as_deref()
-        .map(parse_size)
-        .transpose()
-        .map_err(anyhow::Error::msg)?;
-    let work_disk_bytes = args
-        .work_disk
-        .as_deref()
-        .map(parse_size)
-        .transpose()
-        .map_err(anyhow::Error::msg)?;
+    let memory_mib = size(args.memory.as_deref())?.map(|b| b >> 20);
+    let disk_bytes = size(args.disk.as_deref())?;
+    let work_disk_bytes = size(args.work_disk.as_deref())?;
     let image = match (&args.from, args.image) {
         (None, Some(image)) => match super::image::for_vm(client, &image, args.pull) {
             Ok(name) => name,

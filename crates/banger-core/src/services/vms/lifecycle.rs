@@ -54,6 +54,8 @@ pub struct VmLifecycle {
     /// Held from choosing a new VM's address until its record is stored.
     addresses: Mutex<()>,
     fail_point: Mutex<FailPoint>,
+    /// `vm stats`: each VMM's CPU time when last asked.
+    pub(super) cpu_samples: Mutex<std::collections::HashMap<String, super::stats::CpuSample>>,
 }
 
 /// Reports a step of a create or start to the caller.
@@ -84,6 +86,7 @@ impl VmLifecycle {
             workspaces,
             addresses: Mutex::default(),
             fail_point: Mutex::default(),
+            cpu_samples: Mutex::default(),
         }
     }
 

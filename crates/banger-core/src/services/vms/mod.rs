@@ -17,8 +17,10 @@ pub mod error;
 pub mod guest_io;
 pub mod lifecycle;
 pub mod registry;
+mod resize;
 pub mod sessions;
 pub mod snapshots;
+mod stats;
 pub mod templates;
 pub mod upkeep;
 

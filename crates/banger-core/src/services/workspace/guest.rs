@@ -101,6 +101,22 @@ pub async fn list(session: &AgentSession, dir: &str) -> Result<Vec<Stat>, String
     parse_lines(&stdout)
 }
 
+/// The guest's memory, load and the filesystems at `paths` (`vm stats`),
+/// read by the agent in-process.
+pub async fn stats(
+    session: &AgentSession,
+    paths: &[&str],
+) -> Result<banger_proto::agent::GuestStats, String> {
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(Input::StdinEof).await.map_err(|e| e.to_string())?;
+    let mut argv = vec![TAR_TOOL.to_string(), "stats".into()];
+    argv.extend(paths.iter().map(|p| p.to_string()));
+    let stdout = run(session, argv, rx).await?;
+    parse_lines(&stdout)?
+        .pop()
+        .ok_or_else(|| "the guest sent no stats".to_string())
+}
+
 /// Fetches `paths` from the guest's `dir` into `host_dir`, taking nothing
 /// else; what became of each, in the order asked.
 pub async fn fetch(

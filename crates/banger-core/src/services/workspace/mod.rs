@@ -6,7 +6,7 @@
 //! what changed on both is a conflict, left alone. `vm exec` syncs first,
 //! so a command never runs on a stale copy.
 
-mod guest;
+pub(crate) mod guest;
 mod manifest_file;
 
 use std::path::{Component, Path, PathBuf};
