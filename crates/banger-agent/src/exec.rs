@@ -15,6 +15,8 @@ pub struct Spec {
     pub user: Option<String>,
     /// `(term, cols, rows)` when the client asked for a terminal.
     pub pty: Option<(String, u16, u16)>,
+    /// Run on its own: stdin /dev/null, output appended to a log.
+    pub detach: bool,
 }
 
 pub enum Io {
@@ -25,6 +27,10 @@ pub enum Io {
     },
     Pty {
         master: OwnedFd,
+    },
+    /// Detached: nothing to pump; its output goes to `log`.
+    Detached {
+        log: String,
     },
 }
 
@@ -155,7 +161,18 @@ pub fn spawn(spec: Spec) -> Result<Started, SpawnError> {
     )
     .unwrap_or_default();
 
+    let mut detached_log = None;
     let (io_parent, pty_slave) = match &spec.pty {
+        None if spec.detach => {
+            let (path, log) = detached_log_file(uid, gid)
+                .map_err(|e| fail(125, format!("the detached command's log: {e}")))?;
+            let err = log.try_clone().map_err(|e| fail(125, e.to_string()))?;
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::from(log))
+                .stderr(Stdio::from(err));
+            detached_log = Some(path);
+            (None, None)
+        }
         Some((term, cols, rows)) => {
             let ws = nix::pty::Winsize {
                 ws_row: *rows,
@@ -228,9 +245,10 @@ pub fn spawn(spec: Spec) -> Result<Started, SpawnError> {
         ),
     })?;
     let pid = child.id() as i32;
-    let io = match io_parent {
-        Some(master) => Io::Pty { master },
-        None => Io::Pipes {
+    let io = match (io_parent, detached_log) {
+        (_, Some(log)) => Io::Detached { log },
+        (Some(master), None) => Io::Pty { master },
+        (None, None) => Io::Pipes {
             stdin: child.stdin.take().expect("piped").into(),
             stdout: child.stdout.take().expect("piped").into(),
             stderr: child.stderr.take().expect("piped").into(),
@@ -241,6 +259,38 @@ pub fn spawn(spec: Spec) -> Result<Started, SpawnError> {
         io,
         exit,
     })
+}
+
+/// A new log for a detached command, owned by its user: named by the time
+/// it started (the pid is not known before the start).
+fn detached_log_file(uid: u32, gid: u32) -> std::io::Result<(String, std::fs::File)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = banger_proto::agent::DETACHED_LOG_DIR;
+    std::fs::create_dir_all(dir)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    for n in 0..100u32 {
+        let path = format!(
+            "{dir}/exec-{}-{:06}-{n}.log",
+            now.as_secs(),
+            now.subsec_micros()
+        );
+        match std::fs::OpenOptions::new()
+            .append(true)
+            .create_new(true)
+            .mode(0o640)
+            .open(&path)
+        {
+            Ok(file) => {
+                let _ = std::os::unix::fs::fchown(&file, Some(uid), Some(gid));
+                return Ok((path, file));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other("no free log name"))
 }
 
 /// Runs one of the agent's own workspace commands on a thread, with pipes

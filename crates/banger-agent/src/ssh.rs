@@ -142,6 +142,15 @@ impl Handler {
                             flow,
                         ));
                     }
+                    Io::Detached { log } => {
+                        let said = banger_proto::agent::Detached {
+                            pid: started.pid.unwrap_or(0) as u32,
+                            log,
+                        };
+                        let mut line = serde_json::to_vec(&said).expect("serialises");
+                        line.push(b'\n');
+                        tokio::spawn(answer(handle, channel, None, line, 0));
+                    }
                     Io::Pty { master } => {
                         let master = Arc::new(master);
                         state.master = Some(master.clone());
@@ -556,6 +565,7 @@ impl russh::server::Handler for Handler {
                     cwd: req.cwd,
                     user: req.user,
                     pty: None,
+                    detach: req.detach,
                 },
                 Ok(req) => Spec {
                     argv: req.argv,
@@ -563,6 +573,7 @@ impl russh::server::Handler for Handler {
                     cwd: req.cwd,
                     user: req.user,
                     pty: None,
+                    detach: req.detach,
                 },
                 Err(e) => {
                     session.channel_failure(channel)?;
@@ -576,6 +587,7 @@ impl russh::server::Handler for Handler {
                 cwd: None,
                 user: None,
                 pty: None,
+                detach: false,
             },
         };
         self.start(channel, spec, session)
@@ -595,6 +607,7 @@ impl russh::server::Handler for Handler {
             cwd: None,
             user: None,
             pty: None,
+            detach: false,
         };
         self.start(channel, spec, session)
     }

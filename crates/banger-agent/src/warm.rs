@@ -16,6 +16,7 @@ pub async fn run() {
         cwd: Some("/".into()),
         user: None,
         pty: None,
+        detach: false,
     };
     // Spawning blocks until the child has exec'd: off the runtime's thread,
     // which is serving the host's SSH handshake meanwhile.

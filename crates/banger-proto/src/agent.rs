@@ -197,7 +197,23 @@ pub struct ExecRequest {
     /// reader would stall the whole connection instead of its channel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flow: Option<u32>,
+    /// Start the command and answer at once with a [`Detached`] line: it
+    /// runs on with stdin from /dev/null and its output appended to a log
+    /// in the guest.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub detach: bool,
 }
+
+/// What a detached command's start answers (one JSON line on stdout).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Detached {
+    pub pid: u32,
+    /// Where its stdout and stderr go, in the guest.
+    pub log: String,
+}
+
+/// Where detached commands' logs are written in the guest.
+pub const DETACHED_LOG_DIR: &str = "/var/log/banger";
 
 /// Extended-data type of flow-control acknowledgements (see
 /// [`ExecRequest::flow`]); type 1 is stderr.

@@ -453,6 +453,10 @@ pub struct ExecParams {
     /// Run without first syncing the VM's workspace.
     #[serde(default)]
     pub no_sync: bool,
+    /// Start the command and return at once: the result's `detached` says
+    /// its pid and the guest log its output goes to.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub detach: bool,
 }
 
 /// Exec output, streamed as events (base64 payloads).
@@ -480,4 +484,7 @@ pub struct ExecResult {
     pub exit_code: i32,
     #[serde(default)]
     pub signal: Option<String>,
+    /// A detached command (`detach`): its pid and log in the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detached: Option<crate::agent::Detached>,
 }

@@ -70,3 +70,22 @@ pub fn push_busybox_as(
     registry.push(&layout.dir, "t", repo_tag, &[]);
     image
 }
+
+/// [`push_busybox`] with `config` as the image config's `config` section
+/// (Env, Entrypoint, Cmd, WorkingDir, User).
+pub fn push_busybox_with(
+    registry: &crate::registry::Registry,
+    dir: &std::path::Path,
+    repo_tag: &str,
+    config: serde_json::Value,
+) -> crate::layout::Desc {
+    let mut layout = crate::layout::Layout::new(dir);
+    let image = layout.image_with(
+        &[(crate::layer::Compression::Gzip, busybox_layer())],
+        "amd64",
+        config,
+    );
+    layout.tag("t", &image);
+    registry.push(&layout.dir, "t", repo_tag, &[]);
+    image
+}

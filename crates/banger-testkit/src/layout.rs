@@ -62,6 +62,12 @@ impl Layout {
 
     /// [`image`](Self::image) whose default user is `user`.
     pub fn image_as(&self, layers: &[(Compression, Vec<u8>)], arch: &str, user: &str) -> Desc {
+        let config = json!({ "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/", "User": user });
+        self.image_with(layers, arch, config)
+    }
+
+    /// An image whose config's `config` section (Env, Cmd, User, …) is `config`.
+    pub fn image_with(&self, layers: &[(Compression, Vec<u8>)], arch: &str, config: Value) -> Desc {
         let mut layer_descs = Vec::new();
         let mut diff_ids = Vec::new();
         let mut layer_digests = Vec::new();
@@ -75,7 +81,7 @@ impl Layout {
         let config = json!({
             "architecture": arch,
             "os": "linux",
-            "config": { "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/", "User": user },
+            "config": config,
             "rootfs": { "type": "layers", "diff_ids": diff_ids },
         });
         let mut config_desc = self.blob(&serde_json::to_vec(&config).unwrap());

@@ -323,6 +323,27 @@ pub struct CreateArgs {
     pub json: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub create: CreateArgs,
+    /// Run the image's own command (its Entrypoint and Cmd) once the VM is
+    /// ready, as `docker run IMAGE` does.
+    #[arg(long, conflicts_with_all = ["command", "json"])]
+    pub run_default: bool,
+    /// Remove the VM when its command exits (with the command's status).
+    #[arg(long)]
+    pub rm: bool,
+    /// Allocate a terminal for the command (default: when stdin and stdout
+    /// are terminals).
+    #[arg(short = 't', long = "tty")]
+    pub tty: bool,
+    /// A command to run once the VM is ready; its output is streamed and
+    /// its exit status is banger's. The VM keeps running (unless --rm).
+    #[arg(last = true, conflicts_with = "json")]
+    pub command: Vec<String>,
+}
+
 /// `vm run/create --pull`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum PullPolicy {
@@ -351,8 +372,9 @@ impl From<SyncSideArg> for banger_proto::vm::SyncSide {
 pub enum VmCommand {
     /// Create a VM (its disks and keys) without starting it.
     Create(CreateArgs),
-    /// Create a VM and start it.
-    Run(CreateArgs),
+    /// Create a VM and start it; with `-- CMD…` (or --run-default) run a
+    /// command in it once ready, like `docker run`.
+    Run(RunArgs),
     /// Start stopped VMs (several at once, in parallel).
     Start {
         #[arg(required = true)]
@@ -536,15 +558,25 @@ pub enum VmCommand {
         /// Working directory in the guest.
         #[arg(short = 'w', long = "workdir")]
         workdir: Option<String>,
-        /// Environment variables, KEY=VALUE.
+        /// Environment variables, KEY=VALUE (KEY alone: the host's value).
         #[arg(short = 'e', long = "env")]
         env: Vec<String>,
+        /// Environment variables from a file, one KEY=VALUE per line.
+        #[arg(long = "env-file", value_name = "FILE")]
+        env_file: Vec<std::path::PathBuf>,
         /// User name or uid[:gid] in the guest.
         #[arg(short = 'u', long = "user")]
         user: Option<String>,
         /// Run without first syncing the VM's workspace.
         #[arg(long = "no-sync")]
         no_sync: bool,
+        /// Start the command and return: print its pid; its output goes to
+        /// a log in the VM (under /var/log/banger).
+        #[arg(short = 'd', long, conflicts_with = "tty")]
+        detach: bool,
+        /// With -d: print `{"pid", "log"}`.
+        #[arg(long, requires = "detach")]
+        json: bool,
         /// The command and its arguments, passed unchanged.
         #[arg(last = true, required = true)]
         command: Vec<String>,

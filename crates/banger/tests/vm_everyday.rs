@@ -190,3 +190,138 @@ fn stats_and_set() {
     assert!(total > 260 * MIB && total <= 320 * MIB, "{total}");
     banger.ok(&["vm", "rm", "-f", "s1"]);
 }
+
+fn output(banger: &Banger, args: &[&str]) -> (i32, String, String) {
+    let out = banger.run(args);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn run_commands_with_the_images_config() {
+    let Some((kernel, agent)) = common::vm_assets() else {
+        return;
+    };
+    let registry = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    banger_testkit::images::push_busybox_with(
+        &registry,
+        &tmp.path().join("oci"),
+        "cfg:1",
+        serde_json::json!({
+            "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "GREETING=hello from the image"],
+            "Entrypoint": ["/bin/sh", "-c"],
+            "Cmd": ["echo default $GREETING; id -u; pwd; exit 7"],
+            "WorkingDir": "/tmp",
+            "User": "nobody",
+        }),
+    );
+    let mut banger = Banger::without_daemon();
+    common::start_vm_daemon(&mut banger, &agent);
+    banger.ok(&["kernel", "import", kernel.to_str().unwrap()]);
+    banger.ok(&[
+        "image",
+        "pull",
+        &registry.reference("cfg:1"),
+        "--name",
+        "cfg",
+    ]);
+
+    // A command once ready: its output and status, then the VM removed.
+    let refused = banger.fails(&["vm", "run", "r0", "--image", "cfg", "--rm"]);
+    assert!(refused.contains("-- CMD"), "{refused}");
+    let (code, stdout, stderr) = output(
+        &banger,
+        &[
+            "vm",
+            "run",
+            "r1",
+            "--image",
+            "cfg",
+            "--rm",
+            "--",
+            "sh",
+            "-c",
+            "echo $GREETING; id -u; pwd; exit 3",
+        ],
+    );
+    assert_eq!(code, 3, "{stderr}");
+    assert_eq!(stdout, "hello from the image\n65534\n/tmp\n");
+    assert_eq!(banger.ok(&["vm", "ls", "-q"]), "", "--rm removed it");
+
+    // The image's own command; the VM keeps running.
+    let (code, stdout, stderr) = output(
+        &banger,
+        &["vm", "run", "r2", "--image", "cfg", "--run-default"],
+    );
+    assert_eq!(code, 7, "{stderr}");
+    assert_eq!(stdout, "default hello from the image\n65534\n/tmp\n");
+    assert_eq!(
+        banger.ok(&["vm", "ls", "-q", "--filter", "state=running"]),
+        "r2\n"
+    );
+
+    // Each default overridden per exec; variables from a file too.
+    let said = banger.ok(&[
+        "vm",
+        "exec",
+        "r2",
+        "-e",
+        "GREETING=over",
+        "-u",
+        "root",
+        "-w",
+        "/",
+        "--",
+        "sh",
+        "-c",
+        "echo $GREETING; id -u; pwd",
+    ]);
+    assert_eq!(said, "over\n0\n/\n");
+    let env_file = tmp.path().join("env");
+    std::fs::write(&env_file, "A=1\n# a comment\n\nB=two words\n").unwrap();
+    let said = banger.ok(&[
+        "vm",
+        "exec",
+        "r2",
+        "--env-file",
+        env_file.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        "echo \"$A|$B|$GREETING\"",
+    ]);
+    assert_eq!(said, "1|two words|hello from the image\n");
+
+    // Detached: the pid at once, the output in a log the command's user owns.
+    let started = banger.ok(&[
+        "vm",
+        "exec",
+        "r2",
+        "-d",
+        "--json",
+        "--",
+        "sh",
+        "-c",
+        "echo started; sleep 2; echo done",
+    ]);
+    let d: serde_json::Value = serde_json::from_str(&started).unwrap();
+    let log = d["log"].as_str().unwrap().to_string();
+    assert!(log.starts_with("/var/log/banger/"), "{d}");
+    assert!(u(&d["pid"]) > 1);
+    let running = banger.ok(&["vm", "exec", "r2", "--", "cat", &log]);
+    assert_eq!(running, "started\n", "returned before the command ended");
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        banger.ok(&["vm", "exec", "r2", "--", "cat", &log]),
+        "started\ndone\n"
+    );
+    let owner = banger.ok(&["vm", "exec", "r2", "--", "stat", "-c", "%u", &log]);
+    assert_eq!(owner.trim(), "65534");
+    let pid = banger.ok(&["vm", "exec", "r2", "-d", "--", "sleep", "30"]);
+    assert!(pid.trim().parse::<u32>().unwrap() > 1, "{pid}");
+    banger.ok(&["vm", "rm", "-f", "r2"]);
+}

@@ -15,14 +15,14 @@ use banger_proto::vm::{
 use base64::Engine;
 
 use super::report;
-use crate::cli::{CreateArgs, VmCommand};
+use crate::cli::{CreateArgs, RunArgs, VmCommand};
 use crate::client::{CallError, Client};
 use crate::output::{parse_size, relative_time, table};
 
 pub fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
     match cmd {
         VmCommand::Create(args) => create(client, args, false),
-        VmCommand::Run(args) => create(client, args, true),
+        VmCommand::Run(args) => run_vm(client, args),
         VmCommand::Start { names, json } => {
             for name in &names {
                 check_name(name)?;
@@ -184,13 +184,12 @@ pub fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
         }
         VmCommand::Ssh { name, user } => exec(
             client,
-            name,
+            ExecParams {
+                name,
+                user,
+                ..Default::default()
+            },
             (true, false),
-            None,
-            Vec::new(),
-            user,
-            false,
-            Vec::new(),
         ),
         VmCommand::Exec {
             name,
@@ -198,19 +197,28 @@ pub fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
             no_tty,
             workdir,
             env,
+            env_file,
             user,
             no_sync,
+            detach,
+            json,
             command,
-        } => exec(
-            client,
-            name,
-            (tty, no_tty),
-            workdir,
-            env,
-            user,
-            no_sync,
-            command,
-        ),
+        } => {
+            let params = ExecParams {
+                name,
+                argv: command,
+                env: env_pairs(&env_file, env)?,
+                cwd: workdir,
+                user,
+                tty: None,
+                no_sync,
+                detach,
+            };
+            if detach {
+                return start_detached(client, params, json);
+            }
+            exec(client, params, (tty, no_tty))
+        }
         VmCommand::Pause { name, json } => {
             let result = client.call::<m::VmPause>(NameParams { name: name.clone() }, |_| {});
             super::snapshot::said(result, json, || {
@@ -430,7 +438,117 @@ fn check_name(name: &str) -> anyhow::Result<()> {
     banger_core::vm::name::validate(name).map_err(anyhow::Error::msg)
 }
 
+/// `vm run`: create and start; then, with a command, run it like `vm exec`
+/// and (with --rm) remove the VM once it exits, whatever its status.
+fn run_vm(client: &Client, args: RunArgs) -> anyhow::Result<i32> {
+    let wants_command = args.run_default || !args.command.is_empty();
+    if args.rm && !wants_command {
+        anyhow::bail!(
+            "--rm removes the VM when its command exits: give one (`-- CMD…`, or --run-default \
+             for the image's own)"
+        );
+    }
+    let name = args.create.name.clone();
+    if !wants_command {
+        return create(client, args.create, true);
+    }
+    let started = match create_call(client, args.create, true)? {
+        Ok(info) => info,
+        Err(e) => {
+            let code = report(e);
+            if args.rm {
+                remove_quietly(client, &name);
+            }
+            return Ok(code);
+        }
+    };
+    let argv = if args.run_default {
+        match image_command(client, &started.image) {
+            Ok(argv) => argv,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                if args.rm {
+                    remove_quietly(client, &name);
+                }
+                return Ok(exit::BANGER_FAILED as i32);
+            }
+        }
+    } else {
+        args.command
+    };
+    let params = ExecParams {
+        name: name.clone(),
+        argv,
+        ..Default::default()
+    };
+    let code = exec(client, params, (args.tty, false))?;
+    if args.rm {
+        remove_quietly(client, &name);
+    }
+    Ok(code)
+}
+
+/// The image's Entrypoint + Cmd, as `docker run IMAGE` runs it.
+fn image_command(client: &Client, image: &str) -> anyhow::Result<Vec<String>> {
+    let params = NamesParams {
+        names: vec![image.to_string()],
+    };
+    let info = client
+        .call::<m::ImageInspect>(params, |_| {})
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let config = &info[0].config;
+    let argv: Vec<String> = config
+        .entrypoint
+        .iter()
+        .chain(&config.cmd)
+        .cloned()
+        .collect();
+    if argv.is_empty() {
+        anyhow::bail!(
+            "image `{image}` names no command (no Entrypoint or Cmd); give one: \
+             `banger vm run NAME --image {image} -- CMD…`"
+        );
+    }
+    Ok(argv)
+}
+
+/// `vm run --rm`'s end: the VM goes, stopped or not.
+fn remove_quietly(client: &Client, name: &str) {
+    let params = banger_proto::image::RemoveParams {
+        names: vec![name.to_string()],
+        force: true,
+    };
+    if let Err(e) = client.call::<m::VmRemove>(params, |_| {}) {
+        eprintln!("banger: removing `{name}` (--rm): {e}");
+    }
+}
+
 fn create(client: &Client, args: CreateArgs, start: bool) -> anyhow::Result<i32> {
+    let json = args.json;
+    let name = args.name.clone();
+    let result = create_call(client, args, start)?;
+    if start {
+        return finish_boot(result, json);
+    }
+    match result {
+        Ok(info) => {
+            if json {
+                super::println_json(&info)?;
+            } else {
+                println!("created {name}; start it with `banger vm start {name}`");
+            }
+            Ok(0)
+        }
+        Err(e) => Ok(report(e)),
+    }
+}
+
+/// `vm.create`, its image pulled first as `--pull` says.
+fn create_call(
+    client: &Client,
+    args: CreateArgs,
+    start: bool,
+) -> anyhow::Result<Result<VmInfo, CallError>> {
     check_name(&args.name)?;
     crate::interrupt::note(&format!(
         "the daemon finishes making `{n}` in the background; `banger vm rm -f {n}` undoes it",
@@ -442,7 +560,7 @@ fn create(client: &Client, args: CreateArgs, start: bool) -> anyhow::Result<i32>
     let image = match (&args.from, args.image) {
         (None, Some(image)) => match super::image::for_vm(client, &image, args.pull) {
             Ok(name) => name,
-            Err(e) => return Ok(report(e)),
+            Err(e) => return Ok(Err(e)),
         },
         _ => String::new(),
     };
@@ -470,24 +588,7 @@ fn create(client: &Client, args: CreateArgs, start: bool) -> anyhow::Result<i32>
         workspace_path: args.workspace_path,
         start,
     };
-    let result = client.call::<m::VmCreate>(params, boot_progress(&args.name));
-    if start {
-        return finish_boot(result, args.json);
-    }
-    match result {
-        Ok(info) => {
-            if args.json {
-                super::println_json(&info)?;
-            } else {
-                println!(
-                    "created {}; start it with `banger vm start {}`",
-                    args.name, args.name
-                );
-            }
-            Ok(0)
-        }
-        Err(e) => Ok(report(e)),
-    }
+    Ok(client.call::<m::VmCreate>(params, boot_progress(&args.name)))
 }
 
 pub(super) fn boot_progress(name: &str) -> impl FnMut(VmEvent) + '_ {
@@ -623,50 +724,78 @@ fn sync(client: &Client, params: SyncParams, json: bool) -> anyhow::Result<i32> 
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn exec(
-    client: &Client,
-    name: String,
-    (tty, no_tty): (bool, bool),
-    workdir: Option<String>,
+/// `-e`/`--env-file` into pairs, as docker reads them: `KEY=VALUE`, or
+/// `KEY` alone for the host's value (left out when the host has none);
+/// in files, blank lines and `#` comments are skipped. `-e` wins.
+fn env_pairs(
+    files: &[std::path::PathBuf],
     env: Vec<String>,
-    user: Option<String>,
-    no_sync: bool,
-    command: Vec<String>,
-) -> anyhow::Result<i32> {
-    if banger_core::vm::name::validate(&name).is_err() {
-        eprintln!(
-            "error: {}",
-            banger_core::vm::name::validate(&name).unwrap_err()
+) -> anyhow::Result<Vec<(String, String)>> {
+    let mut entries = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| anyhow::anyhow!("--env-file {}: {e}", file.display()))?;
+        entries.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_owned),
         );
-        return Ok(exit::BANGER_FAILED as i32);
     }
+    entries.extend(env);
     let mut pairs = Vec::new();
-    for kv in env {
+    for kv in entries {
         match kv.split_once('=') {
             Some((k, v)) => pairs.push((k.to_string(), v.to_string())),
-            None => match std::env::var(&kv) {
-                Ok(v) => pairs.push((kv, v)),
-                Err(_) => continue,
-            },
+            None => {
+                if let Ok(v) = std::env::var(&kv) {
+                    pairs.push((kv, v));
+                }
+            }
         }
+    }
+    Ok(pairs)
+}
+
+/// `vm exec -d`: started, and its pid and log said.
+fn start_detached(client: &Client, params: ExecParams, json: bool) -> anyhow::Result<i32> {
+    check_name(&params.name)?;
+    let name = params.name.clone();
+    let result = client.call_streaming::<m::VmExec>(params, |_| {}, |_writer| {});
+    match result {
+        Ok(r) => match r.detached {
+            Some(d) if json => super::println_json(&d).map(|()| 0),
+            Some(d) => {
+                println!("{}", d.pid);
+                eprintln!(
+                    "started in {name} as pid {}; its output goes to {name}:{} \
+                     (`banger vm exec {name} -- tail -f {}`)",
+                    d.pid, d.log, d.log
+                );
+                Ok(0)
+            }
+            None => Ok(r.exit_code),
+        },
+        Err(e) => Ok(report(e)),
+    }
+}
+
+fn exec(
+    client: &Client,
+    mut params: ExecParams,
+    (tty, no_tty): (bool, bool),
+) -> anyhow::Result<i32> {
+    if let Err(e) = banger_core::vm::name::validate(&params.name) {
+        eprintln!("error: {e}");
+        return Ok(exit::BANGER_FAILED as i32);
     }
     let stdin_tty = std::io::stdin().is_terminal();
     let use_tty = tty || (!no_tty && stdin_tty && std::io::stdout().is_terminal());
     let term = std::env::var("TERM").unwrap_or_else(|_| "xterm".into());
-    let tty_param = use_tty.then(|| {
+    params.tty = use_tty.then(|| {
         let (c, r) = term_size();
         (term, c, r)
     });
-    let params = ExecParams {
-        name,
-        argv: command,
-        env: pairs,
-        cwd: workdir,
-        user,
-        tty: tty_param,
-        no_sync,
-    };
 
     // SAFETY: installing a handler that only stores to atomics.
     unsafe {

@@ -210,19 +210,27 @@ impl GuestIo {
                 ));
             }
         }
-        // Commands run in the workspace unless told otherwise.
-        let cwd = params.cwd.or(workspace.map(|w| w.guest_path));
-        let default_user = self
+        // The image's configuration is the default, as `docker exec` has
+        // it: its User and WorkingDir unless the caller names them (a
+        // workspace is the working directory before the image's); its Env
+        // the agent puts under every command's from the boot config.
+        let image = self
             .images
             .inspect(std::slice::from_ref(&vm.image))
             .ok()
-            .and_then(|mut i| Some(i.remove(0).config.user).filter(|u| !u.is_empty()));
+            .map(|mut i| i.remove(0).config)
+            .unwrap_or_default();
+        let cwd = params
+            .cwd
+            .or(workspace.map(|w| w.guest_path))
+            .or(Some(image.workdir).filter(|d| !d.is_empty()));
         let request = ExecRequest {
             argv: params.argv,
             env: params.env,
             cwd,
-            user: params.user.or(default_user),
+            user: params.user.or(Some(image.user).filter(|u| !u.is_empty())),
             flow: Some(agent_client::FLOW_WINDOW),
+            detach: params.detach,
         };
         // Small and bounded: stdin moves at the pace the command reads it.
         let (tx, rx) = tokio::sync::mpsc::channel(crate::caller::QUEUED_LINES);
@@ -257,8 +265,16 @@ impl GuestIo {
             _no_input = Some(tx);
         }
         let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+        // A detached start answers with one line, the result's, not output.
+        let mut answer = Vec::new();
         let status = session
             .exec(&request, params.tty, rx, gone, |out| match out {
+                Output::Stdout(b) if params.detach => {
+                    answer.extend_from_slice(&b);
+                    let (taken, delivered) = tokio::sync::oneshot::channel();
+                    let _ = taken.send(());
+                    delivered
+                }
                 Output::Stdout(b) => events.emit_tracked(&ExecEvent::Stdout(b64(&b))),
                 Output::Stderr(b) => events.emit_tracked(&ExecEvent::Stderr(b64(&b))),
             })
@@ -267,9 +283,17 @@ impl GuestIo {
                 name: vm.name.clone(),
                 why: why.to_string(),
             })?;
+        let detached = match params.detach && status.code == 0 {
+            true => Some(serde_json::from_slice(&answer).map_err(|e| VmError::Agent {
+                name: vm.name.clone(),
+                why: format!("its answer to a detached start: {e}"),
+            })?),
+            false => None,
+        };
         Ok(ExecResult {
             exit_code: status.code,
             signal: status.signal,
+            detached,
         })
     }
 }

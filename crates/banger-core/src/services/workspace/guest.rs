@@ -192,6 +192,7 @@ fn tar_request(argv: Vec<String>) -> ExecRequest {
         // Credit-based, as `vm cp`: without it the stream piles up in the
         // guest faster than it is applied (a third slower for 20,000 files).
         flow: Some(agent_client::FLOW_WINDOW),
+        detach: false,
     }
 }
 
