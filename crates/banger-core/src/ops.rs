@@ -211,6 +211,9 @@ impl Core {
             Request::ImagePull(p) => {
                 answer::<m::ImagePull>(self.images.pull(p, typed::<m::ImagePull>(ev)).await)
             }
+            Request::ImageImport(p) => {
+                answer::<m::ImageImport>(self.images.import(p, typed::<m::ImageImport>(ev)).await)
+            }
             Request::ImageList(_) => answer::<m::ImageList>(self.images.list()),
             Request::ImageInspect(p) => answer::<m::ImageInspect>(self.images.inspect(&p.names)),
             Request::ImageRemove(p) => {

@@ -63,6 +63,20 @@ pub struct ImageInfo {
     pub vms: Vec<String>,
 }
 
+/// `image.import`: an image from a file instead of a registry.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ImageImportParams {
+    /// Absolute path of a docker archive (`docker save`), an OCI archive or
+    /// an OCI layout directory.
+    pub path: String,
+    /// Name to record it under (default: from the tag the archive names).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// os/arch[/variant] to take from a multi-platform layout.
+    #[serde(default)]
+    pub platform: Option<String>,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct NamesParams {
     pub names: Vec<String>,

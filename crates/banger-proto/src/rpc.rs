@@ -11,8 +11,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::image::{ImageImportParams, NamesParams, RemoveParams, RemoveResult};
 use crate::image::{ImageInfo, PruneParams, PruneResult, PullEvent, PullParams, PullResult};
-use crate::image::{NamesParams, RemoveParams, RemoveResult};
 use crate::kernel::{ImportParams, KernelInfo, PullParams as KernelPullParams};
 use crate::vm::StatsParams;
 use crate::vm::{CreateParams, ExecEvent, ExecParams, ExecResult, ForwardEvent, LogEvent};
@@ -124,6 +124,7 @@ macro_rules! protocol {
 protocol! {
     DaemonStatus = "daemon.status": NoParams => crate::status::DaemonStatus, NoEvent;
     ImagePull = "image.pull": PullParams => PullResult, PullEvent;
+    ImageImport = "image.import": ImageImportParams => PullResult, PullEvent;
     ImageList = "image.list": NoParams => Vec<ImageInfo>, NoEvent;
     ImageInspect = "image.inspect": NamesParams => Vec<ImageInfo>, NoEvent;
     ImageRemove = "image.remove": RemoveParams => RemoveResult, NoEvent;

@@ -209,6 +209,20 @@ pub enum ImageCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Import an image without a registry: a `docker save`/`podman save`
+    /// archive, an OCI archive or an OCI layout directory; `-` reads the
+    /// archive from stdin (`podman save alpine | banger image import -`).
+    Import {
+        path: String,
+        /// Name to record it under (default: from the archive's tag).
+        #[arg(long)]
+        name: Option<String>,
+        /// Platform to take from a multi-platform layout, as os/arch[/variant].
+        #[arg(long)]
+        platform: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// List images, with the VMs that use each.
     #[command(alias = "list")]
     Ls(LsFlags),

@@ -14,6 +14,7 @@ pub struct PullProgress {
     bars: HashMap<String, ProgressBar>,
     started: Instant,
     cached: usize,
+    verb: &'static str,
 }
 
 impl PullProgress {
@@ -30,6 +31,15 @@ impl PullProgress {
             bars: HashMap::new(),
             started: Instant::now(),
             cached: 0,
+            verb: "pulling",
+        }
+    }
+
+    /// The same display for `image import`.
+    pub fn importing() -> PullProgress {
+        PullProgress {
+            verb: "importing",
+            ..PullProgress::new()
         }
     }
 
@@ -42,7 +52,8 @@ impl PullProgress {
             } => {
                 let total: u64 = layers.iter().map(|l| l.size).sum();
                 let line = format!(
-                    "pulling {} ({}, {} layer(s), {})",
+                    "{} {} ({}, {} layer(s), {})",
+                    self.verb,
                     r#ref,
                     short(&digest),
                     layers.len(),

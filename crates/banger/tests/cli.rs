@@ -137,7 +137,7 @@ fn every_command_keeps_the_conventions() {
     // Man pages, one per command.
     let man = banger.path("man");
     banger.ok(&["man", man.to_str().unwrap()]);
-    for page in ["banger.1", "banger-vm-run.1", "banger-image-pull.1"] {
+    for page in ["banger.1", "banger-vm-run.1", "banger-image-import.1"] {
         let text = std::fs::read_to_string(man.join(page)).unwrap_or_default();
         assert!(text.contains(".TH"), "{page}");
     }

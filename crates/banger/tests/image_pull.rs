@@ -1,4 +1,5 @@
-//! `banger image pull` against a real registry, compared with umoci.
+//! `banger image pull` against a real registry, compared with umoci, and
+//! `banger image import` of the same image saved as archives.
 
 mod common;
 
@@ -426,4 +427,160 @@ fn registries_that_require_a_login_use_docker_config_credentials() {
     let banger = Banger::start_with_env(&[("DOCKER_CONFIG", &with_creds)]);
     banger.ok(&["image", "pull", &reference]);
     assert_eq!(banger.inspect("private")["digest"], img.digest);
+}
+
+/// A docker archive by hand: `manifest.json`, a config, layer files.
+fn docker_archive(
+    config: &serde_json::Value,
+    layers: &[(&str, Vec<u8>)],
+    manifest: serde_json::Value,
+) -> Vec<u8> {
+    let mut entries = vec![file("config.json", &config.to_string(), 0o644)];
+    for (name, data) in layers {
+        entries.push(Entry::File {
+            path: (*name).into(),
+            data: data.clone(),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            xattrs: vec![],
+        });
+    }
+    entries.push(file("manifest.json", &manifest.to_string(), 0o644));
+    layer::tar(&entries)
+}
+
+#[test]
+fn import_takes_docker_and_oci_archives_and_layouts_like_a_pull() {
+    let registry = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = push_rules(
+        &registry,
+        &tmp.path().join("oci"),
+        [Compression::Gzip, Compression::Gzip, Compression::None],
+        "rules:v1",
+        &[],
+    );
+    let banger = Banger::start();
+    banger.ok(&[
+        "image",
+        "pull",
+        &registry.reference("rules:v1"),
+        "--name",
+        "pulled",
+    ]);
+    let skopeo = |dest: String| {
+        common::must(&format!(
+            "skopeo copy --quiet oci:{}:v1 {dest}",
+            layout.dir.display()
+        ));
+    };
+    let docker_tar = tmp.path().join("docker.tar");
+    skopeo(format!("docker-archive:{}:rules:v1", docker_tar.display()));
+    let oci_tar = tmp.path().join("oci.tar");
+    skopeo(format!("oci-archive:{}:rules:v1", oci_tar.display()));
+
+    // A docker archive: named by its tag, found by its reference.
+    let said = banger.ok(&["image", "import", docker_tar.to_str().unwrap()]);
+    assert!(said.contains("imported `rules:v1`"), "{said}");
+    let da = banger.inspect("rules:v1");
+    assert_eq!(da["config"]["cmd"][0], "/bin/sh");
+    assert_eq!(da["ref"], "docker.io/library/rules:v1");
+    // An OCI archive, from stdin, as `podman save … | banger image import -`.
+    let mut cmd = banger.cmd(&["image", "import", "-", "--name", "oa", "--json"]);
+    let out = common::with_stdin(&mut cmd, &std::fs::read(&oci_tar).unwrap());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["image"]["name"], "oa");
+    assert_eq!(
+        r["image"]["digest"],
+        banger.inspect("pulled")["digest"],
+        "the same manifest"
+    );
+    assert!(
+        entries(&banger.path("state/tmp")).is_empty(),
+        "the spooled stdin is gone"
+    );
+    // The layout directory itself; its `v1` tag names no image, so a name is needed.
+    let refused = banger.fails(&["image", "import", layout.dir.to_str().unwrap()]);
+    assert!(refused.contains("--name"), "{refused}");
+    banger.ok(&[
+        "image",
+        "import",
+        layout.dir.to_str().unwrap(),
+        "--name",
+        "dir",
+    ]);
+    let again = banger.ok(&[
+        "image",
+        "import",
+        layout.dir.to_str().unwrap(),
+        "--name",
+        "dir",
+    ]);
+    assert!(again.contains("up to date"), "{again}");
+
+    // Hostile archives: refused, nothing recorded, nothing written outside.
+    let hostile = tmp.path().join("hostile.tar");
+    let config = serde_json::json!({"architecture": "amd64", "os": "linux", "config": {}});
+    let escape = layer::tar(&[layer::raw(b"../../escaped", tar::EntryType::Regular, b"")]);
+    std::fs::write(
+        &hostile,
+        docker_archive(
+            &config,
+            &[("l/layer.tar", escape)],
+            serde_json::json!([{"Config": "config.json", "RepoTags": ["evil:1"], "Layers": ["l/layer.tar"]}]),
+        ),
+    )
+    .unwrap();
+    let refused = banger.fails(&["image", "import", hostile.to_str().unwrap()]);
+    assert!(refused.contains("refusing"), "{refused}");
+    let outside = tmp.path().join("outside.tar");
+    std::fs::write(
+        &outside,
+        docker_archive(
+            &config,
+            &[],
+            serde_json::json!([{"Config": "../../../etc/passwd", "RepoTags": ["evil:2"], "Layers": []}]),
+        ),
+    )
+    .unwrap();
+    let refused = banger.fails(&["image", "import", outside.to_str().unwrap()]);
+    assert!(refused.contains("no `../../../etc/passwd`"), "{refused}");
+    let garbage = tmp.path().join("garbage.tar");
+    std::fs::write(&garbage, b"not an archive at all").unwrap();
+    let refused = banger.fails(&["image", "import", garbage.to_str().unwrap()]);
+    assert!(
+        refused.contains("not a tar archive") || refused.contains("neither"),
+        "{refused}"
+    );
+    assert_eq!(
+        banger.ok(&["image", "ls", "-q"]),
+        "dir\noa\npulled\nrules:v1\n"
+    );
+
+    if !banger_testkit::is_root() {
+        eprintln!("not root: skipping the tree comparison (needs mount)");
+        return;
+    }
+    let tree = |name: &str| {
+        let rootfs =
+            std::path::PathBuf::from(banger.inspect(name)["rootfs_path"].as_str().unwrap());
+        let mount = LoopMount::new(&rootfs);
+        snapshot(mount.path())
+    };
+    let pulled = tree("pulled");
+    assert!(pulled.contains_key("usr/bin/passwd"));
+    for name in ["rules:v1", "oa", "dir"] {
+        let differences = diff(&tree(name), &pulled);
+        assert!(
+            differences.is_empty(),
+            "`{name}` differs from the pulled tree:\n{}",
+            differences.join("\n")
+        );
+    }
 }

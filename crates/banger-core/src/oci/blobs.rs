@@ -108,6 +108,11 @@ impl BlobWriter {
         self.written
     }
 
+    /// The digest of what was written so far.
+    pub fn digest(&self) -> String {
+        format!("sha256:{}", hex::encode(self.hasher.clone().finalize()))
+    }
+
     /// Verifies the content, makes it durable and publishes it in the cache
     /// (best effort: the returned file, rewound, is what the pull uses).
     pub fn finish(

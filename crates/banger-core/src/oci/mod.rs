@@ -1,5 +1,6 @@
 //! Talking to OCI distribution registries and caching what they serve.
 
+pub mod archive;
 pub mod auth;
 pub mod blobs;
 pub mod digest;

@@ -113,6 +113,14 @@ impl ImageService {
         super::pull::pull(self, params, events).await
     }
 
+    pub async fn import(
+        &self,
+        params: banger_proto::image::ImageImportParams,
+        events: Events<PullEvent>,
+    ) -> OpResult<PullResult> {
+        super::import::import(self, params, events).await
+    }
+
     pub fn list(&self) -> OpResult<Vec<ImageInfo>> {
         Ok(self
             .store

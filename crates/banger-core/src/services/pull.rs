@@ -39,7 +39,7 @@ const MAX_CONFIG_BYTES: u64 = 16 * 1024 * 1024;
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
 /// Removes a pull's scratch directory however the pull ends.
-struct Scratch(PathBuf);
+pub(super) struct Scratch(pub PathBuf);
 
 impl Drop for Scratch {
     fn drop(&mut self) {
@@ -110,7 +110,7 @@ pub async fn pull(
             .collect(),
     });
 
-    check_room(svc, &resolved)?;
+    check_room(svc, &resolved.layers)?;
     let config = fetch_config(svc, &registry, &resolved).await?;
     clock.lap("config");
     let scratch = Scratch(
@@ -123,22 +123,61 @@ pub async fn pull(
     let built = download_and_build(svc, &registry, &resolved, &scratch.0, &events).await?;
     clock.absorb(&built.phases);
 
+    let image = record(
+        svc,
+        Recorded {
+            name,
+            r#ref: whole,
+            digest: resolved.digest.clone(),
+            config,
+        },
+        &built,
+        &scratch.0,
+        existing,
+    )?;
+    clock.lap("record");
+    tracing::info!(name = %image.name, size = image.size_bytes, "image recorded");
+    // One line a benchmark reads: where this pull's time went.
+    tracing::info!(phases = %clock.summary(), "pull phases");
+    Ok(PullResult {
+        image,
+        up_to_date: false,
+    })
+}
+
+/// What an image is recorded as.
+pub(super) struct Recorded {
+    pub name: String,
+    pub r#ref: String,
+    pub digest: String,
+    pub config: banger_proto::image::ImageConfig,
+}
+
+/// Moves a built root filesystem into its image directory and records the
+/// image, replacing `existing` (whose file goes once no VM needs it).
+pub(super) fn record(
+    svc: &ImageService,
+    what: Recorded,
+    built: &ext4::Built,
+    scratch: &Path,
+    existing: Option<ImageInfo>,
+) -> OpResult<ImageInfo> {
     crate::steps::kill_point("pull-move");
     let image_dir = svc.paths.images_dir().join(ids::random_hex(8));
     std::fs::create_dir_all(&image_dir)?;
     let rootfs = image_dir.join("rootfs.ext4");
-    std::fs::rename(scratch.0.join("rootfs.ext4"), &rootfs)?;
+    std::fs::rename(scratch.join("rootfs.ext4"), &rootfs)?;
     // Shared by every overlay VM made from it: nothing writes it again.
     std::fs::set_permissions(&rootfs, std::os::unix::fs::PermissionsExt::from_mode(0o444))?;
     crate::steps::kill_point("pull-record");
     let image = ImageInfo {
-        name: name.clone(),
-        r#ref: whole,
-        digest: resolved.digest.clone(),
+        name: what.name,
+        r#ref: what.r#ref,
+        digest: what.digest,
         rootfs_path: rootfs.display().to_string(),
         size_bytes: built.size_bytes,
         content_bytes: built.content_bytes,
-        config,
+        config: what.config,
         created_at: ids::now_rfc3339(),
         vms: Vec::new(),
     };
@@ -149,14 +188,7 @@ pub async fn pull(
     if let Some(old) = existing {
         svc.drop_rootfs(&old.rootfs_path);
     }
-    clock.lap("record");
-    tracing::info!(name = %image.name, size = image.size_bytes, "image recorded");
-    // One line a benchmark reads: where this pull's time went.
-    tracing::info!(phases = %clock.summary(), "pull phases");
-    Ok(PullResult {
-        image,
-        up_to_date: false,
-    })
+    Ok(image)
 }
 
 async fn fetch_config(
@@ -195,15 +227,14 @@ async fn fetch_config(
 /// their compressed size in the cache (the layers not there yet), and the
 /// tree needs at least as much again on the state filesystem. What layers
 /// really expand to is watched as they unpack.
-fn check_room(svc: &ImageService, resolved: &Resolved) -> OpResult<()> {
+pub(super) fn check_room(svc: &ImageService, layers: &[Descriptor]) -> OpResult<()> {
     let limits = &svc.config.limits;
-    let missing: u64 = resolved
-        .layers
+    let missing: u64 = layers
         .iter()
         .filter(|l| svc.blobs.open(&l.digest).is_none())
         .map(|l| l.size.max(0) as u64)
         .sum();
-    let declared: u64 = resolved.layers.iter().map(|l| l.size.max(0) as u64).sum();
+    let declared: u64 = layers.iter().map(|l| l.size.max(0) as u64).sum();
     for (dir, need) in [
         (svc.paths.cache_dir.clone(), missing),
         (svc.paths.state_dir.clone(), declared),
@@ -258,7 +289,24 @@ async fn download_and_build(
         );
     }
 
-    let layers = resolved.layers.clone();
+    let result = build(svc, resolved.layers.clone(), receivers, scratch, events).await;
+    downloads.abort_all();
+    result
+}
+
+/// Each layer's file, once it is on hand (in order).
+pub(super) type LayerFiles = Vec<tokio::sync::oneshot::Receiver<OpResult<(File, Check)>>>;
+
+/// Flattens `layers` (each taken from its receiver as soon as it and every
+/// layer below it are on hand) on a blocking thread, then builds the ext4
+/// at `scratch/rootfs.ext4`.
+pub(super) async fn build(
+    svc: &ImageService,
+    layers: Vec<Descriptor>,
+    receivers: LayerFiles,
+    scratch: &Path,
+    events: &Events<PullEvent>,
+) -> OpResult<ext4::Built> {
     let estimate = staging::estimate(layers.iter().map(|l| {
         let compressed = l.media_type.contains("gzip") || l.media_type.contains("zstd");
         (l.size.max(0) as u64, compressed)
@@ -353,11 +401,9 @@ async fn download_and_build(
         );
         Ok(built)
     });
-    let result = build
+    build
         .await
-        .map_err(|e| OpError::internal(format!("flatten task: {e}")))?;
-    downloads.abort_all();
-    result
+        .map_err(|e| OpError::internal(format!("flatten task: {e}")))?
 }
 
 fn flattener_in(staging: &Staging, limits: Limits) -> OpResult<Flattener> {

@@ -70,6 +70,12 @@ pub fn run(client: &Client, cmd: ImageCommand) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        ImageCommand::Import {
+            path,
+            name,
+            platform,
+            json,
+        } => import(client, &path, name, platform, json),
         ImageCommand::Ls(flags) => {
             let images = match client.call::<m::ImageList>(NoParams {}, |_| {}) {
                 Ok(v) => v,
@@ -192,6 +198,79 @@ fn prune(client: &Client, dry_run: bool, json: bool) -> anyhow::Result<i32> {
         eprintln!("banger: every image is in use");
     }
     Ok(0)
+}
+
+/// `image import PATH|-`. Standard input is first written to a file in
+/// banger's scratch directory (the daemon reads an archive twice: its
+/// index, then the layers), removed however the import ends.
+fn import(
+    client: &Client,
+    path: &str,
+    name: Option<String>,
+    platform: Option<String>,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let mut spooled = None;
+    let path = if path == "-" {
+        // A daemon first: one starting now would clear its scratch directory.
+        if let Err(e) = client.call::<m::DaemonStatus>(NoParams {}, |_| {}) {
+            return Ok(report(e));
+        }
+        let paths = banger_core::paths::Paths::from_env();
+        std::fs::create_dir_all(paths.tmp_dir())?;
+        let file = paths
+            .tmp_dir()
+            .join(format!("import-stdin-{}.tar", std::process::id()));
+        let spool = Spool(file.clone());
+        let mut out = std::fs::File::create(&file)?;
+        let copied = std::io::copy(&mut std::io::stdin().lock(), &mut out)?;
+        if copied == 0 {
+            anyhow::bail!("nothing on stdin: pipe an archive in (`podman save IMAGE | banger image import -`)");
+        }
+        spooled = Some(spool);
+        file
+    } else {
+        std::fs::canonicalize(path).map_err(|e| anyhow::anyhow!("{path}: {e}"))?
+    };
+    crate::interrupt::note(
+        "the daemon finishes the import in the background (`banger image ls` shows it; \
+         `banger image rm NAME` removes it)",
+    );
+    let params = banger_proto::image::ImageImportParams {
+        path: path.display().to_string(),
+        name,
+        platform,
+    };
+    let mut progress = PullProgress::importing();
+    let result = client.call::<m::ImageImport>(params, |e| progress.handle(e));
+    progress.finish();
+    drop(spooled);
+    match result {
+        Ok(r) if json => super::println_json(&r).map(|()| 0),
+        Ok(r) if r.up_to_date => {
+            println!("{} is up to date ({})", r.image.name, r.image.digest);
+            Ok(0)
+        }
+        Ok(r) => {
+            println!(
+                "imported `{}` ({}, rootfs {})",
+                r.image.name,
+                r.image.digest,
+                human_bytes(r.image.size_bytes)
+            );
+            Ok(0)
+        }
+        Err(e) => Ok(report(e)),
+    }
+}
+
+/// A spooled stdin archive, removed when dropped.
+struct Spool(std::path::PathBuf);
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// `image.pull` with its progress on stderr.
