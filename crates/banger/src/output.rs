@@ -14,6 +14,13 @@ pub fn set_json_errors(args: &[String]) {
     JSON_ERRORS.store(json, Ordering::Relaxed);
 }
 
+/// Whether progress is shown: only to a person, on a terminal (a script's
+/// stderr gets results and errors, never progress).
+pub fn progress_shown() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal()
+}
+
 /// Whether errors are to be printed as JSON on stdout too.
 pub fn json_errors() -> bool {
     JSON_ERRORS.load(Ordering::Relaxed)

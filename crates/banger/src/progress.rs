@@ -1,4 +1,5 @@
-//! Pull progress: one bar per layer on a terminal, a few summary lines otherwise.
+//! Pull progress: one bar per layer on a terminal; nothing otherwise (a
+//! script's stderr gets results and errors only).
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -72,8 +73,6 @@ impl PullProgress {
                         bar.set_prefix(short(&layer.digest).to_string());
                         self.bars.insert(layer.digest, bar);
                     }
-                } else {
-                    eprintln!("{line}");
                 }
             }
             PullEvent::LayerProgress { digest, done, .. } => {
@@ -97,17 +96,15 @@ impl PullProgress {
                     other => other.to_string(),
                 };
                 if self.tty {
-                    let _ = self.multi.println(line);
-                } else {
                     let detail = if self.cached > 0 {
                         format!(", {} layer(s) from cache", self.cached)
                     } else {
                         String::new()
                     };
-                    eprintln!(
+                    let _ = self.multi.println(format!(
                         "downloaded in {:.1}s{detail}; {line}",
                         self.started.elapsed().as_secs_f64()
-                    );
+                    ));
                 }
             }
             PullEvent::UpToDate { .. } => {}

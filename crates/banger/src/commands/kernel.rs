@@ -32,7 +32,9 @@ pub fn run(client: &Client, cmd: KernelCommand) -> anyhow::Result<i32> {
                 modules,
                 default,
             };
-            eprintln!("importing {} …", path.display());
+            if crate::output::progress_shown() {
+                eprintln!("importing {} …", path.display());
+            }
             crate::interrupt::note(
                 "the daemon finishes the import in the background (`banger kernel ls` shows it; \
                  `banger kernel rm NAME` removes it)",

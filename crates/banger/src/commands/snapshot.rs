@@ -79,7 +79,11 @@ pub fn take(
         snapshot,
         stop,
     };
+    let shown = crate::output::progress_shown();
     let progress = |event: VmEvent| {
+        if !shown {
+            return;
+        }
         if let VmEvent::Step { step, n, of } = event {
             let what = match step.as_str() {
                 "hold" => "holding the guest agent",

@@ -592,7 +592,9 @@ fn create_call(
 }
 
 pub(super) fn boot_progress(name: &str) -> impl FnMut(VmEvent) + '_ {
+    let shown = crate::output::progress_shown();
     move |event| match event {
+        _ if !shown => {}
         VmEvent::Step { step, n, of } => {
             let what = match step.as_str() {
                 "disks" => "preparing disks".to_string(),
@@ -704,7 +706,13 @@ impl Drop for RawMode {
 /// exit status 1: a script must not take the tree for settled.
 fn sync(client: &Client, params: SyncParams, json: bool) -> anyhow::Result<i32> {
     let name = params.name.clone();
-    match client.call::<m::VmSync>(params, |p| eprintln!("{}", p.line(&name))) {
+    let shown = crate::output::progress_shown();
+    let progress = |p: banger_proto::vm::SyncProgress| {
+        if shown {
+            eprintln!("{}", p.line(&name))
+        }
+    };
+    match client.call::<m::VmSync>(params, progress) {
         Ok(r) => {
             let unsettled = !r.conflicts.is_empty() || !r.refused.is_empty();
             if json {
