@@ -105,6 +105,11 @@ pub struct VmStats {
     /// Resident memory of the VMM process on the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vmm_rss_bytes: Option<u64>,
+    /// How old the guest's figures (`guest_memory`, `load`, each disk's
+    /// `fs_*`) are, in milliseconds: the guest is asked in the background
+    /// and a round waits for it only briefly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_age_ms: Option<u64>,
     /// From the guest's /proc/meminfo.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_memory: Option<GuestMemory>,

@@ -60,15 +60,7 @@ pub fn push_busybox_as(
     repo_tag: &str,
     user: &str,
 ) -> crate::layout::Desc {
-    let mut layout = crate::layout::Layout::new(dir);
-    let image = layout.image_as(
-        &[(crate::layer::Compression::Gzip, busybox_layer())],
-        "amd64",
-        user,
-    );
-    layout.tag("t", &image);
-    registry.push(&layout.dir, "t", repo_tag, &[]);
-    image
+    push_busybox_with(registry, dir, repo_tag, crate::layout::default_config(user))
 }
 
 /// [`push_busybox`] with `config` as the image config's `config` section

@@ -22,6 +22,11 @@ impl Desc {
     }
 }
 
+/// The `config` section the test images have unless told otherwise.
+pub fn default_config(user: &str) -> Value {
+    json!({ "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/", "User": user })
+}
+
 pub fn sha256(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
@@ -62,8 +67,7 @@ impl Layout {
 
     /// [`image`](Self::image) whose default user is `user`.
     pub fn image_as(&self, layers: &[(Compression, Vec<u8>)], arch: &str, user: &str) -> Desc {
-        let config = json!({ "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/", "User": user });
-        self.image_with(layers, arch, config)
+        self.image_with(layers, arch, default_config(user))
     }
 
     /// An image whose config's `config` section (Env, Cmd, User, …) is `config`.

@@ -8,24 +8,12 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use banger_testkit::images::push_busybox;
 use banger_testkit::registry::Registry;
 use common::Banger;
 
 /// A daemon with the test kernel and busybox as `bb`.
 fn setup(registry: &Registry, tmp: &Path, agent: &Path, kernel: &Path) -> Banger {
-    push_busybox(registry, &tmp.join("oci"), "busybox:latest");
-    let mut banger = Banger::without_daemon();
-    common::start_vm_daemon(&mut banger, agent);
-    banger.ok(&["kernel", "import", kernel.to_str().unwrap()]);
-    banger.ok(&[
-        "image",
-        "pull",
-        &registry.reference("busybox:latest"),
-        "--name",
-        "bb",
-    ]);
-    banger
+    common::busybox_vm_daemon(registry, tmp, agent, kernel)
 }
 
 fn sh(banger: &Banger, vm: &str, script: &str) -> String {
@@ -39,6 +27,26 @@ fn stats(banger: &Banger, vm: &str) -> serde_json::Value {
     let out = banger.ok(&["vm", "stats", vm, "--json"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     v[0].clone()
+}
+
+/// `vm stats` with the guest's figures from an answer it gave after now
+/// (guests are asked in the background; a round may show an older one).
+fn fresh_stats(banger: &Banger, vm: &str) -> serde_json::Value {
+    let asked = std::time::Instant::now();
+    std::thread::sleep(Duration::from_millis(200));
+    loop {
+        let s = stats(banger, vm);
+        if let Some(age) = s["guest_age_ms"].as_u64() {
+            if (age as u128) + 100 < asked.elapsed().as_millis() {
+                return s;
+            }
+        }
+        assert!(
+            asked.elapsed() < Duration::from_secs(20),
+            "no fresh answer: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn disk<'a>(stats: &'a serde_json::Value, which: &str) -> &'a serde_json::Value {
@@ -63,7 +71,7 @@ fn stats_and_set() {
     };
     let registry = Registry::start();
     let tmp = tempfile::tempdir().unwrap();
-    let banger = setup(&registry, tmp.path(), &agent, &kernel);
+    let mut banger = setup(&registry, tmp.path(), &agent, &kernel);
     banger.ok(&[
         "vm",
         "run",
@@ -79,7 +87,7 @@ fn stats_and_set() {
     ]);
 
     // What the host and the guest say.
-    let s = stats(&banger, "s1");
+    let s = fresh_stats(&banger, "s1");
     assert_eq!(s["state"], "running");
     assert!(u(&s["vmm_rss_bytes"]) > 16 * MIB, "{s}");
     let total = u(&s["guest_memory"]["total_bytes"]);
@@ -108,13 +116,13 @@ fn stats_and_set() {
     sh(&banger, "s1", "kill $(cat /tmp/burn.pid)");
 
     // A 100 MB file shows in the guest's use and on the host.
-    let before = stats(&banger, "s1");
+    let before = fresh_stats(&banger, "s1");
     sh(
         &banger,
         "s1",
         "dd if=/dev/urandom of=/work/big bs=1M count=100 2>/dev/null; sync",
     );
-    let after = stats(&banger, "s1");
+    let after = fresh_stats(&banger, "s1");
     let grew = |field: &str| {
         u(&disk(&after, "work")[field]).saturating_sub(u(&disk(&before, "work")[field]))
     };
@@ -122,6 +130,25 @@ fn stats_and_set() {
     assert!(grew("allocated_bytes") >= 95 * MIB, "{after}");
     let table = banger.ok(&["vm", "stats"]);
     assert!(table.starts_with("NAME") && table.contains("s1"), "{table}");
+
+    // `daemon stop` leaves the VM running; the next daemon takes it back.
+    let vmm = common::pids_naming(&[&banger.path("state/vms/s1").to_string_lossy()]);
+    assert_eq!(vmm.len(), 1, "one VMM");
+    banger.ok(&["daemon", "stop"]);
+    assert_eq!(banger.run(&["daemon", "status"]).status.code(), Some(3));
+    assert!(
+        std::path::Path::new(&format!("/proc/{}", vmm[0])).exists(),
+        "the VMM lives on"
+    );
+    banger.start_daemon();
+    assert_eq!(
+        banger.ok(&["vm", "ls", "-q", "--filter", "state=running"]),
+        "s1\n"
+    );
+    assert_eq!(
+        sh(&banger, "s1", "cat /work/big | wc -c"),
+        (100 * MIB).to_string()
+    );
 
     // Refusals change nothing: the VM keeps running with what it has.
     let refused = banger.fails(&["vm", "set", "s1", "--vcpus", "2"]);
@@ -166,7 +193,7 @@ fn stats_and_set() {
     assert_eq!(info["memory_mib"], 384);
     assert_eq!(info["disk_bytes"], 6u64 << 30);
     assert_eq!(sh(&banger, "s1", "nproc"), "2");
-    let s = stats(&banger, "s1");
+    let s = fresh_stats(&banger, "s1");
     let total = u(&s["guest_memory"]["total_bytes"]);
     assert!(total > 320 * MIB && total <= 384 * MIB, "{s}");
     let work_total = u(&disk(&s, "work")["fs_total_bytes"]);
@@ -186,7 +213,7 @@ fn stats_and_set() {
     assert_eq!(u(&disk(&stopped, "work")["size_bytes"]), 2 << 30);
     banger.ok(&["vm", "set", "s1", "--memory", "320M"]);
     banger.ok(&["vm", "start", "s1"]);
-    let total = u(&stats(&banger, "s1")["guest_memory"]["total_bytes"]);
+    let total = u(&fresh_stats(&banger, "s1")["guest_memory"]["total_bytes"]);
     assert!(total > 260 * MIB && total <= 320 * MIB, "{total}");
     banger.ok(&["vm", "rm", "-f", "s1"]);
 }

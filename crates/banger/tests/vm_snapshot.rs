@@ -9,24 +9,12 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use banger_testkit::images::push_busybox;
 use banger_testkit::registry::Registry;
 use common::Banger;
 
 /// A daemon with the test kernel and busybox as `bb`.
 fn setup(registry: &Registry, tmp: &Path, agent: &Path, kernel: &Path) -> Banger {
-    push_busybox(registry, &tmp.join("oci"), "busybox:latest");
-    let mut banger = Banger::without_daemon();
-    common::start_vm_daemon(&mut banger, agent);
-    banger.ok(&["kernel", "import", kernel.to_str().unwrap()]);
-    banger.ok(&[
-        "image",
-        "pull",
-        &registry.reference("busybox:latest"),
-        "--name",
-        "bb",
-    ]);
-    banger
+    common::busybox_vm_daemon(registry, tmp, agent, kernel)
 }
 
 fn state(banger: &Banger, vm: &str) -> String {

@@ -24,12 +24,15 @@ pub fn run(paths: Paths, cmd: Option<DaemonCommand>) -> anyhow::Result<i32> {
     }
 }
 
+/// The running daemon's status; none when no daemon answers (never
+/// starts one).
+fn running(paths: &Paths) -> Option<banger_proto::status::DaemonStatus> {
+    let stream = Client::new(paths.clone()).connect_existing().ok()?;
+    call_on::<m::DaemonStatus>(stream, NoParams {}, |_| {}).ok()
+}
+
 fn status(paths: &Paths, json: bool) -> anyhow::Result<i32> {
-    let client = Client::new(paths.clone());
-    let answer = client
-        .connect_existing()
-        .ok()
-        .and_then(|s| call_on::<m::DaemonStatus>(s, NoParams {}, |_| {}).ok());
+    let answer = running(paths);
     let Some(st) = answer else {
         if json {
             super::println_json(&serde_json::json!({
@@ -60,11 +63,7 @@ fn status(paths: &Paths, json: bool) -> anyhow::Result<i32> {
 /// SIGTERM, then wait for the process to go: the daemon stops serving and
 /// leaves every VMM running (they are in process groups of their own).
 fn stop(paths: &Paths, json: bool) -> anyhow::Result<i32> {
-    let client = Client::new(paths.clone());
-    let answer = client
-        .connect_existing()
-        .ok()
-        .and_then(|s| call_on::<m::DaemonStatus>(s, NoParams {}, |_| {}).ok());
+    let answer = running(paths);
     let Some(st) = answer else {
         if json {
             super::println_json(&serde_json::json!({"stopped": false, "running": false}))?;

@@ -167,37 +167,11 @@ fn prune(client: &Client, dry_run: bool, json: bool) -> anyhow::Result<i32> {
         })
         .map(|i| i.name)
         .collect();
-    let removed = if dry_run || unused.is_empty() {
-        Vec::new()
-    } else {
-        let params = banger_proto::image::RemoveParams {
-            names: unused.clone(),
-            force: false,
-        };
-        match client.call::<m::ImageRemove>(params, |_| {}) {
-            Ok(r) => r.removed,
-            Err(e) => return Ok(report(e)),
-        }
-    };
-    if json {
-        super::println_json(&serde_json::json!({
-            "dry_run": dry_run,
-            "unused": unused,
-            "removed": removed,
-        }))?;
-    } else if dry_run {
-        for name in &unused {
-            println!("would remove {name}");
-        }
-    } else {
-        for name in &removed {
-            println!("{name}");
-        }
-    }
+    let code = super::prune::<m::ImageRemove>(client, "unused", &unused, dry_run, json)?;
     if unused.is_empty() && !json {
         eprintln!("banger: every image is in use");
     }
-    Ok(0)
+    Ok(code)
 }
 
 /// `image import PATH|-`. Standard input is first written to a file in

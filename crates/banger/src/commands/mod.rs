@@ -105,6 +105,43 @@ pub fn print_removed<M: Method<Params = RemoveParams, Result = RemoveResult>>(
     }
 }
 
+/// The end of a `prune`: `candidates` removed (unless `dry_run`) and said,
+/// one name a line, or as `{"dry_run", KEY: candidates, "removed"}`.
+pub fn prune<M: Method<Params = RemoveParams, Result = RemoveResult>>(
+    client: &Client,
+    key: &str,
+    candidates: &[String],
+    dry_run: bool,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let removed = if dry_run || candidates.is_empty() {
+        Vec::new()
+    } else {
+        let params = RemoveParams {
+            names: candidates.to_vec(),
+            force: false,
+        };
+        match client.call::<M>(params, |_| {}) {
+            Ok(r) => r.removed,
+            Err(e) => return Ok(report(e)),
+        }
+    };
+    if json {
+        let mut said = serde_json::json!({ "dry_run": dry_run, "removed": removed });
+        said[key] = serde_json::json!(candidates);
+        println_json(&said)?;
+    } else if dry_run {
+        for name in candidates {
+            println!("would remove {name}");
+        }
+    } else {
+        for name in &removed {
+            println!("{name}");
+        }
+    }
+    Ok(0)
+}
+
 /// Prints a failed call the way users read errors; returns the exit code.
 /// Under `--json` the error is also printed as JSON on stdout, so a
 /// script reading stdout always gets JSON.

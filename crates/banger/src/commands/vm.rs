@@ -359,34 +359,7 @@ fn prune(client: &Client, dry_run: bool, force: bool, json: bool) -> anyhow::Res
             return Ok(1);
         }
     }
-    let removed = if dry_run || stopped.is_empty() {
-        Vec::new()
-    } else {
-        let params = banger_proto::image::RemoveParams {
-            names: stopped.clone(),
-            force: false,
-        };
-        match client.call::<m::VmRemove>(params, |_| {}) {
-            Ok(r) => r.removed,
-            Err(e) => return Ok(report(e)),
-        }
-    };
-    if json {
-        super::println_json(&serde_json::json!({
-            "dry_run": dry_run,
-            "stopped": stopped,
-            "removed": removed,
-        }))?;
-    } else if dry_run {
-        for name in &stopped {
-            println!("would remove {name}");
-        }
-    } else {
-        for name in &removed {
-            println!("{name}");
-        }
-    }
-    Ok(0)
+    super::prune::<m::VmRemove>(client, "stopped", &stopped, dry_run, json)
 }
 
 /// One `vm ls --filter KEY=VALUE`.

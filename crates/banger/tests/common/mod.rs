@@ -341,6 +341,28 @@ pub fn start_vm_daemon(banger: &mut Banger, agent: &Path) {
     banger.start_daemon();
 }
 
+/// A daemon for real VMs with the test kernel and busybox (pushed to
+/// `registry` from a layout under `tmp`) pulled as `bb`.
+pub fn busybox_vm_daemon(
+    registry: &banger_testkit::registry::Registry,
+    tmp: &Path,
+    agent: &Path,
+    kernel: &Path,
+) -> Banger {
+    banger_testkit::images::push_busybox(registry, &tmp.join("oci"), "busybox:latest");
+    let mut banger = Banger::without_daemon();
+    start_vm_daemon(&mut banger, agent);
+    banger.ok(&["kernel", "import", kernel.to_str().unwrap()]);
+    banger.ok(&[
+        "image",
+        "pull",
+        &registry.reference("busybox:latest"),
+        "--name",
+        "bb",
+    ]);
+    banger
+}
+
 /// The Debian minbase tarball scripts/test builds, or why the test cannot run.
 pub fn debian_tar() -> Option<PathBuf> {
     let tar = std::env::var_os("BANGER_TEST_DEBIAN_TAR")

@@ -54,8 +54,8 @@ pub struct VmLifecycle {
     /// Held from choosing a new VM's address until its record is stored.
     addresses: Mutex<()>,
     fail_point: Mutex<FailPoint>,
-    /// `vm stats`: each VMM's CPU time when last asked.
-    pub(super) cpu_samples: Mutex<std::collections::HashMap<String, super::stats::CpuSample>>,
+    /// `vm stats`: each VMM's CPU time and each guest's answer, when last asked.
+    pub(super) stats_cache: Arc<super::stats::StatsCache>,
 }
 
 /// Reports a step of a create or start to the caller.
@@ -86,7 +86,7 @@ impl VmLifecycle {
             workspaces,
             addresses: Mutex::default(),
             fail_point: Mutex::default(),
-            cpu_samples: Mutex::default(),
+            stats_cache: Arc::default(),
         }
     }
 

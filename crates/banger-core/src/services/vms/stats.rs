@@ -2,13 +2,19 @@
 //! and resident memory (/proc), its disk files (size, allocated) and its
 //! tap's counters; from the guest, through the agent (in-process, so any
 //! image answers): memory, load and how full the root and work filesystems
-//! are. All VMs are asked at once, so a round costs about one agent round
-//! trip whatever their number.
+//! are. Guests are asked in the background, all at once, and a round waits
+//! for their answers only briefly: one that answers later is shown by the
+//! next round, with its age, so a round's cost stays bounded however busy
+//! the guests are (20 TCG guests on two host CPUs take seconds to answer).
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use banger_proto::domain::{RootMode, VmState};
+use banger_proto::agent::GuestStats;
+
+use banger_proto::domain::RootMode;
 use banger_proto::vm::{DiskStats, GuestMemory, NetStats, VmStats};
 
 use super::lifecycle::VmLifecycle;
@@ -24,14 +30,33 @@ pub struct CpuSample {
     at: Instant,
 }
 
+/// A guest's last answer, and whether it is being asked now.
+#[derive(Debug, Default)]
+struct GuestSample {
+    latest: Option<(u32, GuestStats, Instant)>,
+    asking: bool,
+}
+
+/// What `vm stats` remembers between rounds.
+#[derive(Debug, Default)]
+pub struct StatsCache {
+    cpu: Mutex<HashMap<String, CpuSample>>,
+    guests: Mutex<HashMap<String, GuestSample>>,
+}
+
+/// How long a round waits for guests it asked.
+const GUEST_WAIT: Duration = Duration::from_millis(400);
+/// A guest's answer older than this is not shown.
+const GUEST_STALE: Duration = Duration::from_secs(15);
+
 /// Shorter than this since the last sample, and CPU use is measured over a
 /// fresh interval of this length instead (a first `vm stats`, or two
 /// callers close together).
 const MIN_INTERVAL: Duration = Duration::from_millis(250);
 /// Older than this and the last sample says little about now.
 const MAX_INTERVAL: Duration = Duration::from_secs(10);
-/// The guest has this long to answer; a slow one shows no guest figures.
-const GUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// The guest has this long to answer before it is asked again.
+const GUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl VmLifecycle {
     pub async fn stats(&self, names: &[String]) -> OpResult<Vec<VmStats>> {
@@ -46,8 +71,12 @@ impl VmLifecycle {
         // CPU time is a rate: VMs without a recent sample get one, then one
         // shared wait, then all are read again.
         let mut fresh = false;
+        let mut asked = Vec::new();
         for vm in &vms {
             if let Some(rt) = self.registry.live(&vm.name)? {
+                if !rt.paused {
+                    asked.extend(self.ask_guest(vm, rt.pid));
+                }
                 let stale = self
                     .last_sample(&vm.name, rt.pid)
                     .is_none_or(|s| s.at.elapsed() < MIN_INTERVAL || s.at.elapsed() > MAX_INTERVAL);
@@ -57,8 +86,11 @@ impl VmLifecycle {
                 }
             }
         }
+        let waiting = tokio::time::timeout(GUEST_WAIT, futures_util::future::join_all(asked));
         if fresh {
-            tokio::time::sleep(MIN_INTERVAL).await;
+            let _ = tokio::join!(tokio::time::sleep(MIN_INTERVAL), waiting);
+        } else {
+            let _ = waiting.await;
         }
         let rounds = vms.iter().map(|vm| self.one(vm));
         futures_util::future::join_all(rounds)
@@ -89,6 +121,7 @@ impl VmLifecycle {
             cpu_percent: None,
             vmm_rss_bytes: None,
             guest_memory: None,
+            guest_age_ms: None,
             load: None,
             disks: Vec::new(),
             net: None,
@@ -108,40 +141,79 @@ impl VmLifecycle {
             stats.vmm_rss_bytes = rss_bytes(rt.pid);
             stats.net = rt.tap.as_deref().and_then(tap_counters);
         }
-        if info.state == VmState::Running {
-            let paths: Vec<&str> = disks.iter().map(|d| d.guest_path.as_str()).collect();
-            let asked = async {
-                let session = self.sessions.session(vm).await.map_err(|e| e.message)?;
-                crate::services::workspace::guest::stats(&session, &paths).await
-            };
-            match tokio::time::timeout(GUEST_TIMEOUT, asked).await {
-                Ok(Ok(guest)) => {
-                    stats.guest_memory = Some(GuestMemory {
-                        total_bytes: guest.mem_total_bytes,
-                        available_bytes: guest.mem_available_bytes,
-                        used_bytes: guest
-                            .mem_total_bytes
-                            .saturating_sub(guest.mem_available_bytes),
-                    });
-                    stats.load = Some(guest.load);
-                    for d in &mut disks {
-                        if let Some(fs) = guest.filesystems.iter().find(|f| f.path == d.guest_path)
-                        {
-                            d.fs_total_bytes = Some(fs.total_bytes);
-                            d.fs_used_bytes = Some(fs.used_bytes);
-                        }
-                    }
+        if let Some((guest, age)) = rt
+            .as_ref()
+            .and_then(|rt| self.guest_answer(&vm.name, rt.pid))
+        {
+            stats.guest_age_ms = Some(age.as_millis() as u64);
+            stats.guest_memory = Some(GuestMemory {
+                total_bytes: guest.mem_total_bytes,
+                available_bytes: guest.mem_available_bytes,
+                used_bytes: guest
+                    .mem_total_bytes
+                    .saturating_sub(guest.mem_available_bytes),
+            });
+            stats.load = Some(guest.load);
+            for d in &mut disks {
+                if let Some(fs) = guest.filesystems.iter().find(|f| f.path == d.guest_path) {
+                    d.fs_total_bytes = Some(fs.total_bytes);
+                    d.fs_used_bytes = Some(fs.used_bytes);
                 }
-                Ok(Err(e)) => tracing::debug!(vm = %vm.name, error = %e, "no guest stats"),
-                Err(_) => tracing::debug!(vm = %vm.name, "the guest did not answer for stats"),
             }
         }
         stats.disks = disks;
         Ok(stats)
     }
 
+    /// Asks a guest for its figures in the background, unless it is being
+    /// asked already; the task ends when it has answered (or given up).
+    fn ask_guest(&self, vm: &VmRecord, pid: u32) -> Option<tokio::task::JoinHandle<()>> {
+        let cache = self.stats_cache.clone();
+        {
+            let mut guests = cache.guests.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = guests.entry(vm.name.clone()).or_default();
+            if entry.asking {
+                return None;
+            }
+            entry.asking = true;
+        }
+        let (sessions, vm) = (self.sessions.clone(), vm.clone());
+        let work_mount = super::registry::WORK_MOUNT;
+        Some(tokio::spawn(async move {
+            let asked = async {
+                let session = sessions.session(&vm).await.map_err(|e| e.message)?;
+                crate::services::workspace::guest::stats(&session, &["/", work_mount]).await
+            };
+            let answer = tokio::time::timeout(GUEST_TIMEOUT, asked).await;
+            let mut guests = cache.guests.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = guests.entry(vm.name.clone()).or_default();
+            entry.asking = false;
+            match answer {
+                Ok(Ok(stats)) => entry.latest = Some((pid, stats, Instant::now())),
+                Ok(Err(e)) => tracing::debug!(vm = %vm.name, error = %e, "no guest stats"),
+                Err(_) => tracing::debug!(vm = %vm.name, "the guest did not answer for stats"),
+            }
+        }))
+    }
+
+    /// The guest's last answer from this VMM, and its age, if recent.
+    fn guest_answer(&self, name: &str, pid: u32) -> Option<(GuestStats, Duration)> {
+        let guests = self
+            .stats_cache
+            .guests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let (from, stats, at) = guests.get(name)?.latest.as_ref()?;
+        let age = at.elapsed();
+        (*from == pid && age < GUEST_STALE).then(|| (stats.clone(), age))
+    }
+
     fn last_sample(&self, name: &str, pid: u32) -> Option<CpuSample> {
-        let samples = self.cpu_samples.lock().unwrap_or_else(|p| p.into_inner());
+        let samples = self
+            .stats_cache
+            .cpu
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         samples.get(name).copied().filter(|s| s.pid == pid)
     }
 
@@ -152,7 +224,11 @@ impl VmLifecycle {
             ticks: cpu_ticks(pid)?,
             at: Instant::now(),
         };
-        let mut samples = self.cpu_samples.lock().unwrap_or_else(|p| p.into_inner());
+        let mut samples = self
+            .stats_cache
+            .cpu
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         samples.insert(name.to_string(), sample);
         Some(sample)
     }
