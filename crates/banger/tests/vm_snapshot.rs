@@ -204,6 +204,9 @@ fn pause_snapshot_restore_and_fork() {
     // A fork not yet started keeps its snapshot from going, unless forced;
     // it then boots from the disks it copied.
     banger.ok(&["vm", "create", "f3", "--from", "s1"]);
+    // It is the snapshot's machine until it has started once.
+    let refused = banger.fails(&["vm", "set", "f3", "--memory", "256M"]);
+    assert!(refused.contains("resumes snapshot `s1`"), "{refused}");
     let waiting = banger.fails(&["snapshot", "rm", "s1"]);
     assert!(
         waiting.contains("f3") && waiting.contains("-f"),

@@ -23,8 +23,23 @@ pub struct Qmp {
 impl Qmp {
     pub fn connect(socket: &Path, timeout: Duration) -> Result<Qmp, String> {
         let short = super::sockpath::SockPath::new(socket).map_err(|e| e.to_string())?;
-        let stream = UnixStream::connect(short.path())
-            .map_err(|e| format!("connecting to QEMU's QMP socket: {e}"))?;
+        // A QEMU just launched may have bound its socket and not yet be
+        // listening (refused), or not have bound it yet: asked again, briefly.
+        let deadline = std::time::Instant::now() + timeout.min(Duration::from_secs(5));
+        let stream = loop {
+            match UnixStream::connect(short.path()) {
+                Ok(stream) => break stream,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                    ) && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(e) => return Err(format!("connecting to QEMU's QMP socket: {e}")),
+            }
+        };
         stream
             .set_read_timeout(Some(timeout))
             .and_then(|_| stream.set_write_timeout(Some(timeout)))
