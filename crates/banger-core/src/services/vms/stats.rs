@@ -45,7 +45,7 @@ pub struct StatsCache {
 }
 
 /// How long a round waits for guests it asked.
-const GUEST_WAIT: Duration = Duration::from_millis(400);
+const GUEST_WAIT: Duration = Duration::from_millis(250);
 /// A guest's answer older than this is not shown.
 const GUEST_STALE: Duration = Duration::from_secs(15);
 
