@@ -92,14 +92,10 @@ impl VmLifecycle {
         } else {
             let _ = waiting.await;
         }
-        let rounds = vms.iter().map(|vm| self.one(vm));
-        futures_util::future::join_all(rounds)
-            .await
-            .into_iter()
-            .collect()
+        vms.iter().map(|vm| self.one(vm)).collect()
     }
 
-    async fn one(&self, vm: &VmRecord) -> OpResult<VmStats> {
+    fn one(&self, vm: &VmRecord) -> OpResult<VmStats> {
         let info = self.registry.info(vm)?;
         let rt = self.registry.live(&vm.name)?;
         let dir = Path::new(&vm.dir);
