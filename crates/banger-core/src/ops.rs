@@ -127,8 +127,35 @@ impl Core {
             privileged,
             vmms,
         } = host;
-        let vmms = vmms.unwrap_or_else(|| Arc::new(crate::vm::vmm::ConfiguredVmms::new(&config)));
+        let real_vmms = vmms.is_none();
+        let vmms = vmms.unwrap_or_else(|| {
+            Arc::new(crate::vm::vmm::ConfiguredVmms::new(
+                &config,
+                &paths.state_dir,
+            ))
+        });
         paths.create_all()?;
+        // `auto` asks KVM once, in the background, whether it can run a
+        // guest here; the first QEMU VM waits for the answer if need be.
+        if real_vmms && config.qemu.accel.as_deref().unwrap_or("auto") == "auto" {
+            let qemu = config
+                .qemu
+                .binary
+                .clone()
+                .unwrap_or_else(|| "qemu-system-x86_64".into());
+            let state_dir = paths.state_dir.clone();
+            std::thread::spawn(move || {
+                let verdict = crate::vm::accel::kvm_verdict(&qemu, &state_dir);
+                match verdict.reason {
+                    None => tracing::info!("KVM runs guests here: QEMU VMs use it"),
+                    Some(reason) => tracing::warn!(
+                        %reason,
+                        "KVM cannot run guests here: QEMU VMs use TCG (software emulation, slower); \
+                         qemu.accel = \"tcg\" skips this probe"
+                    ),
+                }
+            });
+        }
         let store = Arc::new(Store::open(&paths.database())?);
         let users_store = store.clone();
         let images =

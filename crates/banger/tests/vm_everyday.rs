@@ -349,3 +349,50 @@ fn run_commands_with_the_images_config() {
     assert!(pid.trim().parse::<u32>().unwrap() > 1, "{pid}");
     banger.ok(&["vm", "rm", "-f", "r2"]);
 }
+
+/// `auto` probes KVM and boots under TCG where KVM cannot run a guest (the
+/// machines CI runs on are nested guests whose KVM aborts on MSR 0x10a).
+#[test]
+fn auto_accel_falls_back_to_tcg_where_kvm_cannot_run_guests() {
+    let Some((kernel, agent)) = common::vm_assets() else {
+        return;
+    };
+    let registry = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    if std::env::var_os("BANGER_QEMU_ACCEL").is_some() {
+        eprintln!("skipping: BANGER_QEMU_ACCEL chooses the accelerator");
+        return;
+    }
+    banger_testkit::images::push_busybox(&registry, &tmp.path().join("oci"), "busybox:latest");
+    let mut banger = Banger::without_daemon();
+    let doctor: serde_json::Value =
+        serde_json::from_str(&banger.ok(&["doctor", "--json"])).unwrap_or_default();
+    let kvm = doctor
+        .as_array()
+        .and_then(|checks| checks.iter().find(|c| c["name"] == "kvm"))
+        .cloned()
+        .unwrap_or_default();
+    if kvm["status"] == "ok" {
+        eprintln!("skipping: KVM runs guests here ({kvm})");
+        return;
+    }
+    let said = kvm["message"].as_str().unwrap_or_default();
+    assert!(said.contains("using tcg"), "{kvm}");
+    common::start_vm_daemon_choosing_accel(&mut banger, &agent);
+    banger.ok(&["kernel", "import", kernel.to_str().unwrap()]);
+    banger.ok(&[
+        "image",
+        "pull",
+        &registry.reference("busybox:latest"),
+        "--name",
+        "bb",
+    ]);
+    banger.ok(&["vm", "run", "a1", "--image", "bb"]);
+    assert_eq!(sh(&banger, "a1", "echo up"), "up");
+    let vmm = common::pids_naming(&[&banger.path("state/vms/a1").to_string_lossy()]);
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", vmm[0])).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(cmdline.contains("-accel tcg"), "{cmdline}");
+    assert!(banger.daemon_log().contains("KVM cannot run guests here"));
+    banger.ok(&["vm", "rm", "-f", "a1"]);
+}

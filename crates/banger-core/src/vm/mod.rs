@@ -1,5 +1,6 @@
 //! Virtual machines: names, disks, VMM backends and the guest agent link.
 
+pub mod accel;
 pub mod agent_client;
 pub mod console;
 pub mod disk;

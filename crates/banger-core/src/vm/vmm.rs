@@ -210,11 +210,14 @@ pub struct ConfiguredVmms {
     pub qemu_binary: String,
     pub qemu_accel: String,
     pub firecracker_binary: String,
+    /// Where `auto` keeps KVM's verdict.
+    pub state_dir: std::path::PathBuf,
 }
 
 impl ConfiguredVmms {
-    pub fn new(config: &crate::config::Config) -> ConfiguredVmms {
+    pub fn new(config: &crate::config::Config, state_dir: &Path) -> ConfiguredVmms {
         ConfiguredVmms {
+            state_dir: state_dir.to_path_buf(),
             qemu_binary: config
                 .qemu
                 .binary
@@ -235,7 +238,7 @@ impl VmmProvider for ConfiguredVmms {
         Ok(match kind {
             VmmKind::Qemu => Box::new(Qemu {
                 binary: self.qemu_binary.clone(),
-                accel: Accel::choose(&self.qemu_accel)?,
+                accel: Accel::choose(&self.qemu_accel, &self.qemu_binary, &self.state_dir)?,
             }),
             VmmKind::Firecracker => Box::new(super::firecracker::Firecracker {
                 binary: self.firecracker_binary.clone(),
@@ -251,12 +254,17 @@ pub enum Accel {
 }
 
 impl Accel {
-    /// `auto` picks KVM when /dev/kvm can be opened.
-    pub fn choose(wanted: &str) -> Result<Accel, VmmError> {
+    /// `auto` picks KVM when a probe of it ran a guest here (see
+    /// [`super::accel`]), else TCG.
+    pub fn choose(wanted: &str, qemu: &str, state_dir: &Path) -> Result<Accel, VmmError> {
         match wanted {
             "kvm" => Ok(Accel::Kvm),
             "tcg" => Ok(Accel::Tcg),
-            "auto" | "" => Ok(if kvm_usable() { Accel::Kvm } else { Accel::Tcg }),
+            "auto" | "" => Ok(if super::accel::kvm_verdict(qemu, state_dir).usable {
+                Accel::Kvm
+            } else {
+                Accel::Tcg
+            }),
             other => Err(VmmError::UnknownAccel(other.to_string())),
         }
     }

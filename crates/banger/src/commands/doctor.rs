@@ -59,7 +59,7 @@ pub fn run(paths: &Paths, json: bool) -> anyhow::Result<i32> {
         debugfs(),
         disk_space(paths),
         qemu(),
-        kvm(),
+        kvm(paths, &config),
         kernel(paths),
         vms(paths),
         snapshots(paths),
@@ -291,23 +291,51 @@ fn qemu() -> Check {
     }
 }
 
-fn kvm() -> Check {
-    if banger_core::vm::vmm::kvm_usable() {
-        // Opening the device proves little: under nested virtualization
-        // QEMU can still abort when it sets the vCPU up (MSR 0x10a).
-        check(
+/// Which accelerator QEMU VMs get, as the daemon chooses it: `auto` runs
+/// a probe guest on KVM once per host boot (shared with the daemon).
+fn kvm(paths: &Paths, config: &banger_core::config::Config) -> Check {
+    let wanted = config.qemu.accel.as_deref().unwrap_or("auto");
+    let qemu = config
+        .qemu
+        .binary
+        .as_deref()
+        .unwrap_or("qemu-system-x86_64");
+    match wanted {
+        "tcg" => check(
             "kvm",
             Status::Ok,
-            "/dev/kvm is present and opens (untested: no VM has booted with it here)",
-            Some("if VMs fail to launch with `failed to set MSR`, set qemu.accel = \"tcg\" in the config file"),
-        )
-    } else {
-        check(
+            "qemu.accel is tcg: QEMU VMs run under software emulation (slower)",
+            None,
+        ),
+        "kvm" => check(
             "kvm",
-            Status::Warn,
-            "/dev/kvm is not usable: QEMU VMs run under TCG (software emulation, slower)",
-            Some("enable virtualization, or add yourself to the `kvm` group"),
-        )
+            Status::Ok,
+            "qemu.accel is kvm (not probed)",
+            Some(
+                "qemu.accel = \"auto\" probes KVM and falls back to tcg where it cannot run guests",
+            ),
+        ),
+        _ => {
+            let _ = std::fs::create_dir_all(&paths.state_dir);
+            let verdict = banger_core::vm::accel::kvm_verdict(qemu, &paths.state_dir);
+            match verdict.reason {
+                None => check(
+                    "kvm",
+                    Status::Ok,
+                    "usable: a probe guest ran on KVM here",
+                    None,
+                ),
+                Some(reason) => check(
+                    "kvm",
+                    Status::Warn,
+                    format!("unusable here ({reason}), using tcg (slow)"),
+                    Some(
+                        "run on a host with hardware virtualization (or enable nested \
+                         virtualization for this VM); qemu.accel = \"tcg\" skips the probe",
+                    ),
+                ),
+            }
+        }
     }
 }
 

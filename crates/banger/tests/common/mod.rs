@@ -333,10 +333,15 @@ pub fn vm_assets() -> Option<(PathBuf, PathBuf)> {
 /// Starts `banger`'s daemon for real VMs: its own HOME (user keys come from
 /// HOME/.ssh), QEMU under TCG, and the agent under test.
 pub fn start_vm_daemon(banger: &mut Banger, agent: &Path) {
+    banger.add_env("BANGER_QEMU_ACCEL", Path::new("tcg"));
+    start_vm_daemon_choosing_accel(banger, agent);
+}
+
+/// [`start_vm_daemon`] leaving the accelerator to the daemon (`auto`).
+pub fn start_vm_daemon_choosing_accel(banger: &mut Banger, agent: &Path) {
     let home = banger.path("user-home");
     std::fs::create_dir_all(home.join(".ssh")).unwrap();
     banger.add_env("HOME", &home);
-    banger.add_env("BANGER_QEMU_ACCEL", Path::new("tcg"));
     banger.add_env("BANGER_AGENT_BIN", agent);
     banger.start_daemon();
 }
