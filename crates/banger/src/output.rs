@@ -15,10 +15,15 @@ pub fn set_json_errors(args: &[String]) {
 }
 
 /// Whether progress is shown: only to a person, on a terminal (a script's
-/// stderr gets results and errors, never progress).
+/// stderr gets results and errors, never progress), unless
+/// `BANGER_PROGRESS=always` (a log that wants it) or `never`.
 pub fn progress_shown() -> bool {
     use std::io::IsTerminal;
-    std::io::stderr().is_terminal()
+    match std::env::var("BANGER_PROGRESS").as_deref() {
+        Ok("always") => true,
+        Ok("never") => false,
+        _ => std::io::stderr().is_terminal(),
+    }
 }
 
 /// Whether errors are to be printed as JSON on stdout too.

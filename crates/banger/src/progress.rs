@@ -11,6 +11,8 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 pub struct PullProgress {
     tty: bool,
+    /// Not a terminal, but asked for (`BANGER_PROGRESS=always`): lines.
+    plain: bool,
     multi: MultiProgress,
     bars: HashMap<String, ProgressBar>,
     started: Instant,
@@ -28,6 +30,7 @@ impl PullProgress {
         };
         PullProgress {
             tty,
+            plain: !tty && crate::output::progress_shown(),
             multi: MultiProgress::with_draw_target(target),
             bars: HashMap::new(),
             started: Instant::now(),
@@ -73,6 +76,8 @@ impl PullProgress {
                         bar.set_prefix(short(&layer.digest).to_string());
                         self.bars.insert(layer.digest, bar);
                     }
+                } else if self.plain {
+                    eprintln!("{line}");
                 }
             }
             PullEvent::LayerProgress { digest, done, .. } => {
@@ -95,16 +100,19 @@ impl PullProgress {
                     "ext4" => return,
                     other => other.to_string(),
                 };
+                let detail = if self.cached > 0 {
+                    format!(", {} layer(s) from cache", self.cached)
+                } else {
+                    String::new()
+                };
+                let line = format!(
+                    "downloaded in {:.1}s{detail}; {line}",
+                    self.started.elapsed().as_secs_f64()
+                );
                 if self.tty {
-                    let detail = if self.cached > 0 {
-                        format!(", {} layer(s) from cache", self.cached)
-                    } else {
-                        String::new()
-                    };
-                    let _ = self.multi.println(format!(
-                        "downloaded in {:.1}s{detail}; {line}",
-                        self.started.elapsed().as_secs_f64()
-                    ));
+                    let _ = self.multi.println(line);
+                } else if self.plain {
+                    eprintln!("{line}");
                 }
             }
             PullEvent::UpToDate { .. } => {}

@@ -91,17 +91,22 @@ fn a_workspace_is_mirrored_and_kept_current_before_each_exec() {
         assert!(banger.run(&["vm", "inspect", "bad"]).status.code() != Some(0));
     }
 
-    let run = banger.run(&[
-        "vm",
-        "run",
-        "ws",
-        "--image",
-        "busybox",
-        "--memory",
-        "256M",
-        "--workspace",
-        ws,
-    ]);
+    // Progress is for terminals; a log asks for it.
+    let run = banger
+        .cmd(&[
+            "vm",
+            "run",
+            "ws",
+            "--image",
+            "busybox",
+            "--memory",
+            "256M",
+            "--workspace",
+            ws,
+        ])
+        .env("BANGER_PROGRESS", "always")
+        .output()
+        .unwrap();
     assert!(run.status.success(), "{run:?}");
     // Seconds of sending under TCG: progress is shown meanwhile.
     let told = String::from_utf8_lossy(&run.stderr);
