@@ -4,7 +4,7 @@
 //! same rules for hostile content, the same ext4 build and record.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use banger_proto::image::{ImageImportParams, LayerSummary, PullEvent, PullResult};
 
@@ -67,23 +67,10 @@ pub async fn import(
     };
     let _name_guard = svc.lock_name(&name).await;
     let existing = svc.store.get_image(&name)?;
-    if let Some(e) = &existing {
-        if e.digest == plan.digest && Path::new(&e.rootfs_path).is_file() {
-            events.emit(&PullEvent::UpToDate {
-                digest: e.digest.clone(),
-            });
-            return Ok(PullResult {
-                image: e.clone(),
-                up_to_date: true,
-            });
-        }
-        if e.r#ref != whole {
-            return Err(OpError::conflict(format!(
-                "image name `{name}` is taken by {}; choose another with --name, or run `banger image rm {name}`",
-                e.r#ref
-            )));
-        }
+    if let Some(done) = pull::up_to_date(existing.as_ref(), &plan.digest, &events) {
+        return Ok(done);
     }
+    pull::name_free_for(existing.as_ref(), &name, &whole)?;
     events.emit(&PullEvent::Resolved {
         r#ref: whole.clone(),
         digest: plan.digest.clone(),

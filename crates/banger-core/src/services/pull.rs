@@ -67,14 +67,7 @@ pub async fn pull(
     let _name_guard = svc.lock_name(&name).await;
 
     let existing = svc.store.get_image(&name)?;
-    if let Some(e) = &existing {
-        if e.r#ref != whole {
-            return Err(OpError::conflict(format!(
-                "image name `{name}` is taken by {}; choose another with --name, or run `banger image rm {name}`",
-                e.r#ref
-            )));
-        }
-    }
+    name_free_for(existing.as_ref(), &name, &whole)?;
 
     let docker_config = crate::oci::auth::docker_config_path();
     let registry = Arc::new(Registry::new(
@@ -86,16 +79,8 @@ pub async fn pull(
     clock.lap("resolve");
     tracing::info!(reference = %whole, digest = %resolved.digest, layers = resolved.layers.len(), "resolved");
 
-    if let Some(e) = &existing {
-        if e.digest == resolved.digest && Path::new(&e.rootfs_path).is_file() {
-            events.emit(&PullEvent::UpToDate {
-                digest: e.digest.clone(),
-            });
-            return Ok(PullResult {
-                image: e.clone(),
-                up_to_date: true,
-            });
-        }
+    if let Some(done) = up_to_date(existing.as_ref(), &resolved.digest, &events) {
+        return Ok(done);
     }
     events.emit(&PullEvent::Resolved {
         r#ref: whole.clone(),
@@ -519,4 +504,38 @@ async fn fetch_blob(
         cached: false,
     });
     Ok((file, Check::AlreadyVerified))
+}
+
+/// Refuses to reuse an image's name for a different reference.
+pub(crate) fn name_free_for(
+    existing: Option<&ImageInfo>,
+    name: &str,
+    whole: &str,
+) -> Result<(), OpError> {
+    match existing {
+        Some(e) if e.r#ref != whole => Err(OpError::conflict(format!(
+            "image name `{name}` is taken by {}; choose another with --name, or run `banger image rm {name}`",
+            e.r#ref
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The existing image as the result, when it already is `digest` with its root file in place.
+pub(crate) fn up_to_date(
+    existing: Option<&ImageInfo>,
+    digest: &str,
+    events: &Events<PullEvent>,
+) -> Option<PullResult> {
+    let e = existing?;
+    if e.digest != digest || !Path::new(&e.rootfs_path).is_file() {
+        return None;
+    }
+    events.emit(&PullEvent::UpToDate {
+        digest: e.digest.clone(),
+    });
+    Some(PullResult {
+        image: e.clone(),
+        up_to_date: true,
+    })
 }
