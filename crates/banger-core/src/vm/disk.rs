@@ -13,6 +13,21 @@ pub use banger_proto::domain::RootMode;
 
 /// An overlay root's writable layer, in the VM's directory.
 pub const UPPER_FILE: &str = "upper.ext4";
+/// A dm-snapshot root's copy-on-write store.
+pub const COW_FILE: &str = "cow.img";
+/// The whole root filesystem of a reflink or copy root.
+pub const ROOT_FILE: &str = "root.ext4";
+/// The work disk, in every mode.
+pub const WORK_FILE: &str = "work.ext4";
+
+/// The file in a VM's directory that holds what the VM wrote to its root.
+pub fn own_root_file(mode: RootMode) -> &'static str {
+    match mode {
+        RootMode::Overlay => UPPER_FILE,
+        RootMode::DmSnapshot => COW_FILE,
+        RootMode::Reflink | RootMode::Copy => ROOT_FILE,
+    }
+}
 
 const FICLONE: libc::c_ulong = 0x4004_9409;
 

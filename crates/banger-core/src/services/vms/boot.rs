@@ -9,7 +9,7 @@ use banger_host::ProcessId;
 use banger_proto::agent::{BootConfig, Identity, Transport, AGENT_PROTOCOL};
 use banger_proto::vm::{RootMode, VmEvent, VmInfo};
 
-use crate::vm::disk::UPPER_FILE;
+use crate::vm::disk::{self, UPPER_FILE};
 
 use super::boot_log::{boot_failed, mark_boot};
 use super::lifecycle::{step, VmLifecycle};
@@ -220,7 +220,7 @@ impl VmLifecycle {
             path,
             read_only,
         };
-        let work = disk("work", dir.join("work.ext4"), false);
+        let work = disk("work", dir.join(disk::WORK_FILE), false);
         let root = match vm.root_mode {
             RootMode::Overlay => {
                 let image = disk("image", self.origin(vm)?, true);
@@ -231,7 +231,7 @@ impl VmLifecycle {
                 ]);
             }
             RootMode::DmSnapshot => self.snapshot_device(vm, steps)?,
-            RootMode::Reflink | RootMode::Copy => dir.join("root.ext4"),
+            RootMode::Reflink | RootMode::Copy => dir.join(disk::ROOT_FILE),
         };
         Ok(vec![disk("root", root, false), work])
     }
@@ -256,7 +256,12 @@ impl VmLifecycle {
         let state = dir.join("dm.state");
         let blockdevs = self.registry.blockdevs.clone();
         let dev = blockdevs
-            .setup_snapshot(&dm_name(&vm.name), &origin, &dir.join("cow.img"), &state)
+            .setup_snapshot(
+                &dm_name(&vm.name),
+                &origin,
+                &dir.join(disk::COW_FILE),
+                &state,
+            )
             .map_err(|e| OpError::internal(format!("setting up the root disk snapshot: {e}")))?;
         let name = dm_name(&vm.name);
         steps.undo("snapshot", move || {

@@ -262,7 +262,7 @@ impl VmLifecycle {
             .await?
             .map_err(|e| OpError::writing(e, &dir))
         };
-        let (work, runner) = (dir.join("work.ext4"), self.runner.clone());
+        let (work, runner) = (dir.join(disk::WORK_FILE), self.runner.clone());
         let work = async {
             tokio::task::spawn_blocking(move || {
                 disk::create_empty(runner.as_ref(), &work, work_disk_bytes, "work")
@@ -559,12 +559,12 @@ fn make_root(
             let cow = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
-                .open(dir.join("cow.img"))?;
+                .open(dir.join(disk::COW_FILE))?;
             cow.set_len(disk_bytes)?;
             Ok(())
         }
         RootMode::Reflink | RootMode::Copy => {
-            let root = dir.join("root.ext4");
+            let root = dir.join(disk::ROOT_FILE);
             disk::copy_root(image_file, &root, mode).map_err(disk::DiskError::CopyRoot)?;
             disk::grow(runner, &root, disk_bytes)
         }

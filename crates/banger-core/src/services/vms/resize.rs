@@ -66,17 +66,14 @@ impl VmLifecycle {
         let dir = Path::new(&vm.dir);
         let mut growths = Vec::new();
         if let Some(to) = p.disk_bytes {
-            let file = match vm.root_mode {
-                RootMode::Overlay => dir.join(disk::UPPER_FILE),
-                RootMode::Reflink | RootMode::Copy => dir.join("root.ext4"),
-                RootMode::DmSnapshot => {
-                    return Err(OpError::conflict(format!(
-                        "VM `{name}`'s root is a dm-snapshot of its image, always the image's \
+            if vm.root_mode == RootMode::DmSnapshot {
+                return Err(OpError::conflict(format!(
+                    "VM `{name}`'s root is a dm-snapshot of its image, always the image's \
                          size; its work disk can grow (--work-disk), or make a VM with \
-                         --root-mode overlay or reflink for a larger root"
-                    )))
-                }
-            };
+                     --root-mode overlay or reflink for a larger root"
+                )));
+            }
+            let file = dir.join(disk::own_root_file(vm.root_mode));
             growths.extend(growth("root disk", "--disk", file, to)?);
         }
         if let Some(to) = p.work_disk_bytes {
@@ -84,7 +81,7 @@ impl VmLifecycle {
             growths.extend(growth(
                 "work disk",
                 "--work-disk",
-                dir.join("work.ext4"),
+                dir.join(disk::WORK_FILE),
                 to,
             )?);
         }

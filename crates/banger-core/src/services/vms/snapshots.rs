@@ -40,9 +40,9 @@ const BUSY_WAIT: Duration = Duration::from_secs(2);
 /// What a snapshot of a VM in this root mode copies: the VM's own disks.
 pub(super) fn disk_files(mode: RootMode) -> &'static [&'static str] {
     match mode {
-        RootMode::Overlay => &[disk::UPPER_FILE, "work.ext4"],
-        RootMode::DmSnapshot => &["cow.img", "work.ext4"],
-        RootMode::Reflink | RootMode::Copy => &["root.ext4", "work.ext4"],
+        RootMode::Overlay => &[disk::UPPER_FILE, disk::WORK_FILE],
+        RootMode::DmSnapshot => &[disk::COW_FILE, disk::WORK_FILE],
+        RootMode::Reflink | RootMode::Copy => &[disk::ROOT_FILE, disk::WORK_FILE],
     }
 }
 

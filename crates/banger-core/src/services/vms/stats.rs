@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use banger_proto::agent::GuestStats;
 
-use banger_proto::domain::RootMode;
 use banger_proto::vm::{DiskStats, GuestMemory, NetStats, VmStats};
 
 use super::lifecycle::VmLifecycle;
@@ -96,17 +95,13 @@ impl VmLifecycle {
     }
 
     fn one(&self, vm: &VmRecord) -> OpResult<VmStats> {
-        let info = self.registry.info(vm)?;
         let rt = self.registry.live(&vm.name)?;
+        let info = self.registry.info_with(vm, rt.clone())?;
         let dir = Path::new(&vm.dir);
-        let root_file = match vm.root_mode {
-            RootMode::Overlay => dir.join(disk::UPPER_FILE),
-            RootMode::DmSnapshot => dir.join("cow.img"),
-            RootMode::Reflink | RootMode::Copy => dir.join("root.ext4"),
-        };
+        let root_file = dir.join(disk::own_root_file(vm.root_mode));
         let mut disks = vec![
             disk_stats("root", &root_file, "/"),
-            disk_stats("work", &dir.join("work.ext4"), &info.work_mount),
+            disk_stats("work", &dir.join(disk::WORK_FILE), &info.work_mount),
         ];
         let mut stats = VmStats {
             name: vm.name.clone(),
