@@ -162,6 +162,11 @@ impl VmRegistry {
 
     pub fn info(&self, vm: &VmRecord) -> OpResult<VmInfo> {
         let rt = self.live(&vm.name)?;
+        self.info_with(vm, rt)
+    }
+
+    /// [`Self::info`] for a caller that has just read the VM's runtime.
+    pub fn info_with(&self, vm: &VmRecord, rt: Option<VmRuntime>) -> OpResult<VmInfo> {
         let problem = match &rt {
             Some(_) => self
                 .vmm(vm.vmm)
