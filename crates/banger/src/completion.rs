@@ -77,22 +77,23 @@ fn candidates(kind: Kind) -> Vec<CompletionCandidate> {
         return Vec::new();
     };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    let call = crate::client::call_on::<m::VmList>;
-    let names: Vec<String> = match kind {
-        Kind::Vm => call(stream, NoParams {}, |_| {})
-            .map(|v| v.into_iter().map(|i| i.name).collect())
-            .unwrap_or_default(),
-        Kind::Image => crate::client::call_on::<m::ImageList>(stream, NoParams {}, |_| {})
-            .map(|v| v.into_iter().map(|i| i.name).collect())
-            .unwrap_or_default(),
-        Kind::Kernel => crate::client::call_on::<m::KernelList>(stream, NoParams {}, |_| {})
-            .map(|v| v.into_iter().map(|i| i.name).collect())
-            .unwrap_or_default(),
-        Kind::Snapshot => crate::client::call_on::<m::SnapshotList>(stream, NoParams {}, |_| {})
-            .map(|v| v.into_iter().map(|i| i.name).collect())
-            .unwrap_or_default(),
+    let names = match kind {
+        Kind::Vm => names_from::<m::VmList, _>(stream, |i| i.name),
+        Kind::Image => names_from::<m::ImageList, _>(stream, |i| i.name),
+        Kind::Kernel => names_from::<m::KernelList, _>(stream, |i| i.name),
+        Kind::Snapshot => names_from::<m::SnapshotList, _>(stream, |i| i.name),
     };
     names.into_iter().map(CompletionCandidate::new).collect()
+}
+
+/// The names a list method answers with, or none if it fails.
+fn names_from<M, T>(stream: std::os::unix::net::UnixStream, name: fn(T) -> String) -> Vec<String>
+where
+    M: banger_proto::rpc::Method<Params = NoParams, Result = Vec<T>>,
+{
+    crate::client::call_on::<M>(stream, NoParams {}, |_| {})
+        .map(|v| v.into_iter().map(name).collect())
+        .unwrap_or_default()
 }
 
 /// `banger completion SHELL`: the script that registers banger with the
