@@ -363,7 +363,6 @@ fn auto_accel_falls_back_to_tcg_where_kvm_cannot_run_guests() {
         eprintln!("skipping: BANGER_QEMU_ACCEL chooses the accelerator");
         return;
     }
-    banger_testkit::images::push_busybox(&registry, &tmp.path().join("oci"), "busybox:latest");
     let mut banger = Banger::without_daemon();
     let doctor: serde_json::Value =
         serde_json::from_str(&banger.ok(&["doctor", "--json"])).unwrap_or_default();
@@ -379,14 +378,7 @@ fn auto_accel_falls_back_to_tcg_where_kvm_cannot_run_guests() {
     let said = kvm["message"].as_str().unwrap_or_default();
     assert!(said.contains("using tcg"), "{kvm}");
     common::start_vm_daemon_choosing_accel(&mut banger, &agent);
-    banger.ok(&["kernel", "import", kernel.to_str().unwrap()]);
-    banger.ok(&[
-        "image",
-        "pull",
-        &registry.reference("busybox:latest"),
-        "--name",
-        "bb",
-    ]);
+    common::add_busybox_and_kernel(&banger, &registry, tmp.path(), &kernel);
     banger.ok(&["vm", "run", "a1", "--image", "bb"]);
     assert_eq!(sh(&banger, "a1", "echo up"), "up");
     let vmm = common::pids_naming(&[&banger.path("state/vms/a1").to_string_lossy()]);

@@ -53,7 +53,9 @@ impl Banger {
         Banger {
             home,
             daemon: None,
-            daemon_env: Vec::new(),
+            // Choosing an accelerator runs a probe guest at daemon start;
+            // only the test of that choice needs it.
+            daemon_env: vec![("BANGER_QEMU_ACCEL".into(), PathBuf::from("tcg"))],
             netns: None,
             user: None,
         }
@@ -62,10 +64,8 @@ impl Banger {
     /// Like [`Banger::start`], with extra environment for the daemon.
     pub fn start_with_env(env: &[(&str, &Path)]) -> Banger {
         let mut b = Banger::without_daemon();
-        b.daemon_env = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_path_buf()))
-            .collect();
+        b.daemon_env
+            .extend(env.iter().map(|(k, v)| (k.to_string(), v.to_path_buf())));
         b.start_daemon();
         b
     }
@@ -333,12 +333,16 @@ pub fn vm_assets() -> Option<(PathBuf, PathBuf)> {
 /// Starts `banger`'s daemon for real VMs: its own HOME (user keys come from
 /// HOME/.ssh), QEMU under TCG, and the agent under test.
 pub fn start_vm_daemon(banger: &mut Banger, agent: &Path) {
-    banger.add_env("BANGER_QEMU_ACCEL", Path::new("tcg"));
-    start_vm_daemon_choosing_accel(banger, agent);
+    start_with_agent(banger, agent);
 }
 
 /// [`start_vm_daemon`] leaving the accelerator to the daemon (`auto`).
 pub fn start_vm_daemon_choosing_accel(banger: &mut Banger, agent: &Path) {
+    banger.remove_env("BANGER_QEMU_ACCEL");
+    start_with_agent(banger, agent);
+}
+
+fn start_with_agent(banger: &mut Banger, agent: &Path) {
     let home = banger.path("user-home");
     std::fs::create_dir_all(home.join(".ssh")).unwrap();
     banger.add_env("HOME", &home);
@@ -354,9 +358,21 @@ pub fn busybox_vm_daemon(
     agent: &Path,
     kernel: &Path,
 ) -> Banger {
-    banger_testkit::images::push_busybox(registry, &tmp.join("oci"), "busybox:latest");
     let mut banger = Banger::without_daemon();
     start_vm_daemon(&mut banger, agent);
+    add_busybox_and_kernel(&banger, registry, tmp, kernel);
+    banger
+}
+
+/// Imports the test kernel into a running daemon and pulls busybox (pushed
+/// to `registry` from a layout under `tmp`) as `bb`.
+pub fn add_busybox_and_kernel(
+    banger: &Banger,
+    registry: &banger_testkit::registry::Registry,
+    tmp: &Path,
+    kernel: &Path,
+) {
+    banger_testkit::images::push_busybox(registry, &tmp.join("oci"), "busybox:latest");
     banger.ok(&["kernel", "import", kernel.to_str().unwrap()]);
     banger.ok(&[
         "image",
@@ -365,7 +381,6 @@ pub fn busybox_vm_daemon(
         "--name",
         "bb",
     ]);
-    banger
 }
 
 /// The Debian minbase tarball scripts/test builds, or why the test cannot run.
