@@ -7,9 +7,17 @@ crate::error::message_error! {
     AgentBinError
 }
 
+/// Where an install puts the agent and the root helper, under the prefix
+/// that holds `bin/banger` (`/usr` for the package, `/usr/local` for
+/// `scripts/install` and `system install`): files for banger's own use,
+/// not commands for users.
+pub const INSTALLED_AGENT: &str = "lib/banger/banger-agent";
+pub const INSTALLED_HELPER: &str = "lib/banger/banger-root-helper";
+
 /// `explicit` (the `agent_binary` setting, which `BANGER_AGENT_BIN`
-/// overrides), else `banger-agent` beside the running executable, else (in
-/// a source checkout) the one `scripts/build-agent` builds.
+/// overrides), else the installed agent beside the running executable
+/// (`PREFIX/lib/banger/`, or the same directory), else (in a source
+/// checkout) the one `scripts/build-agent` builds.
 pub fn locate(explicit: Option<&str>) -> Result<PathBuf, AgentBinError> {
     if let Some(path) = explicit.filter(|p| !p.is_empty()) {
         let path = PathBuf::from(path);
@@ -29,22 +37,34 @@ pub fn locate(explicit: Option<&str>) -> Result<PathBuf, AgentBinError> {
         };
     }
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let dir = exe.parent().map(PathBuf::from).unwrap_or_default();
-    let candidates = [
-        dir.join("banger-agent"),
-        dir.join("../x86_64-unknown-linux-gnu/agent/banger-agent"),
-        dir.join("../../x86_64-unknown-linux-gnu/agent/banger-agent"),
-    ];
+    let candidates = candidates(&exe);
     candidates
         .iter()
         .find(|p| p.is_file() && is_static_elf(p))
         .map(|p| p.canonicalize().unwrap_or_else(|_| p.clone()))
         .ok_or_else(|| {
-            "the static guest agent binary (banger-agent) was not found next to banger; build it \
-             with `scripts/build-agent` or set BANGER_AGENT_BIN"
-                .to_string()
+            format!(
+                "the static guest agent (banger-agent) is not installed beside {} (looked for \
+                 {}); `cargo install` installs banger alone: run `scripts/install` from banger's \
+                 checkout, or install its Debian package (docs/install.md)",
+                exe.display(),
+                candidates[0].display()
+            )
         })
         .map_err(Into::into)
+}
+
+/// Where the agent may be, for the banger at `exe`: installed, beside it,
+/// or built in the checkout whose target directory holds it.
+pub fn candidates(exe: &std::path::Path) -> Vec<PathBuf> {
+    let dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+    let prefix = dir.parent().map(PathBuf::from).unwrap_or_default();
+    vec![
+        prefix.join(INSTALLED_AGENT),
+        dir.join("banger-agent"),
+        dir.join("../x86_64-unknown-linux-gnu/agent/banger-agent"),
+        dir.join("../../x86_64-unknown-linux-gnu/agent/banger-agent"),
+    ]
 }
 
 /// A 64-bit ELF executable without an interpreter: it can run as PID 1 in any

@@ -43,6 +43,10 @@ pub enum Command {
     Completion {
         #[arg(value_enum)]
         shell: CompletionShell,
+        /// The banger the script runs for completions (default: this one;
+        /// a package names where it installs banger).
+        #[arg(long, hide = true)]
+        bin: Option<std::path::PathBuf>,
     },
     /// Write banger's man pages (one per command) into DIR.
     #[command(hide = true)]

@@ -98,23 +98,44 @@ where
 
 /// `banger completion SHELL`: the script that registers banger with the
 /// shell; at each Tab the shell runs `COMPLETE=SHELL banger -- WORDS…`.
-pub fn print_script(shell: CompletionShell) -> anyhow::Result<i32> {
+pub fn print_script(shell: CompletionShell, bin: Option<&std::path::Path>) -> anyhow::Result<i32> {
     let completer: &dyn EnvCompleter = match shell {
         CompletionShell::Bash => &clap_complete::env::Bash,
         CompletionShell::Zsh => &clap_complete::env::Zsh,
         CompletionShell::Fish => &clap_complete::env::Fish,
     };
     // The absolute path: completion works whatever PATH the shell has.
-    let exe = std::env::current_exe()?;
-    let mut out = std::io::stdout().lock();
+    let exe = match bin {
+        Some(bin) => bin.to_path_buf(),
+        None => std::env::current_exe()?,
+    };
+    let mut script = Vec::new();
     completer.write_registration(
         "COMPLETE",
         "banger",
         "banger",
         &exe.to_string_lossy(),
-        &mut out,
+        &mut script,
     )?;
+    let mut script = String::from_utf8(script)?;
+    if matches!(shell, CompletionShell::Zsh) {
+        script = autoloadable(&script);
+    }
+    print!("{script}");
     Ok(0)
+}
+
+/// The zsh script, also right as `_banger` in `fpath` (where packages put
+/// it): autoloaded, it completes at once rather than only registering.
+fn autoloadable(script: &str) -> String {
+    const REGISTER: &str = "compdef _clap_dynamic_completer_banger banger";
+    script.replace(
+        REGISTER,
+        &format!(
+            "if [ \"$funcstack[1]\" = \"_banger\" ]; then\n    \
+             _clap_dynamic_completer_banger \"$@\"\nelse\n    {REGISTER}\nfi"
+        ),
+    )
 }
 
 /// `banger man DIR`: one page per command (`banger-vm-run.1`, …).

@@ -4,6 +4,7 @@ mod cli;
 mod client;
 mod commands;
 mod completion;
+mod install_manifest;
 mod interrupt;
 mod output;
 mod progress;

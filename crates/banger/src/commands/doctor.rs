@@ -444,7 +444,7 @@ fn agent(config: &banger_core::config::Config) -> Check {
             "agent",
             Status::Fail,
             e,
-            Some("`scripts/build-agent`, or set BANGER_AGENT_BIN"),
+            Some("`scripts/install`, or set BANGER_AGENT_BIN to a `scripts/build-agent` build"),
         ),
     }
 }

@@ -31,7 +31,9 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Doctor(flags) => doctor::run(&paths, flags.json),
         Command::System(cmd) => system::run(cmd),
         Command::SshConfig(flags) => ssh_config(&paths, flags.json),
-        Command::Completion { shell } => crate::completion::print_script(shell),
+        Command::Completion { shell, bin } => {
+            crate::completion::print_script(shell, bin.as_deref())
+        }
         Command::Man { dir } => crate::completion::write_man_pages(&dir),
     }
 }

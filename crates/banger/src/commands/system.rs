@@ -7,7 +7,8 @@ use anyhow::{bail, Context};
 use banger_host::{CommandSpec, ProcessRunner, RealRunner};
 
 use crate::cli::{SystemCommand, SystemInstallArgs, SystemUninstallArgs};
-use crate::units::{Install, BINARIES, DAEMON_UNIT, GROUP, HELPER_UNIT};
+use crate::install_manifest::Manifest;
+use crate::units::{Install, COPY_PREFIX, DAEMON_UNIT, GROUP, HELPER_UNIT};
 
 pub fn run(cmd: SystemCommand) -> anyhow::Result<i32> {
     if !nix::unistd::geteuid().is_root() {
@@ -53,20 +54,37 @@ fn install(args: SystemInstallArgs) -> anyhow::Result<i32> {
             root.join("etc/passwd").display()
         );
     };
+    // A banger running from an install (the package's /usr, or
+    // `scripts/install`'s /usr/local) is used where it is; any other (a
+    // build, `cargo install`) is copied, root-owned, under /usr/local.
+    let in_place = Install::running_prefix(&root);
     let install = Install {
         root: root.clone(),
         user: user.clone(),
         home,
+        prefix: in_place.unwrap_or(COPY_PREFIX).to_string(),
     };
     let runner = RealRunner;
     let mut done = Vec::new();
+    let mut manifest = Manifest::load(&root)?.unwrap_or_default();
 
-    for (rel, built) in BINARIES {
-        let binary = install.path(rel);
-        copy_binary(built, &binary)?;
-        done.push(format!("installed {}", binary.display()));
+    if in_place.is_none() {
+        for (rel, built) in install.binaries() {
+            let binary = install.path(&rel);
+            let source =
+                Install::source(built).with_context(|| format!("finding {built} to install"))?;
+            if source.canonicalize().ok() == binary.canonicalize().ok() {
+                continue; // Already running the installed copy.
+            }
+            manifest.note_file(&root, &rel);
+            manifest.save(&root)?;
+            copy_binary(built, &source, &binary)?;
+            done.push(format!("installed {}", binary.display()));
+        }
     }
     if group_members(&root, GROUP)?.is_none() {
+        manifest.group_created = true;
+        manifest.save(&root)?;
         runner.run(&prefixed("groupadd", &root).args(["--system", GROUP]))?;
         done.push(format!("created group {GROUP}"));
     }
@@ -74,6 +92,10 @@ fn install(args: SystemInstallArgs) -> anyhow::Result<i32> {
         .unwrap_or_default()
         .contains(&user)
     {
+        if !manifest.group_created {
+            manifest.added_to_group = Some(user.clone());
+            manifest.save(&root)?;
+        }
         runner.run(&prefixed("usermod", &root).args(["-a", "-G", GROUP, &user]))?;
         done.push(format!("added {user} to group {GROUP}"));
     }
@@ -82,6 +104,8 @@ fn install(args: SystemInstallArgs) -> anyhow::Result<i32> {
         (DAEMON_UNIT, install.daemon_unit()),
     ] {
         let path = install.path(rel);
+        manifest.note_file(&root, rel);
+        manifest.save(&root)?;
         write_root_file(&path, &text, 0o644)?;
         done.push(format!("wrote {}", path.display()));
     }
@@ -133,23 +157,37 @@ fn uninstall(args: SystemUninstallArgs) -> anyhow::Result<i32> {
             "banger-helper.service",
         ]));
     }
-    for rel in [HELPER_UNIT, DAEMON_UNIT]
-        .into_iter()
-        .chain(BINARIES.map(|(rel, _)| rel))
-    {
-        let path = root.join(rel);
-        match std::fs::remove_file(&path) {
-            Ok(()) => done.push(format!("removed {}", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
-        }
-    }
+    // An install from before manifests wrote these, and nothing else.
+    let legacy = || Manifest {
+        files: [
+            HELPER_UNIT,
+            DAEMON_UNIT,
+            "usr/local/bin/banger",
+            "usr/local/bin/banger-root-helper",
+        ]
+        .map(String::from)
+        .into(),
+        group_created: true,
+        ..Manifest::default()
+    };
+    let manifest = match Manifest::load(&root)? {
+        Some(m) => m,
+        None if Install::present(&root) => legacy(),
+        None => Manifest::default(),
+    };
+    done.extend(manifest.remove_files(&root)?);
     if live(&root) {
         let _ = runner.run(&CommandSpec::new("systemctl").arg("daemon-reload"));
     }
-    if group_members(&root, GROUP)?.is_some() {
+    let members = group_members(&root, GROUP)?;
+    if manifest.group_created && members.is_some() {
         runner.run(&prefixed("groupdel", &root).arg(GROUP))?;
         done.push(format!("removed group {GROUP}"));
+    } else if let Some(user) = &manifest.added_to_group {
+        if members.unwrap_or_default().contains(user) {
+            runner.run(&prefixed("usermod", &root).args(["-r", "-G", GROUP, user]))?;
+            done.push(format!("removed {user} from group {GROUP}"));
+        }
     }
     if args.json {
         println!(
@@ -199,19 +237,16 @@ pub fn group_members(root: &Path, group: &str) -> anyhow::Result<Option<Vec<Stri
     }))
 }
 
-/// Installs the binary built as `built` (found beside this one) at `dest`.
-fn copy_binary(built: &str, dest: &Path) -> anyhow::Result<()> {
-    let exe = Install::source(built).context("finding this binary")?;
-    if exe.canonicalize().ok() == dest.canonicalize().ok() {
-        return Ok(()); // Already running the installed copy.
-    }
-    if !exe.is_file() {
+/// Installs `source` (the binary built as `built`) at `dest`.
+fn copy_binary(built: &str, source: &Path, dest: &Path) -> anyhow::Result<()> {
+    if !source.is_file() {
         bail!(
-            "{built} was not found next to banger ({}); install banger's whole build              (`cargo build --release` makes both)",
-            exe.display()
+            "{built} was not found ({}); install banger's whole build: `scripts/install`, \
+             or `cargo build --release -p banger -p banger-helper` and `scripts/build-agent`",
+            source.display()
         );
     }
-    let bytes = std::fs::read(&exe).with_context(|| format!("reading {}", exe.display()))?;
+    let bytes = std::fs::read(source).with_context(|| format!("reading {}", source.display()))?;
     write_root_file(dest, &bytes, 0o755)
 }
 

@@ -14,6 +14,10 @@ pub struct Banger {
     netns: Option<String>,
     /// The unprivileged uid and gid the daemon runs as, if not root.
     user: Option<(u32, u32)>,
+    /// The banger run (the build under test unless a test installs one).
+    exe: PathBuf,
+    /// Environment the CLI and daemon must not inherit from the test.
+    unset: Vec<String>,
 }
 
 pub fn exe() -> &'static str {
@@ -58,6 +62,8 @@ impl Banger {
             daemon_env: vec![("BANGER_QEMU_ACCEL".into(), PathBuf::from("tcg"))],
             netns: None,
             user: None,
+            exe: PathBuf::from(exe()),
+            unset: Vec::new(),
         }
     }
 
@@ -76,6 +82,14 @@ impl Banger {
         self.netns = Some(ns.to_string());
         self.daemon_env
             .push(("BANGER_NETWORK".into(), PathBuf::from("tap")));
+    }
+
+    /// From now on the CLI and the daemon are `exe` (an installed banger),
+    /// which must find what it needs by itself: the test's own
+    /// `BANGER_AGENT_BIN` is not passed on.
+    pub fn use_installed(&mut self, exe: &Path) {
+        self.exe = exe.to_path_buf();
+        self.unset.push("BANGER_AGENT_BIN".into());
     }
 
     /// Drops extra environment `key` from the daemon's next start.
@@ -146,9 +160,12 @@ impl Banger {
                 "sh".into(),
             ]);
         }
-        argv.push(exe().into());
+        argv.push(self.exe.to_string_lossy().into_owned());
         let mut command = Command::new(&argv[0]);
         command.args(&argv[1..]);
+        for key in &self.unset {
+            command.env_remove(key);
+        }
         let child = command
             .arg("daemon")
             .env("BANGER_HOME", self.home.path())
@@ -191,7 +208,10 @@ impl Banger {
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(exe());
+        let mut c = Command::new(&self.exe);
+        for key in &self.unset {
+            c.env_remove(key);
+        }
         c.args(args)
             .env("BANGER_HOME", self.home.path())
             .env("BANGER_NETWORK", "none")
