@@ -94,9 +94,15 @@ word_enum! {
 word_enum! {
     /// How VMs get a network (`network.mode`).
     NetworkMode, "network mode" {
-        /// Taps when banger may make them (root or a root helper), else none.
+        /// `bridged` when banger may make taps (root or the root helper),
+        /// else `user`.
         Auto = "auto",
-        Tap = "tap",
+        /// A tap per VM on banger's subnet: an address, NAT, `NAME.vm`
+        /// names, VM↔VM within isolation rules. Needs root or the helper.
+        Bridged = "bridged",
+        /// The VMM's own user-mode NAT (QEMU `-netdev user`): outbound only,
+        /// needs no privilege.
+        User = "user",
         None = "none",
     }
 }

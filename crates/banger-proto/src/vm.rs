@@ -233,8 +233,20 @@ pub struct VmInfo {
     /// The host tap while the VM runs.
     #[serde(default)]
     pub tap: Option<String>,
+    /// How the running VM is networked, and what that mode cannot do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<VmNetwork>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workspace: Option<WorkspaceInfo>,
+}
+
+/// A running VM's network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmNetwork {
+    pub mode: crate::domain::NetworkMode,
+    /// What this mode lacks, in words (empty for `bridged`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lacks: Vec<String>,
 }
 
 /// A VM's workspace.

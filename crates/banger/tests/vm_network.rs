@@ -861,3 +861,149 @@ fn check_three(instances: &[Banger], names: &[&str], ips: &[String], host: &str)
         ));
     }
 }
+
+#[test]
+fn without_root_or_helper_vms_get_user_mode_networking() {
+    let Some((kernel, agent)) = assets() else {
+        return;
+    };
+    let registry = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    push_busybox(&registry, &tmp.path().join("oci"), "busybox:latest");
+    // An unprivileged daemon and no root helper anywhere: taps are out of reach.
+    let mut banger = Banger::without_daemon();
+    banger.add_env("BANGER_AGENT_BIN", &agent);
+    if let Some(fc) = std::env::var_os("FAKE_FIRECRACKER_BIN") {
+        banger.add_env("BANGER_FIRECRACKER_BIN", Path::new(&fc));
+    }
+    let user_home = tempfile::tempdir().unwrap();
+    must(&format!(
+        "mkdir -p {h}/.ssh && chown -R {DAEMON_UID}:{DAEMON_UID} {h}",
+        h = user_home.path().display()
+    ));
+    banger.add_env("HOME", user_home.path());
+    banger.run_as(DAEMON_UID, None);
+    banger.start_daemon();
+    banger.ok(&["kernel", "import", kernel.to_str().unwrap()]);
+    banger.ok(&[
+        "image",
+        "pull",
+        &registry.reference("busybox:latest"),
+        "--name",
+        "bb",
+    ]);
+
+    let mut lab = Lab::new("u");
+    lab.upstream_dns();
+    let site = tmp.path().join("site");
+    std::fs::create_dir_all(&site).unwrap();
+    std::fs::write(site.join("note.txt"), "served on the host's loopback\n").unwrap();
+    let (host, inet) = (lab.host.clone(), lab.inet.clone());
+    lab.serve(&host, "127.0.0.1", 8089, &site);
+    let internet = tmp.path().join("internet");
+    std::fs::create_dir_all(&internet).unwrap();
+    std::fs::write(internet.join("note.txt"), "from the internet\n").unwrap();
+    lab.serve(&inet, INET_ADDR, 8090, &internet);
+    must(&format!("chmod -R a+rX {}", tmp.path().display()));
+
+    banger.kill_daemon(libc::SIGTERM);
+    banger.move_to_netns(&host);
+    banger.add_env("BANGER_NETWORK", Path::new("auto"));
+    banger.start_daemon();
+    let doctor = must(&format!(
+        "ip netns exec {host} env BANGER_HOME={} {} doctor --json || true",
+        banger.home.path().display(),
+        common::exe()
+    ));
+    assert!(doctor.contains("user-mode"), "{doctor}");
+
+    banger.ok(&["vm", "run", "u1", "--image", "bb"]);
+    let info: serde_json::Value =
+        serde_json::from_str(&banger.ok(&["vm", "inspect", "u1", "--json"])).unwrap();
+    assert_eq!(info[0]["network"]["mode"], "user", "{info}");
+    assert!(
+        info[0]["network"]["lacks"].to_string().contains("VM-to-VM"),
+        "{info}"
+    );
+    assert!(
+        info[0]["ip"].is_null() && info[0]["tap"].is_null(),
+        "{info}"
+    );
+    assert!(taps_in(&host).is_empty(), "user mode makes no taps");
+
+    // Out through QEMU's NAT: the host's loopback services at 10.0.2.2,
+    // anything the host reaches, and names through the host's resolver.
+    assert!(guest_gets(
+        &banger,
+        "u1",
+        "10.0.2.2:8089",
+        "/note.txt",
+        "host's loopback"
+    ));
+    assert!(guest_gets(
+        &banger,
+        "u1",
+        &format!("{INET_ADDR}:8090"),
+        "/note.txt",
+        "from the internet"
+    ));
+    let relayed = banger.ok(&[
+        "vm",
+        "exec",
+        "u1",
+        "--",
+        "nslookup",
+        "-type=a",
+        "example.test",
+    ]);
+    assert!(relayed.contains(UPSTREAM_ANSWER), "{relayed}");
+
+    // Port forwarding rides the agent's channel, not the network.
+    banger.ok(&[
+        "vm",
+        "exec",
+        "u1",
+        "--",
+        "sh",
+        "-c",
+        "mkdir -p /tmp/www && echo hello from u1 > /tmp/www/index.html && httpd -p 8000 -h /tmp/www",
+    ]);
+    let (mut forward, listening) = banger.port_forward("u1", "0:8000");
+    let page = fetch(&host, &format!("http://{listening}/index.html"));
+    assert!(
+        String::from_utf8_lossy(&page.stdout).contains("hello from u1"),
+        "{listening}: {}",
+        String::from_utf8_lossy(&page.stderr)
+    );
+    let _ = forward.kill();
+    let _ = forward.wait();
+
+    // Firecracker has no user-mode NAT: refused before anything is made.
+    if std::env::var_os("FAKE_FIRECRACKER_BIN").is_some() {
+        let out = banger.run(&["vm", "run", "f1", "--image", "bb", "--vmm", "firecracker"]);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && said.contains("no user-mode networking"),
+            "{said}"
+        );
+        assert!(!banger.path("state/vms/f1").exists());
+        // One made without starting says so at its start.
+        banger.ok(&[
+            "vm",
+            "create",
+            "f2",
+            "--image",
+            "bb",
+            "--vmm",
+            "firecracker",
+        ]);
+        let out = banger.run(&["vm", "start", "f2"]);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && said.contains("no user-mode networking"),
+            "{said}"
+        );
+        banger.ok(&["vm", "rm", "f2"]);
+    }
+    banger.ok(&["vm", "rm", "-f", "u1"]);
+}

@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::error::{OpError, OpResult};
 use crate::network::{address, dns};
 use crate::store::Store;
-use crate::vm::vmm::Nic;
+use crate::vm::vmm::{Nic, NicBackend};
 #[cfg(test)]
 use banger_host::NetCall;
 
@@ -25,13 +25,25 @@ const DEFAULT_DNS_PORT: u16 = 1053;
 const DEFAULT_POOL: usize = 2;
 /// Taps are opened through it; a kernel without it has no taps.
 const TUN_DEVICE: &str = "/dev/net/tun";
+/// Every user-mode guest's address: each has a NAT of its own.
+const USER_GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
 
 enum State {
     Disabled,
     /// Networking is wanted but cannot work; every start says why.
     Broken(String),
+    /// Bridged: taps on banger's subnet.
     Ready(NetSetup),
+    /// The VMM's user-mode NAT: no host objects at all.
+    User,
 }
+
+/// What a user-mode VM cannot do, for `vm inspect` and `doctor`.
+pub const USER_MODE_LACKS: [&str; 3] = [
+    "no NAME.vm from the host (reach it with `banger vm port-forward` or `banger ssh`)",
+    "no VM-to-VM traffic",
+    "no Firecracker VMs (bridged networking needs the root helper: `sudo banger system install`)",
+];
 
 pub struct NetworkService {
     host: Arc<dyn HostNetwork>,
@@ -64,7 +76,11 @@ impl NetworkService {
         store: Arc<Store>,
     ) -> NetworkService {
         let net = &config.network;
-        let mode = net.mode.as_deref().unwrap_or("auto").parse::<NetworkMode>();
+        // `tap` is what bridged was called before user mode existed.
+        let mode = match net.mode.as_deref().unwrap_or("auto") {
+            "tap" => Ok(NetworkMode::Bridged),
+            word => word.parse::<NetworkMode>(),
+        };
         // SAFETY: geteuid has no preconditions.
         let owner = unsafe { libc::geteuid() };
         let instance = match Self::instance(&store) {
@@ -76,12 +92,13 @@ impl NetworkService {
         };
         let state = match mode {
             Ok(NetworkMode::None) => State::Disabled,
+            Ok(NetworkMode::User) => State::User,
             // Neither root nor a root helper, or no tun driver: taps cannot
-            // be made, and `auto` means "when it can work".
+            // be made, and `auto` means the VMM's own NAT instead.
             Ok(NetworkMode::Auto) if !privileged || !std::path::Path::new(TUN_DEVICE).exists() => {
-                State::Disabled
+                State::User
             }
-            Ok(NetworkMode::Auto | NetworkMode::Tap) => {
+            Ok(NetworkMode::Auto | NetworkMode::Bridged) => {
                 match Self::subnet(config, &store, &instance) {
                     Ok(subnet) => State::Ready(NetSetup {
                         instance: instance.clone(),
@@ -93,7 +110,7 @@ impl NetworkService {
                 }
             }
             Err(_) => State::Broken(format!(
-                "network.mode `{}` is not one of auto, tap, none",
+                "network.mode `{}` is not one of auto, bridged, user, none",
                 net.mode.as_deref().unwrap_or_default()
             )),
         };
@@ -137,7 +154,7 @@ impl NetworkService {
 
     fn ready(&self) -> OpResult<Option<&NetSetup>> {
         match &self.state {
-            State::Disabled => Ok(None),
+            State::Disabled | State::User => Ok(None),
             State::Broken(e) => Err(OpError::invalid(format!("VM networking: {e}"))),
             State::Ready(setup) => Ok(Some(setup)),
         }
@@ -165,13 +182,37 @@ impl NetworkService {
         &self.domain
     }
 
+    /// The mode new VM starts get; `None` when networking is off.
+    pub fn mode(&self) -> Option<NetworkMode> {
+        match &self.state {
+            State::Disabled | State::Broken(_) => None,
+            State::Ready(_) => Some(NetworkMode::Bridged),
+            State::User => Some(NetworkMode::User),
+        }
+    }
+
+    /// Refuses a start this network cannot serve, before anything is made.
+    pub fn check_vmm(&self, vmm: banger_proto::domain::VmmKind) -> OpResult<()> {
+        if matches!(self.state, State::User) && vmm == banger_proto::domain::VmmKind::Firecracker {
+            return Err(OpError::invalid(
+                "Firecracker has no user-mode networking, and this daemon has no root helper \
+                 for bridged networking: run `sudo banger system install` (then restart the \
+                 daemon), use --vmm qemu, or set network.mode = \"none\" for VMs without a network",
+            ));
+        }
+        Ok(())
+    }
+
     /// What `doctor` and `daemon status` show.
     pub fn describe(&self) -> Result<String, crate::network::NetError> {
         match &self.state {
-            State::Disabled => Ok(
-                "off (network.mode none; or neither root nor a root helper; or no /dev/net/tun)"
-                    .into(),
-            ),
+            State::Disabled => Ok("off (network.mode none, or no /dev/net/tun for taps)".into()),
+            State::User => Ok(format!(
+                "user-mode (QEMU's NAT, no root needed): guests reach out, and the host's \
+                 loopback services at {}; {}",
+                crate::vm::vmm::USER_NET.1,
+                USER_MODE_LACKS.join("; ")
+            )),
             State::Broken(e) => Err(e.clone().into()),
             State::Ready(s) => Ok(format!(
                 "taps on {} (gateway {} on {}, domain .{}, instance {})",
@@ -208,6 +249,15 @@ impl NetworkService {
 
     /// What the agent configures inside the VM.
     pub fn guest(&self, ip: Option<&str>) -> OpResult<Option<GuestNetwork>> {
+        if matches!(self.state, State::User) {
+            let (_, host, dns) = crate::vm::vmm::USER_NET;
+            return Ok(Some(GuestNetwork {
+                address: USER_GUEST,
+                gateway: parse_ip(host)?,
+                nameserver: parse_ip(dns)?,
+                search: Some(self.domain.clone()),
+            }));
+        }
         let (Some(setup), Some(ip)) = (self.ready()?, ip) else {
             return Ok(None);
         };
@@ -268,6 +318,12 @@ impl NetworkService {
     /// A tap for the VM at `ip`, from the pool when one is spare, routed to
     /// the guest.
     pub fn attach(&self, ip: Option<&str>) -> OpResult<Option<Nic>> {
+        if matches!(self.state, State::User) {
+            return Ok(Some(Nic {
+                backend: NicBackend::User,
+                mac: address::mac_for(USER_GUEST),
+            }));
+        }
         let (Some(setup), Some(ip)) = (self.ready()?, ip) else {
             return Ok(None);
         };
@@ -281,7 +337,7 @@ impl NetworkService {
         self.host.route(&tap, guest, setup).map_err(host_err)?;
         taps.claimed.push(tap.clone());
         Ok(Some(Nic {
-            tap,
+            backend: NicBackend::Tap(tap),
             mac: address::mac_for(guest),
         }))
     }
@@ -442,6 +498,73 @@ mod tests {
         NetworkService::new(&config, Arc::new(net.clone()), true, store)
     }
 
+    fn service_in(mode: &str, privileged: bool) -> (NetworkService, FakeHostNetwork) {
+        let host = FakeHostNetwork::default();
+        let config: Config = toml::from_str(&format!(
+            "[network]\nmode = \"{mode}\"\nsubnet = \"10.250.9.0/24\"\n"
+        ))
+        .unwrap();
+        let store = Arc::new(Store::open_in_memory().unwrap());
+        let svc = NetworkService::new(&config, Arc::new(host.clone()), privileged, store);
+        (svc, host)
+    }
+
+    #[test]
+    fn auto_is_user_mode_without_privilege_and_user_mode_touches_no_host_object() {
+        let (svc, host) = service_in("auto", false);
+        assert_eq!(svc.mode(), Some(NetworkMode::User));
+        assert_eq!(svc.allocate().unwrap(), None, "no subnet address");
+        let nic = svc.attach(None).unwrap().unwrap();
+        assert_eq!(nic.backend, NicBackend::User);
+        let guest = svc.guest(None).unwrap().unwrap();
+        assert_eq!(
+            (guest.address, guest.gateway, guest.nameserver),
+            (
+                USER_GUEST,
+                Ipv4Addr::new(10, 0, 2, 2),
+                Ipv4Addr::new(10, 0, 2, 3)
+            )
+        );
+        svc.reconcile().unwrap();
+        svc.refill();
+        svc.detach(None, None);
+        assert!(host.calls().is_empty(), "{:?}", host.calls());
+        assert_eq!(svc.dns_addr(), None);
+        assert!(svc.describe().unwrap().contains("no VM-to-VM"));
+        let refused = svc
+            .check_vmm(banger_proto::domain::VmmKind::Firecracker)
+            .unwrap_err();
+        assert!(
+            refused.message.contains("sudo banger system install"),
+            "{}",
+            refused.message
+        );
+        svc.check_vmm(banger_proto::domain::VmmKind::Qemu).unwrap();
+    }
+
+    #[test]
+    fn modes_by_name_and_the_old_word_tap() {
+        for (word, privileged, want) in [
+            ("auto", true, Some(NetworkMode::Bridged)),
+            ("bridged", true, Some(NetworkMode::Bridged)),
+            ("tap", true, Some(NetworkMode::Bridged)),
+            ("user", true, Some(NetworkMode::User)),
+            ("none", true, None),
+        ] {
+            // `auto` also needs /dev/net/tun for taps.
+            if word == "auto" && !std::path::Path::new(TUN_DEVICE).exists() {
+                continue;
+            }
+            assert_eq!(service_in(word, privileged).0.mode(), want, "{word}");
+        }
+        let (broken, _) = service_in("slirp", true);
+        assert!(broken
+            .describe()
+            .unwrap_err()
+            .to_string()
+            .contains("auto, bridged, user, none"));
+    }
+
     #[test]
     fn two_instances_on_one_host_keep_to_their_own_taps() {
         let host = FakeHostNetwork::default();
@@ -450,19 +573,21 @@ mod tests {
         assert_ne!(a.instance, b.instance);
         a.reconcile().unwrap();
         let nic = a.attach(Some("10.250.1.2")).unwrap().unwrap();
-        assert!(a.instance.owns_tap(&nic.tap), "{}", nic.tap);
+        let tap = nic.tap().unwrap().to_string();
+        assert!(a.instance.owns_tap(&tap), "{tap}");
         let a_taps = host.taps(&a.instance).unwrap();
         // B starting up, filling its pool and trimming spares leaves A's
         // in-use and spare taps alone, and hands out none of them.
         b.reconcile().unwrap();
         let other = b.attach(Some("10.250.2.2")).unwrap().unwrap();
-        assert!(b.instance.owns_tap(&other.tap), "{}", other.tap);
-        b.detach(Some(&other.tap), Some("10.250.2.2"));
+        let other = other.tap().unwrap();
+        assert!(b.instance.owns_tap(other), "{other}");
+        b.detach(Some(other), Some("10.250.2.2"));
         b.reconcile().unwrap();
         assert_eq!(host.taps(&a.instance).unwrap(), a_taps);
         assert!(host
             .routes()
-            .contains(&(nic.tap.clone(), "10.250.1.2".parse().unwrap())));
+            .contains(&(tap.clone(), "10.250.1.2".parse().unwrap())));
         // B deleted none of A's taps along the way.
         let calls = host.calls();
         assert!(!calls
@@ -479,7 +604,7 @@ mod tests {
         assert_eq!(spare.len(), 1, "the pool");
         host.set_busy(&spare[0], true);
         let nic = a.attach(Some("10.250.3.2")).unwrap().unwrap();
-        assert_ne!(nic.tap, spare[0]);
+        assert_ne!(nic.tap().unwrap(), spare[0]);
         // Nor is it trimmed as a spare: whoever holds it keeps it.
         a.reconcile().unwrap();
         assert!(host.taps(&a.instance).unwrap().contains(&spare[0]));

@@ -96,6 +96,8 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE vm_runtime ADD COLUMN started_from TEXT;
     ALTER TABLE vm_runtime ADD COLUMN held INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE vms ADD COLUMN restore_from TEXT;",
+    // How a running VM is networked (`bridged`, `user`; none without).
+    "ALTER TABLE vm_runtime ADD COLUMN network TEXT;",
 ];
 
 pub fn apply(conn: &mut Connection) -> anyhow::Result<()> {

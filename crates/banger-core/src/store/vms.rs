@@ -43,6 +43,8 @@ pub struct VmRuntime {
     pub started_from: Option<String>,
     /// Its agent was held for a snapshot and not yet released.
     pub held: bool,
+    /// How its VMM was given a network; none without one.
+    pub network: Option<banger_proto::domain::NetworkMode>,
 }
 
 impl VmRuntime {
@@ -99,6 +101,9 @@ fn runtime_from_row(row: &Row<'_>) -> rusqlite::Result<VmRuntime> {
         paused: row.get(5)?,
         started_from: row.get(6)?,
         held: row.get(7)?,
+        network: row
+            .get::<_, Option<String>>(8)?
+            .and_then(|w| w.parse().ok()),
     })
 }
 
@@ -173,8 +178,8 @@ impl Store {
 
     pub fn set_runtime(&self, rt: &VmRuntime) -> rusqlite::Result<()> {
         self.conn().execute(
-            "INSERT OR REPLACE INTO vm_runtime (name, pid, start_time, started_at, tap, paused, started_from, held) VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
-            params![rt.name, rt.pid, rt.start_time as i64, rt.started_at, rt.tap, rt.paused, rt.started_from, rt.held],
+            "INSERT OR REPLACE INTO vm_runtime (name, pid, start_time, started_at, tap, paused, started_from, held, network) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9)",
+            params![rt.name, rt.pid, rt.start_time as i64, rt.started_at, rt.tap, rt.paused, rt.started_from, rt.held, rt.network.map(|m| m.as_str())],
         )?;
         Ok(())
     }
@@ -182,7 +187,7 @@ impl Store {
     pub fn get_runtime(&self, name: &str) -> rusqlite::Result<Option<VmRuntime>> {
         self.conn()
             .query_row(
-                "SELECT name, pid, start_time, started_at, tap, paused, started_from, held FROM vm_runtime WHERE name = ?1",
+                "SELECT name, pid, start_time, started_at, tap, paused, started_from, held, network FROM vm_runtime WHERE name = ?1",
                 [name],
                 runtime_from_row,
             )
@@ -192,7 +197,7 @@ impl Store {
     pub fn list_runtimes(&self) -> rusqlite::Result<Vec<VmRuntime>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT name, pid, start_time, started_at, tap, paused, started_from, held FROM vm_runtime",
+            "SELECT name, pid, start_time, started_at, tap, paused, started_from, held, network FROM vm_runtime",
         )?;
         let rows = stmt.query_map([], runtime_from_row)?;
         rows.collect()

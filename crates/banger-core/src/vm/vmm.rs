@@ -34,11 +34,43 @@ pub struct Disk {
     pub read_only: bool,
 }
 
+/// The VM's network device and what backs it on the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Nic {
-    pub tap: String,
+    pub backend: NicBackend,
     pub mac: String,
 }
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NicBackend {
+    /// A host tap on banger's subnet (bridged).
+    Tap(String),
+    /// The VMM's own user-mode NAT; only QEMU has one.
+    User,
+}
+
+impl Nic {
+    pub fn tap(&self) -> Option<&str> {
+        match &self.backend {
+            NicBackend::Tap(tap) => Some(tap),
+            NicBackend::User => None,
+        }
+    }
+
+    /// The tap, for a VMM that has no other way to a network.
+    pub fn require_tap(&self, vmm: &str) -> Result<&str, VmmError> {
+        self.tap().ok_or_else(|| {
+            VmmError::Spec(format!(
+                "{vmm} has no user-mode networking; bridged networking needs the root helper \
+                 (`sudo banger system install`), or use --vmm qemu"
+            ))
+        })
+    }
+}
+
+/// QEMU user-mode networking: the guests' subnet, the host as the guest
+/// sees it (the host's loopback services answer there) and the DNS relay.
+pub const USER_NET: (&str, &str, &str) = ("10.0.2.0/24", "10.0.2.2", "10.0.2.3");
 
 /// Kernel arguments every banger VM boots with.
 pub const CMDLINE: &str = "console=ttyS0 panic=-1 quiet loglevel=4";
@@ -475,10 +507,18 @@ impl Vmm for Qemu {
         }
         if let Some(nic) = &spec.nic {
             args.push("-netdev".into());
-            args.push(format!(
-                "tap,id=net0,ifname={},script=no,downscript=no",
-                path(Path::new(&nic.tap))?
-            ));
+            args.push(match &nic.backend {
+                NicBackend::Tap(tap) => format!(
+                    "tap,id=net0,ifname={},script=no,downscript=no",
+                    path(Path::new(tap))?
+                ),
+                // libslirp's defaults, written out: the guest config the
+                // network service hands the agent assumes them.
+                NicBackend::User => format!(
+                    "user,id=net0,net={},host={},dns={},ipv6=off",
+                    USER_NET.0, USER_NET.1, USER_NET.2
+                ),
+            });
             args.push("-device".into());
             args.push(format!(
                 "virtio-net-device,netdev=net0,mac={}",
@@ -558,7 +598,7 @@ mod tests {
             vcpus: 2,
             memory_mib: 512,
             nic: Some(Nic {
-                tap: "bgtap3".into(),
+                backend: NicBackend::Tap("bgtap3".into()),
                 mac: "06:00:0a:d5:00:07".into(),
             }),
             restore: None,
@@ -586,6 +626,15 @@ mod tests {
         assert!(line.contains("name=banger.ssh") && line.contains("name=banger.ctl"));
         assert!(line.contains("tap,id=net0,ifname=bgtap3,script=no,downscript=no"));
         assert!(line.contains("virtio-net-device,netdev=net0,mac=06:00:0a:d5:00:07"));
+        let mut user = spec("/vms/web");
+        user.nic.as_mut().unwrap().backend = NicBackend::User;
+        let line = q.command(&user).unwrap().args.join(" ");
+        assert!(
+            line.contains(
+                "-netdev user,id=net0,net=10.0.2.0/24,host=10.0.2.2,dns=10.0.2.3,ipv6=off"
+            ),
+            "{line}"
+        );
         assert!(q.command(&spec("/vms/we,b")).is_err(), "commas are refused");
         assert!(!line.contains("-incoming"));
         let mut restoring = spec("/vms/web");

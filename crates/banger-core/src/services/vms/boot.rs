@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use banger_host::ProcessId;
 use banger_proto::agent::{BootConfig, Identity, Transport, AGENT_PROTOCOL};
+use banger_proto::domain::NetworkMode;
 use banger_proto::vm::{RootMode, VmEvent, VmInfo};
 
 use crate::vm::disk::{self, UPPER_FILE};
@@ -23,7 +24,7 @@ use crate::store::{SnapshotRecord, VmRecord, VmRuntime};
 use crate::vm::agent_client::{self, AgentSession, Ctl};
 use crate::vm::console;
 use crate::vm::keys;
-use crate::vm::vmm::{BootSpec, CtlEndpoint, Disk, Nic, Vmm};
+use crate::vm::vmm::{BootSpec, CtlEndpoint, Disk, Nic, NicBackend, Vmm};
 use banger_proto::kernel::KernelInfo;
 
 const STEPS_START: u32 = 5;
@@ -66,6 +67,7 @@ impl VmLifecycle {
     ) -> OpResult<VmInfo> {
         let vm = vm.clone();
         let vmm = self.registry.vmm(vm.vmm)?;
+        self.registry.network.check_vmm(vm.vmm)?;
         let kernel = self.kernels.get(&vm.kernel)?;
         self.registry.clean_run_files(&vm);
         let mut steps = Steps::new(self.fail_point());
@@ -99,7 +101,7 @@ impl VmLifecycle {
         let nic = self.registry.network.attach(vm.ip.as_deref())?;
         let (network, undo_nic, undo_ip) = (
             self.registry.network.clone(),
-            nic.as_ref().map(|n| n.tap.clone()),
+            nic.as_ref().and_then(|n| n.tap().map(String::from)),
             vm.ip.clone(),
         );
         steps.undo("network", move || {
@@ -298,7 +300,14 @@ impl VmLifecycle {
             pid: pid.pid,
             start_time: pid.start_time,
             started_at: ids::now_rfc3339(),
-            tap: spec.nic.as_ref().map(|n: &Nic| n.tap.clone()),
+            tap: spec
+                .nic
+                .as_ref()
+                .and_then(|n: &Nic| n.tap().map(String::from)),
+            network: spec.nic.as_ref().map(|n| match n.backend {
+                NicBackend::Tap(_) => NetworkMode::Bridged,
+                NicBackend::User => NetworkMode::User,
+            }),
             paused: false,
             started_from: Some(started_from),
             held: false,

@@ -212,6 +212,9 @@ impl VmLifecycle {
             work_disk_bytes,
             root_mode,
         } = self.plan(&params, &image)?;
+        if params.start {
+            self.registry.network.check_vmm(vmm_kind)?;
+        }
         let workspace = match &params.workspace {
             Some(dir) => Some(self.workspaces.check(
                 dir,

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use banger_host::{ProcessId, ProcessLauncher};
-use banger_proto::vm::{RootMode, VmInfo, VmState, VmmKind};
+use banger_proto::domain::NetworkMode;
+use banger_proto::vm::{RootMode, VmInfo, VmNetwork, VmState, VmmKind};
 
 use super::error::VmError;
 use crate::config::Config;
@@ -203,6 +204,15 @@ impl VmRegistry {
             started_at: rt.as_ref().map(|r| r.started_at.clone()),
             started_from: rt.as_ref().and_then(|r| r.started_from.clone()),
             ip: vm.ip.clone(),
+            network: rt.as_ref().and_then(|r| r.network).map(|mode| VmNetwork {
+                mode,
+                lacks: match mode {
+                    NetworkMode::User => crate::services::network::USER_MODE_LACKS
+                        .map(String::from)
+                        .to_vec(),
+                    _ => Vec::new(),
+                },
+            }),
             tap: rt.and_then(|r| r.tap),
             workspace: self.store.get_workspace(&vm.name)?.map(Into::into),
         })

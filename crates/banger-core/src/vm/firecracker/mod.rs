@@ -55,7 +55,8 @@ fn load_request(spec: &BootSpec, snapshot: &Path) -> Result<serde_json::Value, V
         "resume_vm": true,
     });
     if let Some(nic) = &spec.nic {
-        body["network_overrides"] = json!([{ "iface_id": "eth0", "host_dev_name": nic.tap }]);
+        let tap = nic.require_tap("Firecracker")?;
+        body["network_overrides"] = json!([{ "iface_id": "eth0", "host_dev_name": tap }]);
     }
     Ok(body)
 }
@@ -141,10 +142,11 @@ impl Vmm for Firecracker {
                 .await?;
             }
             if let Some(nic) = &spec.nic {
+                let tap = nic.require_tap("Firecracker")?;
                 api::put(
                     &sock,
                     "/network-interfaces/eth0",
-                    &json!({ "iface_id": "eth0", "host_dev_name": nic.tap, "guest_mac": nic.mac }),
+                    &json!({ "iface_id": "eth0", "host_dev_name": tap, "guest_mac": nic.mac }),
                 )
                 .await?;
             }
