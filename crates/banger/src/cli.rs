@@ -10,6 +10,10 @@ use clap::{Args, Parser, Subcommand};
     propagate_version = true
 )]
 pub struct Cli {
+    /// Drive the daemon on another machine, over SSH:
+    /// ssh://[user@]host[:port] (or set BANGER_HOST).
+    #[arg(long, global = true, value_name = "URL")]
+    pub host: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -76,6 +80,9 @@ pub enum DaemonCommand {
     /// Whether a daemon is running, and its pid, version and socket.
     /// Exit status 3 when none is.
     Status(JsonFlag),
+    /// Join standard input and output to the daemon's socket (starting a
+    /// daemon when none runs): how `--host ssh://…` reaches this machine.
+    DialStdio,
 }
 #[derive(Debug, Subcommand)]
 pub enum SystemCommand {

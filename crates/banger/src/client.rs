@@ -10,6 +10,8 @@ use anyhow::Context;
 use banger_core::paths::Paths;
 use banger_proto::{ErrorBody, Frame, Method, Request};
 
+use crate::remote::Remote;
+
 #[derive(Debug)]
 pub enum CallError {
     /// The daemon answered with an error.
@@ -31,20 +33,69 @@ impl std::error::Error for CallError {}
 
 pub struct Client {
     paths: Paths,
+    /// The daemon is on another machine (`--host`).
+    remote: Option<Remote>,
 }
 
 impl Client {
     pub fn new(paths: Paths) -> Client {
-        Client { paths }
+        Client {
+            paths,
+            remote: None,
+        }
     }
 
-    /// Connects to a running daemon only.
+    /// A client of the daemon `remote` names, or of this machine's.
+    pub fn with_remote(paths: Paths, remote: Option<Remote>) -> Client {
+        Client { paths, remote }
+    }
+
+    pub fn remote(&self) -> Option<&Remote> {
+        self.remote.as_ref()
+    }
+
+    /// A path argument as the daemon must get it: this machine's file,
+    /// made absolute (it must exist when `existing`); with `--host`, a
+    /// path on that host, which must be absolute already.
+    pub fn daemon_path(
+        &self,
+        what: &str,
+        path: &std::path::Path,
+        existing: bool,
+    ) -> anyhow::Result<String> {
+        if let Some(remote) = &self.remote {
+            if !path.is_absolute() {
+                anyhow::bail!(
+                    "{what} {}: with --host it names a path on {}; give it whole (/…)",
+                    path.display(),
+                    remote.host
+                );
+            }
+            return Ok(path.display().to_string());
+        }
+        let abs = if existing {
+            std::fs::canonicalize(path)
+        } else {
+            std::path::absolute(path)
+        };
+        abs.map(|p| p.display().to_string())
+            .map_err(|e| anyhow::anyhow!("{what} {}: {e}", path.display()))
+    }
+
+    /// Connects to a running daemon only (a remote one is started there
+    /// as its own commands would).
     pub fn connect_existing(&self) -> std::io::Result<UnixStream> {
-        UnixStream::connect(self.paths.socket())
+        match &self.remote {
+            Some(remote) => remote.connect().map_err(std::io::Error::other),
+            None => UnixStream::connect(self.paths.socket()),
+        }
     }
 
     /// Connects, starting a daemon in the background when none is listening.
     pub fn connect(&self) -> anyhow::Result<UnixStream> {
+        if let Some(remote) = &self.remote {
+            return remote.connect();
+        }
         if let Ok(stream) = self.connect_existing() {
             return Ok(stream);
         }
@@ -102,7 +153,19 @@ impl Client {
         on_event: impl FnMut(M::Event),
     ) -> Result<M::Result, CallError> {
         let stream = self.connect().map_err(CallError::Transport)?;
-        call_on::<M>(stream, params, on_event)
+        call_on::<M>(stream, params, on_event).map_err(|e| self.via(e))
+    }
+
+    /// A transport failure through `--host` names the host: ssh's own
+    /// message (on stderr, just above) says why.
+    fn via(&self, e: CallError) -> CallError {
+        match (e, &self.remote) {
+            (CallError::Transport(e), Some(remote)) => CallError::Transport(e.context(format!(
+                "reaching banger's daemon on {} through ssh (ssh's message, if any, is above)",
+                remote.url()
+            ))),
+            (e, _) => e,
+        }
     }
 
     /// Like [`Client::call`], and once the request is sent `feed` gets a
@@ -124,6 +187,7 @@ impl Client {
             on_event,
             Some(Box::new(move || feed(writer))),
         )
+        .map_err(|e| self.via(e))
     }
 }
 

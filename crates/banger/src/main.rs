@@ -8,6 +8,7 @@ mod install_manifest;
 mod interrupt;
 mod output;
 mod progress;
+mod remote;
 mod units;
 
 use clap::Parser;

@@ -21,6 +21,7 @@ pub fn run(paths: Paths, cmd: Option<DaemonCommand>) -> anyhow::Result<i32> {
         }
         DaemonCommand::Status(flags) => status(&paths, flags.json),
         DaemonCommand::Stop(flags) => stop(&paths, flags.json),
+        DaemonCommand::DialStdio => crate::remote::dial_stdio(Client::new(paths).connect()?),
     }
 }
 

@@ -202,16 +202,16 @@ fn import(
             anyhow::bail!("nothing on stdin: pipe an archive in (`podman save IMAGE | banger image import -`)");
         }
         spooled = Some(spool);
-        file
+        file.display().to_string()
     } else {
-        std::fs::canonicalize(path).map_err(|e| anyhow::anyhow!("{path}: {e}"))?
+        client.daemon_path("archive", std::path::Path::new(path), true)?
     };
     crate::interrupt::note(
         "the daemon finishes the import in the background (`banger image ls` shows it; \
          `banger image rm NAME` removes it)",
     );
     let params = banger_proto::image::ImageImportParams {
-        path: path.display().to_string(),
+        path,
         name,
         platform,
     };

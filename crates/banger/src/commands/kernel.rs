@@ -10,12 +10,6 @@ use crate::cli::KernelCommand;
 use crate::client::Client;
 use crate::output::{relative_time, table};
 
-fn absolute(path: &std::path::Path) -> anyhow::Result<String> {
-    let abs =
-        std::fs::canonicalize(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    Ok(abs.display().to_string())
-}
-
 pub fn run(client: &Client, cmd: KernelCommand) -> anyhow::Result<i32> {
     match cmd {
         KernelCommand::Import {
@@ -25,9 +19,12 @@ pub fn run(client: &Client, cmd: KernelCommand) -> anyhow::Result<i32> {
             default,
             json,
         } => {
-            let modules = modules.as_deref().map(absolute).transpose()?;
+            let modules = modules
+                .as_deref()
+                .map(|m| client.daemon_path("--modules", m, true))
+                .transpose()?;
             let params = ImportParams {
-                path: absolute(&path)?,
+                path: client.daemon_path("kernel", &path, true)?,
                 name,
                 modules,
                 default,

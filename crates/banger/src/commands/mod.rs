@@ -5,6 +5,7 @@ mod daemon;
 mod doctor;
 mod image;
 mod kernel;
+mod remote_forward;
 mod snapshot;
 mod stats;
 mod system;
@@ -18,16 +19,74 @@ use banger_proto::Method;
 
 use crate::cli::{Cli, Command};
 use crate::client::{CallError, Client};
+use crate::remote::Remote;
+
+/// Commands about the machine itself rather than its daemon's VMs run on
+/// the remote host whole (`doctor`, `daemon status|stop`), or are refused
+/// there (`system`, `daemon run`); `None` for the rest, which talk to the
+/// remote daemon through [`Remote::connect`].
+fn on_remote_host(remote: &Remote, command: &Command) -> anyhow::Result<Option<i32>> {
+    use crate::cli::DaemonCommand;
+    let flag = |json: bool| if json { Some("--json") } else { None };
+    let args: Vec<&str> = match command {
+        Command::Doctor(f) => ["doctor"].into_iter().chain(flag(f.json)).collect(),
+        Command::Daemon(a) => match &a.command {
+            Some(DaemonCommand::Status(f)) => ["daemon", "status"]
+                .into_iter()
+                .chain(flag(f.json))
+                .collect(),
+            Some(DaemonCommand::Stop(f)) => {
+                ["daemon", "stop"].into_iter().chain(flag(f.json)).collect()
+            }
+            _ => anyhow::bail!(
+                "`banger daemon` runs the daemon of this machine; with --host, commands reach the \
+                 daemon on {} (started there as needed)",
+                remote.host
+            ),
+        },
+        // Standard input goes to the remote banger as it is: the archive
+        // is spooled there, where the daemon reads it.
+        Command::Image(crate::cli::ImageCommand::Import {
+            path,
+            name,
+            platform,
+            json,
+        }) if path == "-" => {
+            let mut args = vec!["image", "import", "-"];
+            if let Some(n) = name {
+                args.extend(["--name", n]);
+            }
+            if let Some(p) = platform {
+                args.extend(["--platform", p]);
+            }
+            args.extend(flag(*json));
+            args
+        }
+        Command::System(_) => anyhow::bail!(
+            "`banger system` changes this machine's services; run it on {} itself",
+            remote.host
+        ),
+        _ => return Ok(None),
+    };
+    remote.run_there(&args, false).map(Some)
+}
 
 /// Runs a command; returns the process exit code.
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
     let paths = Paths::from_env();
+    let remote = Remote::chosen(cli.host.as_deref())?;
+    if let Some(remote) = &remote {
+        if let Some(code) = on_remote_host(remote, &cli.command)? {
+            return Ok(code);
+        }
+    }
+    let client = Client::with_remote(paths.clone(), remote);
     match cli.command {
         Command::Daemon(args) => daemon::run(paths, args.command),
-        Command::Image(cmd) => image::run(&Client::new(paths), cmd),
-        Command::Kernel(cmd) => kernel::run(&Client::new(paths), cmd),
-        Command::Vm(cmd) => vm::run(&Client::new(paths), cmd),
-        Command::Snapshot(cmd) => snapshot::run(&Client::new(paths), cmd),
+        Command::Image(cmd) => image::run(&client, cmd),
+        Command::Kernel(cmd) => kernel::run(&client, cmd),
+        Command::Vm(cmd) => vm::run(&client, cmd),
+        Command::Snapshot(cmd) => snapshot::run(&client, cmd),
         Command::Doctor(flags) => doctor::run(&paths, flags.json),
         Command::System(cmd) => system::run(cmd),
         Command::SshConfig(flags) => ssh_config(&paths, flags.json),

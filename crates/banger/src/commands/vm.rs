@@ -552,11 +552,7 @@ fn create_call(
         // The daemon runs elsewhere: it gets the directory as an absolute path.
         workspace: args
             .workspace
-            .map(|dir| {
-                std::path::absolute(&dir)
-                    .map(|p| p.display().to_string())
-                    .map_err(|e| anyhow::anyhow!("--workspace {}: {e}", dir.display()))
-            })
+            .map(|dir| client.daemon_path("--workspace", &dir, false))
             .transpose()?,
         workspace_path: args.workspace_path,
         start,
@@ -902,6 +898,9 @@ fn parse_forward(spec: &str) -> Result<(Option<String>, u16, u16), String> {
 fn port_forward(client: &Client, name: &str, spec: &str, json: bool) -> anyhow::Result<i32> {
     check_name(name)?;
     let (ip, host_port, guest_port) = parse_forward(spec).map_err(anyhow::Error::msg)?;
+    if let Some(remote) = client.remote() {
+        return super::remote_forward::run(client, remote, name, ip, host_port, guest_port, json);
+    }
     let params = PortForwardParams {
         name: name.to_string(),
         host_ip: ip,
