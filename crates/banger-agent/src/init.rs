@@ -544,20 +544,25 @@ async fn serve(
         identity,
         control: control.clone(),
     });
-    if config.network.is_some() {
-        // Plain `ssh` over the VM network too; keys are the only way in.
-        match tokio::net::TcpListener::bind(("0.0.0.0", 22)).await {
-            Ok(listener) => {
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    while let Ok((stream, _)) = listener.accept().await {
-                        let _ = stream.set_nodelay(true);
-                        spawn_session(stream, &shared);
-                    }
-                });
-            }
-            Err(e) => log(&format!("cannot listen on TCP port 22: {e}")),
+    // Plain `ssh` over the VM network too, keys the only way in; without a
+    // network, on loopback, where `banger vm dial NAME 22` (ssh's
+    // ProxyCommand) reaches it through the host's SSH session.
+    let listen = if config.network.is_some() {
+        "0.0.0.0"
+    } else {
+        "127.0.0.1"
+    };
+    match tokio::net::TcpListener::bind((listen, 22)).await {
+        Ok(listener) => {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    let _ = stream.set_nodelay(true);
+                    spawn_session(stream, &shared);
+                }
+            });
         }
+        Err(e) => log(&format!("cannot listen on TCP port 22: {e}")),
     }
     match config.transport {
         Transport::VirtioSerial => {

@@ -233,6 +233,9 @@ pub struct VmInfo {
     /// The host tap while the VM runs.
     #[serde(default)]
     pub tap: Option<String>,
+    /// The VM's SSH host key (OpenSSH public key), pinned by `ssh-config`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_key: Option<String>,
     /// How the running VM is networked, and what that mode cannot do.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<VmNetwork>,

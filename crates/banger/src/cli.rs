@@ -499,6 +499,9 @@ pub enum VmCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Join standard input and output to a TCP port inside a VM (for ssh's
+    /// ProxyCommand; what `ssh-config` with --host writes).
+    Dial { name: String, port: u16 },
     /// Show a VM's serial console.
     Logs {
         name: String,

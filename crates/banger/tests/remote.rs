@@ -166,6 +166,12 @@ fn every_kind_of_command_drives_a_daemon_over_ssh() {
     let remote_home = tmp.path().join("remote-home");
     let remote_user_home = tmp.path().join("remote-user");
     std::fs::create_dir_all(remote_user_home.join(".ssh")).unwrap();
+    // Whoever may log in there may log into the VMs there.
+    std::fs::copy(
+        sshd.dir.join("client_key.pub"),
+        remote_user_home.join(".ssh/authorized_keys"),
+    )
+    .unwrap();
     // What the login shell on the remote runs: its own banger, home and settings.
     let remote_banger = format!(
         "env BANGER_HOME={} HOME={} BANGER_NETWORK=none BANGER_QEMU_ACCEL=tcg BANGER_AGENT_BIN={} {}",
@@ -277,6 +283,28 @@ fn every_kind_of_command_drives_a_daemon_over_ssh() {
     let _ = follow.kill();
     let _ = follow.wait();
     assert!(seen.contains("marker-two"), "{seen}");
+
+    // Plain OpenSSH from here to the VM there: ssh-config's entries go
+    // through `banger --host … vm dial r1 22`, host key pinned.
+    let written: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["ssh-config", "--json"])).unwrap();
+    assert_eq!(written["hosts"][0], "r1.banger-remote", "{written}");
+    let mut ssh = Command::new("ssh");
+    ssh.arg("-F")
+        .arg(written["config"].as_str().unwrap())
+        .arg("-i")
+        .arg(sshd.dir.join("client_key"))
+        .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes"])
+        .args(["r1.banger-remote", "--", "hostname"])
+        .env("BANGER_HOME", cli.local_home.path())
+        .envs(cli.env.iter().map(|(k, v)| (k, v)));
+    let out = ssh.output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "r1",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // A port forward opens here and reaches the VM there.
     cli.ok(&[

@@ -1,6 +1,9 @@
 //! The user's own SSH public keys, authorized in every VM beside banger's:
-//! the configured files, else every `~/.ssh/*.pub`, plus what the ssh-agent
-//! holds when the daemon can reach one.
+//! the configured files, else every `~/.ssh/*.pub` and the plain lines of
+//! `~/.ssh/authorized_keys` (whoever may log in as the user, as a remote
+//! `--host` user does, may log into the user's VMs; a key restricted by
+//! options there is left out), plus what the ssh-agent holds when the
+//! daemon can reach one.
 
 use std::path::{Path, PathBuf};
 
@@ -41,6 +44,7 @@ fn files(config: &SshConfig) -> Vec<PathBuf> {
         })
         .unwrap_or_default();
     found.sort();
+    found.push(dir.join("authorized_keys"));
     found
 }
 
@@ -94,5 +98,12 @@ mod tests {
         };
         let keys = load(&config, &banger_host::FakeRunner::default());
         assert_eq!(keys, vec![format!("{key} me@laptop")]);
+    }
+
+    #[test]
+    fn an_authorized_keys_line_with_options_is_left_out() {
+        let key = crate::vm::keys::public_openssh(&crate::vm::keys::generate().unwrap()).unwrap();
+        let text = format!("command=\"backup\",no-pty {key} restricted\n{key} plain\n");
+        assert_eq!(parse(&text), vec![format!("{key} plain")]);
     }
 }

@@ -5,10 +5,10 @@ mod daemon;
 mod doctor;
 mod image;
 mod kernel;
-mod remote_forward;
 mod snapshot;
 mod stats;
 mod system;
+mod tunnel;
 mod vm;
 
 pub use system::passwd_home;
@@ -89,7 +89,10 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Snapshot(cmd) => snapshot::run(&client, cmd),
         Command::Doctor(flags) => doctor::run(&paths, flags.json),
         Command::System(cmd) => system::run(cmd),
-        Command::SshConfig(flags) => ssh_config(&paths, flags.json),
+        Command::SshConfig(flags) => match client.remote() {
+            Some(remote) => tunnel::ssh_config_remote(&client, remote, &paths, flags.json),
+            None => ssh_config(&paths, flags.json),
+        },
         Command::Completion { shell, bin } => {
             crate::completion::print_script(shell, bin.as_deref())
         }

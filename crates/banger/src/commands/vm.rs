@@ -147,6 +147,7 @@ pub fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
             super::print_json::<m::VmInspect>(client, NamesParams { names })
         }
         VmCommand::PortForward { name, spec, json } => port_forward(client, &name, &spec, json),
+        VmCommand::Dial { name, port } => super::tunnel::dial(client, &name, port),
         VmCommand::Cp { paths } => super::cp::run(client, paths),
         VmCommand::Logs {
             name,
@@ -899,7 +900,9 @@ fn port_forward(client: &Client, name: &str, spec: &str, json: bool) -> anyhow::
     check_name(name)?;
     let (ip, host_port, guest_port) = parse_forward(spec).map_err(anyhow::Error::msg)?;
     if let Some(remote) = client.remote() {
-        return super::remote_forward::run(client, remote, name, ip, host_port, guest_port, json);
+        return super::tunnel::forward_remote(
+            client, remote, name, ip, host_port, guest_port, json,
+        );
     }
     let params = PortForwardParams {
         name: name.to_string(),

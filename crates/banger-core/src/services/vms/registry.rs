@@ -204,6 +204,7 @@ impl VmRegistry {
             started_at: rt.as_ref().map(|r| r.started_at.clone()),
             started_from: rt.as_ref().and_then(|r| r.started_from.clone()),
             ip: vm.ip.clone(),
+            host_key: Some(vm.host_key_pub.trim().to_string()),
             network: rt.as_ref().and_then(|r| r.network).map(|mode| VmNetwork {
                 mode,
                 lacks: match mode {
