@@ -72,7 +72,9 @@ pub fn annotate(cmd: Command) -> Command {
 /// Names from a daemon that is already running (completion never starts
 /// one), or none, within two seconds.
 fn candidates(kind: Kind) -> Vec<CompletionCandidate> {
-    let client = crate::client::Client::new(Paths::from_env());
+    // With BANGER_HOST, the names are the remote daemon's.
+    let remote = crate::remote::Remote::chosen(None).ok().flatten();
+    let client = crate::client::Client::with_remote(Paths::from_env(), remote);
     let Ok(stream) = client.connect_existing() else {
         return Vec::new();
     };
