@@ -96,6 +96,20 @@ fn tree(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     out
 }
 
+/// The root holds what `before` listed, nothing more, nothing changed.
+fn assert_as_before(before: &BTreeMap<PathBuf, Vec<u8>>, root: &Path) {
+    let after = tree(root);
+    let changed: Vec<_> = before
+        .keys()
+        .chain(after.keys())
+        .filter(|k| before.get(*k) != after.get(*k))
+        .collect();
+    assert!(
+        changed.is_empty(),
+        "uninstall left the root changed: {changed:?}"
+    );
+}
+
 fn assert_root_owned_copy(installed: &Path, of: &Path) {
     let meta = std::fs::metadata(installed).unwrap();
     assert_eq!(
@@ -188,16 +202,7 @@ fn install_copies_the_binaries_writes_units_and_group_and_uninstall_leaves_the_r
             text(&out)
         );
     }
-    let after = tree(root);
-    let changed: Vec<_> = before
-        .keys()
-        .chain(after.keys())
-        .filter(|k| before.get(*k) != after.get(*k))
-        .collect();
-    assert!(
-        changed.is_empty(),
-        "uninstall left the root changed: {changed:?}"
-    );
+    assert_as_before(&before, root);
 }
 
 #[test]
@@ -257,14 +262,5 @@ fn a_packaged_banger_is_used_in_place_and_kept_by_uninstall() {
         report.contains("removed alice from group banger"),
         "{report}"
     );
-    let after = tree(root);
-    let changed: Vec<_> = before
-        .keys()
-        .chain(after.keys())
-        .filter(|k| before.get(*k) != after.get(*k))
-        .collect();
-    assert!(
-        changed.is_empty(),
-        "uninstall left the root changed: {changed:?}"
-    );
+    assert_as_before(&before, root);
 }

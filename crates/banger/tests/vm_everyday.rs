@@ -347,6 +347,36 @@ fn run_commands_with_the_images_config() {
     assert_eq!(owner.trim(), "65534");
     let pid = banger.ok(&["vm", "exec", "r2", "-d", "--", "sleep", "30"]);
     assert!(pid.trim().parse::<u32>().unwrap() > 1, "{pid}");
+
+    // Plain OpenSSH to a VM without a network: `vm dial` as ProxyCommand
+    // reaches the agent's SSH on the guest's loopback.
+    let out = std::process::Command::new("ssh")
+        .arg("-i")
+        .arg(banger.path("state/ssh/id_ed25519"))
+        .arg("-o")
+        .arg(format!("ProxyCommand={} vm dial r2 22", common::exe()))
+        .args([
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "root@r2",
+            "--",
+            "hostname",
+        ])
+        .env("BANGER_HOME", banger.home.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "r2",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     banger.ok(&["vm", "rm", "-f", "r2"]);
 }
 

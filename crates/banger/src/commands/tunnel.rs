@@ -38,30 +38,7 @@ pub fn forward_remote(
         }
     })?;
     let local = listener.local_addr()?;
-    let params = PortForwardParams {
-        name: name.to_string(),
-        host_ip: None,
-        host_port: 0,
-        guest_port,
-    };
-    let (ready, listening) = mpsc::channel::<String>();
-    std::thread::scope(|scope| {
-        let forwarding = scope.spawn(move || {
-            client.call_streaming::<m::VmPortForward>(
-                params,
-                |event: ForwardEvent| {
-                    let _ = ready.send(event.listening);
-                },
-                |_writer| {},
-            )
-        });
-        // The remote end is listening, or the call ended (with its error).
-        let Ok(there) = listening.recv() else {
-            return match forwarding.join().expect("the forwarding thread") {
-                Ok(_) => Ok(0),
-                Err(e) => Ok(report(e)),
-            };
-        };
+    through_daemon_forward(client, name, guest_port, |there| {
         let event = ForwardEvent {
             listening: local.to_string(),
             guest_port,
@@ -81,21 +58,24 @@ pub fn forward_remote(
                 std::thread::spawn(move || carry(&remote, conn, &there));
             }
         });
-        match forwarding.join().expect("the forwarding thread") {
-            Ok(_) => Ok(0),
-            Err(e) => Ok(report(e)),
-        }
+        Ok(())
     })
 }
 
-/// `vm dial NAME PORT`: this process's stdin and stdout, joined to the
-/// guest's port until the far end closes.
-pub fn dial(client: &Client, name: &str, port: u16) -> anyhow::Result<i32> {
+/// Asks the daemon to forward a port on its own loopback to `guest_port`
+/// in VM `name`, runs `then` with the address it listens on, and returns
+/// when that forward ends (the VM stopped, or the call failed: reported).
+fn through_daemon_forward(
+    client: &Client,
+    name: &str,
+    guest_port: u16,
+    then: impl FnOnce(String) -> anyhow::Result<()>,
+) -> anyhow::Result<i32> {
     let params = PortForwardParams {
         name: name.to_string(),
         host_ip: None,
         host_port: 0,
-        guest_port: port,
+        guest_port,
     };
     let (ready, listening) = mpsc::channel::<String>();
     std::thread::scope(|scope| {
@@ -108,12 +88,21 @@ pub fn dial(client: &Client, name: &str, port: u16) -> anyhow::Result<i32> {
                 |_writer| {},
             )
         });
-        let Ok(there) = listening.recv() else {
-            return match forwarding.join().expect("the forwarding thread") {
-                Ok(_) => Ok(0),
-                Err(e) => Ok(report(e)),
-            };
-        };
+        // Listening there, unless the call ended first (with its error).
+        if let Ok(there) = listening.recv() {
+            then(there)?;
+        }
+        match forwarding.join().expect("the forwarding thread") {
+            Ok(_) => Ok(0),
+            Err(e) => Ok(report(e)),
+        }
+    })
+}
+
+/// `vm dial NAME PORT`: this process's stdin and stdout, joined to the
+/// guest's port until the far end closes.
+pub fn dial(client: &Client, name: &str, port: u16) -> anyhow::Result<i32> {
+    through_daemon_forward(client, name, port, |there| {
         match client.remote() {
             Some(remote) => {
                 let _ = remote.ssh(&["-W", &there]).status();
@@ -129,7 +118,7 @@ pub fn dial(client: &Client, name: &str, port: u16) -> anyhow::Result<i32> {
                 crate::remote::pump(&mut down, &mut std::io::stdout().lock());
             }
         }
-        // The forward's call lasts while its connection is open: ending
+        // The forward lasts while its call's connection is open: ending
         // the process closes it.
         std::process::exit(0)
     })
