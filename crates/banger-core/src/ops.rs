@@ -94,6 +94,12 @@ impl Host {
 pub type Input = Option<crate::caller::CallerInput>;
 
 impl Core {
+    /// A clean daemon exit: with no VMs left, nothing of this state
+    /// directory stays on the host (see [`NetworkService::release_if_idle`]).
+    pub fn on_exit(&self) {
+        self.network.release_if_idle();
+    }
+
     /// Opens the state under `paths` and clears what an earlier daemon left.
     pub fn open(
         paths: Paths,

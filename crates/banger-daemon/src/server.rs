@@ -282,8 +282,10 @@ pub fn run(paths: banger_core::paths::Paths) -> anyhow::Result<()> {
                 _ = term.recv() => {},
             }
         };
-        serve(core, listener, shutdown).await;
+        serve(core.clone(), listener, shutdown).await;
         let _ = std::fs::remove_file(&socket);
+        let exiting = core.clone();
+        let _ = tokio::task::spawn_blocking(move || exiting.on_exit()).await;
         tracing::info!("banger daemon stopped");
         Ok(())
     })

@@ -488,6 +488,16 @@ fn vms_get_addresses_nat_and_isolation_and_survive_a_daemon_kill() {
     assert!(!routes.contains(&a) && !routes.contains(&b), "{routes}");
     let taps = taps_in(&host);
     assert!(taps.len() <= 2, "only the spare pool is left: {taps:?}");
+
+    // A clean stop with no VMs left removes the instance from the host (a
+    // state directory thrown away next leaves nothing behind).
+    let id = instance_id(&banger);
+    banger.ok(&["daemon", "stop"]);
+    assert!(taps_in(&host).is_empty(), "{:?}", taps_in(&host));
+    let links = must(&format!("ip -n {host} -o link show"));
+    assert!(!links.contains(&format!("bg{id}gw")), "{links}");
+    let tables = must(&format!("ip netns exec {host} nft list tables"));
+    assert!(!tables.contains(&format!("banger_{id}")), "{tables}");
 }
 
 /// Plain OpenSSH, scp, sftp and `ssh -L` through banger's ssh config; the

@@ -418,6 +418,29 @@ impl NetworkService {
         Ok(())
     }
 
+    /// At a clean daemon exit with no VMs left: the instance's host objects
+    /// (gateway device, spare taps, nft table) go, so a state directory
+    /// thrown away afterwards leaves nothing on the host. With VMs the
+    /// objects stay: running ones keep their network, and the next daemon
+    /// takes them back. The next start sets the instance up again.
+    pub fn release_if_idle(&self) {
+        let State::Ready(setup) = &self.state else {
+            return;
+        };
+        match self.store.list_vms() {
+            Ok(vms) if vms.is_empty() => {}
+            _ => return,
+        }
+        let mut taps = self.lock();
+        match self.host.teardown(&setup.instance) {
+            Ok(()) => {
+                taps.ready = false;
+                tracing::info!(instance = %setup.instance, "no VMs left: removed this instance's host network");
+            }
+            Err(e) => tracing::warn!(error = %e, "could not remove the host network at exit"),
+        }
+    }
+
     /// Starts the DNS server at the gateway, on the current tokio runtime.
     pub fn start_dns(&self) -> OpResult<()> {
         let Some(setup) = self.ready()? else {
@@ -563,6 +586,47 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("auto, bridged, user, none"));
+    }
+
+    #[test]
+    fn an_idle_instance_is_removed_at_exit_and_one_with_vms_is_kept() {
+        let host = FakeHostNetwork::default();
+        let svc = service(&host, "10.250.4.0/24");
+        svc.reconcile().unwrap();
+        assert!(!host.taps(&svc.instance).unwrap().is_empty(), "the pool");
+        svc.store
+            .insert_vm(&crate::store::VmRecord {
+                name: "keep".into(),
+                image: "bb".into(),
+                kernel: "k".into(),
+                vmm: banger_proto::domain::VmmKind::Qemu,
+                vcpus: 1,
+                memory_mib: 256,
+                disk_bytes: 1 << 30,
+                root_mode: banger_proto::domain::RootMode::Overlay,
+                dir: "/nonexistent/keep".into(),
+                host_key_pub: String::new(),
+                created_at: "2026-12-01T00:00:00Z".into(),
+                ip: Some("10.250.4.2".into()),
+                origin: None,
+                restore_from: None,
+            })
+            .unwrap();
+        svc.release_if_idle();
+        assert!(!host
+            .calls()
+            .iter()
+            .any(|c| matches!(c, NetCall::Teardown(_))));
+        svc.store.delete_vm("keep").unwrap();
+        svc.release_if_idle();
+        assert!(host
+            .calls()
+            .contains(&NetCall::Teardown(svc.instance.clone())));
+        assert!(host.taps(&svc.instance).unwrap().is_empty());
+        // User mode and no network have nothing on the host to remove.
+        let (user, host) = service_in("user", false);
+        user.release_if_idle();
+        assert!(host.calls().is_empty());
     }
 
     #[test]
