@@ -17,9 +17,13 @@ pub struct Config {
     /// QEMU settings.
     #[serde(default)]
     pub qemu: QemuConfig,
-    /// The firecracker binary (`BANGER_FIRECRACKER_BIN` overrides).
+    /// The firecracker binary (`BANGER_FIRECRACKER_BIN` overrides); the
+    /// same as `firecracker.binary`, which wins.
     #[serde(default)]
     pub firecracker_binary: Option<String>,
+    /// Firecracker settings.
+    #[serde(default)]
+    pub firecracker: FirecrackerConfig,
     /// `qemu` or `firecracker`, for VMs created without `--vmm`.
     #[serde(default)]
     pub default_vmm: Option<banger_proto::domain::VmmKind>,
@@ -55,6 +59,12 @@ const ENV_OVERRIDES: &[(&str, SetKey)] = &[
         c.firecracker_binary = Some(v)
     }),
     ("BANGER_QEMU_ACCEL", |c, v| c.qemu.accel = Some(v)),
+    ("BANGER_JAILER_BIN", |c, v| {
+        c.firecracker.jailer_binary = Some(v)
+    }),
+    ("BANGER_JAILER", |c, v| {
+        c.firecracker.jailer = Some(!matches!(v.as_str(), "0" | "false" | "no" | "off"))
+    }),
     ("BANGER_AGENT_BIN", |c, v| c.agent_binary = Some(v)),
     ("BANGER_HELPER_SOCKET", |c, v| c.helper_socket = Some(v)),
 ];
@@ -123,6 +133,23 @@ pub struct NetworkConfig {
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
+pub struct FirecrackerConfig {
+    /// Default `firecracker` on PATH.
+    #[serde(default)]
+    pub binary: Option<String>,
+    /// Launch Firecracker through its jailer (`BANGER_JAILER` overrides).
+    /// Default: when banger may (it runs as root, or the root helper has a
+    /// jailer) and a jailer is found.
+    #[serde(default)]
+    pub jailer: Option<bool>,
+    /// The jailer a root daemon runs (`BANGER_JAILER_BIN` overrides); the
+    /// root helper runs its own (`banger-root-helper --jailer`).
+    #[serde(default)]
+    pub jailer_binary: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct QemuConfig {
     /// Default `qemu-system-x86_64`.
     #[serde(default)]
@@ -168,9 +195,47 @@ impl Config {
             .into()
     }
 
+    /// The Firecracker binary, as an absolute path when it is on PATH (the
+    /// jailer needs one, and names the jail after its file name).
+    pub fn firecracker(&self) -> String {
+        let named = self
+            .firecracker
+            .binary
+            .clone()
+            .or_else(|| self.firecracker_binary.clone())
+            .unwrap_or_else(|| "firecracker".into());
+        match which(&named) {
+            Some(path) => path.canonicalize().unwrap_or(path).display().to_string(),
+            None => named,
+        }
+    }
+
+    /// The jailer a root daemon would run, if one is found.
+    pub fn jailer_binary(&self) -> Option<std::path::PathBuf> {
+        let named = self
+            .firecracker
+            .jailer_binary
+            .clone()
+            .unwrap_or_else(|| "jailer".into());
+        which(&named).filter(|p| p.is_file())
+    }
+
     pub fn download_concurrency(&self) -> usize {
         self.max_concurrent_downloads.unwrap_or(4).clamp(1, 32)
     }
+}
+
+/// A program as exec would find it: a path as given, else the first match
+/// on PATH.
+pub fn which(program: &str) -> Option<std::path::PathBuf> {
+    if program.contains('/') {
+        return Some(std::path::PathBuf::from(program));
+    }
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|p| p.is_file())
 }
 
 #[cfg(test)]

@@ -34,6 +34,8 @@ pub struct Core {
     runner: Arc<dyn ProcessRunner>,
     store: Arc<Store>,
     network: Arc<NetworkService>,
+    /// What `daemon status` says of the jailer.
+    jailer: String,
 }
 
 /// The host side effects the core uses, real or fake.
@@ -47,15 +49,19 @@ pub struct Host {
     pub privileged: bool,
     /// The VMM backends; `None` is the real ones the configuration names.
     pub vmms: Option<Arc<dyn crate::vm::vmm::VmmProvider>>,
+    /// Firecracker's jailer, when Firecracker VMs run jailed.
+    pub jails: crate::vm::jailing::JailChoice,
 }
 
 impl Host {
     /// As root, privileged operations run in-process; otherwise they go to
-    /// the root helper at `helper_socket`. VMMs always run as the daemon's user.
-    pub fn real(runner: Arc<dyn ProcessRunner>, helper_socket: std::path::PathBuf) -> Host {
+    /// the root helper the configuration names. VMMs run as the daemon's
+    /// user, jailed or not.
+    pub fn real(runner: Arc<dyn ProcessRunner>, config: &Config, paths: &Paths) -> Host {
         let launcher = Arc::new(banger_host::RealLauncher);
         if nix::unistd::geteuid().is_root() {
             return Host {
+                jails: crate::vm::jailing::JailChoice::in_process(config, paths),
                 blockdevs: Arc::new(banger_host::RealBlockDevices {
                     runner: runner.clone(),
                 }),
@@ -68,18 +74,19 @@ impl Host {
                 vmms: None,
             };
         }
-        let helper = banger_host::HelperClient::new(helper_socket);
-        let privileged = match helper.ping() {
-            Ok(version) => {
+        let helper = banger_host::HelperClient::new(config.helper_socket());
+        let (privileged, place) = match helper.hello() {
+            Ok((version, place)) => {
                 tracing::info!(socket = %helper.socket().display(), %version, "using the root helper");
-                true
+                (true, place)
             }
             Err(e) => {
                 tracing::info!(error = %e, "no root helper; VM networking and dm snapshots are off");
-                false
+                (false, None)
             }
         };
         Host {
+            jails: crate::vm::jailing::JailChoice::through_helper(config, paths, &helper, place),
             blockdevs: Arc::new(helper.clone()),
             launcher,
             net: Arc::new(helper),
@@ -107,7 +114,7 @@ impl Core {
         hooks: PullHooks,
     ) -> anyhow::Result<Core> {
         let config = Config::load_with_env(&paths.config_file())?;
-        let host = Host::real(runner, config.helper_socket());
+        let host = Host::real(runner, &config, &paths);
         Self::open_configured(paths, config, host, hooks)
     }
 
@@ -132,13 +139,15 @@ impl Core {
             net,
             privileged,
             vmms,
+            jails,
         } = host;
         let real_vmms = vmms.is_none();
+        let jailer = jails.describe();
+        tracing::info!(jailer = %jailer, "Firecracker's jailer");
         let vmms = vmms.unwrap_or_else(|| {
-            Arc::new(crate::vm::vmm::ConfiguredVmms::new(
-                &config,
-                &paths.state_dir,
-            ))
+            Arc::new(
+                crate::vm::vmm::ConfiguredVmms::new(&config, &paths.state_dir).with_jails(&jails),
+            )
         });
         paths.create_all()?;
         // `auto` asks KVM once, in the background, whether it can run a
@@ -186,6 +195,7 @@ impl Core {
             runner: runner.clone(),
             launcher,
             blockdevs,
+            jails: jails.jails(),
             images: images.clone(),
             kernels: kernels.clone(),
             network: network.clone(),
@@ -215,6 +225,7 @@ impl Core {
             runner,
             store,
             network,
+            jailer,
         })
     }
 
@@ -375,6 +386,7 @@ impl Core {
                     domain: self.network.domain().to_string(),
                     device: self.network.gateway_dev(),
                 }),
+            jailer: Some(self.jailer.clone()),
         })
     }
 }

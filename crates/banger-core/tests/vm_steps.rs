@@ -66,6 +66,7 @@ fn setup_full(
         net: Arc::new(net()),
         privileged: true,
         vmms,
+        jails: Default::default(),
     };
     let core = Core::open_configured(paths, config, host, Default::default()).unwrap();
     let rootfs = tmp.path().join("rootfs.ext4");

@@ -4,9 +4,11 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use banger_host::jail::Opened;
 use banger_host::net::{check_guest, check_tap};
-use banger_host::{BlockDevices, HostError, HostNetwork, Instance, NetSetup};
-use banger_proto::helper::{HelperReply, HelperRequest, HelperValue, HELPER_PROTOCOL};
+use banger_host::{BlockDevices, HostError, HostNetwork, Instance, Jails, NetSetup, RealJails};
+use banger_proto::helper::{HelperReply, HelperRequest, HelperValue, JailPlace, HELPER_PROTOCOL};
+use banger_proto::jail::{is_home_id, is_jail_name, JailRequest};
 
 use crate::networks::Networks;
 use crate::policy::{Caller, Policy, Refusal};
@@ -18,6 +20,15 @@ pub struct Helper {
     state_dir: PathBuf,
     /// The network instances set up, each for one uid.
     networks: Networks,
+    jail: Option<JailSetup>,
+}
+
+/// The jailer the helper runs and where its callers' jails live (each
+/// uid under its own directory).
+#[derive(Debug, Clone)]
+pub struct JailSetup {
+    pub jailer: PathBuf,
+    pub dir: PathBuf,
 }
 
 enum Failure {
@@ -48,15 +59,152 @@ impl Helper {
         net: Arc<dyn HostNetwork>,
         blocks: Arc<dyn BlockDevices>,
         state_dir: PathBuf,
+        jail: Option<JailSetup>,
     ) -> std::io::Result<Helper> {
         std::fs::create_dir_all(state_dir.join("dm"))?;
         let networks = Networks::load(&state_dir.join("networks.json"));
-        Ok(Helper {
+        let helper = Helper {
             policy,
             net,
             blocks,
             state_dir,
             networks,
+            jail,
+        };
+        helper.sweep_jails();
+        Ok(helper)
+    }
+
+    /// The jails of `uid`'s state directory `home`: their own directory,
+    /// records and cgroup.
+    fn jails_for(&self, uid: u32, gid: u32, home: &str) -> Result<RealJails, Failure> {
+        let Some(jail) = &self.jail else {
+            return Err(Failure::Refused(
+                "this root helper has no jailer (start it with --jailer PATH)".into(),
+            ));
+        };
+        if !is_home_id(home) {
+            return Err(Failure::Refused(format!(
+                "`{home}` is not a state directory id"
+            )));
+        }
+        Ok(RealJails {
+            jailer: jail.jailer.clone(),
+            base: jail.dir.join(uid.to_string()).join(home),
+            records: self
+                .state_dir
+                .join("jails")
+                .join(uid.to_string())
+                .join(home),
+            uid,
+            gid,
+            cgroup_parent: format!("banger/{uid}/{home}"),
+        })
+    }
+
+    /// Jails whose Firecracker is gone (a helper restart, a reboot) are
+    /// removed when the helper starts.
+    fn sweep_jails(&self) {
+        let Some(jail) = &self.jail else { return };
+        let Ok(uids) = std::fs::read_dir(&jail.dir) else {
+            return;
+        };
+        let homes = uids.flatten().flat_map(|uid| {
+            let homes = std::fs::read_dir(uid.path())
+                .into_iter()
+                .flatten()
+                .flatten();
+            homes.map(move |home| (uid.file_name(), home.file_name()))
+        });
+        for (uid, home) in homes {
+            let (Some(uid), Some(home)) = (
+                uid.to_str().and_then(|u| u.parse::<u32>().ok()),
+                home.to_str(),
+            ) else {
+                continue;
+            };
+            let Ok(jails) = self.jails_for(uid, uid, home) else {
+                continue;
+            };
+            let Ok(execs) = std::fs::read_dir(&jails.base) else {
+                continue;
+            };
+            for vm in execs
+                .flatten()
+                .filter_map(|e| std::fs::read_dir(e.path()).ok())
+                .flatten()
+                .flatten()
+            {
+                let Some(name) = vm.file_name().to_str().map(str::to_string) else {
+                    continue;
+                };
+                let running = jails.record(&name).is_some_and(|r| {
+                    banger_host::vmm_process::stat(r.pid)
+                        .is_some_and(|(start, zombie)| start == r.start_time && !zombie)
+                });
+                if !running {
+                    if let Err(e) = jails.teardown(&name) {
+                        tracing::warn!(uid, vm = %name, error = %e, "cannot remove a stale jail");
+                    }
+                }
+            }
+        }
+    }
+
+    fn jail_launch(&self, caller: &Caller, request: JailRequest) -> Handled {
+        let jails = self.jails_for(caller.uid, caller.gid, &request.home)?;
+        self.policy.dm_name(&request.vm)?;
+        let firecracker = self.policy.trusted_binary(&request.firecracker)?;
+        let exec_name = firecracker
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut opened = Vec::new();
+        let mut names = std::collections::HashSet::new();
+        for f in &request.files {
+            if !is_jail_name(&f.name) || f.name == exec_name || !names.insert(f.name.clone()) {
+                return Err(Failure::Refused(format!(
+                    "`{}` cannot be a file in the jail (one plain name, used once, not `{exec_name}`)",
+                    f.name
+                )));
+            }
+            let file = if f.path.starts_with("/dev") {
+                self.policy.vm_device(&request.vm, &f.path)?
+            } else {
+                self.policy.caller_file(caller, &f.path, f.writable)?
+            };
+            opened.push(Opened {
+                file,
+                name: f.name.clone(),
+                writable: f.writable,
+            });
+        }
+        let console = self.policy.caller_file(caller, &request.console, true)?;
+        // Appended to, as the daemon's own VMMs' logs are.
+        nix::fcntl::fcntl(
+            &console,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_APPEND),
+        )
+        .map_err(|e| Failure::Failed(format!("the console log: {e}")))?;
+        if let Some(q) = request.limits.cpu_quota {
+            self.policy.cpu_quota(q)?;
+        }
+        if let Some(mib) = request.limits.memory_mib {
+            let host = host_memory_mib();
+            if mib == 0 || mib > host {
+                return Err(Failure::Refused(format!(
+                    "a memory ceiling of {mib} MiB is outside 1..={host} MiB (this host's memory)"
+                )));
+            }
+        }
+        let checked = JailRequest {
+            firecracker,
+            ..request
+        };
+        let id = jails.launch_opened(&checked, opened, console)?;
+        Ok(HelperValue::Process {
+            pid: id.pid,
+            start_time: id.start_time,
         })
     }
 
@@ -75,6 +223,10 @@ impl Helper {
                 protocol: HELPER_PROTOCOL,
                 version: env!("CARGO_PKG_VERSION").into(),
                 uid: caller.uid,
+                jails: self.jail.as_ref().map(|j| JailPlace {
+                    jailer: j.jailer.clone(),
+                    base: j.dir.join(caller.uid.to_string()),
+                }),
             }),
             R::NetSetup {
                 instance,
@@ -154,6 +306,24 @@ impl Helper {
                 )?;
                 Ok(HelperValue::Device(device))
             }
+            R::JailLaunch(request) => self.jail_launch(caller, request),
+            R::JailSignal { home, vm, signal } => {
+                self.policy.dm_name(&vm)?;
+                if signal != libc::SIGTERM && signal != libc::SIGKILL {
+                    return Err(Failure::Refused(format!(
+                        "signal {signal} is not one the helper sends (TERM or KILL)"
+                    )));
+                }
+                self.jails_for(caller.uid, caller.gid, &home)?
+                    .signal(&vm, signal)?;
+                Ok(HelperValue::Done)
+            }
+            R::JailTeardown { home, vm } => {
+                self.policy.dm_name(&vm)?;
+                self.jails_for(caller.uid, caller.gid, &home)?
+                    .teardown(&vm)?;
+                Ok(HelperValue::Done)
+            }
             R::SnapshotTeardown { vm } => {
                 let name = self.policy.dm_name(&vm)?;
                 self.blocks
@@ -168,6 +338,17 @@ impl Helper {
     fn dm_state(&self, name: &str) -> PathBuf {
         self.state_dir.join("dm").join(format!("{name}.state"))
     }
+}
+
+fn host_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib / 1024)
 }
 
 fn instance_of(id: &str) -> Result<Instance, Failure> {

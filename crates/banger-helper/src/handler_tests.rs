@@ -33,6 +33,7 @@ fn rig() -> Rig {
         Arc::new(net.clone()),
         Arc::new(blocks.clone()),
         dir.path().join("state"),
+        None,
     )
     .unwrap();
     Rig {
@@ -76,6 +77,7 @@ fn ping_names_the_protocol_and_the_caller() {
             protocol: HELPER_PROTOCOL,
             version: env!("CARGO_PKG_VERSION").into(),
             uid: OWNER,
+            jails: None,
         })
     );
 }

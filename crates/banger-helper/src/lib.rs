@@ -8,5 +8,5 @@ pub mod networks;
 pub mod policy;
 pub mod server;
 
-pub use handler::Helper;
+pub use handler::{Helper, JailSetup};
 pub use policy::{Caller, Policy};

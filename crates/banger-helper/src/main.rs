@@ -31,6 +31,43 @@ struct Args {
     /// Where it keeps what it set up.
     #[arg(long, default_value = "/run/banger/helper")]
     state_dir: PathBuf,
+    /// Firecracker's jailer, which it runs for its callers' Firecracker VMs;
+    /// default: `jailer` in /usr/local/bin or /usr/bin, if there.
+    #[arg(long)]
+    jailer: Option<PathBuf>,
+    /// Where jails are made (root-owned; a directory per caller uid).
+    #[arg(long, default_value = "/var/lib/banger/jail")]
+    jail_dir: PathBuf,
+}
+
+/// The jailer to run: the one named (which must be trusted), else a
+/// trusted one in the usual places, else none.
+fn jail_setup(policy: &Policy, args: &Args) -> Result<Option<banger_helper::JailSetup>, String> {
+    let jailer = match &args.jailer {
+        Some(path) => Some(
+            policy
+                .trusted_binary(path)
+                .map_err(|e| format!("--jailer: {e}"))?,
+        ),
+        None => ["/usr/local/bin/jailer", "/usr/bin/jailer"]
+            .iter()
+            .find_map(|p| policy.trusted_binary(std::path::Path::new(p)).ok()),
+    };
+    let Some(jailer) = jailer else {
+        return Ok(None);
+    };
+    if !args.jail_dir.is_absolute() {
+        return Err(format!(
+            "--jail-dir {} is not absolute",
+            args.jail_dir.display()
+        ));
+    }
+    std::fs::create_dir_all(&args.jail_dir)
+        .map_err(|e| format!("creating {}: {e}", args.jail_dir.display()))?;
+    Ok(Some(banger_helper::JailSetup {
+        jailer,
+        dir: args.jail_dir.clone(),
+    }))
 }
 
 fn main() -> ExitCode {
@@ -70,6 +107,13 @@ fn run(args: Args) -> Result<(), String> {
         allow_dirs = default_dirs(user)?;
     }
     let policy = Policy::new(owner.map(|u| u.as_raw()), group, allow_dirs.clone())?;
+    let jail = jail_setup(&policy, &args)?;
+    match &jail {
+        Some(j) => {
+            tracing::info!(jailer = %j.jailer.display(), dir = %j.dir.display(), "jailing Firecracker VMs")
+        }
+        None => tracing::info!("no jailer found: Firecracker VMs run unjailed as their user"),
+    }
     let runner = Arc::new(RealRunner);
     let helper = Helper::new(
         policy,
@@ -78,6 +122,7 @@ fn run(args: Args) -> Result<(), String> {
         }),
         Arc::new(RealBlockDevices { runner }),
         args.state_dir.clone(),
+        jail,
     )
     .map_err(|e| format!("preparing {}: {e}", args.state_dir.display()))?;
     let listener = banger_helper::server::bind(&args.socket, owner.map(|u| u.as_raw()), group)

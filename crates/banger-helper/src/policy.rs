@@ -124,6 +124,69 @@ impl Policy {
         Ok(canonical)
     }
 
+    /// A program root may hand to the jailer: its canonical path, a regular
+    /// file owned by root, and neither it nor any directory above it
+    /// writable by anyone but root (else a caller could swap what runs).
+    pub fn trusted_binary(&self, path: &Path) -> Result<PathBuf, Refusal> {
+        if !path.is_absolute() {
+            return refuse(format!("{} is not an absolute path", path.display()));
+        }
+        let canonical = path
+            .canonicalize()
+            .map_err(|e| Refusal(format!("{}: {e}", path.display())))?;
+        let meta = std::fs::metadata(&canonical)
+            .map_err(|e| Refusal(format!("{}: {e}", canonical.display())))?;
+        if !meta.is_file() {
+            return refuse(format!("{} is not a regular file", canonical.display()));
+        }
+        for at in canonical.ancestors() {
+            let meta =
+                std::fs::metadata(at).map_err(|e| Refusal(format!("{}: {e}", at.display())))?;
+            // The sticky /tmp is still no place for a trusted binary.
+            if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+                return refuse(format!(
+                    "{} must be owned by root and writable only by root (it is uid {}, mode {:o}); \
+                     install firecracker under /usr/local/bin",
+                    at.display(),
+                    meta.uid(),
+                    meta.mode() & 0o7777
+                ));
+            }
+        }
+        Ok(canonical)
+    }
+
+    /// The device node of a VM's own dm snapshot (`/dev/mapper/banger-<vm>`),
+    /// opened; no other device reaches a jail.
+    pub fn vm_device(&self, vm: &str, path: &Path) -> Result<File, Refusal> {
+        let own = PathBuf::from("/dev/mapper").join(self.dm_name(vm)?);
+        let (want, got) = (own.canonicalize().ok(), path.canonicalize().ok());
+        if want.is_none() || want != got {
+            return refuse(format!(
+                "{} is not VM `{vm}`'s snapshot device {}",
+                path.display(),
+                own.display()
+            ));
+        }
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&own)
+            .map_err(|e| Refusal(format!("{}: {e}", own.display())))
+    }
+
+    /// A CPU quota (percent of one CPU) no larger than the host's CPUs.
+    pub fn cpu_quota(&self, quota: u32) -> Result<u32, Refusal> {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+        if quota == 0 || quota > cpus * 100 {
+            return refuse(format!(
+                "a CPU quota of {quota}% is outside 1..={}% (this host has {cpus} CPUs)",
+                cpus * 100
+            ));
+        }
+        Ok(quota)
+    }
+
     /// The device-mapper name of a VM: `banger-<vm>`, with `vm` a DNS label.
     pub fn dm_name(&self, vm: &str) -> Result<String, Refusal> {
         if !banger_proto::is_dns_label(vm) {

@@ -7,7 +7,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use banger_proto::helper::{HelperReply, HelperRequest, HelperValue, HELPER_PROTOCOL};
+use banger_proto::helper::{HelperReply, HelperRequest, HelperValue, JailPlace, HELPER_PROTOCOL};
+use banger_proto::jail::JailRequest;
 
 use crate::blockdev::BlockDevices;
 use crate::net::{HostNetwork, Instance, NetSetup};
@@ -62,12 +63,20 @@ impl HelperClient {
         }
     }
 
-    /// The helper's protocol and version, checked against ours.
+    /// The helper's version (its protocol checked against ours).
     pub fn ping(&self) -> Result<String, HostError> {
+        self.hello().map(|(version, _)| version)
+    }
+
+    /// The helper's version and its jailer, if it has one.
+    pub fn hello(&self) -> Result<(String, Option<JailPlace>), HostError> {
         match self.call(&HelperRequest::Ping)? {
             HelperValue::Pong {
-                protocol, version, ..
-            } if protocol == HELPER_PROTOCOL => Ok(version),
+                protocol,
+                version,
+                jails,
+                ..
+            } if protocol == HELPER_PROTOCOL => Ok((version, jails)),
             HelperValue::Pong { protocol, .. } => Err(HostError::Refused(format!(
                 "the root helper speaks protocol {protocol}, banger needs {HELPER_PROTOCOL}; \
                  restart it after upgrading (`banger system install`)"
@@ -81,6 +90,44 @@ impl HelperClient {
             HelperValue::Done => Ok(()),
             other => Err(unexpected(other)),
         }
+    }
+}
+
+/// Jails through the helper, which launches as the caller's uid and signals
+/// only what it launched for that caller.
+#[derive(Debug, Clone)]
+pub struct HelperJails {
+    pub client: HelperClient,
+    /// The chroot base of this state directory's jails.
+    pub base: PathBuf,
+    pub home: String,
+}
+
+impl crate::jail::Jails for HelperJails {
+    fn base(&self) -> PathBuf {
+        self.base.clone()
+    }
+    fn launch(&self, request: &JailRequest) -> Result<crate::ProcessId, HostError> {
+        match self
+            .client
+            .call(&HelperRequest::JailLaunch(request.clone()))?
+        {
+            HelperValue::Process { pid, start_time } => Ok(crate::ProcessId { pid, start_time }),
+            other => Err(unexpected(other)),
+        }
+    }
+    fn signal(&self, vm: &str, signal: i32) -> Result<(), HostError> {
+        self.client.done(HelperRequest::JailSignal {
+            home: self.home.clone(),
+            vm: vm.to_string(),
+            signal,
+        })
+    }
+    fn teardown(&self, vm: &str) -> Result<(), HostError> {
+        self.client.done(HelperRequest::JailTeardown {
+            home: self.home.clone(),
+            vm: vm.to_string(),
+        })
     }
 }
 

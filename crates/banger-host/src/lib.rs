@@ -3,12 +3,14 @@
 
 pub mod blockdev;
 pub mod helper_client;
+pub mod jail;
 pub mod net;
 pub mod process;
 pub mod vmm_process;
 
 pub use blockdev::{BlockCall, BlockDevices, FakeBlockDevices, RealBlockDevices};
-pub use helper_client::HelperClient;
+pub use helper_client::{HelperClient, HelperJails};
+pub use jail::{Cgroups, FakeJails, JailCall, Jails, RealJails};
 pub use net::{
     FakeHostNetwork, HostNetwork, HostRoute, Instance, NetCall, NetSetup, RealHostNetwork, Subnet,
 };

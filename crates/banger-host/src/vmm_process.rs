@@ -172,6 +172,11 @@ impl FakeLauncher {
     pub fn exit(&self, id: ProcessId) {
         self.alive.lock().unwrap().retain(|p| *p != id);
     }
+    /// A process started elsewhere (a fake jail) that this launcher
+    /// reports alive.
+    pub fn adopt(&self, id: ProcessId) {
+        self.alive.lock().unwrap().push(id);
+    }
     pub fn fail_next_launch(&self) {
         *self.fail_launch.lock().unwrap() = true;
     }

@@ -8,9 +8,12 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::jail::JailRequest;
+
 /// Bumped whenever a request or reply changes incompatibly (3: the process
-/// verbs `launch`, `alive` and `signal` are gone; VMMs run as the daemon's user).
-pub const HELPER_PROTOCOL: u32 = 3;
+/// verbs `launch`, `alive` and `signal` are gone; VMMs run as the daemon's
+/// user. 4: jailed Firecrackers, and what `ping` says of the jailer).
+pub const HELPER_PROTOCOL: u32 = 4;
 
 /// Where a system install puts the helper's socket.
 pub const DEFAULT_HELPER_SOCKET: &str = "/run/banger/helper.sock";
@@ -64,6 +67,23 @@ pub enum HelperRequest {
     SnapshotTeardown {
         vm: String,
     },
+    /// Launches Firecracker for the caller's VM through the jailer: the
+    /// files exposed in a fresh jail, the process dropped to the caller's
+    /// uid and gid, recorded as launched for that caller.
+    JailLaunch(JailRequest),
+    /// A signal to the jailed Firecracker the helper launched for this
+    /// caller's VM; nothing else is ever signalled.
+    JailSignal {
+        home: String,
+        vm: String,
+        signal: i32,
+    },
+    /// Ends the caller's jailed VM if it still runs, and removes its jail:
+    /// the chroot, its mounts and its cgroups.
+    JailTeardown {
+        home: String,
+        vm: String,
+    },
 }
 
 fn default_domain() -> String {
@@ -85,6 +105,9 @@ impl HelperRequest {
             HelperRequest::SnapshotSupported => "snapshot_supported",
             HelperRequest::SnapshotSetup { .. } => "snapshot_setup",
             HelperRequest::SnapshotTeardown { .. } => "snapshot_teardown",
+            HelperRequest::JailLaunch(_) => "jail_launch",
+            HelperRequest::JailSignal { .. } => "jail_signal",
+            HelperRequest::JailTeardown { .. } => "jail_teardown",
         }
     }
 }
@@ -108,10 +131,27 @@ pub enum HelperValue {
         protocol: u32,
         version: String,
         uid: u32,
+        /// Where the caller's jails live, when the helper has a jailer.
+        #[serde(default)]
+        jails: Option<JailPlace>,
     },
     Taps(Vec<String>),
     Bool(bool),
     Device(PathBuf),
+    /// A launched process: pid and start time (clock ticks since boot).
+    Process {
+        pid: u32,
+        start_time: u64,
+    },
+}
+
+/// The helper's jailer and where the caller's jails are: those of its state
+/// directory with home id H have their roots at
+/// `<base>/H/<firecracker's file name>/<vm>/root`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JailPlace {
+    pub jailer: PathBuf,
+    pub base: PathBuf,
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ pub mod elf;
 pub mod helper;
 pub mod http1;
 pub mod image;
+pub mod jail;
 pub mod kernel;
 pub mod rpc;
 pub mod status;

@@ -20,6 +20,9 @@ pub struct DaemonStatus {
     /// when VM networking is on.
     #[serde(default)]
     pub dns: Option<DnsStatus>,
+    /// Whether Firecracker VMs run through the jailer, and why not.
+    #[serde(default)]
+    pub jailer: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -46,6 +46,10 @@ pub struct CreateParams {
     /// Boot even when the image has a warm template for these settings.
     #[serde(default)]
     pub cold: bool,
+    /// CPU time the VM's VMM may use, as a percentage of one host CPU
+    /// (Firecracker through the jailer only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_quota: Option<u32>,
 }
 
 /// `image.warm`: boot `image` once with these settings and keep the booted
@@ -239,6 +243,12 @@ pub struct VmInfo {
     /// How the running VM is networked, and what that mode cannot do.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<VmNetwork>,
+    /// The root of the running VM's jail on the host (jailed Firecracker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail: Option<String>,
+    /// CPU time its VMM may use, percent of one host CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_quota: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workspace: Option<WorkspaceInfo>,
 }

@@ -337,6 +337,11 @@ pub struct CreateArgs {
     /// qemu or firecracker.
     #[arg(long)]
     pub vmm: Option<banger_proto::domain::VmmKind>,
+    /// CPU time the VM may use, as a percentage of one host CPU (150 is one
+    /// and a half CPUs); enforced by the jailer's cgroup, so Firecracker
+    /// with the jailer only.
+    #[arg(long, value_name = "PERCENT")]
+    pub cpu_quota: Option<u32>,
     /// A host directory (your project) mirrored into the VM's work disk and
     /// synced before every `vm exec` (see docs/workspaces.md).
     #[arg(long, value_name = "DIR")]

@@ -91,6 +91,7 @@ fn firecracker_boot_follows_the_api_order_and_runs_commands() {
     assert_eq!(
         seq,
         [
+            "PUT /metrics",
             "PUT /machine-config",
             "PUT /boot-source",
             "PUT /drives/image",
@@ -101,7 +102,20 @@ fn firecracker_boot_follows_the_api_order_and_runs_commands() {
         ],
         "the documented boot order"
     );
-    let c = calls(&dir);
+    let mut c = calls(&dir);
+    // Firecracker's metrics and log go to files of their own in the VM's
+    // directory, apart from the guest's console.
+    assert_eq!(
+        c.remove(0)["body"]["metrics_path"],
+        format!("{dir}/metrics.json")
+    );
+    let vmm_log = std::fs::read_to_string(Path::new(&dir).join("vmm.log")).unwrap();
+    assert!(
+        vmm_log.contains("Running Firecracker") && vmm_log.contains("PUT request on \"/vsock\""),
+        "{vmm_log}"
+    );
+    let console = banger.ok(&["vm", "logs", "fcvm"]);
+    assert!(!console.contains("Running Firecracker"), "{console}");
     assert_eq!(
         c[0]["body"],
         serde_json::json!({ "vcpu_count": 2, "mem_size_mib": 512 })
@@ -244,7 +258,7 @@ fn firecracker_pauses_snapshots_and_forks_through_its_api() {
     );
     // The VM's own disks go by paths relative to its directory, so a fork's
     // Firecracker, started in its own, opens its own copies.
-    assert_eq!(c[4]["body"]["path_on_host"], "upper.ext4");
+    assert_eq!(c[5]["body"]["path_on_host"], "upper.ext4");
 
     // A fork: one call, the load, with this VM's vsock socket; then its
     // guest is given its identity (name and host key, which the daemon's
@@ -301,10 +315,9 @@ fn a_guest_that_ignores_the_power_off_gets_ctrl_alt_del() {
     assert_eq!(last["path"], "/actions");
     assert_eq!(last["body"]["action_type"], "SendCtrlAltDel");
     let logs = banger.ok(&["vm", "logs", "stubborn"]);
-    assert!(
-        logs.contains("ignored the power-off") && logs.contains("Ctrl-Alt-Del"),
-        "{logs}"
-    );
+    assert!(logs.contains("ignored the power-off"), "{logs}");
+    let vmm_log = std::fs::read_to_string(Path::new(&dir).join("vmm.log")).unwrap();
+    assert!(vmm_log.contains("Ctrl-Alt-Del"), "{vmm_log}");
     banger.ok(&["vm", "rm", "stubborn"]);
 }
 

@@ -610,6 +610,7 @@ mod tests {
                 ip: Some("10.250.4.2".into()),
                 origin: None,
                 restore_from: None,
+                cpu_quota: None,
             })
             .unwrap();
         svc.release_if_idle();

@@ -98,6 +98,10 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE vms ADD COLUMN restore_from TEXT;",
     // How a running VM is networked (`bridged`, `user`; none without).
     "ALTER TABLE vm_runtime ADD COLUMN network TEXT;",
+    // Firecracker through the jailer: the running VMM is in a jail, and a
+    // VM's CPU quota (percent of one host CPU) for its jail's cgroup.
+    "ALTER TABLE vm_runtime ADD COLUMN jailed INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE vms ADD COLUMN cpu_quota INTEGER;",
 ];
 
 pub fn apply(conn: &mut Connection) -> anyhow::Result<()> {

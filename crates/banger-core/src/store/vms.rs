@@ -26,6 +26,8 @@ pub struct VmRecord {
     pub origin: Option<String>,
     /// A fork not yet started: the snapshot its first start resumes from.
     pub restore_from: Option<String>,
+    /// CPU time its jailed VMM may use, as a percentage of one host CPU.
+    pub cpu_quota: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +47,9 @@ pub struct VmRuntime {
     pub held: bool,
     /// How its VMM was given a network; none without one.
     pub network: Option<banger_proto::domain::NetworkMode>,
+    /// Its VMM runs in a jail: signalled and torn down through the jailer's
+    /// owner (the root helper), not as a plain process.
+    pub jailed: bool,
 }
 
 impl VmRuntime {
@@ -58,7 +63,7 @@ impl VmRuntime {
 }
 
 const VM_COLUMNS: &str =
-    "name, image, kernel, vmm, vcpus, memory_mib, disk_bytes, cow_strategy, dir, host_key_pub, created_at, ip, origin, restore_from";
+    "name, image, kernel, vmm, vcpus, memory_mib, disk_bytes, cow_strategy, dir, host_key_pub, created_at, ip, origin, restore_from, cpu_quota";
 
 fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<VmRecord> {
     Ok(VmRecord {
@@ -76,6 +81,7 @@ fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<VmRecord> {
         ip: row.get(11)?,
         origin: row.get(12)?,
         restore_from: row.get(13)?,
+        cpu_quota: row.get(14)?,
     })
 }
 
@@ -104,6 +110,7 @@ fn runtime_from_row(row: &Row<'_>) -> rusqlite::Result<VmRuntime> {
         network: row
             .get::<_, Option<String>>(8)?
             .and_then(|w| w.parse().ok()),
+        jailed: row.get(9)?,
     })
 }
 
@@ -111,7 +118,7 @@ impl Store {
     pub fn insert_vm(&self, vm: &VmRecord) -> rusqlite::Result<()> {
         self.conn().execute(
             &format!(
-                "INSERT INTO vms ({VM_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14)"
+                "INSERT INTO vms ({VM_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15)"
             ),
             params![
                 vm.name,
@@ -127,7 +134,8 @@ impl Store {
                 vm.created_at,
                 vm.ip,
                 vm.origin,
-                vm.restore_from
+                vm.restore_from,
+                vm.cpu_quota
             ],
         )?;
         Ok(())
@@ -178,8 +186,8 @@ impl Store {
 
     pub fn set_runtime(&self, rt: &VmRuntime) -> rusqlite::Result<()> {
         self.conn().execute(
-            "INSERT OR REPLACE INTO vm_runtime (name, pid, start_time, started_at, tap, paused, started_from, held, network) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9)",
-            params![rt.name, rt.pid, rt.start_time as i64, rt.started_at, rt.tap, rt.paused, rt.started_from, rt.held, rt.network.map(|m| m.as_str())],
+            "INSERT OR REPLACE INTO vm_runtime (name, pid, start_time, started_at, tap, paused, started_from, held, network, jailed) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)",
+            params![rt.name, rt.pid, rt.start_time as i64, rt.started_at, rt.tap, rt.paused, rt.started_from, rt.held, rt.network.map(|m| m.as_str()), rt.jailed],
         )?;
         Ok(())
     }
@@ -187,7 +195,7 @@ impl Store {
     pub fn get_runtime(&self, name: &str) -> rusqlite::Result<Option<VmRuntime>> {
         self.conn()
             .query_row(
-                "SELECT name, pid, start_time, started_at, tap, paused, started_from, held, network FROM vm_runtime WHERE name = ?1",
+                "SELECT name, pid, start_time, started_at, tap, paused, started_from, held, network, jailed FROM vm_runtime WHERE name = ?1",
                 [name],
                 runtime_from_row,
             )
@@ -197,7 +205,7 @@ impl Store {
     pub fn list_runtimes(&self) -> rusqlite::Result<Vec<VmRuntime>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT name, pid, start_time, started_at, tap, paused, started_from, held, network FROM vm_runtime",
+            "SELECT name, pid, start_time, started_at, tap, paused, started_from, held, network, jailed FROM vm_runtime",
         )?;
         let rows = stmt.query_map([], runtime_from_row)?;
         rows.collect()

@@ -90,7 +90,7 @@ pub fn kvm_verdict(qemu: &str, state_dir: &Path) -> Verdict {
 
 /// The binary's path, size and change time: another QEMU is probed anew.
 fn binary_identity(qemu: &str) -> String {
-    let path = which(qemu).unwrap_or_else(|| PathBuf::from(qemu));
+    let path = crate::config::which(qemu).unwrap_or_else(|| PathBuf::from(qemu));
     match std::fs::metadata(&path) {
         Ok(m) => {
             use std::os::unix::fs::MetadataExt;
@@ -98,17 +98,6 @@ fn binary_identity(qemu: &str) -> String {
         }
         Err(_) => path.display().to_string(),
     }
-}
-
-fn which(program: &str) -> Option<PathBuf> {
-    if program.contains('/') {
-        return Some(PathBuf::from(program));
-    }
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|dir| Path::new(dir).join(program))
-        .find(|p| p.is_file())
 }
 
 /// Starts QEMU on KVM with banger's machine and CPU model, lets its

@@ -5,6 +5,7 @@ pub mod agent_client;
 pub mod console;
 pub mod disk;
 pub mod firecracker;
+pub mod jailing;
 pub mod keys;
 pub mod name;
 pub mod qmp;

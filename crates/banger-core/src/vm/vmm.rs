@@ -22,6 +22,8 @@ pub struct BootSpec {
     /// Resume from the saved state in this snapshot directory instead of
     /// booting (the files [`Vmm::save`] wrote there).
     pub restore: Option<PathBuf>,
+    /// CPU time the VMM may use, percent of one host CPU (jailed VMMs).
+    pub cpu_quota: Option<u32>,
 }
 
 /// A virtio block device backed by a host file (or block device).
@@ -118,8 +120,16 @@ pub trait Vmm: Send + Sync {
     fn transport(&self) -> Transport;
     /// The process to launch.
     fn command(&self, spec: &BootSpec) -> Result<LaunchSpec, VmmError>;
+    /// The jail to launch it in instead, for a backend run by a jailer.
+    fn jail(&self, _spec: &BootSpec) -> Result<Option<banger_proto::jail::JailRequest>, VmmError> {
+        Ok(None)
+    }
     /// Where the agent's readiness reports arrive.
     fn ctl(&self, dir: &Path) -> CtlEndpoint;
+    /// The root of a jailed VM's jail on the host.
+    fn jail_root(&self, _dir: &Path) -> Option<PathBuf> {
+        None
+    }
     /// The Unix socket that carries SSH connections.
     fn ssh_socket(&self, dir: &Path) -> PathBuf;
     /// Files in the VM directory that exist only while it runs.
@@ -242,6 +252,9 @@ pub struct ConfiguredVmms {
     pub qemu_binary: String,
     pub qemu_accel: String,
     pub firecracker_binary: String,
+    /// Firecracker VMs run in jails under this chroot base (`Ok(None)`:
+    /// unjailed; `Err`: a jailer was asked for and cannot be had).
+    pub jail: Result<Option<super::firecracker::Jailed>, String>,
     /// Where `auto` keeps KVM's verdict.
     pub state_dir: std::path::PathBuf,
 }
@@ -256,11 +269,22 @@ impl ConfiguredVmms {
                 .clone()
                 .unwrap_or_else(|| "qemu-system-x86_64".into()),
             qemu_accel: config.qemu.accel.clone().unwrap_or_else(|| "auto".into()),
-            firecracker_binary: config
-                .firecracker_binary
-                .clone()
-                .unwrap_or_else(|| "firecracker".into()),
+            firecracker_binary: config.firecracker(),
+            jail: Ok(None),
         }
+    }
+
+    pub fn with_jails(mut self, choice: &super::jailing::JailChoice) -> ConfiguredVmms {
+        use super::jailing::JailChoice;
+        self.jail = match choice {
+            JailChoice::Off => Ok(None),
+            JailChoice::On(jails) => Ok(Some(super::firecracker::Jailed {
+                base: jails.base(),
+                home: banger_proto::jail::home_id(&self.state_dir),
+            })),
+            JailChoice::Missing(why) => Err(why.clone()),
+        };
+        self
     }
 }
 
@@ -274,6 +298,7 @@ impl VmmProvider for ConfiguredVmms {
             }),
             VmmKind::Firecracker => Box::new(super::firecracker::Firecracker {
                 binary: self.firecracker_binary.clone(),
+                jail: self.jail.clone().map_err(VmmError::Spec)?,
             }),
         })
     }
@@ -602,6 +627,7 @@ mod tests {
                 mac: "06:00:0a:d5:00:07".into(),
             }),
             restore: None,
+            cpu_quota: None,
         }
     }
 

@@ -68,6 +68,7 @@ pub fn run(paths: &Paths, json: bool) -> anyhow::Result<i32> {
         network(status.as_ref()),
         dns(status.as_ref()),
         helper(status.as_ref(), &config),
+        jailer(status.as_ref(), &config),
         install(),
     ];
     if json {
@@ -568,6 +569,29 @@ fn helper(status: Option<&DaemonStatus>, config: &banger_core::config::Config) -
             Some("are you in the `banger` group? (`id`; log in again after `system install`)"),
         ),
     }
+}
+
+/// Whether Firecracker VMs run jailed: as the running daemon decided, else
+/// what a daemon would find.
+fn jailer(status: Option<&DaemonStatus>, config: &banger_core::config::Config) -> Check {
+    if let Some(said) = status.and_then(|s| s.jailer.clone()) {
+        let state = if said.starts_with("unavailable") {
+            Status::Warn
+        } else {
+            Status::Ok
+        };
+        return check("jailer", state, said, None);
+    }
+    let found = match config.jailer_binary() {
+        Some(path) => format!("jailer at {}", path.display()),
+        None => "no `jailer` on PATH".into(),
+    };
+    check(
+        "jailer",
+        Status::Ok,
+        format!("{found}; the daemon decides when it starts (not running now)"),
+        Some("Firecracker VMs run jailed when the daemon is root or the root helper has a jailer (docs/security.md)"),
+    )
 }
 
 /// A system install matches what `system install` would write now.

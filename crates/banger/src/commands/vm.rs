@@ -557,6 +557,7 @@ fn create_call(
             .transpose()?,
         workspace_path: args.workspace_path,
         start,
+        cpu_quota: args.cpu_quota,
     };
     Ok(client.call::<m::VmCreate>(params, boot_progress(&args.name)))
 }

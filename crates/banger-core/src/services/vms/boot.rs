@@ -14,7 +14,7 @@ use crate::vm::disk::{self, UPPER_FILE};
 
 use super::boot_log::{boot_failed, mark_boot};
 use super::lifecycle::{step, VmLifecycle};
-use super::registry::{dm_name, kill_and_wait, remove_run_files, WORK_MOUNT};
+use super::registry::{dm_name, remove_run_files, WORK_MOUNT};
 use crate::error::{OpError, OpResult};
 use crate::events::Events;
 use crate::ids;
@@ -95,7 +95,6 @@ impl VmLifecycle {
                     .await?
             }
         };
-        let ctl = control_endpoint(vmm.as_ref(), Path::new(&vm.dir))?;
         let disks = self.disks(&vm, &mut steps)?;
         steps.begin("network")?;
         let nic = self.registry.network.attach(vm.ip.as_deref())?;
@@ -124,15 +123,23 @@ impl VmLifecycle {
             console_log: console::path(&dir),
             nic,
             restore: restore.map(|snap| PathBuf::from(&snap.dir)),
+            cpu_quota: vm.cpu_quota,
         };
         let started_from = match restore {
             None => "boot".to_string(),
             Some(snap) if snap.template.is_some() => format!("template {}", snap.name),
             Some(snap) => format!("snapshot {}", snap.name),
         };
-        let pid = self
-            .launch(&vm, vmm.as_ref(), &spec, started_from, &mut steps)
-            .await?;
+        let pid = self.launch(&vm, vmm.as_ref(), &spec, started_from, &mut steps)?;
+        // Listening before the guest can connect: after the launch, since a
+        // jailed VMM's sockets live in the jail it makes.
+        let ctl = control_endpoint(vmm.as_ref(), Path::new(&vm.dir))?;
+        steps.begin("configure")?;
+        let launcher = self.registry.launcher.clone();
+        let alive = move || launcher.alive(pid);
+        if let Err(e) = vmm.configure(&spec, &alive).await {
+            return Err(boot_failed(&vm, "configure", e));
+        }
 
         step(&events, "agent", 3, STEPS_START);
         let session = self
@@ -272,8 +279,9 @@ impl VmLifecycle {
         Ok(dev)
     }
 
-    /// Phase 4: the VMM process, recorded as the VM's runtime, configured.
-    async fn launch(
+    /// Phase 4: the VMM process (in its jail, for a jailed backend),
+    /// recorded as the VM's runtime.
+    fn launch(
         &self,
         vm: &VmRecord,
         vmm: &dyn Vmm,
@@ -286,12 +294,33 @@ impl VmLifecycle {
             tracing::warn!(vm = %vm.name, error = %e, "cannot rotate the console log");
         }
         mark_boot(&spec.console_log);
-        let command = vmm.command(spec)?;
-        let launcher = self.registry.launcher.clone();
-        let pid = launcher
-            .launch(&command)
-            .map_err(|e| OpError::internal(format!("launching {}: {e}", vm.vmm)))?;
-        steps.undo("launch", move || kill_and_wait(launcher.as_ref(), pid));
+        let jail = vmm.jail(spec)?;
+        let jailed = jail.is_some();
+        let pid = match jail {
+            Some(request) => {
+                let jails = self.registry.jails.clone().ok_or_else(|| {
+                    OpError::internal("a jailed VMM was asked for, but no jailer is set up")
+                })?;
+                // A launch that failed midway may leave a jail: it goes too.
+                let (undo_jails, undo_name) = (jails.clone(), vm.name.clone());
+                steps.undo("jail", move || {
+                    let _ = undo_jails.teardown(&undo_name);
+                });
+                jails.launch(&request).map_err(|e| {
+                    boot_failed(
+                        vm,
+                        "launch",
+                        format!("launching {} in its jail: {e}", vm.vmm),
+                    )
+                })?
+            }
+            None => self
+                .registry
+                .launcher
+                .launch(&vmm.command(spec)?)
+                .map_err(|e| OpError::internal(format!("launching {}: {e}", vm.vmm)))?,
+        };
+        steps.undo("launch", self.registry.stopper(&vm.name, pid, jailed));
 
         steps.begin("runtime")?;
         let store = self.registry.store.clone();
@@ -311,18 +340,12 @@ impl VmLifecycle {
             paused: false,
             started_from: Some(started_from),
             held: false,
+            jailed,
         })?;
         let undo_name = vm.name.clone();
         steps.undo("runtime", move || {
             let _ = store.clear_runtime(&undo_name);
         });
-
-        steps.begin("configure")?;
-        let launcher = self.registry.launcher.clone();
-        let alive = move || launcher.alive(pid);
-        if let Err(e) = vmm.configure(spec, &alive).await {
-            return Err(boot_failed(vm, "configure", e));
-        }
         Ok(pid)
     }
 

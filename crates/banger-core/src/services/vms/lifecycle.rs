@@ -179,11 +179,34 @@ impl VmLifecycle {
                 );
                 kill_and_wait(self.registry.launcher.as_ref(), orphan);
             }
+            // A jailed one is found by its jail, which goes with it.
+            if vm.vmm == VmmKind::Firecracker {
+                self.registry.unjail(&vm.name);
+            }
             // A start the daemon died in may have left its per-boot files.
             self.registry.clean_run_files(&vm);
         }
         self.remove_unfinished_snapshots();
         self.registry.write_ssh_config();
+        Ok(())
+    }
+
+    /// A CPU quota is applied by the jailer's cgroup: only jailed
+    /// Firecracker VMs have one, and no more than the host's CPUs.
+    fn check_cpu_quota(&self, vmm: VmmKind, quota: u32) -> OpResult<()> {
+        if vmm != VmmKind::Firecracker || self.registry.jails.is_none() {
+            return Err(OpError::invalid(
+                "--cpu-quota is applied through Firecracker's jailer: use --vmm firecracker \
+                 with the jailer on (`banger doctor` says whether it is)",
+            ));
+        }
+        let cpus = sizing::Host::probe().cpus;
+        if quota == 0 || quota > cpus * 100 {
+            return Err(OpError::invalid(format!(
+                "--cpu-quota {quota} is outside 1..={} (percent of one CPU; this host has {cpus})",
+                cpus * 100
+            )));
+        }
         Ok(())
     }
 
@@ -215,6 +238,9 @@ impl VmLifecycle {
         if params.start {
             self.registry.network.check_vmm(vmm_kind)?;
         }
+        if let Some(quota) = params.cpu_quota {
+            self.check_cpu_quota(vmm_kind, quota)?;
+        }
         let workspace = match &params.workspace {
             Some(dir) => Some(self.workspaces.check(
                 dir,
@@ -228,7 +254,7 @@ impl VmLifecycle {
         };
         // Booting is the slow way: a warm template of the image, made with
         // these very settings, is forked instead (`--cold` boots anyway).
-        if params.start && !params.cold {
+        if params.start && !params.cold && params.cpu_quota.is_none() {
             let plan = Plan {
                 kernel: kernel.clone(),
                 vmm: vmm_kind,
@@ -296,6 +322,7 @@ impl VmLifecycle {
             origin: matches!(root_mode, RootMode::DmSnapshot | RootMode::Overlay)
                 .then(|| image.rootfs_path.clone()),
             restore_from: None,
+            cpu_quota: params.cpu_quota,
         };
         let record = self.record_new_vm(record, &mut steps)?;
         if let Some((host_dir, guest_path)) = workspace {
@@ -457,7 +484,7 @@ impl VmLifecycle {
         crate::steps::kill_point("stop-kill");
         if self.registry.launcher.alive(pid) {
             tracing::warn!(vm = %vm.name, "VM did not power off in time; killing its VMM");
-            self.registry.kill(pid).await;
+            self.registry.kill(&rt).await;
         }
         crate::steps::kill_point("stop-release");
         self.sessions.forget(&vm.name).await;

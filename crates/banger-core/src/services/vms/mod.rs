@@ -50,6 +50,7 @@ pub struct VmDeps {
     pub runner: Arc<dyn ProcessRunner>,
     pub launcher: Arc<dyn ProcessLauncher>,
     pub blockdevs: Arc<dyn BlockDevices>,
+    pub jails: Option<Arc<dyn banger_host::Jails>>,
     pub images: Arc<ImageService>,
     pub kernels: Arc<KernelService>,
     pub network: Arc<NetworkService>,
@@ -66,15 +67,18 @@ pub struct Vms {
 
 impl Vms {
     pub fn new(deps: VmDeps) -> Vms {
-        let registry = Arc::new(VmRegistry::new(
-            deps.paths,
-            deps.config,
-            deps.store,
-            deps.launcher,
-            deps.blockdevs,
-            deps.network,
-            deps.vmms,
-        ));
+        let registry = Arc::new(
+            VmRegistry::new(
+                deps.paths,
+                deps.config,
+                deps.store,
+                deps.launcher,
+                deps.blockdevs,
+                deps.network,
+                deps.vmms,
+            )
+            .with_jails(deps.jails),
+        );
         let sessions = Arc::new(AgentSessions::new(registry.clone()));
         let workspaces = Arc::new(WorkspaceService::new(
             registry.store.clone(),

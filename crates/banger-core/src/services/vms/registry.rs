@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use banger_host::{ProcessId, ProcessLauncher};
+use banger_host::{Jails, ProcessId, ProcessLauncher};
 use banger_proto::domain::NetworkMode;
 use banger_proto::vm::{RootMode, VmInfo, VmNetwork, VmState, VmmKind};
 
@@ -32,6 +32,8 @@ pub struct VmRegistry {
     pub(super) blockdevs: Arc<dyn banger_host::BlockDevices>,
     pub(super) network: Arc<NetworkService>,
     vmms: Arc<dyn VmmProvider>,
+    /// Firecracker's jails, when its VMs run jailed.
+    pub(super) jails: Option<Arc<dyn Jails>>,
     /// One per VM: held by whatever changes its state (create, start, stop, rm).
     locks: KeyedLocks,
 }
@@ -54,8 +56,14 @@ impl VmRegistry {
             blockdevs,
             network,
             vmms,
+            jails: None,
             locks: KeyedLocks::default(),
         }
+    }
+
+    pub fn with_jails(mut self, jails: Option<Arc<dyn Jails>>) -> VmRegistry {
+        self.jails = jails;
+        self
     }
 
     pub fn vms_dir(&self) -> PathBuf {
@@ -81,15 +89,39 @@ impl VmRegistry {
         }
         if let Ok(Some(rt)) = self.store.get_runtime(name) {
             tracing::warn!(vm = name, "the VM is busy past the limit; killing its VMM");
-            self.kill(rt.process()).await;
+            self.kill(&rt).await;
         }
         lock.lock_owned().await
     }
 
-    /// Stops a VMM process: TERM, then KILL; returns once it is gone.
-    pub async fn kill(&self, pid: ProcessId) {
+    /// Stops a VM's VMM process: TERM, then KILL; returns once it is gone.
+    pub async fn kill(&self, rt: &VmRuntime) {
+        let stop = self.stopper(&rt.name, rt.process(), rt.jailed);
+        let _ = tokio::task::spawn_blocking(stop).await;
+    }
+
+    /// What stops one VMM process, blocking: a jailed one is signalled
+    /// through its jail (the helper signals only what it launched).
+    pub fn stopper(
+        &self,
+        vm: &str,
+        pid: ProcessId,
+        jailed: bool,
+    ) -> impl FnOnce() + Send + 'static {
         let launcher = self.launcher.clone();
-        let _ = tokio::task::spawn_blocking(move || kill_and_wait(launcher.as_ref(), pid)).await;
+        let jails = self.jails.clone().filter(|_| jailed);
+        let vm = vm.to_string();
+        move || match jails {
+            Some(jails) => terminate(
+                |signal| {
+                    if let Err(e) = jails.signal(&vm, signal) {
+                        tracing::warn!(vm = %vm, error = %e, "cannot signal the jailed VMM");
+                    }
+                },
+                || launcher.alive(pid),
+            ),
+            None => kill_and_wait(launcher.as_ref(), pid),
+        }
     }
 
     /// The backend a VM of this kind runs on.
@@ -144,8 +176,20 @@ impl VmRegistry {
     pub fn release(&self, vm: &VmRecord, rt: &VmRuntime) -> OpResult<()> {
         self.store.clear_runtime(&vm.name)?;
         self.network.detach(rt.tap.as_deref(), vm.ip.as_deref());
+        if rt.jailed {
+            self.unjail(&vm.name);
+        }
         self.clean_run_files(vm);
         Ok(())
+    }
+
+    /// Removes a VM's jail (chroot, mounts, cgroup), whatever is left of it.
+    pub fn unjail(&self, name: &str) {
+        if let Some(jails) = &self.jails {
+            if let Err(e) = jails.teardown(name) {
+                tracing::warn!(vm = name, error = %e, "could not remove the VM's jail");
+            }
+        }
     }
 
     /// Removes what exists only while a VM runs: its VMM's sockets, the
@@ -214,6 +258,12 @@ impl VmRegistry {
                     _ => Vec::new(),
                 },
             }),
+            jail: rt
+                .as_ref()
+                .filter(|r| r.jailed)
+                .and_then(|_| self.vmm(vm.vmm).ok()?.jail_root(Path::new(&vm.dir)))
+                .map(|p| p.display().to_string()),
+            cpu_quota: vm.cpu_quota,
             tap: rt.and_then(|r| r.tap),
             workspace: self.store.get_workspace(&vm.name)?.map(Into::into),
         })
@@ -260,16 +310,27 @@ impl VmRegistry {
 
 /// TERM, a second to go, then KILL; blocks until the process is gone.
 pub fn kill_and_wait(launcher: &dyn ProcessLauncher, pid: ProcessId) {
-    let _ = launcher.signal(pid, libc::SIGTERM);
+    terminate(
+        |signal| {
+            let _ = launcher.signal(pid, signal);
+        },
+        || launcher.alive(pid),
+    )
+}
+
+/// TERM, a second to go, then KILL, by whatever way `signal` reaches the
+/// process; blocks until `alive` says it is gone (or five more seconds).
+pub fn terminate(signal: impl Fn(i32), alive: impl Fn() -> bool) {
+    signal(libc::SIGTERM);
     for _ in 0..40 {
-        if !launcher.alive(pid) {
+        if !alive() {
             return;
         }
         std::thread::sleep(Duration::from_millis(25));
     }
-    let _ = launcher.signal(pid, libc::SIGKILL);
+    signal(libc::SIGKILL);
     for _ in 0..200 {
-        if !launcher.alive(pid) {
+        if !alive() {
             return;
         }
         std::thread::sleep(Duration::from_millis(25));

@@ -508,6 +508,7 @@ impl VmLifecycle {
             (params.vmm.is_some(), "--vmm"),
             (params.root_mode.is_some(), "--root-mode"),
             (params.workspace.is_some(), "--workspace"),
+            (params.cpu_quota.is_some(), "--cpu-quota"),
         ] {
             if set {
                 fixed.push(flag);
@@ -580,6 +581,7 @@ impl VmLifecycle {
             ip: None,
             origin: snap.origin.clone(),
             restore_from: snap.with_memory.then(|| snap.name.clone()),
+            cpu_quota: None,
         };
         let record = self.record_new_vm(record, &mut steps)?;
         if let Some((host_dir, guest_path, owner)) = workspace {
