@@ -292,9 +292,13 @@ impl Jails for RealJails {
             Some(r) => r.cgroups.clone(),
             None => Cgroups::detect().dirs(&self.cgroup_parent, vm),
         };
+        let depth = Path::new(&self.cgroup_parent).components().count();
         for cg in cgroups {
-            // Empty once its process is gone; one that is not is left.
-            let _ = std::fs::remove_dir(&cg);
+            // Empty once its process is gone; one that is not is left. So
+            // are the parents, which other jails may still use.
+            for dir in cg.ancestors().take(depth + 1) {
+                let _ = std::fs::remove_dir(dir);
+            }
         }
         match std::fs::remove_file(self.record_path(vm)) {
             Ok(()) => Ok(()),
@@ -556,15 +560,21 @@ fn unescape_octal(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Processes whose root directory is `root`.
+/// Processes whose root directory is `root`. Compared by device and inode:
+/// a pivot_root into a mount namespace of its own shows as `/` to a reader.
 fn rooted_in(root: &Path) -> Vec<ProcessId> {
+    let Ok(want) = std::fs::metadata(root).map(|m| (m.dev(), m.ino())) else {
+        return Vec::new();
+    };
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     procs
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/root")).is_ok_and(|r| r == root))
+        .filter(|pid| {
+            std::fs::metadata(format!("/proc/{pid}/root")).is_ok_and(|m| (m.dev(), m.ino()) == want)
+        })
         .filter_map(|pid| match stat(pid)? {
             (_, true) => None,
             (start_time, false) => Some(ProcessId { pid, start_time }),
@@ -587,10 +597,12 @@ impl Cgroups {
         Self::parse(&std::fs::read_to_string("/proc/mounts").unwrap_or_default())
     }
 
-    /// From /proc/mounts: v2 when its hierarchy has controllers (a hybrid
-    /// host's empty unified mount does not count), else the v1 mounts.
+    /// From /proc/mounts: v2 when its hierarchy has the cpu or memory
+    /// controller (a hybrid host's unified mount often has neither), else
+    /// the v1 mounts.
     pub fn parse(mounts: &str) -> Cgroups {
         let mut v1 = Vec::new();
+        let mut v2 = None;
         for line in mounts.lines() {
             let f: Vec<&str> = line.split_whitespace().collect();
             if f.len() < 4 {
@@ -605,8 +617,8 @@ impl Cgroups {
                             .split_whitespace()
                             .map(str::to_string)
                             .collect();
-                    if !controllers.is_empty() {
-                        return Cgroups::V2(at, controllers);
+                    if controllers.iter().any(|c| c == "cpu" || c == "memory") {
+                        v2 = Some(Cgroups::V2(at, controllers));
                     }
                 }
                 "cgroup" => {
@@ -622,10 +634,10 @@ impl Cgroups {
                 _ => {}
             }
         }
-        if v1.is_empty() {
-            Cgroups::None
-        } else {
-            Cgroups::V1(v1)
+        match v2 {
+            Some(v2) => v2,
+            None if v1.is_empty() => Cgroups::None,
+            None => Cgroups::V1(v1),
         }
     }
 
