@@ -273,3 +273,46 @@ fn snapshots_take_only_the_callers_files_inside_the_allowed_dirs() {
     );
     assert!(rig.blocks.live().is_empty());
 }
+
+#[test]
+fn jail_requests_need_a_jailer_and_checked_names() {
+    let rig = rig();
+    let owner = caller(OWNER, OWNER);
+    let launch = |home: &str, vm: &str| {
+        R::JailLaunch(banger_proto::jail::JailRequest {
+            home: home.into(),
+            vm: vm.into(),
+            firecracker: "/usr/local/bin/firecracker".into(),
+            files: Vec::new(),
+            console: rig.dir.path().join("home/console.log"),
+            limits: Default::default(),
+        })
+    };
+    // Without --jailer the helper launches nothing at all.
+    refused(
+        rig.helper.handle(&owner, launch("0a1b", "web")),
+        "no jailer",
+    );
+    let signal = R::JailSignal {
+        home: "0a1b".into(),
+        vm: "web".into(),
+        signal: libc::SIGKILL,
+    };
+    refused(rig.helper.handle(&owner, signal), "no jailer");
+    // Names are checked before anything else.
+    refused(
+        rig.helper.handle(
+            &owner,
+            R::JailTeardown {
+                home: "0a1b".into(),
+                vm: "../etc".into(),
+            },
+        ),
+        "DNS label",
+    );
+    // The ping says there is no jailer, so a daemon does not ask.
+    match rig.helper.handle(&owner, R::Ping) {
+        HelperReply::Ok(HelperValue::Pong { jails, .. }) => assert!(jails.is_none()),
+        other => panic!("{other:?}"),
+    }
+}

@@ -8,107 +8,13 @@ mod common;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+
 use std::time::{Duration, Instant};
 
 use banger_testkit::registry::Registry;
-use common::{must, Banger};
+use common::jailing::{alive, cgroup_dir, fakes, same_dir, vm_info, Helper, Reaper, USER};
+use common::Banger;
 use serde_json::{json, Value};
-
-/// The daemon's user in the helper test, and someone else.
-const USER: u32 = 4251;
-
-struct Fakes {
-    firecracker: PathBuf,
-    jailer: PathBuf,
-    agent: PathBuf,
-}
-
-fn fakes() -> Option<Fakes> {
-    if !common::root_or_skip("the jailer runs as root") {
-        return None;
-    }
-    let get = |key: &str| {
-        std::env::var_os(key)
-            .map(PathBuf::from)
-            .filter(|p| p.is_file())
-    };
-    match (
-        get("FAKE_FIRECRACKER_BIN"),
-        get("FAKE_JAILER_BIN"),
-        get("BANGER_AGENT_BIN"),
-    ) {
-        (Some(firecracker), Some(jailer), Some(agent)) => Some(Fakes {
-            firecracker,
-            jailer,
-            agent,
-        }),
-        _ => {
-            let msg = "needs FAKE_FIRECRACKER_BIN, FAKE_JAILER_BIN and BANGER_AGENT_BIN (scripts/test sets them)";
-            assert!(std::env::var_os("CI").is_none(), "{msg}");
-            eprintln!("skipping: {msg}");
-            None
-        }
-    }
-}
-
-fn vm_info(banger: &Banger, name: &str) -> Value {
-    let out = banger.ok(&["vm", "inspect", name, "--json"]);
-    serde_json::from_str::<Value>(&out).unwrap()[0].clone()
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        !s.rsplit(')')
-            .next()
-            .unwrap_or_default()
-            .trim_start()
-            .starts_with('Z')
-    })
-}
-
-/// The directory of a cgroup path in the v1 hierarchy of `controller`, or
-/// the unified one, if it is mounted where it usually is.
-fn cgroup_dir(controller: &str, path: &str) -> Option<PathBuf> {
-    [
-        format!("/sys/fs/cgroup/{controller}"),
-        "/sys/fs/cgroup".to_string(),
-    ]
-    .into_iter()
-    .map(|base| PathBuf::from(base).join(path.trim_start_matches('/')))
-    .find(|d| d.is_dir())
-}
-
-/// A directory's identity: a process's root after pivot_root reads as `/`
-/// through its link, but is the very directory of its jail.
-fn same_dir(path: &Path) -> Option<(u64, u64)> {
-    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
-}
-
-/// Kills, when a test ends (or fails), whatever still runs chrooted in a
-/// jail under `base` (`<base>/…/<fc>/<vm>/root`): a jailed VMM's command
-/// line names nothing of the test's home.
-struct Reaper(PathBuf);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        let out = must(&format!(
-            "find {} -maxdepth 5 -type d -name root 2>/dev/null || true",
-            self.0.display()
-        ));
-        let roots: Vec<_> = out.lines().filter_map(|r| same_dir(Path::new(r))).collect();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let root = same_dir(Path::new(&format!("/proc/{pid}/root")));
-            if root.is_some_and(|r| roots.contains(&r)) {
-                // SAFETY: kill(2) on a process chrooted in this test's jails.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-    }
-}
 
 fn calls(root: &Path) -> Vec<Value> {
     std::fs::read_to_string(root.join("fc.sock.calls"))
@@ -282,6 +188,38 @@ fn a_root_daemon_runs_firecracker_in_a_jail_and_leaves_nothing_behind() {
     banger.ok(&["vm", "start", "fcj"]);
     let (pid, _) = check_jail(&banger, "fcj", 0, &root);
 
+    // A snapshot is written inside the jail and moved out into banger's
+    // snapshot; a fork resumes it in a jail of its own, from jail paths.
+    banger.ok(&["vm", "snapshot", "fcj", "s1"]);
+    let snap = banger.path("state/snapshots/s1");
+    assert!(snap.join("vmstate").is_file() && snap.join("memory").is_file());
+    assert!(!root.join("vmstate").exists() && !root.join("memory").exists());
+    banger.ok(&["vm", "run", "fork", "--from", "s1"]);
+    let fork_root = banger
+        .path("state/jail")
+        .join(f.firecracker.file_name().unwrap())
+        .join("fork/root");
+    assert_eq!(
+        vm_info(&banger, "fork")["jail"],
+        fork_root.display().to_string()
+    );
+    assert_eq!(
+        calls(&fork_root)[0]["body"],
+        json!({
+            "snapshot_path": "/vmstate",
+            "mem_backend": { "backend_type": "File", "backend_path": "/memory" },
+            "vsock_override": { "uds_path": "/vsock.sock" },
+            "resume_vm": true,
+        })
+    );
+    assert_eq!(
+        banger.ok(&["vm", "exec", "fork", "--", "echo", "forked"]),
+        "fake-firecracker ran on fork: echo forked\n"
+    );
+    banger.ok(&["vm", "rm", "-f", "fork"]);
+    banger.ok(&["snapshot", "rm", "s1"]);
+    gone(&fork_root);
+
     // A daemon killed outright re-attaches to the jailed VM; `rm -f` then
     // ends it through its jail and removes everything.
     banger.kill_daemon(libc::SIGKILL);
@@ -292,103 +230,6 @@ fn a_root_daemon_runs_firecracker_in_a_jail_and_leaves_nothing_behind() {
     gone(&jail);
     assert!(!Path::new(&format!("/proc/{pid}")).exists() || !alive(pid as u32));
     assert!(common::entries(&banger.path("state/jail-records")).is_empty());
-}
-
-/// The root helper, serving [`USER`], with a jailer it trusts.
-struct Helper {
-    dir: tempfile::TempDir,
-    trusted: PathBuf,
-    child: Child,
-}
-
-impl Helper {
-    fn start(f: &Fakes, home: &Path) -> Helper {
-        let dir = tempfile::tempdir().unwrap();
-        must(&format!("chmod 0755 {}", dir.path().display()));
-        // Root's and writable by root alone, all the way up: what the
-        // helper demands of a program it runs or hands to the jailer.
-        let trusted = PathBuf::from(format!("/run/banger-test-{}", std::process::id()));
-        must(&format!(
-            "mkdir -p {t} && chmod 0755 {t} && cp {fc} {j} {t}/",
-            t = trusted.display(),
-            fc = f.firecracker.display(),
-            j = f.jailer.display()
-        ));
-        let log = std::fs::File::create(dir.path().join("helper.log")).unwrap();
-        let child = Command::new(common::helper_exe())
-            .arg("--socket")
-            .arg(dir.path().join("helper.sock"))
-            .args(["--owner", &USER.to_string()])
-            .arg("--allow-dir")
-            .arg(home)
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .arg("--jailer")
-            .arg(trusted.join(f.jailer.file_name().unwrap()))
-            .arg("--jail-dir")
-            .arg(dir.path().join("jail"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let helper = Helper {
-            dir,
-            trusted,
-            child,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !helper.socket().exists() {
-            assert!(
-                Instant::now() < deadline,
-                "helper did not start: {}",
-                helper.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        helper
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("helper.sock")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("helper.log")).unwrap_or_default()
-    }
-
-    /// One request as `uid`; the reply.
-    fn ask(&self, uid: u32, request: Value) -> Value {
-        const CLIENT: &str = r#"
-import socket, sys
-s = socket.socket(socket.AF_UNIX)
-s.connect(sys.argv[1])
-s.sendall(sys.argv[2].encode() + b"\n")
-sys.stdout.write(s.makefile("rb").readline().decode())
-"#;
-        let out = Command::new("setpriv")
-            .args([
-                &format!("--reuid={uid}"),
-                &format!("--regid={uid}"),
-                "--clear-groups",
-                "/usr/bin/python3",
-                "-c",
-                CLIENT,
-            ])
-            .arg(self.socket())
-            .arg(request.to_string())
-            .output()
-            .unwrap();
-        serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&out.stdout).into_owned()))
-    }
-}
-
-impl Drop for Helper {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.trusted);
-    }
 }
 
 #[test]

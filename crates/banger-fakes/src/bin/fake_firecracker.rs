@@ -256,9 +256,7 @@ fn handle(
                 }
                 _ => return Err("exactly one of mem_file_path and mem_backend is required".into()),
             };
-            if !Path::new(&memory).is_file() {
-                return Err(format!("cannot open the memory file {memory}"));
-            }
+            // The state file is opened first, then the memory file.
             let state = body["snapshot_path"].as_str().unwrap_or_default();
             let saved: SavedVm = match std::fs::read(state) {
                 Ok(b) => serde_json::from_slice(&b).map_err(|e| {
@@ -269,6 +267,10 @@ fn handle(
                     return Err(format!("Load snapshot error: Failed to restore from snapshot: Failed to get snapshot state from file: Failed to open snapshot file: {e}"));
                 }
             };
+            if let Err(e) = std::fs::File::open(&memory) {
+                vm.fatal = true;
+                return Err(format!("Load snapshot error: Failed to restore from snapshot: Failed to load guest memory: {e}"));
+            }
             // The drives reopen at the paths they were saved with.
             for drive in saved.drives.values() {
                 if let Some((path, e)) = open_error(drive, "path_on_host") {

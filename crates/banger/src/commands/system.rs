@@ -175,6 +175,12 @@ fn uninstall(args: SystemUninstallArgs) -> anyhow::Result<i32> {
         None if Install::present(&root) => legacy(),
         None => Manifest::default(),
     };
+    // The helper makes its jail directory when it first runs: left with no
+    // jail in it (the helper removes them), it goes too.
+    let jails = root.join("var/lib/banger/jail");
+    if jails.is_dir() && remove_empty_tree(&jails) {
+        done.push(format!("removed {}", jails.display()));
+    }
     done.extend(manifest.remove_files(&root)?);
     if live(&root) {
         let _ = runner.run(&CommandSpec::new("systemctl").arg("daemon-reload"));
@@ -203,6 +209,19 @@ fn uninstall(args: SystemUninstallArgs) -> anyhow::Result<i32> {
         println!("VMs, images and settings in users' homes are kept; a running user daemon stops with `systemctl --user stop banger`");
     }
     Ok(0)
+}
+
+/// Removes `dir` if it holds nothing but empty directories; whether it did.
+fn remove_empty_tree(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    let mut empty = true;
+    for entry in entries.flatten() {
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        empty &= is_dir && remove_empty_tree(&entry.path());
+    }
+    empty && std::fs::remove_dir(dir).is_ok()
 }
 
 /// The `ExecStart=` command of a unit, for starting it by hand.
