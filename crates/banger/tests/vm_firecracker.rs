@@ -320,3 +320,43 @@ fn a_guest_that_ignores_the_power_off_gets_ctrl_alt_del() {
     assert!(vmm_log.contains("Ctrl-Alt-Del"), "{vmm_log}");
     banger.ok(&["vm", "rm", "stubborn"]);
 }
+
+/// A Firecracker that accepts the start and then dies (as nested KVM makes
+/// the real one do on these machines): the start fails at once with the
+/// VM, the stage and Firecracker's own last words, and nothing is left.
+#[test]
+fn a_firecracker_that_dies_during_boot_fails_the_start_with_its_words() {
+    let Some((fake, agent)) = tools() else { return };
+    let die = Path::new("1");
+    let (_registry, _tmp, banger) = fake_fc_setup(&fake, &agent, &[("FAKE_FC_DIE_IN_BOOT", die)]);
+    let started = std::time::Instant::now();
+    let err = banger.fails(&[
+        "vm",
+        "run",
+        "doomed",
+        "--image",
+        "busybox",
+        "--vmm",
+        "firecracker",
+    ]);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "reported when the VMM died, not at the boot timeout"
+    );
+    assert!(
+        err.contains("VM `doomed` failed to boot at stage")
+            && err.contains("the VMM exited during boot"),
+        "{err}"
+    );
+    let said = err
+        .split("--- firecracker said ---")
+        .nth(1)
+        .unwrap_or_default();
+    assert!(said.contains("KVM_EXIT_INTERNAL_ERROR"), "{err}");
+    let info: serde_json::Value =
+        serde_json::from_str(&banger.ok(&["vm", "inspect", "doomed"])).unwrap();
+    assert_eq!(info[0]["state"], "stopped");
+    let dir = info[0]["dir"].as_str().unwrap();
+    assert!(!Path::new(dir).join("fc.sock").exists());
+    banger.ok(&["vm", "rm", "doomed"]);
+}

@@ -879,7 +879,6 @@ fn without_root_or_helper_vms_get_user_mode_networking() {
     };
     let registry = Registry::start();
     let tmp = tempfile::tempdir().unwrap();
-    push_busybox(&registry, &tmp.path().join("oci"), "busybox:latest");
     // An unprivileged daemon and no root helper anywhere: taps are out of reach.
     let mut banger = Banger::without_daemon();
     banger.add_env("BANGER_AGENT_BIN", &agent);
@@ -894,14 +893,7 @@ fn without_root_or_helper_vms_get_user_mode_networking() {
     banger.add_env("HOME", user_home.path());
     banger.run_as(DAEMON_UID, None);
     banger.start_daemon();
-    banger.ok(&["kernel", "import", kernel.to_str().unwrap()]);
-    banger.ok(&[
-        "image",
-        "pull",
-        &registry.reference("busybox:latest"),
-        "--name",
-        "bb",
-    ]);
+    common::add_busybox_and_kernel(&banger, &registry, tmp.path(), &kernel);
 
     let mut lab = Lab::new("u");
     lab.upstream_dns();

@@ -119,7 +119,7 @@ pub async fn wait_ready_as(
                     Ok(Err(e)) => return Err(fail(&stage, format!("accepting the agent's control connection: {e}"))),
                     Err(_) => return Err(fail("kernel", format!("the guest agent was not ready after {}s", timeout.as_secs()))),
                 },
-                _ = wait_dead(&vmm_alive) => return Err(fail("kernel", "the VM stopped during boot".into())),
+                _ = wait_dead(&vmm_alive) => return Err(fail("kernel", "the VMM exited during boot".into())),
             }
         }
     };
@@ -134,7 +134,7 @@ pub async fn wait_ready_as(
         let line = tokio::select! {
             line = tokio::time::timeout(remaining, lines.next_line()) => line,
             _ = wait_dead(&vmm_alive) => {
-                return Err(fail(&stage, "the VM stopped during boot".into()));
+                return Err(fail(&stage, "the VMM exited during boot".into()));
             }
         };
         let line = match line {

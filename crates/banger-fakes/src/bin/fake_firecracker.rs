@@ -869,7 +869,20 @@ async fn main() {
         );
         let (status, reply) = match handle(&mut vm, &method, &path, &body) {
             Ok(action) => {
-                if action == Some("start") {
+                if action == Some("start") && std::env::var_os("FAKE_FC_DIE_IN_BOOT").is_some() {
+                    // As nested KVM under kvm-pvm does: the start is
+                    // accepted, then a vCPU exit Firecracker cannot handle
+                    // ends the process.
+                    tokio::spawn(async {
+                        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                        log("ERROR", "Received KVM_EXIT_INTERNAL_ERROR signal".into());
+                        log(
+                            "ERROR",
+                            "Firecracker exiting with error. exit_code=1".into(),
+                        );
+                        std::process::exit(1);
+                    });
+                } else if action == Some("start") {
                     if let Err(e) = play_guest(&mut vm).await {
                         log("INFO", format!("fake-firecracker: guest failed: {e}"));
                     }
