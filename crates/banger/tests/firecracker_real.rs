@@ -320,14 +320,16 @@ fn the_fake_answers_every_request_as_the_real_firecracker_does() {
     }
 }
 
-/// A daemon for the real binaries, with the test kernel and busybox, a
-/// short boot timeout (a guest that cannot boot here should not take the
-/// default minute).
+/// A daemon for the real binaries, with the test kernel and busybox, and a
+/// short boot timeout (30 s: a guest that cannot boot here should not take
+/// the default minute; `BANGER_TEST_FC_BOOT_TIMEOUT` sets a longer one, to
+/// see Firecracker die of nested KVM on its own).
 fn real_daemon(banger: &mut Banger, registry: &Registry, kernel: &Path) {
+    let secs = std::env::var("BANGER_TEST_FC_BOOT_TIMEOUT").unwrap_or_else(|_| "30".into());
     std::fs::create_dir_all(banger.path("config")).unwrap();
     std::fs::write(
         banger.path("config/config.toml"),
-        "boot_timeout_secs = 30\n",
+        format!("boot_timeout_secs = {secs}\n"),
     )
     .unwrap();
     banger.start_daemon();

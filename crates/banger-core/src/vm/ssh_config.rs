@@ -50,15 +50,16 @@ pub fn write(entries: &[Entry], domain: &str, state_dir: &Path) -> std::io::Resu
     let (config, hosts) = render(entries, domain, state_dir);
     let dir = state_dir.join("ssh");
     std::fs::create_dir_all(&dir)?;
-    for (path, text) in [
-        (config_path(state_dir), config),
-        (known_hosts_path(state_dir), hosts),
-    ] {
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, &path)?;
-    }
-    Ok(())
+    write_whole(&config_path(state_dir), &config)?;
+    write_whole(&known_hosts_path(state_dir), &hosts)
+}
+
+/// Replaces a file whole (temp file then rename): ssh never reads half of it.
+pub fn write_whole(path: &Path, text: &str) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_os_string();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

@@ -204,8 +204,8 @@ pub fn ssh_config_remote(
             hosts.push_str(&format!("{alias} {key}\n"));
         }
     }
-    std::fs::write(&config, text)?;
-    std::fs::write(&known, hosts)?;
+    banger_core::vm::ssh_config::write_whole(&config, &text)?;
+    banger_core::vm::ssh_config::write_whole(&known, &hosts)?;
     if json {
         println!(
             "{}",
