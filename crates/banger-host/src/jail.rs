@@ -211,15 +211,8 @@ impl RealJails {
             // As the daemon's own VMMs: away from a terminal's Ctrl-C.
             .process_group(0);
         let child = cmd.spawn().map_err(|e| HostError::spawn(&program, e))?;
-        let pid = child.id();
-        // No --daemonize: the jailer execs Firecracker as this very process,
-        // which is reaped here and tracked by pid and start time.
-        std::thread::spawn(move || {
-            let mut child = child;
-            let _ = child.wait();
-        });
-        let start_time = stat(pid).map(|(t, _)| t).unwrap_or(0);
-        Ok(ProcessId { pid, start_time })
+        // No --daemonize: the jailer execs Firecracker as this very process.
+        Ok(crate::vmm_process::detach(child))
     }
 }
 

@@ -75,6 +75,19 @@ pub fn stat(pid: u32) -> Option<(u64, bool)> {
     Some((start, state == "Z" || state == "X"))
 }
 
+/// A spawned child as a long-lived process: reaped by a thread of its own,
+/// so it never lingers as a zombie of its parent (after the parent's
+/// restart, init reaps it), and known by pid and start time.
+pub fn detach(child: std::process::Child) -> ProcessId {
+    let pid = child.id();
+    std::thread::spawn(move || {
+        let mut child = child;
+        let _ = child.wait();
+    });
+    let start_time = stat(pid).map(|(t, _)| t).unwrap_or(0);
+    ProcessId { pid, start_time }
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct RealLauncher;
 
@@ -116,15 +129,7 @@ impl ProcessLauncher for RealLauncher {
         let child = cmd
             .spawn()
             .map_err(|e| HostError::spawn(&spec.program, e))?;
-        let pid = child.id();
-        // The child is reaped by a thread so it never lingers as a zombie of
-        // the daemon; after a daemon restart it is reparented and reaped by init.
-        std::thread::spawn(move || {
-            let mut child = child;
-            let _ = child.wait();
-        });
-        let start_time = stat(pid).map(|(t, _)| t).unwrap_or(0);
-        Ok(ProcessId { pid, start_time })
+        Ok(detach(child))
     }
 
     fn alive(&self, id: ProcessId) -> bool {

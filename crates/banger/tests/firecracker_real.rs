@@ -481,11 +481,7 @@ fn real_firecracker_runs_banger_boots_directly_and_through_the_jailer() {
         "--cpu-quota",
         "100",
     ]);
-    let home_id = banger_proto::jail::home_id(&banger.path("state"));
-    let jail = helper
-        .dir
-        .path()
-        .join(format!("jail/{USER}/{home_id}/firecracker/jailed"));
+    let jail = helper.jail(&banger.path("state"), "firecracker", "jailed");
     let pid = start_and_check(&banger, "jailed", Some((&jail.join("root"), USER)));
     let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
     banger.ok(&["vm", "rm", "-f", "jailed"]);

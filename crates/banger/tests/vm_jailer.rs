@@ -257,12 +257,8 @@ fn through_the_helper_a_users_firecracker_runs_jailed_as_that_user() {
         "firecracker",
     ]);
     let home_id = banger_proto::jail::home_id(&banger.path("state"));
-    let jail = helper
-        .dir
-        .path()
-        .join(format!("jail/{USER}/{home_id}"))
-        .join(fc.file_name().unwrap())
-        .join("web");
+    let fc_name = fc.file_name().unwrap().to_str().unwrap();
+    let jail = helper.jail(&banger.path("state"), fc_name, "web");
     let (pid, _) = check_jail(&banger, "web", USER, &jail.join("root"));
     assert_eq!(
         banger.ok(&["vm", "exec", "web", "--", "echo", "hi"]),
@@ -323,13 +319,7 @@ fn through_the_helper_a_users_firecracker_runs_jailed_as_that_user() {
             "{request}: expected a refusal about `{why}`, got {reply}"
         );
     }
-    assert!(!helper
-        .dir
-        .path()
-        .join(format!("jail/{USER}/{home_id}"))
-        .join(fc.file_name().unwrap())
-        .join("x")
-        .exists());
+    assert!(!helper.jail(&banger.path("state"), fc_name, "x").exists());
 
     banger.ok(&["vm", "rm", "-f", "web"]);
     gone(&jail);

@@ -161,6 +161,15 @@ impl Helper {
         helper
     }
 
+    /// The jail of `vm` of the state directory `state`, run by the
+    /// Firecracker named `fc`.
+    pub fn jail(&self, state: &Path, fc: &str, vm: &str) -> PathBuf {
+        let home = banger_proto::jail::home_id(state);
+        self.dir
+            .path()
+            .join(format!("jail/{USER}/{home}/{fc}/{vm}"))
+    }
+
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("helper.sock")
     }
