@@ -280,6 +280,100 @@ fn the_fake_answers_every_request_as_the_real_firecracker_does() {
     }
     drop((real, fake));
 
+    // After a real start (the cloud kernel): what may and may not follow.
+    if let Some((kernel, agent)) = common::vm_assets() {
+        let banger = Banger::start_with_env(&[("BANGER_AGENT_BIN", agent.as_path())]);
+        let imported: Value = serde_json::from_str(&banger.ok(&[
+            "kernel",
+            "import",
+            kernel.to_str().unwrap(),
+            "--json",
+        ]))
+        .unwrap();
+        let vmlinux = imported["vmlinux_path"].as_str().unwrap().to_string();
+        let after = |d: &Path| -> Vec<(&'static str, String, Value)> {
+            let p = |name: &str| d.join(name).display().to_string();
+            vec![
+                (
+                    "PUT",
+                    "/machine-config".into(),
+                    json!({"vcpu_count": 1, "mem_size_mib": 128}),
+                ),
+                (
+                    "PUT",
+                    "/boot-source".into(),
+                    json!({"kernel_image_path": vmlinux, "boot_args": "console=ttyS0 reboot=k panic=1"}),
+                ),
+                (
+                    "PUT",
+                    "/actions".into(),
+                    json!({"action_type": "InstanceStart"}),
+                ),
+                (
+                    "PUT",
+                    "/actions".into(),
+                    json!({"action_type": "InstanceStart"}),
+                ),
+                (
+                    "PUT",
+                    "/machine-config".into(),
+                    json!({"vcpu_count": 1, "mem_size_mib": 128}),
+                ),
+                (
+                    "PUT",
+                    "/boot-source".into(),
+                    json!({"kernel_image_path": vmlinux}),
+                ),
+                (
+                    "PUT",
+                    "/drives/root".into(),
+                    json!({"drive_id": "root", "path_on_host": p("disk"), "is_root_device": false, "is_read_only": false}),
+                ),
+                (
+                    "PUT",
+                    "/vsock".into(),
+                    json!({"guest_cid": 3, "uds_path": p("v2.sock")}),
+                ),
+                (
+                    "PUT",
+                    "/metrics".into(),
+                    json!({"metrics_path": p("m.json")}),
+                ),
+                (
+                    "PUT",
+                    "/snapshot/create".into(),
+                    json!({"snapshot_type": "Full", "snapshot_path": p("st"), "mem_file_path": p("mem")}),
+                ),
+                ("PATCH", "/vm".into(), json!({"state": "Paused"})),
+                (
+                    "PUT",
+                    "/snapshot/load".into(),
+                    json!({"snapshot_path": p("st"), "mem_backend": {"backend_type": "File", "backend_path": p("mem")}}),
+                ),
+                ("PATCH", "/vm".into(), json!({"state": "Resumed"})),
+                (
+                    "PUT",
+                    "/actions".into(),
+                    json!({"action_type": "SendCtrlAltDel"}),
+                ),
+            ]
+        };
+        let (rd, fd) = (
+            tmp.path().join("real-started"),
+            tmp.path().join("fake-started"),
+        );
+        fixtures(&rd);
+        fixtures(&fd);
+        let (real, fake) = (Fc::start(&real_fc, &rd), Fc::start(&fake_fc, &fd));
+        for ((method, path, rbody), (_, _, fbody)) in after(&rd).into_iter().zip(after(&fd)) {
+            let (rs, rf) = real.call(method, &path, &rbody);
+            let (fs, ff) = fake.call(method, &path, &fbody);
+            let line = format!("{method} {path} (started)\n  real: {rs} {rf}\n  fake: {fs} {ff}");
+            eprintln!("{line}");
+            assert_eq!((rs, rf.as_str()), (fs, ff.as_str()), "{line}");
+        }
+    }
+
     // Loading a snapshot is the first call or none; a failed load ends the process.
     for (bin, d) in [(&real_fc, rd.join("load")), (&fake_fc, fd.join("load"))] {
         let fc = Fc::start(bin, &d);

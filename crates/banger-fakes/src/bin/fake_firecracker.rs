@@ -35,15 +35,20 @@
 //! | `PUT /actions` unknown action | 400 "An error occurred when deserializing the json body of a request: unknown variant `Nope`, …" (the fake: up to "`Nope`") |
 //! | `PUT /nope` | 400 "Invalid request method and/or path: PUT nope." |
 //! | `SendCtrlAltDel`, `PATCH /vm`, `/snapshot/create` before `InstanceStart` | 400 "The requested operation is not supported before starting the microVM." |
+//! | after a successful `InstanceStart` (the real cloud kernel): `InstanceStart`, `/machine-config`, `/boot-source`, `/vsock`, `/metrics`, `/snapshot/load` | 400 "The requested operation is not supported after starting the microVM." |
+//! | `PUT /drives/ID` after `InstanceStart` | 400 "PCI is not enabled" (a hot-plug) |
+//! | `PUT /snapshot/create` while running (not paused) | 400 "Create snapshot error: Cannot save the microVM state: Operation not allowed: save/restore unavailable while running" |
+//! | `PATCH /vm` Paused, Resumed; `SendCtrlAltDel` after `InstanceStart` | 204 |
 //! | `PUT /snapshot/load` after any boot configuration | 400 "Load snapshot error: Loading a microVM snapshot not allowed after configuring boot-specific resources." |
 //! | `PUT /snapshot/load`, no state file | 400 "Load snapshot error: Failed to restore from snapshot: Failed to get snapshot state from file: Failed to open snapshot file: No such file or directory (os error 2)", then the process exits 1 |
 //! | `--api-sock` naming an existing file | exits 1: "Failed to open the API socket at: PATH. Check that it is not already used." |
 //! | an unknown argument | exits 153: "Arguments parsing error: Found argument 'bogus' which wasn't expected, …" |
 //! | the log (`--log-path FILE --level Info --show-level`) | `<time> [<id>:main:INFO] Running Firecracker v1.16.1`, then one line per API request |
 //!
-//! `InstanceStart` on a real kernel, configuration after it, and the jailer's
-//! answers are checked by `crates/banger/tests/firecracker_real.rs`, which
-//! runs against the real binaries when `BANGER_FIRECRACKER_BIN` is set.
+//! `crates/banger/tests/firecracker_real.rs` sends every request above to the
+//! real binary and to this fake and compares the answers (it runs when
+//! `BANGER_FIRECRACKER_BIN` names a real build); the jailer's steps are
+//! compared there too, through banger.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -177,6 +182,10 @@ fn handle(
         ));
     }
     let after_start = ["/actions", "/snapshot/create"];
+    if vm.started && path.starts_with("/drives/") {
+        // 1.16 takes a drive after boot as a hot-plug, which needs PCI.
+        return Err("PCI is not enabled".into());
+    }
     if vm.started && !after_start.contains(&path) {
         return Err(AFTER_START.into());
     }
@@ -195,7 +204,7 @@ fn handle(
             }
             if !vm.paused {
                 return Err(
-                    "Cannot create a snapshot of a running microVM: pause it first.".into(),
+                    "Create snapshot error: Cannot save the microVM state: Operation not allowed: save/restore unavailable while running".into(),
                 );
             }
             let guest = vm.guest.as_ref().ok_or("no guest")?.lock().unwrap().clone();
