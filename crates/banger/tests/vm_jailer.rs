@@ -321,6 +321,17 @@ fn through_the_helper_a_users_firecracker_runs_jailed_as_that_user() {
     }
     assert!(!helper.jail(&banger.path("state"), fc_name, "x").exists());
 
+    // A helper that restarts sweeps away jails whose Firecracker is gone
+    // (here killed while the helper was down, as a reboot would).
+    let mut helper = helper;
+    helper.restart_after(|| {
+        // SAFETY: kill(2) on the VM's Firecracker, checked above.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    });
+    gone(&jail);
+    assert_eq!(vm_info(&banger, "web")["state"], "stopped");
+    banger.ok(&["vm", "start", "web"]);
+    let pid = vm_info(&banger, "web")["pid"].as_u64().unwrap();
     banger.ok(&["vm", "rm", "-f", "web"]);
     gone(&jail);
     assert!(!alive(pid as u32));

@@ -109,7 +109,9 @@ pub fn fakes() -> Option<Bins> {
 pub struct Helper {
     pub dir: tempfile::TempDir,
     pub trusted: PathBuf,
-    child: Child,
+    jailer: PathBuf,
+    home: PathBuf,
+    child: Option<Child>,
 }
 
 impl Helper {
@@ -127,38 +129,65 @@ impl Helper {
             fc = f.firecracker.display(),
             j = f.jailer.display()
         ));
-        let log = std::fs::File::create(dir.path().join("helper.log")).unwrap();
+        let mut helper = Helper {
+            jailer: trusted.join(f.jailer.file_name().unwrap()),
+            dir,
+            trusted,
+            home: home.to_path_buf(),
+            child: None,
+        };
+        helper.spawn();
+        helper
+    }
+
+    fn spawn(&mut self) {
+        let dir = self.dir.path();
+        let _ = std::fs::remove_file(self.socket());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("helper.log"))
+            .unwrap();
         let child = Command::new(super::helper_exe())
             .arg("--socket")
-            .arg(dir.path().join("helper.sock"))
+            .arg(dir.join("helper.sock"))
             .args(["--owner", &USER.to_string()])
             .arg("--allow-dir")
-            .arg(home)
+            .arg(&self.home)
             .arg("--state-dir")
-            .arg(dir.path().join("state"))
+            .arg(dir.join("state"))
             .arg("--jailer")
-            .arg(trusted.join(f.jailer.file_name().unwrap()))
+            .arg(&self.jailer)
             .arg("--jail-dir")
-            .arg(dir.path().join("jail"))
+            .arg(dir.join("jail"))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .unwrap();
-        let helper = Helper {
-            dir,
-            trusted,
-            child,
-        };
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !helper.socket().exists() {
+        while std::os::unix::net::UnixStream::connect(self.socket()).is_err() {
             assert!(
                 Instant::now() < deadline,
                 "helper did not start: {}",
-                helper.log()
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        helper
+    }
+
+    /// Kills the helper outright, runs `meanwhile`, and starts it again.
+    pub fn restart_after(&mut self, meanwhile: impl FnOnce()) {
+        self.kill();
+        meanwhile();
+        self.spawn();
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// The jail of `vm` of the state directory `state`, run by the
@@ -207,8 +236,7 @@ sys.stdout.write(s.makefile("rb").readline().decode())
 
 impl Drop for Helper {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
         let _ = std::fs::remove_dir_all(&self.trusted);
     }
 }
