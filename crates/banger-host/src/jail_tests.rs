@@ -239,3 +239,46 @@ fn cgroup_arguments_follow_the_hosts_hierarchy() {
     assert!(err.to_string().contains("cpu cgroup controller"), "{err}");
     assert_eq!(unescape_octal("/a\\040b"), "/a b");
 }
+
+#[test]
+fn a_block_device_reaches_the_jail_as_a_node_of_the_jails_uid() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    // A loop device stands in for a dm snapshot (no device-mapper here):
+    // what matters is a block device's numbers, not its kind.
+    let tmp = tempfile::tempdir().unwrap();
+    let backing = tmp.path().join("backing.img");
+    std::fs::write(&backing, vec![0u8; 1 << 20]).unwrap();
+    let out = std::process::Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&backing)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        eprintln!("skipped: no loop device");
+        return;
+    }
+    let dev = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let target = tmp.path().join("root.disk");
+    let opened = Opened {
+        file: std::fs::File::open(&dev).unwrap(),
+        name: "root.disk".into(),
+        writable: true,
+    };
+    let made = expose(&opened, &target, 4321, 4321);
+    let _ = std::process::Command::new("losetup")
+        .arg("-d")
+        .arg(&dev)
+        .status();
+    made.unwrap();
+    let node = std::fs::metadata(&target).unwrap();
+    use std::os::unix::fs::FileTypeExt;
+    assert!(node.file_type().is_block_device());
+    assert_eq!(node.rdev(), std::fs::metadata(&dev).unwrap().rdev());
+    assert_eq!(
+        (node.uid(), node.gid(), node.mode() & 0o777),
+        (4321, 4321, 0o600)
+    );
+}
