@@ -79,6 +79,9 @@ pub struct SetParams {
     /// The work disk's new size in bytes (never smaller).
     #[serde(default)]
     pub work_disk_bytes: Option<u64>,
+    /// A new CPU quota (percent of one host CPU; 0 removes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_quota: Option<u32>,
     /// A running VM is stopped, changed and started again (else refused).
     #[serde(default)]
     pub restart: bool,

@@ -449,6 +449,10 @@ pub enum VmCommand {
         /// The work disk's new size, e.g. 32G (never smaller).
         #[arg(long, value_name = "SIZE")]
         work_disk: Option<String>,
+        /// A new CPU quota, percent of one host CPU (Firecracker with the
+        /// jailer); 0 removes it.
+        #[arg(long, value_name = "PERCENT")]
+        cpu_quota: Option<u32>,
         /// A running VM: stop it, change it, start it again.
         #[arg(long)]
         restart: bool,

@@ -185,8 +185,18 @@ fn a_root_daemon_runs_firecracker_in_a_jail_and_leaves_nothing_behind() {
     if let Some(dir) = cgroup_dir("cpu", &cpu) {
         gone(&dir);
     }
+    // The quota can change while it is stopped; the next jail has it.
+    banger.ok(&["vm", "set", "fcj", "--cpu-quota", "30"]);
     banger.ok(&["vm", "start", "fcj"]);
     let (pid, _) = check_jail(&banger, "fcj", 0, &root);
+    assert_eq!(vm_info(&banger, "fcj")["cpu_quota"], 30);
+    let cpu = cgroup_of(pid, "cpu");
+    if let Some(dir) = cgroup_dir("cpu", &cpu) {
+        let quota = std::fs::read_to_string(dir.join("cpu.cfs_quota_us"))
+            .or_else(|_| std::fs::read_to_string(dir.join("cpu.max")))
+            .unwrap();
+        assert!(quota.starts_with("30000"), "{quota}");
+    }
 
     // A snapshot is written inside the jail and moved out into banger's
     // snapshot; a fork resumes it in a jail of its own, from jail paths.

@@ -260,6 +260,15 @@ impl Store {
         Ok(())
     }
 
+    /// `vm set --cpu-quota`: the quota its next jail gets.
+    pub fn set_cpu_quota(&self, name: &str, quota: Option<u32>) -> rusqlite::Result<()> {
+        self.conn().execute(
+            "UPDATE vms SET cpu_quota = ?2 WHERE name = ?1",
+            params![name, quota],
+        )?;
+        Ok(())
+    }
+
     pub fn set_restore_from(&self, name: &str, snapshot: Option<&str>) -> rusqlite::Result<()> {
         self.conn().execute(
             "UPDATE vms SET restore_from = ?2 WHERE name = ?1",

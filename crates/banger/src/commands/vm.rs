@@ -70,6 +70,7 @@ pub fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
             memory,
             disk,
             work_disk,
+            cpu_quota,
             restart,
             json,
         } => {
@@ -79,6 +80,7 @@ pub fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
                 memory_mib: size(memory.as_deref())?.map(|b| b >> 20),
                 disk_bytes: size(disk.as_deref())?,
                 work_disk_bytes: size(work_disk.as_deref())?,
+                cpu_quota,
                 restart,
             };
             let result = client.call::<m::VmSet>(params, boot_progress(&name));

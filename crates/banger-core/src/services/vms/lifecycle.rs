@@ -193,7 +193,7 @@ impl VmLifecycle {
 
     /// A CPU quota is applied by the jailer's cgroup: only jailed
     /// Firecracker VMs have one, and no more than the host's CPUs.
-    fn check_cpu_quota(&self, vmm: VmmKind, quota: u32) -> OpResult<()> {
+    pub(super) fn check_cpu_quota(&self, vmm: VmmKind, quota: u32) -> OpResult<()> {
         if vmm != VmmKind::Firecracker || self.registry.jails.is_none() {
             return Err(OpError::invalid(
                 "--cpu-quota is applied through Firecracker's jailer: use --vmm firecracker \

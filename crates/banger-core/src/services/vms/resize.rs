@@ -31,9 +31,10 @@ impl VmLifecycle {
             && p.memory_mib.is_none()
             && p.disk_bytes.is_none()
             && p.work_disk_bytes.is_none()
+            && p.cpu_quota.is_none()
         {
             return Err(OpError::invalid(
-                "nothing to change: pass --vcpus, --memory, --disk or --work-disk",
+                "nothing to change: pass --vcpus, --memory, --disk, --work-disk or --cpu-quota",
             ));
         }
         let _guard = self.registry.lock(&p.name).await;
@@ -63,6 +64,15 @@ impl VmLifecycle {
             .memory_mib
             .map(|mib| sizing::memory_mib(mib, host))
             .transpose()?;
+        // 0 removes a quota; any other value is checked as at create.
+        let cpu_quota = match p.cpu_quota {
+            Some(0) => Some(None),
+            Some(q) => {
+                self.check_cpu_quota(vm.vmm, q)?;
+                Some(Some(q))
+            }
+            None => None,
+        };
         let dir = Path::new(&vm.dir);
         let mut growths = Vec::new();
         if let Some(to) = p.disk_bytes {
@@ -133,6 +143,10 @@ impl VmLifecycle {
             changed.memory_mib,
             changed.disk_bytes,
         )?;
+        if let Some(quota) = cpu_quota {
+            changed.cpu_quota = quota;
+            self.registry.store.set_cpu_quota(name, quota)?;
+        }
         tracing::info!(
             vcpus = changed.vcpus,
             memory_mib = changed.memory_mib,
