@@ -64,6 +64,16 @@ fn jail_setup(policy: &Policy, args: &Args) -> Result<Option<banger_helper::Jail
     }
     std::fs::create_dir_all(&args.jail_dir)
         .map_err(|e| format!("creating {}: {e}", args.jail_dir.display()))?;
+    // Jails are made below it as root: nobody else may swap its entries.
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(&args.jail_dir)
+        .map_err(|e| format!("{}: {e}", args.jail_dir.display()))?;
+    if !meta.is_dir() || meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "--jail-dir {} must be a directory owned by root and writable only by it",
+            args.jail_dir.display()
+        ));
+    }
     Ok(Some(banger_helper::JailSetup {
         jailer,
         dir: args.jail_dir.clone(),
