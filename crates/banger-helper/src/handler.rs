@@ -138,11 +138,7 @@ impl Helper {
                 let Some(name) = vm.file_name().to_str().map(str::to_string) else {
                     continue;
                 };
-                let running = jails.record(&name).is_some_and(|r| {
-                    banger_host::vmm_process::stat(r.pid)
-                        .is_some_and(|(start, zombie)| start == r.start_time && !zombie)
-                });
-                if !running {
+                if !jails.running(&name) {
                     if let Err(e) = jails.teardown(&name) {
                         tracing::warn!(uid, vm = %name, error = %e, "cannot remove a stale jail");
                     }

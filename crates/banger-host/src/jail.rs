@@ -17,7 +17,7 @@ use banger_proto::jail::{is_jail_name, JailFile, JailRequest, FIRECRACKER_ARGS};
 use serde::{Deserialize, Serialize};
 
 use crate::process::HostError;
-use crate::vmm_process::{stat, ProcessId};
+use crate::vmm_process::{is_alive as alive, ProcessId};
 
 /// Jailed Firecrackers: launched, signalled and torn down by VM name.
 pub trait Jails: Send + Sync {
@@ -87,6 +87,11 @@ pub const VMM_OVERHEAD_MIB: u64 = 128;
 impl RealJails {
     fn record_path(&self, vm: &str) -> PathBuf {
         self.records.join(format!("{vm}.json"))
+    }
+
+    /// Whether the process launched for `vm` still runs.
+    pub fn running(&self, vm: &str) -> bool {
+        self.record(vm).is_some_and(|r| alive(r.process()))
     }
 
     pub fn record(&self, vm: &str) -> Option<JailRecord> {
@@ -335,11 +340,6 @@ fn failed(what: &str, e: std::io::Error) -> HostError {
     }
 }
 
-fn alive(id: ProcessId) -> bool {
-    id.pid != 0
-        && matches!(stat(id.pid), Some((start, zombie)) if start == id.start_time && !zombie)
-}
-
 fn kill_and_wait(id: ProcessId) {
     if !alive(id) {
         return;
@@ -559,20 +559,9 @@ fn rooted_in(root: &Path) -> Vec<ProcessId> {
     let Ok(want) = std::fs::metadata(root).map(|m| (m.dev(), m.ino())) else {
         return Vec::new();
     };
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    procs
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::metadata(format!("/proc/{pid}/root")).is_ok_and(|m| (m.dev(), m.ino()) == want)
-        })
-        .filter_map(|pid| match stat(pid)? {
-            (_, true) => None,
-            (start_time, false) => Some(ProcessId { pid, start_time }),
-        })
-        .collect()
+    crate::vmm_process::processes_where(|pid| {
+        std::fs::metadata(format!("/proc/{pid}/root")).is_ok_and(|m| (m.dev(), m.ino()) == want)
+    })
 }
 
 /// The host's cgroup layout, as the jailer will use it.

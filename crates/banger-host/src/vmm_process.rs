@@ -41,27 +41,39 @@ pub trait ProcessLauncher: Send + Sync {
 /// Every live process whose command line contains `needle`, from /proc
 /// (readable by anyone, so the same for every launcher).
 pub fn processes_naming(needle: &str) -> Vec<ProcessId> {
+    let needle = needle.as_bytes();
+    processes_where(|pid| {
+        let mut cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        // Arguments are NUL-separated; read as one line, as ps shows it.
+        for b in cmdline.iter_mut().filter(|b| **b == 0) {
+            *b = b' ';
+        }
+        cmdline.windows(needle.len()).any(|w| w == needle)
+    })
+}
+
+/// Every live process but this one for which `wanted(pid)` holds, from /proc.
+pub fn processes_where(wanted: impl Fn(u32) -> bool) -> Vec<ProcessId> {
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
-    let needle = needle.as_bytes();
     procs
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|&pid| pid != std::process::id())
-        .filter(|pid| {
-            let mut cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            // Arguments are NUL-separated; read as one line, as ps shows it.
-            for b in cmdline.iter_mut().filter(|b| **b == 0) {
-                *b = b' ';
-            }
-            cmdline.windows(needle.len()).any(|w| w == needle)
-        })
+        .filter(|&pid| wanted(pid))
         .filter_map(|pid| match stat(pid)? {
             (_, true) => None,
             (start_time, false) => Some(ProcessId { pid, start_time }),
         })
         .collect()
+}
+
+/// Whether that very process lives: not a zombie, and the same start time
+/// (a recycled pid is someone else).
+pub fn is_alive(id: ProcessId) -> bool {
+    id.pid != 0
+        && matches!(stat(id.pid), Some((start, zombie)) if start == id.start_time && !zombie)
 }
 
 /// Start time (field 22 of /proc/PID/stat) and whether it is a zombie.
@@ -133,7 +145,7 @@ impl ProcessLauncher for RealLauncher {
     }
 
     fn alive(&self, id: ProcessId) -> bool {
-        matches!(stat(id.pid), Some((start, zombie)) if start == id.start_time && !zombie)
+        is_alive(id)
     }
 
     fn signal(&self, id: ProcessId, signal: i32) -> Result<(), HostError> {

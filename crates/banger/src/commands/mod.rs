@@ -232,22 +232,36 @@ pub fn error_json(err: &CallError) -> serde_json::Value {
 fn ssh_config(paths: &Paths, json: bool) -> anyhow::Result<i32> {
     let config = banger_core::vm::ssh_config::config_path(&paths.state_dir);
     let known = banger_core::vm::ssh_config::known_hosts_path(&paths.state_dir);
+    let hint = format!(
+        "then `ssh NAME.vm`, scp and sftp reach every VM that has an address (banger keeps {} \
+         current).",
+        config.display()
+    );
+    print_include(&config, &known, None, &hint, json)
+}
+
+/// What `ssh-config` prints, local or remote: the Include line (and how to
+/// use it), or as JSON the files and, for a remote host, its aliases.
+pub(super) fn print_include(
+    config: &std::path::Path,
+    known: &std::path::Path,
+    hosts: Option<Vec<String>>,
+    hint: &str,
+    json: bool,
+) -> anyhow::Result<i32> {
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "include": format!("Include {}", config.display()),
-                "config": config,
-                "known_hosts": known,
-            }))?
-        );
+        let mut out = serde_json::json!({
+            "include": format!("Include {}", config.display()),
+            "config": config,
+            "known_hosts": known,
+        });
+        if let Some(hosts) = hosts {
+            out["hosts"] = serde_json::json!(hosts);
+        }
+        println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(0);
     }
     println!("Include {}", config.display());
-    eprintln!(
-        "Add the line above near the top of ~/.ssh/config; then `ssh NAME.vm`, scp and sftp \
-         reach every VM that has an address (banger keeps {} current).",
-        config.display()
-    );
+    eprintln!("Add the line above near the top of ~/.ssh/config; {hint}");
     Ok(0)
 }

@@ -206,23 +206,14 @@ pub fn ssh_config_remote(
     }
     banger_core::vm::ssh_config::write_whole(&config, &text)?;
     banger_core::vm::ssh_config::write_whole(&known, &hosts)?;
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "include": format!("Include {}", config.display()),
-                "config": config,
-                "known_hosts": known,
-                "hosts": vms.iter().map(|v| format!("{}.{}", v.name, remote.host)).collect::<Vec<_>>(),
-            }))?
-        );
-        return Ok(0);
-    }
-    println!("Include {}", config.display());
-    eprintln!(
-        "Add the line above near the top of ~/.ssh/config; then `ssh NAME.{}`, scp and sftp \
-         reach the VMs on {} with the keys you log in there with.",
+    let hint = format!(
+        "then `ssh NAME.{}`, scp and sftp reach the VMs on {} with the keys you log in there \
+         with.",
         remote.host, remote.host
     );
-    Ok(0)
+    let aliases = vms
+        .iter()
+        .map(|v| format!("{}.{}", v.name, remote.host))
+        .collect();
+    super::print_include(&config, &known, Some(aliases), &hint, json)
 }
