@@ -625,3 +625,61 @@ pub fn command() -> clap::Command {
     use clap::CommandFactory;
     crate::completion::annotate(Cli::command())
 }
+
+#[cfg(test)]
+mod tests {
+    /// The commands whose output is a stream, not a result: a terminal,
+    /// bytes for another program, or a script.
+    const STREAMS: &[&str] = &[
+        "banger daemon run",
+        "banger daemon dial-stdio",
+        "banger vm dial",
+        "banger vm cp",
+        "banger vm ssh",
+        "banger completion",
+        "banger man",
+    ];
+
+    fn leaves(cmd: &clap::Command, path: String, out: &mut Vec<(String, clap::Command)>) {
+        let path = format!("{path} {}", cmd.get_name()).trim().to_string();
+        let subs: Vec<_> = cmd
+            .get_subcommands()
+            .filter(|s| s.get_name() != "help")
+            .collect();
+        if subs.is_empty() {
+            out.push((path.clone(), cmd.clone()));
+        }
+        for s in subs {
+            leaves(s, path.clone(), out);
+        }
+    }
+
+    fn has(cmd: &clap::Command, id: &str) -> bool {
+        cmd.get_arguments().any(|a| a.get_id() == id)
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        super::command().debug_assert();
+    }
+
+    /// The CLI's conventions hold for every command, new ones included:
+    /// each that prints a result takes `--json`, each `ls` takes `-q`.
+    #[test]
+    fn every_result_has_json_and_every_list_has_quiet() {
+        let mut all = Vec::new();
+        leaves(&super::command(), String::new(), &mut all);
+        let mut missing = Vec::new();
+        for (path, cmd) in &all {
+            let streams = STREAMS.contains(&path.as_str());
+            if streams == has(cmd, "json") {
+                missing.push(format!("{path}: json {}", has(cmd, "json")));
+            }
+            if cmd.get_name() == "ls" && !has(cmd, "quiet") {
+                missing.push(format!("{path}: no -q"));
+            }
+        }
+        assert!(missing.is_empty(), "{missing:#?}");
+        assert!(all.len() > 40, "{} commands", all.len());
+    }
+}

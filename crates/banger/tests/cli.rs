@@ -86,6 +86,22 @@ fn every_command_keeps_the_conventions() {
     ] {
         json(&banger, args);
     }
+    let made = json(
+        &banger,
+        &[
+            "vm", "create", "spare", "--image", "busybox", "--kernel", "k", "--json",
+        ],
+    );
+    assert_eq!(
+        (made["name"].as_str(), made["state"].as_str()),
+        (Some("spare"), Some("stopped"))
+    );
+    let set = json(&banger, &["vm", "set", "spare", "--vcpus", "2", "--json"]);
+    assert_eq!(set["vcpus"], 2, "{set}");
+    assert_eq!(
+        json(&banger, &["vm", "rm", "spare", "--json"])["removed"][0],
+        "spare"
+    );
     let stopped = json(&banger, &["vm", "stop", "db", "--json"]);
     assert_eq!(stopped["state"], "stopped");
     let logs = json(&banger, &["vm", "logs", "db", "--json"]);

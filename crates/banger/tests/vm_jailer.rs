@@ -274,6 +274,15 @@ fn through_the_helper_a_users_firecracker_runs_jailed_as_that_user() {
         banger.ok(&["vm", "exec", "web", "--", "echo", "hi"]),
         "fake-firecracker ran on web: echo hi\n"
     );
+    // What it uses is read from the jailed process and the VM's own files.
+    let stats: serde_json::Value =
+        serde_json::from_str(&banger.ok(&["vm", "stats", "web", "--json"])).unwrap();
+    assert!(stats[0]["vmm_rss_bytes"].as_u64() > Some(0), "{stats}");
+    assert!(stats[0]["cpu_percent"].is_number(), "{stats}");
+    assert!(
+        stats[0]["disks"].as_array().is_some_and(|d| !d.is_empty()),
+        "{stats}"
+    );
 
     // The helper signals only what it launched for the caller who asks:
     // root, asking about the same VM name, reaches nothing of the user's.

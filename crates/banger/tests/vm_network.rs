@@ -538,6 +538,13 @@ fn ssh_interop(banger: &Banger, ns: &str, a: &str, tmp: &Path, user_home: &Path)
         down.display()
     ));
     assert_eq!(std::fs::read(&down).unwrap(), data, "scp round trip");
+    // The round trip crossed the VM's tap both ways: `vm stats` counts it.
+    let stats: serde_json::Value =
+        serde_json::from_str(&banger.ok(&["vm", "stats", "a", "--json"])).unwrap();
+    let net = &stats[0]["net"];
+    for way in ["rx_bytes", "tx_bytes"] {
+        assert!(net[way].as_u64() >= Some(300_000), "{way}: {stats}");
+    }
     let listing = must(&format!(
         "printf 'mkdir /tmp/sd\\nput {} /tmp/sd/f\\nls -l /tmp/sd\\n' | ip netns exec {ns} sftp -F {config} -b - a.vm",
         up.display()

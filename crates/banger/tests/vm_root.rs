@@ -312,7 +312,9 @@ fn every_root_mode_boots_and_a_repull_leaves_running_vms_alone() {
     push("2");
     pull_bb();
     assert_eq!(exec(&banger, "ov", "cat /etc/version /etc/mine"), "1\nov\n");
-    banger.ok(&["vm", "restart", "ov"]);
+    let restarted: serde_json::Value =
+        serde_json::from_str(&banger.ok(&["vm", "restart", "ov", "--json"])).unwrap();
+    assert_eq!(restarted["state"], "running", "{restarted}");
     assert_eq!(exec(&banger, "ov", "cat /etc/version /etc/mine"), "1\nov\n");
     banger.ok(&["vm", "run", "ov2", "--image", "bb", "--memory", "256M"]);
     assert_eq!(exec(&banger, "ov2", "cat /etc/version"), "2\n");

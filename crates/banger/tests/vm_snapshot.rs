@@ -194,7 +194,9 @@ fn pause_snapshot_restore_and_fork() {
     assert!(said.contains("disks only"), "{said}");
     banger.ok(&["vm", "start", "f2"]);
     sh(&banger, "f2", "echo later > /root/after-s2");
-    banger.ok(&["vm", "restore", "f2", "s2"]);
+    let restored: serde_json::Value =
+        serde_json::from_str(&banger.ok(&["vm", "restore", "f2", "s2", "--json"])).unwrap();
+    assert_eq!(restored["state"], "running", "{restored}");
     assert_eq!(state(&banger, "f2"), "running");
     assert_eq!(
         sh(&banger, "f2", "ls /root/after-s2 2>/dev/null; hostname"),
@@ -324,10 +326,14 @@ fn a_failed_snapshot_leaves_the_vm_as_it_was_and_nothing_behind() {
     banger.start_daemon();
 
     // A paused VM's snapshot leaves it paused; resumed, it answers as itself.
-    banger.ok(&["vm", "pause", "q1"]);
+    let paused: serde_json::Value =
+        serde_json::from_str(&banger.ok(&["vm", "pause", "q1", "--json"])).unwrap();
+    assert_eq!(paused["state"], "paused", "{paused}");
     banger.ok(&["vm", "snapshot", "q1", "pz"]);
     assert_eq!(state(&banger, "q1"), "paused");
-    banger.ok(&["vm", "resume", "q1"]);
+    let resumed: serde_json::Value =
+        serde_json::from_str(&banger.ok(&["vm", "resume", "q1", "--json"])).unwrap();
+    assert_eq!(resumed["state"], "running", "{resumed}");
     assert_eq!(sh(&banger, "q1", "hostname"), "q1");
     banger.ok(&["snapshot", "rm", "pz"]);
     // `--stop`: written, then a clean stop.
@@ -402,7 +408,9 @@ fn a_warm_image_starts_by_forking_its_template() {
     banger.start_daemon();
     banger.ok(&["vm", "run", "w4", "--image", "bb"]);
     assert_eq!(started_from(&banger, "w4"), "boot");
-    banger.ok(&["image", "warm", "bb"]);
+    let warm: serde_json::Value =
+        serde_json::from_str(&banger.ok(&["image", "warm", "bb", "--json"])).unwrap();
+    assert_eq!(warm["template"], "bb", "{warm}");
     assert_eq!(
         snapshots(&banger).as_array().unwrap().len(),
         1,

@@ -172,6 +172,13 @@ fn a_workspace_is_mirrored_and_kept_current_before_each_exec() {
         banger.ok(&["vm", "sync", "ws"]).trim(),
         format!("ws:/work and {ws} are in sync")
     );
+    let synced: serde_json::Value =
+        serde_json::from_str(&banger.ok(&["vm", "sync", "ws", "--json"])).unwrap();
+    assert_eq!(
+        (synced["written"].as_u64(), synced["guest_path"].as_str()),
+        (Some(0), Some("/work")),
+        "{synced}"
+    );
     let (out, synced) = exec(&["--", "cat", "added.txt"]);
     assert_eq!((out.as_str(), synced.as_str()), ("newer\n", ""));
     banger.ok(&["vm", "rm", "-f", "ws"]);

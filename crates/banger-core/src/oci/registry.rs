@@ -78,18 +78,10 @@ impl Registry {
     fn err(&self, what: &str, e: impl std::fmt::Display) -> OpError {
         let registry = self.reference.registry();
         let text = e.to_string();
-        let lower = text.to_lowercase();
-        let hint = if lower.contains("not authorized")
-            || lower.contains("authentication")
-            || lower.contains("unauthorized")
-        {
-            format!("; log in with `docker login {registry}` (banger reads docker's config.json)")
-        } else {
-            String::new()
-        };
         OpError::registry(format!(
-            "{what} {} from {registry}: {text}{hint}",
-            self.reference.whole()
+            "{what} {} from {registry}: {text}{}",
+            self.reference.whole(),
+            next_step(registry, &text)
         ))
     }
 
@@ -229,5 +221,37 @@ impl Registry {
             .await
             .map_err(|e| self.err(&format!("fetching blob {} of", desc.digest), e))?;
         Ok(sized.stream)
+    }
+}
+
+/// What to do about a registry's failure, when the words say: log in, or
+/// get the image some other way.
+fn next_step(registry: &str, text: &str) -> String {
+    let lower = text.to_lowercase();
+    let says = |words: &[&str]| words.iter().any(|w| lower.contains(w));
+    if says(&["not authorized", "authentication", "unauthorized"]) {
+        format!("; log in with `docker login {registry}` (banger reads docker's config.json)")
+    } else if says(&["error sending request", "connect", "timed out", "dns"]) {
+        format!(
+            "; is {registry} reachable from here? Without a registry, `banger image import` \
+             takes a `docker save`/`podman save` or OCI archive"
+        )
+    } else {
+        String::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn failures_name_the_next_step() {
+        let r = "docker.io";
+        assert!(super::next_step(r, "401 Unauthorized").contains("docker login docker.io"));
+        let offline = super::next_step(r, "error sending request for url (https://x/v2/)");
+        assert!(offline.contains("banger image import"), "{offline}");
+        assert_eq!(
+            super::next_step(r, "manifest unknown (no such image or tag)"),
+            ""
+        );
     }
 }
