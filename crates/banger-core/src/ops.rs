@@ -182,7 +182,10 @@ impl Core {
         images.recover()?;
         let images = Arc::new(images);
         let kernels = Arc::new(KernelService::new(paths.clone(), store.clone()));
-        let network = Arc::new(NetworkService::new(&config, net, privileged, store.clone()));
+        let network = Arc::new(
+            NetworkService::new(&config, net, privileged, store.clone())
+                .with_owner_file(paths.network_owner_file()),
+        );
         let Vms {
             lifecycle: vms,
             guest,

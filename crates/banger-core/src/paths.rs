@@ -74,6 +74,11 @@ impl Paths {
     pub fn database(&self) -> PathBuf {
         self.state_dir.join("banger.db")
     }
+    /// Holds the network instance's id; the host's objects name it as their
+    /// owner, so they go once the state directory does.
+    pub fn network_owner_file(&self) -> PathBuf {
+        self.state_dir.join("network.instance")
+    }
     pub fn daemon_log(&self) -> PathBuf {
         self.state_dir.join("daemon.log")
     }

@@ -72,7 +72,19 @@ impl Helper {
             jail,
         };
         helper.sweep_jails();
+        helper.prune_networks();
         Ok(helper)
+    }
+
+    /// Removes every instance whose state directory is gone and whose taps
+    /// nobody holds, and forgets it: at start, and before each setup (an
+    /// orphan may hold the subnet wanted). Nothing the caller says decides
+    /// what goes; only the owner files and the taps.
+    fn prune_networks(&self) {
+        match self.net.prune_orphans() {
+            Ok(pruned) => self.networks.forget_orphans(&pruned),
+            Err(e) => tracing::warn!(error = %e, "could not look for orphaned banger networks"),
+        }
     }
 
     /// The jails of `uid`'s state directory `home`: their own directory,
@@ -229,18 +241,24 @@ impl Helper {
                 subnet,
                 dns_port,
                 domain,
+                owner,
             } => {
                 if !banger_host::net::is_domain(&domain) {
                     return Err(Failure::Refused(format!(
                         "`{domain}` is not a DNS label (like `vm`)"
                     )));
                 }
+                if let Some(owner) = &owner {
+                    banger_host::net_orphans::check_owner(owner).map_err(Failure::Refused)?;
+                }
                 let setup = NetSetup {
                     instance: instance_of(&instance)?,
                     subnet: self.policy.subnet(&subnet)?,
                     dns_port: self.policy.dns_port(dns_port)?,
                     domain,
+                    owner,
                 };
+                self.prune_networks();
                 self.networks.set_up(caller, &setup, || {
                     self.net.setup(&setup).map_err(Failure::from)
                 })?;

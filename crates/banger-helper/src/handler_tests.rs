@@ -44,6 +44,16 @@ fn rig() -> Rig {
     }
 }
 
+impl Rig {
+    /// What reached the host, besides the helper's own look for orphans
+    /// (at start and before each setup).
+    fn host_calls(&self) -> Vec<NetCall> {
+        let mut calls = self.net.calls();
+        calls.retain(|c| *c != NetCall::PruneOrphans);
+        calls
+    }
+}
+
 fn caller(uid: u32, gid: u32) -> Caller {
     Caller {
         uid,
@@ -58,6 +68,7 @@ fn setup(instance: &str, subnet: &str) -> R {
         subnet: subnet.into(),
         dns_port: 1053,
         domain: "vm".into(),
+        owner: None,
     }
 }
 
@@ -120,7 +131,7 @@ fn an_owner_sets_up_its_network_and_taps_belong_to_whoever_asked() {
         ),
         HelperReply::Ok(HelperValue::Taps(vec!["bgaaaaaat0".into()]))
     );
-    let calls = rig.net.calls();
+    let calls = rig.host_calls();
     assert!(matches!(&calls[0], NetCall::Setup(s) if s.subnet.to_string() == "10.213.0.0/16"));
     assert_eq!(calls[1], NetCall::CreateTap("bgaaaaaat0".into(), OWNER));
     assert_eq!(calls[2], NetCall::Route("bgaaaaaat0".into(), guest));
@@ -141,7 +152,7 @@ fn a_group_member_touches_nothing_of_the_owners() {
             tap: "bgaaaaaat0".into(),
         },
     );
-    let before = rig.net.calls().len();
+    let before = rig.host_calls().len();
     for request in [
         R::TapCreate {
             tap: "bgaaaaaat1".into(),
@@ -172,7 +183,7 @@ fn a_group_member_touches_nothing_of_the_owners() {
         rig.helper.handle(&member, setup("bbbbbb", "10.213.7.0/24")),
         "overlaps",
     );
-    assert_eq!(rig.net.calls().len(), before, "refusals reach no host");
+    assert_eq!(rig.host_calls().len(), before, "refusals reach no host");
     assert_eq!(
         rig.helper.handle(&member, setup("bbbbbb", "10.214.0.0/16")),
         HelperReply::Ok(HelperValue::Done)
@@ -192,6 +203,7 @@ fn requests_outside_the_policy_are_refused_before_the_host() {
                 subnet: "10.213.0.0/16".into(),
                 dns_port: 53,
                 domain: "vm".into(),
+                owner: None,
             },
             "privileged",
         ),
@@ -201,8 +213,19 @@ fn requests_outside_the_policy_are_refused_before_the_host() {
                 subnet: "10.213.0.0/16".into(),
                 dns_port: 1053,
                 domain: "evil.example.com".into(),
+                owner: None,
             },
             "not a DNS label",
+        ),
+        (
+            R::NetSetup {
+                instance: "aaaaaa".into(),
+                subnet: "10.213.0.0/16".into(),
+                dns_port: 1053,
+                domain: "vm".into(),
+                owner: Some("state/network.instance".into()),
+            },
+            "absolute path",
         ),
         (R::TapCreate { tap: "eth0".into() }, "tap"),
         (
@@ -215,7 +238,7 @@ fn requests_outside_the_policy_are_refused_before_the_host() {
     ] {
         refused(rig.helper.handle(&owner, request), why);
     }
-    assert!(rig.net.calls().is_empty());
+    assert!(rig.host_calls().is_empty());
     assert!(rig.blocks.calls().is_empty());
     // Tearing down an instance never set up here is a no-op, not an error.
     assert_eq!(
@@ -227,7 +250,7 @@ fn requests_outside_the_policy_are_refused_before_the_host() {
         ),
         HelperReply::Ok(HelperValue::Done)
     );
-    assert!(rig.net.calls().is_empty());
+    assert!(rig.host_calls().is_empty());
 }
 
 #[test]
@@ -315,4 +338,67 @@ fn jail_requests_need_a_jailer_and_checked_names() {
         HelperReply::Ok(HelperValue::Pong { jails, .. }) => assert!(jails.is_none()),
         other => panic!("{other:?}"),
     }
+}
+
+/// An instance whose state directory is gone is removed and forgotten
+/// before the next setup, whoever asks: its subnet is free again. One whose
+/// owner file is there stays.
+#[test]
+fn orphaned_networks_are_removed_and_forgotten_before_a_setup() {
+    let rig = rig();
+    let (alice, bob) = (caller(OWNER, OWNER), caller(MEMBER, MEMBER));
+    let ok = HelperReply::Ok(HelperValue::Done);
+    let homes = tempfile::tempdir().unwrap();
+    let owned_by = |id: &str, subnet: &str, file: &Path| {
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, format!("{id}\n")).unwrap();
+        R::NetSetup {
+            instance: id.into(),
+            subnet: subnet.into(),
+            dns_port: 1053,
+            domain: "vm".into(),
+            owner: Some(file.to_path_buf()),
+        }
+    };
+    let alice_file = homes.path().join("alice/state/network.instance");
+    let bob_file = homes.path().join("bob/state/network.instance");
+    assert_eq!(
+        rig.helper
+            .handle(&alice, owned_by("aaaaaa", "10.213.0.0/16", &alice_file)),
+        ok
+    );
+    let recorded = |what: &str| {
+        std::fs::read_to_string(rig.dir.path().join("state/networks.json"))
+            .unwrap()
+            .contains(what)
+    };
+    assert!(
+        recorded(alice_file.to_str().unwrap()),
+        "the owner is recorded"
+    );
+    refused(
+        rig.helper
+            .handle(&bob, owned_by("bbbbbb", "10.213.0.0/24", &bob_file)),
+        "overlaps",
+    );
+    // Alice's state directory is thrown away: Bob gets the subnet.
+    std::fs::remove_dir_all(homes.path().join("alice")).unwrap();
+    assert_eq!(
+        rig.helper
+            .handle(&bob, owned_by("bbbbbb", "10.213.0.0/24", &bob_file)),
+        ok
+    );
+    assert!(!recorded("aaaaaa") && recorded("bbbbbb"));
+    // What the host says is orphaned goes too, torn down and forgotten.
+    rig.net
+        .set_orphan(&banger_host::Instance::parse("bbbbbb").unwrap());
+    assert_eq!(
+        rig.helper
+            .handle(&alice, owned_by("cccccc", "10.214.0.0/16", &alice_file)),
+        ok
+    );
+    assert!(rig.net.calls().contains(&NetCall::Teardown(
+        banger_host::Instance::parse("bbbbbb").unwrap()
+    )));
+    assert!(!recorded("bbbbbb") && recorded("cccccc"));
 }

@@ -18,6 +18,8 @@ struct Record {
     subnet: String,
     dns_port: u16,
     domain: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    owner: Option<PathBuf>,
 }
 
 impl Record {
@@ -27,6 +29,7 @@ impl Record {
             subnet: Subnet::parse(&self.subnet).ok()?,
             dns_port: self.dns_port,
             domain: self.domain.clone(),
+            owner: self.owner.clone(),
         })
     }
 }
@@ -95,6 +98,7 @@ impl Networks {
             subnet: setup.subnet.to_string(),
             dns_port: setup.dns_port,
             domain: setup.domain.clone(),
+            owner: setup.owner.clone(),
         });
         self.save(&records);
         Ok(())
@@ -129,9 +133,32 @@ impl Networks {
     }
 
     pub fn forget(&self, instance: &Instance) {
+        self.forget_where(|r| r.instance == instance.id());
+    }
+
+    /// Forgets the instances `pruned` removed, and every one whose owner
+    /// file says its state directory is gone: such a record would only
+    /// keep its subnet from anyone else (what is left of it on the host,
+    /// while a VMM still holds a tap, keeps the subnet by its routes).
+    pub fn forget_orphans(&self, pruned: &[Instance]) {
+        self.forget_where(|r| {
+            let Ok(instance) = Instance::parse(&r.instance) else {
+                return true;
+            };
+            pruned.contains(&instance)
+                || r.owner.as_deref().is_some_and(|o| {
+                    banger_host::net_orphans::owner_wants(o, &instance) == Some(false)
+                })
+        });
+    }
+
+    fn forget_where(&self, pred: impl Fn(&Record) -> bool) {
         let mut records = self.lock();
-        records.retain(|r| r.instance != instance.id());
-        self.save(&records);
+        let before = records.len();
+        records.retain(|r| !pred(r));
+        if records.len() != before {
+            self.save(&records);
+        }
     }
 
     fn save(&self, records: &[Record]) {
@@ -156,6 +183,7 @@ mod tests {
             subnet: Subnet::parse(subnet).unwrap(),
             dns_port: 1053,
             domain: "vm".into(),
+            owner: None,
         }
     }
 

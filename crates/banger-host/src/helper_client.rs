@@ -142,6 +142,7 @@ impl HostNetwork for HelperClient {
             subnet: setup.subnet.to_string(),
             dns_port: setup.dns_port,
             domain: setup.domain.clone(),
+            owner: setup.owner.clone(),
         })
     }
 

@@ -5,6 +5,7 @@ pub mod blockdev;
 pub mod helper_client;
 pub mod jail;
 pub mod net;
+pub mod net_orphans;
 pub mod process;
 pub mod vmm_process;
 

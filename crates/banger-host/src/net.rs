@@ -11,6 +11,7 @@
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 
+use crate::net_orphans::{check_owner, orphans, owner_wants, parse_links, OWNER_ALIAS};
 use crate::process::{CommandSpec, HostError, ProcessRunner};
 
 /// Link-local metadata endpoint clouds serve; guests never reach it.
@@ -189,6 +190,10 @@ pub struct NetSetup {
     /// The VMs' DNS domain (`vm`), routed to banger's server by
     /// systemd-resolved where it runs.
     pub domain: String,
+    /// The file in the instance's state directory that holds its id: when
+    /// it is gone the instance is an orphan (see [`crate::net_orphans`]).
+    /// `None`: kept until removed by hand.
+    pub owner: Option<std::path::PathBuf>,
 }
 
 /// A DNS label banger may route (`vm`, `banger-test`): no dots, nothing odd.
@@ -287,6 +292,11 @@ pub trait HostNetwork: Send + Sync {
         std::fs::read_to_string(format!("/sys/class/net/{tap}/carrier"))
             .is_ok_and(|c| c.trim() == "1")
     }
+    /// Removes the instances whose state directory is gone and whose taps
+    /// nobody holds (every setup does this first); returns them.
+    fn prune_orphans(&self) -> Result<Vec<Instance>, HostError> {
+        Ok(Vec::new())
+    }
 }
 
 /// The instance's whole table, replaced in one transaction.
@@ -379,6 +389,14 @@ impl HostNetwork for RealHostNetwork {
                 setup.domain
             )));
         }
+        let owner = match &setup.owner {
+            Some(path) => Some(check_owner(path).map_err(HostError::Refused)?),
+            None => None,
+        };
+        // An orphan may hold the very subnet wanted here.
+        if let Err(e) = self.prune_orphans() {
+            tracing::warn!(error = %e, "could not look for orphaned banger networks");
+        }
         let used = self.host_networks()?;
         if let Some(r) = foreign_overlap(&setup.subnet, &setup.instance, &used) {
             return Err(HostError::Refused(format!(
@@ -394,6 +412,16 @@ impl HostNetwork for RealHostNetwork {
         if let Err(e) = self.ip_quiet(["link", "add", &dev, "type", "dummy"], EXISTS) {
             tracing::debug!(error = %e, "no dummy devices here; using a bridge");
             self.ip_quiet(["link", "add", &dev, "type", "bridge"], EXISTS)?;
+        }
+        if let Some(owner) = owner {
+            self.ip([
+                "link",
+                "set",
+                "dev",
+                &dev,
+                "alias",
+                &format!("{OWNER_ALIAS}{owner}"),
+            ])?;
         }
         let gw = format!("{}/{}", setup.subnet.gateway(), setup.subnet.prefix);
         self.ip(["addr", "replace", &gw, "dev", &dev])?;
@@ -481,6 +509,23 @@ impl HostNetwork for RealHostNetwork {
             .into_iter()
             .filter(|n| instance.owns_tap(n))
             .collect())
+    }
+
+    fn prune_orphans(&self) -> Result<Vec<Instance>, HostError> {
+        let links = parse_links(&self.ip(["-o", "link", "show"])?);
+        let mut removed = Vec::new();
+        for (instance, owner) in orphans(&links, owner_wants) {
+            match self.teardown(&instance) {
+                Ok(()) => {
+                    tracing::info!(%instance, owner = %owner.display(), "removed an orphaned banger network: its state directory is gone");
+                    removed.push(instance);
+                }
+                Err(e) => {
+                    tracing::warn!(%instance, error = %e, "could not remove an orphaned banger network")
+                }
+            }
+        }
+        Ok(removed)
     }
 }
 
@@ -570,6 +615,7 @@ pub enum NetCall {
     DeleteTap(String),
     Route(String, Ipv4Addr),
     Unroute(Ipv4Addr),
+    PruneOrphans,
 }
 
 /// Records calls and keeps the set of taps, so reconciliation can be tested.
@@ -579,6 +625,7 @@ pub struct FakeHostNetwork {
     taps: Arc<Mutex<Vec<String>>>,
     routes: Arc<Mutex<Vec<(String, Ipv4Addr)>>>,
     busy: Arc<Mutex<Vec<String>>>,
+    orphans: Arc<Mutex<Vec<Instance>>>,
 }
 
 impl FakeHostNetwork {
@@ -602,6 +649,11 @@ impl FakeHostNetwork {
         if busy {
             set.push(tap.into());
         }
+    }
+
+    /// Makes `instance` look orphaned: the next prune removes it.
+    pub fn set_orphan(&self, instance: &Instance) {
+        self.orphans.lock().unwrap().push(instance.clone());
     }
 
     fn record(&self, call: NetCall) {
@@ -668,6 +720,15 @@ impl HostNetwork for FakeHostNetwork {
     fn tap_busy(&self, tap: &str) -> bool {
         self.busy.lock().unwrap().iter().any(|t| t == tap)
     }
+
+    fn prune_orphans(&self) -> Result<Vec<Instance>, HostError> {
+        self.record(NetCall::PruneOrphans);
+        let orphans = std::mem::take(&mut *self.orphans.lock().unwrap());
+        for instance in &orphans {
+            self.teardown(instance)?;
+        }
+        Ok(orphans)
+    }
 }
 
 #[cfg(test)]
@@ -680,6 +741,7 @@ mod tests {
             subnet: Subnet::parse("10.213.0.0/16").unwrap(),
             dns_port: 1053,
             domain: "vm".into(),
+            owner: None,
         }
     }
 

@@ -65,6 +65,7 @@ fn setup_taps_routes_and_teardown_in_a_namespace() {
         subnet: Subnet::parse("10.213.0.0/16").unwrap(),
         dns_port: 1053,
         domain: "vm".into(),
+        owner: None,
     };
     let guest = Ipv4Addr::new(10, 213, 0, 7);
     // Twice: every call is idempotent.
@@ -141,6 +142,124 @@ fn setup_taps_routes_and_teardown_in_a_namespace() {
         "B's objects survive A's teardown: {links}"
     );
     net.teardown(&b).unwrap();
+    assert_eq!(sh(&ns.0, "nft list tables"), "");
+}
+
+/// Holds a tap open inside the namespace, as a VMM does, until dropped.
+struct Holder(std::process::Child);
+
+impl Holder {
+    fn hold(ns: &str, tap: &str) -> Holder {
+        const HOLD: &str = "import fcntl, struct, sys, time\n\
+t = open('/dev/net/tun', 'r+b', buffering=0)\n\
+fcntl.ioctl(t, 0x400454ca, struct.pack('16sH', sys.argv[1].encode(), 0x0002 | 0x1000))\n\
+print('held', flush=True)\n\
+time.sleep(600)\n";
+        let mut child = std::process::Command::new("ip")
+            .args(["netns", "exec", ns, "python3", "-c", HOLD, tap])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        use std::io::BufRead;
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "held");
+        Holder(child)
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A state directory thrown away leaves its instance on the host until the
+/// next setup of any instance, which removes it, unless a process still
+/// holds one of its taps. An instance without an owner is never touched.
+#[test]
+fn an_orphaned_instance_goes_at_the_next_setup() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || which("nft").is_none() || which("python3").is_none() {
+        eprintln!("skipped: needs root, nft and python3");
+        return;
+    }
+    let name = format!("bgorph-{}", std::process::id());
+    RealRunner
+        .run(&CommandSpec::new("ip").args(["netns", "add", &name]))
+        .unwrap();
+    let ns = Netns(name);
+    let net = RealHostNetwork {
+        runner: Arc::new(InNetns(ns.0.clone())),
+    };
+    let homes = tempfile::tempdir().unwrap();
+    let owned = |id: &str, subnet: &str| -> NetSetup {
+        let file = homes.path().join(id).join("network.instance");
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(&file, format!("{id}\n")).unwrap();
+        NetSetup {
+            instance: Instance::parse(id).unwrap(),
+            subnet: Subnet::parse(subnet).unwrap(),
+            dns_port: 1053,
+            domain: "vm".into(),
+            owner: Some(file),
+        }
+    };
+    let (a, b) = (
+        owned("aaaaaa", "10.213.0.0/16"),
+        owned("bbbbbb", "10.214.0.0/16"),
+    );
+    let legacy = NetSetup {
+        instance: Instance::parse("cccccc").unwrap(),
+        subnet: Subnet::parse("10.215.0.0/16").unwrap(),
+        dns_port: 1053,
+        domain: "vm".into(),
+        owner: None,
+    };
+    net.setup(&a).unwrap();
+    net.create_tap(&a.instance.tap(0), 1000).unwrap();
+    net.create_tap(&a.instance.tap(1), 1000).unwrap();
+    net.setup(&legacy).unwrap();
+    let alias = sh(&ns.0, "cat /sys/class/net/bgaaaaaagw/ifalias");
+    assert_eq!(
+        alias.trim(),
+        format!(
+            "banger-owner:{}",
+            homes.path().join("aaaaaa/network.instance").display()
+        )
+    );
+    net.setup(&b).unwrap();
+    let present = |id: &str| sh(&ns.0, "ip -o link; nft list tables").contains(id);
+    assert!(present("aaaaaa"), "its owner file is there");
+
+    // Thrown away while a VMM still holds a tap: kept.
+    std::fs::remove_dir_all(homes.path().join("aaaaaa")).unwrap();
+    let holder = Holder::hold(&ns.0, &a.instance.tap(0));
+    assert_eq!(net.prune_orphans().unwrap(), Vec::<Instance>::new());
+    net.setup(&b).unwrap();
+    assert!(present("aaaaaa"), "a VMM holds its tap");
+
+    // Once nothing holds it, the next setup removes all of it: a new
+    // instance may even take its subnet.
+    drop(holder);
+    let c = owned("dddddd", "10.213.0.0/16");
+    net.setup(&c).unwrap();
+    assert!(
+        !present("aaaaaa"),
+        "{}",
+        sh(&ns.0, "ip -o link; nft list tables")
+    );
+    assert!(present("bbbbbb") && present("dddddd") && present("cccccc"));
+    // An owner file naming another instance is not this one's.
+    std::fs::write(b.owner.as_ref().unwrap(), "eeeeee\n").unwrap();
+    assert_eq!(net.prune_orphans().unwrap(), vec![b.instance.clone()]);
+    assert!(!present("bbbbbb") && present("cccccc") && present("dddddd"));
+    for i in [&legacy.instance, &c.instance] {
+        net.teardown(i).unwrap();
+    }
     assert_eq!(sh(&ns.0, "nft list tables"), "");
 }
 

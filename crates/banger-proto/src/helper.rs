@@ -33,6 +33,11 @@ pub enum HelperRequest {
         /// The VMs' DNS domain, routed by systemd-resolved (default `vm`).
         #[serde(default = "default_domain")]
         domain: String,
+        /// The file in the caller's state directory holding the instance's
+        /// id; once it is gone (and no tap is held open) the instance is
+        /// removed by the next setup of anyone's. Absent: never removed so.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<PathBuf>,
     },
     NetTeardown {
         instance: String,

@@ -833,7 +833,53 @@ fn instances_side_by_side_keep_to_their_own_network_and_guests_cannot_spoof() {
     }
     assert!(!routes.contains(&format!("{} ", ips[3])), "{routes}");
     check_three(&instances, &names, &ips, &host);
-    for (banger, name) in instances.iter().zip(names).take(3) {
+
+    // State directories thrown away under killed daemons: what they left
+    // on the host goes at the next daemon's setup, through the helper for
+    // a user's daemon and in-process for root's, unless a VMM still holds
+    // one of the taps; that VM keeps working until it stops.
+    let ids: Vec<String> = instances.iter().map(instance_id).collect();
+    let on_host = |id: &str| {
+        must(&format!("ip -n {host} -o link show")).contains(&format!("bg{id}gw"))
+            && must(&format!("ip netns exec {host} nft list tables"))
+                .contains(&format!("banger_{id}"))
+    };
+    let off_host = |id: &str| {
+        !must(&format!("ip -n {host} -o link show")).contains(&format!("bg{id}"))
+            && !must(&format!("ip netns exec {host} nft list tables"))
+                .contains(&format!("banger_{id}"))
+    };
+    for i in [0, 3] {
+        instances[i].kill_daemon(libc::SIGKILL);
+        std::fs::remove_dir_all(instances[i].path("state")).unwrap();
+    }
+    instances[2].kill_daemon(libc::SIGTERM);
+    instances[2].start_daemon();
+    assert!(instances[2].ok(&["vm", "ls", "-q"]).contains("u1"));
+    assert!(off_host(&ids[3]), "u2's instance is gone");
+    assert!(on_host(&ids[0]), "r1's VMM still holds its tap");
+    let page = fetch(&host, &format!("http://{}:8000/index.html", ips[0]));
+    assert!(String::from_utf8_lossy(&page.stdout).contains("hello from r1"));
+    for pid in common::pids_naming(&[&instances[0].home.path().to_string_lossy()]) {
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    assert!(wait_until(Duration::from_secs(10), || {
+        common::pids_naming(&[&instances[0].home.path().to_string_lossy()]).is_empty()
+    }));
+    instances[1].kill_daemon(libc::SIGTERM);
+    instances[1].start_daemon();
+    assert!(instances[1].ok(&["vm", "ls", "-q"]).contains("r2"));
+    assert!(off_host(&ids[0]), "r1's instance is gone once its VMM is");
+    for i in [1, 2] {
+        assert!(on_host(&ids[i]), "{}'s instance stays", names[i]);
+        let page = fetch(&host, &format!("http://{}:8000/index.html", ips[i]));
+        assert!(
+            String::from_utf8_lossy(&page.stdout).contains(&format!("hello from {}", names[i])),
+            "{} after the orphans went",
+            names[i]
+        );
+    }
+    for (banger, name) in instances.iter().zip(names).skip(1).take(2) {
         banger.ok(&["vm", "rm", "-f", name]);
     }
 }

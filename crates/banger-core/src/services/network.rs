@@ -105,6 +105,7 @@ impl NetworkService {
                         subnet,
                         dns_port: net.dns_port.unwrap_or(DEFAULT_DNS_PORT),
                         domain: net.domain.clone().unwrap_or_else(|| DEFAULT_DOMAIN.into()),
+                        owner: None,
                     }),
                     Err(e) => State::Broken(e),
                 }
@@ -124,6 +125,29 @@ impl NetworkService {
             owner,
             taps: Mutex::default(),
         }
+    }
+
+    /// Writes the instance's id into `path` (in the state directory) and
+    /// names it as the instance's owner on the host: once the state
+    /// directory is thrown away, the next banger to set up a network
+    /// removes what this one left (`banger_host::net_orphans`).
+    pub fn with_owner_file(mut self, path: std::path::PathBuf) -> NetworkService {
+        if !matches!(self.state, State::Ready(_)) {
+            return self;
+        }
+        let id = format!("{}\n", self.instance.id());
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(id.as_str()) {
+            let tmp = path.with_extension("tmp");
+            let written = std::fs::write(&tmp, &id).and_then(|()| std::fs::rename(&tmp, &path));
+            if let Err(e) = written {
+                tracing::warn!(error = %e, path = %path.display(), "cannot write the network's owner file; its host objects will not be removed if this state directory goes");
+                return self;
+            }
+        }
+        if let State::Ready(setup) = &mut self.state {
+            setup.owner = Some(path);
+        }
+        self
     }
 
     /// The instance id chosen when this state directory first ran.
