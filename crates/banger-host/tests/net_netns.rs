@@ -38,20 +38,29 @@ fn sh(ns: &str, script: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-#[test]
-fn setup_taps_routes_and_teardown_in_a_namespace() {
+/// A fresh namespace and the real network code running in it; `None`
+/// (skipped, said) without root or one of `needs`.
+fn lab(prefix: &str, needs: &[&str]) -> Option<(Netns, RealHostNetwork)> {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 || which("nft").is_none() {
-        eprintln!("skipped: needs root and nft");
-        return;
+    if unsafe { libc::geteuid() } != 0 || needs.iter().any(|n| which(n).is_none()) {
+        eprintln!("skipped: needs root and {needs:?}");
+        return None;
     }
-    let name = format!("bgtest-{}", std::process::id());
+    let name = format!("{prefix}-{}", std::process::id());
     RealRunner
         .run(&CommandSpec::new("ip").args(["netns", "add", &name]))
         .unwrap();
     let ns = Netns(name);
     let net = RealHostNetwork {
         runner: Arc::new(InNetns(ns.0.clone())),
+    };
+    Some((ns, net))
+}
+
+#[test]
+fn setup_taps_routes_and_teardown_in_a_namespace() {
+    let Some((ns, net)) = lab("bgtest", &["nft"]) else {
+        return;
     };
     // A LAN the host is on: no banger instance may take its addresses.
     sh(
@@ -182,18 +191,8 @@ impl Drop for Holder {
 /// holds one of its taps. An instance without an owner is never touched.
 #[test]
 fn an_orphaned_instance_goes_at_the_next_setup() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 || which("nft").is_none() || which("python3").is_none() {
-        eprintln!("skipped: needs root, nft and python3");
+    let Some((ns, net)) = lab("bgorph", &["nft", "python3"]) else {
         return;
-    }
-    let name = format!("bgorph-{}", std::process::id());
-    RealRunner
-        .run(&CommandSpec::new("ip").args(["netns", "add", &name]))
-        .unwrap();
-    let ns = Netns(name);
-    let net = RealHostNetwork {
-        runner: Arc::new(InNetns(ns.0.clone())),
     };
     let homes = tempfile::tempdir().unwrap();
     let owned = |id: &str, subnet: &str| -> NetSetup {
