@@ -136,8 +136,10 @@ pub enum KernelCommand {
     /// Pull a kernel published as an OCI image (/boot/vmlinu[xz]*, /lib/modules/*).
     Pull {
         reference: String,
+        /// Name to record the kernel under (default: its version).
         #[arg(long)]
         name: Option<String>,
+        /// Use this kernel when a VM names none.
         #[arg(long)]
         default: bool,
         #[arg(long)]
@@ -196,8 +198,10 @@ pub enum ImageCommand {
     /// of booting (a fraction of a boot; `--cold` boots anyway).
     Warm {
         image: String,
+        /// The kernel to boot (default: the default kernel).
         #[arg(long)]
         kernel: Option<String>,
+        /// Virtual CPUs (default 2; at most the host's CPUs).
         #[arg(long)]
         vcpus: Option<u32>,
         /// Memory, e.g. 512M or 1G.
@@ -316,6 +320,7 @@ pub struct CreateArgs {
     /// The kernel to boot (default: the default kernel).
     #[arg(long)]
     pub kernel: Option<String>,
+    /// Virtual CPUs (default 2; at most the host's CPUs).
     #[arg(long)]
     pub vcpus: Option<u32>,
     /// Memory, e.g. 512M or 1G.
@@ -426,6 +431,7 @@ pub enum VmCommand {
     Restart {
         #[arg(required = true)]
         names: Vec<String>,
+        /// Seconds to wait for the clean shutdown.
         #[arg(short = 't', long = "time", default_value_t = 10)]
         timeout: u64,
         #[arg(long)]
@@ -438,6 +444,7 @@ pub enum VmCommand {
     /// the guest sees them at its next boot).
     Set {
         name: String,
+        /// Virtual CPUs (at most the host's CPUs).
         #[arg(long)]
         vcpus: Option<u32>,
         /// Memory, e.g. 1G.
@@ -623,7 +630,27 @@ pub enum VmCommand {
 /// The command as clap builds it, with the shell completers attached.
 pub fn command() -> clap::Command {
     use clap::CommandFactory;
-    crate::completion::annotate(Cli::command())
+    crate::completion::annotate(describe_json(Cli::command()))
+}
+
+/// Every `--json` says the same, written once here.
+fn describe_json(cmd: clap::Command) -> clap::Command {
+    let bare = cmd
+        .get_arguments()
+        .any(|a| a.get_id() == "json" && a.get_help().is_none());
+    let cmd = if bare {
+        cmd.mut_arg("json", |a| {
+            a.help("Print the result as JSON (a failure too, as {\"error\": …})")
+        })
+    } else {
+        cmd
+    };
+    let subs: Vec<String> = cmd
+        .get_subcommands()
+        .map(|c| c.get_name().to_string())
+        .collect();
+    subs.into_iter()
+        .fold(cmd, |cmd, sub| cmd.mut_subcommand(&sub, describe_json))
 }
 
 #[cfg(test)]
@@ -666,7 +693,7 @@ mod tests {
     /// The CLI's conventions hold for every command, new ones included:
     /// each that prints a result takes `--json`, each `ls` takes `-q`.
     #[test]
-    fn every_result_has_json_and_every_list_has_quiet() {
+    fn every_result_has_json_every_list_quiet_and_every_option_help() {
         let mut all = Vec::new();
         leaves(&super::command(), String::new(), &mut all);
         let mut missing = Vec::new();
@@ -677,6 +704,13 @@ mod tests {
             }
             if cmd.get_name() == "ls" && !has(cmd, "quiet") {
                 missing.push(format!("{path}: no -q"));
+            }
+        }
+        for (path, cmd) in &all {
+            for arg in cmd.get_arguments() {
+                if !arg.is_positional() && !arg.is_hide_set() && arg.get_help().is_none() {
+                    missing.push(format!("{path} --{}: no help", arg.get_id()));
+                }
             }
         }
         assert!(missing.is_empty(), "{missing:#?}");

@@ -11,7 +11,7 @@ mod progress;
 mod remote;
 mod units;
 
-use clap::Parser;
+use clap::FromArgMatches;
 
 fn main() {
     // A shell asking for completions (`COMPLETE=bash banger -- …`) is
@@ -19,7 +19,10 @@ fn main() {
     clap_complete::CompleteEnv::with_factory(cli::command).complete();
     let args: Vec<String> = std::env::args().collect();
     output::set_json_errors(&args);
-    let cli = cli::Cli::parse();
+    // Parsed from the command as built for completion and man pages, so
+    // `--help` shows what they show.
+    let matches = cli::command().get_matches();
+    let cli = cli::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let code = match commands::run(cli) {
         Ok(code) => code,
         Err(e) => {
