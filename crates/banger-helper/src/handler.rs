@@ -1,7 +1,7 @@
 //! One request in, one reply out: the policy first, then the host operation
 //! through the same traits a root daemon uses in-process.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use banger_host::jail::Opened;
@@ -84,6 +84,35 @@ impl Helper {
         match self.net.prune_orphans() {
             Ok(pruned) => self.networks.forget_orphans(&pruned),
             Err(e) => tracing::warn!(error = %e, "could not look for orphaned banger networks"),
+        }
+    }
+
+    /// Whether `owner` is the caller's own regular file inside the allowed
+    /// directories, opened as the caller, holding `instance`'s id. One that
+    /// is not is left out (the instance is then never removed as an
+    /// orphan): the helper reads owner files as root later, so it only
+    /// takes ones the caller could read and wrote.
+    fn owner_checks_out(&self, caller: &Caller, owner: &Path, instance: &Instance) -> bool {
+        use std::io::Read;
+        let checked = self.policy.caller_file(caller, owner, false).and_then(|f| {
+            let mut text = String::new();
+            f.take(64)
+                .read_to_string(&mut text)
+                .map_err(|e| Refusal(e.to_string()))?;
+            if text.trim() == instance.id() {
+                Ok(())
+            } else {
+                Err(Refusal(format!(
+                    "it does not hold the instance id {instance}"
+                )))
+            }
+        });
+        match checked {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(owner = %owner.display(), error = %e, "network owner file not taken: the instance will not be removed if its state directory goes");
+                false
+            }
         }
     }
 
@@ -251,8 +280,10 @@ impl Helper {
                 if let Some(owner) = &owner {
                     banger_host::net_orphans::check_owner(owner).map_err(Failure::Refused)?;
                 }
+                let instance = instance_of(&instance)?;
+                let owner = owner.filter(|o| self.owner_checks_out(caller, o, &instance));
                 let setup = NetSetup {
-                    instance: instance_of(&instance)?,
+                    instance,
                     subnet: self.policy.subnet(&subnet)?,
                     dns_port: self.policy.dns_port(dns_port)?,
                     domain,

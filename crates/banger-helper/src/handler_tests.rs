@@ -346,9 +346,13 @@ fn jail_requests_need_a_jailer_and_checked_names() {
 #[test]
 fn orphaned_networks_are_removed_and_forgotten_before_a_setup() {
     let rig = rig();
-    let (alice, bob) = (caller(OWNER, OWNER), caller(MEMBER, MEMBER));
+    // Owner files are opened as the caller: the callers are whoever runs
+    // the test, with two state directories of their own.
+    // SAFETY: geteuid/getegid have no preconditions.
+    let me = caller(unsafe { libc::geteuid() }, unsafe { libc::getegid() });
+    let (alice, bob) = (me, me);
     let ok = HelperReply::Ok(HelperValue::Done);
-    let homes = tempfile::tempdir().unwrap();
+    let homes = rig.dir.path().join("home");
     let owned_by = |id: &str, subnet: &str, file: &Path| {
         std::fs::create_dir_all(file.parent().unwrap()).unwrap();
         std::fs::write(file, format!("{id}\n")).unwrap();
@@ -360,8 +364,8 @@ fn orphaned_networks_are_removed_and_forgotten_before_a_setup() {
             owner: Some(file.to_path_buf()),
         }
     };
-    let alice_file = homes.path().join("alice/state/network.instance");
-    let bob_file = homes.path().join("bob/state/network.instance");
+    let alice_file = homes.join("alice/state/network.instance");
+    let bob_file = homes.join("bob/state/network.instance");
     assert_eq!(
         rig.helper
             .handle(&alice, owned_by("aaaaaa", "10.213.0.0/16", &alice_file)),
@@ -382,7 +386,7 @@ fn orphaned_networks_are_removed_and_forgotten_before_a_setup() {
         "overlaps",
     );
     // Alice's state directory is thrown away: Bob gets the subnet.
-    std::fs::remove_dir_all(homes.path().join("alice")).unwrap();
+    std::fs::remove_dir_all(homes.join("alice")).unwrap();
     assert_eq!(
         rig.helper
             .handle(&bob, owned_by("bbbbbb", "10.213.0.0/24", &bob_file)),
@@ -401,4 +405,28 @@ fn orphaned_networks_are_removed_and_forgotten_before_a_setup() {
         banger_host::Instance::parse("bbbbbb").unwrap()
     )));
     assert!(!recorded("bbbbbb") && recorded("cccccc"));
+    // An owner file outside the allowed directories, or holding another
+    // id, is not taken: the setup works, with no owner recorded.
+    let outside = tempfile::tempdir().unwrap();
+    let stray = outside.path().join("network.instance");
+    assert_eq!(
+        rig.helper
+            .handle(&bob, owned_by("dddddd", "10.215.0.0/16", &stray)),
+        ok
+    );
+    let mut lying = owned_by("eeeeee", "10.216.0.0/16", &bob_file);
+    if let R::NetSetup { instance, .. } = &mut lying {
+        *instance = "abcdef".into();
+    }
+    assert_eq!(rig.helper.handle(&bob, lying), ok);
+    let owners: Vec<_> = rig
+        .net
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            NetCall::Setup(s) if ["dddddd", "abcdef"].contains(&s.instance.id()) => Some(s.owner),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(owners, [None, None]);
 }

@@ -135,6 +135,10 @@ impl NetworkService {
         if !matches!(self.state, State::Ready(_)) {
             return self;
         }
+        if let Err(e) = banger_host::net_orphans::check_owner(&path) {
+            tracing::warn!(error = %e, "this network's host objects will not be removed automatically if its state directory goes");
+            return self;
+        }
         let id = format!("{}\n", self.instance.id());
         if std::fs::read_to_string(&path).ok().as_deref() != Some(id.as_str()) {
             let tmp = path.with_extension("tmp");
@@ -697,5 +701,38 @@ mod tests {
         // Nor is it trimmed as a spare: whoever holds it keeps it.
         a.reconcile().unwrap();
         assert!(host.taps(&a.instance).unwrap().contains(&spare[0]));
+    }
+
+    /// The owner file holds the instance id and is named in the setup; a
+    /// path no interface alias can hold, or user mode, names none and
+    /// fails nothing.
+    #[test]
+    fn the_owner_file_names_the_instance_on_the_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("network.instance");
+        let net = FakeHostNetwork::default();
+        let svc = service(&net, "10.250.8.0/24").with_owner_file(file.clone());
+        svc.reconcile().unwrap();
+        let owners: Vec<_> = net
+            .calls()
+            .into_iter()
+            .filter_map(|c| match c {
+                NetCall::Setup(s) => Some((s.instance.to_string(), s.owner)),
+                _ => None,
+            })
+            .collect();
+        let id = std::fs::read_to_string(&file).unwrap();
+        assert_eq!(owners, [(id.trim().to_string(), Some(file))]);
+
+        let long = dir.path().join("x".repeat(250));
+        let net = FakeHostNetwork::default();
+        let svc = service(&net, "10.250.8.0/24").with_owner_file(long.clone());
+        svc.reconcile().unwrap();
+        assert!(matches!(&net.calls()[0], NetCall::Setup(s) if s.owner.is_none()));
+        assert!(!long.exists());
+        let (user, _) = service_in("user", false);
+        let quiet = dir.path().join("user-mode");
+        drop(user.with_owner_file(quiet.clone()));
+        assert!(!quiet.exists(), "no host objects, nothing to own");
     }
 }
