@@ -505,8 +505,9 @@ impl HostNetwork for RealHostNetwork {
 
     fn taps(&self, instance: &Instance) -> Result<Vec<String>, HostError> {
         let out = self.ip(["-o", "link", "show"])?;
-        Ok(parse_link_names(&out)
+        Ok(parse_links(&out)
             .into_iter()
+            .map(|l| l.name)
             .filter(|n| instance.owns_tap(n))
             .collect())
     }
@@ -527,16 +528,6 @@ impl HostNetwork for RealHostNetwork {
         }
         Ok(removed)
     }
-}
-
-/// Interface names from `ip -o link show` ("2: eth0@if5: <…> …").
-fn parse_link_names(text: &str) -> Vec<String> {
-    text.lines()
-        .filter_map(|line| {
-            let name = line.split(": ").nth(1)?;
-            Some(name.split('@').next()?.trim().to_string())
-        })
-        .collect()
 }
 
 /// Route types `ip route` may print before the destination.
@@ -856,7 +847,8 @@ mod tests {
     #[test]
     fn link_names_routes_and_addresses_come_from_ip_output() {
         let text = "1: lo: <LOOPBACK,UP> mtu 65536\n5: bgtap3: <NO-CARRIER> mtu 1500\n7: veth0@if6: <UP> mtu 1500\n";
-        assert_eq!(parse_link_names(text), vec!["lo", "bgtap3", "veth0"]);
+        let names: Vec<String> = parse_links(text).into_iter().map(|l| l.name).collect();
+        assert_eq!(names, vec!["lo", "bgtap3", "veth0"]);
         let routes = parse_ip_routes(
             "default via 192.0.2.1 dev eth0\n\
              192.0.2.0/24 dev eth0 proto kernel scope link src 192.0.2.5\n\
