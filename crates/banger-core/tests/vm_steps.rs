@@ -254,11 +254,17 @@ async fn dm_snapshot_root_disks_are_set_up_per_boot_and_always_torn_down() {
     // A failed boot tears the snapshot down again (start first clears any leftover).
     core.vms.set_fail_point(Some("agent"));
     core.vms.start("web", Events::none()).await.unwrap_err();
+    // Named for this uid and state directory as well as the VM.
+    let device = format!(
+        "banger-{}-{}-web",
+        nix::unistd::geteuid(),
+        banger_proto::jail::home_id(&core.paths.state_dir)
+    );
     let teardown = BlockCall::Teardown {
-        name: "banger-web".into(),
+        name: device.clone(),
     };
     let setup = BlockCall::Setup {
-        name: "banger-web".into(),
+        name: device.clone(),
         origin: tmp.path().join("rootfs.ext4"),
         cow: dir.join("cow.img"),
     };
@@ -269,7 +275,9 @@ async fn dm_snapshot_root_disks_are_set_up_per_boot_and_always_torn_down() {
         _ => None,
     });
     assert!(
-        launched.unwrap().contains("file=/dev/mapper/banger-web,"),
+        launched
+            .unwrap()
+            .contains(&format!("file=/dev/mapper/{device},")),
         "the VMM boots the snapshot"
     );
 

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use banger_host::jail::Opened;
 use banger_host::net::{check_guest, check_tap};
-use banger_host::{BlockDevices, HostError, HostNetwork, Instance, Jails, NetSetup, RealJails};
+use banger_host::{
+    BlockDevices, HostError, HostNetwork, Instance, Jails, NetSetup, RealJails, SnapshotOwner,
+};
 use banger_proto::helper::{HelperReply, HelperRequest, HelperValue, JailPlace, HELPER_PROTOCOL};
 use banger_proto::jail::{is_home_id, is_jail_name, JailRequest};
 
@@ -23,12 +25,16 @@ pub struct Helper {
     jail: Option<JailSetup>,
 }
 
-/// The jailer the helper runs and where its callers' jails live (each
-/// uid under its own directory).
+/// The jailer the helper runs, the Firecrackers it may hand the jailer,
+/// and where its callers' jails live (each uid under its own directory).
 #[derive(Debug, Clone)]
 pub struct JailSetup {
     pub jailer: PathBuf,
     pub dir: PathBuf,
+    /// Canonical paths, each checked by [`Policy::trusted_binary`] when the
+    /// helper started: the jailer copies one into a caller's jail, so
+    /// nothing a caller names is ever launched or copied.
+    pub firecrackers: Vec<PathBuf>,
 }
 
 enum Failure {
@@ -190,8 +196,8 @@ impl Helper {
 
     fn jail_launch(&self, caller: &Caller, request: JailRequest) -> Handled {
         let jails = self.jails_for(caller.uid, caller.gid, &request.home)?;
-        self.policy.dm_name(&request.vm)?;
-        let firecracker = self.policy.trusted_binary(&request.firecracker)?;
+        self.policy.vm_name(&request.vm)?;
+        let firecracker = self.firecracker(&request.firecracker)?;
         let exec_name = firecracker
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -206,7 +212,8 @@ impl Helper {
                 )));
             }
             let file = if f.path.starts_with("/dev") {
-                self.policy.vm_device(&request.vm, &f.path)?
+                let owner = self.snapshot_owner(caller, &request.home, &request.vm)?;
+                self.own_device(&owner, &f.path)?
             } else {
                 self.policy.caller_file(caller, &f.path, f.writable)?
             };
@@ -245,6 +252,119 @@ impl Helper {
         })
     }
 
+    /// One of the Firecrackers the helper was started with, by its
+    /// canonical path, still as trusted as it was then.
+    fn firecracker(&self, path: &Path) -> Result<PathBuf, Failure> {
+        let jail = self.jail.as_ref().ok_or_else(|| {
+            Failure::Refused("this root helper has no jailer (start it with --jailer PATH)".into())
+        })?;
+        let canonical = path.canonicalize().ok();
+        match jail
+            .firecrackers
+            .iter()
+            .find(|f| Some(*f) == canonical.as_ref())
+        {
+            Some(known) => Ok(self.policy.trusted_binary(known)?),
+            None => Err(Failure::Refused(format!(
+                "{} is not a Firecracker this helper launches ({}); restart the helper with \
+                 --firecracker PATH to add one",
+                path.display(),
+                if jail.firecrackers.is_empty() {
+                    "it has none".to_string()
+                } else {
+                    jail.firecrackers
+                        .iter()
+                        .map(|f| f.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            ))),
+        }
+    }
+
+    /// The caller's snapshot device of VM `vm` of its state directory
+    /// `home`: the uid is the connection's, never one the request names.
+    fn snapshot_owner(
+        &self,
+        caller: &Caller,
+        home: &str,
+        vm: &str,
+    ) -> Result<SnapshotOwner, Failure> {
+        self.policy.vm_name(vm)?;
+        if !is_home_id(home) {
+            return Err(Failure::Refused(format!(
+                "`{home}` is not a state directory id"
+            )));
+        }
+        Ok(SnapshotOwner {
+            uid: caller.uid,
+            home: home.into(),
+            vm: vm.into(),
+        })
+    }
+
+    /// The node of a snapshot device this helper set up for `owner`,
+    /// opened; no other device reaches a jail.
+    fn own_device(&self, owner: &SnapshotOwner, path: &Path) -> Result<std::fs::File, Failure> {
+        let name = owner.name();
+        if !self.dm_record(&name).exists() {
+            return Err(Failure::Refused(format!(
+                "{} is not a snapshot device this helper set up for VM `{}` of yours",
+                path.display(),
+                owner.vm
+            )));
+        }
+        Ok(self.policy.vm_device(&name, path)?)
+    }
+
+    fn snapshot_setup(
+        &self,
+        owner: &SnapshotOwner,
+        origin: &Path,
+        cow: &Path,
+        caller: &Caller,
+    ) -> Handled {
+        // Held open and handed to losetup by descriptor: what was checked
+        // is what gets attached.
+        let origin = self.policy.caller_file(caller, origin, false)?;
+        let cow = self.policy.caller_file(caller, cow, true)?;
+        let by_fd = |f: &std::fs::File| {
+            use std::os::fd::AsRawFd;
+            PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), f.as_raw_fd()))
+        };
+        let name = owner.name();
+        // Recorded first: a device is never there without its owner known.
+        let record = self.dm_record(&name);
+        std::fs::write(
+            &record,
+            format!("{} {} {}\n", owner.uid, owner.home, owner.vm),
+        )
+        .map_err(|e| Failure::Failed(format!("recording the snapshot device: {e}")))?;
+        match self.blocks.setup_snapshot(
+            owner,
+            &by_fd(&origin),
+            &by_fd(&cow),
+            &self.dm_state(&name),
+        ) {
+            Ok(device) => Ok(HelperValue::Device(device)),
+            Err(e) => {
+                let _ = std::fs::remove_file(&record);
+                Err(e.into())
+            }
+        }
+    }
+
+    fn snapshot_teardown(&self, owner: &SnapshotOwner) -> Handled {
+        let name = owner.name();
+        // Only what this helper set up, for this very caller.
+        if self.dm_record(&name).exists() {
+            self.blocks
+                .teardown_snapshot(owner, &self.dm_state(&name))?;
+            let _ = std::fs::remove_file(self.dm_record(&name));
+        }
+        Ok(HelperValue::Done)
+    }
+
     pub fn handle(&self, caller: &Caller, request: HelperRequest) -> HelperReply {
         match self.dispatch(caller, request) {
             Ok(value) => HelperReply::Ok(value),
@@ -263,6 +383,7 @@ impl Helper {
                 jails: self.jail.as_ref().map(|j| JailPlace {
                     jailer: j.jailer.clone(),
                     base: j.dir.join(caller.uid.to_string()),
+                    firecrackers: j.firecrackers.clone(),
                 }),
             }),
             R::NetSetup {
@@ -333,27 +454,18 @@ impl Helper {
                 Ok(HelperValue::Done)
             }
             R::SnapshotSupported => Ok(HelperValue::Bool(self.blocks.snapshot_supported())),
-            R::SnapshotSetup { vm, origin, cow } => {
-                let name = self.policy.dm_name(&vm)?;
-                // Held open and handed to losetup by descriptor: what was
-                // checked is what gets attached.
-                let origin = self.policy.caller_file(caller, &origin, false)?;
-                let cow = self.policy.caller_file(caller, &cow, true)?;
-                let by_fd = |f: &std::fs::File| {
-                    use std::os::fd::AsRawFd;
-                    PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), f.as_raw_fd()))
-                };
-                let device = self.blocks.setup_snapshot(
-                    &name,
-                    &by_fd(&origin),
-                    &by_fd(&cow),
-                    &self.dm_state(&name),
-                )?;
-                Ok(HelperValue::Device(device))
+            R::SnapshotSetup {
+                home,
+                vm,
+                origin,
+                cow,
+            } => {
+                let owner = self.snapshot_owner(caller, &home, &vm)?;
+                self.snapshot_setup(&owner, &origin, &cow, caller)
             }
             R::JailLaunch(request) => self.jail_launch(caller, request),
             R::JailSignal { home, vm, signal } => {
-                self.policy.dm_name(&vm)?;
+                self.policy.vm_name(&vm)?;
                 if signal != libc::SIGTERM && signal != libc::SIGKILL {
                     return Err(Failure::Refused(format!(
                         "signal {signal} is not one the helper sends (TERM or KILL)"
@@ -364,16 +476,14 @@ impl Helper {
                 Ok(HelperValue::Done)
             }
             R::JailTeardown { home, vm } => {
-                self.policy.dm_name(&vm)?;
+                self.policy.vm_name(&vm)?;
                 self.jails_for(caller.uid, caller.gid, &home)?
                     .teardown(&vm)?;
                 Ok(HelperValue::Done)
             }
-            R::SnapshotTeardown { vm } => {
-                let name = self.policy.dm_name(&vm)?;
-                self.blocks
-                    .teardown_snapshot(&name, &self.dm_state(&name))?;
-                Ok(HelperValue::Done)
+            R::SnapshotTeardown { home, vm } => {
+                let owner = self.snapshot_owner(caller, &home, &vm)?;
+                self.snapshot_teardown(&owner)
             }
         }
     }
@@ -382,6 +492,12 @@ impl Helper {
     /// directory, never one a caller can write.
     fn dm_state(&self, name: &str) -> PathBuf {
         self.state_dir.join("dm").join(format!("{name}.state"))
+    }
+
+    /// The record that this helper set a device up, and for whom (uid,
+    /// home, VM: also in its name). Root-only, like the loop records.
+    fn dm_record(&self, name: &str) -> PathBuf {
+        self.state_dir.join("dm").join(format!("{name}.owner"))
     }
 }
 

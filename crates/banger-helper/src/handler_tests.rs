@@ -23,6 +23,16 @@ struct Rig {
 }
 
 fn rig() -> Rig {
+    rig_jailed(false)
+}
+
+/// A helper with a jailer and one Firecracker (`/usr/bin/true`: root's,
+/// executable, in root's directories), to test what it refuses.
+fn rig_with_jailer() -> Rig {
+    rig_jailed(true)
+}
+
+fn rig_jailed(jailed: bool) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let allowed = dir.path().join("home");
     std::fs::create_dir(&allowed).unwrap();
@@ -33,7 +43,11 @@ fn rig() -> Rig {
         Arc::new(net.clone()),
         Arc::new(blocks.clone()),
         dir.path().join("state"),
-        None,
+        jailed.then(|| super::JailSetup {
+            jailer: "/usr/bin/true".into(),
+            dir: dir.path().join("jail"),
+            firecrackers: vec![Path::new("/usr/bin/true").canonicalize().unwrap()],
+        }),
     )
     .unwrap();
     Rig {
@@ -234,7 +248,20 @@ fn requests_outside_the_policy_are_refused_before_the_host() {
             },
             "not set up",
         ),
-        (R::SnapshotTeardown { vm: "../x".into() }, "not a VM name"),
+        (
+            R::SnapshotTeardown {
+                home: "0a1b".into(),
+                vm: "../x".into(),
+            },
+            "not a VM name",
+        ),
+        (
+            R::SnapshotTeardown {
+                home: "../..".into(),
+                vm: "web".into(),
+            },
+            "not a state directory id",
+        ),
     ] {
         refused(rig.helper.handle(&owner, request), why);
     }
@@ -253,48 +280,174 @@ fn requests_outside_the_policy_are_refused_before_the_host() {
     assert!(rig.host_calls().is_empty());
 }
 
+fn snapshot(home: &str, vm: &str, origin: &Path, cow: &Path) -> R {
+    R::SnapshotSetup {
+        home: home.into(),
+        vm: vm.into(),
+        origin: origin.into(),
+        cow: cow.into(),
+    }
+}
+
+fn snapshot_files(rig: &Rig) -> (std::path::PathBuf, std::path::PathBuf) {
+    let home = rig.dir.path().join("home");
+    let (origin, cow) = (home.join("rootfs.ext4"), home.join("cow.img"));
+    std::fs::write(&origin, b"ext4").unwrap();
+    std::fs::write(&cow, b"").unwrap();
+    (origin, cow)
+}
+
 #[test]
 fn snapshots_take_only_the_callers_files_inside_the_allowed_dirs() {
     let rig = rig();
     // SAFETY: geteuid/getegid have no preconditions.
     let me = caller(unsafe { libc::geteuid() }, unsafe { libc::getegid() });
-    let home = rig.dir.path().join("home");
-    let (origin, cow) = (home.join("rootfs.ext4"), home.join("cow.img"));
-    std::fs::write(&origin, b"ext4").unwrap();
-    std::fs::write(&cow, b"").unwrap();
+    let (origin, cow) = snapshot_files(&rig);
     let outside = rig.dir.path().join("elsewhere.img");
     std::fs::write(&outside, b"").unwrap();
-    let request = |origin: &Path, cow: &Path| R::SnapshotSetup {
-        vm: "web".into(),
-        origin: origin.into(),
-        cow: cow.into(),
-    };
-    refused(rig.helper.handle(&me, request(&outside, &cow)), "outside");
     refused(
         rig.helper
-            .handle(&me, request(&origin, Path::new("cow.img"))),
+            .handle(&me, snapshot("0a1b", "web", &outside, &cow)),
+        "outside",
+    );
+    refused(
+        rig.helper
+            .handle(&me, snapshot("0a1b", "web", &origin, Path::new("cow.img"))),
         "absolute",
     );
     assert!(rig.blocks.calls().is_empty());
-    match rig.helper.handle(&me, request(&origin, &cow)) {
+    let name = format!("banger-{}-0a1b-web", me.uid);
+    match rig
+        .helper
+        .handle(&me, snapshot("0a1b", "web", &origin, &cow))
+    {
         HelperReply::Ok(HelperValue::Device(dev)) => {
-            assert_eq!(dev, Path::new("/dev/mapper/banger-web"))
+            assert_eq!(dev, Path::new("/dev/mapper").join(&name))
         }
         other => panic!("{other:?}"),
     }
     // Handed over by descriptor: the host sees what was checked.
     assert!(matches!(
         &rig.blocks.calls()[0],
-        BlockCall::Setup { name, origin, .. } if name == "banger-web" && origin.starts_with("/proc/")
+        BlockCall::Setup { name: n, origin, .. } if *n == name && origin.starts_with("/proc/")
     ));
-    // Its state is kept in the helper's own directory.
-    assert!(rig.dir.path().join("state/dm/banger-web.state").exists());
+    // Its loops and its owner are kept in the helper's own directory.
+    let state = rig.dir.path().join("state/dm");
+    assert!(state.join(format!("{name}.state")).exists());
     assert_eq!(
-        rig.helper
-            .handle(&me, R::SnapshotTeardown { vm: "web".into() }),
+        std::fs::read_to_string(state.join(format!("{name}.owner"))).unwrap(),
+        format!("{} 0a1b web\n", me.uid)
+    );
+    assert_eq!(
+        rig.helper.handle(
+            &me,
+            R::SnapshotTeardown {
+                home: "0a1b".into(),
+                vm: "web".into()
+            }
+        ),
         HelperReply::Ok(HelperValue::Done)
     );
     assert!(rig.blocks.live().is_empty());
+    assert!(!state.join(format!("{name}.owner")).exists());
+}
+
+/// Two callers' VMs of one name get two devices; neither can take,
+/// remove or jail the other's (red team round 3, items 2 and 3).
+#[test]
+fn a_snapshot_device_is_its_callers_alone() {
+    let rig = rig_with_jailer();
+    // SAFETY: geteuid/getegid have no preconditions.
+    let me = caller(unsafe { libc::geteuid() }, unsafe { libc::getegid() });
+    let other = caller(me.uid + 1, me.gid);
+    let (origin, cow) = snapshot_files(&rig);
+    let mine = match rig
+        .helper
+        .handle(&me, snapshot("0a1b", "web", &origin, &cow))
+    {
+        HelperReply::Ok(HelperValue::Device(dev)) => dev,
+        other => panic!("{other:?}"),
+    };
+    // The other caller, naming the same home and VM, reaches nothing of
+    // mine: its teardown touches no device, and mine lives on.
+    assert_eq!(
+        rig.helper.handle(
+            &other,
+            R::SnapshotTeardown {
+                home: "0a1b".into(),
+                vm: "web".into()
+            }
+        ),
+        HelperReply::Ok(HelperValue::Done)
+    );
+    assert_eq!(rig.blocks.calls().len(), 1, "{:?}", rig.blocks.calls());
+    assert_eq!(rig.blocks.live(), [format!("banger-{}-0a1b-web", me.uid)]);
+    // Nor can it have my device made a node of its jail, by its name or
+    // by the old `banger-<vm>` one.
+    let launch = |vm: &str, device: &Path| {
+        R::JailLaunch(banger_proto::jail::JailRequest {
+            home: "0a1b".into(),
+            vm: vm.into(),
+            firecracker: "/usr/bin/true".into(),
+            files: vec![banger_proto::jail::JailFile {
+                path: device.into(),
+                name: "root".into(),
+                writable: true,
+            }],
+            console: rig.dir.path().join("home/console.log"),
+            limits: Default::default(),
+        })
+    };
+    for device in [mine.as_path(), Path::new("/dev/mapper/banger-web")] {
+        refused(
+            rig.helper.handle(&other, launch("web", device)),
+            "not a snapshot device this helper set up",
+        );
+    }
+    // Mine, for my own VM, passes that check (and here fails the next:
+    // the fake made no node).
+    match rig.helper.handle(&me, launch("web", &mine)) {
+        HelperReply::Refused(m) => assert!(!m.contains("set up for"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(rig.blocks.calls().len(), 1);
+}
+
+/// The helper launches only the Firecrackers it was started with, and
+/// never copies a file a caller names into a jail (red team round 3,
+/// item 1: any root-owned file, /etc/shadow, went in as Firecracker).
+#[test]
+fn only_the_helpers_own_firecrackers_are_launched() {
+    let rig = rig_with_jailer();
+    let owner = caller(OWNER, OWNER);
+    let launch = |fc: &str| {
+        R::JailLaunch(banger_proto::jail::JailRequest {
+            home: "0a1b".into(),
+            vm: "web".into(),
+            firecracker: fc.into(),
+            files: Vec::new(),
+            console: rig.dir.path().join("home/console.log"),
+            limits: Default::default(),
+        })
+    };
+    for fc in [
+        "/etc/shadow",
+        "/etc/passwd",
+        "/usr/bin/false",
+        "/proc/self/exe",
+    ] {
+        refused(
+            rig.helper.handle(&owner, launch(fc)),
+            "is not a Firecracker this helper launches",
+        );
+    }
+    // The ping lists what it launches, so a daemon can say so first.
+    match rig.helper.handle(&owner, R::Ping) {
+        HelperReply::Ok(HelperValue::Pong {
+            jails: Some(place), ..
+        }) => assert_eq!(place.firecrackers, [Path::new("/usr/bin/true")]),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]

@@ -35,6 +35,12 @@ struct Args {
     /// default: `jailer` in /usr/local/bin or /usr/bin, if there.
     #[arg(long)]
     jailer: Option<PathBuf>,
+    /// A Firecracker binary the jailer may run for callers (repeatable; it
+    /// must be an executable owned and writable by root alone); default:
+    /// `firecracker` in /usr/local/bin and /usr/bin, where trusted. No
+    /// other file is ever copied into a jail.
+    #[arg(long = "firecracker")]
+    firecrackers: Vec<PathBuf>,
     /// Where jails are made (root-owned; a directory per caller uid).
     #[arg(long, default_value = "/var/lib/banger/jail")]
     jail_dir: PathBuf,
@@ -74,9 +80,25 @@ fn jail_setup(policy: &Policy, args: &Args) -> Result<Option<banger_helper::Jail
             args.jail_dir.display()
         ));
     }
+    let firecrackers = if args.firecrackers.is_empty() {
+        ["/usr/local/bin/firecracker", "/usr/bin/firecracker"]
+            .iter()
+            .filter_map(|p| policy.trusted_binary(std::path::Path::new(p)).ok())
+            .collect()
+    } else {
+        args.firecrackers
+            .iter()
+            .map(|p| {
+                policy
+                    .trusted_binary(p)
+                    .map_err(|e| format!("--firecracker: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?
+    };
     Ok(Some(banger_helper::JailSetup {
         jailer,
         dir: args.jail_dir.clone(),
+        firecrackers,
     }))
 }
 
@@ -120,7 +142,7 @@ fn run(args: Args) -> Result<(), String> {
     let jail = jail_setup(&policy, &args)?;
     match &jail {
         Some(j) => {
-            tracing::info!(jailer = %j.jailer.display(), dir = %j.dir.display(), "jailing Firecracker VMs")
+            tracing::info!(jailer = %j.jailer.display(), dir = %j.dir.display(), firecrackers = ?j.firecrackers, "jailing Firecracker VMs")
         }
         None => tracing::info!("no jailer found: Firecracker VMs run unjailed as their user"),
     }

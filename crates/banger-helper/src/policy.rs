@@ -136,8 +136,11 @@ impl Policy {
             .map_err(|e| Refusal(format!("{}: {e}", path.display())))?;
         let meta = std::fs::metadata(&canonical)
             .map_err(|e| Refusal(format!("{}: {e}", canonical.display())))?;
-        if !meta.is_file() {
-            return refuse(format!("{} is not a regular file", canonical.display()));
+        if !meta.is_file() || meta.mode() & 0o111 == 0 {
+            return refuse(format!(
+                "{} is not an executable regular file",
+                canonical.display()
+            ));
         }
         for at in canonical.ancestors() {
             let meta =
@@ -156,23 +159,30 @@ impl Policy {
         Ok(canonical)
     }
 
-    /// The device node of a VM's own dm snapshot (`/dev/mapper/banger-<vm>`),
-    /// opened; no other device reaches a jail.
-    pub fn vm_device(&self, vm: &str, path: &Path) -> Result<File, Refusal> {
-        let own = PathBuf::from("/dev/mapper").join(self.dm_name(vm)?);
+    /// The block device `/dev/mapper/<name>`, if `path` is it, opened.
+    /// Whose it is, the handler has checked against its records.
+    pub fn vm_device(&self, name: &str, path: &Path) -> Result<File, Refusal> {
+        let own = PathBuf::from("/dev/mapper").join(name);
         let (want, got) = (own.canonicalize().ok(), path.canonicalize().ok());
         if want.is_none() || want != got {
             return refuse(format!(
-                "{} is not VM `{vm}`'s snapshot device {}",
+                "{} is not the VM's snapshot device {}",
                 path.display(),
                 own.display()
             ));
         }
-        std::fs::OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_CLOEXEC)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
             .open(&own)
-            .map_err(|e| Refusal(format!("{}: {e}", own.display())))
+            .map_err(|e| Refusal(format!("{}: {e}", own.display())))?;
+        let is_block = file
+            .metadata()
+            .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()));
+        if !is_block {
+            return refuse(format!("{} is not a block device", own.display()));
+        }
+        Ok(file)
     }
 
     /// A CPU quota (percent of one CPU) no larger than the host's CPUs.
@@ -187,12 +197,12 @@ impl Policy {
         Ok(quota)
     }
 
-    /// The device-mapper name of a VM: `banger-<vm>`, with `vm` a DNS label.
-    pub fn dm_name(&self, vm: &str) -> Result<String, Refusal> {
+    /// A VM name: a DNS label (it names jails and devices).
+    pub fn vm_name(&self, vm: &str) -> Result<(), Refusal> {
         if !banger_proto::is_dns_label(vm) {
             return refuse(format!("`{vm}` is not a VM name (a DNS label)"));
         }
-        Ok(format!("banger-{vm}"))
+        Ok(())
     }
 
     /// A subnet inside the private ranges: the helper never routes or NATs
@@ -305,9 +315,9 @@ mod tests {
     #[test]
     fn names_subnets_and_ports_are_checked() {
         let p = policy(Path::new("/tmp"));
-        assert_eq!(p.dm_name("web-1").unwrap(), "banger-web-1");
+        assert!(p.vm_name("web-1").is_ok());
         for bad in ["", "-x", "x-", "Web", "a/b", "../x", &"a".repeat(64)] {
-            assert!(p.dm_name(bad).is_err(), "{bad}");
+            assert!(p.vm_name(bad).is_err(), "{bad}");
         }
         assert!(p.subnet("10.213.0.0/16").is_ok());
         assert!(p.subnet("172.30.0.0/16").is_ok());

@@ -7,20 +7,37 @@ use std::sync::{Arc, Mutex};
 
 use crate::process::{CommandSpec, HostError, ProcessRunner};
 
+/// Whose a snapshot device is: VM `vm` of the state directory `home`
+/// (its short id) of `uid`. Its name comes from all three, so two users'
+/// VMs called `web` never collide.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotOwner {
+    pub uid: u32,
+    pub home: String,
+    pub vm: String,
+}
+
+impl SnapshotOwner {
+    /// The device-mapper name (`/dev/mapper/<name>`).
+    pub fn name(&self) -> String {
+        banger_proto::helper::snapshot_device_name(self.uid, &self.home, &self.vm)
+    }
+}
+
 pub trait BlockDevices: Send + Sync {
     /// Whether device-mapper snapshots can be made here.
     fn snapshot_supported(&self) -> bool;
-    /// Makes `/dev/mapper/<name>`: `origin` (never written) under `cow`.
+    /// Makes `owner`'s device: `origin` (never written) under `cow`.
     /// Records what it attached in `state` so teardown touches nothing else.
     fn setup_snapshot(
         &self,
-        name: &str,
+        owner: &SnapshotOwner,
         origin: &Path,
         cow: &Path,
         state: &Path,
     ) -> Result<PathBuf, HostError>;
     /// Removes the snapshot and detaches its loop devices. Idempotent.
-    fn teardown_snapshot(&self, name: &str, state: &Path) -> Result<(), HostError>;
+    fn teardown_snapshot(&self, owner: &SnapshotOwner, state: &Path) -> Result<(), HostError>;
 }
 
 pub struct RealBlockDevices {
@@ -54,11 +71,12 @@ impl BlockDevices for RealBlockDevices {
 
     fn setup_snapshot(
         &self,
-        name: &str,
+        owner: &SnapshotOwner,
         origin: &Path,
         cow: &Path,
         state: &Path,
     ) -> Result<PathBuf, HostError> {
+        let name = &owner.name();
         let sectors = std::fs::metadata(origin)
             .map(|m| m.len() / 512)
             .unwrap_or(0);
@@ -85,7 +103,8 @@ impl BlockDevices for RealBlockDevices {
         Ok(PathBuf::from(format!("/dev/mapper/{name}")))
     }
 
-    fn teardown_snapshot(&self, name: &str, state: &Path) -> Result<(), HostError> {
+    fn teardown_snapshot(&self, owner: &SnapshotOwner, state: &Path) -> Result<(), HostError> {
+        let name = &owner.name();
         if Path::new(&format!("/dev/mapper/{name}")).exists() {
             self.runner
                 .run(&CommandSpec::new("dmsetup").args(["remove", "--retry", name]))?;
@@ -141,11 +160,12 @@ impl BlockDevices for FakeBlockDevices {
     }
     fn setup_snapshot(
         &self,
-        name: &str,
+        owner: &SnapshotOwner,
         origin: &Path,
         cow: &Path,
         state: &Path,
     ) -> Result<PathBuf, HostError> {
+        let name = &owner.name();
         self.calls.lock().unwrap().push(BlockCall::Setup {
             name: name.into(),
             origin: origin.into(),
@@ -155,7 +175,8 @@ impl BlockDevices for FakeBlockDevices {
         self.live.lock().unwrap().push(name.into());
         Ok(PathBuf::from(format!("/dev/mapper/{name}")))
     }
-    fn teardown_snapshot(&self, name: &str, state: &Path) -> Result<(), HostError> {
+    fn teardown_snapshot(&self, owner: &SnapshotOwner, state: &Path) -> Result<(), HostError> {
+        let name = &owner.name();
         self.calls
             .lock()
             .unwrap()
@@ -197,11 +218,14 @@ mod tests {
             runner: Arc::new(runner.clone()),
         };
         let state = dir.join("dm.state");
-        let dev = real
-            .setup_snapshot("banger-web", &origin, &cow, &state)
-            .unwrap();
-        assert_eq!(dev, PathBuf::from("/dev/mapper/banger-web"));
-        real.teardown_snapshot("banger-web", &state).unwrap();
+        let web = SnapshotOwner {
+            uid: 1000,
+            home: "0a1b".into(),
+            vm: "web".into(),
+        };
+        let dev = real.setup_snapshot(&web, &origin, &cow, &state).unwrap();
+        assert_eq!(dev, PathBuf::from("/dev/mapper/banger-1000-0a1b-web"));
+        real.teardown_snapshot(&web, &state).unwrap();
         let lines: Vec<String> = runner.calls().iter().map(|c| c.display()).collect();
         assert_eq!(
             lines[0],
@@ -210,14 +234,14 @@ mod tests {
         assert_eq!(lines[1], format!("losetup --find --show {}", cow.display()));
         assert_eq!(
             lines[2],
-            "dmsetup create banger-web --table 0 2048 snapshot /dev/loop1 /dev/loop2 P 8"
+            "dmsetup create banger-1000-0a1b-web --table 0 2048 snapshot /dev/loop1 /dev/loop2 P 8"
         );
         assert_eq!(
             &lines[3..],
             ["losetup -d /dev/loop1", "losetup -d /dev/loop2"]
         );
         // Idempotent: nothing left to do, nothing done.
-        real.teardown_snapshot("banger-web", &state).unwrap();
+        real.teardown_snapshot(&web, &state).unwrap();
         assert_eq!(runner.calls().len(), 5);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -10,12 +10,9 @@ use std::time::Duration;
 use banger_proto::helper::{HelperReply, HelperRequest, HelperValue, JailPlace, HELPER_PROTOCOL};
 use banger_proto::jail::JailRequest;
 
-use crate::blockdev::BlockDevices;
+use crate::blockdev::{BlockDevices, SnapshotOwner};
 use crate::net::{HostNetwork, Instance, NetSetup};
 use crate::process::HostError;
-
-/// Device-mapper names the helper makes: `banger-<vm>`.
-const DM_PREFIX: &str = "banger-";
 
 #[derive(Debug, Clone)]
 pub struct HelperClient {
@@ -187,12 +184,6 @@ impl HostNetwork for HelperClient {
     }
 }
 
-fn vm_of(name: &str) -> Result<String, HostError> {
-    name.strip_prefix(DM_PREFIX)
-        .map(str::to_string)
-        .ok_or_else(|| HostError::Refused(format!("`{name}` is not a banger snapshot name")))
-}
-
 impl BlockDevices for HelperClient {
     fn snapshot_supported(&self) -> bool {
         matches!(
@@ -202,16 +193,17 @@ impl BlockDevices for HelperClient {
     }
 
     /// The helper records the loop devices in its own directory; `state` is
-    /// not sent.
+    /// not sent, nor the uid: the device is the caller's, whoever it says.
     fn setup_snapshot(
         &self,
-        name: &str,
+        owner: &SnapshotOwner,
         origin: &Path,
         cow: &Path,
         _state: &Path,
     ) -> Result<PathBuf, HostError> {
         match self.call(&HelperRequest::SnapshotSetup {
-            vm: vm_of(name)?,
+            home: owner.home.clone(),
+            vm: owner.vm.clone(),
             origin: origin.to_path_buf(),
             cow: cow.to_path_buf(),
         })? {
@@ -220,7 +212,10 @@ impl BlockDevices for HelperClient {
         }
     }
 
-    fn teardown_snapshot(&self, name: &str, _state: &Path) -> Result<(), HostError> {
-        self.done(HelperRequest::SnapshotTeardown { vm: vm_of(name)? })
+    fn teardown_snapshot(&self, owner: &SnapshotOwner, _state: &Path) -> Result<(), HostError> {
+        self.done(HelperRequest::SnapshotTeardown {
+            home: owner.home.clone(),
+            vm: owner.vm.clone(),
+        })
     }
 }

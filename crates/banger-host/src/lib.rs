@@ -9,7 +9,7 @@ pub mod net_orphans;
 pub mod process;
 pub mod vmm_process;
 
-pub use blockdev::{BlockCall, BlockDevices, FakeBlockDevices, RealBlockDevices};
+pub use blockdev::{BlockCall, BlockDevices, FakeBlockDevices, RealBlockDevices, SnapshotOwner};
 pub use helper_client::{HelperClient, HelperJails};
 pub use jail::{Cgroups, FakeJails, JailCall, Jails, RealJails};
 pub use net::{

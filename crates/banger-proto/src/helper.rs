@@ -12,8 +12,10 @@ use crate::jail::JailRequest;
 
 /// Bumped whenever a request or reply changes incompatibly (3: the process
 /// verbs `launch`, `alive` and `signal` are gone; VMMs run as the daemon's
-/// user. 4: jailed Firecrackers, and what `ping` says of the jailer).
-pub const HELPER_PROTOCOL: u32 = 4;
+/// user. 4: jailed Firecrackers, and what `ping` says of the jailer. 5:
+/// snapshot devices belong to a caller's state directory and VM, named
+/// by the helper; `ping` lists the Firecrackers it launches).
+pub const HELPER_PROTOCOL: u32 = 5;
 
 /// Where a system install puts the helper's socket.
 pub const DEFAULT_HELPER_SOCKET: &str = "/run/banger/helper.sock";
@@ -62,14 +64,19 @@ pub enum HelperRequest {
         guest: Ipv4Addr,
     },
     SnapshotSupported,
-    /// A device-mapper snapshot `banger-<vm>` of `origin` under `cow`, both
-    /// files the caller owns inside the helper's allowed directories.
+    /// A device-mapper snapshot of `origin` under `cow`, both files the
+    /// caller owns inside the helper's allowed directories, for VM `vm` of
+    /// the caller's state directory `home`. The helper names the device
+    /// (see [`snapshot_device_name`]) and records whose it is.
     SnapshotSetup {
+        home: String,
         vm: String,
         origin: PathBuf,
         cow: PathBuf,
     },
+    /// Removes the caller's own snapshot device of `home`/`vm`, if any.
     SnapshotTeardown {
+        home: String,
         vm: String,
     },
     /// Launches Firecracker for the caller's VM through the jailer: the
@@ -157,6 +164,16 @@ pub enum HelperValue {
 pub struct JailPlace {
     pub jailer: PathBuf,
     pub base: PathBuf,
+    /// The Firecracker binaries it launches; no other path is accepted.
+    #[serde(default)]
+    pub firecrackers: Vec<PathBuf>,
+}
+
+/// The device-mapper name of VM `vm` of state directory `home` of `uid`:
+/// two users' (or two homes') VMs called `web` never share a device.
+/// At most 7 + 10 + 1 + 16 + 1 + 63 = 98 bytes, inside dm's 127.
+pub fn snapshot_device_name(uid: u32, home: &str, vm: &str) -> String {
+    format!("banger-{uid}-{home}-{vm}")
 }
 
 #[cfg(test)]

@@ -468,6 +468,9 @@ pub enum VmEvent {
     Agent { stage: String },
     /// The first workspace sync is sending.
     Workspace(SyncProgress),
+    /// Something the user should know, said once (on stderr): a boot
+    /// retried under TCG because KVM killed its guest.
+    Notice { message: String },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

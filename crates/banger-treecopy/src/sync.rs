@@ -619,6 +619,43 @@ mod tests {
         assert!(host.join("d/f").exists());
     }
 
+    /// A file replaced by a directory of its name, and a directory by a
+    /// file, each in one stream with its removal first (red team round 3,
+    /// item 5: before, every later sync failed).
+    #[test]
+    fn a_file_and_a_directory_trade_places_in_one_stream() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+        std::fs::create_dir_all(src.join("foo")).unwrap();
+        std::fs::write(src.join("foo/inner"), b"now a dir").unwrap();
+        std::fs::write(src.join("bar"), b"now a file").unwrap();
+        std::fs::create_dir_all(dst.join("bar")).unwrap();
+        std::fs::write(dst.join("foo"), b"was a file").unwrap();
+        std::fs::write(dst.join("bar/old"), b"was in a dir").unwrap();
+        let expected = |p: &str| Some(Expect::Ctime(ctime(&dst.join(p))));
+        let items = [
+            Item::remove("foo", expected("foo")),
+            Item::remove("bar/old", expected("bar/old")),
+            Item::write("foo/inner", Some(Expect::Absent)),
+            Item::write("bar", Some(Expect::Absent)),
+        ];
+        let outcomes = send(&src, &items, &dst, &ApplyOptions::default()).unwrap();
+        assert!(
+            matches!(
+                outcomes[..],
+                [
+                    Outcome::Removed,
+                    Outcome::Removed,
+                    Outcome::Written { .. },
+                    Outcome::Written { .. }
+                ]
+            ),
+            "{outcomes:?}"
+        );
+        assert_eq!(std::fs::read(dst.join("foo/inner")).unwrap(), b"now a dir");
+        assert_eq!(std::fs::read(dst.join("bar")).unwrap(), b"now a file");
+    }
+
     #[test]
     fn a_directory_emptied_and_filled_in_one_stream_is_made_again() {
         let tmp = tempfile::tempdir().unwrap();

@@ -43,16 +43,18 @@ fn the_first_command_starts_a_daemon_and_later_ones_reuse_it() {
         "{doctor}"
     );
     // doctor claims only what it tested: an openable /dev/kvm is not a
-    // working one (nested virtualization can still fail at vCPU setup), so
-    // its verdict comes from a probe guest.
+    // working one (nested virtualization can fail at vCPU setup, or run
+    // firmware and kill a kernel), and no kernel has booted here yet.
     let kvm = doctor
         .lines()
         .find(|l| l.contains("kvm"))
         .unwrap_or_default();
     assert!(
-        kvm.contains("a probe guest ran on KVM") || kvm.contains("using tcg"),
+        kvm.contains("the first VM boot shows whether a guest kernel does")
+            || kvm.contains("using tcg"),
         "{kvm}"
     );
+    assert!(!kvm.contains("a guest kernel booted"), "{kvm}");
 }
 
 #[test]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use banger_testkit::registry::Registry;
 use common::jailing::{alive, cgroup_dir, fakes, same_dir, vm_info, Helper, Reaper, USER};
-use common::Banger;
+use common::{must, Banger};
 use serde_json::{json, Value};
 
 fn calls(root: &Path) -> Vec<Value> {
@@ -300,11 +300,43 @@ fn through_the_helper_a_users_firecracker_runs_jailed_as_that_user() {
     assert!(alive(pid as u32));
     // What it launches and with what, checked before anything is made.
     let file = banger.path("state/vms/web/console.log");
-    for (request, why) in [
+    // A block device named as the old `banger-<vm>` and as the new name
+    // would be, neither set up by the helper for this caller.
+    let fake_dm = [
+        "/dev/mapper/banger-x".to_string(),
+        format!("/dev/mapper/banger-{USER}-{home_id}-x"),
+    ];
+    for node in &fake_dm {
+        must(&format!("mkdir -p /dev/mapper && mknod {node} b 7 0"));
+    }
+    let refusals = [
         (
             json!({"op": "jail_launch", "home": home_id, "vm": "x", "firecracker": file,
                    "files": [], "console": file}),
-            "must be owned by root",
+            "is not a Firecracker this helper launches",
+        ),
+        // Root's files, in root's directories: never copied into a jail.
+        (
+            json!({"op": "jail_launch", "home": home_id, "vm": "x", "firecracker": "/etc/shadow",
+                   "files": [], "console": file}),
+            "is not a Firecracker this helper launches",
+        ),
+        (
+            json!({"op": "jail_launch", "home": home_id, "vm": "x", "firecracker": "/usr/bin/python3",
+                   "files": [], "console": file}),
+            "is not a Firecracker this helper launches",
+        ),
+        (
+            json!({"op": "jail_launch", "home": home_id, "vm": "x", "firecracker": fc,
+                   "files": [{"path": fake_dm[0], "name": "root", "writable": true}],
+                   "console": file}),
+            "not a snapshot device this helper set up",
+        ),
+        (
+            json!({"op": "jail_launch", "home": home_id, "vm": "x", "firecracker": fc,
+                   "files": [{"path": fake_dm[1], "name": "root", "writable": true}],
+                   "console": file}),
+            "not a snapshot device this helper set up",
         ),
         (
             json!({"op": "jail_launch", "home": home_id, "vm": "x", "firecracker": fc,
@@ -331,8 +363,15 @@ fn through_the_helper_a_users_firecracker_runs_jailed_as_that_user() {
             json!({"op": "jail_signal", "home": home_id, "vm": "web", "signal": 19}),
             "TERM or KILL",
         ),
-    ] {
-        let reply = helper.ask(USER, request.clone());
+    ];
+    let replies: Vec<_> = refusals
+        .iter()
+        .map(|(request, _)| helper.ask(USER, request.clone()))
+        .collect();
+    for node in &fake_dm {
+        let _ = std::fs::remove_file(node);
+    }
+    for ((request, why), reply) in refusals.iter().zip(replies) {
         assert!(
             reply["refused"].as_str().unwrap_or_default().contains(why),
             "{request}: expected a refusal about `{why}`, got {reply}"

@@ -181,6 +181,33 @@ fn a_workspace_is_mirrored_and_kept_current_before_each_exec() {
     );
     let (out, synced) = exec(&["--", "cat", "added.txt"]);
     assert_eq!((out.as_str(), synced.as_str()), ("newer\n", ""));
+
+    // A file becomes a directory of its name, and a directory a file, on
+    // the host: the next exec carries both (red team round 3, item 5:
+    // before, every later sync failed, `--force host` too).
+    std::fs::remove_file(dir.join("notes.md")).unwrap();
+    write(&dir, "notes.md/inner", b"a dir now\n");
+    std::fs::remove_dir_all(dir.join("src/m3")).unwrap();
+    write(&dir, "src/m3", b"a file now\n");
+    let (out, _) = exec(&["--", "cat", "notes.md/inner", "src/m3"]);
+    assert_eq!(out, "a dir now\na file now\n");
+    // And the same in the guest, pulled back.
+    exec(&[
+        "--no-sync",
+        "--",
+        "sh",
+        "-c",
+        "rm added.txt && mkdir added.txt && echo g > added.txt/g; \
+         rm -r src/m4 && echo gf > src/m4",
+    ]);
+    let pulled = banger.ok(&["vm", "sync", "ws", "--pull"]);
+    assert!(pulled.contains("pulled 2 changed file(s)"), "{pulled}");
+    assert_eq!(read(&dir, "added.txt/g"), "g\n");
+    assert_eq!(read(&dir, "src/m4"), "gf\n");
+    assert_eq!(
+        banger.ok(&["vm", "sync", "ws"]).trim(),
+        format!("ws:/work and {ws} are in sync")
+    );
     banger.ok(&["vm", "rm", "-f", "ws"]);
 }
 
@@ -376,5 +403,41 @@ fn guest_changes_come_back_and_nothing_is_lost_or_let_out() {
     assert_eq!(read(&dir, "a.txt"), "later\n");
     banger.ok(&["vm", "stop", "pw"]);
     assert_eq!(workspace_of(&banger, "pw")["guest_changes"], 0);
+
+    // A guest that stops on its own (here its VMM killed, as a crash or a
+    // guest poweroff ends it) was never counted: unknown is not "none", so
+    // `vm rm` refuses until it is known (red team round 3, item 4).
+    banger.ok(&["vm", "start", "pw"]);
+    // Flushed: a killed VMM loses what its guest had only in memory.
+    guest_root(&banger, "pw", "echo unpulled > lost.txt; sync");
+    let info: serde_json::Value =
+        serde_json::from_str(&banger.ok(&["vm", "inspect", "pw"])).unwrap();
+    let pid = info[0]["pid"].as_i64().unwrap();
+    // SAFETY: kill(2) on the VM's own VMM, named by banger.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while common::jailing::alive(pid as u32) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the VMM outlived SIGKILL"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(
+        workspace_of(&banger, "pw")["guest_changes"],
+        serde_json::Value::Null
+    );
+    let err = banger.fails(&["vm", "rm", "pw"]);
+    assert!(
+        err.contains("stopped without `banger vm stop`")
+            && err.contains("`banger vm sync pw --pull` keeps them")
+            && err.contains("`banger vm rm -f pw` discards them"),
+        "{err}"
+    );
+    banger.ok(&["vm", "start", "pw"]);
+    let pulled = banger.ok(&["vm", "sync", "pw", "--pull"]);
+    assert!(pulled.contains("pulled 1 changed file(s)"), "{pulled}");
+    assert_eq!(read(&dir, "lost.txt"), "unpulled\n");
+    banger.ok(&["vm", "stop", "pw"]);
     banger.ok(&["vm", "rm", "pw"]);
 }

@@ -1,10 +1,17 @@
 //! Which accelerator QEMU gets. `auto` does not trust that /dev/kvm opens:
 //! under nested virtualization KVM can open and still fail to set a vCPU up
-//! (QEMU aborts: `failed to set MSR 0x10a`) or to run it. A short-lived
-//! QEMU with the CPU model banger uses is started on KVM, runs its firmware
-//! for a moment and is told to quit; only a clean exit makes KVM the
-//! choice. The verdict is kept for this boot of the host and this QEMU
-//! binary (`<state>/kvm-probe.json`), so it is paid once (about 0.2 s).
+//! (QEMU aborts: `failed to set MSR 0x10a`), or run firmware and then kill
+//! a real kernel (`KVM internal error` at `lock cmpxchg16b` on kvm-pvm).
+//! Two checks decide, each once per boot of the host and QEMU binary
+//! (`<state>/kvm-probe.json`):
+//! - a short-lived QEMU with banger's CPU model runs its firmware on KVM
+//!   for a moment and is told to quit; anything but a clean exit is TCG;
+//! - the first VM booted on KVM is the kernel's test: one whose guest dies
+//!   of a KVM internal error marks KVM unusable and boots again under TCG
+//!   at once (`boot.rs`), and one that reaches its agent marks it proven.
+//!
+//! A probe's QEMU dies with the thread that started it (`PR_SET_PDEATHSIG`),
+//! so a daemon killed mid-probe leaves none behind.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -26,7 +33,14 @@ pub struct Verdict {
     /// Why not, in a few words (`nested virtualization: MSR 0x10a`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// A guest kernel reached its agent on KVM here (not only firmware).
+    #[serde(default)]
+    pub kernel_ran: bool,
 }
+
+/// What QEMU prints when KVM cannot go on running a vCPU (the guest
+/// stops; QEMU stays up with it halted).
+pub const KVM_INTERNAL_ERROR: &str = "KVM internal error";
 
 /// What a cached verdict was made for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,9 +70,10 @@ pub fn kvm_verdict(qemu: &str, state_dir: &Path) -> Verdict {
         verdict: Verdict {
             usable: false,
             reason: None,
+            kernel_ran: false,
         },
     };
-    let file = state_dir.join("kvm-probe.json");
+    let file = state_dir.join(PROBE_FILE);
     let cached = std::fs::read(&file)
         .ok()
         .and_then(|b| serde_json::from_slice::<Cached>(&b).ok())
@@ -69,10 +84,7 @@ pub fn kvm_verdict(qemu: &str, state_dir: &Path) -> Verdict {
             let verdict = if super::vmm::kvm_usable() {
                 probe(qemu)
             } else {
-                Verdict {
-                    usable: false,
-                    reason: Some("/dev/kvm cannot be opened".into()),
-                }
+                unusable("/dev/kvm cannot be opened")
             };
             let record = Cached {
                 verdict: verdict.clone(),
@@ -86,6 +98,50 @@ pub fn kvm_verdict(qemu: &str, state_dir: &Path) -> Verdict {
     };
     *memo = Some((state_dir.to_path_buf(), verdict.clone()));
     verdict
+}
+
+const PROBE_FILE: &str = "kvm-probe.json";
+
+fn unusable(reason: impl Into<String>) -> Verdict {
+    Verdict {
+        usable: false,
+        reason: Some(reason.into()),
+        kernel_ran: false,
+    }
+}
+
+/// A guest kernel died on KVM (`why`, from QEMU): KVM is unusable here for
+/// the rest of this host boot, kept as the probe's verdict is.
+pub fn mark_unusable(state_dir: &Path, why: &str) {
+    update(state_dir, |v| {
+        *v = unusable(format!("a guest kernel died on KVM: {why}"))
+    });
+}
+
+/// A guest kernel reached its agent on KVM: the verdict is proven.
+pub fn mark_kernel_ran(state_dir: &Path) {
+    update(state_dir, |v| v.kernel_ran = v.usable);
+}
+
+/// Changes the remembered verdict of `state_dir`, in memory and on disk.
+fn update(state_dir: &Path, change: impl Fn(&mut Verdict)) {
+    let mut memo = MEMO.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((dir, verdict)) = memo.as_mut() {
+        if dir == state_dir {
+            change(verdict);
+        }
+    }
+    let file = state_dir.join(PROBE_FILE);
+    let Some(mut cached) = std::fs::read(&file)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Cached>(&b).ok())
+    else {
+        return;
+    };
+    change(&mut cached.verdict);
+    if let Ok(bytes) = serde_json::to_vec(&cached) {
+        let _ = std::fs::write(&file, bytes);
+    }
 }
 
 /// The binary's path, size and change time: another QEMU is probed anew.
@@ -103,7 +159,8 @@ fn binary_identity(qemu: &str) -> String {
 /// Starts QEMU on KVM with banger's machine and CPU model, lets its
 /// firmware run, then asks it to quit through its monitor.
 pub fn probe(qemu: &str) -> Verdict {
-    let spawned = Command::new(qemu)
+    let mut command = Command::new(qemu);
+    command
         .args([
             "-M",
             "microvm,x-option-roms=off",
@@ -126,16 +183,23 @@ pub fn probe(qemu: &str) -> Verdict {
         ])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn();
+        .stderr(Stdio::piped());
+    // SAFETY: prctl(2) only, between fork and exec: the probe ends with
+    // this thread, whatever kills it (a daemon SIGKILLed mid-probe left
+    // QEMUs running for good).
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let spawned = command.spawn();
     let mut child = match spawned {
         Ok(child) => child,
-        Err(e) => {
-            return Verdict {
-                usable: false,
-                reason: Some(format!("{qemu} cannot be run: {e}")),
-            }
-        }
+        Err(e) => return unusable(format!("{qemu} cannot be run: {e}")),
     };
     std::thread::sleep(RUN_FOR);
     if let Some(mut stdin) = child.stdin.take() {
@@ -175,29 +239,18 @@ fn verdict(clean_exit: Option<bool>, stderr: &str) -> Verdict {
         (Some(true), None) => Verdict {
             usable: true,
             reason: None,
+            kernel_ran: false,
         },
-        (_, Some(line)) if line.contains("MSR") => Verdict {
-            usable: false,
-            reason: Some(format!(
-                "nested virtualization: {}",
-                line.split("failed to set ")
-                    .nth(1)
-                    .and_then(|m| m.split(" to ").next())
-                    .unwrap_or(&line)
-            )),
-        },
-        (_, Some(line)) => Verdict {
-            usable: false,
-            reason: Some(line),
-        },
-        (None, None) => Verdict {
-            usable: false,
-            reason: Some("a KVM guest did not stop when told (KVM hangs here)".into()),
-        },
-        (Some(false), None) => Verdict {
-            usable: false,
-            reason: Some("QEMU failed on KVM".into()),
-        },
+        (_, Some(line)) if line.contains("MSR") => unusable(format!(
+            "nested virtualization: {}",
+            line.split("failed to set ")
+                .nth(1)
+                .and_then(|m| m.split(" to ").next())
+                .unwrap_or(&line)
+        )),
+        (_, Some(line)) => unusable(line),
+        (None, None) => unusable("a KVM guest did not stop when told (KVM hangs here)"),
+        (Some(false), None) => unusable("QEMU failed on KVM"),
     }
 }
 

@@ -160,6 +160,11 @@ pub trait Vmm: Send + Sync {
     fn problem(&self, _dir: &Path) -> Option<String> {
         None
     }
+    /// How a guest that died under this VMM's accelerator shows while it
+    /// boots: the VMM stays up with its guest halted, so only its log says.
+    fn fatal_watch(&self, _dir: &Path) -> Option<FatalWatch> {
+        None
+    }
     /// A VMM-level shutdown request, tried when the agent does not answer.
     fn request_shutdown<'a>(&'a self, _dir: &'a Path) -> BoxFuture<'a, ()> {
         Box::pin(async {})
@@ -243,6 +248,51 @@ fn await_migration(
 
 /// Makes the backend for a kind of VMM: the configured real ones in the
 /// daemon, a fake in tests that want to drive a boot's failures.
+/// A VMM's log and the words in it that mean its guest is dead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FatalWatch {
+    pub log: PathBuf,
+    pub marker: &'static str,
+    /// The accelerator was banger's choice (`auto`): a death here marks it
+    /// unusable and the boot is tried again without it.
+    pub retry_without_kvm: bool,
+}
+
+impl FatalWatch {
+    /// Where the log ends now: only what is written after counts.
+    pub fn from_now(self) -> ArmedWatch {
+        let start = std::fs::metadata(&self.log).map_or(0, |m| m.len());
+        ArmedWatch { watch: self, start }
+    }
+}
+
+/// A [`FatalWatch`] looking at what its log gained since it was armed.
+#[derive(Debug, Clone)]
+pub struct ArmedWatch {
+    pub watch: FatalWatch,
+    start: u64,
+}
+
+impl ArmedWatch {
+    /// The log's line naming the guest's death, once there is one.
+    pub fn fired(&self) -> Option<String> {
+        use std::io::{Read, Seek};
+        let mut file = std::fs::File::open(&self.watch.log).ok()?;
+        // Polled while the guest boots: a log that did not grow says nothing.
+        if file.metadata().ok()?.len() <= self.start {
+            return None;
+        }
+        file.seek(std::io::SeekFrom::Start(self.start)).ok()?;
+        let mut text = Vec::new();
+        // A boot's worth of VMM output; a guest's death is said early.
+        file.take(256 << 10).read_to_end(&mut text).ok()?;
+        String::from_utf8_lossy(&text)
+            .lines()
+            .find(|l| l.contains(self.watch.marker))
+            .map(|l| l.trim().to_string())
+    }
+}
+
 pub trait VmmProvider: Send + Sync {
     fn vmm(&self, kind: banger_proto::domain::VmmKind) -> Result<Box<dyn Vmm>, VmmError>;
 }
@@ -295,6 +345,7 @@ impl VmmProvider for ConfiguredVmms {
             VmmKind::Qemu => Box::new(Qemu {
                 binary: self.qemu_binary.clone(),
                 accel: Accel::choose(&self.qemu_accel, &self.qemu_binary, &self.state_dir)?,
+                auto: matches!(self.qemu_accel.as_str(), "auto" | ""),
             }),
             VmmKind::Firecracker => Box::new(super::firecracker::Firecracker {
                 binary: self.firecracker_binary.clone(),
@@ -338,7 +389,12 @@ pub fn kvm_usable() -> bool {
 pub struct Qemu {
     pub binary: String,
     pub accel: Accel,
+    /// The accelerator was chosen by the probe (`auto`), not configured.
+    pub auto: bool,
 }
+
+/// Where QEMU's own output goes, in the VM's directory.
+const VMM_LOG: &str = "vmm.log";
 
 /// How long one QMP answer may take.
 const QMP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -405,6 +461,14 @@ impl Vmm for Qemu {
     fn problem(&self, dir: &Path) -> Option<String> {
         let status = super::qmp::status(&dir.join("qmp.sock"))?;
         super::qmp::problem(&status).map(str::to_string)
+    }
+
+    fn fatal_watch(&self, dir: &Path) -> Option<FatalWatch> {
+        (self.accel == Accel::Kvm).then(|| FatalWatch {
+            log: dir.join(VMM_LOG),
+            marker: super::accel::KVM_INTERNAL_ERROR,
+            retry_without_kvm: self.auto,
+        })
     }
 
     fn pause<'a>(&'a self, dir: &'a Path) -> BoxFuture<'a, Result<(), VmmError>> {
@@ -590,7 +654,7 @@ impl Vmm for Qemu {
         Ok(LaunchSpec {
             program: self.binary.clone(),
             args,
-            log: spec.dir.join("vmm.log"),
+            log: spec.dir.join(VMM_LOG),
             cwd: Some(spec.dir.clone()),
             user: None,
         })
@@ -636,6 +700,7 @@ mod tests {
         let q = Qemu {
             binary: "qemu-system-x86_64".into(),
             accel: Accel::Tcg,
+            auto: false,
         };
         let cmd = q.command(&spec("/vms/web")).unwrap();
         let line = cmd.args.join(" ");

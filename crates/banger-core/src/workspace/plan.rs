@@ -45,18 +45,21 @@ pub fn plan(
             Some(e) => e.guest_ctime.map(Expect::Ctime),
         }
     };
+    // Removals go first, on both sides: a file replaced by a directory of
+    // its name (`foo` → `foo/inner`), or the reverse, can only be written
+    // once the old one is gone.
     let Some(guest) = guest else {
         let forced = force == Some(SyncSide::Host);
+        for path in host.removed {
+            plan.push
+                .push(Item::remove(path.clone(), expect(&path, forced)));
+        }
         for entry in host.changed {
             plan.push.push(Item::write(
                 entry.found.path.clone(),
                 expect(&entry.found.path, forced),
             ));
             plan.pushed.insert(entry.found.path.clone(), entry);
-        }
-        for path in host.removed {
-            plan.push
-                .push(Item::remove(path.clone(), expect(&path, forced)));
         }
         return plan;
     };
@@ -103,15 +106,14 @@ pub fn plan(
                 .push(Item::remove(path.clone(), expect(path, forced)));
         }
     }
-    let mut writes = Vec::new();
     for entry in host.changed {
         let path = entry.found.path.clone();
         if take(&path, SyncSide::Host) {
-            writes.push(Item::write(path.clone(), expect(&path, conflict(&path))));
+            plan.push
+                .push(Item::write(path.clone(), expect(&path, conflict(&path))));
             plan.pushed.insert(path, entry);
         }
     }
-    plan.push.splice(0..0, writes);
     for stat in guest.changed {
         if take(&stat.path, SyncSide::Guest) {
             plan.pull.push(stat);
@@ -196,12 +198,12 @@ mod tests {
         assert_eq!(
             pushed(&plan),
             [
-                ("h".into(), false, at_sync),
-                ("both".into(), false, at_sync),
-                ("new-h".into(), false, Some(Expect::Absent)),
                 ("h-rm".into(), true, at_sync),
                 ("both-rm".into(), true, at_sync),
                 ("edit-vs-rm".into(), true, at_sync),
+                ("h".into(), false, at_sync),
+                ("both".into(), false, at_sync),
+                ("new-h".into(), false, Some(Expect::Absent)),
             ]
         );
         let forced = super::plan(&old, host, None, false, Some(SyncSide::Host));
@@ -243,8 +245,8 @@ mod tests {
         assert_eq!(
             pushed(&plan),
             [
-                ("both".into(), false, None),
-                ("edit-vs-rm".into(), true, None)
+                ("edit-vs-rm".into(), true, None),
+                ("both".into(), false, None)
             ]
         );
 
@@ -255,10 +257,31 @@ mod tests {
         assert_eq!(
             pushed(&plan),
             [
+                ("h-rm".into(), true, at_sync),
                 ("h".into(), false, at_sync),
                 ("new-h".into(), false, Some(Expect::Absent)),
-                ("h-rm".into(), true, at_sync),
             ]
         );
+    }
+
+    /// `foo` (a file) became `foo/inner`: its removal is pushed before the
+    /// write that needs `foo` to be a directory (red team round 3, item 5).
+    #[test]
+    fn removals_go_before_writes_so_a_file_can_become_a_directory() {
+        let mut old = Manifest::default();
+        old.entries.insert("foo".into(), entry("foo"));
+        let host = HostDelta {
+            changed: vec![entry("foo/inner")],
+            removed: vec!["foo".into()],
+            ..Default::default()
+        };
+        for guest in [None, Some(GuestDelta::default())] {
+            let plan = plan(&old, host.clone(), guest, false, None);
+            let order: Vec<_> = pushed(&plan)
+                .into_iter()
+                .map(|(p, rm, _)| (p, rm))
+                .collect();
+            assert_eq!(order, [("foo".into(), true), ("foo/inner".into(), false)]);
+        }
     }
 }

@@ -320,10 +320,18 @@ fn kvm(paths: &Paths, config: &banger_core::config::Config) -> Check {
             let _ = std::fs::create_dir_all(&paths.state_dir);
             let verdict = banger_core::vm::accel::kvm_verdict(qemu, &paths.state_dir);
             match verdict.reason {
+                None if verdict.kernel_ran => check(
+                    "kvm",
+                    Status::Ok,
+                    "usable: a guest kernel booted on KVM here",
+                    None,
+                ),
+                // Firmware running proves little under nested KVM: say only that.
                 None => check(
                     "kvm",
                     Status::Ok,
-                    "usable: a probe guest ran on KVM here",
+                    "firmware runs on KVM here; the first VM boot shows whether a guest kernel \
+                     does (if KVM kills it, banger boots it again under tcg and keeps to tcg)",
                     None,
                 ),
                 Some(reason) => check(

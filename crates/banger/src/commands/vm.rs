@@ -567,6 +567,8 @@ fn create_call(
 pub(super) fn boot_progress(name: &str) -> impl FnMut(VmEvent) + '_ {
     let shown = crate::output::progress_shown();
     move |event| match event {
+        // Said whether or not progress is shown: it changes what runs.
+        VmEvent::Notice { message } => eprintln!("{name}: {message}"),
         _ if !shown => {}
         VmEvent::Step { step, n, of } => {
             let what = match step.as_str() {

@@ -110,6 +110,8 @@ pub struct Helper {
     pub dir: tempfile::TempDir,
     pub trusted: PathBuf,
     jailer: PathBuf,
+    /// The one Firecracker it launches.
+    pub firecracker: PathBuf,
     home: PathBuf,
     child: Option<Child>,
 }
@@ -131,6 +133,7 @@ impl Helper {
         ));
         let mut helper = Helper {
             jailer: trusted.join(f.jailer.file_name().unwrap()),
+            firecracker: trusted.join(f.firecracker.file_name().unwrap()),
             dir,
             trusted,
             home: home.to_path_buf(),
@@ -158,6 +161,8 @@ impl Helper {
             .arg(dir.join("state"))
             .arg("--jailer")
             .arg(&self.jailer)
+            .arg("--firecracker")
+            .arg(&self.firecracker)
             .arg("--jail-dir")
             .arg(dir.join("jail"))
             .stdout(log.try_clone().unwrap())

@@ -14,7 +14,7 @@ use crate::vm::disk::{self, UPPER_FILE};
 
 use super::boot_log::{boot_failed, mark_boot};
 use super::lifecycle::{step, VmLifecycle};
-use super::registry::{dm_name, remove_run_files, WORK_MOUNT};
+use super::registry::{remove_run_files, WORK_MOUNT};
 use crate::error::{OpError, OpResult};
 use crate::events::Events;
 use crate::ids;
@@ -24,10 +24,17 @@ use crate::store::{SnapshotRecord, VmRecord, VmRuntime};
 use crate::vm::agent_client::{self, AgentSession, Ctl};
 use crate::vm::console;
 use crate::vm::keys;
-use crate::vm::vmm::{BootSpec, CtlEndpoint, Disk, Nic, NicBackend, Vmm};
+use crate::vm::vmm::{ArmedWatch, BootSpec, CtlEndpoint, Disk, FatalWatch, Nic, NicBackend, Vmm};
 use banger_proto::kernel::KernelInfo;
 
 const STEPS_START: u32 = 5;
+
+/// A boot whose guest died on KVM: QEMU's line saying so, and whether
+/// banger chose KVM (and so may boot again without it).
+struct KvmDeath {
+    line: String,
+    retry: bool,
+}
 
 /// A snapshot's copy of the initramfs its VM booted with.
 pub(super) const INITRD_FILE: &str = "initrd.cpio";
@@ -58,12 +65,40 @@ impl VmLifecycle {
 
     /// Starts a VM whose lock the caller holds: a boot, or with `restore` a
     /// resume of that snapshot's saved state (whose disks the VM already
-    /// has) under the VM's own identity.
+    /// has) under the VM's own identity. A guest that dies of a KVM
+    /// internal error on an accelerator banger chose marks KVM unusable
+    /// here and is started again at once under TCG, saying so.
     pub(super) async fn start_locked(
         &self,
         vm: &VmRecord,
         restore: Option<&SnapshotRecord>,
         events: Events<VmEvent>,
+    ) -> OpResult<VmInfo> {
+        let died = std::sync::Mutex::new(None);
+        let first = self.start_once(vm, restore, events.clone(), &died).await;
+        let death = died.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match (first, death) {
+            (Err(_), Some(KvmDeath { line, retry: true })) => {
+                crate::vm::accel::mark_unusable(&self.registry.paths.state_dir, &line);
+                let message = format!(
+                    "the guest died on KVM ({line}): KVM cannot run guest kernels on this host, \
+                     so banger uses TCG (software emulation, slower) from now on; booting again \
+                     under TCG (`banger doctor` says so; qemu.accel = \"tcg\" skips KVM)"
+                );
+                tracing::warn!(vm = %vm.name, %line, "a guest died on KVM: retrying under TCG");
+                events.emit(&VmEvent::Notice { message });
+                self.start_once(vm, restore, events, &died).await
+            }
+            (first, _) => first,
+        }
+    }
+
+    async fn start_once(
+        &self,
+        vm: &VmRecord,
+        restore: Option<&SnapshotRecord>,
+        events: Events<VmEvent>,
+        died: &std::sync::Mutex<Option<KvmDeath>>,
     ) -> OpResult<VmInfo> {
         let vm = vm.clone();
         let vmm = self.registry.vmm(vm.vmm)?;
@@ -130,6 +165,8 @@ impl VmLifecycle {
             Some(snap) if snap.template.is_some() => format!("template {}", snap.name),
             Some(snap) => format!("snapshot {}", snap.name),
         };
+        // Armed before the launch: only this boot's words count.
+        let watch = vmm.fatal_watch(&dir).map(FatalWatch::from_now);
         let pid = self.launch(&vm, vmm.as_ref(), &spec, started_from, &mut steps)?;
         // Listening before the guest can connect: after the launch, since a
         // jailed VMM's sockets live in the jail it makes.
@@ -142,9 +179,44 @@ impl VmLifecycle {
         }
 
         step(&events, "agent", 3, STEPS_START);
-        let session = self
-            .await_ready(&vm, vmm.as_ref(), ctl, pid, identity, &events, &mut steps)
-            .await?;
+        let ready = self
+            .await_ready(
+                &vm,
+                vmm.as_ref(),
+                ctl,
+                pid,
+                watch.clone(),
+                identity,
+                &events,
+                &mut steps,
+            )
+            .await;
+        let session = match (ready, watch) {
+            (Ok(session), watch) => {
+                if watch.is_some_and(|w| w.watch.retry_without_kvm) {
+                    crate::vm::accel::mark_kernel_ran(&self.registry.paths.state_dir);
+                }
+                session
+            }
+            (Err(e), Some(watch)) => match watch.fired() {
+                Some(line) => {
+                    *died.lock().unwrap_or_else(|p| p.into_inner()) = Some(KvmDeath {
+                        line: line.clone(),
+                        retry: watch.watch.retry_without_kvm,
+                    });
+                    return Err(boot_failed(
+                        &vm,
+                        "kernel",
+                        format!(
+                            "its guest died on KVM ({line}): this host's KVM cannot run it; \
+                             set qemu.accel = \"tcg\" (or BANGER_QEMU_ACCEL=tcg)"
+                        ),
+                    ));
+                }
+                None => return Err(e),
+            },
+            (Err(e), None) => return Err(e),
+        };
         // The workspace is in place before the first command; a failure here
         // is said, and the next exec tries again.
         if let Some(ws) = self.workspaces.record(&vm.name)? {
@@ -264,17 +336,12 @@ impl VmLifecycle {
         let origin = self.origin(vm)?;
         let state = dir.join("dm.state");
         let blockdevs = self.registry.blockdevs.clone();
+        let owner = self.registry.snapshot_owner(&vm.name);
         let dev = blockdevs
-            .setup_snapshot(
-                &dm_name(&vm.name),
-                &origin,
-                &dir.join(disk::COW_FILE),
-                &state,
-            )
+            .setup_snapshot(&owner, &origin, &dir.join(disk::COW_FILE), &state)
             .map_err(|e| OpError::internal(format!("setting up the root disk snapshot: {e}")))?;
-        let name = dm_name(&vm.name);
         steps.undo("snapshot", move || {
-            let _ = blockdevs.teardown_snapshot(&name, &state);
+            let _ = blockdevs.teardown_snapshot(&owner, &state);
         });
         Ok(dev)
     }
@@ -294,6 +361,14 @@ impl VmLifecycle {
             tracing::warn!(vm = %vm.name, error = %e, "cannot rotate the console log");
         }
         mark_boot(&spec.console_log);
+        // From the moment the VMM runs, the guest may change its workspace:
+        // the count a clean stop takes is void until the next clean stop.
+        if let Some(before) = self.workspaces.guest_may_change(&vm.name) {
+            let (workspaces, name) = (self.workspaces.clone(), vm.name.clone());
+            steps.undo("workspace count", move || {
+                workspaces.restore_guest_count(&name, before)
+            });
+        }
         let jail = vmm.jail(spec)?;
         let jailed = jail.is_some();
         let pid = match jail {
@@ -359,13 +434,17 @@ impl VmLifecycle {
         vmm: &dyn Vmm,
         ctl: Ctl,
         pid: ProcessId,
+        watch: Option<ArmedWatch>,
         identity: Option<Identity>,
         events: &Events<VmEvent>,
         steps: &mut Steps,
     ) -> OpResult<AgentSession> {
         steps.begin("agent")?;
         let launcher = self.registry.launcher.clone();
-        let alive = move || launcher.alive(pid);
+        // A VMM whose guest died (KVM's internal error halts it, QEMU stays
+        // up) counts as gone: the boot fails now, not at the timeout.
+        let alive =
+            move || launcher.alive(pid) && watch.as_ref().is_none_or(|w| w.fired().is_none());
         let timeout = Duration::from_secs(self.registry.config.boot_timeout_secs.unwrap_or(60));
         // The handshake runs while the guest finishes booting: the agent
         // serves SSH before its disks are mounted. A virtio-serial port holds

@@ -554,19 +554,28 @@ impl VmLifecycle {
 
 impl VmLifecycle {
     /// Refuses to remove a VM whose guest changed its workspace since the
-    /// last pull (as counted at its stop).
+    /// last pull (as counted at its stop), or whose changes were never
+    /// counted because it stopped on its own: unknown is not "none".
     fn refuse_unpulled(&self, name: &str) -> OpResult<()> {
         let Some(ws) = self.workspaces.record(name)? else {
             return Ok(());
         };
+        let keep = format!(
+            "`banger vm start {name}` then `banger vm sync {name} --pull` keeps them, \
+             `banger vm rm -f {name}` discards them"
+        );
         match ws.guest_changes {
-            Some(n) if n > 0 => Err(OpError::conflict(format!(
-                "VM `{name}` has {n} change(s) in its workspace ({name}:{}) not pulled to {}; \
-                 `banger vm start {name}` then `banger vm sync {name} --pull` keeps them, \
-                 `banger vm rm -f {name}` discards them",
+            Some(0) => Ok(()),
+            Some(n) => Err(OpError::conflict(format!(
+                "VM `{name}` has {n} change(s) in its workspace ({name}:{}) not pulled to {}; {keep}",
                 ws.guest_path, ws.host_dir
             ))),
-            _ => Ok(()),
+            None => Err(OpError::conflict(format!(
+                "VM `{name}` stopped without `banger vm stop` (its guest powered off, crashed or \
+                 was killed), so the changes in its workspace ({name}:{}) not pulled to {} are \
+                 unknown; {keep}",
+                ws.guest_path, ws.host_dir
+            ))),
         }
     }
 }

@@ -199,7 +199,10 @@ impl VmRegistry {
         remove_run_files(Path::new(&vm.dir), files);
         if vm.root_mode == RootMode::DmSnapshot {
             let state = Path::new(&vm.dir).join("dm.state");
-            if let Err(e) = self.blockdevs.teardown_snapshot(&dm_name(&vm.name), &state) {
+            if let Err(e) = self
+                .blockdevs
+                .teardown_snapshot(&self.snapshot_owner(&vm.name), &state)
+            {
                 tracing::warn!(vm = %vm.name, error = %e, "could not tear down the root snapshot");
             }
         }
@@ -337,9 +340,16 @@ pub fn terminate(signal: impl Fn(i32), alive: impl Fn() -> bool) {
     }
 }
 
-/// The device-mapper name of a VM's root snapshot.
-pub fn dm_name(vm: &str) -> String {
-    format!("banger-{vm}")
+impl VmRegistry {
+    /// Whose a VM's root snapshot device is: this daemon's uid, its state
+    /// directory and the VM (the helper puts in the caller's uid itself).
+    pub fn snapshot_owner(&self, vm: &str) -> banger_host::SnapshotOwner {
+        banger_host::SnapshotOwner {
+            uid: nix::unistd::geteuid().as_raw(),
+            home: banger_proto::jail::home_id(&self.paths.state_dir),
+            vm: vm.to_string(),
+        }
+    }
 }
 
 /// What exists only while a VM runs: the VMM's sockets and the per-boot initramfs.

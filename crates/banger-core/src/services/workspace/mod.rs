@@ -99,8 +99,28 @@ impl WorkspaceService {
             guest_path,
             last_sync: None,
             owner,
-            guest_changes: None,
+            // Known to be none until the guest first runs.
+            guest_changes: Some(0),
         })?)
+    }
+
+    /// The VM is about to run: its guest's unpulled changes are unknown
+    /// until a clean stop counts them again (a guest that powers itself
+    /// off, crashes or is killed leaves them unknown, and `vm rm` then
+    /// refuses). Returns the count it had, for a boot that fails to undo.
+    pub fn guest_may_change(&self, vm: &str) -> Option<Option<u64>> {
+        let ws = self.record(vm).ok().flatten()?;
+        if let Err(e) = self.store.set_workspace_guest_changes(vm, None) {
+            tracing::warn!(vm, error = %e, "marking the guest's workspace changes unknown");
+        }
+        Some(ws.guest_changes)
+    }
+
+    /// A boot that failed before its guest ran: the count it had stands.
+    pub fn restore_guest_count(&self, vm: &str, count: Option<u64>) {
+        if let Err(e) = self.store.set_workspace_guest_changes(vm, count) {
+            tracing::warn!(vm, error = %e, "restoring the guest's workspace change count");
+        }
     }
 
     /// The VM's workspace, if it has one.
@@ -206,12 +226,9 @@ impl WorkspaceService {
             let path = Path::new(&vm.dir).join(MANIFEST_FILE);
             self.files.save(&cache_key(vm), path, next.clone());
         }
+        // No count is recorded here: the guest runs on and may change more
+        // after a pull; only a clean stop's count is one `vm rm` can trust.
         self.keep_manifest(vm, next);
-        if direction.pull {
-            let left = (result.conflicts.len() + result.refused.len()) as u64;
-            self.store
-                .set_workspace_guest_changes(&vm.name, Some(left))?;
-        }
         if changed || ws.last_sync.is_none() {
             self.store
                 .set_workspace_synced(&vm.name, &crate::ids::now_rfc3339())?;
@@ -362,6 +379,13 @@ impl WorkspaceService {
                 }
             }
         }
+        // Removals before writes, as on the guest: `foo` may be coming back
+        // as a directory, or a directory as a file of its name.
+        for path in &plan.pull_remove {
+            remove_on_host(&host_dir, path).map_err(|e| failed(e.to_string()))?;
+            Arc::make_mut(&mut next).entries.remove(path);
+            result.pulled_removed += 1;
+        }
         if !plan.pull.is_empty() {
             let paths: Vec<String> = plan.pull.iter().map(|s| s.path.clone()).collect();
             let outcomes = guest::fetch(session, &ws.guest_path, &paths, &host_dir)
@@ -387,11 +411,6 @@ impl WorkspaceService {
                     Outcome::Removed | Outcome::Conflict => {}
                 }
             }
-        }
-        for path in &plan.pull_remove {
-            remove_on_host(&host_dir, path).map_err(|e| failed(e.to_string()))?;
-            Arc::make_mut(&mut next).entries.remove(path);
-            result.pulled_removed += 1;
         }
         for path in &plan.forget {
             Arc::make_mut(&mut next).entries.remove(path);
