@@ -146,6 +146,11 @@ pub struct FirecrackerConfig {
     /// root helper runs its own (`banger-root-helper --jailer`).
     #[serde(default)]
     pub jailer_binary: Option<String>,
+    /// The uids (each also a gid) a root daemon's jailed Firecrackers run
+    /// as, one per VM: `FIRST-LAST`, no user or group of the host in it
+    /// (default 1500000000-1500000999; the root helper has `--jail-uids`).
+    #[serde(default)]
+    pub jail_uids: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]

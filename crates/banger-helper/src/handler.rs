@@ -35,6 +35,10 @@ pub struct JailSetup {
     /// helper started: the jailer copies one into a caller's jail, so
     /// nothing a caller names is ever launched or copied.
     pub firecrackers: Vec<PathBuf>,
+    /// Each jail's own uid comes from here (checked at start to hold no
+    /// user or group), chosen under the host-wide lock `ids_lock`.
+    pub ids: banger_host::jail_ids::JailIds,
+    pub ids_lock: PathBuf,
 }
 
 enum Failure {
@@ -146,6 +150,8 @@ impl Helper {
             uid,
             gid,
             cgroup_parent: format!("banger/{uid}/{home}"),
+            ids: jail.ids,
+            ids_lock: jail.ids_lock.clone(),
         })
     }
 
@@ -230,6 +236,10 @@ impl Helper {
             nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_APPEND),
         )
         .map_err(|e| Failure::Failed(format!("the console log: {e}")))?;
+        if let Some(tap) = &request.tap {
+            // Lent to the jail's uid: only a tap of the caller's own network.
+            self.networks.owned(caller, &check_tap(tap)?)?;
+        }
         if let Some(q) = request.limits.cpu_quota {
             self.policy.cpu_quota(q)?;
         }

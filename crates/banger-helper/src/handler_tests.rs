@@ -47,6 +47,8 @@ fn rig_jailed(jailed: bool) -> Rig {
             jailer: "/usr/bin/true".into(),
             dir: dir.path().join("jail"),
             firecrackers: vec![Path::new("/usr/bin/true").canonicalize().unwrap()],
+            ids: banger_host::jail_ids::DEFAULT_JAIL_IDS,
+            ids_lock: dir.path().join("ids.lock"),
         }),
     )
     .unwrap();
@@ -396,6 +398,7 @@ fn a_snapshot_device_is_its_callers_alone() {
             }],
             console: rig.dir.path().join("home/console.log"),
             limits: Default::default(),
+            tap: None,
         })
     };
     for device in [mine.as_path(), Path::new("/dev/mapper/banger-web")] {
@@ -428,6 +431,7 @@ fn only_the_helpers_own_firecrackers_are_launched() {
             files: Vec::new(),
             console: rig.dir.path().join("home/console.log"),
             limits: Default::default(),
+            tap: None,
         })
     };
     for fc in [
@@ -441,6 +445,33 @@ fn only_the_helpers_own_firecrackers_are_launched() {
             "is not a Firecracker this helper launches",
         );
     }
+    // A tap is lent to the jail's uid only if it is of the caller's own
+    // network: another's, or one of no network set up here, is refused.
+    let with_tap = |tap: &str| {
+        R::JailLaunch(banger_proto::jail::JailRequest {
+            home: "0a1b".into(),
+            vm: "web".into(),
+            firecracker: "/usr/bin/true".into(),
+            files: Vec::new(),
+            console: rig.dir.path().join("home/console.log"),
+            limits: Default::default(),
+            tap: Some(tap.into()),
+        })
+    };
+    assert_eq!(
+        rig.helper.handle(&owner, setup("aaaaaa", "10.213.0.0/16")),
+        HelperReply::Ok(HelperValue::Done)
+    );
+    let member = caller(MEMBER, GROUP);
+    refused(
+        rig.helper.handle(&member, with_tap("bgaaaaaat0")),
+        "belongs to uid 1000",
+    );
+    refused(rig.helper.handle(&owner, with_tap("eth0")), "tap");
+    refused(
+        rig.helper.handle(&owner, with_tap("bgcccccct0")),
+        "not set up",
+    );
     // The ping lists what it launches, so a daemon can say so first.
     match rig.helper.handle(&owner, R::Ping) {
         HelperReply::Ok(HelperValue::Pong {
@@ -462,6 +493,7 @@ fn jail_requests_need_a_jailer_and_checked_names() {
             files: Vec::new(),
             console: rig.dir.path().join("home/console.log"),
             limits: Default::default(),
+            tap: None,
         })
     };
     // Without --jailer the helper launches nothing at all.

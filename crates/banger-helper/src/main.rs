@@ -41,6 +41,10 @@ struct Args {
     /// other file is ever copied into a jail.
     #[arg(long = "firecracker")]
     firecrackers: Vec<PathBuf>,
+    /// The uids (each also a gid) jailed Firecrackers run as, one per VM:
+    /// FIRST-LAST, holding no user or group of this host.
+    #[arg(long, default_value = "1500000000-1500000999")]
+    jail_uids: String,
     /// Where jails are made (root-owned; a directory per caller uid).
     #[arg(long, default_value = "/var/lib/banger/jail")]
     jail_dir: PathBuf,
@@ -95,10 +99,15 @@ fn jail_setup(policy: &Policy, args: &Args) -> Result<Option<banger_helper::Jail
             })
             .collect::<Result<Vec<_>, _>>()?
     };
+    let ids = banger_host::jail_ids::JailIds::parse(&args.jail_uids)
+        .and_then(|ids| ids.check_unused().map(|()| ids))
+        .map_err(|e| format!("--jail-uids: {e}"))?;
     Ok(Some(banger_helper::JailSetup {
         jailer,
         dir: args.jail_dir.clone(),
         firecrackers,
+        ids,
+        ids_lock: banger_host::jail_ids::LOCK_FILE.into(),
     }))
 }
 

@@ -16,6 +16,8 @@ use std::sync::{Arc, Mutex};
 use banger_proto::jail::{is_jail_name, JailFile, JailRequest, FIRECRACKER_ARGS};
 use serde::{Deserialize, Serialize};
 
+use crate::acl;
+use crate::jail_ids::JailIds;
 use crate::process::HostError;
 use crate::vmm_process::{is_alive as alive, ProcessId};
 
@@ -57,6 +59,12 @@ pub struct JailRecord {
     pub pid: u32,
     pub start_time: u64,
     pub cgroups: Vec<PathBuf>,
+    /// The uid (and gid) the jail's Firecracker runs as: its own.
+    #[serde(default)]
+    pub jail_uid: Option<u32>,
+    /// The tap lent to that uid, given back at teardown.
+    #[serde(default)]
+    pub tap: Option<String>,
 }
 
 impl JailRecord {
@@ -68,17 +76,23 @@ impl JailRecord {
     }
 }
 
-/// The jailer run for real, as one uid and gid.
+/// The jailer run for real, for one user's VMs, each jailed as a uid of
+/// its own.
 pub struct RealJails {
     pub jailer: PathBuf,
     pub base: PathBuf,
     /// Root-only: one JSON record per jail.
     pub records: PathBuf,
-    /// The jails' uid and gid (the daemon's user).
+    /// The daemon's user, whose files the VMs use: granted the jail's
+    /// sockets (it drives Firecracker), given back the tap after.
     pub uid: u32,
     pub gid: u32,
     /// The cgroup every jail's own cgroup is made under.
     pub cgroup_parent: String,
+    /// Where each jail's own uid comes from, and the host-wide lock its
+    /// choice is made under.
+    pub ids: JailIds,
+    pub ids_lock: PathBuf,
 }
 
 /// Memory a VMM uses beyond its guest's (its own, virtio queues, page tables).
@@ -147,6 +161,14 @@ impl RealJails {
         make_dirs(&self.base, &root)?;
         let cgroups = Cgroups::detect();
         let (cgroup_args, cgroup_dirs) = cgroups.args(&request.limits, &self.cgroup_parent, vm)?;
+        std::fs::create_dir_all(&self.records).map_err(|e| failed("the jail records", e))?;
+        // The jail's own uid, held by the lock until its Firecracker runs
+        // as it (or the launch failed).
+        let recorded = self.recorded_uids();
+        let (jail_uid, _choosing) = self
+            .ids
+            .choose(&self.ids_lock, |id| recorded.contains(&id))
+            .map_err(|e| HostError::Refused(e.to_string()))?;
         // Recorded before anything is made inside, so a crash from here on
         // is undone by the next teardown.
         let mut record = JailRecord {
@@ -155,14 +177,19 @@ impl RealJails {
             pid: 0,
             start_time: 0,
             cgroups: cgroup_dirs,
+            jail_uid: Some(jail_uid),
+            tap: request.tap.clone(),
         };
-        std::fs::create_dir_all(&self.records).map_err(|e| failed("the jail records", e))?;
         self.write_record(&record)?;
         let made = (|| {
             for f in &files {
-                expose(f, &root.join(&f.name), self.uid, self.gid)?;
+                expose(f, &root.join(&f.name), jail_uid)?;
             }
-            self.spawn(request, &cgroup_args, console)
+            if let Some(tap) = &request.tap {
+                crate::tap_owner::set_owner(tap, jail_uid)
+                    .map_err(|e| failed(&format!("lending tap {tap} to the jail"), e))?;
+            }
+            self.spawn(request, jail_uid, &cgroup_args, console)
         })();
         let id = match made {
             Ok(id) => id,
@@ -176,16 +203,46 @@ impl RealJails {
         self.write_record(&record)?;
         // Answered once the jail is up (its root handed to the VM's uid,
         // Firecracker's API socket made), so the caller may use it at once.
-        if let Err(e) = wait_for(&root.join("fc.sock"), id, JAIL_UP) {
+        if let Err(e) = wait_for(&root.join("fc.sock"), id, JAIL_UP)
+            .and_then(|()| self.let_the_user_in(&root, jail_uid))
+        {
             let _ = self.teardown(vm);
             return Err(e);
         }
         Ok(id)
     }
 
+    /// The daemon's user drives the jail's Firecracker through sockets in
+    /// its root, which the jailer gave the jail's uid alone (0700): the
+    /// user is granted the root, the API socket, and (by a default ACL)
+    /// whatever either side makes there from now on, so the vsock sockets
+    /// Firecracker makes and the listener the daemon binds reach both.
+    fn let_the_user_in(&self, root: &Path, jail_uid: u32) -> Result<(), HostError> {
+        let denied = |e| failed("letting the daemon's user into the jail", e);
+        let dir = File::open(root).map_err(denied)?;
+        let mut uids = vec![jail_uid];
+        if self.uid != 0 {
+            acl::grant(&dir, self.uid, acl::RWX).map_err(denied)?;
+            acl::grant_at(&root.join("fc.sock"), self.uid, acl::RWX).map_err(denied)?;
+            uids.push(self.uid);
+        }
+        acl::inherit(&dir, &uids).map_err(denied)
+    }
+
+    /// The jail uids this user's records name (other users' and homes'
+    /// jails are found by their running processes).
+    fn recorded_uids(&self) -> Vec<u32> {
+        self.recorded()
+            .iter()
+            .filter_map(|vm| self.record(vm))
+            .filter_map(|r| r.jail_uid)
+            .collect()
+    }
+
     fn spawn(
         &self,
         request: &JailRequest,
+        jail_uid: u32,
         cgroup_args: &[String],
         console: File,
     ) -> Result<ProcessId, HostError> {
@@ -200,9 +257,9 @@ impl RealJails {
             .arg("--exec-file")
             .arg(&request.firecracker)
             .arg("--uid")
-            .arg(self.uid.to_string())
+            .arg(jail_uid.to_string())
             .arg("--gid")
-            .arg(self.gid.to_string())
+            .arg(jail_uid.to_string())
             .arg("--chroot-base-dir")
             .arg(&self.base)
             .args(cgroup_args)
@@ -215,6 +272,15 @@ impl RealJails {
             .env_clear()
             // As the daemon's own VMMs: away from a terminal's Ctrl-C.
             .process_group(0);
+        // Sockets Firecracker makes (API, vsock) are then group-writable,
+        // which their ACL's mask is taken from: the user's entry counts.
+        // SAFETY: umask(2) only, between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::umask(0o007);
+                Ok(())
+            });
+        }
         let child = cmd.spawn().map_err(|e| HostError::spawn(&program, e))?;
         // No --daemonize: the jailer execs Firecracker as this very process.
         Ok(crate::vmm_process::detach(child))
@@ -279,11 +345,27 @@ impl Jails for RealJails {
             for pid in rooted_in(&dir.join("root")) {
                 kill_and_wait(pid);
             }
+            // The jailer gave the jail's root to its uid: that is the uid
+            // whose grants go, when the record that names it was lost.
+            let jail_uid = record.as_ref().and_then(|r| r.jail_uid).or_else(|| {
+                std::fs::symlink_metadata(dir.join("root"))
+                    .ok()
+                    .map(|m| m.uid())
+            });
+            if let Some(uid) = jail_uid.filter(|u| self.ids.contains(*u)) {
+                revoke_files(&dir.join("root"), uid);
+            }
             unmount_under(dir)?;
             match std::fs::remove_dir_all(dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(failed(&format!("removing {}", dir.display()), e)),
+            }
+        }
+        if let Some(tap) = record.as_ref().and_then(|r| r.tap.as_deref()) {
+            // Back to the user's pool; a tap already gone is nothing to do.
+            if let Err(e) = crate::tap_owner::set_owner(tap, self.uid) {
+                tracing::warn!(tap, error = %e, "cannot give a jail's tap back");
             }
         }
         let cgroups = match &record {
@@ -413,10 +495,28 @@ fn check_root_dir(path: &Path) -> Result<(), HostError> {
     Ok(())
 }
 
+/// Takes the jail uid's grants off the files in a jail's root (the VM's
+/// own, hard-linked or bound in): best effort, a read-only bind refuses.
+fn revoke_files(root: &Path, uid: u32) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+        if is_file {
+            if let Err(e) = acl::revoke_at(&entry.path(), uid) {
+                tracing::debug!(file = %entry.path().display(), error = %e, "a jail uid's grant stays");
+            }
+        }
+    }
+}
+
 /// Puts an opened file at `target`: a hard link on the same filesystem,
-/// otherwise a bind mount (read-only unless writable); a block device (a
-/// dm snapshot) as a node with its numbers, owned by the jail's uid.
-fn expose(f: &Opened, target: &Path, uid: u32, gid: u32) -> Result<(), HostError> {
+/// otherwise a bind mount (read-only unless writable), the jail's uid
+/// granted it (read, or read and write); a block device (a dm snapshot) as
+/// a node with its numbers, owned by the jail's uid.
+fn expose(f: &Opened, target: &Path, uid: u32) -> Result<(), HostError> {
+    let gid = uid;
     use std::os::unix::ffi::OsStrExt;
     let meta = f.file.metadata().map_err(|e| failed("stat", e))?;
     let c_target = std::ffi::CString::new(target.as_os_str().as_bytes())
@@ -440,6 +540,16 @@ fn expose(f: &Opened, target: &Path, uid: u32, gid: u32) -> Result<(), HostError
             f.name
         )));
     }
+    let perm = if f.writable { acl::RW } else { acl::R };
+    acl::grant(&f.file, uid, perm).map_err(|e| {
+        failed(
+            &format!(
+                "granting the jail's uid {uid} {} (the filesystem must keep ACLs)",
+                f.name
+            ),
+            e,
+        )
+    })?;
     use std::os::fd::AsRawFd;
     let by_fd =
         std::ffi::CString::new(format!("/proc/self/fd/{}", f.file.as_raw_fd())).expect("no NUL");

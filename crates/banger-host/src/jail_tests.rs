@@ -31,6 +31,11 @@ fn jails(dir: &Path, base: PathBuf) -> RealJails {
         uid: 4321,
         gid: 4321,
         cgroup_parent: format!("banger-test-{}", std::process::id()),
+        ids: crate::jail_ids::JailIds {
+            first: 1_500_002_000,
+            last: 1_500_002_099,
+        },
+        ids_lock: dir.join("ids.lock"),
     }
 }
 
@@ -52,6 +57,7 @@ fn request(dir: &Path) -> JailRequest {
         files: vec![file("vmlinux", false), file("root.ext4", true)],
         console: dir.join("vm/console.log"),
         limits: JailLimits::default(),
+        tap: None,
     }
 }
 
@@ -81,8 +87,9 @@ fn a_jail_links_the_files_records_the_process_and_teardown_removes_it_all() {
         inode(&root_dir.join("root.ext4")),
         inode(&tmp.path().join("vm/root.ext4"))
     );
-    let mode = std::fs::metadata(&root_dir).unwrap().mode() & 0o777;
-    assert_eq!(mode, 0o700, "the root is the jail's alone");
+    // Nobody else's: its group bits are its ACL's mask (the user's entry).
+    let mode = std::fs::metadata(&root_dir).unwrap().mode() & 0o707;
+    assert_eq!(mode, 0o700, "the root is the jail's and the user's alone");
     assert_eq!(std::fs::metadata(&dir).unwrap().uid(), 0);
     // The jailer ran with the checked arguments, its output in the console.
     wait_until("the jailer's line in the console", || {
@@ -91,7 +98,30 @@ fn a_jail_links_the_files_records_the_process_and_teardown_removes_it_all() {
             .contains("--id web")
     });
     let console = std::fs::read_to_string(tmp.path().join("vm/console.log")).unwrap();
-    assert!(console.contains("--uid 4321 --gid 4321"), "{console}");
+    // Its own uid and gid, from the range: not the user's (4321), not root.
+    let jail_uid = j.record("web").unwrap().jail_uid.unwrap();
+    assert!(j.ids.contains(jail_uid), "{jail_uid}");
+    assert!(
+        console.contains(&format!("--uid {jail_uid} --gid {jail_uid}")),
+        "{console}"
+    );
+    // The VM's files stay the user's; the jail's uid is granted each (read
+    // where Firecracker reads, write where it writes) and the user the
+    // jail's root, where Firecracker's sockets are.
+    let vm = tmp.path().join("vm");
+    assert_eq!(
+        acl::user_perm(&vm.join("root.ext4"), jail_uid),
+        Some(acl::RW)
+    );
+    assert_eq!(acl::user_perm(&vm.join("vmlinux"), jail_uid), Some(acl::R));
+    assert_eq!(acl::user_perm(&root_dir, 4321), Some(acl::RWX));
+    // A second VM gets another uid.
+    let mut other = request(tmp.path());
+    other.vm = "db".into();
+    j.launch(&other).unwrap();
+    let db_uid = j.record("db").unwrap().jail_uid.unwrap();
+    assert_ne!(db_uid, jail_uid);
+    j.teardown("db").unwrap();
     assert!(
         console.contains("-- --api-sock /fc.sock --log-path /vmm.log"),
         "{console}"
@@ -106,6 +136,9 @@ fn a_jail_links_the_files_records_the_process_and_teardown_removes_it_all() {
     wait_until("the process ended", || !alive(id));
     j.teardown("web").unwrap();
     assert!(!dir.exists() && j.record("web").is_none());
+    // The grants went with the jail.
+    assert_eq!(acl::user_perm(&vm.join("root.ext4"), jail_uid), None);
+    assert_eq!(acl::user_perm(&vm.join("vmlinux"), jail_uid), None);
     // The VM's own files are untouched.
     assert_eq!(
         std::fs::read_to_string(tmp.path().join("vm/root.ext4")).unwrap(),
@@ -267,7 +300,7 @@ fn a_block_device_reaches_the_jail_as_a_node_of_the_jails_uid() {
         name: "root.disk".into(),
         writable: true,
     };
-    let made = expose(&opened, &target, 4321, 4321);
+    let made = expose(&opened, &target, 4321);
     let _ = std::process::Command::new("losetup")
         .arg("-d")
         .arg(&dev)

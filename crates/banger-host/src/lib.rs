@@ -1,12 +1,15 @@
 //! Host side effects behind traits. Each trait has a real implementation and a
 //! recording fake, so the operations core can be tested without touching the host.
 
+pub mod acl;
 pub mod blockdev;
 pub mod helper_client;
 pub mod jail;
+pub mod jail_ids;
 pub mod net;
 pub mod net_orphans;
 pub mod process;
+pub mod tap_owner;
 pub mod vmm_process;
 
 pub use blockdev::{BlockCall, BlockDevices, FakeBlockDevices, RealBlockDevices, SnapshotOwner};

@@ -56,6 +56,10 @@ pub struct JailRequest {
     pub console: PathBuf,
     #[serde(default)]
     pub limits: JailLimits,
+    /// The VM's tap, if it has one: lent to the jail's own uid (which
+    /// Firecracker opens it as) while the jail runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
 }
 
 /// Whether `name` may be a file name in a jail's root: one plain component.

@@ -55,6 +55,33 @@ fn the_first_command_starts_a_daemon_and_later_ones_reuse_it() {
         "{kvm}"
     );
     assert!(!kvm.contains("a guest kernel booted"), "{kvm}");
+    // The jail uid range holds no account (red team round 3, item 6).
+    let jail = doctor
+        .lines()
+        .find(|l| l.contains("jail-uids"))
+        .unwrap_or_default();
+    assert!(
+        jail.starts_with("ok") && jail.contains("1500000000-1500000999: no user or group"),
+        "{jail}"
+    );
+    for (range, why) in [
+        ("0-5", "includes uid 0"),
+        ("1-1", "includes user `daemon` (1)"),
+    ] {
+        let other = Banger::without_daemon();
+        std::fs::create_dir_all(other.path("config")).unwrap();
+        std::fs::write(
+            other.path("config/config.toml"),
+            format!("[firecracker]\njail_uids = \"{range}\"\n"),
+        )
+        .unwrap();
+        let doctor = String::from_utf8(other.run(&["doctor"]).stdout).unwrap();
+        let line = doctor
+            .lines()
+            .find(|l| l.contains("jail-uids"))
+            .unwrap_or_default();
+        assert!(line.starts_with("FAIL") && line.contains(why), "{line}");
+    }
 }
 
 #[test]

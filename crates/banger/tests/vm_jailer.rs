@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use std::time::{Duration, Instant};
 
+use banger_host::acl;
+use banger_host::jail_ids::DEFAULT_JAIL_IDS;
 use banger_testkit::registry::Registry;
 use common::jailing::{alive, cgroup_dir, fakes, same_dir, vm_info, Helper, Reaper, USER};
 use common::{must, Banger};
@@ -38,10 +40,27 @@ fn cgroup_of(pid: u64, controller: &str) -> String {
         .unwrap_or_default()
 }
 
+/// The uid a process runs as (all four of real, effective, saved, fs).
+fn uid_of(pid: u64) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uids: Vec<u32> = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .unwrap()
+        .split_whitespace()
+        .map(|u| u.parse().unwrap())
+        .collect();
+    assert!(uids.iter().all(|u| *u == uids[0]), "{uids:?}");
+    uids[0]
+}
+
 /// What the jail of a running VM looks like, checked the same way for both
-/// paths: the process chrooted in it as `uid`, every API path inside it,
-/// the VM's files linked in, its cgroup limits, its own log apart.
-fn check_jail(banger: &Banger, vm: &str, uid: u32, expected_root: &Path) -> (u64, PathBuf) {
+/// paths: the process chrooted in it as a uid of its own (not `user`'s,
+/// whose daemon runs it, nor root's: red team round 3, item 6), every API
+/// path inside it, the VM's files linked in and granted to that uid, the
+/// jail's root granted to the user, its cgroup limits, its own log apart.
+/// Returns the pid, the jail's root and its uid.
+fn check_jail(banger: &Banger, vm: &str, user: u32, expected_root: &Path) -> (u64, PathBuf, u32) {
     let info = vm_info(banger, vm);
     let root = PathBuf::from(info["jail"].as_str().expect("a jailed VM says where"));
     assert_eq!(root, expected_root);
@@ -51,15 +70,24 @@ fn check_jail(banger: &Banger, vm: &str, uid: u32, expected_root: &Path) -> (u64
         same_dir(&root),
         "Firecracker runs chrooted in the jail"
     );
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let uids = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    let uid = uid_of(pid);
     assert!(
-        uids.split_whitespace()
+        DEFAULT_JAIL_IDS.contains(uid) && uid != user && uid != 0,
+        "runs as uid {uid}, the jail's own"
+    );
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let gids = status.lines().find(|l| l.starts_with("Gid:")).unwrap();
+    assert!(
+        gids.split_whitespace()
             .skip(1)
-            .all(|u| u == uid.to_string()),
-        "runs as uid {uid}: {uids}"
+            .all(|g| g == uid.to_string()),
+        "and its own gid: {gids}"
     );
     assert_eq!(std::fs::metadata(&root).unwrap().uid(), uid);
+    assert_eq!(std::fs::metadata(root.join("dev/kvm")).unwrap().uid(), uid);
+    if user != 0 {
+        assert_eq!(acl::user_perm(&root, user), Some(acl::RWX));
+    }
     // Every path Firecracker was told is inside its jail.
     let c = calls(&root);
     let paths: Vec<&str> = c
@@ -94,9 +122,14 @@ fn check_jail(banger: &Banger, vm: &str, uid: u32, expected_root: &Path) -> (u64
         std::fs::metadata(root.join("work.disk")).unwrap().ino(),
         std::fs::metadata(dir.join("work.ext4")).unwrap().ino()
     );
+    // Still the user's files, the jail's uid granted them as it uses them.
+    let work = std::fs::metadata(dir.join("work.ext4")).unwrap();
+    assert_eq!(work.uid(), user);
+    assert_eq!(acl::user_perm(&dir.join("work.ext4"), uid), Some(acl::RW));
+    assert_eq!(acl::user_perm(&dir.join("initrd.cpio"), uid), Some(acl::R));
     let vmm_log = std::fs::read_to_string(dir.join("vmm.log")).unwrap();
     assert!(vmm_log.contains("Running Firecracker"), "{vmm_log}");
-    (pid, root)
+    (pid, root, uid)
 }
 
 fn gone(path: &Path) {
@@ -162,7 +195,7 @@ fn a_root_daemon_runs_firecracker_in_a_jail_and_leaves_nothing_behind() {
     ]);
     let fc_name = f.firecracker.file_name().unwrap();
     let jail = banger.path("state/jail").join(fc_name).join("fcj");
-    let (pid, root) = check_jail(&banger, "fcj", 0, &jail.join("root"));
+    let (pid, root, fcj_uid) = check_jail(&banger, "fcj", 0, &jail.join("root"));
     assert_eq!(vm_info(&banger, "fcj")["cpu_quota"], 50);
     // Its own cgroup, with the quota and a memory ceiling of the guest's
     // memory and the VMM's overhead (where the host has the controllers).
@@ -179,16 +212,19 @@ fn a_root_daemon_runs_firecracker_in_a_jail_and_leaves_nothing_behind() {
         "fake-firecracker ran on fcj: echo jailed\n"
     );
 
-    // Stopped: the jail and its cgroup go; started again: a fresh one.
+    // Stopped: the jail and its cgroup go, and the uid's grants with them;
+    // started again: a fresh one.
     banger.ok(&["vm", "stop", "fcj"]);
     gone(&jail);
+    let work = banger.path("state/vms/fcj/work.ext4");
+    assert_eq!(acl::user_perm(&work, fcj_uid), None);
     if let Some(dir) = cgroup_dir("cpu", &cpu) {
         gone(&dir);
     }
     // The quota can change while it is stopped; the next jail has it.
     banger.ok(&["vm", "set", "fcj", "--cpu-quota", "30"]);
     banger.ok(&["vm", "start", "fcj"]);
-    let (pid, _) = check_jail(&banger, "fcj", 0, &root);
+    let (pid, _, fcj_uid) = check_jail(&banger, "fcj", 0, &root);
     assert_eq!(vm_info(&banger, "fcj")["cpu_quota"], 30);
     let cpu = cgroup_of(pid, "cpu");
     if let Some(dir) = cgroup_dir("cpu", &cpu) {
@@ -226,6 +262,10 @@ fn a_root_daemon_runs_firecracker_in_a_jail_and_leaves_nothing_behind() {
         banger.ok(&["vm", "exec", "fork", "--", "echo", "forked"]),
         "fake-firecracker ran on fork: echo forked\n"
     );
+    // Two VMs running at once never share a uid.
+    let fork_pid = vm_info(&banger, "fork")["pid"].as_u64().unwrap();
+    let fork_uid = uid_of(fork_pid);
+    assert!(DEFAULT_JAIL_IDS.contains(fork_uid) && fork_uid != fcj_uid);
     banger.ok(&["vm", "rm", "-f", "fork"]);
     banger.ok(&["snapshot", "rm", "s1"]);
     gone(&fork_root);
@@ -269,7 +309,7 @@ fn through_the_helper_a_users_firecracker_runs_jailed_as_that_user() {
     let home_id = banger_proto::jail::home_id(&banger.path("state"));
     let fc_name = fc.file_name().unwrap().to_str().unwrap();
     let jail = helper.jail(&banger.path("state"), fc_name, "web");
-    let (pid, _) = check_jail(&banger, "web", USER, &jail.join("root"));
+    let (pid, _, _) = check_jail(&banger, "web", USER, &jail.join("root"));
     assert_eq!(
         banger.ok(&["vm", "exec", "web", "--", "echo", "hi"]),
         "fake-firecracker ran on web: echo hi\n"

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use banger_host::jail_ids::{IdsError, JailIds, DEFAULT_JAIL_IDS};
 use banger_host::{HelperClient, HelperJails, Jails, RealJails};
 use banger_proto::helper::JailPlace;
 
@@ -20,6 +21,16 @@ pub enum JailChoice {
     Missing(String),
 }
 
+/// The configured jail uid range, checked to hold no user or group.
+pub fn jail_ids(config: &Config) -> Result<JailIds, IdsError> {
+    let ids = match &config.firecracker.jail_uids {
+        Some(text) => JailIds::parse(text)?,
+        None => DEFAULT_JAIL_IDS,
+    };
+    ids.check_unused()?;
+    Ok(ids)
+}
+
 impl JailChoice {
     /// A root daemon runs the jailer itself, with jails in its state.
     pub fn in_process(config: &Config, paths: &Paths) -> JailChoice {
@@ -27,6 +38,14 @@ impl JailChoice {
         if wanted == Some(false) {
             return JailChoice::Off;
         }
+        let ids = match jail_ids(config) {
+            Ok(ids) => ids,
+            Err(e) if wanted == Some(true) => return JailChoice::Missing(e.to_string()),
+            Err(e) => {
+                tracing::warn!(error = %e, "Firecracker runs unjailed");
+                return JailChoice::Off;
+            }
+        };
         match config.jailer_binary() {
             Some(jailer) => JailChoice::On(Arc::new(RealJails {
                 jailer,
@@ -35,6 +54,8 @@ impl JailChoice {
                 uid: nix::unistd::geteuid().as_raw(),
                 gid: nix::unistd::getegid().as_raw(),
                 cgroup_parent: format!("banger-{}", banger_proto::jail::home_id(&paths.state_dir)),
+                ids,
+                ids_lock: banger_host::jail_ids::LOCK_FILE.into(),
             })),
             None if wanted == Some(true) => JailChoice::Missing(
                 "firecracker.jailer is on, but no `jailer` binary was found (install it on \

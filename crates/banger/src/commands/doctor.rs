@@ -69,6 +69,7 @@ pub fn run(paths: &Paths, json: bool) -> anyhow::Result<i32> {
         dns(status.as_ref()),
         helper(status.as_ref(), &config),
         jailer(status.as_ref(), &config),
+        jail_uids(&config),
         install(),
     ];
     if json {
@@ -600,6 +601,25 @@ fn jailer(status: Option<&DaemonStatus>, config: &banger_core::config::Config) -
         format!("{found}; the daemon decides when it starts (not running now)"),
         Some("Firecracker VMs run jailed when the daemon is root or the root helper has a jailer (docs/security.md)"),
     )
+}
+
+/// The uids jailed Firecrackers run as (one per VM) hold no user or group
+/// of this host, and not root's.
+fn jail_uids(config: &banger_core::config::Config) -> Check {
+    match banger_core::vm::jailing::jail_ids(config) {
+        Ok(ids) => check(
+            "jail-uids",
+            Status::Ok,
+            format!("{ids}: no user or group here; each jailed Firecracker runs as one of its own"),
+            None,
+        ),
+        Err(e) => check(
+            "jail-uids",
+            Status::Fail,
+            e.to_string(),
+            Some("set [firecracker] jail_uids = \"FIRST-LAST\" to a range no account uses (the root helper: --jail-uids)"),
+        ),
+    }
 }
 
 /// A system install matches what `system install` would write now.

@@ -563,11 +563,18 @@ pub(super) fn control_endpoint(vmm: &dyn Vmm, dir: &Path) -> OpResult<Ctl> {
         CtlEndpoint::Listen(path) => {
             let _ = std::fs::remove_file(&path);
             let short = crate::vm::sockpath::SockPath::new(&path)?;
-            Ctl::Listener(
-                tokio::net::UnixListener::bind(short.path()).map_err(|e| {
-                    OpError::internal(format!("listening on {}: {e}", path.display()))
-                })?,
-            )
+            let listener = tokio::net::UnixListener::bind(short.path())
+                .map_err(|e| OpError::internal(format!("listening on {}: {e}", path.display())))?;
+            if vmm.jail_root(dir).is_some() {
+                // The jail's Firecracker runs as a uid of its own, granted
+                // this socket by the jail root's default ACL: a mode without
+                // group bits would mask that grant away.
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o770)).map_err(
+                    |e| OpError::internal(format!("opening {} to the jail: {e}", path.display())),
+                )?;
+            }
+            Ctl::Listener(listener)
         }
     })
 }

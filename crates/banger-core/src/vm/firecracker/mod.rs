@@ -161,6 +161,7 @@ impl Firecracker {
                 cpu_quota: spec.cpu_quota,
                 memory_mib: Some(spec.memory_mib + banger_host::jail::VMM_OVERHEAD_MIB),
             },
+            tap: spec.nic.as_ref().and_then(|n| n.tap().map(String::from)),
         }
     }
 }
