@@ -1,6 +1,6 @@
 //! banger's config file (`config.toml` in the config dir). Every key is optional.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -47,6 +47,27 @@ pub struct Config {
     /// default /run/banger/helper.sock).
     #[serde(default)]
     pub helper_socket: Option<String>,
+}
+
+/// A config file the daemon will not start with: which file, and toml's
+/// own words (the key or value, its line and column).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}{}: {} (every key: docs/configuration.md)", path.display(), line.map(|l| format!(", line {l}")).unwrap_or_default(), error.message().trim())]
+    Invalid {
+        path: PathBuf,
+        /// Where toml stopped, 1-based.
+        line: Option<usize>,
+        /// Said in full above (toml's own display is a multi-line
+        /// snippet), so not chained as a source.
+        error: toml::de::Error,
+    },
+    #[error("reading {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 type SetKey = fn(&mut Config, String);
@@ -166,18 +187,26 @@ pub struct QemuConfig {
 
 impl Config {
     /// Reads the config file; a missing file is the default config.
-    pub fn load(path: &Path) -> anyhow::Result<Config> {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
         match std::fs::read_to_string(path) {
-            Ok(text) => toml::from_str(&text)
-                .map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", path.display())),
+            Ok(text) => toml::from_str(&text).map_err(|error| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                line: error
+                    .span()
+                    .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1),
+                error,
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
-            Err(e) => Err(anyhow::anyhow!("reading {}: {e}", path.display())),
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            }),
         }
     }
 
     /// The config file with the environment's overrides applied: what a
     /// daemon reads once at start and hands to every service.
-    pub fn load_with_env(path: &Path) -> anyhow::Result<Config> {
+    pub fn load_with_env(path: &Path) -> Result<Config, ConfigError> {
         let mut config = Config::load(path)?;
         config.apply_env(|key| std::env::var(key).ok());
         Ok(config)

@@ -204,7 +204,7 @@ pub enum ImageCommand {
         /// Virtual CPUs (default 2; at most the host's CPUs).
         #[arg(long)]
         vcpus: Option<u32>,
-        /// Memory, e.g. 512M or 1G.
+        /// Memory, e.g. 512M or 1G (a bare number is MiB, as `vm ls` shows it).
         #[arg(long)]
         memory: Option<String>,
         #[arg(long)]
@@ -323,7 +323,7 @@ pub struct CreateArgs {
     /// Virtual CPUs (default 2; at most the host's CPUs).
     #[arg(long)]
     pub vcpus: Option<u32>,
-    /// Memory, e.g. 512M or 1G.
+    /// Memory, e.g. 512M or 1G (a bare number is MiB, as `vm ls` shows it).
     #[arg(long)]
     pub memory: Option<String>,
     /// Root disk size, e.g. 8G (at least the image's size); with the
@@ -447,7 +447,7 @@ pub enum VmCommand {
         /// Virtual CPUs (at most the host's CPUs).
         #[arg(long)]
         vcpus: Option<u32>,
-        /// Memory, e.g. 1G.
+        /// Memory, e.g. 1G (a bare number is MiB, as `vm ls` shows it).
         #[arg(long)]
         memory: Option<String>,
         /// The root disk's new size, e.g. 16G (never smaller).

@@ -99,6 +99,12 @@ impl Client {
         if let Ok(stream) = self.connect_existing() {
             return Ok(stream);
         }
+        // A daemon would read this first and exit at once: say why here,
+        // instead of waiting for a socket that never comes.
+        if let Err(e) = banger_core::config::Config::load_with_env(&self.paths.config_file()) {
+            return Err(anyhow::Error::new(e)
+                .context("no daemon runs, and none can start until its config file is fixed"));
+        }
         self.start_daemon()?;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {

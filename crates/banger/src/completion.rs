@@ -123,7 +123,7 @@ pub fn print_script(shell: CompletionShell, bin: Option<&std::path::Path>) -> an
     if matches!(shell, CompletionShell::Zsh) {
         script = autoloadable(&script);
     }
-    print!("{script}");
+    out!("{script}");
     Ok(0)
 }
 

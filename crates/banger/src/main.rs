@@ -1,5 +1,22 @@
 //! `banger`: the CLI, and (`banger daemon`) the daemon itself.
 
+/// `println!` and `print!` for results: a reader that closed early (`| head`)
+/// ends the command quietly, as it ends `ls`, instead of a panic.
+macro_rules! outln {
+    () => {
+        $crate::output::write_out(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::output::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::output::write_out(format_args!($($arg)*))
+    };
+}
+
 mod cli;
 mod client;
 mod commands;
@@ -25,10 +42,12 @@ fn main() {
     let cli = cli::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let code = match commands::run(cli) {
         Ok(code) => code,
+        // stdout's reader went away (`| head`): nothing is left to say.
+        Err(e) if output::is_broken_pipe(&e) => output::BROKEN_PIPE_EXIT,
         Err(e) => {
             eprintln!("error: {e:#}");
             if output::json_errors() {
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({"error": {"code": "invalid_params", "message": format!("{e:#}")}})
                 );

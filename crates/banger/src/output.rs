@@ -6,6 +6,47 @@ static JSON_ERRORS: AtomicBool = AtomicBool::new(false);
 
 /// Set once at start when the command line asks for `--json` (before any
 /// `--`, after which the words are a guest command's).
+/// How a command whose stdout reader went away exits: as a shell reports
+/// a process SIGPIPE ended (128 + 13), with nothing said.
+pub const BROKEN_PIPE_EXIT: i32 = 141;
+
+/// Writes a result to stdout; a reader that closed early ends the process
+/// quietly (`banger doctor | head -1`), any other failure is said once.
+pub fn write_out(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(BROKEN_PIPE_EXIT);
+        }
+        eprintln!("error: writing to stdout: {e}");
+        std::process::exit(125);
+    }
+}
+
+/// Whether a command failed only because stdout's reader went away: a
+/// broken pipe in its error, and stdout's pipe with no reader (a daemon
+/// connection that broke is an error to say, not this).
+pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    let broken = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    });
+    broken && stdout_reader_gone()
+}
+
+/// A pipe's write end reports POLLERR once its last reader closed.
+fn stdout_reader_gone() -> bool {
+    let mut fd = libc::pollfd {
+        fd: libc::STDOUT_FILENO,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: poll(2) on one pollfd, without waiting.
+    let n = unsafe { libc::poll(&mut fd, 1, 0) };
+    n == 1 && fd.revents & libc::POLLERR != 0
+}
+
 pub fn set_json_errors(args: &[String]) {
     let json = args
         .iter()

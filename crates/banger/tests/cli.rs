@@ -231,3 +231,36 @@ fn every_command_keeps_the_conventions() {
     assert_eq!(st["running"], true);
     banger.ok(&["daemon", "stop"]);
 }
+
+/// A reader that closed before banger wrote (`| head -c 0`, the end of
+/// `| head -1`) ends the command quietly, as it ends `ls`: no panic, no
+/// "Broken pipe" (red team round 3, item 21).
+#[test]
+fn a_reader_that_closes_early_ends_the_command_quietly() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let banger = Banger::start();
+    for args in [
+        &["doctor"][..],
+        &["doctor", "--json"],
+        &["image", "ls", "--json"],
+        &["completion", "bash"],
+    ] {
+        let mut fds = [0; 2];
+        // SAFETY: pipe(2) into an array of two descriptors.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both descriptors were just made and are owned here.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        drop(read);
+        let out = banger
+            .cmd(args)
+            .stdout(std::process::Stdio::from(write))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !err.contains("panicked") && !err.contains("Broken pipe"),
+            "{args:?}: {err}"
+        );
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {out:?}");
+    }
+}

@@ -282,3 +282,40 @@ fn requests_as_earlier_clis_wrote_them_are_still_answered() {
         .unwrap()
         .starts_with("invalid params"));
 }
+
+/// A config file the daemon cannot read is named, with its key and the
+/// fix, by the command that would start the daemon and by doctor (red
+/// team round 3, item 20: every command said only "did not start
+/// listening").
+#[test]
+fn a_bad_config_file_is_named_with_its_key() {
+    let banger = Banger::without_daemon();
+    std::fs::create_dir_all(banger.path("config")).unwrap();
+    let file = banger.path("config/config.toml");
+    std::fs::write(&file, "[network]\nmode = \"bridged\"\nbogus_key = 1\n").unwrap();
+    let started = std::time::Instant::now();
+    let out = banger.run(&["vm", "ls"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        err.contains("none can start until its config file is fixed")
+            && err.contains(&file.display().to_string())
+            && err.contains("bogus_key")
+            && err.contains("docs/configuration.md"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "said at once"
+    );
+    assert!(!banger.socket().exists(), "no daemon was started");
+    let doctor = String::from_utf8(banger.run(&["doctor"]).stdout).unwrap();
+    let line = doctor
+        .lines()
+        .find(|l| l.contains("config"))
+        .unwrap_or_default();
+    assert!(
+        line.starts_with("FAIL") && line.contains("bogus_key"),
+        "{doctor}"
+    );
+}

@@ -41,7 +41,7 @@ fn status(paths: &Paths, json: bool) -> anyhow::Result<i32> {
                 "socket": paths.socket(),
             }))?;
         } else {
-            println!(
+            outln!(
                 "no daemon is running (socket {}); any banger command starts one",
                 paths.socket().display()
             );
@@ -53,9 +53,12 @@ fn status(paths: &Paths, json: bool) -> anyhow::Result<i32> {
         value["running"] = true.into();
         super::println_json(&value)?;
     } else {
-        println!(
+        outln!(
             "running: pid {}, version {}, socket {}, state {}",
-            st.pid, st.version, st.socket, st.state_dir
+            st.pid,
+            st.version,
+            st.socket,
+            st.state_dir
         );
     }
     Ok(0)
@@ -69,7 +72,7 @@ fn stop(paths: &Paths, json: bool) -> anyhow::Result<i32> {
         if json {
             super::println_json(&serde_json::json!({"stopped": false, "running": false}))?;
         } else {
-            println!("no daemon is running");
+            outln!("no daemon is running");
         }
         return Ok(0);
     };
@@ -90,7 +93,7 @@ fn stop(paths: &Paths, json: bool) -> anyhow::Result<i32> {
     if json {
         super::println_json(&serde_json::json!({"stopped": true, "pid": st.pid}))?;
     } else {
-        println!(
+        outln!(
             "stopped the daemon (pid {}); running VMs keep running, and the next banger command \
              starts a daemon that takes them back",
             st.pid

@@ -48,9 +48,11 @@ pub fn run(paths: &Paths, json: bool) -> anyhow::Result<i32> {
     let status = daemon_status(paths);
     // What the daemon reads at its start: the config file and the
     // environment's overrides.
-    let config =
-        banger_core::config::Config::load_with_env(&paths.config_file()).unwrap_or_default();
+    let loaded = banger_core::config::Config::load_with_env(&paths.config_file());
+    let config_check = config_file(paths, &loaded);
+    let config = loaded.unwrap_or_default();
     let checks = vec![
+        config_check,
         daemon(paths),
         writable("state-dir", &paths.state_dir),
         writable("cache-dir", &paths.cache_dir),
@@ -73,7 +75,7 @@ pub fn run(paths: &Paths, json: bool) -> anyhow::Result<i32> {
         install(),
     ];
     if json {
-        println!("{}", serde_json::to_string_pretty(&checks)?);
+        outln!("{}", serde_json::to_string_pretty(&checks)?);
     } else {
         for c in &checks {
             let tag = match c.status {
@@ -86,7 +88,7 @@ pub fn run(paths: &Paths, json: bool) -> anyhow::Result<i32> {
                 .as_deref()
                 .map(|h| format!(" — {h}"))
                 .unwrap_or_default();
-            println!("{tag}  {:<10} {}{hint}", c.name, c.message);
+            outln!("{tag}  {:<10} {}{hint}", c.name, c.message);
         }
     }
     Ok(if checks.iter().any(|c| c.status == Status::Fail) {
@@ -601,6 +603,34 @@ fn jailer(status: Option<&DaemonStatus>, config: &banger_core::config::Config) -
         format!("{found}; the daemon decides when it starts (not running now)"),
         Some("Firecracker VMs run jailed when the daemon is root or the root helper has a jailer (docs/security.md)"),
     )
+}
+
+/// The config file parses as the daemon will read it.
+fn config_file(
+    paths: &Paths,
+    loaded: &Result<banger_core::config::Config, banger_core::config::ConfigError>,
+) -> Check {
+    let file = paths.config_file();
+    match loaded {
+        Ok(_) if file.exists() => check(
+            "config",
+            Status::Ok,
+            format!("{} read", file.display()),
+            None,
+        ),
+        Ok(_) => check(
+            "config",
+            Status::Ok,
+            format!("no {} (defaults)", file.display()),
+            None,
+        ),
+        Err(e) => check(
+            "config",
+            Status::Fail,
+            e.to_string(),
+            Some("fix or remove it: no daemon starts until the file reads"),
+        ),
+    }
 }
 
 /// The uids jailed Firecrackers run as (one per VM) hold no user or group

@@ -35,7 +35,7 @@ pub fn run(client: &Client, cmd: ImageCommand) -> anyhow::Result<i32> {
             match client.call::<m::ImageWarm>(params, progress) {
                 Ok(info) if json => super::println_json(&info).map(|_| 0),
                 Ok(info) => {
-                    println!(
+                    outln!(
                         "{image} is warm: `banger vm run NAME --image {image}` with {} vCPUs and \
                          {} forks template {} ({}) instead of booting",
                         info.vcpus,
@@ -66,7 +66,7 @@ pub fn run(client: &Client, cmd: ImageCommand) -> anyhow::Result<i32> {
             if json {
                 super::println_json(&r)?;
             } else {
-                println!("{}", pulled_line(&r));
+                outln!("{}", pulled_line(&r));
             }
             Ok(0)
         }
@@ -87,7 +87,7 @@ pub fn run(client: &Client, cmd: ImageCommand) -> anyhow::Result<i32> {
             }
             if flags.quiet {
                 for item in &images {
-                    println!("{}", item.name);
+                    outln!("{}", item.name);
                 }
                 return Ok(0);
             }
@@ -104,7 +104,7 @@ pub fn run(client: &Client, cmd: ImageCommand) -> anyhow::Result<i32> {
                     ]
                 })
                 .collect();
-            print!(
+            out!(
                 "{}",
                 table(
                     &["NAME", "REF", "DIGEST", "SIZE", "USED BY", "CREATED"],
@@ -124,7 +124,7 @@ pub fn run(client: &Client, cmd: ImageCommand) -> anyhow::Result<i32> {
                     if json {
                         super::println_json(&r)?;
                     } else {
-                        println!("{}", prune_line(&r));
+                        outln!("{}", prune_line(&r));
                     }
                     Ok(0)
                 }
@@ -222,11 +222,11 @@ fn import(
     match result {
         Ok(r) if json => super::println_json(&r).map(|()| 0),
         Ok(r) if r.up_to_date => {
-            println!("{} is up to date ({})", r.image.name, r.image.digest);
+            outln!("{} is up to date ({})", r.image.name, r.image.digest);
             Ok(0)
         }
         Ok(r) => {
-            println!(
+            outln!(
                 "imported `{}` ({}, rootfs {})",
                 r.image.name,
                 r.image.digest,

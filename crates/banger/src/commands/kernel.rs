@@ -42,9 +42,11 @@ pub fn run(client: &Client, cmd: KernelCommand) -> anyhow::Result<i32> {
                         super::println_json(&k)?;
                     } else {
                         let default = if k.default { ", default" } else { "" };
-                        println!(
+                        outln!(
                             "imported kernel `{}` ({}, {}{default})",
-                            k.name, k.version, k.source
+                            k.name,
+                            k.version,
+                            k.source
                         );
                     }
                     Ok(0)
@@ -75,7 +77,7 @@ pub fn run(client: &Client, cmd: KernelCommand) -> anyhow::Result<i32> {
                     if json {
                         super::println_json(&k)?;
                     } else {
-                        println!("pulled kernel `{}` ({})", k.name, k.version);
+                        outln!("pulled kernel `{}` ({})", k.name, k.version);
                     }
                     Ok(0)
                 }
@@ -93,7 +95,7 @@ pub fn run(client: &Client, cmd: KernelCommand) -> anyhow::Result<i32> {
             }
             if flags.quiet {
                 for item in &kernels {
-                    println!("{}", item.name);
+                    outln!("{}", item.name);
                 }
                 return Ok(0);
             }
@@ -114,7 +116,7 @@ pub fn run(client: &Client, cmd: KernelCommand) -> anyhow::Result<i32> {
                     ]
                 })
                 .collect();
-            print!(
+            out!(
                 "{}",
                 table(
                     &["NAME", "VERSION", "SOURCE", "DEFAULT", "SIZE", "CREATED"],

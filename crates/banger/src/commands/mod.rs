@@ -132,7 +132,7 @@ impl std::io::Write for LossyStderr {
 
 /// Prints a value as pretty JSON, the shape of every `--json` output.
 pub fn println_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    outln!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
@@ -161,7 +161,7 @@ pub fn print_removed<M: Method<Params = RemoveParams, Result = RemoveResult>>(
         Ok(r) if args.json => println_json(&r).map(|()| 0),
         Ok(r) => {
             for name in r.removed {
-                println!("{name}");
+                outln!("{name}");
             }
             Ok(0)
         }
@@ -196,11 +196,11 @@ pub fn prune<M: Method<Params = RemoveParams, Result = RemoveResult>>(
         println_json(&said)?;
     } else if dry_run {
         for name in candidates {
-            println!("would remove {name}");
+            outln!("would remove {name}");
         }
     } else {
         for name in &removed {
-            println!("{name}");
+            outln!("{name}");
         }
     }
     Ok(0)
@@ -258,10 +258,10 @@ pub(super) fn print_include(
         if let Some(hosts) = hosts {
             out["hosts"] = serde_json::json!(hosts);
         }
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(0);
     }
-    println!("Include {}", config.display());
+    outln!("Include {}", config.display());
     eprintln!("Add the line above near the top of ~/.ssh/config; {hint}");
     Ok(0)
 }

@@ -23,7 +23,7 @@ pub fn run(client: &Client, cmd: SnapshotCommand) -> anyhow::Result<i32> {
             }
             if flags.quiet {
                 for item in &snaps {
-                    println!("{}", item.name);
+                    outln!("{}", item.name);
                 }
                 return Ok(0);
             }
@@ -47,7 +47,7 @@ pub fn run(client: &Client, cmd: SnapshotCommand) -> anyhow::Result<i32> {
                     ]
                 })
                 .collect();
-            print!(
+            out!(
                 "{}",
                 table(
                     &[
@@ -101,7 +101,7 @@ pub fn take(
             Ok(0)
         }
         Ok(info) => {
-            println!(
+            outln!(
                 "snapshot {} of {} ({}, {}); `banger vm restore {} {}` goes back to it, \
                  `banger vm run NEW --from {}` forks it",
                 info.name,
@@ -134,7 +134,7 @@ pub fn said(
             Ok(0)
         }
         Ok(_) => {
-            println!("{}", line());
+            outln!("{}", line());
             Ok(0)
         }
         Err(e) => Ok(report(e)),

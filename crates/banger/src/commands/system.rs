@@ -120,7 +120,7 @@ fn install(args: SystemInstallArgs) -> anyhow::Result<i32> {
         true
     };
     if args.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "user": user,
@@ -131,15 +131,15 @@ fn install(args: SystemInstallArgs) -> anyhow::Result<i32> {
         return Ok(0);
     }
     for line in &done {
-        println!("{line}");
+        outln!("{line}");
     }
     if !started {
-        println!(
+        outln!(
             "the helper is not started (systemd is not running here, or --no-start); run it with:\n  {}",
             exec_line(&install.helper_unit())
         );
     }
-    println!(
+    outln!(
         "next, as {user}: `systemctl --user daemon-reload && systemctl --user enable --now banger` \
          (log in again first so the `{GROUP}` group applies)"
     );
@@ -196,17 +196,17 @@ fn uninstall(args: SystemUninstallArgs) -> anyhow::Result<i32> {
         }
     }
     if args.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({ "done": done }))?
         );
     } else if done.is_empty() {
-        println!("nothing to remove: banger is not installed as a system service");
+        outln!("nothing to remove: banger is not installed as a system service");
     } else {
         for line in &done {
-            println!("{line}");
+            outln!("{line}");
         }
-        println!("VMs, images and settings in users' homes are kept; a running user daemon stops with `systemctl --user stop banger`");
+        outln!("VMs, images and settings in users' homes are kept; a running user daemon stops with `systemctl --user stop banger`");
     }
     Ok(0)
 }

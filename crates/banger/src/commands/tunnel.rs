@@ -44,7 +44,7 @@ pub fn forward_remote(
             guest_port,
         };
         if json {
-            println!("{}", serde_json::to_string(&event)?);
+            outln!("{}", serde_json::to_string(&event)?);
         } else {
             eprintln!(
                 "forwarding {local} -> {name}:{guest_port} on {} (Ctrl-C to stop)",
