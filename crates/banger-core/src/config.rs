@@ -60,7 +60,7 @@ pub enum ConfigError {
         line: Option<usize>,
         /// Said in full above (toml's own display is a multi-line
         /// snippet), so not chained as a source.
-        error: toml::de::Error,
+        error: Box<toml::de::Error>,
     },
     #[error("reading {}: {source}", path.display())]
     Read {
@@ -194,7 +194,7 @@ impl Config {
                 line: error
                     .span()
                     .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1),
-                error,
+                error: Box::new(error),
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
             Err(source) => Err(ConfigError::Read {
