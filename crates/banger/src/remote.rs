@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
 use anyhow::{bail, Context};
+use banger_core::vm::ssh_config::shell_word;
 
 /// `ssh://[user@]host[:port]`, from `--host` or `BANGER_HOST`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,6 +19,23 @@ pub struct Remote {
     pub user: Option<String>,
     pub host: String,
     pub port: Option<u16>,
+}
+
+/// A DNS host name (labels of letters, digits and inner `-`) or an IP
+/// address: nothing a shell or ssh would read as more than a name.
+fn is_host(host: &str) -> bool {
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
 }
 
 impl Remote {
@@ -42,8 +60,22 @@ impl Remote {
             }
             _ => (hostport, None),
         };
-        if host.is_empty() || host.starts_with('-') || host.contains(['/', ' ']) {
-            bail!("--host `{url}` names no usable host");
+        // Strictly a user name and a host name or address: both end up in
+        // ssh's arguments and in ssh config files others' shells run.
+        if let Some(u) = &user {
+            let plain = u.len() <= 64
+                && !u.starts_with('-')
+                && u.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+            if !plain {
+                bail!("--host `{url}`: `{u}` is not a user name (letters, digits, `.`, `_`, `-`)");
+            }
+        }
+        if !is_host(host) {
+            bail!("--host `{url}`: `{host}` is not a host name or address");
+        }
+        if port == Some(0) {
+            bail!("--host `{url}`: port 0 is no port");
         }
         Ok(Remote {
             user,
@@ -117,7 +149,7 @@ impl Remote {
         let mut line = banger;
         for a in args {
             line.push(' ');
-            line.push_str(&shell_quote(a));
+            line.push_str(&shell_word(a));
         }
         line
     }
@@ -202,19 +234,6 @@ fn control_dir() -> Option<PathBuf> {
     }
 }
 
-/// `arg` as one word for the remote shell.
-fn shell_quote(arg: &str) -> String {
-    if !arg.is_empty()
-        && arg
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./=:@%+,".contains(c))
-    {
-        arg.to_string()
-    } else {
-        format!("'{}'", arg.replace('\'', "'\\''"))
-    }
-}
-
 /// `banger daemon dial-stdio`: this process's stdin and stdout joined to
 /// the local daemon's socket (started when none runs), until both ends are done.
 pub fn dial_stdio(stream: UnixStream) -> anyhow::Result<i32> {
@@ -253,6 +272,17 @@ mod tests {
             "ssh://-oProxyCommand=x",
             "ssh://a:b",
             "ssh://@box",
+            // Shell and option syntax in each part (red team round 3, item 12).
+            "ssh://a$(touch /tmp/x)@box",
+            "ssh://a@box$(id)",
+            "ssh://a@box;id",
+            "ssh://a b@box",
+            "ssh://-l@box",
+            "ssh://a@-box",
+            "ssh://a@box:0",
+            "ssh://a@bo`id`x",
+            "ssh://a@box%h",
+            "ssh://a@[::1;id]:22",
         ] {
             assert!(Remote::parse(bad).is_err(), "{bad}");
         }
@@ -260,9 +290,9 @@ mod tests {
 
     #[test]
     fn remote_words_are_quoted_for_the_shell() {
-        assert_eq!(shell_quote("dial-stdio"), "dial-stdio");
-        assert_eq!(shell_quote("a b"), "'a b'");
-        assert_eq!(shell_quote("it's"), "'it'\\''s'");
-        assert_eq!(shell_quote(""), "''");
+        assert_eq!(shell_word("dial-stdio"), "dial-stdio");
+        assert_eq!(shell_word("a b"), "'a b'");
+        assert_eq!(shell_word("it's"), "'it'\\''s'");
+        assert_eq!(shell_word(""), "''");
     }
 }

@@ -249,9 +249,14 @@ pub(super) fn print_include(
     hint: &str,
     json: bool,
 ) -> anyhow::Result<i32> {
+    let include = format!(
+        "Include {}",
+        banger_core::vm::ssh_config::config_path_arg(config, false)
+            .ok_or_else(|| banger_core::vm::ssh_config::UnquotablePath(config.to_path_buf()))?
+    );
     if json {
         let mut out = serde_json::json!({
-            "include": format!("Include {}", config.display()),
+            "include": include,
             "config": config,
             "known_hosts": known,
         });
@@ -261,7 +266,7 @@ pub(super) fn print_include(
         outln!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(0);
     }
-    outln!("Include {}", config.display());
+    outln!("{include}");
     eprintln!("Add the line above near the top of ~/.ssh/config; {hint}");
     Ok(0)
 }

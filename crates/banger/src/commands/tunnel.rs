@@ -11,6 +11,7 @@ use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 use std::sync::mpsc;
 
+use banger_core::vm::ssh_config;
 use banger_proto::rpc::m;
 use banger_proto::vm::{ForwardEvent, PortForwardParams};
 
@@ -190,22 +191,28 @@ pub fn ssh_config_remote(
         url = remote.url()
     );
     let mut hosts = String::new();
+    // Every path and argument quoted: ssh expands `%` in both and runs the
+    // ProxyCommand through a shell.
+    let exe_word = exe
+        .to_str()
+        .ok_or_else(|| anyhow::anyhow!("{} cannot be written into an ssh config", exe.display()))?;
+    let known_arg = ssh_config::config_path_arg(&known, true)
+        .ok_or_else(|| ssh_config::UnquotablePath(known.clone()))?;
     for vm in &vms {
         let alias = format!("{}.{}", vm.name, remote.host);
+        let url = remote.url();
+        let proxy =
+            ssh_config::proxy_command(&[exe_word, "--host", &url, "vm", "dial", &vm.name, "22"]);
         text.push_str(&format!(
-            "\nHost {alias}\n  User root\n  ProxyCommand {exe} --host {url} vm dial {name} 22\n  \
-             UserKnownHostsFile {known}\n  StrictHostKeyChecking yes\n  HostKeyAlias {alias}\n",
-            exe = exe.display(),
-            url = remote.url(),
-            name = vm.name,
-            known = known.display(),
+            "\nHost {alias}\n  User root\n  ProxyCommand {proxy}\n  \
+             UserKnownHostsFile {known_arg}\n  StrictHostKeyChecking yes\n  HostKeyAlias {alias}\n",
         ));
         if let Some(key) = &vm.host_key {
             hosts.push_str(&format!("{alias} {key}\n"));
         }
     }
-    banger_core::vm::ssh_config::write_whole(&config, &text)?;
-    banger_core::vm::ssh_config::write_whole(&known, &hosts)?;
+    ssh_config::write_whole(&config, &text)?;
+    ssh_config::write_whole(&known, &hosts)?;
     let hint = format!(
         "then `ssh NAME.{}`, scp and sftp reach the VMs on {} with the keys you log in there \
          with.",
