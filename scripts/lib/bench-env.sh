@@ -6,8 +6,9 @@
 bench_build() {
   bash scripts/install-deps >/dev/null
   cargo build --release --locked -q -p banger
-  cp "$(bash scripts/build-agent)" target/release/banger-agent
-  banger=$PWD/target/release/banger
+  . scripts/lib/target-dir.sh
+  cp "$(bash scripts/build-agent)" "$target_dir/release/banger-agent"
+  banger=$target_dir/release/banger
   kernel=$(bash scripts/fetch-test-kernel)
 }
 

@@ -4,7 +4,8 @@
 # scripts and proc macros; one profile and one set of flags let the builds
 # share their compiled dependencies.
 static_target=x86_64-unknown-linux-gnu
-static_dir=$PWD/target/$static_target/agent
+. "$(dirname "${BASH_SOURCE[0]}")/target-dir.sh"
+static_dir=$target_dir/$static_target/agent
 
 # getrandom finds glibc's getrandom() through dlsym, which a static binary
 # lacks, and would fall back to opening /dev/urandom (absent for a moment

@@ -156,6 +156,42 @@ fn scripts_install_lays_out_a_prefix_and_a_lone_banger_names_the_fix() {
         "{doctor}"
     );
 
+    // With CARGO_TARGET_DIR set, what cargo built there is what installs
+    // (red team round 3, item 16: the scripts looked in target/ only).
+    let moved = tmp.path().join("elsewhere");
+    std::fs::create_dir_all(moved.join("debug")).unwrap();
+    let wrapper = |real: &Path| {
+        format!(
+            "#!/bin/sh\n# built in CARGO_TARGET_DIR\nexec {} \"$@\"\n",
+            real.display()
+        )
+    };
+    let helper = Path::new(common::exe()).with_file_name("banger-root-helper");
+    for (name, real) in [
+        ("banger", Path::new(common::exe())),
+        ("banger-root-helper", &helper),
+    ] {
+        let path = moved.join("debug").join(name);
+        std::fs::write(&path, wrapper(real)).unwrap();
+        common::must(&format!("chmod 755 {}", path.display()));
+    }
+    let prefix2 = tmp.path().join("prefix2");
+    let out = Command::new("bash")
+        .arg(repo().join("scripts/install"))
+        .args([
+            "--prefix",
+            prefix2.to_str().unwrap(),
+            "--profile",
+            "dev",
+            "--no-build",
+        ])
+        .env("CARGO_TARGET_DIR", &moved)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let installed = std::fs::read_to_string(prefix2.join("bin/banger")).unwrap_or_default();
+    assert!(installed.contains("built in CARGO_TARGET_DIR"), "{out:?}");
+
     // What `cargo install` leaves: banger alone in a bin directory.
     let lone = tmp.path().join("cargo/bin/banger");
     std::fs::create_dir_all(lone.parent().unwrap()).unwrap();
