@@ -374,9 +374,12 @@ impl Jails for RealJails {
         };
         let depth = Path::new(&self.cgroup_parent).components().count();
         for cg in cgroups {
-            // Empty once its process is gone; one that is not is left. So
-            // are the parents, which other jails may still use.
-            for dir in cg.ancestors().take(depth + 1) {
+            // Empty once its process is gone: a process still exiting (a
+            // VM removed during its boot) keeps it busy for a moment, so
+            // the jail's own cgroup is waited for. The parents, which other
+            // jails may still use, are removed only if empty.
+            remove_cgroup(&cg);
+            for dir in cg.ancestors().skip(1).take(depth) {
                 let _ = std::fs::remove_dir(dir);
             }
         }
@@ -384,6 +387,27 @@ impl Jails for RealJails {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(failed("removing the jail record", e)),
+        }
+    }
+}
+
+/// Removes a jail's own cgroup, waiting up to a second while the kernel
+/// says it is busy (its last process not yet gone from it).
+fn remove_cgroup(dir: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        match std::fs::remove_dir(dir) {
+            Err(e)
+                if e.raw_os_error() == Some(libc::EBUSY)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(cgroup = %dir.display(), error = %e, "a jail's cgroup stays");
+                return;
+            }
+            _ => return,
         }
     }
 }

@@ -31,9 +31,18 @@ pub struct Stat {
     pub ctime_ns: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
+    /// Bytes the file takes on its disk (less than `size` when sparse):
+    /// what a pull of it needs on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated: Option<u64>,
 }
 
 impl Stat {
+    /// Room a copy of it takes: its allocation, never above its size.
+    pub fn room(&self) -> u64 {
+        self.allocated.map_or(self.size, |a| a.min(self.size))
+    }
+
     pub fn of(path: String, meta: &std::fs::Metadata, full: &Path) -> Stat {
         let kind = if meta.file_type().is_symlink() {
             StatKind::Symlink
@@ -54,6 +63,7 @@ impl Stat {
             mode: meta.mode() & 0o7777,
             ctime_ns: ctime_ns(meta),
             target,
+            allocated: Some(meta.blocks() * 512),
         }
     }
 }

@@ -15,6 +15,11 @@ use serde::{Deserialize, Serialize};
 use super::stat::ctime_ns;
 use super::{is_top, refuse, relative, walk_parents, write_entry, Placed, Target};
 
+/// What a file being pulled is called beside its destination until it is
+/// whole (written, synced, then renamed over the destination). A listing
+/// that meets one (a pull killed midway) removes it.
+pub const PULL_TEMP_PREFIX: &str = ".banger-pull-";
+
 /// The PAX record marking an entry whose path is to be removed.
 pub const REMOVE_KEY: &str = "BANGER.remove";
 /// The PAX record carrying an entry's expected destination.
@@ -185,7 +190,13 @@ pub fn apply(
             outcomes.push(Outcome::Removed);
             continue;
         }
-        write_entry(&mut entry, &target, &mut placed)?;
+        if options.only.is_some() {
+            // Pulled into the user's own tree: the destination is either as
+            // it was or whole, whatever happens midway (a killed daemon).
+            write_whole(&mut entry, dst, &rel, &path, &mut placed)?;
+        } else {
+            write_entry(&mut entry, &target, &mut placed)?;
+        }
         if fresh {
             written.insert(rel.clone());
         }
@@ -197,6 +208,38 @@ pub fn apply(
         outcomes.push(written_at(&dest)?);
     }
     Ok(outcomes)
+}
+
+/// Writes a file or link entry to a temporary name beside its destination
+/// (holes of a sparse entry kept), syncs it, and renames it over the
+/// destination, which is replaced, never followed.
+fn write_whole<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    dst: &Path,
+    rel: &Path,
+    shown: &Path,
+    placed: &mut Placed,
+) -> std::io::Result<()> {
+    walk_parents(dst, rel, shown, true, &mut placed.dirs)?;
+    let dest = dst.join(rel);
+    let parent = dest.parent().unwrap_or(dst);
+    // Unique in this process by the counter, among processes by the pid.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = parent.join(format!("{PULL_TEMP_PREFIX}{}-{n}", std::process::id()));
+    let written = (|| {
+        entry.unpack(&tmp)?;
+        if entry.header().entry_type() != tar::EntryType::Symlink {
+            std::fs::File::open(&tmp)?.sync_all()?;
+        }
+        std::fs::rename(&tmp, &dest)?;
+        // The rename itself, durable: the directory's entry.
+        std::fs::File::open(parent)?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// `dest` written, with the change time it has now.
@@ -290,7 +333,8 @@ fn untrusted_refusal<R: Read>(
         }
         return Ok(None);
     }
-    if !kind.is_file() {
+    // A sparse file (GNU's sparse entry) is a file: its holes are kept.
+    if !kind.is_file() && !kind.is_gnu_sparse() {
         return Ok(Some(format!(
             "a {kind:?} entry is neither a file nor a link"
         )));

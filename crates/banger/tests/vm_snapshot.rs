@@ -335,6 +335,21 @@ fn a_failed_snapshot_leaves_the_vm_as_it_was_and_nothing_behind() {
         serde_json::from_str(&banger.ok(&["vm", "resume", "q1", "--json"])).unwrap();
     assert_eq!(resumed["state"], "running", "{resumed}");
     assert_eq!(sh(&banger, "q1", "hostname"), "q1");
+    // Resumed again: it runs, and is said so at once (red team round 3,
+    // item 19: it hung 32 s, then blamed the agent).
+    let started = Instant::now();
+    let again = banger.run(&["vm", "resume", "q1"]);
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        !again.status.success() && said.contains("is not paused"),
+        "{again:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(sh(&banger, "q1", "hostname"), "q1");
     banger.ok(&["snapshot", "rm", "pz"]);
     // `--stop`: written, then a clean stop.
     banger.ok(&["vm", "snapshot", "q1", "last", "--stop"]);

@@ -339,6 +339,7 @@ mod guest_tests {
             mode: 0o644,
             ctime_ns,
             target: None,
+            allocated: None,
         }
     }
 

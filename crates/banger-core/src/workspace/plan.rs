@@ -157,6 +157,7 @@ mod tests {
             mode: 0o644,
             ctime_ns: 200,
             target: None,
+            allocated: None,
         }
     }
 

@@ -59,6 +59,12 @@ pub fn list(dir: &Path, runner: &dyn ProcessRunner) -> Result<Listing, Workspace
         if ignores.excludes(&path) {
             continue;
         }
+        let name = path.rsplit('/').next().unwrap_or_default();
+        if name.starts_with(banger_treecopy::sync::PULL_TEMP_PREFIX) {
+            // Half of a pull a killed daemon left: never the user's.
+            let _ = std::fs::remove_file(dir.join(&path));
+            continue;
+        }
         match found(dir, path)? {
             Seen::Found(f) => listing.found.push(f),
             Seen::Special(path) => listing.skipped.push(path),

@@ -80,12 +80,15 @@ impl Vms {
             .with_jails(deps.jails),
         );
         let sessions = Arc::new(AgentSessions::new(registry.clone()));
-        let workspaces = Arc::new(WorkspaceService::new(
-            registry.store.clone(),
-            sessions.clone(),
-            deps.runner.clone(),
-            registry.paths.state_dir.clone(),
-        ));
+        let workspaces = Arc::new(
+            WorkspaceService::new(
+                registry.store.clone(),
+                sessions.clone(),
+                deps.runner.clone(),
+                registry.paths.state_dir.clone(),
+            )
+            .with_min_free(registry.config.limits.min_free()),
+        );
         Vms {
             lifecycle: Arc::new(VmLifecycle::new(
                 registry.clone(),

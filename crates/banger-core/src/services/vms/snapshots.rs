@@ -171,8 +171,16 @@ impl VmLifecycle {
     pub async fn resume(&self, name: &str) -> OpResult<VmInfo> {
         let _guard = self.registry.lock(name).await;
         let vm = self.registry.record(name)?;
-        if self.registry.live(name)?.is_none() {
+        let Some(rt) = self.registry.live(name)? else {
             return Err(VmError::Stopped(name.into()).into());
+        };
+        // A running guest whose agent holds nothing: there is nothing to
+        // resume, and waiting for an identity it will never ask for hung
+        // (red team round 3, item 19).
+        if !rt.paused && !rt.held {
+            return Err(OpError::conflict(format!(
+                "VM `{name}` is not paused (it runs); `banger vm pause {name}` pauses it"
+            )));
         }
         self.unpause(&vm).await?;
         tracing::info!(vm = %name, "VM resumed");

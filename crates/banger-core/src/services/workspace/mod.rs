@@ -48,6 +48,9 @@ pub struct WorkspaceService {
     files: manifest_file::ManifestFiles,
     /// What changed in each running VM's host directory since its last sync.
     watchers: std::sync::Mutex<std::collections::HashMap<String, Arc<Watcher>>>,
+    /// Room a pull leaves free on the host's filesystem, as pulls of images
+    /// and creates leave (`limits.min_free_bytes`).
+    min_free: u64,
 }
 
 impl WorkspaceService {
@@ -66,7 +69,13 @@ impl WorkspaceService {
             manifests: Default::default(),
             files: Default::default(),
             watchers: Default::default(),
+            min_free: 64 << 20,
         }
+    }
+
+    pub fn with_min_free(mut self, bytes: u64) -> WorkspaceService {
+        self.min_free = bytes;
+        self
     }
 
     /// A create's workspace, checked before anything is made: the host
@@ -338,6 +347,29 @@ impl WorkspaceService {
             ..Default::default()
         };
         let host_dir = PathBuf::from(&ws.host_dir);
+        // Refused before anything is written: a guest cannot fill the
+        // host's disk (and leave a partial file) through a pull.
+        let need: u64 = plan.pull.iter().map(|s| s.room()).sum();
+        if let Some(free) =
+            crate::rootfs::extract::free_bytes(&host_dir).filter(|_| !plan.pull.is_empty())
+        {
+            if free < need.saturating_add(self.min_free) {
+                return Err(OpError::invalid(format!(
+                    "pulling {} file(s) from {}:{} needs {} MiB in {} and its filesystem has {} MiB \
+                     free (keeping {} MiB spare): free space there (`df -h {}`), or keep the big \
+                     files out with .bangerignore, then `banger vm sync {} --pull` again",
+                    plan.pull.len(),
+                    vm.name,
+                    ws.guest_path,
+                    need.div_ceil(1 << 20),
+                    ws.host_dir,
+                    free >> 20,
+                    self.min_free >> 20,
+                    ws.host_dir,
+                    vm.name,
+                )));
+            }
+        }
         if !plan.push.is_empty() {
             let items = std::mem::take(&mut plan.push);
             let total: u64 = plan
