@@ -193,6 +193,12 @@ pub fn apply(
         if options.only.is_some() {
             // Pulled into the user's own tree: the destination is either as
             // it was or whole, whatever happens midway (a killed daemon).
+            // One whose directory is a link on this side (a host workspace
+            // holding a symlinked directory) is that path's refusal alone.
+            if let Err(why) = inside_real_dirs(dst, &rel, &path)? {
+                outcomes.push(Outcome::Refused { why });
+                continue;
+            }
             write_whole(&mut entry, dst, &rel, &path, &mut placed)?;
         } else {
             write_entry(&mut entry, &target, &mut placed)?;
@@ -208,6 +214,34 @@ pub fn apply(
         outcomes.push(written_at(&dest)?);
     }
     Ok(outcomes)
+}
+
+/// Whether every directory above `rel` is a real one (made where missing):
+/// `Err(why)` names the one that is not, with nothing written.
+fn inside_real_dirs(dst: &Path, rel: &Path, shown: &Path) -> std::io::Result<Result<(), String>> {
+    let mut at = dst.to_path_buf();
+    for part in rel.parent().into_iter().flat_map(|p| p.components()) {
+        at.push(part);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.is_dir() => {}
+            Ok(m) => {
+                let what = if m.file_type().is_symlink() {
+                    "a link"
+                } else {
+                    "not a directory"
+                };
+                let under = at.strip_prefix(dst).unwrap_or(&at);
+                return Ok(Err(format!(
+                    "{} is under {}, which is {what} here: not followed",
+                    shown.display(),
+                    under.display()
+                )));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Ok(()))
 }
 
 /// Writes a file or link entry to a temporary name beside its destination
@@ -661,6 +695,73 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("not asked for"), "{err}");
         assert!(host.join("d/f").exists());
+
+        // A directory the host has as a link: that path alone is refused,
+        // nothing is written through it, the rest is pulled (red team
+        // round 3, item 23: the whole pull failed).
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, host.join("linked")).unwrap();
+        std::fs::create_dir_all(guest.join("linked")).unwrap();
+        std::fs::write(guest.join("linked/new.txt"), "new").unwrap();
+        std::fs::write(guest.join("plain.txt"), "plain").unwrap();
+        let items = [
+            Item::write("linked/new.txt", None),
+            Item::write("plain.txt", None),
+        ];
+        let outcomes = send(
+            &guest,
+            &items,
+            &host,
+            &asked(&["linked/new.txt", "plain.txt"]),
+        )
+        .unwrap();
+        assert!(
+            matches!(&outcomes[0], Outcome::Refused { why } if why.contains("linked, which is a link here")),
+            "{outcomes:?}"
+        );
+        assert!(matches!(outcomes[1], Outcome::Written { .. }));
+        assert!(std::fs::read_dir(&outside).unwrap().next().is_none());
+        assert_eq!(
+            std::fs::read_to_string(host.join("plain.txt")).unwrap(),
+            "plain"
+        );
+    }
+
+    /// A pulled file replaces its destination whole, through a temporary
+    /// name beside it that is gone after; a sparse one keeps its holes.
+    #[test]
+    fn a_pulled_file_replaces_its_destination_whole_and_stays_sparse() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let (guest, host) = (tmp.path().join("guest"), tmp.path().join("host"));
+        std::fs::create_dir_all(&guest).unwrap();
+        std::fs::create_dir_all(&host).unwrap();
+        let sparse = std::fs::File::create(guest.join("disk.img")).unwrap();
+        sparse.set_len(64 << 20).unwrap();
+        std::fs::write(host.join("disk.img"), "old").unwrap();
+        let only = ApplyOptions {
+            owner: None,
+            only: Some(["disk.img".to_string()].into_iter().collect()),
+        };
+        let outcomes = send(&guest, &[Item::write("disk.img", None)], &host, &only).unwrap();
+        assert!(
+            matches!(outcomes[0], Outcome::Written { .. }),
+            "{outcomes:?}"
+        );
+        let meta = std::fs::metadata(host.join("disk.img")).unwrap();
+        assert_eq!(meta.len(), 64 << 20);
+        assert!(
+            meta.blocks() * 512 < 1 << 20,
+            "holes kept: {} blocks",
+            meta.blocks()
+        );
+        let left: Vec<_> = std::fs::read_dir(&host)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(left, ["disk.img"]);
     }
 
     /// A file replaced by a directory of its name, and a directory by a
