@@ -55,10 +55,20 @@ pub fn prune(cache_dir: &Path, dry_run: bool) -> io::Result<PruneResult> {
         .unwrap_or_else(|| "cache".into());
     let aside = cache_dir.with_file_name(format!(".pruning-{name}-{}", crate::ids::random_hex(6)));
     fs::rename(cache_dir, &aside)?;
-    let recreated = fs::create_dir_all(cache_dir);
-    let removed = fs::remove_dir_all(&aside);
-    recreated?;
-    removed?;
+    // The new, empty cache comes first, so a pull finishing meanwhile has
+    // one to publish into; on a full disk there is no room even for that
+    // until the old one is gone, so then it comes after.
+    match fs::create_dir_all(cache_dir) {
+        Ok(()) => fs::remove_dir_all(&aside)?,
+        Err(e) if e.kind() == io::ErrorKind::StorageFull => {
+            fs::remove_dir_all(&aside)?;
+            fs::create_dir_all(cache_dir)?;
+        }
+        Err(e) => {
+            let _ = fs::remove_dir_all(&aside);
+            return Err(e);
+        }
+    }
     Ok(result)
 }
 
@@ -106,6 +116,41 @@ mod tests {
         assert!(cache.is_dir());
         assert_eq!(tally(&cache).unwrap(), Tally::default());
         assert_eq!(siblings(&cache), ["oci"]);
+    }
+
+    /// On a filesystem with no room left (here: no inode), the cache is
+    /// still emptied and made again (red team round 3, item 17: it failed
+    /// with "No space left on device" and freed nothing). Root only: it
+    /// mounts a small tmpfs.
+    #[test]
+    fn prune_frees_a_full_filesystem() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: mounting a tmpfs needs root");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let mnt = tmp.path().join("mnt");
+        fs::create_dir(&mnt).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m,nr_inodes=16", "tmpfs"])
+            .arg(&mnt)
+            .status()
+            .unwrap();
+        assert!(mounted.success());
+        let cache = mnt.join("oci");
+        fs::create_dir_all(cache.join("blobs")).unwrap();
+        let mut n = 0;
+        while fs::write(cache.join(format!("blobs/{n}")), b"blob").is_ok() {
+            n += 1;
+        }
+        assert!(fs::create_dir(mnt.join("probe")).is_err(), "full");
+        let pruned = prune(&cache, false);
+        let again = cache.is_dir() && tally(&cache).unwrap() == Tally::default();
+        let _ = std::process::Command::new("umount").arg(&mnt).status();
+        let r = pruned.unwrap();
+        assert_eq!(r.blobs_freed, n);
+        assert!(again, "the cache is there again, empty");
     }
 
     #[test]

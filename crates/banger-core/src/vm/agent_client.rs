@@ -519,9 +519,16 @@ async fn feed(
             }
         }
     };
+    let mut hung_up = std::pin::pin!(hung_up);
     tokio::select! {
-        () = forward => {}
-        () = hung_up => {}
+        () = forward => {
+            // The caller's input ended (its stdin was closed or never
+            // open): the command runs on, and what it left running in the
+            // background (`nohup server &`) outlives it as over ssh. Only
+            // the caller going away while it runs ends it.
+            hung_up.as_mut().await;
+        }
+        () = hung_up.as_mut() => {}
     }
     // The caller went away: its command goes with it.
     let _ = write.signal(Sig::HUP).await;
