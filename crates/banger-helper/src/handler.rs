@@ -204,6 +204,10 @@ impl Helper {
         let jails = self.jails_for(caller.uid, caller.gid, &request.home)?;
         self.policy.vm_name(&request.vm)?;
         let firecracker = self.firecracker(&request.firecracker)?;
+        if let Some(tap) = &request.tap {
+            // Lent to the jail's uid: only a tap of the caller's own network.
+            self.networks.owned(caller, &check_tap(tap)?)?;
+        }
         let exec_name = firecracker
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -236,10 +240,6 @@ impl Helper {
             nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_APPEND),
         )
         .map_err(|e| Failure::Failed(format!("the console log: {e}")))?;
-        if let Some(tap) = &request.tap {
-            // Lent to the jail's uid: only a tap of the caller's own network.
-            self.networks.owned(caller, &check_tap(tap)?)?;
-        }
         if let Some(q) = request.limits.cpu_quota {
             self.policy.cpu_quota(q)?;
         }
