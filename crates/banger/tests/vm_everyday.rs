@@ -348,6 +348,28 @@ fn run_commands_with_the_images_config() {
     let pid = banger.ok(&["vm", "exec", "r2", "-d", "--", "sleep", "30"]);
     assert!(pid.trim().parse::<u32>().unwrap() > 1, "{pid}");
 
+    // What a command detaches itself (nohup, setsid, a double fork)
+    // outlives it, as over ssh (red team round 3, item 14: the server of
+    // `sh -c 'nohup server &'` was killed when the exec returned). This
+    // busybox has no `nohup`; the shell does what it does: ignore SIGHUP.
+    banger.ok(&[
+        "vm",
+        "exec",
+        "r2",
+        "-u",
+        "0",
+        "--",
+        "sh",
+        "-c",
+        "(trap '' HUP; exec sleep 301) >/dev/null 2>&1 & setsid sleep 302 >/dev/null 2>&1 & \
+         (sleep 303 >/dev/null 2>&1 &)",
+    ]);
+    std::thread::sleep(Duration::from_secs(1));
+    let ps = banger.ok(&["vm", "exec", "r2", "--", "ps", "-o", "args"]);
+    for s in ["sleep 301", "sleep 302", "sleep 303"] {
+        assert!(ps.contains(s), "`{s}` did not outlive its exec:\n{ps}");
+    }
+
     // Plain OpenSSH to a VM without a network: `vm dial` as ProxyCommand
     // reaches the agent's SSH on the guest's loopback.
     let out = std::process::Command::new("ssh")
