@@ -9,6 +9,7 @@
 //! so a retry after a crash is safe.
 
 use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::net_orphans::{check_owner, orphans, owner_wants, parse_links, OWNER_ALIAS};
@@ -297,6 +298,23 @@ pub trait HostNetwork: Send + Sync {
     fn prune_orphans(&self) -> Result<Vec<Instance>, HostError> {
         Ok(Vec::new())
     }
+    /// The owner file the instance's gateway device names (its alias), if
+    /// the device is there and names one. Anyone may read it: this reads
+    /// the caller's own network namespace's sysfs.
+    fn gateway_owner(&self, instance: &Instance) -> Result<Option<PathBuf>, HostError> {
+        let alias =
+            std::fs::read_to_string(format!("/sys/class/net/{}/ifalias", instance.gateway_dev()))
+                .unwrap_or_default();
+        Ok(owner_of_alias(alias.trim()))
+    }
+}
+
+/// The owner file an alias names (`banger-owner:PATH`).
+pub fn owner_of_alias(alias: &str) -> Option<PathBuf> {
+    alias
+        .strip_prefix(OWNER_ALIAS)
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
 }
 
 /// The instance's whole table, replaced in one transaction.
@@ -512,6 +530,19 @@ impl HostNetwork for RealHostNetwork {
             .collect())
     }
 
+    fn gateway_owner(&self, instance: &Instance) -> Result<Option<PathBuf>, HostError> {
+        let gateway = instance.gateway_dev();
+        // No such device: `ip` says so and fails.
+        let Ok(out) = self.ip(["-o", "link", "show", "dev", gateway.as_str()]) else {
+            return Ok(None);
+        };
+        Ok(parse_links(&out)
+            .into_iter()
+            .find(|l| l.name == gateway)
+            .and_then(|l| l.alias)
+            .and_then(|a| owner_of_alias(&a)))
+    }
+
     fn prune_orphans(&self) -> Result<Vec<Instance>, HostError> {
         let links = parse_links(&self.ip(["-o", "link", "show"])?);
         let mut removed = Vec::new();
@@ -617,9 +648,19 @@ pub struct FakeHostNetwork {
     routes: Arc<Mutex<Vec<(String, Ipv4Addr)>>>,
     busy: Arc<Mutex<Vec<String>>>,
     orphans: Arc<Mutex<Vec<Instance>>>,
+    owners: Arc<Mutex<Vec<(Instance, PathBuf)>>>,
 }
 
 impl FakeHostNetwork {
+    /// Makes `instance`'s gateway name `owner` as its owner file, as a
+    /// daemon of another state directory would have set it up.
+    pub fn owned_by(&self, instance: &Instance, owner: &Path) {
+        self.owners
+            .lock()
+            .unwrap()
+            .push((instance.clone(), owner.to_path_buf()));
+    }
+
     pub fn calls(&self) -> Vec<NetCall> {
         self.calls.lock().unwrap().clone()
     }
@@ -710,6 +751,16 @@ impl HostNetwork for FakeHostNetwork {
 
     fn tap_busy(&self, tap: &str) -> bool {
         self.busy.lock().unwrap().iter().any(|t| t == tap)
+    }
+
+    fn gateway_owner(&self, instance: &Instance) -> Result<Option<PathBuf>, HostError> {
+        Ok(self
+            .owners
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(i, _)| i == instance)
+            .map(|(_, p)| p.clone()))
     }
 
     fn prune_orphans(&self) -> Result<Vec<Instance>, HostError> {

@@ -230,6 +230,18 @@ fn an_orphaned_instance_goes_at_the_next_setup() {
             homes.path().join("aaaaaa/network.instance").display()
         )
     );
+    // What a copied state directory reads to learn the id is another's.
+    assert_eq!(
+        net.gateway_owner(&a.instance).unwrap(),
+        a.owner.clone(),
+        "the gateway names its owner file"
+    );
+    assert_eq!(net.gateway_owner(&legacy.instance).unwrap(), None);
+    assert_eq!(
+        net.gateway_owner(&Instance::parse("dddddd").unwrap())
+            .unwrap(),
+        None
+    );
     net.setup(&b).unwrap();
     let present = |id: &str| sh(&ns.0, "ip -o link; nft list tables").contains(id);
     assert!(present("aaaaaa"), "its owner file is there");

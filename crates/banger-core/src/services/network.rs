@@ -55,6 +55,8 @@ pub struct NetworkService {
     pool: usize,
     /// Taps are handed to VMMs running as this user.
     owner: u32,
+    /// `network.subnet` from the config, if one was set.
+    configured_subnet: Option<String>,
     /// Serialises tap assignment.
     taps: Mutex<Taps>,
 }
@@ -99,7 +101,7 @@ impl NetworkService {
                 State::User
             }
             Ok(NetworkMode::Auto | NetworkMode::Bridged) => {
-                match Self::subnet(config, &store, &instance) {
+                match Self::subnet(config.network.subnet.as_deref(), &store, &instance) {
                     Ok(subnet) => State::Ready(NetSetup {
                         instance: instance.clone(),
                         subnet,
@@ -123,8 +125,45 @@ impl NetworkService {
             domain: net.domain.clone().unwrap_or_else(|| DEFAULT_DOMAIN.into()),
             pool: net.tap_pool.unwrap_or(DEFAULT_POOL).min(64),
             owner,
+            configured_subnet: net.subnet.clone(),
             taps: Mutex::default(),
         }
+    }
+
+    /// Another live state directory already has this one's instance id: a
+    /// home copied whole (`cp -a`, a restored backup) carries its
+    /// original's id, and two daemons on one id take each other's gateway
+    /// and NAT. The gateway's alias names its owner file; if that is not
+    /// this directory's and still holds the id, the id is the other's.
+    fn claimed_elsewhere(&self, ours: &std::path::Path) -> Option<std::path::PathBuf> {
+        let theirs = self.host.gateway_owner(&self.instance).ok().flatten()?;
+        let same = match (theirs.canonicalize(), ours.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => theirs == ours,
+        };
+        let wanted = banger_host::net_orphans::owner_wants(&theirs, &self.instance);
+        (!same && wanted == Some(true)).then_some(theirs)
+    }
+
+    /// This state directory takes a fresh instance id and subnet, leaving
+    /// the objects of the id it had to the directory that owns them.
+    fn take_fresh_instance(&mut self) -> Result<(), String> {
+        let fresh = Instance::fresh(random_u32);
+        self.store
+            .set_setting(INSTANCE_KEY, fresh.id())
+            .map_err(|e| e.to_string())?;
+        self.store
+            .set_setting(SUBNET_KEY, "")
+            .map_err(|e| e.to_string())?;
+        let State::Ready(setup) = &self.state else {
+            return Ok(());
+        };
+        let mut setup = setup.clone();
+        setup.subnet = Self::subnet(self.configured_subnet.as_deref(), &self.store, &fresh)?;
+        setup.instance = fresh.clone();
+        self.instance = fresh;
+        self.state = State::Ready(setup);
+        Ok(())
     }
 
     /// Writes the instance's id into `path` (in the state directory) and
@@ -138,6 +177,24 @@ impl NetworkService {
         if let Err(e) = banger_host::net_orphans::check_owner(&path) {
             tracing::warn!(error = %e, "this network's host objects will not be removed automatically if its state directory goes");
             return self;
+        }
+        if let Some(theirs) = self.claimed_elsewhere(&path) {
+            let old = self.instance.clone();
+            match self.take_fresh_instance() {
+                Ok(()) => tracing::warn!(
+                    old = %old,
+                    new = %self.instance,
+                    owner = %theirs.display(),
+                    "this state directory is a copy of another that is in use: it takes a network instance of its own"
+                ),
+                Err(e) => {
+                    self.state = State::Broken(format!(
+                        "this state directory shares network instance {old} with {} (a copy?), and a fresh one could not be taken: {e}",
+                        theirs.display()
+                    ));
+                    return self;
+                }
+            }
         }
         let id = format!("{}\n", self.instance.id());
         if std::fs::read_to_string(&path).ok().as_deref() != Some(id.as_str()) {
@@ -167,12 +224,19 @@ impl NetworkService {
     }
 
     /// The configured subnet, else the one chosen before, else a fresh choice.
-    fn subnet(config: &Config, store: &Store, instance: &Instance) -> Result<Subnet, String> {
+    fn subnet(
+        configured: Option<&str>,
+        store: &Store,
+        instance: &Instance,
+    ) -> Result<Subnet, String> {
         let routes = address::parse_proc_routes(
             &std::fs::read_to_string("/proc/net/route").unwrap_or_default(),
         );
-        let remembered = store.setting(SUBNET_KEY).map_err(|e| e.to_string())?;
-        let wanted = config.network.subnet.clone().or(remembered);
+        let remembered = store
+            .setting(SUBNET_KEY)
+            .map_err(|e| e.to_string())?
+            .filter(|s| !s.is_empty());
+        let wanted = configured.map(str::to_string).or(remembered);
         let subnet = address::choose_subnet(wanted.as_deref(), &routes, instance)?;
         store
             .set_setting(SUBNET_KEY, &subnet.to_string())
@@ -734,5 +798,57 @@ mod tests {
         let quiet = dir.path().join("user-mode");
         drop(user.with_owner_file(quiet.clone()));
         assert!(!quiet.exists(), "no host objects, nothing to own");
+    }
+
+    /// A state directory copied from one in use carries its instance id:
+    /// it takes a fresh one (and a subnet of its own) at start, and leaves
+    /// the other's objects alone (red team round 3, item 15). Its own
+    /// directory, or a gone one, keeps the id.
+    #[test]
+    fn a_copied_state_directory_takes_a_fresh_instance() {
+        let dir = tempfile::tempdir().unwrap();
+        let (original, copy) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::create_dir_all(&original).unwrap();
+        std::fs::create_dir_all(&copy).unwrap();
+        let net = FakeHostNetwork::default();
+        let store = Arc::new(Store::open_in_memory().unwrap());
+        let config: Config = toml::from_str("[network]\nmode = \"tap\"\ntap_pool = 1\n").unwrap();
+        let first = NetworkService::new(&config, Arc::new(net.clone()), true, store.clone())
+            .with_owner_file(original.join("network.instance"));
+        let id = first.instance.clone();
+        net.owned_by(&id, &original.join("network.instance"));
+        // The same directory again: the same id.
+        let again = NetworkService::new(&config, Arc::new(net.clone()), true, store.clone())
+            .with_owner_file(original.join("network.instance"));
+        assert_eq!(again.instance, id);
+        // A copy: the same store's id, the original's owner file live.
+        std::fs::copy(
+            original.join("network.instance"),
+            copy.join("network.instance"),
+        )
+        .unwrap();
+        let copied = NetworkService::new(&config, Arc::new(net.clone()), true, store.clone())
+            .with_owner_file(copy.join("network.instance"));
+        assert_ne!(copied.instance, id);
+        assert_eq!(
+            std::fs::read_to_string(copy.join("network.instance"))
+                .unwrap()
+                .trim(),
+            copied.instance.id()
+        );
+        assert_eq!(
+            store.setting(INSTANCE_KEY).unwrap().as_deref(),
+            Some(copied.instance.id())
+        );
+        assert!(matches!(&copied.state, State::Ready(s) if s.instance == copied.instance));
+        assert!(net.calls().is_empty(), "nothing of the original's touched");
+        // The original's owner file gone: its id is an orphan's, kept.
+        let net2 = FakeHostNetwork::default();
+        let store2 = Arc::new(Store::open_in_memory().unwrap());
+        let lone = NetworkService::new(&config, Arc::new(net2.clone()), true, store2);
+        let lone_id = lone.instance.clone();
+        net2.owned_by(&lone_id, &dir.path().join("gone/network.instance"));
+        let lone = lone.with_owner_file(copy.join("network.instance"));
+        assert_eq!(lone.instance, lone_id);
     }
 }
