@@ -149,6 +149,13 @@ pub fn spawn(spec: Spec) -> Result<Started, SpawnError> {
                 "/".into()
             }
         });
+    // Said as what it is: a missing directory is not a missing program.
+    if !std::path::Path::new(&cwd).is_dir() {
+        return Err(fail(
+            banger_proto::agent::exit::CANNOT_INVOKE,
+            format!("working directory {cwd} does not exist in the VM (-w)"),
+        ));
+    }
     cmd.current_dir(&cwd);
     let (uid, gid) = (acct.uid, acct.gid);
     let username = CString::new(
@@ -233,7 +240,7 @@ pub fn spawn(spec: Spec) -> Result<Started, SpawnError> {
     let (mut child, exit) = spawned.map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => fail(
             banger_proto::agent::exit::NOT_FOUND,
-            format!("{program}: command not found (or working directory {cwd} missing)"),
+            format!("{program}: command not found"),
         ),
         std::io::ErrorKind::PermissionDenied => fail(
             banger_proto::agent::exit::CANNOT_INVOKE,

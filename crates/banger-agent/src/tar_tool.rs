@@ -75,9 +75,11 @@ pub fn run(args: &[String], input: impl Read, mut out: impl Write, mut err: impl
     };
     match result {
         Ok(()) => 0,
+        // Said as every banger failure is (`error:`), with banger's own
+        // exit code: the user sees this through `vm cp`, not the tool.
         Err(e) => {
-            let _ = writeln!(err, "banger-tar: {e}");
-            1
+            let _ = writeln!(err, "error: {e}");
+            banger_proto::agent::exit::BANGER_FAILED as i32
         }
     }
 }

@@ -139,7 +139,7 @@ impl From<crate::vm::vmm::VmmError> for OpError {
         use crate::vm::vmm::VmmError as E;
         let code = match &e {
             // What the user chose (a path, an accelerator) cannot work.
-            E::Spec(_) | E::UnknownAccel(_) => ErrorCode::InvalidParams,
+            E::Spec(_) | E::UnknownAccel(_) | E::NotInstalled(_) => ErrorCode::InvalidParams,
             E::Api(_) | E::Connect { .. } | E::Refused(_) => ErrorCode::Internal,
         };
         OpError::new(code, e.to_string())

@@ -348,6 +348,39 @@ fn run_commands_with_the_images_config() {
     let pid = banger.ok(&["vm", "exec", "r2", "-d", "--", "sleep", "30"]);
     assert!(pid.trim().parse::<u32>().unwrap() > 1, "{pid}");
 
+    // banger's own failures where a command would run exit 125, each said
+    // as `error:` and as what it is (red team round 3, item 24).
+    let missing = banger.path("no-such.env");
+    for (args, said) in [
+        (
+            vec![
+                "vm",
+                "exec",
+                "r2",
+                "--env-file",
+                missing.to_str().unwrap(),
+                "--",
+                "true",
+            ],
+            "error: --env-file",
+        ),
+        (vec!["vm", "cp", "/etc/hostname", "nosuch:/tmp/"], "error:"),
+        (vec!["vm", "cp", "r2:/no/such/file", "/tmp/"], "error:"),
+    ] {
+        let (code, _, err) = output(&banger, &args);
+        assert_eq!(code, 125, "{args:?}: {err}");
+        assert!(
+            err.starts_with(said) && !err.contains("banger-tar"),
+            "{args:?}: {err}"
+        );
+    }
+    let (code, _, err) = output(&banger, &["vm", "exec", "r2", "-w", "/nope", "--", "pwd"]);
+    assert_eq!(code, 126, "{err}");
+    assert!(
+        err.contains("working directory /nope does not exist"),
+        "{err}"
+    );
+
     // What a command detaches itself (nohup, setsid, a double fork)
     // outlives it, as over ssh (red team round 3, item 14: the server of
     // `sh -c 'nohup server &'` was killed when the exec returned). This

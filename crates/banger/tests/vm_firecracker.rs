@@ -56,6 +56,51 @@ fn fake_fc_setup(
     (registry, tmp, banger)
 }
 
+/// No Firecracker on the host: `vm create --vmm firecracker` is refused
+/// at once with the fix, nothing made, and doctor says it is missing (red
+/// team round 3, item 24: the create succeeded and every start failed).
+#[test]
+fn without_firecracker_a_firecracker_vm_is_refused_at_create() {
+    let Some((_fake, agent)) = tools() else {
+        return;
+    };
+    let missing = Path::new("/nonexistent/firecracker");
+    let (_registry, _tmp, banger) = fake_fc_setup(missing, &agent, &[]);
+    let err = banger.fails(&[
+        "vm",
+        "create",
+        "f",
+        "--image",
+        "busybox",
+        "--kernel",
+        "fc",
+        "--vmm",
+        "firecracker",
+    ]);
+    assert!(
+        err.contains("no Firecracker here") && err.contains("--vmm qemu"),
+        "{err}"
+    );
+    assert!(!banger.path("state/vms/f").exists());
+    let doctor = String::from_utf8(
+        banger
+            .cmd(&["doctor"])
+            .env("BANGER_FIRECRACKER_BIN", missing)
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let line = doctor
+        .lines()
+        .find(|l| l.contains("firecracker") && l.contains("not found"))
+        .unwrap_or_default();
+    assert!(
+        line.starts_with("warn") && line.contains("not found"),
+        "{doctor}"
+    );
+}
+
 #[test]
 fn firecracker_boot_follows_the_api_order_and_runs_commands() {
     let Some((fake, agent)) = tools() else { return };

@@ -106,6 +106,9 @@ pub enum VmmError {
     Refused(String),
     #[error("unknown qemu accelerator `{0}` (use auto, kvm or tcg)")]
     UnknownAccel(String),
+    /// The VMM's program is not on this host.
+    #[error("{0}")]
+    NotInstalled(String),
 }
 
 impl VmmError {
@@ -116,6 +119,11 @@ impl VmmError {
 
 pub trait Vmm: Send + Sync {
     fn kind(&self) -> &'static str;
+    /// Whether its program is here: asked at create, so a VM that could
+    /// never start is refused then, not at its first start.
+    fn installed(&self) -> Result<(), VmmError> {
+        Ok(())
+    }
     /// How the agent is reached on this backend.
     fn transport(&self) -> Transport;
     /// The process to launch.

@@ -152,7 +152,10 @@ fn exec_piped(
     );
     match result {
         Ok(r) => Ok(r.exit_code),
-        Err(e) => Ok(report(e)),
+        Err(e) => {
+            report(e);
+            Ok(banger_proto::agent::exit::BANGER_FAILED as i32)
+        }
     }
 }
 

@@ -61,6 +61,7 @@ pub fn run(paths: &Paths, json: bool) -> anyhow::Result<i32> {
         debugfs(),
         disk_space(paths),
         qemu(),
+        firecracker(&config),
         kvm(paths, &config),
         kernel(paths),
         vms(paths),
@@ -264,6 +265,34 @@ fn disk_space(paths: &Paths) -> Check {
         check("disk", Status::Warn, msg, hint)
     } else {
         check("disk", Status::Ok, msg, None)
+    }
+}
+
+/// Firecracker, which only `--vmm firecracker` needs: there or not.
+fn firecracker(config: &banger_core::config::Config) -> Check {
+    let binary = config.firecracker();
+    match banger_core::config::which(&binary).filter(|p| p.is_file()) {
+        Some(path) => {
+            let version = std::process::Command::new(&path)
+                .arg("--version")
+                .output()
+                .ok()
+                .and_then(|o| String::from_utf8(o.stdout).ok())
+                .and_then(|t| t.lines().next().map(str::to_string))
+                .unwrap_or_default();
+            check(
+                "firecracker",
+                Status::Ok,
+                format!("{} {}", path.display(), version.trim()),
+                None,
+            )
+        }
+        None => check(
+            "firecracker",
+            Status::Warn,
+            format!("`{binary}` not found: VMs use QEMU; `--vmm firecracker` is refused"),
+            Some("install Firecracker (docs/vms.md, \"Getting Firecracker\") or set firecracker.binary"),
+        ),
     }
 }
 

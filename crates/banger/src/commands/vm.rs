@@ -150,7 +150,8 @@ pub fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
         }
         VmCommand::PortForward { name, spec, json } => port_forward(client, &name, &spec, json),
         VmCommand::Dial { name, port } => super::tunnel::dial(client, &name, port),
-        VmCommand::Cp { paths } => super::cp::run(client, paths),
+        // Like exec: banger's own failures are 125, the command's its own.
+        VmCommand::Cp { paths } => super::cp::run(client, paths).or_else(|e| Ok(own_failure(e))),
         VmCommand::Logs {
             name,
             follow,
@@ -207,10 +208,14 @@ pub fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
             json,
             command,
         } => {
+            let env = match env_pairs(&env_file, env) {
+                Ok(env) => env,
+                Err(e) => return Ok(own_failure(e)),
+            };
             let params = ExecParams {
                 name,
                 argv: command,
-                env: env_pairs(&env_file, env)?,
+                env,
                 cwd: workdir,
                 user,
                 tty: None,
@@ -729,8 +734,9 @@ fn sync(client: &Client, params: SyncParams, json: bool) -> anyhow::Result<i32> 
 }
 
 /// `-e`/`--env-file` into pairs, as docker reads them: `KEY=VALUE`, or
-/// `KEY` alone for the host's value (left out when the host has none);
-/// in files, blank lines and `#` comments are skipped. `-e` wins.
+/// `KEY` alone for the caller's value (left out when the caller has none);
+/// in files, blank lines and `#` comments are skipped and a leading
+/// `export ` (a shell's .env) is the same line without it. `-e` wins.
 fn env_pairs(
     files: &[std::path::PathBuf],
     env: Vec<String>,
@@ -743,6 +749,7 @@ fn env_pairs(
             text.lines()
                 .map(str::trim)
                 .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(|l| l.strip_prefix("export ").map_or(l, str::trim_start))
                 .map(str::to_owned),
         );
     }
@@ -882,6 +889,19 @@ fn exec(
     }
 }
 
+/// A failure of banger's own (not the command's) where a guest command
+/// would have run: said as every error is, exit 125 (docker's code).
+fn own_failure(e: anyhow::Error) -> i32 {
+    eprintln!("error: {e:#}");
+    if crate::output::json_errors() {
+        outln!(
+            "{}",
+            serde_json::json!({"error": {"code": "invalid_params", "message": format!("{e:#}")}})
+        );
+    }
+    exit::BANGER_FAILED as i32
+}
+
 /// Writes become `stdin` lines on the exec connection; dropping it ends stdin.
 pub(super) struct StdinLines(pub(super) UnixStream);
 
@@ -979,6 +999,39 @@ mod forward_tests {
         for bad in ["80", "x:80", "8080:0", "8080:99999", ""] {
             assert!(parse_forward(bad).is_err(), "{bad}");
         }
+    }
+}
+
+#[cfg(test)]
+mod env_tests {
+    use super::env_pairs;
+
+    /// docker's env-file and a shell's .env read alike; a bare name takes
+    /// the caller's value, or nothing when the caller has none (red team
+    /// round 3, item 24).
+    #[test]
+    fn env_files_take_export_lines_and_bare_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("env");
+        std::fs::write(
+            &file,
+            "# comment\nexport A=1\nB=two words\nHOME\nBANGER_NO_SUCH_VAR\n",
+        )
+        .unwrap();
+        let home = std::env::var("HOME").unwrap();
+        let pairs = env_pairs(&[file], vec!["A=3".into(), "PATH".into()]).unwrap();
+        assert_eq!(
+            pairs,
+            [
+                ("A".to_string(), "1".to_string()),
+                ("B".into(), "two words".into()),
+                ("HOME".into(), home),
+                ("A".into(), "3".into()),
+                ("PATH".into(), std::env::var("PATH").unwrap()),
+            ]
+        );
+        let err = env_pairs(&[dir.path().join("nope")], Vec::new()).unwrap_err();
+        assert!(err.to_string().contains("--env-file"), "{err}");
     }
 }
 

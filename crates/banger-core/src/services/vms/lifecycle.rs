@@ -351,7 +351,7 @@ impl VmLifecycle {
             .vmm
             .or(self.registry.config.default_vmm)
             .unwrap_or(VmmKind::Qemu);
-        self.registry.vmm(vmm)?;
+        self.registry.vmm(vmm)?.installed()?;
         let host = sizing::Host::probe();
         let vcpus = match params.vcpus {
             Some(n) => sizing::vcpus(n, vmm, host)?,

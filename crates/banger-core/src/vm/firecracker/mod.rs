@@ -185,6 +185,22 @@ impl Vmm for Firecracker {
         "firecracker"
     }
 
+    fn installed(&self) -> Result<(), VmmError> {
+        use std::os::unix::fs::PermissionsExt;
+        let found = crate::config::which(&self.binary).filter(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        });
+        match found {
+            Some(_) => Ok(()),
+            None => Err(VmmError::NotInstalled(format!(
+                "no Firecracker here: `{}` is not an executable (on PATH or at that path); \
+                 install firecracker (docs/vms.md, \"Getting Firecracker\"), set \
+                 firecracker.binary or BANGER_FIRECRACKER_BIN, or use --vmm qemu",
+                self.binary
+            ))),
+        }
+    }
+
     fn transport(&self) -> Transport {
         Transport::Vsock
     }
