@@ -53,7 +53,6 @@ pub enum Command {
         bin: Option<std::path::PathBuf>,
     },
     /// Write banger's man pages (one per command) into DIR.
-    #[command(hide = true)]
     Man { dir: std::path::PathBuf },
 }
 

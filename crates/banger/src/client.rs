@@ -166,6 +166,15 @@ impl Client {
     /// message (on stderr, just above) says why.
     fn via(&self, e: CallError) -> CallError {
         match (e, &self.remote) {
+            // Nothing came back at all: most often ssh itself failed (a
+            // refused connection, a failed login), not a daemon.
+            (CallError::Transport(e), Some(remote)) if e.downcast_ref::<NoAnswer>().is_some() => {
+                CallError::Transport(anyhow::anyhow!(
+                    "no answer from {}: ssh could not connect or log in there (its message is \
+                     above), or `banger` is not installed on it (BANGER_REMOTE_COMMAND names it)",
+                    remote.url()
+                ))
+            }
             (CallError::Transport(e), Some(remote)) => CallError::Transport(e.context(format!(
                 "reaching banger's daemon on {} through ssh (ssh's message, if any, is above)",
                 remote.url()
@@ -255,7 +264,11 @@ fn call_inner<M: Method>(
             anyhow::Error::new(e).context("sending the request to the daemon"),
         ));
     }
-    Err(CallError::Transport(anyhow::anyhow!(
-        "the daemon closed the connection without answering (did it crash? see its log)"
-    )))
+    Err(CallError::Transport(anyhow::Error::new(NoAnswer)))
 }
+
+/// The connection ended before any answer: a local daemon that died, or
+/// (through `--host`) an ssh that never got through.
+#[derive(Debug, thiserror::Error)]
+#[error("the daemon closed the connection without answering (did it crash? see its log)")]
+struct NoAnswer;

@@ -38,7 +38,9 @@ fn main() {
     output::set_json_errors(&args);
     // Parsed from the command as built for completion and man pages, so
     // `--help` shows what they show.
-    let matches = cli::command().get_matches();
+    let matches = cli::command()
+        .try_get_matches()
+        .unwrap_or_else(|e| exit_parse_error(e, &args));
     let cli = cli::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let code = match commands::run(cli) {
         Ok(code) => code,
@@ -56,4 +58,31 @@ fn main() {
         }
     };
     std::process::exit(code);
+}
+
+/// clap's word on a command line it cannot read, with the fix where it is
+/// the usual slip: a guest command given without `--` before it.
+fn exit_parse_error(e: clap::Error, args: &[String]) -> ! {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let stray = match (e.kind(), e.get(ContextKind::InvalidArg)) {
+        (ErrorKind::UnknownArgument, Some(ContextValue::String(arg))) => Some(arg.clone()),
+        _ => None,
+    };
+    let runs_a_command = args
+        .windows(2)
+        .any(|w| w[0] == "vm" && matches!(w[1].as_str(), "exec" | "run"));
+    if let Some(stray) = stray.filter(|_| runs_a_command) {
+        if let Some(at) = args.iter().position(|a| *a == stray) {
+            let mut fixed = args[1..at].to_vec();
+            fixed.push("--".into());
+            fixed.extend_from_slice(&args[at..]);
+            eprintln!(
+                "error: `{stray}` looks like the start of the command to run: it goes after `--`, \
+                 as in `banger {}`",
+                fixed.join(" ")
+            );
+            std::process::exit(2);
+        }
+    }
+    e.exit()
 }

@@ -128,6 +128,17 @@ fn every_command_keeps_the_conventions() {
         String::from_utf8_lossy(&text.stdout),
         "web-1: stopped\nweb-2: stopped\n"
     );
+    // A guest command without `--` before it: the fix is named.
+    let out = banger.run(&["vm", "exec", "web-1", "ls", "-la"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("as in `banger vm exec web-1 -- ls -la`"),
+        "{out:?}"
+    );
+    // `banger man` is listed.
+    assert!(banger.ok(&["--help"]).contains("man "));
+    // One name, the same line (red team round 3, item 24).
+    assert_eq!(banger.ok(&["vm", "stop", "web-1"]), "web-1: stopped\n");
 
     // Completion: the script registers with bash; names come from the daemon.
     let script = banger.ok(&["completion", "bash"]);
@@ -157,6 +168,17 @@ fn every_command_keeps_the_conventions() {
         let text = std::fs::read_to_string(man.join(page)).unwrap_or_default();
         assert!(text.contains(".TH"), "{page}");
     }
+
+    // Several to remove, one unknown: the rest go, the unknown is said.
+    banger.ok(&["vm", "create", "gone", "--image", "busybox"]);
+    let out = banger.run(&["vm", "rm", "gone", "nosuch"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "gone: removed\n");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nosuch: error:"),
+        "{out:?}"
+    );
+    assert!(banger.run(&["vm", "inspect", "gone"]).status.code() != Some(0));
 
     // Removals as JSON.
     let removed = json(&banger, &["vm", "rm", "db", "--json"]);

@@ -368,7 +368,7 @@ fn remove_inspect_and_name_errors() {
     let err = banger.fails(&["image", "rm", "tiny", "ghost"]);
     assert!(err.contains("ghost"), "{err}");
     assert!(rootfs.is_file(), "a refused rm removes nothing");
-    assert_eq!(banger.ok(&["image", "rm", "tiny"]).trim(), "tiny");
+    assert_eq!(banger.ok(&["image", "rm", "tiny"]).trim(), "tiny: removed");
     assert!(!rootfs.exists() && !rootfs.parent().unwrap().exists());
     assert_eq!(
         banger.ok(&["image", "rm", "-f", "tiny", "ghost"]).trim(),

@@ -369,6 +369,11 @@ fn every_kind_of_command_drives_a_daemon_over_ssh() {
         !out.status.success() && said.contains("ssh://root@127.0.0.1:1"),
         "{said}"
     );
+    // Said as what it is: ssh did not get through, no daemon crashed.
+    assert!(
+        said.contains("ssh could not connect or log in") && !said.contains("did it crash"),
+        "{said}"
+    );
 }
 
 trait TapMkdir {

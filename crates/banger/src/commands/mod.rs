@@ -161,7 +161,7 @@ pub fn print_removed<M: Method<Params = RemoveParams, Result = RemoveResult>>(
         Ok(r) if args.json => println_json(&r).map(|()| 0),
         Ok(r) => {
             for name in r.removed {
-                outln!("{name}");
+                outln!("{name}: removed");
             }
             Ok(0)
         }

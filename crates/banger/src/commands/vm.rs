@@ -63,6 +63,7 @@ pub fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
             };
             client.call::<m::VmRestart>(params, boot_progress(name))
         }),
+        VmCommand::Rm(args) if args.names.len() > 1 && !args.force => remove_each(client, args),
         VmCommand::Rm(args) => super::print_removed::<m::VmRemove>(client, args),
         VmCommand::Set {
             name,
@@ -123,6 +124,7 @@ pub fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
                     vec![
                         v.name.clone(),
                         v.state.to_string(),
+                        v.ip.clone().unwrap_or_else(|| "-".into()),
                         v.image.clone(),
                         v.vmm.to_string(),
                         v.vcpus.to_string(),
@@ -134,7 +136,7 @@ pub fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
             out!(
                 "{}",
                 table(
-                    &["NAME", "STATE", "IMAGE", "VMM", "CPUS", "MEMORY", "CREATED"],
+                    &["NAME", "STATE", "ADDRESS", "IMAGE", "VMM", "CPUS", "MEMORY", "CREATED"],
                     &rows
                 )
             );
@@ -250,10 +252,21 @@ pub fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
         } => {
             let params = banger_proto::vm::RestoreParams {
                 name: name.clone(),
-                snapshot,
+                snapshot: snapshot.clone(),
             };
             let result = client.call::<m::VmRestore>(params, boot_progress(&name));
-            finish_boot(result, json)
+            match result {
+                Ok(info) if json => super::println_json(&info).map(|()| 0),
+                Ok(info) => {
+                    outln!(
+                        "{}: restored to {snapshot} (banger vm exec {} -- …)",
+                        info.name,
+                        info.name
+                    );
+                    Ok(0)
+                }
+                Err(e) => Ok(report(e)),
+            }
         }
         VmCommand::Sync {
             name,
@@ -284,12 +297,8 @@ fn each_vm(
     if let [name] = names {
         return match op(name) {
             Ok(info) if json => super::println_json(&info).map(|()| 0),
-            Ok(info) if done == "ready" => {
-                outln!("ready: banger vm exec {} -- …", info.name);
-                Ok(0)
-            }
             Ok(info) => {
-                outln!("{done} {}", info.name);
+                outln!("{}", done_line(&info, done));
                 Ok(0)
             }
             Err(e) => Ok(report(e)),
@@ -322,7 +331,7 @@ fn each_vm(
     } else {
         for (name, r) in &results {
             match r {
-                Ok(_) => outln!("{name}: {done}"),
+                Ok(info) => outln!("{}", done_line(info, done)),
                 Err(e) => eprintln!("{name}: error: {e}"),
             }
         }
@@ -331,6 +340,32 @@ fn each_vm(
         eprintln!("banger: {failed} of {} VM(s) failed", names.len());
     }
     Ok(i32::from(failed > 0))
+}
+
+/// One VM's line, the same for every verb and however many VMs: `NAME:
+/// DONE`, with what to do next where there is something (a ready VM's
+/// exec; a stopped workspace VM's unpulled changes, as `vm rm` counts them).
+fn done_line(info: &VmInfo, done: &str) -> String {
+    let name = &info.name;
+    match done {
+        "ready" => format!("{name}: ready (banger vm exec {name} -- …)"),
+        "stopped" => match info
+            .workspace
+            .as_ref()
+            .map(|w| (w.guest_changes, &w.host_dir))
+        {
+            Some((Some(n), dir)) if n > 0 => format!(
+                "{name}: stopped; {n} change(s) in its workspace not pulled to {dir} \
+                 (`banger vm start {name}` then `banger vm sync {name} --pull`)"
+            ),
+            Some((None, _)) => format!(
+                "{name}: stopped; its workspace's guest changes could not be counted \
+                 (`banger vm start {name}` then `banger vm sync {name} --pull` keeps them)"
+            ),
+            _ => format!("{name}: stopped"),
+        },
+        other => format!("{name}: {other}"),
+    }
 }
 
 /// `vm prune`: every stopped VM removed, after asking on a terminal
@@ -514,6 +549,55 @@ fn image_command(client: &Client, image: &str) -> anyhow::Result<Vec<String>> {
     Ok(argv)
 }
 
+/// `vm rm A B …`: each VM on its own, as `stop` and `start` go, so one
+/// that cannot go (unknown, running, unpulled work) stops none of the
+/// others; the exit status says whether any failed.
+fn remove_each(client: &Client, args: crate::cli::RmArgs) -> anyhow::Result<i32> {
+    let results: Vec<(String, Result<banger_proto::image::RemoveResult, CallError>)> =
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = args
+                .names
+                .iter()
+                .map(|name| {
+                    let params = banger_proto::image::RemoveParams {
+                        names: vec![name.clone()],
+                        force: false,
+                    };
+                    (
+                        name,
+                        scope.spawn(|| client.call::<m::VmRemove>(params, |_| {})),
+                    )
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|(name, h)| (name.clone(), h.join().expect("a VM's thread panicked")))
+                .collect()
+        });
+    let mut removed = Vec::new();
+    let mut failed = 0;
+    for (name, result) in results {
+        match result {
+            Ok(r) => removed.extend(r.removed),
+            Err(e) => {
+                failed += 1;
+                eprintln!("{name}: error: {e}");
+            }
+        }
+    }
+    if args.json {
+        super::println_json(&banger_proto::image::RemoveResult { removed })?;
+    } else {
+        for name in &removed {
+            outln!("{name}: removed");
+        }
+    }
+    if failed > 0 {
+        eprintln!("banger: {failed} of {} VM(s) failed", args.names.len());
+    }
+    Ok(i32::from(failed > 0))
+}
+
 /// `vm run --rm`'s end: the VM goes, stopped or not.
 fn remove_quietly(client: &Client, name: &str) {
     let params = banger_proto::image::RemoveParams {
@@ -537,7 +621,7 @@ fn create(client: &Client, args: CreateArgs, start: bool) -> anyhow::Result<i32>
             if json {
                 super::println_json(&info)?;
             } else {
-                outln!("created {name}; start it with `banger vm start {name}`");
+                outln!("{name}: created (`banger vm start {name}` starts it)");
             }
             Ok(0)
         }
@@ -620,7 +704,7 @@ fn finish_boot(result: Result<VmInfo, CallError>, json: bool) -> anyhow::Result<
             if json {
                 super::println_json(&info)?;
             } else {
-                outln!("ready: banger vm exec {} -- …", info.name);
+                outln!("{}", done_line(&info, "ready"));
             }
             Ok(0)
         }
