@@ -421,12 +421,16 @@ pub struct PortForwardParams {
     pub guest_port: u16,
 }
 
-/// Streamed once by `vm.port_forward` when its listener is bound.
+/// Streamed by `vm.port_forward`: once when its listener is bound, and
+/// again for each connection that found nothing listening in the guest.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ForwardEvent {
     /// The bound host address (`127.0.0.1:40123`).
     pub listening: String,
     pub guest_port: u16,
+    /// A connection came and the guest port refused it: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

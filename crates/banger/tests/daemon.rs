@@ -81,6 +81,21 @@ fn the_first_command_starts_a_daemon_and_later_ones_reuse_it() {
             .find(|l| l.contains("jail-uids"))
             .unwrap_or_default();
         assert!(line.starts_with("FAIL") && line.contains(why), "{line}");
+        // Before any daemon ran, as root: the daemon root starts does the
+        // privileged work itself (red team round 3, item 24: doctor said
+        // networking was off and named `system install`).
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            let helper = doctor
+                .lines()
+                .find(|l| l.contains("helper"))
+                .unwrap_or_default();
+            assert!(
+                helper.contains("privileged work runs in-process")
+                    && !helper.contains("system install"),
+                "{helper}"
+            );
+        }
     }
 }
 

@@ -637,6 +637,22 @@ fn ssh_interop(banger: &Banger, ns: &str, a: &str, tmp: &Path, user_home: &Path)
         .success()),
         "the forward outlived its command"
     );
+
+    // A forward to a guest port nothing listens on says so for each
+    // connection (red team round 3, item 24: it only hung up).
+    let (mut empty, listening) = banger.port_forward("a", "0:9");
+    let _ = fetch(ns, &format!("http://{listening}/"));
+    let mut event = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(empty.stdout.as_mut().unwrap()),
+        &mut event,
+    )
+    .unwrap();
+    let _ = empty.kill();
+    let _ = empty.wait();
+    let event: serde_json::Value = serde_json::from_str(&event).unwrap_or_default();
+    assert!(event["refused"].is_string(), "{event}");
+    assert_eq!(event["guest_port"], 9);
 }
 
 fn wait_until(limit: Duration, mut ok: impl FnMut() -> bool) -> bool {

@@ -549,7 +549,12 @@ fn root_mode(paths: &Paths) -> Check {
 /// Who does the privileged work, and whether that path is sound.
 fn helper(status: Option<&DaemonStatus>, config: &banger_core::config::Config) -> Check {
     let installed = crate::units::Install::present(Path::new("/"));
-    if status.map(|s| s.uid) == Some(0) {
+    // No daemon yet: the one a command starts runs as this user, as root
+    // when this is root.
+    let daemon_uid = status
+        .map(|s| s.uid)
+        .unwrap_or_else(|| nix::unistd::geteuid().as_raw());
+    if daemon_uid == 0 {
         return if installed {
             check(
                 "helper",

@@ -43,6 +43,7 @@ pub fn forward_remote(
         let event = ForwardEvent {
             listening: local.to_string(),
             guest_port,
+            refused: None,
         };
         if json {
             outln!("{}", serde_json::to_string(&event)?);
@@ -83,8 +84,13 @@ fn through_daemon_forward(
         let forwarding = scope.spawn(move || {
             client.call_streaming::<m::VmPortForward>(
                 params,
-                |event: ForwardEvent| {
-                    let _ = ready.send(event.listening);
+                |event: ForwardEvent| match event.refused {
+                    Some(why) => eprintln!(
+                        "{name}: a connection found nothing listening on guest port {guest_port} ({why})"
+                    ),
+                    None => {
+                        let _ = ready.send(event.listening);
+                    }
                 },
                 |_writer| {},
             )

@@ -1048,6 +1048,11 @@ fn port_forward(client: &Client, name: &str, spec: &str, json: bool) -> anyhow::
                     "{}",
                     serde_json::to_string(&event).expect("events serialise")
                 );
+            } else if let Some(why) = &event.refused {
+                eprintln!(
+                    "{name}: a connection to {} found nothing listening on guest port {guest_port} ({why})",
+                    event.listening
+                );
             } else {
                 eprintln!(
                     "forwarding {} -> {name}:{guest_port} (Ctrl-C to stop)",

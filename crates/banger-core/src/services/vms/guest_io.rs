@@ -78,6 +78,7 @@ impl GuestIo {
         events.emit(&ForwardEvent {
             listening: local.to_string(),
             guest_port: p.guest_port,
+            refused: None,
         });
         let gone = caller_gone(&input);
         tokio::pin!(gone);
@@ -93,13 +94,23 @@ impl GuestIo {
                     connections += 1;
                     let session = self.sessions.session(&vm).await?;
                     let port = p.guest_port;
+                    let (events, listening) = (events.clone(), local.to_string());
                     tokio::spawn(async move {
                         match session.open_tcp(port).await {
                             Ok(channel) => {
                                 let _ = tcp.set_nodelay(true);
                                 banger_sshflow::forward(channel, tcp, banger_sshflow::WINDOW).await;
                             }
-                            Err(e) => tracing::info!(error = %e, "nothing answered in the guest"),
+                            // Said to the caller: a forward to a port nothing
+                            // serves looked like it worked, and just hung up.
+                            Err(e) => {
+                                tracing::info!(error = %e, "nothing answered in the guest");
+                                events.emit(&ForwardEvent {
+                                    listening,
+                                    guest_port: port,
+                                    refused: Some(e.to_string()),
+                                });
+                            }
                         }
                     });
                 }
