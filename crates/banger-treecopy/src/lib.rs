@@ -6,6 +6,7 @@
 use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
 
+pub mod names;
 pub mod stat;
 pub mod sync;
 

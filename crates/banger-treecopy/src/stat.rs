@@ -95,7 +95,7 @@ pub fn list(dir: &Path) -> std::io::Result<Vec<Stat>> {
 fn walk(dir: &Path, prefix: &str, out: &mut Vec<Stat>) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
-        let name = String::from_utf8_lossy(entry.file_name().as_bytes()).into_owned();
+        let name = crate::names::encode(entry.file_name().as_bytes());
         let rel = format!("{prefix}{name}");
         let full = entry.path();
         let meta = match std::fs::symlink_metadata(&full) {

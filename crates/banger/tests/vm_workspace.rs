@@ -512,6 +512,30 @@ fn guest_changes_come_back_and_nothing_is_lost_or_let_out() {
     let pulled = banger.run(&["vm", "sync", "pw", "--pull"]);
     assert!(!dir.join("sparse.img").exists(), "{pulled:?}");
 
+    // Names that are not UTF-8 travel as their bytes both ways (item 11:
+    // one such guest file failed every pull; such a host file was never
+    // sent while sync said "in sync").
+    use std::os::unix::ffi::OsStrExt;
+    let host_name = std::ffi::OsStr::from_bytes(b"host-\xe9.txt");
+    std::fs::write(dir.join(host_name), "from the host\n").unwrap();
+    let (guest, _) = exec_in(&banger, "pw", &["--", "sh", "-c", "cat host-*.txt"]);
+    assert_eq!(guest, "from the host\n");
+    guest_root(
+        &banger,
+        "pw",
+        "printf 'from the guest\\n' > \"$(printf 'guest-\\351.txt')\"",
+    );
+    let pulled = banger.run(&["vm", "sync", "pw", "--pull"]);
+    let guest_name = std::ffi::OsStr::from_bytes(b"guest-\xe9.txt");
+    assert_eq!(
+        std::fs::read_to_string(dir.join(guest_name)).unwrap_or_default(),
+        "from the guest\n",
+        "{pulled:?}"
+    );
+    std::fs::remove_file(dir.join(host_name)).unwrap();
+    std::fs::remove_file(dir.join(guest_name)).unwrap();
+    exec_in(&banger, "pw", &["--", "true"]);
+
     // Unpulled guest work survives `vm rm` until pulled or discarded.
     guest_root(&banger, "pw", "rm evil x/up; echo later > a.txt");
     banger.ok(&["vm", "stop", "pw"]);

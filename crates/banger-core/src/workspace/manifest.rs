@@ -158,14 +158,16 @@ impl HostDelta {
             None => true,
             Some(b) if b.found == entry.found => false,
             Some(b) if same_shape(&b.found, &entry.found) && b.hash.is_some() => {
-                let hash = hash_file(&dir.join(&entry.found.path))?;
+                let hash = hash_file(&dir.join(banger_treecopy::names::decode(&entry.found.path)))?;
                 let changed = Some(&hash) != b.hash.as_ref();
                 entry.hash = Some(hash);
                 changed
             }
             Some(_) => {
                 if entry.found.kind == Kind::File {
-                    entry.hash = Some(hash_file(&dir.join(&entry.found.path))?);
+                    entry.hash = Some(hash_file(
+                        &dir.join(banger_treecopy::names::decode(&entry.found.path)),
+                    )?);
                 }
                 true
             }

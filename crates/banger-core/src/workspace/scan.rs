@@ -11,6 +11,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use banger_host::{CommandSpec, ProcessRunner};
+use banger_treecopy::names;
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 
 use super::WorkspaceError;
@@ -62,7 +63,7 @@ pub fn list(dir: &Path, runner: &dyn ProcessRunner) -> Result<Listing, Workspace
         let name = path.rsplit('/').next().unwrap_or_default();
         if name.starts_with(banger_treecopy::sync::PULL_TEMP_PREFIX) {
             // Half of a pull a killed daemon left: never the user's.
-            let _ = std::fs::remove_file(dir.join(&path));
+            let _ = std::fs::remove_file(dir.join(names::decode(&path)));
             continue;
         }
         match found(dir, path)? {
@@ -84,7 +85,7 @@ enum Seen {
 
 /// `path` under `dir` as stat sees it now.
 fn found(dir: &Path, path: String) -> Result<Seen, WorkspaceError> {
-    let full = dir.join(&path);
+    let full = dir.join(names::decode(&path));
     // Listed by git but gone from the disk (deleted, not yet staged).
     let Ok(meta) = std::fs::symlink_metadata(&full) else {
         return Ok(Seen::Nothing);
@@ -147,7 +148,7 @@ pub fn wanted_new(
     }
     let mut input = Vec::new();
     for path in &wanted {
-        input.extend_from_slice(path.as_bytes());
+        input.extend_from_slice(names::decode(path).as_os_str().as_bytes());
         input.push(0);
     }
     let spec = CommandSpec::new("git")
@@ -158,7 +159,7 @@ pub fn wanted_new(
     // Exit 1 with nothing printed: none of them is ignored.
     if let Ok(out) = runner.run(&spec) {
         for ignored in out.stdout.split(|b| *b == 0).filter(|p| !p.is_empty()) {
-            wanted.remove(String::from_utf8_lossy(ignored).as_ref());
+            wanted.remove(&names::encode(ignored));
         }
     }
     wanted
@@ -180,7 +181,7 @@ fn git_paths(dir: &Path, runner: &dyn ProcessRunner) -> Option<Vec<String>> {
         out.stdout
             .split(|b| *b == 0)
             .filter(|p| !p.is_empty())
-            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .map(names::encode)
             .collect(),
     )
 }
@@ -208,7 +209,7 @@ fn walk(dir: &Path) -> Result<Vec<String>, WorkspaceError> {
             continue;
         }
         if let Ok(rel) = entry.path().strip_prefix(dir) {
-            paths.push(String::from_utf8_lossy(rel.as_os_str().as_bytes()).into_owned());
+            paths.push(names::encode_path(rel));
         }
     }
     Ok(paths)
@@ -231,9 +232,9 @@ impl IgnoreFiles {
         }
         for rel in candidates {
             let base = rel.strip_suffix(IGNORE_FILE).unwrap_or("");
-            let root = dir.join(base);
+            let root = dir.join(names::decode(base));
             let mut builder = GitignoreBuilder::new(&root);
-            if builder.add(dir.join(rel)).is_some() {
+            if builder.add(dir.join(names::decode(rel))).is_some() {
                 continue; // Missing or unreadable: nothing to apply.
             }
             if let Ok(gitignore) = builder.build() {

@@ -197,7 +197,7 @@ impl Dirs {
         if in_git || rules {
             *changes = Changes::Everything;
         } else {
-            changes.add(path.to_string_lossy().into_owned());
+            changes.add(banger_treecopy::names::encode_path(&path));
         }
         true
     }

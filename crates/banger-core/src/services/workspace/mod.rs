@@ -613,11 +613,11 @@ fn cache_key(vm: &VmRecord) -> String {
 
 /// Removes a path the guest removed, if it is a plain relative one.
 fn remove_on_host(host_dir: &Path, path: &str) -> std::io::Result<()> {
-    let rel = Path::new(path);
+    let rel = banger_treecopy::names::decode(path);
     if !rel.components().all(|c| matches!(c, Component::Normal(_))) {
         return Ok(()); // Not one of the manifest's own: nothing to do.
     }
-    banger_treecopy::sync::remove_path(host_dir, rel, rel)
+    banger_treecopy::sync::remove_path(host_dir, &rel, &rel)
 }
 
 /// The guest path: absolute, on the work disk, without `..`.
