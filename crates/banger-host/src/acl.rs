@@ -119,12 +119,11 @@ impl Acl {
     }
 }
 
-fn read(fd: i32, name: &str) -> std::io::Result<Option<Acl>> {
+/// An ACL as `get` (one of the getxattr calls, into the buffer given)
+/// reads it; `None` when the file has none.
+fn read_with(get: impl FnOnce(&mut [u8]) -> isize) -> std::io::Result<Option<Acl>> {
     let mut buf = vec![0u8; 4 + 8 * 64];
-    // SAFETY: fgetxattr into a buffer of the length given; the name is
-    // NUL-terminated.
-    let n =
-        unsafe { libc::fgetxattr(fd, name.as_ptr().cast(), buf.as_mut_ptr().cast(), buf.len()) };
+    let n = get(&mut buf);
     if n < 0 {
         let e = std::io::Error::last_os_error();
         return match e.raw_os_error() {
@@ -136,6 +135,14 @@ fn read(fd: i32, name: &str) -> std::io::Result<Option<Acl>> {
     Acl::decode(&buf)
         .map(Some)
         .ok_or_else(|| std::io::Error::other("an ACL this kernel wrote cannot be read"))
+}
+
+fn read(fd: i32, name: &str) -> std::io::Result<Option<Acl>> {
+    // SAFETY: fgetxattr into a buffer of the length given; the name is
+    // NUL-terminated.
+    read_with(|buf| unsafe {
+        libc::fgetxattr(fd, name.as_ptr().cast(), buf.as_mut_ptr().cast(), buf.len())
+    })
 }
 
 fn write(fd: i32, name: &str, acl: &Acl) -> std::io::Result<()> {
@@ -191,26 +198,19 @@ pub fn grant_at(path: &Path, uid: u32, perm: u16) -> std::io::Result<()> {
     use std::os::unix::fs::MetadataExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| std::io::Error::other("a path with a NUL byte"))?;
-    let mut buf = vec![0u8; 4 + 8 * 64];
     // SAFETY: lgetxattr into a buffer of the length given; both strings
     // are NUL-terminated.
-    let n = unsafe {
+    let read = read_with(|buf| unsafe {
         libc::lgetxattr(
             c.as_ptr(),
             ACCESS.as_ptr().cast(),
             buf.as_mut_ptr().cast(),
             buf.len(),
         )
-    };
-    let acl = if n >= 0 {
-        buf.truncate(n as usize);
-        Acl::decode(&buf).ok_or_else(|| std::io::Error::other("an unreadable ACL"))?
-    } else {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::ENODATA) {
-            return Err(e);
-        }
-        Acl::from_mode(std::fs::symlink_metadata(path)?.mode())
+    })?;
+    let acl = match read {
+        Some(acl) => acl,
+        None => Acl::from_mode(std::fs::symlink_metadata(path)?.mode()),
     };
     let bytes = acl.with_user(uid, Some(perm)).encode();
     // SAFETY: lsetxattr of a buffer of the length given, as above.
