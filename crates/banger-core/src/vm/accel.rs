@@ -138,7 +138,12 @@ fn update(state_dir: &Path, change: impl Fn(&mut Verdict)) {
     else {
         return;
     };
+    let before = cached.verdict.clone();
     change(&mut cached.verdict);
+    // Every boot on KVM marks it proven: written once, not each time.
+    if cached.verdict == before {
+        return;
+    }
     if let Ok(bytes) = serde_json::to_vec(&cached) {
         let _ = std::fs::write(&file, bytes);
     }
@@ -274,6 +279,40 @@ mod tests {
         let internal = verdict(Some(false), "KVM internal error. Suberror: 1\n");
         assert!(!internal.usable, "{internal:?}");
         assert!(!verdict(None, "").usable);
+    }
+
+    /// A kernel's death marks KVM unusable, with QEMU's words; a boot that
+    /// reached its agent marks it proven. Kept on disk for the next daemon.
+    #[test]
+    fn a_boot_changes_the_kept_verdict() {
+        let dir = tempfile::tempdir().unwrap();
+        let clean = dir.path().join("clean");
+        std::fs::write(&clean, "#!/bin/sh\nread line; [ \"$line\" = quit ]\n").unwrap();
+        std::fs::set_permissions(&clean, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        let first = kvm_verdict(clean.to_str().unwrap(), &state);
+        let kept = || -> Verdict {
+            serde_json::from_slice::<Cached>(&std::fs::read(state.join(PROBE_FILE)).unwrap())
+                .unwrap()
+                .verdict
+        };
+        if first.usable {
+            assert!(!first.kernel_ran, "firmware is not a kernel");
+            mark_kernel_ran(&state);
+            assert!(kept().kernel_ran);
+        }
+        mark_unusable(&state, "KVM internal error. Suberror: 1");
+        let v = kept();
+        assert!(!v.usable && !v.kernel_ran);
+        assert_eq!(
+            v.reason.as_deref(),
+            Some("a guest kernel died on KVM: KVM internal error. Suberror: 1")
+        );
+        // Unusable stays so: a later boot on TCG proves nothing of KVM.
+        mark_kernel_ran(&state);
+        assert!(!kept().kernel_ran);
     }
 
     #[test]
