@@ -91,7 +91,7 @@ fn the_first_command_starts_a_daemon_and_later_ones_reuse_it() {
                 .find(|l| l.contains("helper"))
                 .unwrap_or_default();
             assert!(
-                helper.contains("privileged work runs in-process")
+                helper.contains("does privileged work in-process")
                     && !helper.contains("system install"),
                 "{helper}"
             );

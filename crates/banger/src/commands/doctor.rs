@@ -549,12 +549,7 @@ fn root_mode(paths: &Paths) -> Check {
 /// Who does the privileged work, and whether that path is sound.
 fn helper(status: Option<&DaemonStatus>, config: &banger_core::config::Config) -> Check {
     let installed = crate::units::Install::present(Path::new("/"));
-    // No daemon yet: the one a command starts runs as this user, as root
-    // when this is root.
-    let daemon_uid = status
-        .map(|s| s.uid)
-        .unwrap_or_else(|| nix::unistd::geteuid().as_raw());
-    if daemon_uid == 0 {
+    if status.map(|s| s.uid) == Some(0) {
         return if installed {
             check(
                 "helper",
@@ -573,6 +568,17 @@ fn helper(status: Option<&DaemonStatus>, config: &banger_core::config::Config) -
     }
     let socket = config.helper_socket();
     let Ok(meta) = std::fs::symlink_metadata(&socket) else {
+        // No daemon yet, and this is root: the daemon a command starts runs
+        // as root and does the privileged work itself, helper or not.
+        if status.is_none() && nix::unistd::geteuid().is_root() {
+            return check(
+                "helper",
+                Status::Ok,
+                "no daemon runs yet; one started as root does privileged work in-process \
+                 (networking bridged), with no root helper",
+                None,
+            );
+        }
         return check(
             "helper",
             Status::Warn,
