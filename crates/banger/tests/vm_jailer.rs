@@ -132,6 +132,24 @@ fn check_jail(banger: &Banger, vm: &str, user: u32, expected_root: &Path) -> (u6
     (pid, root, uid)
 }
 
+/// `vm run NAME` of a jailed Firecracker VM with a CPU quota (a cgroup of
+/// its own), from the test's busybox and fake kernel.
+fn jailed_run(name: &str) -> [&str; 11] {
+    [
+        "vm",
+        "run",
+        name,
+        "--image",
+        "busybox",
+        "--kernel",
+        "k",
+        "--vmm",
+        "firecracker",
+        "--cpu-quota",
+        "50",
+    ]
+}
+
 fn gone(path: &Path) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while path.exists() {
@@ -180,19 +198,7 @@ fn a_root_daemon_runs_firecracker_in_a_jail_and_leaves_nothing_behind() {
         "{err}"
     );
 
-    banger.ok(&[
-        "vm",
-        "run",
-        "fcj",
-        "--image",
-        "busybox",
-        "--kernel",
-        "k",
-        "--vmm",
-        "firecracker",
-        "--cpu-quota",
-        "50",
-    ]);
+    banger.ok(&jailed_run("fcj"));
     let fc_name = f.firecracker.file_name().unwrap();
     let jail = banger.path("state/jail").join(fc_name).join("fcj");
     let (pid, root, fcj_uid) = check_jail(&banger, "fcj", 0, &jail.join("root"));
@@ -292,19 +298,7 @@ fn a_root_daemon_runs_firecracker_in_a_jail_and_leaves_nothing_behind() {
     let parent = cpu.rsplit_once('/').map(|(p, _)| p.to_string()).unwrap();
     for wait_ms in [0u64, 40, 120] {
         let mut run = banger
-            .cmd(&[
-                "vm",
-                "run",
-                "race",
-                "--image",
-                "busybox",
-                "--kernel",
-                "k",
-                "--vmm",
-                "firecracker",
-                "--cpu-quota",
-                "50",
-            ])
+            .cmd(&jailed_run("race"))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
