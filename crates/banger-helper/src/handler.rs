@@ -129,16 +129,8 @@ impl Helper {
     /// The jails of `uid`'s state directory `home`: their own directory,
     /// records and cgroup.
     fn jails_for(&self, uid: u32, gid: u32, home: &str) -> Result<RealJails, Failure> {
-        let Some(jail) = &self.jail else {
-            return Err(Failure::Refused(
-                "this root helper has no jailer (start it with --jailer PATH)".into(),
-            ));
-        };
-        if !is_home_id(home) {
-            return Err(Failure::Refused(format!(
-                "`{home}` is not a state directory id"
-            )));
-        }
+        let jail = self.jail_setup()?;
+        check_home(home)?;
         Ok(RealJails {
             jailer: jail.jailer.clone(),
             base: jail.dir.join(uid.to_string()).join(home),
@@ -264,10 +256,15 @@ impl Helper {
 
     /// One of the Firecrackers the helper was started with, by its
     /// canonical path, still as trusted as it was then.
-    fn firecracker(&self, path: &Path) -> Result<PathBuf, Failure> {
-        let jail = self.jail.as_ref().ok_or_else(|| {
+    /// The jailer and what goes with it, when the helper has one.
+    fn jail_setup(&self) -> Result<&JailSetup, Failure> {
+        self.jail.as_ref().ok_or_else(|| {
             Failure::Refused("this root helper has no jailer (start it with --jailer PATH)".into())
-        })?;
+        })
+    }
+
+    fn firecracker(&self, path: &Path) -> Result<PathBuf, Failure> {
+        let jail = self.jail_setup()?;
         let canonical = path.canonicalize().ok();
         match jail
             .firecrackers
@@ -301,11 +298,7 @@ impl Helper {
         vm: &str,
     ) -> Result<SnapshotOwner, Failure> {
         self.policy.vm_name(vm)?;
-        if !is_home_id(home) {
-            return Err(Failure::Refused(format!(
-                "`{home}` is not a state directory id"
-            )));
-        }
+        check_home(home)?;
         Ok(SnapshotOwner {
             uid: caller.uid,
             home: home.into(),
@@ -520,6 +513,16 @@ fn host_memory_mib() -> u64 {
                 .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
         })
         .map_or(0, |kib| kib / 1024)
+}
+
+/// A caller's state directory id (what its jails and devices are kept under).
+fn check_home(home: &str) -> Result<(), Failure> {
+    if !is_home_id(home) {
+        return Err(Failure::Refused(format!(
+            "`{home}` is not a state directory id"
+        )));
+    }
+    Ok(())
 }
 
 fn instance_of(id: &str) -> Result<Instance, Failure> {

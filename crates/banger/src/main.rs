@@ -47,13 +47,7 @@ fn main() {
         // stdout's reader went away (`| head`): nothing is left to say.
         Err(e) if output::is_broken_pipe(&e) => output::BROKEN_PIPE_EXIT,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            if output::json_errors() {
-                outln!(
-                    "{}",
-                    serde_json::json!({"error": {"code": "invalid_params", "message": format!("{e:#}")}})
-                );
-            }
+            output::say_error(&e);
             1
         }
     };

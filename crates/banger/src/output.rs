@@ -24,6 +24,18 @@ pub fn write_out(args: std::fmt::Arguments) {
     }
 }
 
+/// A failure of the CLI's own (not the daemon's): `error: …` on stderr, and
+/// under `--json` the error object on stdout as well.
+pub fn say_error(e: &anyhow::Error) {
+    eprintln!("error: {e:#}");
+    if json_errors() {
+        outln!(
+            "{}",
+            serde_json::json!({"error": {"code": "invalid_params", "message": format!("{e:#}")}})
+        );
+    }
+}
+
 /// Whether a command failed only because stdout's reader went away: a
 /// broken pipe in its error, and stdout's pipe with no reader (a daemon
 /// connection that broke is an error to say, not this).

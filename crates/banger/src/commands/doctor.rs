@@ -271,7 +271,7 @@ fn disk_space(paths: &Paths) -> Check {
 /// Firecracker, which only `--vmm firecracker` needs: there or not.
 fn firecracker(config: &banger_core::config::Config) -> Check {
     let binary = config.firecracker();
-    match banger_core::config::which(&binary).filter(|p| p.is_file()) {
+    match banger_core::vm::firecracker::find_binary(&binary) {
         Some(path) => {
             let version = std::process::Command::new(&path)
                 .arg("--version")

@@ -976,13 +976,7 @@ fn exec(
 /// A failure of banger's own (not the command's) where a guest command
 /// would have run: said as every error is, exit 125 (docker's code).
 fn own_failure(e: anyhow::Error) -> i32 {
-    eprintln!("error: {e:#}");
-    if crate::output::json_errors() {
-        outln!(
-            "{}",
-            serde_json::json!({"error": {"code": "invalid_params", "message": format!("{e:#}")}})
-        );
-    }
+    crate::output::say_error(&e);
     exit::BANGER_FAILED as i32
 }
 

@@ -166,6 +166,15 @@ impl Firecracker {
     }
 }
 
+/// Where `binary` (a name on PATH, or a path) is, if it is an executable
+/// file there: what `vm create` and `doctor` both ask.
+pub fn find_binary(binary: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    crate::config::which(binary).filter(|p| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
+}
+
 /// Empty files Firecracker opens as its log and metrics: made by the daemon
 /// (its user owns them, a jail can be given them), one boot's worth each.
 fn fresh_logs(dir: &Path) -> Result<(), VmmError> {
@@ -186,11 +195,7 @@ impl Vmm for Firecracker {
     }
 
     fn installed(&self) -> Result<(), VmmError> {
-        use std::os::unix::fs::PermissionsExt;
-        let found = crate::config::which(&self.binary).filter(|p| {
-            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        });
-        match found {
+        match find_binary(&self.binary) {
             Some(_) => Ok(()),
             None => Err(VmmError::NotInstalled(format!(
                 "no Firecracker here: `{}` is not an executable (on PATH or at that path); \
